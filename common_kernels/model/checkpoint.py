@@ -1,0 +1,167 @@
+"""HF checkpoint I/O: the tensor-name table, strict checks, streaming load and sharded save.
+
+The layout is the released one: `config.json`, `model-0000i-of-0000n.safetensors` shards and
+`model.safetensors.index.json` (a single `model.safetensors` loads too). Module names of the shim equal
+the checkpoint names, so the name table below is the whole mapping; engine adapters reuse it and add
+only their own fused-parameter shard ids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..config import RingLinearConfig
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+SHARD_PATTERN = "model{suffix}.safetensors"
+
+# Tensors some exporters write that carry nothing the model needs: the decay is recomputed from the
+# config (`slope`) and so are the rotary tables (`inv_freq`).
+_DERIVED_TENSORS = re.compile(r"(^|\.)(slope|rotary_emb\.inv_freq)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match the config: missing, unexpected or misshapen tensors (all named)."""
+
+
+def expected_tensor_shapes(config: RingLinearConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of an HF Ring-linear checkpoint and its shape, in file order."""
+    H, Hkv, d, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.hidden_size
+    shapes: dict[str, tuple[int, ...]] = {"model.word_embeddings.weight": (config.vocab_size, D)}
+    for l in range(config.num_hidden_layers):
+        p = f"model.layers.{l}."
+        shapes[p + "input_layernorm.weight"] = (D,)
+        shapes[p + "post_attention_layernorm.weight"] = (D,)
+        if config.is_softmax_layer(l):
+            shapes[p + "attention.query_key_value.weight"] = ((H + 2 * Hkv) * d, D)
+        else:
+            shapes[p + "attention.query_key_value.weight"] = (3 * H * d, D)
+            shapes[p + "attention.g_proj.weight"] = (H * d, D)
+            shapes[p + "attention.g_norm.weight"] = (H * d,)
+        if config.use_qk_norm:
+            shapes[p + "attention.query_layernorm.weight"] = (d,)
+            shapes[p + "attention.key_layernorm.weight"] = (d,)
+        shapes[p + "attention.dense.weight"] = (D, H * d)
+        if config.is_moe_layer(l):
+            shapes[p + "mlp.gate.weight"] = (config.num_experts, D)
+            if config.moe_router_enable_expert_bias:
+                shapes[p + "mlp.gate.expert_bias"] = (config.num_experts,)
+            for e in range(config.num_experts):
+                shapes.update(_mlp_shapes(f"{p}mlp.experts.{e}.", D, config.moe_intermediate_size))
+            if config.num_shared_experts > 0:
+                width = config.moe_shared_expert_intermediate_size * config.num_shared_experts
+                shapes.update(_mlp_shapes(p + "mlp.shared_experts.", D, width))
+        else:
+            shapes.update(_mlp_shapes(p + "mlp.", D, config.intermediate_size))
+    shapes["model.norm.weight"] = (D,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, D)
+    return shapes
+
+
+def _mlp_shapes(prefix: str, hidden: int, width: int) -> dict[str, tuple[int, ...]]:
+    return {
+        prefix + "gate_proj.weight": (width, hidden),
+        prefix + "up_proj.weight": (width, hidden),
+        prefix + "down_proj.weight": (hidden, width),
+    }
+
+
+def is_ignored_tensor(name: str, config: RingLinearConfig) -> bool:
+    """Tensors a checkpoint may hold that the model does not use: derived tables and MTP layers."""
+    if _DERIVED_TENSORS.search(name):
+        return True
+    match = re.match(r"model\.layers\.(\d+)\.", name)
+    mtp_layers = range(config.num_hidden_layers, config.num_hidden_layers + config.num_nextn_predict_layers)
+    return bool(match) and int(match.group(1)) in mtp_layers
+
+
+def checkpoint_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a checkpoint directory, from its index when there is one."""
+    path = Path(path)
+    index = path / SAFE_WEIGHTS_INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / name for name in dict.fromkeys(weight_map.values())]
+    single = path / SAFE_WEIGHTS_NAME
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"{path}: neither {SAFE_WEIGHTS_INDEX_NAME} nor {SAFE_WEIGHTS_NAME} found")
+
+
+def read_tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a checkpoint, read from the file headers only (no data)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in checkpoint_files(path):
+        if not file.is_file():
+            raise CheckpointError(f"{file}: listed in {SAFE_WEIGHTS_INDEX_NAME} but missing")
+        with safe_open(file, framework="pt") as fh:
+            for name in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
+                shapes[name] = tuple(fh.get_slice(name).get_shape())
+    return shapes
+
+
+def check_checkpoint(config: RingLinearConfig, path: str | os.PathLike, report_all: bool = True) -> None:
+    """Raise `CheckpointError` unless the checkpoint holds exactly the tensors `config` needs.
+
+    With `report_all` every problem is listed (missing, unexpected, misshapen); otherwise the first.
+    """
+    expected = expected_tensor_shapes(config)
+    found = read_tensor_shapes(path)
+    problems = [f"missing tensor {name} (expected shape {list(shape)})" for name, shape in expected.items() if name not in found]
+    problems += [
+        f"unexpected tensor {name} (shape {list(shape)}): not part of this config"
+        for name, shape in found.items()
+        if name not in expected and not is_ignored_tensor(name, config)
+    ]
+    problems += [
+        f"tensor {name} has shape {list(found[name])}, expected {list(shape)}"
+        for name, shape in expected.items()
+        if name in found and found[name] != shape
+    ]
+    if problems:
+        shown = problems if report_all else problems[:1]
+        more = "" if report_all or len(problems) == 1 else f"\n  ... and {len(problems) - 1} more (pass report_all=True)"
+        raise CheckpointError(f"checkpoint {path} does not match its config:\n  " + "\n  ".join(shown) + more)
+
+
+@torch.no_grad()
+def load_weights(module: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Copy a checked checkpoint into `module`'s tensors, one shard and one tensor at a time.
+
+    Each tensor is converted to the dtype of its destination (the fp32 router bias stays fp32).
+    """
+    targets = dict(module.named_parameters()) | dict(module.named_buffers())
+    for file in checkpoint_files(path):
+        with safe_open(file, framework="pt") as fh:
+            for name in fh.keys():  # noqa: SIM118
+                if name in targets:
+                    targets[name].copy_(fh.get_tensor(name))
+
+
+def save_weights(
+    module: torch.nn.Module, config: RingLinearConfig, path: str | os.PathLike, max_shard_size: int | str = "5GB"
+) -> None:
+    """Write `module`'s checkpoint tensors as safetensors shards plus an index (or one file if it fits)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    wanted = expected_tensor_shapes(config)
+    tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+    state = {name: tensors[name].detach().contiguous() for name in wanted}
+    split = split_torch_state_dict_into_shards(state, filename_pattern=SHARD_PATTERN, max_shard_size=max_shard_size)
+    for stale in list(path.glob("model*.safetensors")) + [path / SAFE_WEIGHTS_INDEX_NAME]:
+        stale.unlink(missing_ok=True)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({name: state[name] for name in names}, path / filename, metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {**split.metadata}, "weight_map": dict(sorted(split.tensor_to_filename.items()))}
+        (path / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

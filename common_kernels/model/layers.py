@@ -1,0 +1,198 @@
+"""The layers of Ring-linear-2.0 as `torch.nn.Module`s, named exactly as in the HF checkpoint.
+
+All tensors are packed: `[T, ...]` tokens of `N` sequences delimited by `cu_seqlens` `[N+1]`. Layers call
+the functions of `common_kernels.ops`; the precision of every step is `common_kernels.precision`'s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import RingLinearConfig
+from ..ops.attention.naive import causal_gqa_attention
+from ..ops.linear_attn.naive import linear_attention_varlen
+from ..ops.moe.naive import moe_combine, route, swiglu_mlp
+from ..ops.norm.naive import group_rms_norm_gate, rms_norm
+from ..ops.rope.naive import qk_norm_rope
+from ..precision import LINEAR_ATTN_DTYPE, compute_dtype
+from ..slopes import decay_rates
+from .cache import RingLinearCache
+
+
+@dataclass
+class ForwardContext:
+    """What every layer of one forward pass shares."""
+
+    cu_seqlens: list[int]  # [N+1] host offsets of the packed sequences
+    cos: torch.Tensor  # [T, rotary_dim/2]
+    sin: torch.Tensor
+    cache: RingLinearCache | None
+
+    def sequences(self):
+        return zip(self.cu_seqlens[:-1], self.cu_seqlens[1:])
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, **factory) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size, **factory))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, out_dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: the dense layers, every expert, and the shared expert."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, **factory) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False, **factory)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False, **factory)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False, **factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return swiglu_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+
+
+class ExpertGate(nn.Module):
+    """Router weight `[E, D]` (model dtype, used in fp32) and the selection bias `[E]`, always fp32."""
+
+    def __init__(self, config: RingLinearConfig, **factory) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, **factory))
+        bias_dtype = torch.float64 if factory.get("dtype") == torch.float64 else torch.float32
+        self.register_buffer(
+            "expert_bias",
+            torch.zeros(config.num_experts, dtype=bias_dtype, device=factory.get("device")),
+            persistent=config.moe_router_enable_expert_bias,
+        )
+
+    def _apply(self, fn, recurse=True):
+        # `model.to(bfloat16)` must not round the selection bias: near-ties decide which experts run.
+        bias = self.expert_bias
+        super()._apply(fn, recurse)
+        if self.expert_bias.is_floating_point() and self.expert_bias.dtype not in (torch.float32, torch.float64):
+            self.expert_bias = bias.to(device=self.expert_bias.device)
+        return self
+
+
+class MoE(nn.Module):
+    def __init__(self, config: RingLinearConfig, **factory) -> None:
+        super().__init__()
+        self.config = config
+        self.gate = ExpertGate(config, **factory)
+        self.experts = nn.ModuleList(
+            MLP(config.hidden_size, config.moe_intermediate_size, **factory) for _ in range(config.num_experts)
+        )
+        self.shared_experts = (
+            MLP(config.hidden_size, config.moe_shared_expert_intermediate_size * config.num_shared_experts, **factory)
+            if config.num_shared_experts > 0
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        ids, weights = route(
+            x,
+            self.gate.weight,
+            self.gate.expert_bias if c.moe_router_enable_expert_bias else None,
+            c.num_experts_per_tok,
+            c.n_group,
+            c.topk_group,
+            c.routed_scaling_factor,
+            c.norm_topk_prob,
+        )
+        out = moe_combine(x, ids, weights, self.experts)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x).to(out.dtype)
+        return out.to(x.dtype)
+
+
+class SoftmaxAttention(nn.Module):
+    """GQA causal attention with qk-norm and partial RoPE; K/V cached after norm and RoPE."""
+
+    def __init__(self, config: RingLinearConfig, layer_idx: int, **factory) -> None:
+        super().__init__()
+        H, Hkv, d, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.hidden_size
+        self.layer_idx, self.num_heads, self.num_kv_heads, self.head_dim = layer_idx, H, Hkv, d
+        self.eps = config.rms_norm_eps
+        self.query_key_value = nn.Linear(D, (H + 2 * Hkv) * d, bias=False, **factory)
+        self.query_layernorm = RMSNorm(d, config.rms_norm_eps, **factory) if config.use_qk_norm else None
+        self.key_layernorm = RMSNorm(d, config.rms_norm_eps, **factory) if config.use_qk_norm else None
+        self.dense = nn.Linear(H * d, D, bias=False, **factory)
+
+    def forward(self, a: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        T = a.shape[0]
+        qkv = self.query_key_value(a).reshape(T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        q, k, v = qkv.split((self.num_heads, self.num_kv_heads, self.num_kv_heads), dim=1)
+        q, k = qk_norm_rope(q, k, _weight(self.query_layernorm), _weight(self.key_layernorm), ctx.cos, ctx.sin, self.eps)
+        outputs = []
+        for n, (s, e) in enumerate(ctx.sequences()):
+            k_all, v_all = k[s:e], v[s:e]
+            if ctx.cache is not None:
+                k_all, v_all = ctx.cache.append_kv(self.layer_idx, n, k_all, v_all)
+            outputs.append(causal_gqa_attention(q[s:e], k_all, v_all, self.head_dim**-0.5))
+        o = torch.cat(outputs) if outputs else q
+        return self.dense(o.reshape(T, -1))
+
+
+class LinearAttention(nn.Module):
+    """Linear attention with a fixed per-head decay, grouped output RMSNorm and sigmoid output gate.
+
+    After the QKV GEMM everything runs in fp32 (q/k/v, qk-norm, RoPE, recurrence, norm, gate); the
+    result is cast to the model dtype before the output projection.
+    """
+
+    def __init__(self, config: RingLinearConfig, layer_idx: int, **factory) -> None:
+        super().__init__()
+        H, d, D = config.num_attention_heads, config.head_dim, config.hidden_size
+        self.config, self.layer_idx, self.num_heads, self.head_dim = config, layer_idx, H, d
+        self.query_key_value = nn.Linear(D, 3 * H * d, bias=False, **factory)
+        self.query_layernorm = RMSNorm(d, config.rms_norm_eps, **factory) if config.use_qk_norm else None
+        self.key_layernorm = RMSNorm(d, config.rms_norm_eps, **factory) if config.use_qk_norm else None
+        self.g_proj = nn.Linear(D, H * d, bias=False, **factory)
+        self.g_norm = RMSNorm(H * d, config.rms_norm_eps, **factory)
+        self.dense = nn.Linear(H * d, D, bias=False, **factory)
+
+    def forward(self, a: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        T, c = a.shape[0], self.config
+        dtype = compute_dtype(LINEAR_ATTN_DTYPE, a.dtype)
+        qkv = self.query_key_value(a).to(dtype)
+        if c.linear_silu:
+            qkv = F.silu(qkv)
+        q, k, v = qkv.reshape(T, 3 * self.num_heads, self.head_dim).split(self.num_heads, dim=1)
+        q, k = qk_norm_rope(q, k, _weight(self.query_layernorm), _weight(self.key_layernorm), ctx.cos, ctx.sin, c.rms_norm_eps)
+        rates = decay_rates(c, self.layer_idx, dtype=dtype, device=a.device)
+        initial = None if ctx.cache is None else ctx.cache.linear_states[self.layer_idx]
+        cu_seqlens = torch.tensor(ctx.cu_seqlens)
+        o, final = linear_attention_varlen(q, k, v, rates, self.head_dim**-0.5, cu_seqlens, initial)
+        if ctx.cache is not None:
+            ctx.cache.linear_states[self.layer_idx] = final
+        y = group_rms_norm_gate(o.reshape(T, -1), self.g_proj(a), self.g_norm.weight, c.group_norm_size, c.rms_norm_eps)
+        return self.dense(y.to(a.dtype))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: `h += Attn(RMSNorm(h)); h += FFN(RMSNorm(h))`, residual `h` kept in fp32, unfused."""
+
+    def __init__(self, config: RingLinearConfig, layer_idx: int, **factory) -> None:
+        super().__init__()
+        D, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = RMSNorm(D, eps, **factory)
+        attention = SoftmaxAttention if config.is_softmax_layer(layer_idx) else LinearAttention
+        self.attention = attention(config, layer_idx, **factory)
+        self.post_attention_layernorm = RMSNorm(D, eps, **factory)
+        self.mlp = MoE(config, **factory) if config.is_moe_layer(layer_idx) else MLP(D, config.intermediate_size, **factory)
+
+    def forward(self, h: torch.Tensor, ctx: ForwardContext, dtype: torch.dtype) -> torch.Tensor:
+        h = h + self.attention(self.input_layernorm(h, out_dtype=dtype), ctx).to(h.dtype)
+        return h + self.mlp(self.post_attention_layernorm(h, out_dtype=dtype)).to(h.dtype)
+
+
+def _weight(norm: RMSNorm | None) -> torch.Tensor | None:
+    return None if norm is None else norm.weight

@@ -1,0 +1,306 @@
+"""`RingLinearForCausalLM`: the training shim, an exact plain-PyTorch Ring-linear-2.0.
+
+It is the oracle the engine adapters are tested against and the model an RL trainer runs to
+recompute rollout logprobs. Inputs are packed sequences (`[T]` tokens plus `cu_seqlens`) or padded
+batches (`[B, T]` plus an optional `attention_mask`); padded batches are unpadded into packed
+sequences, so pad tokens never enter the linear state and positions restart at every sequence.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import RingLinearConfig
+from ..ops.rope.naive import rotary_cos_sin, rotary_inv_freq
+from ..precision import LOGITS_DTYPE, RESIDUAL_DTYPE, ROPE_DTYPE, compute_dtype
+from .cache import RingLinearCache
+from .checkpoint import check_checkpoint, load_weights, save_weights
+from .layers import DecoderLayer, ForwardContext, RMSNorm
+
+
+class RingLinearModel(nn.Module):
+    """Embedding, decoder layers and the final norm (the `model.` prefix of the checkpoint)."""
+
+    def __init__(self, config: RingLinearConfig, **factory) -> None:
+        super().__init__()
+        self.config = config
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, **factory)
+        self.layers = nn.ModuleList(DecoderLayer(config, l, **factory) for l in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **factory)
+        self._inv_freq, self._rope_scaling = rotary_inv_freq(config)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.word_embeddings.weight.dtype
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        cu_seqlens: list[int],
+        cache: RingLinearCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Packed tokens `[T]` (or embeddings `[T, D]`) -> final-norm hidden states `[T, D]` (model dtype)."""
+        dtype = self.dtype
+        h = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        h = h.to(compute_dtype(RESIDUAL_DTYPE, dtype))
+        cos, sin = rotary_cos_sin(positions, self._inv_freq, self._rope_scaling, compute_dtype(ROPE_DTYPE, dtype))
+        ctx = ForwardContext(cu_seqlens=cu_seqlens, cos=cos, sin=sin, cache=cache)
+        for layer in self.layers:
+            h = layer(h, ctx, dtype)
+        if cache is not None:
+            cache.advance(torch.tensor(cu_seqlens[1:]) - torch.tensor(cu_seqlens[:-1]))
+        return self.norm(h, out_dtype=dtype)
+
+
+class RingLinearForCausalLM(nn.Module):
+    """Ring-linear-2.0 causal LM with HF-format I/O, packed/padded forward, logprobs and cached generation."""
+
+    def __init__(self, config: RingLinearConfig, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        factory = {"dtype": dtype or torch.float32, "device": device}
+        self.model = RingLinearModel(config, **factory)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False, **factory)
+
+    # ----- construction and I/O -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self, std: float | None = None, generator: torch.Generator | None = None) -> None:
+        """Random init for a fresh model: normal(0, std) matrices and embeddings, unit norms, zero router bias."""
+        std = self.config.initializer_range if std is None else std
+        for name, param in self.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float32) * std)
+        for name, buf in self.named_buffers():
+            if name.endswith("expert_bias"):
+                buf.zero_()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
+        report_all_errors: bool = True,
+    ) -> RingLinearForCausalLM:
+        """Load an HF-format checkpoint directory.
+
+        The tensor names and shapes are checked against the config before any data is read (all
+        problems listed with `report_all_errors`, else the first). The model is built without
+        initialising memory and filled shard by shard, so the weights exist once.
+
+        Args:
+            dtype: parameter dtype; default the config's `torch_dtype`, else float32.
+        """
+        config = RingLinearConfig.from_pretrained(path)
+        check_checkpoint(config, path, report_all=report_all_errors)
+        dtype = dtype or config.checkpoint_dtype() or torch.float32
+        with torch.device("meta"):
+            model = cls(config, dtype=dtype)
+        model.to_empty(device=device)
+        load_weights(model, path)
+        return model
+
+    def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
+        """Write `config.json` and the safetensors shards (+ index) in the released layout."""
+        Path(path).mkdir(parents=True, exist_ok=True)
+        self.config.set_checkpoint_dtype(self.dtype)
+        self.config.save_pretrained(path)
+        save_weights(self, self.config, path, max_shard_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.word_embeddings.weight.device
+
+    # ----- forward ----------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | list[int] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: RingLinearCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """fp32 logits for packed or padded input.
+
+        Args:
+            input_ids: packed `[T]` with `cu_seqlens`, or padded `[B, T]`.
+            position_ids: same shape as `input_ids`; default: each sequence counts from its cached
+                length (0 without a cache).
+            cu_seqlens: `[N+1]` offsets of packed sequences (default: one sequence).
+            attention_mask: `[B, T]` 1 for real tokens, 0 for padding; each row's real tokens must be
+                contiguous (left or right padding).
+            cache: continue the cached sequences (one per packed/batch row) and update the cache.
+            inputs_embeds: `[T, D]` or `[B, T, D]` instead of `input_ids`.
+
+        Returns:
+            `[T, V]` or `[B, T, V]` fp32 logits; 0 at padded positions.
+        """
+        hidden, _, _, restore = self._hidden(input_ids, position_ids, cu_seqlens, attention_mask, cache, inputs_embeds)
+        return restore(self.logits(hidden))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head with fp32 accumulation (bf16 hidden and weight upcast exactly, fp32 GEMM)."""
+        weight = self.model.word_embeddings.weight if self.lm_head is None else self.lm_head.weight
+        dtype = compute_dtype(LOGITS_DTYPE, hidden.dtype)
+        return F.linear(hidden.to(dtype), weight.to(dtype))
+
+    def token_logprobs(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | list[int] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        chunk_size: int = 1024,
+    ) -> torch.Tensor:
+        """`log p(x_t | x_<t)` of every token, in fp32, shaped like `input_ids`.
+
+        The first token of each sequence has no prefix and gets 0, as do padded positions. The LM head
+        and log-softmax run `chunk_size` tokens at a time, so `[T, V]` logits are never held at once.
+        Differentiable.
+        """
+        hidden, packed_ids, offsets, restore = self._hidden(input_ids, position_ids, cu_seqlens, attention_mask, None, None)
+        T = hidden.shape[0]
+        predicted = torch.ones(T, dtype=torch.bool, device=hidden.device)
+        for a, b in zip(offsets[:-1], offsets[1:]):
+            if b > a:
+                predicted[a] = False  # a sequence's first token has no prefix
+        source = (torch.arange(T, device=hidden.device) - 1).clamp(min=0)  # token t is predicted at t-1
+        pieces = []
+        for start in range(0, T, chunk_size):
+            rows = source[start : start + chunk_size]
+            logp = torch.log_softmax(self.logits(hidden[rows]), dim=-1)
+            pieces.append(logp.gather(1, packed_ids[start : start + chunk_size, None])[:, 0])
+        out = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+        out = torch.where(predicted, out, torch.zeros_like(out))
+        return restore(out[:, None])[..., 0]
+
+    def _hidden(self, input_ids, position_ids, cu_seqlens, attention_mask, cache, inputs_embeds):
+        """Pack the input and run the decoder: hidden `[T, D]`, packed ids, offsets, and a re-padding function."""
+        source = input_ids if input_ids is not None else inputs_embeds
+        if source is None:
+            raise ValueError("pass input_ids or inputs_embeds")
+        padded = source.dim() == (2 if input_ids is not None else 3)
+        if padded:
+            if cu_seqlens is not None:
+                raise ValueError("cu_seqlens describes packed [T] input; padded [B, T] input uses attention_mask")
+            ids, embeds, positions, offsets, restore = _unpad(input_ids, inputs_embeds, position_ids, attention_mask)
+        else:
+            if attention_mask is not None:
+                raise ValueError("attention_mask describes padded [B, T] input; packed [T] input uses cu_seqlens")
+            ids, embeds, positions = input_ids, inputs_embeds, position_ids
+            T = source.shape[0]
+            offsets = [0, T] if cu_seqlens is None else [int(x) for x in torch.as_tensor(cu_seqlens).tolist()]
+            _check_offsets(offsets, T)
+
+            def restore(x):
+                return x
+
+        if cache is not None and cache.batch_size != len(offsets) - 1:
+            raise ValueError(f"cache holds {cache.batch_size} sequences, input has {len(offsets) - 1}")
+        if positions is None:
+            positions = _default_positions(offsets, cache, source.device)
+        hidden = self.model(ids, positions.to(source.device), offsets, cache, embeds)
+        return hidden, ids, offsets, restore
+
+    # ----- generation -------------------------------------------------------------------------------
+
+    def new_cache(self, batch_size: int) -> RingLinearCache:
+        return RingLinearCache(self.config, batch_size, self.dtype, self.device)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[list[int]]:
+        """Continue each prompt with the cache: one packed prefill, then one token per sequence per step.
+
+        Greedy when `temperature == 0` (ties to the lowest token id), else sampled from
+        `softmax(logits / temperature)`. A sequence stops after `eos_token_id`.
+        """
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        cache = self.new_cache(len(prompts))
+        ids = torch.tensor([t for p in prompts for t in p], device=self.device)
+        offsets = [0]
+        for p in prompts:
+            offsets.append(offsets[-1] + len(p))
+        logits = self(ids, cu_seqlens=offsets, cache=cache)[torch.tensor(offsets[1:]) - 1]
+        outputs: list[list[int]] = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        for step in range(max_new_tokens):
+            next_ids = _pick(logits, temperature, generator)
+            for n, token in enumerate(next_ids.tolist()):
+                if not done[n]:
+                    outputs[n].append(token)
+                    done[n] = token == eos_token_id
+            if all(done) or step == max_new_tokens - 1:
+                break
+            logits = self(next_ids, cu_seqlens=list(range(len(prompts) + 1)), cache=cache)
+        return outputs
+
+
+def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    if temperature == 0.0:
+        return torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, 0]
+    probs = torch.softmax(logits / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _check_offsets(offsets: list[int], total: int) -> None:
+    if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != total or any(b < a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"cu_seqlens {offsets} must start at 0, not decrease, and end at the token count {total}")
+
+
+def _default_positions(offsets: list[int], cache: RingLinearCache | None, device) -> torch.Tensor:
+    pieces = []
+    for n, (a, b) in enumerate(zip(offsets[:-1], offsets[1:])):
+        start = 0 if cache is None else int(cache.seq_lens[n])
+        pieces.append(torch.arange(start, start + b - a))
+    return torch.cat(pieces).to(device) if pieces else torch.zeros(0, dtype=torch.long, device=device)
+
+
+def _unpad(input_ids, inputs_embeds, position_ids, attention_mask):
+    """Padded `[B, T]` -> packed tokens, offsets, and a function mapping packed `[T', ...]` back to `[B, T, ...]`."""
+    source = input_ids if input_ids is not None else inputs_embeds
+    B, T = source.shape[:2]
+    mask = torch.ones(B, T, dtype=torch.bool, device=source.device) if attention_mask is None else attention_mask.bool()
+    if mask.shape != (B, T):
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, expected {(B, T)}")
+    lengths = mask.sum(1)
+    first = mask.float().argmax(1)
+    contiguous = mask.cumsum(1).gather(1, (first + lengths - 1).clamp(min=0)[:, None])[:, 0] == lengths
+    if not bool(contiguous.all()):
+        raise ValueError("attention_mask: each row's real tokens must be contiguous (left or right padding)")
+    flat = mask.reshape(-1)
+    offsets = [0] + torch.cumsum(lengths, 0).tolist()
+    ids = input_ids.reshape(-1)[flat] if input_ids is not None else None
+    embeds = inputs_embeds.reshape(B * T, -1)[flat] if inputs_embeds is not None else None
+    positions = None if position_ids is None else position_ids.reshape(-1)[flat]
+
+    def restore(packed: torch.Tensor) -> torch.Tensor:
+        out = packed.new_zeros((B * T, *packed.shape[1:]))
+        out = out.index_copy(0, flat.nonzero(as_tuple=True)[0], packed)
+        return out.reshape(B, T, *packed.shape[1:])
+
+    return ids, embeds, positions, offsets, restore

@@ -1,0 +1,91 @@
+"""SwiGLU MLP and the sigmoid, group-limited MoE router ("noaux_tc"), in plain PyTorch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ...precision import ROUTER_DTYPE, compute_dtype
+
+
+def swiglu_mlp(x: torch.Tensor, gate_w: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor) -> torch.Tensor:
+    """`down(silu(gate(x)) * up(x))`, bias-free, in the dtype of `x`.
+
+    Args:
+        x: `[T, D]`; gate_w, up_w: `[I, D]`; down_w: `[D, I]`.
+    """
+    return F.linear(F.silu(F.linear(x, gate_w)) * F.linear(x, up_w), down_w)
+
+
+def _stable_topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest entries per row; ties go to the lower index (deterministic)."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def route(
+    hidden: torch.Tensor,
+    gate_weight: torch.Tensor,
+    expert_bias: torch.Tensor | None,
+    num_experts_per_tok: int,
+    n_group: int,
+    topk_group: int,
+    routed_scaling_factor: float,
+    norm_topk_prob: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose experts and their weights for each token.
+
+    1. logits `z = x W_r^T` in fp32 (both operands upcast; never rounded to bf16), scores `p = sigmoid(z)`;
+    2. selection scores `p + expert_bias` (the bias only chooses, it never weights);
+    3. experts split into `n_group` contiguous groups, a group scores the sum of its 2 best selection
+       scores, the `topk_group` best groups stay, the rest are masked to -inf;
+    4. the `num_experts_per_tok` best experts by selection score, ties to the lower index;
+    5. weights are the unbiased `p` of those experts, divided by their sum (+1e-20) when
+       `norm_topk_prob`, times `routed_scaling_factor`.
+
+    Args:
+        hidden: `[T, D]`; gate_weight: `[E, D]`; expert_bias: `[E]` or None.
+
+    Returns:
+        expert ids `[T, k]` (int64) and weights `[T, k]` (fp32, float64 for float64 input).
+    """
+    dtype = compute_dtype(ROUTER_DTYPE, hidden.dtype)
+    logits = F.linear(hidden.to(dtype), gate_weight.to(dtype))
+    scores = torch.sigmoid(logits)
+    choice = scores if expert_bias is None else scores + expert_bias.to(dtype)
+    T, E = choice.shape
+    grouped = choice.reshape(T, n_group, E // n_group)
+    group_scores = grouped.topk(min(2, E // n_group), dim=-1).values.sum(-1)  # [T, n_group]
+    keep_groups = _stable_topk_indices(group_scores, topk_group)
+    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep_groups, True)
+    masked = grouped.masked_fill(~group_mask[..., None], float("-inf")).reshape(T, E)
+    topk_ids = _stable_topk_indices(masked, num_experts_per_tok)
+    weights = scores.gather(1, topk_ids)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return topk_ids, weights * routed_scaling_factor
+
+
+def moe_combine(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    experts: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+) -> torch.Tensor:
+    """`sum_slot w[t, slot] * expert[ids[t, slot]](x[t])`, summed in fp32 in a fixed (token, slot) order.
+
+    Each expert runs once on all of its tokens; results are placed by (token, slot) and reduced over
+    slots in order, so the result does not depend on the order experts are visited.
+
+    Returns:
+        `[T, D]` in fp32 (float64 for float64 input); the caller casts.
+    """
+    T, k = topk_ids.shape
+    flat_ids = topk_ids.reshape(-1)
+    per_slot = x.new_zeros((T * k, x.shape[-1]))
+    for e in torch.unique(flat_ids).tolist():
+        rows = (flat_ids == e).nonzero(as_tuple=True)[0]
+        per_slot = per_slot.index_copy(0, rows, experts[e](x[rows // k]))
+    weighted = per_slot.reshape(T, k, -1).to(topk_weights.dtype) * topk_weights[..., None]
+    return weighted.sum(1)

@@ -1,0 +1,38 @@
+"""The precision policy: which intermediate runs in which dtype, written down once.
+
+The paper's RL alignment work (section 5.2) fixed these modules so training and rollout agree; every
+stack of this project (training shim, vLLM and SGLang adapters) follows this table. A float64 model
+runs everything in float64 (these dtypes are then raised to float64 by `compute_dtype`).
+
+| module                        | dtype              | why |
+|-------------------------------|--------------------|-----|
+| linear-attention state        | fp32               | bf16 state drift grows with length (about 6% after 4K decode steps) |
+| linear-attention q/k/v, o     | fp32 after the QKV GEMM, through norm, RoPE, recurrence, group norm and gate | as the authors' engine |
+| RMSNorm (all)                 | fp32 statistics, cast back to the activation dtype, then times weight | HF Ling-2.0 order |
+| RoPE                          | cos/sin and the rotation in fp32, result cast back | one formula for training and inference |
+| softmax attention             | scores and softmax in fp32 | |
+| residual stream               | fp32, add and norm unfused | paper: FP32 residual, unfused add + norm |
+| MoE router                    | fp32 GEMM, fp32 sigmoid, fp32 top-k (no bf16 rounding of logits) | paper: router in fp32; near-ties choose experts |
+| MoE combine                   | fp32 weighted sum in a fixed (token, slot) order | deterministic |
+| LM head                       | fp32 accumulation, fp32 logits | paper: FP32 LM head |
+"""
+
+from __future__ import annotations
+
+import torch
+
+STATE_DTYPE = torch.float32
+LINEAR_ATTN_DTYPE = torch.float32
+NORM_DTYPE = torch.float32
+ROPE_DTYPE = torch.float32
+ATTN_SOFTMAX_DTYPE = torch.float32
+RESIDUAL_DTYPE = torch.float32
+ROUTER_DTYPE = torch.float32
+LOGITS_DTYPE = torch.float32
+
+
+def compute_dtype(policy_dtype: torch.dtype, activation_dtype: torch.dtype) -> torch.dtype:
+    """The dtype an op runs in: the policy's, unless the activations are wider (float64 reference runs)."""
+    if torch.finfo(activation_dtype).bits > torch.finfo(policy_dtype).bits:
+        return activation_dtype
+    return policy_dtype
