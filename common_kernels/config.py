@@ -217,83 +217,141 @@ class RingLinearConfig(PretrainedConfig):
             "layer_group_size",
             "group_norm_size",
         ):
-            _require(_is_int(getattr(self, name)) and getattr(self, name) > 0, name, getattr(self, name), "must be a positive integer")
+            _require(
+                _is_int(getattr(self, name)) and getattr(self, name) > 0,
+                name,
+                getattr(self, name),
+                "must be a positive integer",
+            )
         _require(
-            2 <= self.layer_group_size <= self.num_hidden_layers, "layer_group_size", self.layer_group_size,
+            2 <= self.layer_group_size <= self.num_hidden_layers,
+            "layer_group_size",
+            self.layer_group_size,
             f"must lie in [2, num_hidden_layers={self.num_hidden_layers}]: each group is layer_group_size-1 linear "
             "layers followed by one softmax layer (Ring-mini-linear-2.0: 5, Ring-flash-linear-2.0: 8)",
         )
         H, Hkv, d, L = self.num_attention_heads, self.num_key_value_heads, self.head_dim, self.num_hidden_layers
         _require(
-            H % Hkv == 0, "num_key_value_heads", Hkv,
+            H % Hkv == 0,
+            "num_key_value_heads",
+            Hkv,
             f"must divide num_attention_heads={H} (each KV head serves H/Hkv query heads)",
         )
         _require(
-            (H * d) % self.group_norm_size == 0, "group_norm_size", self.group_norm_size,
+            (H * d) % self.group_norm_size == 0,
+            "group_norm_size",
+            self.group_norm_size,
             f"must divide num_attention_heads*head_dim={H * d} (the linear-attention output is normalised in "
             "that many equal groups); Ring-mini-linear-2.0 uses 4",
         )
         _require(d % 2 == 0, "head_dim", d, "must be even (rotary pairs)")
         _require(
             0.0 < self.partial_rotary_factor <= 1.0 and self.rotary_dim % 2 == 0 and self.rotary_dim > 0,
-            "partial_rotary_factor", self.partial_rotary_factor,
-            f"must be in (0, 1] with head_dim*factor a positive even number (head_dim={d}); the released models use 0.5",
+            "partial_rotary_factor",
+            self.partial_rotary_factor,
+            f"must be in (0, 1] with head_dim*factor a positive even number (head_dim={d}); "
+            "the released models use 0.5",
         )
         _require(
-            0 <= self.first_k_dense_replace <= L, "first_k_dense_replace", self.first_k_dense_replace,
+            0 <= self.first_k_dense_replace <= L,
+            "first_k_dense_replace",
+            self.first_k_dense_replace,
             f"must lie in [0, num_hidden_layers={L}]",
         )
         if self.first_k_dense_replace > 0:
-            _require(_is_int(self.intermediate_size) and self.intermediate_size > 0, "intermediate_size",
-                     self.intermediate_size, "must be a positive integer (layers below first_k_dense_replace are dense)")
+            _require(
+                _is_int(self.intermediate_size) and self.intermediate_size > 0,
+                "intermediate_size",
+                self.intermediate_size,
+                "must be a positive integer (layers below first_k_dense_replace are dense)",
+            )
         if self.first_k_dense_replace < L:
             self._validate_moe()
         _require(self.hidden_act == "silu", "hidden_act", self.hidden_act, "only 'silu' (SwiGLU) is implemented")
         _require(not self.use_bias, "use_bias", self.use_bias, "bias terms are not implemented; set it to false")
-        _require(not self.use_qkv_bias, "use_qkv_bias", self.use_qkv_bias, "QKV bias is not implemented; set it to false")
+        _require(
+            not self.use_qkv_bias, "use_qkv_bias", self.use_qkv_bias, "QKV bias is not implemented; set it to false"
+        )
         _require(self.use_rmsnorm, "use_rmsnorm", self.use_rmsnorm, "only RMSNorm is implemented; set it to true")
         for name in ("embedding_dropout", "attention_dropout", "output_dropout"):
             _require(getattr(self, name) == 0.0, name, getattr(self, name), "dropout is not implemented; set it to 0.0")
         _require(
-            self.linear_decay_convention in DECAY_CONVENTIONS, "linear_decay_convention", self.linear_decay_convention,
+            self.linear_decay_convention in DECAY_CONVENTIONS,
+            "linear_decay_convention",
+            self.linear_decay_convention,
             f"must be one of {DECAY_CONVENTIONS}",
         )
         _require(self.rms_norm_eps > 0, "rms_norm_eps", self.rms_norm_eps, "must be positive")
-        _require(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", self.num_nextn_predict_layers,
-                 "must be >= 0")
+        _require(
+            self.num_nextn_predict_layers >= 0,
+            "num_nextn_predict_layers",
+            self.num_nextn_predict_layers,
+            "must be >= 0",
+        )
         self._validate_rope()
 
     def _validate_moe(self) -> None:
         E, k = self.num_experts, self.num_experts_per_tok
         for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "n_group", "topk_group"):
-            _require(_is_int(getattr(self, name)) and getattr(self, name) > 0, name, getattr(self, name),
-                     "must be a positive integer")
+            _require(
+                _is_int(getattr(self, name)) and getattr(self, name) > 0,
+                name,
+                getattr(self, name),
+                "must be a positive integer",
+            )
         _require(self.num_shared_experts >= 0, "num_shared_experts", self.num_shared_experts, "must be >= 0")
         if self.num_shared_experts > 0:
-            _require(_is_int(self.moe_shared_expert_intermediate_size) and self.moe_shared_expert_intermediate_size > 0,
-                     "moe_shared_expert_intermediate_size", self.moe_shared_expert_intermediate_size,
-                     "must be a positive integer when num_shared_experts > 0")
-        _require(E % self.n_group == 0, "n_group", self.n_group,
-                 f"must divide num_experts={E} (experts are split into n_group contiguous groups)")
+            _require(
+                _is_int(self.moe_shared_expert_intermediate_size) and self.moe_shared_expert_intermediate_size > 0,
+                "moe_shared_expert_intermediate_size",
+                self.moe_shared_expert_intermediate_size,
+                "must be a positive integer when num_shared_experts > 0",
+            )
+        _require(
+            E % self.n_group == 0,
+            "n_group",
+            self.n_group,
+            f"must divide num_experts={E} (experts are split into n_group contiguous groups)",
+        )
         _require(self.topk_group <= self.n_group, "topk_group", self.topk_group, f"must be <= n_group={self.n_group}")
         reachable = self.topk_group * (E // self.n_group)
-        _require(k <= reachable, "num_experts_per_tok", k,
-                 f"must be <= topk_group * num_experts / n_group = {reachable} (experts reachable after group selection)")
-        _require(self.score_function in SUPPORTED_SCORE_FUNCTIONS, "score_function", self.score_function,
-                 f"must be one of {SUPPORTED_SCORE_FUNCTIONS}")
-        _require(self.router_dtype in SUPPORTED_ROUTER_DTYPES, "router_dtype", self.router_dtype,
-                 f"must be one of {SUPPORTED_ROUTER_DTYPES}: the router runs in fp32")
+        _require(
+            k <= reachable,
+            "num_experts_per_tok",
+            k,
+            f"must be <= topk_group * num_experts / n_group = {reachable} (experts reachable after group selection)",
+        )
+        _require(
+            self.score_function in SUPPORTED_SCORE_FUNCTIONS,
+            "score_function",
+            self.score_function,
+            f"must be one of {SUPPORTED_SCORE_FUNCTIONS}",
+        )
+        _require(
+            self.router_dtype in SUPPORTED_ROUTER_DTYPES,
+            "router_dtype",
+            self.router_dtype,
+            f"must be one of {SUPPORTED_ROUTER_DTYPES}: the router runs in fp32",
+        )
 
     def _validate_rope(self) -> None:
         rope = self.rope_settings()
-        _require(rope.kind in SUPPORTED_ROPE_KINDS, "rope_scaling", rope.kind,
-                 f"rope type must be one of {SUPPORTED_ROPE_KINDS}; for 512K context use "
-                 '{"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 131072}')
+        _require(
+            rope.kind in SUPPORTED_ROPE_KINDS,
+            "rope_scaling",
+            rope.kind,
+            f"rope type must be one of {SUPPORTED_ROPE_KINDS}; for 512K context use "
+            '{"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 131072}',
+        )
         _require(rope.theta > 0, "rope_theta", rope.theta, "must be positive")
         if rope.kind == "yarn":
             _require(rope.factor >= 1.0, "rope_scaling", rope.factor, "YaRN 'factor' must be >= 1")
-            _require(rope.original_max_position_embeddings is not None, "rope_scaling", None,
-                     "YaRN needs 'original_max_position_embeddings' (131072 for the released models)")
+            _require(
+                rope.original_max_position_embeddings is not None,
+                "rope_scaling",
+                None,
+                "YaRN needs 'original_max_position_embeddings' (131072 for the released models)",
+            )
 
 
 def _is_int(value: Any) -> bool:

@@ -4,17 +4,17 @@ The paper's RL alignment work (section 5.2) fixed these modules so training and 
 stack of this project (training shim, vLLM and SGLang adapters) follows this table. A float64 model
 runs everything in float64 (these dtypes are then raised to float64 by `compute_dtype`).
 
-| module                        | dtype              | why |
-|-------------------------------|--------------------|-----|
-| linear-attention state        | fp32               | bf16 state drift grows with length (about 6% after 4K decode steps) |
-| linear-attention q/k/v, o     | fp32 after the QKV GEMM, through norm, RoPE, recurrence, group norm and gate | as the authors' engine |
-| RMSNorm (all)                 | fp32 statistics, cast back to the activation dtype, then times weight | HF Ling-2.0 order |
-| RoPE                          | cos/sin and the rotation in fp32, result cast back | one formula for training and inference |
-| softmax attention             | scores and softmax in fp32 | |
-| residual stream               | fp32, add and norm unfused | paper: FP32 residual, unfused add + norm |
-| MoE router                    | fp32 GEMM, fp32 sigmoid, fp32 top-k (no bf16 rounding of logits) | paper: router in fp32; near-ties choose experts |
-| MoE combine                   | fp32 weighted sum in a fixed (token, slot) order | deterministic |
-| LM head                       | fp32 accumulation, fp32 logits | paper: FP32 LM head |
+- linear-attention state: fp32. A bf16 state drifts with length (about 7% after 4K decode steps).
+- linear-attention q/k/v and output: fp32 from the QKV GEMM on, through qk-norm, RoPE, the
+  recurrence, the group norm and the gate (as the authors' engine).
+- RMSNorm (all): fp32 statistics, cast back to the activation dtype, then times the weight
+  (the HF Ling-2.0 order).
+- RoPE: cos/sin and the rotation in fp32, the result cast back.
+- softmax attention: scores and softmax in fp32.
+- residual stream: fp32, add and norm unfused (paper: FP32 residual, unfused add + norm).
+- MoE router: fp32 GEMM, sigmoid and top-k, logits never rounded to bf16 (near-ties choose experts).
+- MoE combine: fp32 weighted sum in a fixed (token, slot) order (deterministic).
+- LM head: fp32 accumulation, fp32 logits (paper: FP32 LM head).
 """
 
 from __future__ import annotations

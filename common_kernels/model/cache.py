@@ -32,7 +32,9 @@ class RingLinearCache:
         self.keys: dict[int, list[torch.Tensor]] = {l: [empty] * batch_size for l in config.softmax_layer_ids}
         self.values: dict[int, list[torch.Tensor]] = {l: [empty] * batch_size for l in config.softmax_layer_ids}
 
-    def append_kv(self, layer_idx: int, seq: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def append_kv(
+        self, layer_idx: int, seq: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append one sequence's new K/V of a softmax layer and return all of that sequence's K/V."""
         self.keys[layer_idx][seq] = torch.cat((self.keys[layer_idx][seq], k))
         self.values[layer_idx][seq] = torch.cat((self.values[layer_idx][seq], v))

@@ -110,14 +110,16 @@ def read_tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_checkpoint(config: RingLinearConfig, path: str | os.PathLike, report_all: bool = True) -> None:
+def check_checkpoint(config: RingLinearConfig, path: str | os.PathLike, report_all_errors: bool = True) -> None:
     """Raise `CheckpointError` unless the checkpoint holds exactly the tensors `config` needs.
 
-    With `report_all` every problem is listed (missing, unexpected, misshapen); otherwise the first.
+    With `report_all_errors` every problem is listed (missing, unexpected, misshapen); otherwise the first.
     """
     expected = expected_tensor_shapes(config)
     found = read_tensor_shapes(path)
-    problems = [f"missing tensor {name} (expected shape {list(shape)})" for name, shape in expected.items() if name not in found]
+    problems = [
+        f"missing tensor {name} (expected shape {list(shape)})" for name, shape in expected.items() if name not in found
+    ]
     problems += [
         f"unexpected tensor {name} (shape {list(shape)}): not part of this config"
         for name, shape in found.items()
@@ -129,8 +131,12 @@ def check_checkpoint(config: RingLinearConfig, path: str | os.PathLike, report_a
         if name in found and found[name] != shape
     ]
     if problems:
-        shown = problems if report_all else problems[:1]
-        more = "" if report_all or len(problems) == 1 else f"\n  ... and {len(problems) - 1} more (pass report_all=True)"
+        shown = problems if report_all_errors else problems[:1]
+        more = (
+            ""
+            if report_all_errors or len(problems) == 1
+            else f"\n  ... and {len(problems) - 1} more (pass report_all_errors=True)"
+        )
         raise CheckpointError(f"checkpoint {path} does not match its config:\n  " + "\n  ".join(shown) + more)
 
 

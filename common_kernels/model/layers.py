@@ -17,6 +17,7 @@ from ..ops.attention.naive import causal_gqa_attention
 from ..ops.linear_attn.naive import linear_attention_varlen
 from ..ops.moe.naive import moe_combine, route, swiglu_mlp
 from ..ops.norm.naive import group_rms_norm_gate, rms_norm
+from ..ops.packing import group_by_length
 from ..ops.rope.naive import qk_norm_rope
 from ..precision import LINEAR_ATTN_DTYPE, compute_dtype
 from ..slopes import decay_rates
@@ -33,7 +34,7 @@ class ForwardContext:
     cache: RingLinearCache | None
 
     def sequences(self):
-        return zip(self.cu_seqlens[:-1], self.cu_seqlens[1:])
+        return zip(self.cu_seqlens[:-1], self.cu_seqlens[1:], strict=False)
 
 
 class RMSNorm(nn.Module):
@@ -130,14 +131,24 @@ class SoftmaxAttention(nn.Module):
         T = a.shape[0]
         qkv = self.query_key_value(a).reshape(T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         q, k, v = qkv.split((self.num_heads, self.num_kv_heads, self.num_kv_heads), dim=1)
-        q, k = qk_norm_rope(q, k, _weight(self.query_layernorm), _weight(self.key_layernorm), ctx.cos, ctx.sin, self.eps)
-        outputs = []
-        for n, (s, e) in enumerate(ctx.sequences()):
-            k_all, v_all = k[s:e], v[s:e]
-            if ctx.cache is not None:
-                k_all, v_all = ctx.cache.append_kv(self.layer_idx, n, k_all, v_all)
-            outputs.append(causal_gqa_attention(q[s:e], k_all, v_all, self.head_dim**-0.5))
-        o = torch.cat(outputs) if outputs else q
+        q, k = qk_norm_rope(
+            q, k, _weight(self.query_layernorm), _weight(self.key_layernorm), ctx.cos, ctx.sin, self.eps
+        )
+        scale = self.head_dim**-0.5
+        if ctx.cache is None:  # sequences of equal length run as one batch
+            o = torch.empty_like(q)
+            for length, members in group_by_length(ctx.cu_seqlens).items():
+                idx = torch.cat([torch.arange(ctx.cu_seqlens[n], ctx.cu_seqlens[n] + length) for n in members]).to(
+                    q.device
+                )
+                batch = [x[idx].reshape(len(members), length, *x.shape[1:]) for x in (q, k, v)]
+                o = o.index_copy(0, idx, causal_gqa_attention(*batch, scale).reshape(-1, *q.shape[1:]))
+        else:
+            outputs = []
+            for n, (s, e) in enumerate(ctx.sequences()):
+                k_all, v_all = ctx.cache.append_kv(self.layer_idx, n, k[s:e], v[s:e])
+                outputs.append(causal_gqa_attention(q[s:e], k_all, v_all, scale))
+            o = torch.cat(outputs) if outputs else q
         return self.dense(o.reshape(T, -1))
 
 
@@ -166,7 +177,9 @@ class LinearAttention(nn.Module):
         if c.linear_silu:
             qkv = F.silu(qkv)
         q, k, v = qkv.reshape(T, 3 * self.num_heads, self.head_dim).split(self.num_heads, dim=1)
-        q, k = qk_norm_rope(q, k, _weight(self.query_layernorm), _weight(self.key_layernorm), ctx.cos, ctx.sin, c.rms_norm_eps)
+        q, k = qk_norm_rope(
+            q, k, _weight(self.query_layernorm), _weight(self.key_layernorm), ctx.cos, ctx.sin, c.rms_norm_eps
+        )
         rates = decay_rates(c, self.layer_idx, dtype=dtype, device=a.device)
         initial = None if ctx.cache is None else ctx.cache.linear_states[self.layer_idx]
         cu_seqlens = torch.tensor(ctx.cu_seqlens)
@@ -187,7 +200,9 @@ class DecoderLayer(nn.Module):
         attention = SoftmaxAttention if config.is_softmax_layer(layer_idx) else LinearAttention
         self.attention = attention(config, layer_idx, **factory)
         self.post_attention_layernorm = RMSNorm(D, eps, **factory)
-        self.mlp = MoE(config, **factory) if config.is_moe_layer(layer_idx) else MLP(D, config.intermediate_size, **factory)
+        self.mlp = (
+            MoE(config, **factory) if config.is_moe_layer(layer_idx) else MLP(D, config.intermediate_size, **factory)
+        )
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext, dtype: torch.dtype) -> torch.Tensor:
         h = h + self.attention(self.input_layernorm(h, out_dtype=dtype), ctx).to(h.dtype)

@@ -32,7 +32,7 @@ class RingLinearModel(nn.Module):
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, **factory)
         self.layers = nn.ModuleList(DecoderLayer(config, l, **factory) for l in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **factory)
-        self._inv_freq, self._rope_scaling = rotary_inv_freq(config)
+        self._rotary: tuple[torch.Tensor, float] | None = None  # built at first use, never on the meta device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -50,7 +50,9 @@ class RingLinearModel(nn.Module):
         dtype = self.dtype
         h = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         h = h.to(compute_dtype(RESIDUAL_DTYPE, dtype))
-        cos, sin = rotary_cos_sin(positions, self._inv_freq, self._rope_scaling, compute_dtype(ROPE_DTYPE, dtype))
+        if self._rotary is None:
+            self._rotary = rotary_inv_freq(self.config)
+        cos, sin = rotary_cos_sin(positions, *self._rotary, compute_dtype(ROPE_DTYPE, dtype))
         ctx = ForwardContext(cu_seqlens=cu_seqlens, cos=cos, sin=sin, cache=cache)
         for layer in self.layers:
             h = layer(h, ctx, dtype)
@@ -62,13 +64,19 @@ class RingLinearModel(nn.Module):
 class RingLinearForCausalLM(nn.Module):
     """Ring-linear-2.0 causal LM with HF-format I/O, packed/padded forward, logprobs and cached generation."""
 
-    def __init__(self, config: RingLinearConfig, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self, config: RingLinearConfig, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> None:
         super().__init__()
         config.validate()
         self.config = config
         factory = {"dtype": dtype or torch.float32, "device": device}
         self.model = RingLinearModel(config, **factory)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False, **factory)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False, **factory)
+        )
 
     # ----- construction and I/O -------------------------------------------------------------------
 
@@ -103,7 +111,7 @@ class RingLinearForCausalLM(nn.Module):
             dtype: parameter dtype; default the config's `torch_dtype`, else float32.
         """
         config = RingLinearConfig.from_pretrained(path)
-        check_checkpoint(config, path, report_all=report_all_errors)
+        check_checkpoint(config, path, report_all_errors=report_all_errors)
         dtype = dtype or config.checkpoint_dtype() or torch.float32
         with torch.device("meta"):
             model = cls(config, dtype=dtype)
@@ -175,10 +183,12 @@ class RingLinearForCausalLM(nn.Module):
         and log-softmax run `chunk_size` tokens at a time, so `[T, V]` logits are never held at once.
         Differentiable.
         """
-        hidden, packed_ids, offsets, restore = self._hidden(input_ids, position_ids, cu_seqlens, attention_mask, None, None)
+        hidden, packed_ids, offsets, restore = self._hidden(
+            input_ids, position_ids, cu_seqlens, attention_mask, None, None
+        )
         T = hidden.shape[0]
         predicted = torch.ones(T, dtype=torch.bool, device=hidden.device)
-        for a, b in zip(offsets[:-1], offsets[1:]):
+        for a, b in zip(offsets[:-1], offsets[1:], strict=False):
             if b > a:
                 predicted[a] = False  # a sequence's first token has no prefix
         source = (torch.arange(T, device=hidden.device) - 1).clamp(min=0)  # token t is predicted at t-1
@@ -268,13 +278,14 @@ def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator |
 
 
 def _check_offsets(offsets: list[int], total: int) -> None:
-    if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != total or any(b < a for a, b in zip(offsets, offsets[1:])):
+    decreasing = any(b < a for a, b in zip(offsets, offsets[1:], strict=False))
+    if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != total or decreasing:
         raise ValueError(f"cu_seqlens {offsets} must start at 0, not decrease, and end at the token count {total}")
 
 
 def _default_positions(offsets: list[int], cache: RingLinearCache | None, device) -> torch.Tensor:
     pieces = []
-    for n, (a, b) in enumerate(zip(offsets[:-1], offsets[1:])):
+    for n, (a, b) in enumerate(zip(offsets[:-1], offsets[1:], strict=False)):
         start = 0 if cache is None else int(cache.seq_lens[n])
         pieces.append(torch.arange(start, start + b - a))
     return torch.cat(pieces).to(device) if pieces else torch.zeros(0, dtype=torch.long, device=device)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from ...precision import STATE_DTYPE, compute_dtype
+from ..packing import group_by_length
 
 
 def _prepare(q, k, v, decay_rate, initial_state):
@@ -73,33 +74,55 @@ def linear_attention_chunked(
     initial_state: torch.Tensor | None = None,
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same result as `linear_attention_recurrent`, block by block.
+    """Same result as `linear_attention_recurrent`, block by block, for one sequence or a batch.
 
     Inside a block of length `c` starting from state `S0`, with local indices `i, j`:
 
         o_i   = scale * ( lam^(i+1) q_i S0 + sum_{j<=i} lam^(i-j) (q_i . k_j) v_j )
         S_end = lam^c S0 + sum_j lam^(c-1-j) k_j^T v_j
+
+    Args:
+        q, k: `[T, H, d_k]`, or `[B, T, H, d_k]` for B sequences of equal length; v likewise with d_v.
+        initial_state: `[H, d_k, d_v]` (`[B, H, d_k, d_v]` when batched) or None (zeros).
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    q, k, v, rate, state = _prepare(q, k, v, decay_rate, initial_state)
-    T = q.shape[0]
+    if q.dim() == 3:
+        o, state = linear_attention_chunked(
+            q[None],
+            k[None],
+            v[None],
+            decay_rate,
+            scale,
+            None if initial_state is None else initial_state[None],
+            chunk_size,
+        )
+        return o[0], state[0]
+    dtype = compute_dtype(STATE_DTYPE, q.dtype)
+    B, T, H, dk = q.shape
+    dv = v.shape[-1]
+    if initial_state is None:
+        state = q.new_zeros((B, H, dk, dv), dtype=dtype)
+    elif initial_state.shape != (B, H, dk, dv):
+        raise ValueError(f"initial_state has shape {tuple(initial_state.shape)}, expected {(B, H, dk, dv)}")
+    else:
+        state = initial_state.to(dtype)
+    q, k, v = (x.to(dtype).transpose(1, 2) for x in (q, k, v))  # [B, H, T, d]
+    rate = decay_rate.to(device=q.device, dtype=dtype)[:, None]  # [H, 1]
     outputs = []
     for start in range(0, T, chunk_size):
         c = min(chunk_size, T - start)
-        qc, kc, vc = (x[start : start + c].transpose(0, 1) for x in (q, k, v))  # [H, c, d]
-        idx = torch.arange(c, device=q.device, dtype=rate.dtype)
-        q_decay = torch.exp(-rate[:, None] * (idx + 1))  # [H, c]
-        k_decay = torch.exp(-rate[:, None] * (c - 1 - idx))  # [H, c]
+        qc, kc, vc = (x[:, :, start : start + c] for x in (q, k, v))  # [B, H, c, d]
+        idx = torch.arange(c, device=q.device, dtype=dtype)
+        q_decay = torch.exp(-rate * (idx + 1))[..., None]  # [H, c, 1]
+        k_decay = torch.exp(-rate * (c - 1 - idx))[..., None]
         diff = idx[:, None] - idx[None, :]
-        causal = diff >= 0
-        intra = torch.exp(-rate[:, None, None] * diff.clamp(min=0)) * causal  # [H, c, c]
-        scores = (qc @ kc.transpose(1, 2)) * intra
-        o = scale * ((qc * q_decay[..., None]) @ state + scores @ vc)  # [H, c, dv]
-        state = torch.exp(-rate * c)[:, None, None] * state + (kc * k_decay[..., None]).transpose(1, 2) @ vc
-        outputs.append(o.transpose(0, 1))
-    o = torch.cat(outputs) if outputs else q.new_zeros((0, *v.shape[1:]))
-    return o, state
+        intra = torch.exp(-rate[..., None] * diff.clamp(min=0)) * (diff >= 0)  # [H, c, c]
+        o = scale * ((qc * q_decay) @ state + ((qc @ kc.transpose(-1, -2)) * intra) @ vc)
+        state = torch.exp(-rate * c)[..., None] * state + (kc * k_decay).transpose(-1, -2) @ vc
+        outputs.append(o)
+    o = torch.cat(outputs, dim=2) if outputs else q.new_zeros((B, H, 0, dv))
+    return o.transpose(1, 2), state
 
 
 def linear_attention_varlen(
@@ -125,23 +148,36 @@ def linear_attention_varlen(
         o `[T, H, d_v]` and final states `[N, H, d_k, d_v]`, fp32 (float64 for float64 input).
     """
     offsets = [int(x) for x in cu_seqlens.tolist()]
-    if offsets[0] != 0 or offsets[-1] != q.shape[0] or any(b < a for a, b in zip(offsets, offsets[1:])):
+    if offsets[0] != 0 or offsets[-1] != q.shape[0] or any(b < a for a, b in zip(offsets, offsets[1:], strict=False)):
         raise ValueError(f"cu_seqlens {offsets} does not partition {q.shape[0]} tokens")
     N = len(offsets) - 1
     if initial_states is not None and initial_states.shape[0] != N:
         raise ValueError(f"initial_states holds {initial_states.shape[0]} states for {N} sequences")
-    outputs, finals = [], []
-    for n in range(N):
-        a, b = offsets[n], offsets[n + 1]
-        init = None if initial_states is None else initial_states[n]
-        if chunked:
-            o, s = linear_attention_chunked(q[a:b], k[a:b], v[a:b], decay_rate, scale, init, chunk_size)
-        else:
-            o, s = linear_attention_recurrent(q[a:b], k[a:b], v[a:b], decay_rate, scale, init)
-        outputs.append(o)
-        finals.append(s)
     dtype = compute_dtype(STATE_DTYPE, q.dtype)
-    o = torch.cat(outputs) if outputs else q.new_zeros((0, *v.shape[1:]), dtype=dtype)
     H, dk, dv = q.shape[1], q.shape[2], v.shape[2]
-    states = torch.stack(finals) if finals else q.new_zeros((0, H, dk, dv), dtype=dtype)
+    outputs: list[torch.Tensor | None] = [None] * N
+    finals: list[torch.Tensor | None] = [None] * N
+    for length, members in group_by_length(offsets).items():
+        init = None if initial_states is None else initial_states[members]
+        if chunked:  # sequences of equal length run as one batch
+            idx = torch.cat([torch.arange(offsets[n], offsets[n] + length) for n in members]).to(q.device)
+            shape = (len(members), length)
+            o, s = linear_attention_chunked(
+                *(x[idx].reshape(*shape, *x.shape[1:]) for x in (q, k, v)), decay_rate, scale, init, chunk_size
+            )
+        else:
+            pairs = [
+                linear_attention_recurrent(
+                    *(x[offsets[n] : offsets[n] + length] for x in (q, k, v)),
+                    decay_rate,
+                    scale,
+                    None if init is None else init[i],
+                )
+                for i, n in enumerate(members)
+            ]
+            o, s = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        for i, n in enumerate(members):
+            outputs[n], finals[n] = o[i], s[i]
+    o = torch.cat(outputs) if N else q.new_zeros((0, H, dv), dtype=dtype)
+    states = torch.stack(finals) if N else q.new_zeros((0, H, dk, dv), dtype=dtype)
     return o, states

@@ -1,0 +1,176 @@
+import pytest
+import torch
+
+from common_kernels import RingLinearForCausalLM, tiny_config
+from common_kernels.testing import assert_rel_rms, rel_rms_error
+
+
+def tiny_model(dtype=torch.float64, seed=0, **overrides) -> RingLinearForCausalLM:
+    model = RingLinearForCausalLM(tiny_config(**overrides), dtype=dtype)
+    model.init_weights(std=0.2, generator=torch.Generator().manual_seed(seed))
+    return model
+
+
+@pytest.fixture(scope="module")
+def model64():
+    return tiny_model()
+
+
+def test_packed_equals_separate_sequences(model64):
+    lengths = [1, 9, 0, 17, 4]
+    seqs = [torch.randint(3, 64, (n,)) for n in lengths]
+    offsets = [0]
+    for s in seqs:
+        offsets.append(offsets[-1] + len(s))
+    packed = model64(torch.cat(seqs), cu_seqlens=offsets)
+    for n, s in enumerate(seqs):
+        if len(s):
+            assert_rel_rms(f"seq {n}", model64(s), packed[offsets[n] : offsets[n + 1]], 1e-12)
+
+
+def test_padded_batches_equal_packed_and_zero_pads(model64):
+    ids = torch.randint(3, 64, (3, 12))
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[0, :5] = 0  # left padding
+    mask[1, 8:] = 0  # right padding
+    padded = model64(ids, attention_mask=mask)
+    assert padded.shape == (3, 12, 64)
+    assert torch.equal(padded[0, :5], torch.zeros(5, 64, dtype=padded.dtype))
+    assert_rel_rms("left", model64(ids[0, 5:]), padded[0, 5:], 1e-12)
+    assert_rel_rms("right", model64(ids[1, :8]), padded[1, :8], 1e-12)
+    assert_rel_rms("full", model64(ids[2]), padded[2], 1e-12)
+    # a pad token's id never matters
+    ids2 = ids.clone()
+    ids2[0, :5] = 7
+    assert torch.equal(model64(ids2, attention_mask=mask), padded)
+
+
+def test_incremental_decode_equals_full_forward(model64):
+    ids = torch.randint(3, 64, (2, 15))
+    full = torch.stack([model64(ids[0]), model64(ids[1])])
+    cache = model64.new_cache(2)
+    steps = [model64(ids[:, :6].reshape(-1), cu_seqlens=[0, 6, 12], cache=cache).reshape(2, 6, -1)]
+    steps.append(model64(ids[:, 6:9].reshape(-1), cu_seqlens=[0, 3, 6], cache=cache).reshape(2, 3, -1))  # multi-token
+    for t in range(9, 15):
+        steps.append(model64(ids[:, t], cu_seqlens=[0, 1, 2], cache=cache)[:, None])
+    assert_rel_rms("incremental", full, torch.cat(steps, dim=1), 1e-12)
+    assert cache.seq_lens.tolist() == [15, 15]
+
+
+def test_ragged_cache_continuation(model64):
+    a, b = torch.randint(3, 64, (7,)), torch.randint(3, 64, (3,))
+    cache = model64.new_cache(2)
+    model64(torch.cat([a[:4], b[:1]]), cu_seqlens=[0, 4, 5], cache=cache)
+    out = model64(torch.cat([a[4:], b[1:]]), cu_seqlens=[0, 3, 5], cache=cache)
+    assert_rel_rms("a", model64(a)[4:], out[:3], 1e-12)
+    assert_rel_rms("b", model64(b)[1:], out[3:], 1e-12)
+
+
+def test_explicit_positions_equal_default_positions(model64):
+    ids = torch.randint(3, 64, (10,))
+    assert torch.equal(model64(ids, position_ids=torch.arange(10)), model64(ids))
+    # RoPE sees relative positions only: a uniform shift changes nothing, a gap does
+    assert_rel_rms("shifted", model64(ids), model64(ids, position_ids=torch.arange(10) + 5), 1e-12)
+    gap = torch.cat([torch.arange(5), torch.arange(5) + 20])
+    assert not torch.allclose(model64(ids, position_ids=gap)[5:], model64(ids)[5:])
+
+
+def test_token_logprobs(model64):
+    ids = torch.randint(3, 64, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    lp = model64.token_logprobs(ids, attention_mask=mask, chunk_size=4)
+    for b, start in ((0, 0), (1, 3)):
+        seq = ids[b, start:]
+        ref = torch.log_softmax(model64(seq), -1)[:-1].gather(1, seq[1:, None])[:, 0]
+        assert_rel_rms(f"row {b}", ref, lp[b, start + 1 :], 1e-12)
+        assert lp[b, start] == 0 and (lp[b, :start] == 0).all()
+    packed = model64.token_logprobs(torch.cat([ids[0], ids[1, 3:]]), cu_seqlens=[0, 9, 15], chunk_size=5)
+    assert_rel_rms("packed", torch.cat([lp[0], lp[1, 3:]]), packed, 1e-12)
+
+
+def test_greedy_generation_follows_argmax_of_the_full_forward(model64):
+    prompts = [[5, 6, 7], [9], [10, 11, 12, 13, 14]]
+    outputs = model64.generate(prompts, max_new_tokens=6)
+    for prompt, out in zip(prompts, outputs, strict=False):
+        seq = list(prompt)
+        for token in out:
+            assert token == int(model64(torch.tensor(seq))[-1].argmax())
+            seq.append(token)
+
+
+def test_generation_stops_at_eos():
+    model = tiny_model()
+    first = model.generate([[5, 6]], max_new_tokens=1)[0][0]
+    out = model.generate([[5, 6]], max_new_tokens=5, eos_token_id=first)[0]
+    assert out == [first]
+
+
+def test_float32_matches_float64_within_1e5():
+    m64 = tiny_model(seed=3)
+    m32 = tiny_model(dtype=torch.float32, seed=3)
+    ids = torch.randint(3, 64, (40,))
+    ratio = rel_rms_error(m64(ids), m32(ids))
+    assert ratio <= 1e-5, ratio
+
+
+def test_bf16_model_runs_with_fp32_logits_and_fp32_router_bias():
+    m32 = tiny_model(dtype=torch.float32, seed=4)
+    m32.model.layers[1].mlp.gate.expert_bias.copy_(torch.linspace(-0.1, 0.1, 8) + 1e-4)
+    bias = m32.model.layers[1].mlp.gate.expert_bias.clone()
+    m16 = m32.to(torch.bfloat16)
+    assert m16.model.layers[1].mlp.gate.expert_bias.dtype == torch.float32
+    assert torch.equal(m16.model.layers[1].mlp.gate.expert_bias, bias)
+    logits = m16(torch.randint(3, 64, (12,)))
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_hf_decay_convention_changes_the_linear_layers():
+    ids = torch.randint(3, 64, (12,))
+    a, b = tiny_model(seed=5), tiny_model(seed=5, linear_decay_convention="hf")
+    assert not torch.allclose(a(ids), b(ids))
+
+
+def test_gradients_through_the_whole_model():
+    config = {
+        "hidden_size": 16,
+        "intermediate_size": 16,
+        "num_hidden_layers": 3,
+        "layer_group_size": 3,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 8,
+        "group_norm_size": 2,
+        "moe_intermediate_size": 8,
+        "moe_shared_expert_intermediate_size": 8,
+        "num_experts": 4,
+        "n_group": 2,
+        "topk_group": 1,
+        "vocab_size": 8,
+    }
+    model = tiny_model(seed=6, **config)
+    embeds = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    assert torch.autograd.gradcheck(lambda e: model(inputs_embeds=e, attention_mask=mask), (embeds,))
+    model(inputs_embeds=embeds.detach(), attention_mask=mask).pow(2).sum().backward()
+    unreached = [n for n, p in model.named_parameters() if p.grad is None]
+    # the embedding is bypassed by inputs_embeds; unrouted experts get no gradient by design
+    assert all(n == "model.word_embeddings.weight" or ".experts." in n for n in unreached), unreached
+
+
+def test_bad_inputs_are_refused(model64):
+    ids = torch.randint(3, 64, (2, 5))
+    with pytest.raises(ValueError, match="cu_seqlens describes packed"):
+        model64(ids, cu_seqlens=[0, 5])
+    with pytest.raises(ValueError, match="attention_mask describes padded"):
+        model64(ids[0], attention_mask=torch.ones(1, 5))
+    with pytest.raises(ValueError, match="contiguous"):
+        model64(ids, attention_mask=torch.tensor([[1, 0, 1, 1, 1], [1, 1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="must start at 0"):
+        model64(ids[0], cu_seqlens=[0, 3])
+    with pytest.raises(ValueError, match="cache holds 3 sequences, input has 1"):
+        model64(ids[0], cache=model64.new_cache(3))
+    with pytest.raises(ValueError, match="at least one token"):
+        model64.generate([[]], 2)
+    with pytest.raises(ValueError, match="pass input_ids or inputs_embeds"):
+        model64()

@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from common_kernels.ops.moe.naive import moe_combine, route, swiglu_mlp
+from common_kernels.testing import assert_rel_rms
+
+
+def brute_force_route(x, w, bias, k, n_group, topk_group, scaling, normalise):
+    """Token by token, in Python: the spec's steps 1-5 with ties to the lower index."""
+    E = w.shape[0]
+    size = E // n_group
+    ids, weights = [], []
+    for t in range(x.shape[0]):
+        p = [1 / (1 + torch.exp(-(x[t].double() @ w[e].double()))).item() for e in range(E)]
+        sel = [p[e] + (0.0 if bias is None else bias[e].item()) for e in range(E)]
+        group_score = [sum(sorted(sel[g * size : (g + 1) * size], reverse=True)[:2]) for g in range(n_group)]
+        groups = sorted(range(n_group), key=lambda g: (-group_score[g], g))[:topk_group]
+        allowed = [e for e in range(E) if e // size in groups]
+        chosen = sorted(allowed, key=lambda e: (-sel[e], e))[:k]
+        pw = [p[e] for e in chosen]
+        total = sum(pw) + 1e-20 if normalise else 1.0
+        ids.append(chosen)
+        weights.append([v / total * scaling for v in pw])
+    return torch.tensor(ids), torch.tensor(weights, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("E,n_group,topk_group,k", [(8, 4, 2, 2), (16, 4, 1, 3), (12, 1, 1, 4), (256, 8, 4, 8)])
+@pytest.mark.parametrize("with_bias,normalise", [(True, True), (False, True), (True, False)])
+def test_route_matches_brute_force(E, n_group, topk_group, k, with_bias, normalise):
+    x, w = torch.randn(5, 16, dtype=torch.float64), torch.randn(E, 16, dtype=torch.float64)
+    bias = torch.randn(E, dtype=torch.float64) * 0.3 if with_bias else None
+    ids, weights = route(x, w, bias, k, n_group, topk_group, 2.5, normalise)
+    ref_ids, ref_w = brute_force_route(x, w, bias, k, n_group, topk_group, 2.5, normalise)
+    assert torch.equal(ids, ref_ids)
+    assert_rel_rms("weights", ref_w, weights, 1e-14)
+
+
+def test_bias_chooses_but_never_weights():
+    x, w = torch.randn(3, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    bias = torch.tensor([0.0, 0.0, 0.0, 100.0], dtype=torch.float64)  # forces expert 3 in
+    ids, weights = route(x, w, bias, 2, 1, 1, 1.0, False)
+    assert (ids[:, 0] == 3).all()
+    assert torch.allclose(weights[:, 0], torch.sigmoid(x @ w[3]))
+
+
+def test_router_runs_in_fp32_from_bf16_and_ties_go_to_the_lower_index():
+    x, w = torch.randn(4, 8).bfloat16(), torch.zeros(6, 8).bfloat16()  # all scores tie at 0.5
+    ids, weights = route(x, w, None, 3, 2, 2, 1.0, True)
+    assert weights.dtype == torch.float32
+    assert ids.tolist() == [[0, 1, 2]] * 4
+    assert torch.allclose(weights, torch.full_like(weights, 1 / 3))
+
+
+def test_moe_combine_matches_per_token_loop():
+    T, D, E, k = 9, 8, 5, 2
+    x = torch.randn(T, D, dtype=torch.float64)
+    experts = [torch.nn.Linear(D, D, bias=False).double() for _ in range(E)]
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    weights = torch.rand(T, k, dtype=torch.float64)
+    ref = torch.stack([sum(weights[t, s] * experts[ids[t, s]](x[t]) for s in range(k)) for t in range(T)])
+    assert_rel_rms("combine", ref, moe_combine(x, ids, weights, experts), 1e-14)
+
+
+def test_swiglu():
+    x = torch.randn(3, 4, dtype=torch.float64)
+    g, u, d = (
+        torch.randn(6, 4, dtype=torch.float64),
+        torch.randn(6, 4, dtype=torch.float64),
+        torch.randn(4, 6, dtype=torch.float64),
+    )
+    a = x @ g.T
+    assert_rel_rms("swiglu", (a / (1 + torch.exp(-a)) * (x @ u.T)) @ d.T, swiglu_mlp(x, g, u, d), 1e-14)

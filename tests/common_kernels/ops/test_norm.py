@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from common_kernels.ops.norm.naive import group_rms_norm_gate, rms_norm
+from common_kernels.testing import assert_rel_rms
+
+
+def test_rms_norm_matches_formula_in_float64():
+    x, w = torch.randn(5, 3, 24, dtype=torch.float64), torch.randn(24, dtype=torch.float64)
+    ref = (
+        torch.stack(
+            [torch.stack([x[i, j] / torch.sqrt((x[i, j] ** 2).sum() / 24 + 1e-6) for j in range(3)]) for i in range(5)]
+        )
+        * w
+    )
+    assert_rel_rms("rms_norm", ref, rms_norm(x, w, 1e-6), 1e-14)
+
+
+def test_rms_norm_statistics_in_fp32_then_cast_then_weight():
+    x = (torch.randn(4, 64) * 30).bfloat16()
+    w = torch.randn(64).bfloat16()
+    xf = x.float()
+    expected = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16() * w
+    out = rms_norm(x, w, 1e-6)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+    # an fp32 residual normalised into the model dtype
+    out16 = rms_norm(xf, w, 1e-6, out_dtype=torch.bfloat16)
+    assert out16.dtype == torch.bfloat16 and torch.equal(out16, expected)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4, 8])
+def test_group_norm_gate_normalises_each_group(groups):
+    T, C = 7, 32
+    o, g, w = (
+        torch.randn(T, C, dtype=torch.float64),
+        torch.randn(T, C, dtype=torch.float64),
+        torch.randn(C, dtype=torch.float64),
+    )
+    out = group_rms_norm_gate(o, g, w, groups, 1e-6)
+    size = C // groups
+    ref = (
+        torch.cat(
+            [
+                o[:, i * size : (i + 1) * size]
+                / torch.sqrt(o[:, i * size : (i + 1) * size].pow(2).mean(-1, keepdim=True) + 1e-6)
+                for i in range(groups)
+            ],
+            dim=1,
+        )
+        * w
+        / (1 + torch.exp(-g))
+    )
+    assert_rel_rms("group norm gate", ref, out, 1e-14)
+
+
+def test_group_norm_is_not_a_plain_rms_norm_over_all_channels():
+    o = torch.randn(3, 16, dtype=torch.float64)
+    o[:, :8] *= 10  # groups with very different scales
+    ones = torch.ones(16, dtype=torch.float64)
+    zeros = torch.full((3, 16), 50.0, dtype=torch.float64)  # gate ~ 1
+    assert not torch.allclose(
+        group_rms_norm_gate(o, zeros, ones, 2, 1e-6), group_rms_norm_gate(o, zeros, ones, 1, 1e-6)
+    )
+
+
+def test_group_norm_gate_runs_in_fp32_for_bf16_gate_and_rejects_bad_groups():
+    out = group_rms_norm_gate(torch.randn(3, 16), torch.randn(3, 16).bfloat16(), torch.ones(16).bfloat16(), 4, 1e-6)
+    assert out.dtype == torch.float32
+    with pytest.raises(ValueError, match="do not split into 3 groups"):
+        group_rms_norm_gate(torch.randn(3, 16), torch.randn(3, 16), torch.ones(16), 3, 1e-6)
+
+
+def test_group_norm_gate_gradients():
+    o, g = (torch.randn(4, 12, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda o, g, w: group_rms_norm_gate(o, g, w, 3, 1e-6), (o, g, w))

@@ -1,0 +1,84 @@
+import math
+
+import pytest
+import torch
+
+from common_kernels import preset_config, tiny_config
+from common_kernels.ops.rope.naive import apply_partial_rope, qk_norm_rope, rotary_cos_sin, rotary_inv_freq
+from common_kernels.testing import assert_rel_rms
+
+
+def complex_rope_reference(x, positions, inv_freq, rotary_dim):
+    """NeoX RoPE as complex multiplication: pair i is (x[i], x[i + r/2]) rotated by position * inv_freq[i]."""
+    half = rotary_dim // 2
+    z = torch.complex(x[..., :half], x[..., half:rotary_dim])
+    angle = positions.double()[:, None, None] * inv_freq.double()[None, None, :]
+    z = z * torch.exp(1j * angle)
+    return torch.cat((z.real, z.imag, x[..., rotary_dim:]), dim=-1)
+
+
+@pytest.mark.parametrize("T,heads,d,factor", [(1, 1, 8, 0.5), (9, 3, 16, 0.5), (5, 2, 16, 1.0), (4, 2, 128, 0.5)])
+def test_partial_rope_matches_complex_rotation(T, heads, d, factor):
+    config = tiny_config(head_dim=d, partial_rotary_factor=factor)
+    inv_freq, scale = rotary_inv_freq(config)
+    positions = torch.randint(0, 5000, (T,))
+    x = torch.randn(T, heads, d, dtype=torch.float64)
+    cos, sin = rotary_cos_sin(positions, inv_freq, scale, torch.float64)
+    out = apply_partial_rope(x, cos, sin)
+    assert_rel_rms("rope", complex_rope_reference(x, positions, inv_freq, config.rotary_dim), out, 1e-13)
+    assert torch.equal(out[..., config.rotary_dim :], x[..., config.rotary_dim :])
+
+
+def test_default_inverse_frequencies():
+    config = preset_config("ring-mini-linear-2.0")
+    inv_freq, scale = rotary_inv_freq(config)
+    assert inv_freq.shape == (32,) and inv_freq.dtype == torch.float32 and scale == 1.0
+    expected = torch.tensor([1e6 ** (-2 * i / 64) for i in range(32)], dtype=torch.float64)
+    assert_rel_rms("inv_freq", expected, inv_freq, 1e-7)
+
+
+def test_scores_depend_only_on_relative_position():
+    config = tiny_config()
+    inv_freq, _ = rotary_inv_freq(config)
+    q, k = torch.randn(1, 1, 16, dtype=torch.float64), torch.randn(1, 1, 16, dtype=torch.float64)
+
+    def score(m, n):
+        cq, sq = rotary_cos_sin(torch.tensor([m]), inv_freq, 1.0, torch.float64)
+        ck, sk = rotary_cos_sin(torch.tensor([n]), inv_freq, 1.0, torch.float64)
+        return (apply_partial_rope(q, cq, sq) * apply_partial_rope(k, ck, sk)).sum()
+
+    assert torch.allclose(score(10, 3), score(1007, 1000), rtol=1e-10)
+
+
+def test_yarn_uses_transformers_yarn_and_scales_cos_sin():
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 131072}
+    config = preset_config("ring-mini-linear-2.0", rope_scaling=yarn, max_position_embeddings=524288)
+    inv_freq, scale = rotary_inv_freq(config)
+    base, _ = rotary_inv_freq(preset_config("ring-mini-linear-2.0"))
+    assert scale == pytest.approx(0.1 * math.log(4.0) + 1.0)
+    assert torch.allclose(inv_freq[0], base[0])  # fastest pairs extrapolate unchanged
+    assert torch.allclose(inv_freq[-1], base[-1] / 4.0)  # slowest pairs interpolate by the factor
+    cos, sin = rotary_cos_sin(torch.tensor([0]), inv_freq, scale, torch.float32)
+    assert torch.allclose(cos, torch.full_like(cos, scale))
+
+
+def test_rope_in_fp32_cast_back_and_qk_norm_first():
+    config = tiny_config()
+    inv_freq, scale = rotary_inv_freq(config)
+    cos, sin = rotary_cos_sin(torch.arange(6), inv_freq, scale, torch.float32)
+    q, k = torch.randn(6, 4, 16).bfloat16(), torch.randn(6, 2, 16).bfloat16()
+    wq, wk = torch.randn(16).bfloat16(), torch.randn(16).bfloat16()
+    q2, k2 = qk_norm_rope(q, k, wq, wk, cos, sin, 1e-6)
+    assert q2.dtype == k2.dtype == torch.bfloat16
+    qf = q.float()
+    qn = (qf * torch.rsqrt(qf.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16() * wq
+    assert torch.equal(q2, apply_partial_rope(qn, cos, sin))
+
+
+def test_rope_gradients():
+    config = tiny_config()
+    inv_freq, _ = rotary_inv_freq(config)
+    cos, sin = rotary_cos_sin(torch.arange(5), inv_freq, 1.0, torch.float64)
+    x = torch.randn(5, 2, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: qk_norm_rope(x, x, w, w, cos, sin, 1e-6)[0], (x, w))

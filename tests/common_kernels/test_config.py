@@ -1,0 +1,103 @@
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from transformers import AutoConfig
+
+from common_kernels import PRESETS, RECONSTRUCTED, RingLinearConfig, RingLinearConfigError, preset_config, tiny_config
+
+RELEASED = Path(__file__).parent.parent / "data" / "ring-mini-linear-2.0.config.json"
+
+
+def test_released_config_parses_through_autoconfig_without_remote_code(tmp_path):
+    shutil.copy(RELEASED, tmp_path / "config.json")
+    config = AutoConfig.from_pretrained(tmp_path)  # auto_map names remote code that is not there
+    assert type(config) is RingLinearConfig
+    raw = json.loads(RELEASED.read_text())
+    for field, value in raw.items():
+        if field in ("auto_map", "torch_dtype", "transformers_version", "rope_scaling", "rope_theta", "architectures"):
+            continue
+        assert getattr(config, field) == value, field
+    assert config.architectures == ["BailingMoeLinearV2ForCausalLM"]
+    assert config.rope_settings().theta == 1e6 and config.rope_settings().kind == "default"
+    assert config.softmax_layer_ids == [4, 9, 14, 19]
+    assert config.linear_layer_ids == [l for l in range(20) if l not in (4, 9, 14, 19)]
+    assert config.rotary_dim == 64 and config.linear_state_shape == (16, 128, 128)
+
+
+def test_save_and_reload_keeps_every_field(tmp_path):
+    config = preset_config("ring-mini-linear-2.0", linear_decay_convention="hf")
+    config.save_pretrained(tmp_path)
+    again = AutoConfig.from_pretrained(tmp_path)
+    assert type(again) is RingLinearConfig
+    assert again.to_diff_dict() == config.to_diff_dict()
+    assert again.rope_settings() == config.rope_settings()
+
+
+def test_presets_are_valid_and_mark_reconstructed_values():
+    flash = preset_config("ring-flash-linear-2.0")
+    assert flash.softmax_layer_ids == [7, 15, 23, 31] and flash.num_attention_heads == 32
+    assert RECONSTRUCTED["ring-mini-linear-2.0"] == frozenset()
+    assert "group_norm_size" in RECONSTRUCTED["ring-flash-linear-2.0"]
+    assert set(RECONSTRUCTED) == set(PRESETS)
+    with pytest.raises(KeyError, match="unknown preset"):
+        preset_config("ring-tiny")
+
+
+def test_layer_placement_counts_trailing_layers_as_softmax():
+    config = tiny_config(num_hidden_layers=7, layer_group_size=3)  # groups 0-2, 3-5, then layer 6 alone
+    assert config.softmax_layer_ids == [2, 5, 6]
+
+
+def test_yarn_rope_is_accepted():
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 131072}
+    rope = preset_config("ring-mini-linear-2.0", rope_scaling=yarn).rope_settings()
+    assert (rope.kind, rope.factor, rope.original_max_position_embeddings) == ("yarn", 4.0, 131072)
+
+
+BAD_CONFIGS = [
+    ({"group_norm_size": 3}, "group_norm_size"),
+    ({"num_key_value_heads": 3}, "num_key_value_heads"),
+    ({"layer_group_size": 1}, "layer_group_size"),
+    ({"layer_group_size": 21}, "layer_group_size"),
+    ({"head_dim": 127}, "head_dim"),
+    ({"partial_rotary_factor": 0.0}, "partial_rotary_factor"),
+    ({"partial_rotary_factor": 1.5}, "partial_rotary_factor"),
+    ({"n_group": 7}, "n_group"),
+    ({"topk_group": 9}, "topk_group"),
+    ({"num_experts_per_tok": 129}, "num_experts_per_tok"),
+    ({"first_k_dense_replace": 21}, "first_k_dense_replace"),
+    ({"score_function": "softmax"}, "score_function"),
+    ({"router_dtype": "bf16"}, "router_dtype"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling"),
+    ({"rope_scaling": {"type": "yarn", "factor": 0.5, "original_max_position_embeddings": 4096}}, "rope_scaling"),
+    ({"use_bias": True}, "use_bias"),
+    ({"use_qkv_bias": True}, "use_qkv_bias"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"attention_dropout": 0.1}, "attention_dropout"),
+    ({"linear_decay_convention": "mlx"}, "linear_decay_convention"),
+    ({"num_attention_heads": 0}, "num_attention_heads"),
+    ({"hidden_size": 2048.0}, "hidden_size"),
+]
+
+
+@pytest.mark.parametrize("overrides,field", BAD_CONFIGS, ids=[f for _, f in BAD_CONFIGS])
+def test_bad_configs_name_the_field(overrides, field):
+    with pytest.raises(RingLinearConfigError, match=rf"RingLinearConfig\.{field}="):
+        preset_config("ring-mini-linear-2.0", **overrides)
+
+
+def test_validate_catches_edits_made_after_construction():
+    config = preset_config("ring-mini-linear-2.0")
+    config.group_norm_size = 5
+    with pytest.raises(RingLinearConfigError, match="must divide num_attention_heads\\*head_dim=2048"):
+        config.validate()
+
+
+def test_bad_released_config_fails_at_parse_time(tmp_path):
+    raw = json.loads(RELEASED.read_text())
+    raw["topk_group"] = 12
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(RingLinearConfigError, match="topk_group"):
+        AutoConfig.from_pretrained(tmp_path)
