@@ -83,9 +83,12 @@ def moe_combine(
     """
     T, k = topk_ids.shape
     flat_ids = topk_ids.reshape(-1)
-    per_slot = x.new_zeros((T * k, x.shape[-1]))
+    rows, outputs = [], []
     for e in torch.unique(flat_ids).tolist():
-        rows = (flat_ids == e).nonzero(as_tuple=True)[0]
-        per_slot = per_slot.index_copy(0, rows, experts[e](x[rows // k]))
+        rows.append((flat_ids == e).nonzero(as_tuple=True)[0])
+        outputs.append(experts[e](x[rows[-1] // k]))
+    per_slot = x.new_zeros((T * k, x.shape[-1]))
+    if rows:
+        per_slot = per_slot.index_copy(0, torch.cat(rows), torch.cat(outputs))
     weighted = per_slot.reshape(T, k, -1).to(topk_weights.dtype) * topk_weights[..., None]
     return weighted.sum(1)
