@@ -101,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a tiny checkpoint on associative recall")
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--minutes", type=float, default=6.0, help="wall-time budget")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--minutes", type=float, default=8.0, help="wall-time budget")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -119,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="make, train and evaluate the tiny model end to end (the README's main command)")
     p.add_argument("--out", default="runs/tiny")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--minutes", type=float, default=6.0)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--minutes", type=float, default=8.0)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
     return parser

@@ -2,7 +2,7 @@
 
 A sample lists key/value pairs and then asks for the values of some keys:
 
-    <bos>q4 c7 x0 m2 a9 k5|c:7|k:5|q:4<eos>
+    <bos>q4 c7 x0 m2|c:7|m:2|q:4<eos>
 
 Keys are distinct letters, values random digits, so everything before the first `|` is unpredictable;
 each answer is predictable only by looking its key up in the context.
@@ -22,7 +22,7 @@ class RecallSample:
     text: str  # prompt + answer: the full training text (without <bos>/<eos>)
 
 
-def make_sample(rng: random.Random, num_pairs: int = 6, num_queries: int = 3) -> RecallSample:
+def make_sample(rng: random.Random, num_pairs: int = 4, num_queries: int = 3) -> RecallSample:
     keys = rng.sample(string.ascii_lowercase, num_pairs)
     values = [rng.choice(string.digits) for _ in keys]
     context = " ".join(k + v for k, v in zip(keys, values, strict=False))

@@ -58,8 +58,8 @@ def encode_batch(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> tuple[
 def train(
     checkpoint: str | os.PathLike,
     out: str | os.PathLike,
-    steps: int = 2000,
-    minutes: float = 6.0,
+    steps: int = 1500,
+    minutes: float = 8.0,
     batch_size: int = 32,
     lr: float = 3e-3,
     seed: int = 0,
@@ -79,7 +79,7 @@ def train(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))
     )
     start, first_loss, loss_avg, done = time.time(), None, None, 0
-    bar = tqdm(range(steps), desc="train", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(steps), desc="train", disable=not progress, dynamic_ncols=True, mininterval=1.0)
     for _ in bar:
         ids, offsets = encode_batch(tokenizer, [make_sample(rng).text for _ in range(batch_size)])
         logits = model(ids, cu_seqlens=offsets)

@@ -24,7 +24,7 @@ def test_recall_samples_answer_from_the_context():
         s = make_sample(rng)
         context, *queries = s.text.split("|")
         pairs = {p[0]: p[1] for p in context.split(" ")}
-        assert len(pairs) == 6 and len(queries) == 3
+        assert len(pairs) == 4 and len(queries) == 3
         for q in queries:
             key, value = q.split(":")
             assert pairs[key] == value
