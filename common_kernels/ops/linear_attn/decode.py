@@ -1,0 +1,94 @@
+"""In-place decode of scalar-decay linear attention on an indexed fp32 state pool (Triton).
+
+One program per (sequence, head, V-tile) loads its `[K, BV]` fp32 state tile once, runs the
+sequence's `tokens_per_seq` tokens through it in registers (1 for plain decode, 1+k for speculative
+verification or short continuations), and stores it back. Rows whose slot is `-1` are padding: the
+state pool is not touched and their outputs are zero. No allocation depends on the data and the grid
+depends only on the batch size, so one compiled kernel serves every batch size and CUDA graphs can
+capture it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_utils import check_pool, check_qkv
+
+
+@triton.jit
+def _decode_kernel(
+    q, k, v, o, pool, slots, rate, scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_pp, stride_ph, T_SEQ,
+    K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+):  # fmt: skip
+    i_b, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_k = tl.arange(0, K)
+    o_v = i_v * BV + tl.arange(0, BV)
+    slot = tl.load(slots + i_b).to(tl.int64)
+    row0 = i_b.to(tl.int64) * T_SEQ
+    if slot < 0:
+        for t in range(0, T_SEQ):
+            tl.store(o + (row0 + t) * stride_ot + i_h * stride_oh + o_v, tl.zeros([BV], dtype=o.dtype.element_ty))
+        return
+    p_s = pool + slot * stride_pp + i_h * stride_ph + o_k[:, None] * V + o_v[None, :]
+    b_s = tl.load(p_s)  # [K, BV] fp32
+    lam = tl.exp(-tl.load(rate + i_h).to(tl.float32))
+    for t in range(0, T_SEQ):
+        row = row0 + t
+        b_q = tl.load(q + row * stride_qt + i_h * stride_qh + o_k).to(tl.float32)
+        b_k = tl.load(k + row * stride_kt + i_h * stride_kh + o_k).to(tl.float32)
+        b_v = tl.load(v + row * stride_vt + i_h * stride_vh + o_v).to(tl.float32)
+        b_s = b_s * lam + b_k[:, None] * b_v[None, :]
+        b_o = tl.sum(b_q[:, None] * b_s, axis=0) * scale
+        tl.store(o + row * stride_ot + i_h * stride_oh + o_v, b_o.to(o.dtype.element_ty))
+    tl.store(p_s, b_s)
+
+
+def linear_attention_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    decay_rate: torch.Tensor,
+    scale: float,
+    state_pool: torch.Tensor,
+    slots: torch.Tensor,
+    tokens_per_seq: int = 1,
+    out: torch.Tensor | None = None,
+    block_v: int = 32,
+) -> torch.Tensor:
+    """Advance B sequences by `tokens_per_seq` tokens each, updating `state_pool` in place.
+
+    Args:
+        q, k: `[B * tokens_per_seq, H, K]`; v: `[B * tokens_per_seq, H, V]` (sequence b owns rows
+            `b*tokens_per_seq .. (b+1)*tokens_per_seq - 1`), any token/head strides.
+        decay_rate: `[H]`; scale: multiplies q.
+        state_pool: `[P, H, K, V]` fp32.
+        slots: `[B]` int pool indices, `-1` = padded row (pool untouched, output zero).
+        out: optional preallocated output `[B * tokens_per_seq, H, V]` (for CUDA graphs).
+
+    Returns:
+        o `[B * tokens_per_seq, H, V]` in the dtype of q (or `out`).
+    """
+    T, H, K, V = check_qkv("linear_attention_decode", q, k, v)
+    check_pool("linear_attention_decode", state_pool, H, K, V)
+    if tokens_per_seq < 1 or T % tokens_per_seq:
+        raise ValueError(f"linear_attention_decode: {T} rows do not split into sequences of {tokens_per_seq} tokens")
+    B = T // tokens_per_seq
+    if slots.shape != (B,):
+        raise ValueError(f"linear_attention_decode: slots must be [{B}], got {tuple(slots.shape)}")
+    o = torch.empty((T, H, V), dtype=q.dtype, device=q.device) if out is None else out
+    if o.shape != (T, H, V) or o.stride(-1) != 1:
+        raise ValueError(f"linear_attention_decode: out must be [{T}, {H}, {V}] with unit last stride")
+    BV = min(block_v, V)
+    if B == 0:
+        return o
+    _decode_kernel[(B, H, V // BV)](
+        q, k, v, o, state_pool, slots, decay_rate.to(device=q.device, dtype=torch.float32).contiguous(), scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+        state_pool.stride(0), state_pool.stride(1), tokens_per_seq,
+        K, V, BV, num_warps=4,
+    )  # fmt: skip
+    return o

@@ -1,0 +1,216 @@
+"""Varlen prefill of scalar-decay linear attention on an indexed fp32 state pool (Triton).
+
+Each sequence is cut into segments of `SEG` tokens so that even one sequence with few heads fills the GPU.
+Because the decay is a scalar per head, segment states combine exactly:
+`S(a..c) = lam^len(b..c) * S(a..b) + dS(b..c)`. Three launches, no host synchronisation:
+
+1. `_segment_delta_kernel`: per (segment, head, V-tile), the end state of every non-last segment started
+   from zero, `dS = sum_t lam^(SEG-1-t) k_t^T v_t` (reads k and v).
+2. `_segment_scan_kernel`: per (sequence, head, V-tile), walks its segments in order from the pool's
+   initial state (zero for a fresh sequence) and writes each segment's start state.
+3. `_segment_forward_kernel`: per (segment, head, V-tile), the chunked forward from its start state
+   (reads q, k, v, writes o); the last segment of a sequence writes the final state into the pool.
+
+Inside a chunk of `BT` tokens only non-negative powers of `lam` appear (no inverse-decay factors).
+q/k/v may be strided views of the fused QKV output; the state stays fp32; dot products take bf16
+operands where the inputs are bf16 (fp32 accumulate) and fp32 operands for everything touching the state.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_utils import INTERPRET, check_pool, check_qkv
+
+CHUNK = 64
+TARGET_PROGRAMS = 4 * 132  # about four waves on an H100/H200
+
+
+@triton.jit
+def _segment_delta_kernel(
+    k, v, delta, cu_seqlens, seg_seq, seg_idx, nseg, rate,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    N, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BV: tl.constexpr, SEG: tl.constexpr,
+):  # fmt: skip
+    i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n = tl.load(seg_seq + i_s)
+    if i_n >= N:
+        return
+    i_j = tl.load(seg_idx + i_s)
+    if i_j == tl.load(nseg + i_n) - 1:  # the last segment's end state is the final state: kernel 3 writes it
+        return
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64) + i_j * SEG
+    b_rate = tl.load(rate + i_h).to(tl.float32)
+    o_k = tl.arange(0, K)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_t = tl.arange(0, BT)
+    k_decay = tl.exp(-b_rate * (BT - 1 - o_t).to(tl.float32))  # [BT]
+    chunk_decay = tl.exp(-b_rate * BT)
+    b_s = tl.zeros([K, BV], dtype=tl.float32)
+    for c in range(0, SEG // BT):
+        rows = bos + c * BT + o_t
+        b_k = tl.load(k + rows[:, None] * stride_kt + i_h * stride_kh + o_k[None, :]).to(tl.float32)
+        b_v = tl.load(v + rows[:, None] * stride_vt + i_h * stride_vh + o_v[None, :]).to(tl.float32)
+        b_s = b_s * chunk_decay + tl.dot(tl.trans(b_k * k_decay[:, None]), b_v)
+    tl.store(delta + ((i_s * H + i_h) * K + o_k[:, None]).to(tl.int64) * V + o_v[None, :], b_s)
+
+
+@triton.jit
+def _segment_scan_kernel(
+    pool, start, delta, slots, fresh, nseg, seg_first, rate,
+    stride_pp, stride_ph,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, SEG: tl.constexpr,
+):  # fmt: skip
+    i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_k = tl.arange(0, K)
+    o_v = i_v * BV + tl.arange(0, BV)
+    slot = tl.load(slots + i_n).to(tl.int64)
+    p_pool = pool + slot * stride_pp + i_h * stride_ph + o_k[:, None] * V + o_v[None, :]
+    b_s = tl.zeros([K, BV], dtype=tl.float32)
+    if (slot >= 0) and (tl.load(fresh + i_n) == 0):
+        b_s = tl.load(p_pool)
+    n_seg = tl.load(nseg + i_n)
+    if (n_seg == 0) and (slot >= 0):  # an empty sequence hands back its (possibly fresh) initial state
+        tl.store(p_pool, b_s)
+    seg_decay = tl.exp(-tl.load(rate + i_h).to(tl.float32) * SEG)
+    first = tl.load(seg_first + i_n)
+    for j in range(0, n_seg):
+        offset = (((first + j) * H + i_h) * K + o_k[:, None]).to(tl.int64) * V + o_v[None, :]
+        tl.store(start + offset, b_s)
+        if j < n_seg - 1:
+            b_s = b_s * seg_decay + tl.load(delta + offset)
+
+
+@triton.jit
+def _segment_forward_kernel(
+    q, k, v, o, pool, start, cu_seqlens, seg_seq, seg_idx, nseg, slots, rate, scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_pp, stride_ph,
+    N, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BV: tl.constexpr, SEG: tl.constexpr, F32_DOT: tl.constexpr,
+):  # fmt: skip
+    i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n = tl.load(seg_seq + i_s)
+    if i_n >= N:
+        return
+    i_j = tl.load(seg_idx + i_s)
+    seq_end = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64) + i_j * SEG
+    eos = tl.minimum(bos + SEG, seq_end)
+    b_rate = tl.load(rate + i_h).to(tl.float32)
+    o_k = tl.arange(0, K)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_t = tl.arange(0, BT)
+    state_offset = ((i_s * H + i_h) * K + o_k[:, None]).to(tl.int64) * V + o_v[None, :]
+    b_s = tl.load(start + state_offset)  # [K, BV] fp32
+    q_decay = tl.exp(-b_rate * (o_t + 1).to(tl.float32))  # lam^(i+1)
+    diff = (o_t[:, None] - o_t[None, :]).to(tl.float32)
+    intra = tl.where(diff >= 0, tl.exp(-b_rate * tl.maximum(diff, 0.0)), 0.0)  # lam^(i-j), i >= j
+    for t0 in range(bos, eos, BT):
+        rows = t0 + o_t
+        m_t = rows < eos
+        b_q = tl.load(q + rows[:, None] * stride_qt + i_h * stride_qh + o_k[None, :], mask=m_t[:, None], other=0.0)
+        b_k = tl.load(k + rows[:, None] * stride_kt + i_h * stride_kh + o_k[None, :], mask=m_t[:, None], other=0.0)
+        b_v = tl.load(v + rows[:, None] * stride_vt + i_h * stride_vh + o_v[None, :], mask=m_t[:, None], other=0.0)
+        if F32_DOT:
+            b_q, b_k, b_v = b_q.to(tl.float32), b_k.to(tl.float32), b_v.to(tl.float32)
+        b_a = tl.dot(b_q, tl.trans(b_k)) * intra  # [BT, BT]
+        b_o = tl.dot(b_a.to(b_v.dtype), b_v) + tl.dot(b_q.to(tl.float32), b_s) * q_decay[:, None]
+        p_o = o + rows[:, None] * stride_ot + i_h * stride_oh + o_v[None, :]
+        tl.store(p_o, (b_o * scale).to(o.dtype.element_ty), mask=m_t[:, None])
+        c = tl.minimum(eos - t0, BT).to(tl.float32)
+        k_decay = tl.where(m_t, tl.exp(-b_rate * tl.maximum(c - 1 - o_t.to(tl.float32), 0.0)), 0.0)
+        b_s = b_s * tl.exp(-b_rate * c) + tl.dot(tl.trans(b_k.to(tl.float32) * k_decay[:, None]), b_v.to(tl.float32))
+    slot = tl.load(slots + i_n).to(tl.int64)
+    if (i_j == tl.load(nseg + i_n) - 1) and (slot >= 0):
+        tl.store(pool + slot * stride_pp + i_h * stride_ph + o_k[:, None] * V + o_v[None, :], b_s)
+
+
+def _segment_size(T: int, H: int, NV: int, chunk: int) -> int:
+    """Segment length (a power of two, >= chunk) giving about TARGET_PROGRAMS programs."""
+    want = max(chunk, -(-T * H * NV // TARGET_PROGRAMS))
+    return max(chunk, 1 << (want - 1).bit_length())
+
+
+def linear_attention_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    decay_rate: torch.Tensor,
+    scale: float,
+    cu_seqlens: torch.Tensor,
+    state_pool: torch.Tensor,
+    slots: torch.Tensor,
+    fresh: torch.Tensor | None = None,
+    chunk_size: int = CHUNK,
+    segment_size: int | None = None,
+    block_v: int | None = None,
+) -> torch.Tensor:
+    """Prefill packed sequences, reading and writing their states in `state_pool` in place.
+
+    Args:
+        q, k: `[T, H, K]`; v: `[T, H, V]`, bf16/fp16/fp32, any token/head strides (unit last stride).
+        decay_rate: `[H]`, per-token decay `exp(-decay_rate)`.
+        scale: multiplies q.
+        cu_seqlens: `[N+1]` int offsets on the device (read on the device only).
+        state_pool: `[P, H, K, V]` fp32; sequence n starts from `state_pool[slots[n]]` and its final
+            state is written back there.
+        slots: `[N]` int pool indices; `-1` runs the sequence from a zero state and stores nothing.
+        fresh: `[N]` bool/int, nonzero = start from zero instead of reading the pool (a new request whose
+            slot holds stale memory). Default: all fresh.
+        chunk_size, segment_size, block_v: tiling (powers of two); defaults suit H100/H200.
+
+    Returns:
+        o `[T, H, V]` in the dtype of q.
+    """
+    T, H, K, V = check_qkv("linear_attention_prefill", q, k, v)
+    check_pool("linear_attention_prefill", state_pool, H, K, V)
+    N = cu_seqlens.numel() - 1
+    if slots.shape != (N,):
+        raise ValueError(f"linear_attention_prefill: slots must be [{N}] (one per sequence), got {tuple(slots.shape)}")
+    if fresh is None:
+        fresh = torch.ones(N, dtype=torch.int8, device=q.device)
+    elif fresh.shape != (N,):
+        raise ValueError(f"linear_attention_prefill: fresh must be [{N}], got {tuple(fresh.shape)}")
+    o = torch.empty((T, H, V), dtype=q.dtype, device=q.device)
+    if N == 0:
+        return o
+    BV = block_v or min(V, 64)
+    NV = V // BV
+    BT = chunk_size
+    SEG = segment_size or _segment_size(T, H, NV, BT)
+    if SEG % BT or BT < 16 or BT & (BT - 1):
+        raise ValueError(f"segment_size {SEG} must be a multiple of chunk_size {BT} (a power of two >= 16)")
+
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    nseg = ((lengths + SEG - 1) // SEG).to(torch.int32)
+    seg_end = torch.cumsum(nseg, 0)
+    seg_first = (seg_end - nseg).to(torch.int32)
+    max_segs = T // SEG + N  # each sequence adds at most one partial segment
+    seg_ids = torch.arange(max_segs, device=q.device)
+    seg_seq = torch.searchsorted(seg_end, seg_ids, right=True).to(torch.int32)  # N = unused program
+    seg_idx = (seg_ids - seg_first[seg_seq.clamp(max=N - 1).long()]).to(torch.int32)
+    start = torch.empty((max_segs, H, K, V), dtype=torch.float32, device=q.device)
+    delta = torch.empty_like(start)
+    rate = decay_rate.to(device=q.device, dtype=torch.float32).contiguous()
+
+    _segment_delta_kernel[(max_segs, H, NV)](
+        k, v, delta, cu_seqlens, seg_seq, seg_idx, nseg, rate,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        N, H, K, V, BT, BV, SEG, num_warps=4,
+    )  # fmt: skip
+    _segment_scan_kernel[(N, H, NV)](
+        state_pool, start, delta, slots, fresh, nseg, seg_first, rate,
+        state_pool.stride(0), state_pool.stride(1),
+        H, K, V, BV, SEG, num_warps=4,
+    )  # fmt: skip
+    _segment_forward_kernel[(max_segs, H, NV)](
+        q, k, v, o, state_pool, start, cu_seqlens, seg_seq, seg_idx, nseg, slots, rate, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+        state_pool.stride(0), state_pool.stride(1),
+        N, H, K, V, BT, BV, SEG, INTERPRET, num_warps=4,
+    )  # fmt: skip
+    return o

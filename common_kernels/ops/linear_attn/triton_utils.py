@@ -1,0 +1,44 @@
+"""Launch-side helpers shared by the linear-attention Triton kernels."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Triton 3.6's interpreter multiplies bf16/fp16 `tl.dot` operands as raw integer bits (its `create_dot`
+# calls np.matmul on the stored bits), so under TRITON_INTERPRET the kernels upcast dot operands to fp32.
+# On a GPU the real bf16 MMA runs; GPU tests check those numerics.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_head_dims(name: str, *dims: int) -> None:
+    for d in dims:
+        if d < 16 or d & (d - 1):
+            raise ValueError(f"{name}: head dims must be powers of two >= 16, got {dims}")
+
+
+def check_qkv(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int]:
+    """Validate `[T, H, K]` q/k and `[T, H, V]` v (any token/head strides, unit stride on the last dim)."""
+    if q.dim() != 3 or k.shape != q.shape or v.dim() != 3 or v.shape[:2] != q.shape[:2]:
+        raise ValueError(
+            f"{name}: q, k must be [T, H, K] and v [T, H, V]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    for t, tname in ((q, "q"), (k, "k"), (v, "v")):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name}: {tname} needs unit stride on its last dim (got strides {t.stride()})")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"{name}: q, k, v must share one of bf16/fp16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    T, H, K = q.shape
+    V = v.shape[-1]
+    check_head_dims(name, K, V)
+    return T, H, K, V
+
+
+def check_pool(name: str, state_pool: torch.Tensor, H: int, K: int, V: int) -> None:
+    if state_pool.dim() != 4 or tuple(state_pool.shape[1:]) != (H, K, V):
+        raise ValueError(f"{name}: state_pool must be [P, {H}, {K}, {V}], got {tuple(state_pool.shape)}")
+    if state_pool.dtype != torch.float32:
+        raise ValueError(f"{name}: state_pool must be float32 (a bf16 state drifts), got {state_pool.dtype}")
+    if state_pool.stride(-1) != 1 or state_pool.stride(-2) != V:
+        raise ValueError(f"{name}: each state_pool[p, h] must be a contiguous [K, V] matrix")

@@ -1,0 +1,198 @@
+"""Triton prefill and decode against the float64 reference (CPU: TRITON_INTERPRET, small shapes; GPU: real shapes)."""
+
+import pytest
+import torch
+
+from common_kernels import decay_rates, preset_config
+from common_kernels.ops.linear_attn.decode import linear_attention_decode
+from common_kernels.ops.linear_attn.naive import linear_attention_recurrent, linear_attention_varlen
+from common_kernels.ops.linear_attn.prefill import linear_attention_prefill
+from common_kernels.testing import assert_rel_rms, ragged_offsets
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+MINI = preset_config("ring-mini-linear-2.0")
+FASTEST, SLOWEST = decay_rates(MINI, 0)[0].item(), decay_rates(MINI, 18)[-1].item()
+# bf16 outputs: the issue's 0.003 on a GPU. Triton 3.6's interpreter truncates fp32 -> bf16 instead of
+# rounding to nearest (mean relative error 2.8e-3 vs 1.4e-3 measured), so on the CPU the bound is doubled.
+BF16_TOL = 3e-3 if DEVICE == "cuda" else 6e-3
+
+
+def fused_qkv(T, H, K, V, dtype):
+    """q, k, v as strided views of one `[T, H*(2K+V)]` projection output, as the model produces them."""
+    qkv = torch.randn(T, H * (2 * K + V), device=DEVICE).to(dtype)
+    q, k, v = qkv.split([H * K, H * K, H * V], dim=1)
+    return q.view(T, H, K), k.view(T, H, K), v.view(T, H, V)
+
+
+def rates_for(H, kind):
+    if kind == "mixed":
+        return torch.linspace(0.01, 0.9, H)
+    return torch.full((H,), FASTEST if kind == "fastest" else SLOWEST)
+
+
+def reference(q, k, v, rate, scale, cu, pool, slots, fresh):
+    """float64 varlen reference on the kernel's own (rounded) inputs and initial states."""
+    init = (
+        torch.stack(
+            [
+                pool[s].double()
+                if s >= 0 and not f
+                else torch.zeros(pool.shape[1:], dtype=torch.float64, device=pool.device)
+                for s, f in zip(slots.tolist(), fresh.tolist())
+            ]
+        )
+        if len(slots)
+        else None
+    )
+    return linear_attention_varlen(q.double(), k.double(), v.double(), rate.double(), scale, cu, init)
+
+
+PREFILL_CASES = [
+    # lengths, H, K, V, chunk, segment
+    ([37, 0, 1, 80, 16], 2, 16, 32, 16, 32),
+    ([1], 3, 16, 16, 16, 16),
+    ([0, 0], 2, 16, 16, 16, 32),
+    ([130], 1, 32, 16, 32, 64),
+    ([15, 17, 64, 65], 2, 16, 16, 16, 64),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("decay", ["mixed", "fastest", "slowest"])
+@pytest.mark.parametrize("lengths,H,K,V,chunk,segment", PREFILL_CASES, ids=[str(c[0]) for c in PREFILL_CASES])
+def test_prefill_matches_float64_reference(lengths, H, K, V, chunk, segment, decay, dtype):
+    N = len(lengths)
+    cu = ragged_offsets(lengths).to(DEVICE)
+    q, k, v = fused_qkv(int(cu[-1]), H, K, V, dtype)
+    rate = rates_for(H, decay).to(DEVICE)
+    pool = torch.randn(N + 3, H, K, V, device=DEVICE)
+    slots = torch.randperm(N + 3, device=DEVICE)[:N]
+    fresh = (torch.arange(N, device=DEVICE) % 2 == 0).to(torch.int8)
+    if N:
+        pool[slots[fresh.bool()]] = float("nan")  # a fresh slot's stale memory must never be read
+    if N > 2:
+        slots[-1] = -1  # a sequence that keeps no state
+    updated = pool.clone()
+    o = linear_attention_prefill(
+        q, k, v, rate, K**-0.5, cu, updated, slots, fresh, chunk_size=chunk, segment_size=segment, block_v=16
+    )
+    o_ref, s_ref = reference(q, k, v, rate, K**-0.5, cu, pool, slots, fresh)
+    tol = 1e-5 if dtype == torch.float32 else BF16_TOL
+    assert o.dtype == dtype
+    assert_rel_rms("o", o_ref, o, tol)
+    for n, s in enumerate(slots.tolist()):
+        if s >= 0:
+            assert_rel_rms(f"state[{n}]", s_ref[n], updated[s], 1e-5)
+    others = [p for p in range(N + 3) if p not in slots.tolist()]
+    assert torch.equal(updated[others].nan_to_num(), pool[others].nan_to_num())
+
+
+def test_prefill_default_segmentation_and_rejected_inputs():
+    q, k, v = fused_qkv(50, 2, 16, 16, torch.float32)
+    cu = torch.tensor([0, 20, 50], device=DEVICE)
+    pool = torch.zeros(2, 2, 16, 16, device=DEVICE)
+    rate = rates_for(2, "mixed").to(DEVICE)
+    o = linear_attention_prefill(q, k, v, rate, 0.25, cu, pool, torch.tensor([0, 1], device=DEVICE))
+    o_ref, _ = linear_attention_varlen(q.double(), k.double(), v.double(), rate.double(), 0.25, cu.cpu())
+    assert_rel_rms("o", o_ref, o, 1e-5)
+    with pytest.raises(ValueError, match="float32"):
+        linear_attention_prefill(q, k, v, rate, 0.25, cu, pool.bfloat16(), torch.tensor([0, 1], device=DEVICE))
+    with pytest.raises(ValueError, match="slots must be"):
+        linear_attention_prefill(q, k, v, rate, 0.25, cu, pool, torch.tensor([0], device=DEVICE))
+    with pytest.raises(ValueError, match="powers of two"):
+        linear_attention_prefill(q[..., :12], k[..., :12], v, rate, 0.25, cu, pool, torch.tensor([0, 1], device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tokens_per_seq", [1, 3])
+def test_decode_matches_reference_in_place_and_skips_padding(tokens_per_seq, dtype):
+    B, H, K, V = 4, 2, 16, 32
+    q, k, v = fused_qkv(B * tokens_per_seq, H, K, V, dtype)
+    rate = rates_for(H, "mixed").to(DEVICE)
+    pool = torch.randn(6, H, K, V, device=DEVICE)
+    slots = torch.tensor([4, -1, 1, 0], device=DEVICE)
+    updated = pool.clone()
+    o = linear_attention_decode(q, k, v, rate, 0.25, updated, slots, tokens_per_seq=tokens_per_seq)
+    tol = 1e-5 if dtype == torch.float32 else BF16_TOL
+    for b, s in enumerate(slots.tolist()):
+        rows = slice(b * tokens_per_seq, (b + 1) * tokens_per_seq)
+        if s < 0:
+            assert torch.equal(o[rows], torch.zeros_like(o[rows]))
+            continue
+        o_ref, s_ref = linear_attention_recurrent(
+            q[rows].double(), k[rows].double(), v[rows].double(), rate.double(), 0.25, pool[s].double()
+        )
+        assert_rel_rms(f"o[{b}]", o_ref, o[rows], tol)
+        assert_rel_rms(f"state[{b}]", s_ref, updated[s], 1e-5)
+    assert torch.equal(updated[[2, 3, 5]], pool[[2, 3, 5]])
+
+
+def test_prefill_then_decode_continues_the_same_sequences():
+    H, K, V = 2, 16, 16
+    lengths = [21, 9]
+    total = [n + 4 for n in lengths]
+    q, k, v = fused_qkv(sum(total), H, K, V, torch.float32)
+    rate = rates_for(H, "mixed").to(DEVICE)
+    cu_all = ragged_offsets(total)
+    o_ref, s_ref = linear_attention_varlen(q.double(), k.double(), v.double(), rate.double(), 0.25, cu_all)
+    pool = torch.full((2, H, K, V), float("nan"), device=DEVICE)
+    slots = torch.tensor([1, 0], device=DEVICE)
+    prompt_rows = torch.cat([torch.arange(a, a + n) for a, n in zip(cu_all[:-1].tolist(), lengths)])
+    o_pre = linear_attention_prefill(
+        q[prompt_rows],
+        k[prompt_rows],
+        v[prompt_rows],
+        rate,
+        0.25,
+        ragged_offsets(lengths).to(DEVICE),
+        pool,
+        slots,
+        chunk_size=16,
+        segment_size=16,
+    )
+    assert_rel_rms("prefill", o_ref[prompt_rows], o_pre, 1e-5)
+    for step in range(4):
+        rows = torch.tensor([a + n + step for a, n in zip(cu_all[:-1].tolist(), lengths)])
+        o = linear_attention_decode(q[rows], k[rows], v[rows], rate, 0.25, pool, slots)
+        assert_rel_rms(f"decode step {step}", o_ref[rows], o, 1e-5)
+    for n, s in enumerate(slots.tolist()):
+        assert_rel_rms(f"final state {n}", s_ref[n], pool[s], 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lengths", [[4096], [1000, 1, 0, 3000, 77], [64] * 16 + [2048]], ids=["4K", "ragged", "mix"])
+@pytest.mark.parametrize("layer", [0, 18])
+def test_prefill_real_shape_bf16(lengths, layer):
+    H, d = 16, 128
+    cu = ragged_offsets(lengths).to(DEVICE)
+    q, k, v = fused_qkv(int(cu[-1]), H, d, d, torch.bfloat16)
+    rate = decay_rates(MINI, layer).to(DEVICE)
+    N = len(lengths)
+    pool = torch.randn(N, H, d, d, device=DEVICE) * 0.1
+    slots = torch.arange(N, device=DEVICE).flip(0)
+    fresh = torch.zeros(N, dtype=torch.int8, device=DEVICE)
+    updated = pool.clone()
+    o = linear_attention_prefill(q, k, v, rate, d**-0.5, cu, updated, slots, fresh)
+    o_ref, s_ref = reference(q, k, v, rate, d**-0.5, cu, pool, slots, fresh)
+    assert_rel_rms("o", o_ref, o, 3e-3)
+    for n, s in enumerate(slots.tolist()):
+        assert_rel_rms(f"state[{n}]", s_ref[n], updated[s], 3e-3)
+
+
+@pytest.mark.gpu
+def test_4096_step_decode_keeps_the_fp32_state_within_half_a_percent():
+    H, d, B, steps = 16, 128, 2, 4096
+    rate = decay_rates(MINI, 18).to(DEVICE)
+    q, k, v = fused_qkv(steps * B, H, d, d, torch.bfloat16)
+    pool = torch.zeros(B, H, d, d, device=DEVICE)
+    slots = torch.arange(B, device=DEVICE)
+    for t in range(steps):
+        linear_attention_decode(
+            q[t * B : (t + 1) * B], k[t * B : (t + 1) * B], v[t * B : (t + 1) * B], rate, d**-0.5, pool, slots
+        )
+    for b in range(B):
+        rows = slice(b, steps * B, B)
+        _, s_ref = linear_attention_recurrent(
+            q[rows].double(), k[rows].double(), v[rows].double(), rate.double(), d**-0.5
+        )
+        assert_rel_rms(f"state[{b}]", s_ref, pool[b], 5e-3)
