@@ -57,7 +57,8 @@ def linear_attention_decode(
     slots: torch.Tensor,
     tokens_per_seq: int = 1,
     out: torch.Tensor | None = None,
-    block_v: int = 32,
+    block_v: int | None = None,
+    num_warps: int = 2,
 ) -> torch.Tensor:
     """Advance B sequences by `tokens_per_seq` tokens each, updating `state_pool` in place.
 
@@ -68,6 +69,8 @@ def linear_attention_decode(
         state_pool: `[P, H, K, V]` fp32.
         slots: `[B]` int pool indices, `-1` = padded row (pool untouched, output zero).
         out: optional preallocated output `[B * tokens_per_seq, H, V]` (for CUDA graphs).
+        block_v, num_warps: V-tile width and warps; by default 16-column tiles while there are few
+            (sequence, head) pairs, so small batches still spread over the SMs, else 64 (H200 sweep).
 
     Returns:
         o `[B * tokens_per_seq, H, V]` in the dtype of q (or `out`).
@@ -82,13 +85,13 @@ def linear_attention_decode(
     o = torch.empty((T, H, V), dtype=q.dtype, device=q.device) if out is None else out
     if o.shape != (T, H, V) or o.stride(-1) != 1:
         raise ValueError(f"linear_attention_decode: out must be [{T}, {H}, {V}] with unit last stride")
-    BV = min(block_v, V)
+    BV = min(block_v or (16 if B * H < 512 else 64), V)
     if B == 0:
         return o
     _decode_kernel[(B, H, V // BV)](
         q, k, v, o, state_pool, slots, decay_rate.to(device=q.device, dtype=torch.float32).contiguous(), scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
         state_pool.stride(0), state_pool.stride(1), tokens_per_seq,
-        K, V, BV, num_warps=4,
+        K, V, BV, num_warps=num_warps,
     )  # fmt: skip
     return o

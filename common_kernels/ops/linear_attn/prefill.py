@@ -12,8 +12,9 @@ Because the decay is a scalar per head, segment states combine exactly:
    (reads q, k, v, writes o); the last segment of a sequence writes the final state into the pool.
 
 Inside a chunk of `BT` tokens only non-negative powers of `lam` appear (no inverse-decay factors).
-q/k/v may be strided views of the fused QKV output; the state stays fp32; dot products take bf16
-operands where the inputs are bf16 (fp32 accumulate) and fp32 operands for everything touching the state.
+q/k/v may be strided views of the fused QKV output. The running state stays fp32; every matrix product
+takes operands in the input dtype with fp32 accumulation, so for bf16 inputs the state enters `q S` as a
+bf16 copy (rounded once per chunk, never carried), as fla's chunk kernels do.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import triton.language as tl
 from .triton_utils import INTERPRET, check_pool, check_qkv
 
 CHUNK = 64
-TARGET_PROGRAMS = 4 * 132  # about four waves on an H100/H200
+TARGET_PROGRAMS = 2 * 132  # two programs per SM on an H100/H200 (best of the sweep in RESULTS.md)
 
 
 @triton.jit
@@ -33,7 +34,7 @@ def _segment_delta_kernel(
     k, v, delta, cu_seqlens, seg_seq, seg_idx, nseg, rate,
     stride_kt, stride_kh, stride_vt, stride_vh,
     N, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BV: tl.constexpr, SEG: tl.constexpr,
+    BT: tl.constexpr, BV: tl.constexpr, SEG: tl.constexpr, F32_DOT: tl.constexpr,
 ):  # fmt: skip
     i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n = tl.load(seg_seq + i_s)
@@ -52,9 +53,12 @@ def _segment_delta_kernel(
     b_s = tl.zeros([K, BV], dtype=tl.float32)
     for c in range(0, SEG // BT):
         rows = bos + c * BT + o_t
-        b_k = tl.load(k + rows[:, None] * stride_kt + i_h * stride_kh + o_k[None, :]).to(tl.float32)
-        b_v = tl.load(v + rows[:, None] * stride_vt + i_h * stride_vh + o_v[None, :]).to(tl.float32)
-        b_s = b_s * chunk_decay + tl.dot(tl.trans(b_k * k_decay[:, None]), b_v)
+        b_k = tl.load(k + rows[:, None] * stride_kt + i_h * stride_kh + o_k[None, :])
+        b_v = tl.load(v + rows[:, None] * stride_vt + i_h * stride_vh + o_v[None, :])
+        if F32_DOT:
+            b_k, b_v = b_k.to(tl.float32), b_v.to(tl.float32)
+        b_kd = (b_k * k_decay[:, None]).to(b_v.dtype)
+        b_s = b_s * chunk_decay + tl.dot(tl.trans(b_kd), b_v)
     tl.store(delta + ((i_s * H + i_h) * K + o_k[:, None]).to(tl.int64) * V + o_v[None, :], b_s)
 
 
@@ -118,20 +122,21 @@ def _segment_forward_kernel(
         if F32_DOT:
             b_q, b_k, b_v = b_q.to(tl.float32), b_k.to(tl.float32), b_v.to(tl.float32)
         b_a = tl.dot(b_q, tl.trans(b_k)) * intra  # [BT, BT]
-        b_o = tl.dot(b_a.to(b_v.dtype), b_v) + tl.dot(b_q.to(tl.float32), b_s) * q_decay[:, None]
+        b_o = tl.dot(b_a.to(b_v.dtype), b_v) + tl.dot(b_q, b_s.to(b_q.dtype)) * q_decay[:, None]
         p_o = o + rows[:, None] * stride_ot + i_h * stride_oh + o_v[None, :]
         tl.store(p_o, (b_o * scale).to(o.dtype.element_ty), mask=m_t[:, None])
         c = tl.minimum(eos - t0, BT).to(tl.float32)
         k_decay = tl.where(m_t, tl.exp(-b_rate * tl.maximum(c - 1 - o_t.to(tl.float32), 0.0)), 0.0)
-        b_s = b_s * tl.exp(-b_rate * c) + tl.dot(tl.trans(b_k.to(tl.float32) * k_decay[:, None]), b_v.to(tl.float32))
+        b_kd = (b_k * k_decay[:, None]).to(b_v.dtype)
+        b_s = b_s * tl.exp(-b_rate * c) + tl.dot(tl.trans(b_kd), b_v)
     slot = tl.load(slots + i_n).to(tl.int64)
     if (i_j == tl.load(nseg + i_n) - 1) and (slot >= 0):
         tl.store(pool + slot * stride_pp + i_h * stride_ph + o_k[:, None] * V + o_v[None, :], b_s)
 
 
-def _segment_size(T: int, H: int, NV: int, chunk: int) -> int:
-    """Segment length (a power of two, >= chunk) giving about TARGET_PROGRAMS programs."""
-    want = max(chunk, -(-T * H * NV // TARGET_PROGRAMS))
+def _segment_size(T: int, H: int, NV: int, chunk: int, target_programs: int = TARGET_PROGRAMS) -> int:
+    """Segment length (a power of two, >= chunk) giving about `target_programs` programs."""
+    want = max(chunk, -(-T * H * NV // target_programs))
     return max(chunk, 1 << (want - 1).bit_length())
 
 
@@ -148,6 +153,9 @@ def linear_attention_prefill(
     chunk_size: int = CHUNK,
     segment_size: int | None = None,
     block_v: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    max_seqlen: int | None = None,
 ) -> torch.Tensor:
     """Prefill packed sequences, reading and writing their states in `state_pool` in place.
 
@@ -161,7 +169,12 @@ def linear_attention_prefill(
         slots: `[N]` int pool indices; `-1` runs the sequence from a zero state and stores nothing.
         fresh: `[N]` bool/int, nonzero = start from zero instead of reading the pool (a new request whose
             slot holds stale memory). Default: all fresh.
-        chunk_size, segment_size, block_v: tiling (powers of two); defaults suit H100/H200.
+        chunk_size, segment_size, block_v, num_warps, num_stages: tiling and launch settings; the
+            defaults are the best of a sweep on an H200 (benchmarks/RESULTS.md). One config of the
+            sweep (chunk 64, block_v 32, 4 warps, 1 stage) faulted with an illegal address in Triton
+            3.6 on an H200; it is not used.
+        max_seqlen: the longest sequence, when the caller knows it on the host (engines do); segments
+            are then sized for it, so one long sequence among short ones still spreads over the GPU.
 
     Returns:
         o `[T, H, V]` in the dtype of q.
@@ -181,7 +194,7 @@ def linear_attention_prefill(
     BV = block_v or min(V, 64)
     NV = V // BV
     BT = chunk_size
-    SEG = segment_size or _segment_size(T, H, NV, BT)
+    SEG = segment_size or _segment_size(min(T, max_seqlen or T), H, NV, BT)
     if SEG % BT or BT < 16 or BT & (BT - 1):
         raise ValueError(f"segment_size {SEG} must be a multiple of chunk_size {BT} (a power of two >= 16)")
 
@@ -200,7 +213,7 @@ def linear_attention_prefill(
     _segment_delta_kernel[(max_segs, H, NV)](
         k, v, delta, cu_seqlens, seg_seq, seg_idx, nseg, rate,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        N, H, K, V, BT, BV, SEG, num_warps=4,
+        N, H, K, V, BT, BV, SEG, INTERPRET, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     _segment_scan_kernel[(N, H, NV)](
         state_pool, start, delta, slots, fresh, nseg, seg_first, rate,
@@ -211,6 +224,6 @@ def linear_attention_prefill(
         q, k, v, o, state_pool, start, cu_seqlens, seg_seq, seg_idx, nseg, slots, rate, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
         state_pool.stride(0), state_pool.stride(1),
-        N, H, K, V, BT, BV, SEG, INTERPRET, num_warps=4,
+        N, H, K, V, BT, BV, SEG, INTERPRET, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return o

@@ -38,7 +38,7 @@ def reference(q, k, v, rate, scale, cu, pool, slots, fresh):
                 pool[s].double()
                 if s >= 0 and not f
                 else torch.zeros(pool.shape[1:], dtype=torch.float64, device=pool.device)
-                for s, f in zip(slots.tolist(), fresh.tolist())
+                for s, f in zip(slots.tolist(), fresh.tolist(), strict=False)
             ]
         )
         if len(slots)
@@ -137,7 +137,7 @@ def test_prefill_then_decode_continues_the_same_sequences():
     o_ref, s_ref = linear_attention_varlen(q.double(), k.double(), v.double(), rate.double(), 0.25, cu_all)
     pool = torch.full((2, H, K, V), float("nan"), device=DEVICE)
     slots = torch.tensor([1, 0], device=DEVICE)
-    prompt_rows = torch.cat([torch.arange(a, a + n) for a, n in zip(cu_all[:-1].tolist(), lengths)])
+    prompt_rows = torch.cat([torch.arange(a, a + n) for a, n in zip(cu_all[:-1].tolist(), lengths, strict=False)])
     o_pre = linear_attention_prefill(
         q[prompt_rows],
         k[prompt_rows],
@@ -152,7 +152,7 @@ def test_prefill_then_decode_continues_the_same_sequences():
     )
     assert_rel_rms("prefill", o_ref[prompt_rows], o_pre, 1e-5)
     for step in range(4):
-        rows = torch.tensor([a + n + step for a, n in zip(cu_all[:-1].tolist(), lengths)])
+        rows = torch.tensor([a + n + step for a, n in zip(cu_all[:-1].tolist(), lengths, strict=False)])
         o = linear_attention_decode(q[rows], k[rows], v[rows], rate, 0.25, pool, slots)
         assert_rel_rms(f"decode step {step}", o_ref[rows], o, 1e-5)
     for n, s in enumerate(slots.tolist()):

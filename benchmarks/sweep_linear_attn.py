@@ -1,0 +1,153 @@
+"""Sweep the launch settings of our prefill and decode kernels on the local GPU; prints the best per shape.
+
+python -m benchmarks.sweep_linear_attn
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import triton
+
+from common_kernels import decay_rates, preset_config
+from common_kernels.ops.linear_attn.decode import linear_attention_decode
+from common_kernels.ops.linear_attn.prefill import _segment_size, linear_attention_prefill
+
+from .bench_linear_attn import D, bench, fused_qkv
+
+
+def sweep_prefill(lengths: list[int], H: int) -> None:
+    rate = decay_rates(preset_config("ring-mini-linear-2.0"), 0).cuda()[:H]
+    N, T = len(lengths), sum(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
+    q, k, v = fused_qkv(T, H)
+    pool = torch.zeros(N, H, D, D, device="cuda")
+    slots = torch.arange(N, device="cuda", dtype=torch.int32)
+    fresh = torch.ones(N, dtype=torch.int8, device="cuda")
+    results = []
+    for bt, bv, warps, stages, target in itertools.product(
+        [32, 64], [32, 64, 128], [4, 8], [1, 2, 3], [264, 528, 1056]
+    ):
+        seg = _segment_size(T, H, D // bv, bt, target)
+        try:
+            us, _ = bench(
+                lambda: linear_attention_prefill(
+                    q,
+                    k,
+                    v,
+                    rate,
+                    D**-0.5,
+                    cu,
+                    pool,
+                    slots,
+                    fresh,
+                    chunk_size=bt,
+                    segment_size=seg,
+                    block_v=bv,
+                    num_warps=warps,
+                    num_stages=stages,
+                ),
+                True,
+            )
+        except Exception as e:  # noqa: BLE001 - out of resources for this config
+            print(f"  BT{bt} BV{bv} w{warps} s{stages} t{target}: {type(e).__name__}")
+            continue
+        results.append((us, f"BT{bt} BV{bv} w{warps} s{stages} target{target} (SEG {seg})"))
+    results.sort()
+    print(
+        f"prefill {len(lengths)}x{lengths[0]} (T={T}) H{H}: "
+        + " | ".join(f"{us:.1f}us {cfg}" for us, cfg in results[:4])
+    )
+
+
+def sweep_decode(B: int, H: int) -> None:
+    rate = decay_rates(preset_config("ring-mini-linear-2.0"), 18).cuda()[:H]
+    sets = max(1, (64 << 20) // (B * H * D * D * 4))
+    pool = torch.zeros(B * sets, H, D, D, device="cuda")
+    slot_sets = [torch.arange(i * B, (i + 1) * B, device="cuda", dtype=torch.int32) for i in range(sets)]
+    q, k, v = fused_qkv(B, H)
+    results = []
+    for bv, warps in itertools.product([16, 32, 64, 128], [1, 2, 4, 8]):
+        us, _ = bench(
+            lambda: [
+                linear_attention_decode(q, k, v, rate, D**-0.5, pool, s, block_v=bv, num_warps=warps) for s in slot_sets
+            ],
+            True,
+            sets,
+        )
+        results.append((us, f"BV{bv} w{warps}"))
+    results.sort()
+    print(f"decode B{B} H{H}: " + " | ".join(f"{us:.2f}us {cfg}" for us, cfg in results[:4]))
+
+
+def main() -> None:
+    print(f"device: {torch.cuda.get_device_name()} | triton {triton.__version__}")
+    for B in (1, 8, 32, 128, 256):
+        sweep_decode(B, 16)
+    for lengths, H in (([4096], 16), ([32768], 16), ([1024] * 32, 16), ([131072], 16), ([4096], 8)):
+        sweep_prefill(lengths, H)
+
+
+def check_config(bt: int, bv: int, warps: int, stages: int, target: int) -> None:
+    """One prefill config on several shapes: float64 check where affordable, then time (run in a subprocess)."""
+    from common_kernels.ops.linear_attn.naive import linear_attention_varlen
+    from common_kernels.testing import rel_rms_error
+
+    cells = []
+    for lengths, H in (
+        ([4096], 16),
+        ([1000, 1, 0, 3000, 77], 16),
+        ([32768], 16),
+        ([1024] * 32, 16),
+        ([131072], 16),
+        ([4096] * 8, 16),
+        ([65536] + [512] * 63, 16),
+        ([4096], 8),
+        ([32768], 8),
+    ):
+        rate = decay_rates(preset_config("ring-mini-linear-2.0"), 0).cuda()[:H]
+        N, T = len(lengths), sum(lengths)
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
+        q, k, v = fused_qkv(T, H)
+        pool = torch.zeros(N, H, D, D, device="cuda")
+        slots = torch.arange(N, device="cuda", dtype=torch.int32)
+        fresh = torch.ones(N, dtype=torch.int8, device="cuda")
+        seg = _segment_size(T, H, D // bv, bt, target)
+
+        def run():
+            return linear_attention_prefill(
+                q,
+                k,
+                v,
+                rate,
+                D**-0.5,
+                cu,
+                pool,
+                slots,
+                fresh,
+                chunk_size=bt,
+                segment_size=seg,
+                block_v=bv,
+                num_warps=warps,
+                num_stages=stages,
+            )
+
+        err = "-"
+        if T <= 32768:
+            o = run()
+            torch.cuda.synchronize()
+            ref, _ = linear_attention_varlen(q.double(), k.double(), v.double(), rate.double(), D**-0.5, cu.cpu())
+            err = f"{rel_rms_error(ref, o):.1e}"
+        us, _ = bench(run, True)
+        cells.append(f"{len(lengths)}x{max(lengths)}/H{H} {us:.0f}us err {err}")
+    print(f"BT{bt} BV{bv} w{warps} s{stages} t{target}: " + " | ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) == 6:  # one prefill config: BT BV warps stages target
+        check_config(*(int(x) for x in sys.argv[1:]))
+    else:
+        main()
