@@ -284,7 +284,8 @@ def main() -> None:
     parser.add_argument("--ext-dir", type=Path, default=Path(".bench-ext"))
     parser.add_argument("--json", type=Path)
     parser.add_argument("--heads", type=int, nargs="+", default=[16, 8])
-    parser.add_argument("--quick", action="store_true", help="a few shapes only")
+    parser.add_argument("--prefill", nargs="*", help="prefill cases to run (default: all)")
+    parser.add_argument("--decode", type=int, nargs="*", help="decode batch sizes to run (default: all)")
     args = parser.parse_args()
     mods = load_ext(args.ext_dir)
     copy_gbps = copy_bandwidth()
@@ -301,9 +302,10 @@ def main() -> None:
         "64K+63x512": [65536] + [512] * 63,
     }
     decode = [1, 8, 32, 128, 256]
-    if args.quick:
-        prefill = {k: prefill[k] for k in ("4K", "32x1K")}
-        decode = [1, 32, 256]
+    if args.prefill is not None:
+        prefill = {k: prefill[k] for k in args.prefill}
+    if args.decode is not None:
+        decode = args.decode
     rows: list[Row] = []
     for H in args.heads:
         for name, lengths in prefill.items():

@@ -1,6 +1,6 @@
 """Run the default prefill and decode launches once on small real-head shapes, for compute-sanitizer.
 
-    compute-sanitizer --tool memcheck python -m benchmarks.memcheck_linear_attn
+compute-sanitizer --tool memcheck python -m benchmarks.memcheck_linear_attn
 """
 
 import torch
@@ -22,6 +22,8 @@ if __name__ == "__main__":
     linear_attention_prefill(q, k, v, rate, D**-0.5, cu, pool, slots, max_seqlen=3000)
     for B in (3, 40):
         qd, kd, vd = fused_qkv(B, H)
-        linear_attention_decode(qd, kd, vd, rate, D**-0.5, pool, torch.arange(B, device="cuda", dtype=torch.int32) % 7 - (B > 3))
+        linear_attention_decode(
+            qd, kd, vd, rate, D**-0.5, pool, torch.arange(B, device="cuda", dtype=torch.int32) % 7 - int(B > 3)
+        )
     torch.cuda.synchronize()
     print("memcheck run finished")

@@ -85,7 +85,7 @@ def linear_attention_decode(
     o = torch.empty((T, H, V), dtype=q.dtype, device=q.device) if out is None else out
     if o.shape != (T, H, V) or o.stride(-1) != 1:
         raise ValueError(f"linear_attention_decode: out must be [{T}, {H}, {V}] with unit last stride")
-    BV = min(block_v or (16 if B * H < 512 else 64), V)
+    BV = min(block_v or (16 if B * H < 256 else 64), V)
     if B == 0:
         return o
     _decode_kernel[(B, H, V // BV)](

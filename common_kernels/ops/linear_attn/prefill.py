@@ -173,8 +173,9 @@ def linear_attention_prefill(
             defaults are the best of a sweep on an H200 (benchmarks/RESULTS.md). One config of the
             sweep (chunk 64, block_v 32, 4 warps, 1 stage) faulted with an illegal address in Triton
             3.6 on an H200; it is not used.
-        max_seqlen: the longest sequence, when the caller knows it on the host (engines do); segments
-            are then sized for it, so one long sequence among short ones still spreads over the GPU.
+        max_seqlen: the longest sequence, when the caller knows it on the host (engines do). When it
+            holds more than half of all tokens, segments are sized for it alone, so one long sequence
+            among short ones still spreads over the GPU; otherwise for the total.
 
     Returns:
         o `[T, H, V]` in the dtype of q.
@@ -194,7 +195,8 @@ def linear_attention_prefill(
     BV = block_v or min(V, 64)
     NV = V // BV
     BT = chunk_size
-    SEG = segment_size or _segment_size(min(T, max_seqlen or T), H, NV, BT)
+    dominant = max_seqlen is not None and 2 * max_seqlen > T
+    SEG = segment_size or _segment_size(max_seqlen if dominant else T, H, NV, BT)
     if SEG % BT or BT < 16 or BT & (BT - 1):
         raise ValueError(f"segment_size {SEG} must be a multiple of chunk_size {BT} (a power of two >= 16)")
 
