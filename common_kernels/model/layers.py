@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config import RingLinearConfig
 from ..ops.attention.naive import causal_gqa_attention
+from ..ops.linear_attn.backward import linear_attention_varlen_triton
 from ..ops.linear_attn.naive import linear_attention_varlen
 from ..ops.moe.naive import moe_combine, route, swiglu_mlp
 from ..ops.norm.naive import group_rms_norm_gate, rms_norm
@@ -32,6 +33,7 @@ class ForwardContext:
     cos: torch.Tensor  # [T, rotary_dim/2]
     sin: torch.Tensor
     cache: RingLinearCache | None
+    use_triton: bool = False  # linear attention through the Triton kernels instead of the PyTorch reference
 
     def sequences(self):
         return zip(self.cu_seqlens[:-1], self.cu_seqlens[1:], strict=False)
@@ -182,8 +184,9 @@ class LinearAttention(nn.Module):
         )
         rates = decay_rates(c, self.layer_idx, dtype=dtype, device=a.device)
         initial = None if ctx.cache is None else ctx.cache.linear_states[self.layer_idx]
-        cu_seqlens = torch.tensor(ctx.cu_seqlens)
-        o, final = linear_attention_varlen(q, k, v, rates, self.head_dim**-0.5, cu_seqlens, initial)
+        cu_seqlens = torch.tensor(ctx.cu_seqlens, device=a.device)
+        attention = linear_attention_varlen_triton if ctx.use_triton else linear_attention_varlen
+        o, final = attention(q, k, v, rates, self.head_dim**-0.5, cu_seqlens, initial)
         if ctx.cache is not None:
             ctx.cache.linear_states[self.layer_idx] = final
         y = group_rms_norm_gate(o.reshape(T, -1), self.g_proj(a), self.g_norm.weight, c.group_norm_size, c.rms_norm_eps)

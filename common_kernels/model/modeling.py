@@ -33,6 +33,7 @@ class RingLinearModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, l, **factory) for l in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **factory)
         self._rotary: tuple[torch.Tensor, float] | None = None  # built at first use, never on the meta device
+        self.use_triton: bool | None = None  # None: the Triton kernels on CUDA, the PyTorch reference elsewhere
 
     @property
     def dtype(self) -> torch.dtype:
@@ -53,7 +54,8 @@ class RingLinearModel(nn.Module):
         if self._rotary is None:
             self._rotary = rotary_inv_freq(self.config)
         cos, sin = rotary_cos_sin(positions, *self._rotary, compute_dtype(ROPE_DTYPE, dtype))
-        ctx = ForwardContext(cu_seqlens=cu_seqlens, cos=cos, sin=sin, cache=cache)
+        use_triton = h.is_cuda if self.use_triton is None else self.use_triton
+        ctx = ForwardContext(cu_seqlens=cu_seqlens, cos=cos, sin=sin, cache=cache, use_triton=use_triton)
         for layer in self.layers:
             h = layer(h, ctx, dtype)
         if cache is not None:
@@ -65,13 +67,20 @@ class RingLinearForCausalLM(nn.Module):
     """Ring-linear-2.0 causal LM with HF-format I/O, packed/padded forward, logprobs and cached generation."""
 
     def __init__(
-        self, config: RingLinearConfig, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+        self,
+        config: RingLinearConfig,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        use_triton: bool | None = None,
     ) -> None:
+        """`use_triton`: run linear attention through the Triton kernels (forward and backward); the
+        default None does so on CUDA and keeps the plain-PyTorch reference on the CPU."""
         super().__init__()
         config.validate()
         self.config = config
         factory = {"dtype": dtype or torch.float32, "device": device}
         self.model = RingLinearModel(config, **factory)
+        self.model.use_triton = use_triton
         self.lm_head = (
             None
             if config.tie_word_embeddings
@@ -100,6 +109,7 @@ class RingLinearForCausalLM(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str = "cpu",
         report_all_errors: bool = True,
+        use_triton: bool | None = None,
     ) -> RingLinearForCausalLM:
         """Load an HF-format checkpoint directory.
 
@@ -114,7 +124,7 @@ class RingLinearForCausalLM(nn.Module):
         check_checkpoint(config, path, report_all_errors=report_all_errors)
         dtype = dtype or config.checkpoint_dtype() or torch.float32
         with torch.device("meta"):
-            model = cls(config, dtype=dtype)
+            model = cls(config, dtype=dtype, use_triton=use_triton)
         model.to_empty(device=device)
         load_weights(model, path)
         return model

@@ -19,6 +19,8 @@ bf16 copy (rounded once per chunk, never carried), as fla's chunk kernels do.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -189,9 +191,8 @@ def linear_attention_prefill(
         fresh = torch.ones(N, dtype=torch.int8, device=q.device)
     elif fresh.shape != (N,):
         raise ValueError(f"linear_attention_prefill: fresh must be [{N}], got {tuple(fresh.shape)}")
-    o = torch.empty((T, H, V), dtype=q.dtype, device=q.device)
     if N == 0:
-        return o
+        return torch.empty((T, H, v.shape[-1]), dtype=q.dtype, device=q.device)
     BV = block_v or min(V, 64)
     NV = V // BV
     BT = chunk_size
@@ -200,32 +201,62 @@ def linear_attention_prefill(
     if SEG % BT or BT < 16 or BT & (BT - 1):
         raise ValueError(f"segment_size {SEG} must be a multiple of chunk_size {BT} (a power of two >= 16)")
 
+    plan = plan_segments(cu_seqlens, T, SEG)
+    o, _ = _forward(
+        q, k, v, decay_rate, scale, cu_seqlens, state_pool, slots, fresh, plan, BT, BV, num_warps, num_stages
+    )
+    return o
+
+
+@dataclass
+class SegmentPlan:
+    """Device tables mapping each program slot to (sequence, segment); built without host syncs."""
+
+    seg: int  # segment length in tokens
+    max_segs: int  # program slots; those past the real segments exit at once
+    nseg: torch.Tensor  # [N] int32 segments per sequence
+    seg_first: torch.Tensor  # [N] int32 index of each sequence's first segment
+    seg_seq: torch.Tensor  # [max_segs] int32 sequence of each slot (N = unused)
+    seg_idx: torch.Tensor  # [max_segs] int32 segment index within its sequence
+
+
+def plan_segments(cu_seqlens: torch.Tensor, total_tokens: int, seg: int) -> SegmentPlan:
+    N = cu_seqlens.numel() - 1
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    nseg = ((lengths + SEG - 1) // SEG).to(torch.int32)
+    nseg = ((lengths + seg - 1) // seg).to(torch.int32)
     seg_end = torch.cumsum(nseg, 0)
     seg_first = (seg_end - nseg).to(torch.int32)
-    max_segs = T // SEG + N  # each sequence adds at most one partial segment
-    seg_ids = torch.arange(max_segs, device=q.device)
-    seg_seq = torch.searchsorted(seg_end, seg_ids, right=True).to(torch.int32)  # N = unused program
+    max_segs = total_tokens // seg + N  # each sequence adds at most one partial segment
+    seg_ids = torch.arange(max_segs, device=cu_seqlens.device)
+    seg_seq = torch.searchsorted(seg_end, seg_ids, right=True).to(torch.int32)
     seg_idx = (seg_ids - seg_first[seg_seq.clamp(max=N - 1).long()]).to(torch.int32)
+    return SegmentPlan(seg, max_segs, nseg, seg_first, seg_seq, seg_idx)
+
+
+def _forward(q, k, v, decay_rate, scale, cu_seqlens, state_pool, slots, fresh, plan, BT, BV, num_warps, num_stages):
+    """The three launches; returns o and every segment's start state `[max_segs, H, K, V]` (for backward)."""
+    T, H, K = q.shape
+    V = v.shape[-1]
+    N = cu_seqlens.numel() - 1
+    NV, SEG, max_segs = V // BV, plan.seg, plan.max_segs
+    o = torch.empty((T, H, V), dtype=q.dtype, device=q.device)
     start = torch.empty((max_segs, H, K, V), dtype=torch.float32, device=q.device)
     delta = torch.empty_like(start)
     rate = decay_rate.to(device=q.device, dtype=torch.float32).contiguous()
-
     _segment_delta_kernel[(max_segs, H, NV)](
-        k, v, delta, cu_seqlens, seg_seq, seg_idx, nseg, rate,
+        k, v, delta, cu_seqlens, plan.seg_seq, plan.seg_idx, plan.nseg, rate,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         N, H, K, V, BT, BV, SEG, INTERPRET, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     _segment_scan_kernel[(N, H, NV)](
-        state_pool, start, delta, slots, fresh, nseg, seg_first, rate,
+        state_pool, start, delta, slots, fresh, plan.nseg, plan.seg_first, rate,
         state_pool.stride(0), state_pool.stride(1),
         H, K, V, BV, SEG, num_warps=4,
     )  # fmt: skip
     _segment_forward_kernel[(max_segs, H, NV)](
-        q, k, v, o, state_pool, start, cu_seqlens, seg_seq, seg_idx, nseg, slots, rate, scale,
+        q, k, v, o, state_pool, start, cu_seqlens, plan.seg_seq, plan.seg_idx, plan.nseg, slots, rate, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
         state_pool.stride(0), state_pool.stride(1),
         N, H, K, V, BT, BV, SEG, INTERPRET, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    return o
+    return o, start

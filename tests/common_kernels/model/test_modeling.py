@@ -5,8 +5,8 @@ from common_kernels import RingLinearForCausalLM, tiny_config
 from common_kernels.testing import assert_rel_rms, rel_rms_error
 
 
-def tiny_model(dtype=torch.float64, seed=0, **overrides) -> RingLinearForCausalLM:
-    model = RingLinearForCausalLM(tiny_config(**overrides), dtype=dtype)
+def tiny_model(dtype=torch.float64, seed=0, use_triton=None, **overrides) -> RingLinearForCausalLM:
+    model = RingLinearForCausalLM(tiny_config(**overrides), dtype=dtype, use_triton=use_triton)
     model.init_weights(std=0.2, generator=torch.Generator().manual_seed(seed))
     return model
 
@@ -174,3 +174,41 @@ def test_bad_inputs_are_refused(model64):
         model64.generate([[]], 2)
     with pytest.raises(ValueError, match="pass input_ids or inputs_embeds"):
         model64()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if torch.cuda.is_available() else [torch.float32])
+def test_triton_and_pytorch_paths_agree(dtype):
+    """The one flag that swaps the linear attention: same logits, gradients and cached decode."""
+    reference = tiny_model(dtype=dtype, seed=7, use_triton=False)
+    kernels = tiny_model(dtype=dtype, seed=7, use_triton=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reference.to(device), kernels.to(device)
+    ids = torch.randint(3, 64, (21,), device=device)
+    offsets = [0, 6, 6, 21]
+    # fp32 q/k/v (the policy) through tf32 tensor cores on a GPU; exact fp32 dots under the interpreter
+    tol = 1e-5 if device == "cpu" else 3e-3
+    assert_rel_rms("logits", reference(ids, cu_seqlens=offsets), kernels(ids, cu_seqlens=offsets), tol)
+    grads = []
+    for model in (reference, kernels):
+        model.zero_grad()
+        model.token_logprobs(ids, cu_seqlens=offsets).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert_rel_rms(name, grads[0][name], grads[1][name], 2e-5 if device == "cpu" else 5e-3)
+    cache = kernels.new_cache(1)
+    steps = [kernels(ids[:9], cache=cache)] + [kernels(ids[t : t + 1], cache=cache) for t in range(9, 21)]
+    assert_rel_rms("cached decode", reference(ids), torch.cat(steps), tol)
+
+
+def test_use_triton_is_one_flag_resolved_per_forward(monkeypatch):
+    import common_kernels.model.layers as layers
+
+    calls = []
+    real = layers.linear_attention_varlen_triton
+    monkeypatch.setattr(layers, "linear_attention_varlen_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    ids = torch.randint(3, 64, (5,))
+    tiny_model(dtype=torch.float32)(ids)  # CPU input: the PyTorch reference
+    assert calls == []
+    tiny_model(dtype=torch.float32, use_triton=True)(ids)
+    assert len(calls) == 4  # one call per linear layer

@@ -196,3 +196,56 @@ def test_4096_step_decode_keeps_the_fp32_state_within_half_a_percent():
             q[rows].double(), k[rows].double(), v[rows].double(), rate.double(), d**-0.5
         )
         assert_rel_rms(f"state[{b}]", s_ref, pool[b], 5e-3)
+
+
+BACKWARD_CASES = [([37, 0, 1, 80, 16], 16, 32), ([5], 16, 16), ([64, 65], 32, 64), ([0, 3], 16, 16)]
+
+
+@pytest.mark.parametrize("with_initial,with_dfinal", [(True, True), (False, False), (True, False)])
+@pytest.mark.parametrize("decay", ["mixed", "slowest"])
+@pytest.mark.parametrize("lengths,chunk,segment", BACKWARD_CASES, ids=[str(c[0]) for c in BACKWARD_CASES])
+def test_triton_autograd_matches_float64_gradients(lengths, chunk, segment, decay, with_initial, with_dfinal):
+    from common_kernels.ops.linear_attn.backward import linear_attention_varlen_triton
+
+    H, K, V = 2, 16, 32
+    cu = ragged_offsets(lengths).to(DEVICE)
+    T, N = int(cu[-1]), len(lengths)
+    q, k, v = (torch.randn(T, H, d, device=DEVICE, requires_grad=True) for d in (K, K, V))
+    h0 = torch.randn(N, H, K, V, device=DEVICE, requires_grad=True) if with_initial else None
+    rate = rates_for(H, decay).to(DEVICE)
+    do = torch.randn(T, H, V, device=DEVICE)
+    dht = torch.randn(N, H, K, V, device=DEVICE)
+    o, ht = linear_attention_varlen_triton(q, k, v, rate, 0.3, cu, h0, chunk_size=chunk, segment_size=segment, block=16)
+    loss = (o * do).sum() + ((ht * dht).sum() if with_dfinal else 0)
+    grads = torch.autograd.grad(loss, [x for x in (q, k, v, h0) if x is not None])
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v, h0) if x is not None]
+    o64, ht64 = linear_attention_varlen(*leaves[:3], rate.double(), 0.3, cu.cpu(), leaves[3] if with_initial else None)
+    loss64 = (o64 * do.double()).sum() + ((ht64 * dht.double()).sum() if with_dfinal else 0)
+    refs = torch.autograd.grad(loss64, leaves)
+    assert_rel_rms("o", o64, o, 1e-5)
+    assert_rel_rms("final state", ht64, ht, 1e-5)
+    for name, ref, got in zip(("dq", "dk", "dv", "dh0"), refs, grads):
+        assert_rel_rms(name, ref, got, 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lengths", [[4096], [1000, 1, 0, 3000, 77]], ids=["4K", "ragged"])
+@pytest.mark.parametrize("layer", [0, 18])
+def test_triton_backward_real_shape_bf16(lengths, layer):
+    from common_kernels.ops.linear_attn.backward import linear_attention_varlen_triton
+
+    H, d = 16, 128
+    cu = ragged_offsets(lengths).to(DEVICE)
+    T, N = int(cu[-1]), len(lengths)
+    q, k, v = (x.detach().requires_grad_() for x in fused_qkv(T, H, d, d, torch.bfloat16))
+    h0 = (torch.randn(N, H, d, d, device=DEVICE) * 0.1).requires_grad_()
+    rate = decay_rates(MINI, layer).to(DEVICE)
+    do = torch.randn(T, H, d, device=DEVICE).bfloat16()
+    o, ht = linear_attention_varlen_triton(q, k, v, rate, d**-0.5, cu, h0)
+    grads = torch.autograd.grad((o.float() * do.float()).sum() + ht.sum(), (q, k, v, h0))
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v, h0)]
+    o64, ht64 = linear_attention_varlen(*leaves[:3], rate.double(), d**-0.5, cu.cpu(), leaves[3])
+    refs = torch.autograd.grad((o64 * do.double()).sum() + ht64.sum(), leaves)
+    assert_rel_rms("o", o64, o, 3e-3)
+    for name, ref, got in zip(("dq", "dk", "dv", "dh0"), refs, grads):
+        assert_rel_rms(name, ref, got, 3.5e-3)
