@@ -271,6 +271,32 @@ def decode_rows(name, B, H, mods, copy_gbps, check):
     return _ratios(rows)
 
 
+def backward_rows(name, T, H, copy_gbps):
+    """Backward time = (forward + backward) - forward, both timed the same way; q/k/v/do bf16."""
+    from common_kernels.ops.linear_attn.backward import linear_attention_varlen_triton
+
+    rate = decay_rates(preset_config("ring-mini-linear-2.0"), 0).cuda()[:H]
+    cu = torch.tensor([0, T], device="cuda", dtype=torch.int32)
+    q, k, v = (x.detach().requires_grad_() for x in fused_qkv(T, H))
+    do = torch.randn(T, H, D, device="cuda", dtype=torch.bfloat16)
+    scale = D**-0.5
+    runs = {"ours": lambda: linear_attention_varlen_triton(q, k, v, rate, scale, cu)[0]}
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+
+        runs["fla chunk_simple_gla"] = lambda: chunk_simple_gla(q[None], k[None], v[None], g_gamma=-rate, scale=scale)[0][0]
+    except ImportError:
+        pass
+    rows, min_bytes = [], T * H * D * 2 * 7
+    for provider, forward in runs.items():
+        fwd_us, how_f = bench(lambda f=forward: f(), True)
+        both_us, how_b = bench(lambda f=forward: torch.autograd.grad(f(), (q, k, v), do), True)
+        us = both_us - fwd_us
+        gbps = min_bytes / (us * 1e-6) / 1e9
+        rows.append(Row(name, provider, us, gbps, 100 * gbps / copy_gbps, how_b if how_f == how_b else "mixed"))
+    return _ratios(rows)
+
+
 def _ratios(rows: list[Row]) -> list[Row]:
     others = [r.us for r in rows if r.provider != "ours" and not r.provider.startswith("torch copy")]
     for r in rows:
@@ -286,6 +312,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, nargs="+", default=[16, 8])
     parser.add_argument("--prefill", nargs="*", help="prefill cases to run (default: all)")
     parser.add_argument("--decode", type=int, nargs="*", help="decode batch sizes to run (default: all)")
+    parser.add_argument("--backward", type=int, nargs="*", default=[4096, 32768], help="backward lengths (B=1)")
     args = parser.parse_args()
     mods = load_ext(args.ext_dir)
     copy_gbps = copy_bandwidth()
@@ -312,6 +339,8 @@ def main() -> None:
             rows += prefill_rows(f"prefill {name} H{H}", lengths, H, mods, copy_gbps, check=sum(lengths) <= 32768)
         for B in decode:
             rows += decode_rows(f"decode B{B} H{H}", B, H, mods, copy_gbps, check=True)
+        for T in args.backward:
+            rows += backward_rows(f"backward {T // 1024}K H{H}", T, H, copy_gbps)
     print(
         f"{'case':24} {'provider':40} {'us':>10} {'GB/s':>8} {'%copy':>6} {'timing':>6} {'err':>9} {'x best other':>12}"
     )
