@@ -284,7 +284,9 @@ def backward_rows(name, T, H, copy_gbps):
     try:
         from fla.ops.simple_gla import chunk_simple_gla
 
-        runs["fla chunk_simple_gla"] = lambda: chunk_simple_gla(q[None], k[None], v[None], g_gamma=-rate, scale=scale)[0][0]
+        runs["fla chunk_simple_gla"] = lambda: chunk_simple_gla(q[None], k[None], v[None], g_gamma=-rate, scale=scale)[
+            0
+        ][0]
     except ImportError:
         pass
     rows, min_bytes = [], T * H * D * 2 * 7

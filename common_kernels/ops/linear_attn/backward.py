@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .prefill import CHUNK, SegmentPlan, _forward, _segment_size, plan_segments
-from .triton_utils import INTERPRET, check_qkv
+from .triton_utils import INTERPRET, check_qkv, dot_precision
 
 
 @triton.jit
@@ -31,7 +31,7 @@ def _segment_dstate_kernel(
     q, do, dstate, cu_seqlens, seg_seq, seg_idx, rate, scale,
     stride_qt, stride_qh, stride_dot, stride_doh,
     N, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BV: tl.constexpr, SEG: tl.constexpr, F32_DOT: tl.constexpr,
+    BT: tl.constexpr, BV: tl.constexpr, SEG: tl.constexpr, F32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dG = scale * sum_i lam^(i+1) q_i^T do_i over a segment (i from its start); not for first segments."""
     i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -56,7 +56,7 @@ def _segment_dstate_kernel(
         if F32_DOT:
             b_q, b_do = b_q.to(tl.float32), b_do.to(tl.float32)
         w = tl.exp(-b_rate * (t0 - bos + o_t + 1).to(tl.float32))
-        b_g += tl.dot(tl.trans((b_q * w[:, None]).to(b_do.dtype)), b_do)
+        b_g += tl.dot(tl.trans((b_q * w[:, None]).to(b_do.dtype)), b_do, input_precision=DOT_PRECISION)
     tl.store(dstate + ((i_s * H + i_h) * K + o_k[:, None]).to(tl.int64) * V + o_v[None, :], b_g * scale)
 
 
@@ -93,7 +93,7 @@ def _segment_dq_kernel(
     k, v, do, dq, start, cu_seqlens, seg_seq, seg_idx, rate, scale,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh,
     N, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, SEG: tl.constexpr, F32_DOT: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, SEG: tl.constexpr, F32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     i_s, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n = tl.load(seg_seq + i_s)
@@ -118,13 +118,18 @@ def _segment_dq_kernel(
         b_do = tl.load(do + rows[:, None] * stride_dot + i_h * stride_doh + o_v[None, :], mask=m_t[:, None], other=0.0)
         if F32_DOT:
             b_k, b_v, b_do = b_k.to(tl.float32), b_v.to(tl.float32), b_do.to(tl.float32)
-        b_p = tl.dot(b_do, tl.trans(b_v)) * intra  # [BT, BT]
-        b_dq = tl.dot(b_p.to(b_k.dtype), b_k) + tl.dot(b_do, tl.trans(b_s.to(b_do.dtype))) * q_decay[:, None]
+        b_p = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION) * intra  # [BT, BT]
+        b_dq = (
+            tl.dot(b_p.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)
+            + tl.dot(b_do, tl.trans(b_s.to(b_do.dtype)), input_precision=DOT_PRECISION) * q_decay[:, None]
+        )
         p_dq = dq + rows[:, None] * stride_dqt + i_h * stride_dqh + o_k[None, :]
         tl.store(p_dq, (b_dq * scale).to(dq.dtype.element_ty), mask=m_t[:, None])
         c = tl.minimum(eos - t0, BT).to(tl.float32)
         k_decay = tl.where(m_t, tl.exp(-b_rate * tl.maximum(c - 1 - o_t.to(tl.float32), 0.0)), 0.0)
-        b_s = b_s * tl.exp(-b_rate * c) + tl.dot(tl.trans((b_k * k_decay[:, None]).to(b_v.dtype)), b_v)
+        b_s = b_s * tl.exp(-b_rate * c) + tl.dot(
+            tl.trans((b_k * k_decay[:, None]).to(b_v.dtype)), b_v, input_precision=DOT_PRECISION
+        )
 
 
 @triton.jit
@@ -134,7 +139,7 @@ def _segment_dkv_kernel(
     stride_outt, stride_outh,
     N, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SEG: tl.constexpr,
-    DK: tl.constexpr, F32_DOT: tl.constexpr,
+    DK: tl.constexpr, F32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dk (DK: tiles of K rows, full V) or dv (tiles of V columns, full K), walking the chunks backwards."""
     i_s, i_h, i_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -166,21 +171,21 @@ def _segment_dkv_kernel(
             b_v = tl.load(v + rows[:, None] * stride_vt + i_h * stride_vh + o_v[None, :], mask=m_t[:, None], other=0.0)
             if F32_DOT:
                 b_q, b_do, b_v = b_q.to(tl.float32), b_do.to(tl.float32), b_v.to(tl.float32)
-            b_p = tl.dot(b_do, tl.trans(b_v)) * intra
-            b_out = tl.dot(tl.trans(b_p).to(b_q.dtype), b_q) * scale
-            b_out += tl.dot(b_v, tl.trans(b_g.to(b_v.dtype))) * k_decay[:, None]
+            b_p = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION) * intra
+            b_out = tl.dot(tl.trans(b_p).to(b_q.dtype), b_q, input_precision=DOT_PRECISION) * scale
+            b_out += tl.dot(b_v, tl.trans(b_g.to(b_v.dtype)), input_precision=DOT_PRECISION) * k_decay[:, None]
             p_out = dout + rows[:, None] * stride_outt + i_h * stride_outh + o_k[None, :]
         else:  # dv = scale * A^T dO + diag(k_decay) K G, with A = (Q K^T) * M over the full K
             b_k = tl.load(k + rows[:, None] * stride_kt + i_h * stride_kh + o_k[None, :], mask=m_t[:, None], other=0.0)
             if F32_DOT:
                 b_q, b_do, b_k = b_q.to(tl.float32), b_do.to(tl.float32), b_k.to(tl.float32)
-            b_a = tl.dot(b_q, tl.trans(b_k)) * intra
-            b_out = tl.dot(tl.trans(b_a).to(b_do.dtype), b_do) * scale
-            b_out += tl.dot(b_k, b_g.to(b_k.dtype)) * k_decay[:, None]
+            b_a = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * intra
+            b_out = tl.dot(tl.trans(b_a).to(b_do.dtype), b_do, input_precision=DOT_PRECISION) * scale
+            b_out += tl.dot(b_k, b_g.to(b_k.dtype), input_precision=DOT_PRECISION) * k_decay[:, None]
             p_out = dout + rows[:, None] * stride_outt + i_h * stride_outh + o_v[None, :]
         tl.store(p_out, b_out.to(dout.dtype.element_ty), mask=m_t[:, None])
         b_qd = (b_q * (q_decay * scale)[:, None]).to(b_do.dtype)
-        b_g = b_g * tl.exp(-b_rate * c) + tl.dot(tl.trans(b_qd), b_do)
+        b_g = b_g * tl.exp(-b_rate * c) + tl.dot(tl.trans(b_qd), b_do, input_precision=DOT_PRECISION)
     if DK and (i_j == 0):
         tl.store(d_initial + ((i_n * H + i_h) * K + o_k[:, None]).to(tl.int64) * V + o_v[None, :], b_g)
 
@@ -198,7 +203,7 @@ def _backward(do, q, k, v, rate, scale, cu_seqlens, start, plan: SegmentPlan, d_
     _segment_dstate_kernel[(max_segs, H, V // BV)](
         q, do, dstate, cu_seqlens, plan.seg_seq, plan.seg_idx, rate, scale,
         q.stride(0), q.stride(1), do.stride(0), do.stride(1),
-        N, H, K, V, BT, BV, SEG, INTERPRET, num_warps=num_warps,
+        N, H, K, V, BT, BV, SEG, INTERPRET, dot_precision(q), num_warps=num_warps,
     )  # fmt: skip
     _segment_dscan_kernel[(N, H, V // BV)](
         gfut, dstate, d_final_arg, d_initial, cu_seqlens, plan.nseg, plan.seg_first, rate,
@@ -207,14 +212,14 @@ def _backward(do, q, k, v, rate, scale, cu_seqlens, start, plan: SegmentPlan, d_
     _segment_dq_kernel[(max_segs, H, K // BK)](
         k, v, do, dq, start, cu_seqlens, plan.seg_seq, plan.seg_idx, rate, scale,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
-        N, H, K, V, BT, BK, SEG, INTERPRET, num_warps=num_warps,
+        N, H, K, V, BT, BK, SEG, INTERPRET, dot_precision(q), num_warps=num_warps,
     )  # fmt: skip
     for out, is_dk, tiles in ((dk, True, K // BK), (dv, False, V // BV)):
         _segment_dkv_kernel[(max_segs, H, tiles)](
             q, k, v, do, out, gfut, d_initial, cu_seqlens, plan.seg_seq, plan.seg_idx, rate, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
             out.stride(0), out.stride(1),
-            N, H, K, V, BT, BK if is_dk else K, V if is_dk else BV, SEG, is_dk, INTERPRET, num_warps=num_warps,
+            N, H, K, V, BT, BK if is_dk else K, V if is_dk else BV, SEG, is_dk, INTERPRET, dot_precision(q), num_warps=num_warps,
         )  # fmt: skip
     return dq, dk, dv, d_initial
 

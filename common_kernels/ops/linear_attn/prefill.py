@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import INTERPRET, check_pool, check_qkv
+from .triton_utils import INTERPRET, check_pool, check_qkv, dot_precision
 
 CHUNK = 64
 TARGET_PROGRAMS = 2 * 132  # two programs per SM on an H100/H200 (best of the sweep in RESULTS.md)
@@ -36,7 +36,7 @@ def _segment_delta_kernel(
     k, v, delta, cu_seqlens, seg_seq, seg_idx, nseg, rate,
     stride_kt, stride_kh, stride_vt, stride_vh,
     N, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BV: tl.constexpr, SEG: tl.constexpr, F32_DOT: tl.constexpr,
+    BT: tl.constexpr, BV: tl.constexpr, SEG: tl.constexpr, F32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n = tl.load(seg_seq + i_s)
@@ -60,7 +60,7 @@ def _segment_delta_kernel(
         if F32_DOT:
             b_k, b_v = b_k.to(tl.float32), b_v.to(tl.float32)
         b_kd = (b_k * k_decay[:, None]).to(b_v.dtype)
-        b_s = b_s * chunk_decay + tl.dot(tl.trans(b_kd), b_v)
+        b_s = b_s * chunk_decay + tl.dot(tl.trans(b_kd), b_v, input_precision=DOT_PRECISION)
     tl.store(delta + ((i_s * H + i_h) * K + o_k[:, None]).to(tl.int64) * V + o_v[None, :], b_s)
 
 
@@ -96,7 +96,7 @@ def _segment_forward_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     stride_pp, stride_ph,
     N, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BV: tl.constexpr, SEG: tl.constexpr, F32_DOT: tl.constexpr,
+    BT: tl.constexpr, BV: tl.constexpr, SEG: tl.constexpr, F32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n = tl.load(seg_seq + i_s)
@@ -123,14 +123,17 @@ def _segment_forward_kernel(
         b_v = tl.load(v + rows[:, None] * stride_vt + i_h * stride_vh + o_v[None, :], mask=m_t[:, None], other=0.0)
         if F32_DOT:
             b_q, b_k, b_v = b_q.to(tl.float32), b_k.to(tl.float32), b_v.to(tl.float32)
-        b_a = tl.dot(b_q, tl.trans(b_k)) * intra  # [BT, BT]
-        b_o = tl.dot(b_a.to(b_v.dtype), b_v) + tl.dot(b_q, b_s.to(b_q.dtype)) * q_decay[:, None]
+        b_a = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * intra  # [BT, BT]
+        b_o = (
+            tl.dot(b_a.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+            + tl.dot(b_q, b_s.to(b_q.dtype), input_precision=DOT_PRECISION) * q_decay[:, None]
+        )
         p_o = o + rows[:, None] * stride_ot + i_h * stride_oh + o_v[None, :]
         tl.store(p_o, (b_o * scale).to(o.dtype.element_ty), mask=m_t[:, None])
         c = tl.minimum(eos - t0, BT).to(tl.float32)
         k_decay = tl.where(m_t, tl.exp(-b_rate * tl.maximum(c - 1 - o_t.to(tl.float32), 0.0)), 0.0)
         b_kd = (b_k * k_decay[:, None]).to(b_v.dtype)
-        b_s = b_s * tl.exp(-b_rate * c) + tl.dot(tl.trans(b_kd), b_v)
+        b_s = b_s * tl.exp(-b_rate * c) + tl.dot(tl.trans(b_kd), b_v, input_precision=DOT_PRECISION)
     slot = tl.load(slots + i_n).to(tl.int64)
     if (i_j == tl.load(nseg + i_n) - 1) and (slot >= 0):
         tl.store(pool + slot * stride_pp + i_h * stride_ph + o_k[:, None] * V + o_v[None, :], b_s)
@@ -246,7 +249,7 @@ def _forward(q, k, v, decay_rate, scale, cu_seqlens, state_pool, slots, fresh, p
     _segment_delta_kernel[(max_segs, H, NV)](
         k, v, delta, cu_seqlens, plan.seg_seq, plan.seg_idx, plan.nseg, rate,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        N, H, K, V, BT, BV, SEG, INTERPRET, num_warps=num_warps, num_stages=num_stages,
+        N, H, K, V, BT, BV, SEG, INTERPRET, dot_precision(q), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     _segment_scan_kernel[(N, H, NV)](
         state_pool, start, delta, slots, fresh, plan.nseg, plan.seg_first, rate,
@@ -257,6 +260,6 @@ def _forward(q, k, v, decay_rate, scale, cu_seqlens, state_pool, slots, fresh, p
         q, k, v, o, state_pool, start, cu_seqlens, plan.seg_seq, plan.seg_idx, plan.nseg, slots, rate, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
         state_pool.stride(0), state_pool.stride(1),
-        N, H, K, V, BT, BV, SEG, INTERPRET, num_warps=num_warps, num_stages=num_stages,
+        N, H, K, V, BT, BV, SEG, INTERPRET, dot_precision(q), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return o, start

@@ -42,3 +42,11 @@ def check_pool(name: str, state_pool: torch.Tensor, H: int, K: int, V: int) -> N
         raise ValueError(f"{name}: state_pool must be float32 (a bf16 state drifts), got {state_pool.dtype}")
     if state_pool.stride(-1) != 1 or state_pool.stride(-2) != V:
         raise ValueError(f"{name}: each state_pool[p, h] must be a contiguous [K, V] matrix")
+
+
+def dot_precision(x: torch.Tensor) -> str:
+    """fp32 inputs get true fp32 products ("ieee": the shim's fp32 policy); TF32 would add ~1.5e-3 error.
+
+    For bf16/fp16 inputs the setting is ignored and the tensor cores run on the 16-bit operands.
+    """
+    return "ieee" if x.dtype == torch.float32 else "tf32"

@@ -210,5 +210,9 @@ def test_use_triton_is_one_flag_resolved_per_forward(monkeypatch):
     ids = torch.randint(3, 64, (5,))
     tiny_model(dtype=torch.float32)(ids)  # CPU input: the PyTorch reference
     assert calls == []
-    tiny_model(dtype=torch.float32, use_triton=True)(ids)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # compiled Triton needs CUDA tensors
+    tiny_model(dtype=torch.float32, use_triton=True).to(device)(ids.to(device))
     assert len(calls) == 4  # one call per linear layer
+    if device == "cuda":
+        tiny_model(dtype=torch.float32).cuda()(ids.cuda())  # CUDA input, flag unset: the kernels
+        assert len(calls) == 8
