@@ -157,7 +157,7 @@ def prefill_rows(name, lengths, H, mods, copy_gbps, check):
         light = mods["vllm"]
         per_req = [
             tuple(x[a:b].float().permute(1, 0, 2).contiguous()[None] for x in (q, k, v))
-            for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())
+            for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)
         ]
         scaled = [(qq * scale, kk, vv) for qq, kk, vv in per_req]  # vLLM's model scales q and passes fp32
 
@@ -350,7 +350,8 @@ def main() -> None:
         err = f"{r.err:.2e}" if r.err is not None else "-"
         ratio = f"{r.ratio_vs_best_other:.2f}x" if r.ratio_vs_best_other else ""
         print(
-            f"{r.case:24} {r.provider:40} {r.us:10.1f} {r.gbps:8.0f} {r.pct_copy:6.1f} {r.timing:>6} {err:>9} {ratio:>12}"
+            f"{r.case:24} {r.provider:40} {r.us:10.1f} {r.gbps:8.0f} {r.pct_copy:6.1f} "
+            f"{r.timing:>6} {err:>9} {ratio:>12}"
         )
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))

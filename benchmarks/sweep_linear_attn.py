@@ -5,6 +5,7 @@ python -m benchmarks.sweep_linear_attn
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -26,30 +27,15 @@ def sweep_prefill(lengths: list[int], H: int) -> None:
     slots = torch.arange(N, device="cuda", dtype=torch.int32)
     fresh = torch.ones(N, dtype=torch.int8, device="cuda")
     results = []
-    for bt, bv, warps, stages, target in itertools.product(
-        [32, 64], [32, 64, 128], [4, 8], [1, 2, 3], [264, 528, 1056]
-    ):
+    configs = itertools.product([32, 64], [32, 64, 128], [4, 8], [1, 2, 3], [264, 528, 1056])
+    for bt, bv, warps, stages, target in configs:
         seg = _segment_size(T, H, D // bv, bt, target)
+        run = functools.partial(
+            linear_attention_prefill, q, k, v, rate, D**-0.5, cu, pool, slots, fresh, chunk_size=bt,
+            segment_size=seg, block_v=bv, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
         try:
-            us, _ = bench(
-                lambda: linear_attention_prefill(
-                    q,
-                    k,
-                    v,
-                    rate,
-                    D**-0.5,
-                    cu,
-                    pool,
-                    slots,
-                    fresh,
-                    chunk_size=bt,
-                    segment_size=seg,
-                    block_v=bv,
-                    num_warps=warps,
-                    num_stages=stages,
-                ),
-                True,
-            )
+            us, _ = bench(run, True)
         except Exception as e:  # noqa: BLE001 - out of resources for this config
             print(f"  BT{bt} BV{bv} w{warps} s{stages} t{target}: {type(e).__name__}")
             continue
@@ -69,13 +55,8 @@ def sweep_decode(B: int, H: int) -> None:
     q, k, v = fused_qkv(B, H)
     results = []
     for bv, warps in itertools.product([16, 32, 64, 128], [1, 2, 4, 8]):
-        us, _ = bench(
-            lambda: [
-                linear_attention_decode(q, k, v, rate, D**-0.5, pool, s, block_v=bv, num_warps=warps) for s in slot_sets
-            ],
-            True,
-            sets,
-        )
+        step = functools.partial(linear_attention_decode, q, k, v, rate, D**-0.5, pool, block_v=bv, num_warps=warps)
+        us, _ = bench(lambda step=step: [step(s) for s in slot_sets], True, sets)
         results.append((us, f"BV{bv} w{warps}"))
     results.sort()
     print(f"decode B{B} H{H}: " + " | ".join(f"{us:.2f}us {cfg}" for us, cfg in results[:4]))
@@ -115,23 +96,10 @@ def check_config(bt: int, bv: int, warps: int, stages: int, target: int) -> None
         fresh = torch.ones(N, dtype=torch.int8, device="cuda")
         seg = _segment_size(T, H, D // bv, bt, target)
 
-        def run():
-            return linear_attention_prefill(
-                q,
-                k,
-                v,
-                rate,
-                D**-0.5,
-                cu,
-                pool,
-                slots,
-                fresh,
-                chunk_size=bt,
-                segment_size=seg,
-                block_v=bv,
-                num_warps=warps,
-                num_stages=stages,
-            )
+        run = functools.partial(
+            linear_attention_prefill, q, k, v, rate, D**-0.5, cu, pool, slots, fresh, chunk_size=bt,
+            segment_size=seg, block_v=bv, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
 
         err = "-"
         if T <= 32768:

@@ -17,8 +17,10 @@ from ..ops.attention.naive import causal_gqa_attention
 from ..ops.linear_attn.backward import linear_attention_varlen_triton
 from ..ops.linear_attn.naive import linear_attention_varlen
 from ..ops.moe.naive import moe_combine, route, swiglu_mlp
+from ..ops.norm.fused import group_rms_norm_gate_triton
 from ..ops.norm.naive import group_rms_norm_gate, rms_norm
 from ..ops.packing import group_by_length
+from ..ops.rope.fused import qk_norm_rope_triton
 from ..ops.rope.naive import qk_norm_rope
 from ..precision import LINEAR_ATTN_DTYPE, compute_dtype
 from ..slopes import decay_rates
@@ -33,7 +35,7 @@ class ForwardContext:
     cos: torch.Tensor  # [T, rotary_dim/2]
     sin: torch.Tensor
     cache: RingLinearCache | None
-    use_triton: bool = False  # linear attention through the Triton kernels instead of the PyTorch reference
+    use_triton: bool = False  # qk-norm/RoPE, linear attention and norm/gate through the Triton kernels
 
     def sequences(self):
         return zip(self.cu_seqlens[:-1], self.cu_seqlens[1:], strict=False)
@@ -133,7 +135,7 @@ class SoftmaxAttention(nn.Module):
         T = a.shape[0]
         qkv = self.query_key_value(a).reshape(T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         q, k, v = qkv.split((self.num_heads, self.num_kv_heads, self.num_kv_heads), dim=1)
-        q, k = qk_norm_rope(
+        q, k = (qk_norm_rope_triton if ctx.use_triton else qk_norm_rope)(
             q, k, _weight(self.query_layernorm), _weight(self.key_layernorm), ctx.cos, ctx.sin, self.eps
         )
         scale = self.head_dim**-0.5
@@ -179,7 +181,7 @@ class LinearAttention(nn.Module):
         if c.linear_silu:
             qkv = F.silu(qkv)
         q, k, v = qkv.reshape(T, 3 * self.num_heads, self.head_dim).split(self.num_heads, dim=1)
-        q, k = qk_norm_rope(
+        q, k = (qk_norm_rope_triton if ctx.use_triton else qk_norm_rope)(
             q, k, _weight(self.query_layernorm), _weight(self.key_layernorm), ctx.cos, ctx.sin, c.rms_norm_eps
         )
         rates = decay_rates(c, self.layer_idx, dtype=dtype, device=a.device)
@@ -189,7 +191,8 @@ class LinearAttention(nn.Module):
         o, final = attention(q, k, v, rates, self.head_dim**-0.5, cu_seqlens, initial)
         if ctx.cache is not None:
             ctx.cache.linear_states[self.layer_idx] = final
-        y = group_rms_norm_gate(o.reshape(T, -1), self.g_proj(a), self.g_norm.weight, c.group_norm_size, c.rms_norm_eps)
+        norm_gate = group_rms_norm_gate_triton if ctx.use_triton else group_rms_norm_gate
+        y = norm_gate(o.reshape(T, -1), self.g_proj(a), self.g_norm.weight, c.group_norm_size, c.rms_norm_eps)
         return self.dense(y.to(a.dtype))
 
 

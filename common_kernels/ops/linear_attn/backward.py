@@ -219,7 +219,8 @@ def _backward(do, q, k, v, rate, scale, cu_seqlens, start, plan: SegmentPlan, d_
             q, k, v, do, out, gfut, d_initial, cu_seqlens, plan.seg_seq, plan.seg_idx, rate, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
             out.stride(0), out.stride(1),
-            N, H, K, V, BT, BK if is_dk else K, V if is_dk else BV, SEG, is_dk, INTERPRET, dot_precision(q), num_warps=num_warps,
+            N, H, K, V, BT, BK if is_dk else K, V if is_dk else BV, SEG, is_dk, INTERPRET, dot_precision(q),
+            num_warps=num_warps,
         )  # fmt: skip
     return dq, dk, dv, d_initial
 

@@ -74,3 +74,35 @@ def test_group_norm_gate_gradients():
     o, g = (torch.randn(4, 12, dtype=torch.float64, requires_grad=True) for _ in range(2))
     w = torch.randn(12, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda o, g, w: group_rms_norm_gate(o, g, w, 3, 1e-6), (o, g, w))
+
+
+@pytest.mark.parametrize("T,C,groups", [(37, 64, 2), (1, 48, 4), (20, 96, 3), (0, 32, 2)])
+def test_fused_group_norm_gate_matches_float64_forward_and_backward(T, C, groups):
+    from common_kernels.ops.norm.fused import group_rms_norm_gate_triton
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, g = (torch.randn(T, C, device=device, requires_grad=True) for _ in range(2))
+    w = torch.randn(C, device=device, requires_grad=True)
+    dy = torch.randn(T, C, device=device)
+    y = group_rms_norm_gate_triton(x, g, w, groups, 1e-6)
+    leaves = [t.detach().double().requires_grad_() for t in (x, g, w)]
+    ref = group_rms_norm_gate(*leaves, groups, 1e-6)
+    assert y.dtype == torch.float32
+    assert_rel_rms("y", ref, y, 1e-6)
+    if T:
+        for name, a, b in zip(
+            ("dx", "dg", "dw"),
+            torch.autograd.grad(ref, leaves, dy.double()),
+            torch.autograd.grad(y, (x, g, w), dy),
+            strict=False,
+        ):
+            assert_rel_rms(name, a, b, 1e-6)
+
+
+def test_fused_group_norm_gate_rejects_bad_shapes():
+    from common_kernels.ops.norm.fused import group_rms_norm_gate_triton
+
+    with pytest.raises(ValueError, match="do not split into 3 groups"):
+        group_rms_norm_gate_triton(torch.randn(2, 16), torch.randn(2, 16), torch.ones(16), 3, 1e-6)
+    with pytest.raises(ValueError, match="weight"):
+        group_rms_norm_gate_triton(torch.randn(2, 16), torch.randn(2, 16), torch.ones(8), 2, 1e-6)

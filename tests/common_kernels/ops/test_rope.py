@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from common_kernels import preset_config, tiny_config
+from common_kernels.ops.norm.naive import rms_norm
 from common_kernels.ops.rope.naive import apply_partial_rope, qk_norm_rope, rotary_cos_sin, rotary_inv_freq
 from common_kernels.testing import assert_rel_rms
 
@@ -82,3 +83,46 @@ def test_rope_gradients():
     x = torch.randn(5, 2, 16, dtype=torch.float64, requires_grad=True)
     w = torch.randn(16, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w: qk_norm_rope(x, x, w, w, cos, sin, 1e-6)[0], (x, w))
+
+
+@pytest.mark.parametrize("d,factor,heads,T", [(16, 0.5, 3, 7), (16, 1.0, 2, 5), (32, 0.25, 1, 4), (128, 0.5, 2, 3)])
+@pytest.mark.parametrize("with_norm", [True, False])
+def test_fused_norm_rope_matches_float64_forward_and_backward(d, factor, heads, T, with_norm):
+    from common_kernels.ops.rope.fused import norm_rope_triton
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    inv_freq, scale = rotary_inv_freq(tiny_config(head_dim=d, partial_rotary_factor=factor))
+    cos, sin = rotary_cos_sin(torch.arange(T, device=device) + 3, inv_freq, scale, torch.float32)
+    x = torch.randn(T, 2 * heads, d, device=device)[:, ::2].detach().requires_grad_()  # strided heads
+    w = torch.randn(d, device=device, requires_grad=True) if with_norm else None
+    dy = torch.randn(T, heads, d, device=device)
+    y = norm_rope_triton(x, w, cos, sin, 1e-6)
+    leaves = [t.detach().double().requires_grad_() for t in (x, w) if t is not None]
+    ref = apply_partial_rope(
+        rms_norm(leaves[0], leaves[1], 1e-6) if with_norm else leaves[0], cos.double(), sin.double()
+    )
+    assert_rel_rms("y", ref, y, 1e-6)
+    ins = (x, w) if with_norm else (x,)
+    for name, a, b in zip(
+        ("dx", "dw"), torch.autograd.grad(ref, leaves, dy.double()), torch.autograd.grad(y, ins, dy), strict=False
+    ):
+        assert_rel_rms(name, a, b, 1e-6)
+
+
+def test_fused_qk_norm_rope_reproduces_the_reference_roundings_in_bf16():
+    """Bit-identical on a GPU; within one bf16 ulp under the interpreter, whose fp32->bf16 cast truncates."""
+    from common_kernels.ops.rope.fused import qk_norm_rope_triton
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    inv_freq, scale = rotary_inv_freq(tiny_config())
+    cos, sin = rotary_cos_sin(torch.arange(9, device=device), inv_freq, scale, torch.float32)
+    q, k = torch.randn(9, 4, 16, device=device).bfloat16(), torch.randn(9, 2, 16, device=device).bfloat16()
+    wq, wk = torch.randn(16, device=device).bfloat16(), torch.randn(16, device=device).bfloat16()
+    ref = qk_norm_rope(q, k, wq, wk, cos, sin, 1e-6)
+    out = qk_norm_rope_triton(q, k, wq, wk, cos, sin, 1e-6)
+    for a, b in zip(ref, out, strict=False):
+        assert b.dtype == torch.bfloat16
+        if device == "cuda":
+            assert torch.equal(a, b)
+        else:
+            assert_rel_rms("bf16", a.double(), b, 1e-2)

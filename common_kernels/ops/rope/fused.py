@@ -1,0 +1,152 @@
+"""Per-head RMSNorm + partial NeoX RoPE in Triton (forward and backward), beside `naive.qk_norm_rope`.
+
+The forward reproduces the reference's roundings: statistics in fp32, the normalised value cast to the
+input dtype, times the weight (rounded again), then the rotation in fp32 and one cast back. Each element
+`i` of the rotated part pairs with `i +- r/2`; both are loaded, so one program handles a whole head row.
+The backward runs in fp32: the rotation transposed, then the weight, then the RMSNorm.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+ROWS = 16  # (token, head) rows per program
+
+
+@triton.jit
+def _norm_rope_fwd_kernel(
+    x, w, cos, sin, y, rstd, R, NH, eps, stride_xt, stride_xh, stride_yt, stride_yh,
+    D: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, HAS_W: tl.constexpr, ROWS_PER: tl.constexpr,
+):  # fmt: skip
+    i_p = tl.program_id(0)
+    o_d = tl.arange(0, BLOCK)
+    m_d = o_d < D
+    rot = o_d < 2 * HALF
+    partner = tl.where(o_d < HALF, o_d + HALF, tl.where(rot, o_d - HALF, o_d))
+    sign = tl.where(o_d < HALF, -1.0, 1.0)
+    o_f = tl.where(rot, o_d % HALF, 0)
+    if HAS_W:
+        b_w = tl.load(w + o_d, mask=m_d, other=0.0)
+        b_wp = tl.load(w + partner, mask=m_d, other=0.0)
+    for r in range(0, ROWS_PER):
+        row = i_p * ROWS_PER + r
+        if row < R:
+            t, h = (row // NH).to(tl.int64), row % NH
+            p_x = x + t * stride_xt + h * stride_xh
+            b_x = tl.load(p_x + o_d, mask=m_d, other=0.0)
+            b_xp = tl.load(p_x + partner, mask=m_d, other=0.0)
+            if HAS_W:
+                xf = b_x.to(tl.float32)
+                b_rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
+                tl.store(rstd + row, b_rstd)
+                # normalised value rounded to the input dtype, times the weight, rounded again (as torch does)
+                b_a = ((xf * b_rstd).to(b_x.dtype).to(tl.float32) * b_w.to(tl.float32)).to(b_x.dtype).to(tl.float32)
+                b_n_p = (b_xp.to(tl.float32) * b_rstd).to(b_x.dtype).to(tl.float32)
+                b_ap = (b_n_p * b_wp.to(tl.float32)).to(b_x.dtype).to(tl.float32)
+            else:
+                b_a, b_ap = b_x.to(tl.float32), b_xp.to(tl.float32)
+            b_c = tl.load(cos + t * HALF + o_f, mask=rot, other=1.0).to(tl.float32)
+            b_s = tl.load(sin + t * HALF + o_f, mask=rot, other=0.0).to(tl.float32)
+            b_y = tl.where(rot, b_a * b_c + sign * b_ap * b_s, b_a)
+            tl.store(y + t * stride_yt + h * stride_yh + o_d, b_y.to(y.dtype.element_ty), mask=m_d)
+
+
+@triton.jit
+def _norm_rope_bwd_kernel(
+    x, w, cos, sin, dy, rstd, dx, dw_partial, R, NH,
+    stride_xt, stride_xh, stride_dyt, stride_dyh, stride_dxt, stride_dxh,
+    D: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, HAS_W: tl.constexpr, ROWS_PER: tl.constexpr,
+):  # fmt: skip
+    i_p = tl.program_id(0)
+    o_d = tl.arange(0, BLOCK)
+    m_d = o_d < D
+    rot = o_d < 2 * HALF
+    partner = tl.where(o_d < HALF, o_d + HALF, tl.where(rot, o_d - HALF, o_d))
+    sign_t = tl.where(o_d < HALF, 1.0, -1.0)  # transposed rotation
+    o_f = tl.where(rot, o_d % HALF, 0)
+    b_w = tl.zeros([BLOCK], dtype=tl.float32)
+    if HAS_W:
+        b_w = tl.load(w + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_dw = tl.zeros([BLOCK], dtype=tl.float32)
+    for r in range(0, ROWS_PER):
+        row = i_p * ROWS_PER + r
+        if row < R:
+            t, h = (row // NH).to(tl.int64), row % NH
+            p_dy = dy + t * stride_dyt + h * stride_dyh
+            b_dy = tl.load(p_dy + o_d, mask=m_d, other=0.0).to(tl.float32)
+            b_dyp = tl.load(p_dy + partner, mask=m_d, other=0.0).to(tl.float32)
+            b_c = tl.load(cos + t * HALF + o_f, mask=rot, other=1.0).to(tl.float32)
+            b_s = tl.load(sin + t * HALF + o_f, mask=rot, other=0.0).to(tl.float32)
+            b_da = tl.where(rot, b_dy * b_c + sign_t * b_dyp * b_s, b_dy)
+            p_dx = dx + t * stride_dxt + h * stride_dxh + o_d
+            if HAS_W:
+                b_rstd = tl.load(rstd + row)
+                b_n = tl.load(x + t * stride_xt + h * stride_xh + o_d, mask=m_d, other=0.0).to(tl.float32) * b_rstd
+                b_dw += b_da * b_n
+                b_dn = b_da * b_w
+                b_dx = b_rstd * (b_dn - b_n * (tl.sum(b_dn * b_n, axis=0) / D))
+                tl.store(p_dx, b_dx.to(dx.dtype.element_ty), mask=m_d)
+            else:
+                tl.store(p_dx, b_da.to(dx.dtype.element_ty), mask=m_d)
+    if HAS_W:
+        tl.store(dw_partial + i_p * D + o_d, b_dw, mask=m_d)
+
+
+class _NormRope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, cos, sin, eps):
+        T, NH, D = x.shape
+        R = T * NH
+        y = torch.empty((T, NH, D), dtype=x.dtype, device=x.device)
+        rstd = torch.empty(R, dtype=torch.float32, device=x.device)
+        half = cos.shape[-1]
+        cos, sin = cos.contiguous(), sin.contiguous()
+        _norm_rope_fwd_kernel[(triton.cdiv(R, ROWS),)](
+            x, w if w is not None else x, cos, sin, y, rstd, R, NH, eps,
+            x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+            D, half, triton.next_power_of_2(D), w is not None, ROWS,
+        )  # fmt: skip
+        ctx.save_for_backward(x, w, cos, sin, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, cos, sin, rstd = ctx.saved_tensors
+        T, NH, D = x.shape
+        R = T * NH
+        grid = (triton.cdiv(R, ROWS),)
+        dx = torch.empty_like(x)
+        dw_partial = torch.zeros((grid[0], D), dtype=torch.float32, device=x.device)
+        _norm_rope_bwd_kernel[grid](
+            x, w if w is not None else x, cos, sin, dy, rstd, dx, dw_partial, R, NH,
+            x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1),
+            D, cos.shape[-1], triton.next_power_of_2(D), w is not None, ROWS,
+        )  # fmt: skip
+        dw = dw_partial.sum(0).to(w.dtype) if w is not None else None
+        return dx, dw, None, None, None
+
+
+def norm_rope_triton(
+    x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """Per-head RMSNorm (skipped when `weight` is None) then partial RoPE of `x` `[T, heads, d]`."""
+    if x.dim() != 3 or x.stride(-1) != 1:
+        raise ValueError(f"norm_rope_triton: x must be [T, heads, d] with unit last stride, got {tuple(x.shape)}")
+    if cos.shape != sin.shape or cos.shape[0] != x.shape[0] or 2 * cos.shape[1] > x.shape[2]:
+        raise ValueError(f"norm_rope_triton: cos/sin {tuple(cos.shape)} do not fit x {tuple(x.shape)}")
+    return _NormRope.apply(x, weight, cos, sin, eps)
+
+
+def qk_norm_rope_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton counterpart of `naive.qk_norm_rope` (same arguments, same results)."""
+    return norm_rope_triton(q, q_weight, cos, sin, eps), norm_rope_triton(k, k_weight, cos, sin, eps)
