@@ -194,8 +194,17 @@ def test_triton_and_pytorch_paths_agree(dtype):
         model.token_logprobs(ids, cu_seqlens=offsets).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        assert_rel_rms(name, grads[0][name], grads[1][name], 2e-5 if device == "cpu" else 5e-3)
+    if dtype == torch.float32:
+        for name in grads[0]:
+            assert_rel_rms(name, grads[0][name], grads[1][name], 2e-5 if device == "cpu" else 5e-3)
+    else:  # two bf16 paths round at different points: each is held to a float64 copy of the model instead
+        exact = tiny_model(dtype=torch.float64, seed=7, use_triton=False).to(device)
+        exact.load_state_dict({n: t.double() for n, t in reference.state_dict().items()})
+        exact.token_logprobs(ids, cu_seqlens=offsets).sum().backward()
+        for name, p in exact.named_parameters():
+            if name in grads[0]:
+                err_torch, err_triton = rel_rms_error(p.grad, grads[0][name]), rel_rms_error(p.grad, grads[1][name])
+                assert err_triton <= 2 * err_torch + 1e-3, f"{name}: triton {err_triton:.2e} vs torch {err_torch:.2e}"
     cache = kernels.new_cache(1)
     steps = [kernels(ids[:9], cache=cache)] + [kernels(ids[t : t + 1], cache=cache) for t in range(9, 21)]
     assert_rel_rms("cached decode", reference(ids), torch.cat(steps), tol)
