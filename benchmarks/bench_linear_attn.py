@@ -101,14 +101,39 @@ def fused_qkv(T, H, dtype=torch.bfloat16):
     return tuple(x.view(T, H, D) for x in qkv.split(H * D, dim=1))
 
 
-def prefill_rows(name, lengths, H, mods, copy_gbps, check):
-    rate = decay_rates(preset_config("ring-mini-linear-2.0"), 0).cuda()[:H]
+@dataclass
+class PrefillInputs:
+    """One prefill problem as every provider sees it: layer-0 decay, bf16 q/k/v views, a pool of fresh slots."""
+
+    rate: torch.Tensor
+    cu: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    pool: torch.Tensor
+    slots: torch.Tensor
+    fresh: torch.Tensor
+
+
+def prefill_inputs(lengths: list[int], H: int, device: str = "cuda") -> PrefillInputs:
     N, T = len(lengths), sum(lengths)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
-    q, k, v = fused_qkv(T, H)
-    pool = torch.randn(N, H, D, D, device="cuda") * 0.02
-    slots = torch.arange(N, device="cuda", dtype=torch.int32)
-    fresh = torch.ones(N, dtype=torch.int8, device="cuda")
+    qkv = torch.randn(T, 3 * H * D, device=device, dtype=torch.bfloat16) * 0.5
+    return PrefillInputs(
+        rate=decay_rates(preset_config("ring-mini-linear-2.0"), 0).to(device)[:H],
+        cu=torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=device, dtype=torch.int32),
+        q=qkv[:, : H * D].view(T, H, D),
+        k=qkv[:, H * D : 2 * H * D].view(T, H, D),
+        v=qkv[:, 2 * H * D :].view(T, H, D),
+        pool=torch.randn(N, H, D, D, device=device) * 0.02,
+        slots=torch.arange(N, device=device, dtype=torch.int32),
+        fresh=torch.ones(N, dtype=torch.int8, device=device),
+    )
+
+
+def prefill_rows(name, lengths, H, mods, copy_gbps, check):
+    x = prefill_inputs(lengths, H)
+    rate, cu, q, k, v, pool, slots, fresh = x.rate, x.cu, x.q, x.k, x.v, x.pool, x.slots, x.fresh
+    N, T = len(lengths), sum(lengths)
     scale = D**-0.5
     min_bytes = T * H * D * 2 * 4 + N * H * D * D * 4 * 2
     runs = {}

@@ -15,23 +15,17 @@ from common_kernels import decay_rates, preset_config
 from common_kernels.ops.linear_attn.decode import linear_attention_decode
 from common_kernels.ops.linear_attn.prefill import _segment_size, linear_attention_prefill
 
-from .bench_linear_attn import D, bench, fused_qkv
+from .bench_linear_attn import D, bench, fused_qkv, prefill_inputs
 
 
 def sweep_prefill(lengths: list[int], H: int) -> None:
-    rate = decay_rates(preset_config("ring-mini-linear-2.0"), 0).cuda()[:H]
-    N, T = len(lengths), sum(lengths)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
-    q, k, v = fused_qkv(T, H)
-    pool = torch.zeros(N, H, D, D, device="cuda")
-    slots = torch.arange(N, device="cuda", dtype=torch.int32)
-    fresh = torch.ones(N, dtype=torch.int8, device="cuda")
+    x, T = prefill_inputs(lengths, H), sum(lengths)
     results = []
     configs = itertools.product([32, 64], [32, 64, 128], [4, 8], [1, 2, 3], [264, 528, 1056])
     for bt, bv, warps, stages, target in configs:
         seg = _segment_size(T, H, D // bv, bt, target)
         run = functools.partial(
-            linear_attention_prefill, q, k, v, rate, D**-0.5, cu, pool, slots, fresh, chunk_size=bt,
+            linear_attention_prefill, x.q, x.k, x.v, x.rate, D**-0.5, x.cu, x.pool, x.slots, x.fresh, chunk_size=bt,
             segment_size=seg, block_v=bv, num_warps=warps, num_stages=stages,
         )  # fmt: skip
         try:
@@ -87,17 +81,12 @@ def check_config(bt: int, bv: int, warps: int, stages: int, target: int) -> None
         ([4096], 8),
         ([32768], 8),
     ):
-        rate = decay_rates(preset_config("ring-mini-linear-2.0"), 0).cuda()[:H]
-        N, T = len(lengths), sum(lengths)
-        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
-        q, k, v = fused_qkv(T, H)
-        pool = torch.zeros(N, H, D, D, device="cuda")
-        slots = torch.arange(N, device="cuda", dtype=torch.int32)
-        fresh = torch.ones(N, dtype=torch.int8, device="cuda")
+        x, T = prefill_inputs(lengths, H), sum(lengths)
+        rate, cu, q, k, v = x.rate, x.cu, x.q, x.k, x.v
         seg = _segment_size(T, H, D // bv, bt, target)
 
         run = functools.partial(
-            linear_attention_prefill, q, k, v, rate, D**-0.5, cu, pool, slots, fresh, chunk_size=bt,
+            linear_attention_prefill, q, k, v, rate, D**-0.5, cu, x.pool, x.slots, x.fresh, chunk_size=bt,
             segment_size=seg, block_v=bv, num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
