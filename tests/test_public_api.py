@@ -32,3 +32,17 @@ def test_common_kernels_public_surface():
     )
     for name in common_kernels.__all__:
         assert hasattr(common_kernels, name), name
+
+
+def test_ops_packages_export_reference_and_kernel_side_by_side():
+    import common_kernels.ops.linear_attn as linear_attn
+    import common_kernels.ops.norm as norm
+    import common_kernels.ops.rope as rope
+
+    for package in (linear_attn, norm, rope):
+        for name in package.__all__:
+            assert callable(getattr(package, name)), name
+    assert {"linear_attention_varlen", "linear_attention_varlen_triton", "linear_attention_prefill",
+            "linear_attention_decode"} <= set(linear_attn.__all__)  # fmt: skip
+    assert {"group_rms_norm_gate", "group_rms_norm_gate_triton"} <= set(norm.__all__)
+    assert {"qk_norm_rope", "qk_norm_rope_triton"} <= set(rope.__all__)

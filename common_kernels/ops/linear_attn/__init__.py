@@ -1,0 +1,15 @@
+"""Scalar-decay linear attention: references and Triton kernels (see README.md beside this file)."""
+
+from .backward import linear_attention_varlen_triton
+from .decode import linear_attention_decode
+from .naive import linear_attention_chunked, linear_attention_recurrent, linear_attention_varlen
+from .prefill import linear_attention_prefill
+
+__all__ = [
+    "linear_attention_chunked",
+    "linear_attention_decode",
+    "linear_attention_prefill",
+    "linear_attention_recurrent",
+    "linear_attention_varlen",
+    "linear_attention_varlen_triton",
+]
