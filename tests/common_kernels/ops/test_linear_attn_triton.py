@@ -12,6 +12,9 @@ from common_kernels.testing import assert_rel_rms, ragged_offsets
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MINI = preset_config("ring-mini-linear-2.0")
 FASTEST, SLOWEST = decay_rates(MINI, 0)[0].item(), decay_rates(MINI, 18)[-1].item()
+# the HF convention shifts the layer index: its layer 0 decays faster than any engine-convention layer
+MINI_HF = preset_config("ring-mini-linear-2.0", linear_decay_convention="hf")
+FASTEST_HF = decay_rates(MINI_HF, 0)[0].item()
 # bf16 outputs: the issue's 0.003 on a GPU. Triton 3.6's interpreter truncates fp32 -> bf16 instead of
 # rounding to nearest (mean relative error 2.8e-3 vs 1.4e-3 measured), so on the CPU the bound is doubled.
 BF16_TOL = 3e-3 if DEVICE == "cuda" else 6e-3
@@ -27,7 +30,7 @@ def fused_qkv(T, H, K, V, dtype):
 def rates_for(H, kind):
     if kind == "mixed":
         return torch.linspace(0.01, 0.9, H)
-    return torch.full((H,), FASTEST if kind == "fastest" else SLOWEST)
+    return torch.full((H,), {"fastest": FASTEST, "slowest": SLOWEST, "fastest-hf": FASTEST_HF}[kind])
 
 
 def reference(q, k, v, rate, scale, cu, pool, slots, fresh):
@@ -58,7 +61,7 @@ PREFILL_CASES = [
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("decay", ["mixed", "fastest", "slowest"])
+@pytest.mark.parametrize("decay", ["mixed", "fastest", "slowest", "fastest-hf"])
 @pytest.mark.parametrize("lengths,H,K,V,chunk,segment", PREFILL_CASES, ids=[str(c[0]) for c in PREFILL_CASES])
 def test_prefill_matches_float64_reference(lengths, H, K, V, chunk, segment, decay, dtype):
     N = len(lengths)
@@ -125,6 +128,22 @@ def test_decode_matches_reference_in_place_and_skips_padding(tokens_per_seq, dty
         assert_rel_rms(f"o[{b}]", o_ref, o[rows], tol)
         assert_rel_rms(f"state[{b}]", s_ref, updated[s], 1e-5)
     assert torch.equal(updated[[2, 3, 5]], pool[[2, 3, 5]])
+
+
+def test_decode_rejects_bad_arguments():
+    q, k, v = fused_qkv(6, 2, 16, 16, torch.float32)
+    rate = rates_for(2, "mixed").to(DEVICE)
+    pool = torch.zeros(4, 2, 16, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="do not split into sequences of 4 tokens"):
+        linear_attention_decode(q, k, v, rate, 0.25, pool, torch.arange(2, device=DEVICE), tokens_per_seq=4)
+    with pytest.raises(ValueError, match=r"slots must be \[3\]"):
+        linear_attention_decode(q, k, v, rate, 0.25, pool, torch.arange(2, device=DEVICE), tokens_per_seq=2)
+    with pytest.raises(ValueError, match=r"state_pool must be \[P, 2, 16, 16\]"):
+        linear_attention_decode(q, k, v, rate, 0.25, pool[:, :1], torch.arange(6, device=DEVICE))
+    with pytest.raises(ValueError, match="unit stride"):
+        linear_attention_decode(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), rate, 0.25, pool, torch.arange(6, device=DEVICE)
+        )
 
 
 def test_prefill_then_decode_continues_the_same_sequences():
