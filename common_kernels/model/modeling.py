@@ -33,7 +33,7 @@ class RingLinearModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, l, **factory) for l in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **factory)
         self._rotary: tuple[torch.Tensor, float] | None = None  # built at first use, never on the meta device
-        self.use_triton: bool | None = None  # None: the Triton kernels on CUDA, the PyTorch reference elsewhere
+        self.use_triton: bool | None = None  # None: the kernels on CUDA (not float64), the references elsewhere
 
     @property
     def dtype(self) -> torch.dtype:
@@ -54,7 +54,8 @@ class RingLinearModel(nn.Module):
         if self._rotary is None:
             self._rotary = rotary_inv_freq(self.config)
         cos, sin = rotary_cos_sin(positions, *self._rotary, compute_dtype(ROPE_DTYPE, dtype))
-        use_triton = h.is_cuda if self.use_triton is None else self.use_triton
+        # default: the kernels on CUDA, except for float64 models (the reference precision the kernels lack)
+        use_triton = (h.is_cuda and dtype != torch.float64) if self.use_triton is None else self.use_triton
         ctx = ForwardContext(cu_seqlens=cu_seqlens, cos=cos, sin=sin, cache=cache, use_triton=use_triton)
         for layer in self.layers:
             h = layer(h, ctx, dtype)
@@ -73,8 +74,9 @@ class RingLinearForCausalLM(nn.Module):
         device: torch.device | str | None = None,
         use_triton: bool | None = None,
     ) -> None:
-        """`use_triton`: run linear attention through the Triton kernels (forward and backward); the
-        default None does so on CUDA and keeps the plain-PyTorch reference on the CPU."""
+        """`use_triton`: run qk-norm/RoPE, linear attention and norm/gate through the Triton kernels
+        (forward and backward); the default None does so on CUDA for bf16/fp16/fp32 models and keeps the
+        plain-PyTorch references on the CPU and for float64 models."""
         super().__init__()
         config.validate()
         self.config = config
