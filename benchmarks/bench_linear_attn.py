@@ -96,8 +96,8 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 4 / (us * 1e-6) / 1e9
 
 
-def fused_qkv(T, H, dtype=torch.bfloat16):
-    qkv = torch.randn(T, 3 * H * D, device="cuda", dtype=dtype) * 0.5
+def fused_qkv(T, H, dtype=torch.bfloat16, device="cuda"):
+    qkv = torch.randn(T, 3 * H * D, device=device, dtype=dtype) * 0.5
     return tuple(x.view(T, H, D) for x in qkv.split(H * D, dim=1))
 
 
@@ -117,13 +117,13 @@ class PrefillInputs:
 
 def prefill_inputs(lengths: list[int], H: int, device: str = "cuda") -> PrefillInputs:
     N, T = len(lengths), sum(lengths)
-    qkv = torch.randn(T, 3 * H * D, device=device, dtype=torch.bfloat16) * 0.5
+    q, k, v = fused_qkv(T, H, device=device)
     return PrefillInputs(
         rate=decay_rates(preset_config("ring-mini-linear-2.0"), 0).to(device)[:H],
         cu=torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=device, dtype=torch.int32),
-        q=qkv[:, : H * D].view(T, H, D),
-        k=qkv[:, H * D : 2 * H * D].view(T, H, D),
-        v=qkv[:, 2 * H * D :].view(T, H, D),
+        q=q,
+        k=k,
+        v=v,
         pool=torch.randn(N, H, D, D, device=device) * 0.02,
         slots=torch.arange(N, device=device, dtype=torch.int32),
         fresh=torch.ones(N, dtype=torch.int8, device=device),

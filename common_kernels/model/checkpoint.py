@@ -140,13 +140,18 @@ def check_checkpoint(config: RingLinearConfig, path: str | os.PathLike, report_a
         raise CheckpointError(f"checkpoint {path} does not match its config:\n  " + "\n  ".join(shown) + more)
 
 
+def _named_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers by checkpoint name (the router bias is a buffer)."""
+    return dict(module.named_parameters()) | dict(module.named_buffers())
+
+
 @torch.no_grad()
 def load_weights(module: torch.nn.Module, path: str | os.PathLike) -> None:
     """Copy a checked checkpoint into `module`'s tensors, one shard and one tensor at a time.
 
     Each tensor is converted to the dtype of its destination (the fp32 router bias stays fp32).
     """
-    targets = dict(module.named_parameters()) | dict(module.named_buffers())
+    targets = _named_tensors(module)
     for file in checkpoint_files(path):
         with safe_open(file, framework="pt") as fh:
             for name in fh.keys():  # noqa: SIM118
@@ -161,7 +166,7 @@ def save_weights(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     wanted = expected_tensor_shapes(config)
-    tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+    tensors = _named_tensors(module)
     state = {name: tensors[name].detach().contiguous() for name in wanted}
     split = split_torch_state_dict_into_shards(state, filename_pattern=SHARD_PATTERN, max_shard_size=max_shard_size)
     for stale in list(path.glob("model*.safetensors")) + [path / SAFE_WEIGHTS_INDEX_NAME]:

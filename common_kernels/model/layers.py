@@ -19,7 +19,7 @@ from ..ops.linear_attn.naive import linear_attention_varlen
 from ..ops.moe.naive import moe_combine, route, swiglu_mlp
 from ..ops.norm.fused import group_rms_norm_gate_triton
 from ..ops.norm.naive import group_rms_norm_gate, rms_norm
-from ..ops.packing import group_by_length
+from ..ops.packing import equal_length_groups
 from ..ops.rope.fused import qk_norm_rope_triton
 from ..ops.rope.naive import qk_norm_rope
 from ..precision import LINEAR_ATTN_DTYPE, compute_dtype
@@ -141,12 +141,9 @@ class SoftmaxAttention(nn.Module):
         scale = self.head_dim**-0.5
         if ctx.cache is None:  # sequences of equal length run as one batch
             o = torch.empty_like(q)
-            for length, members in group_by_length(ctx.cu_seqlens).items():
-                idx = torch.cat([torch.arange(ctx.cu_seqlens[n], ctx.cu_seqlens[n] + length) for n in members]).to(
-                    q.device
-                )
-                batch = [x[idx].reshape(len(members), length, *x.shape[1:]) for x in (q, k, v)]
-                o = o.index_copy(0, idx, causal_gqa_attention(*batch, scale).reshape(-1, *q.shape[1:]))
+            for length, members, rows in equal_length_groups(ctx.cu_seqlens, q.device):
+                batch = [x[rows].reshape(len(members), length, *x.shape[1:]) for x in (q, k, v)]
+                o = o.index_copy(0, rows, causal_gqa_attention(*batch, scale).reshape(-1, *q.shape[1:]))
         else:
             outputs = []
             for n, (s, e) in enumerate(ctx.sequences()):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import RingLinearConfig
+from ..ops.packing import is_partition
 from ..ops.rope.naive import rotary_cos_sin, rotary_inv_freq
 from ..precision import LOGITS_DTYPE, RESIDUAL_DTYPE, ROPE_DTYPE, compute_dtype
 from .cache import RingLinearCache
@@ -290,8 +291,7 @@ def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator |
 
 
 def _check_offsets(offsets: list[int], total: int) -> None:
-    decreasing = any(b < a for a, b in zip(offsets, offsets[1:], strict=False))
-    if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != total or decreasing:
+    if not is_partition(offsets, total):
         raise ValueError(f"cu_seqlens {offsets} must start at 0, not decrease, and end at the token count {total}")
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ...precision import STATE_DTYPE, compute_dtype
-from ..packing import group_by_length
+from ..packing import equal_length_groups, is_partition
 
 
 def _prepare(q, k, v, decay_rate, initial_state):
@@ -148,7 +148,7 @@ def linear_attention_varlen(
         o `[T, H, d_v]` and final states `[N, H, d_k, d_v]`, fp32 (float64 for float64 input).
     """
     offsets = [int(x) for x in cu_seqlens.tolist()]
-    if offsets[0] != 0 or offsets[-1] != q.shape[0] or any(b < a for a, b in zip(offsets, offsets[1:], strict=False)):
+    if not is_partition(offsets, q.shape[0]):
         raise ValueError(f"cu_seqlens {offsets} does not partition {q.shape[0]} tokens")
     N = len(offsets) - 1
     if initial_states is not None and initial_states.shape[0] != N:
@@ -157,13 +157,12 @@ def linear_attention_varlen(
     H, dk, dv = q.shape[1], q.shape[2], v.shape[2]
     outputs: list[torch.Tensor | None] = [None] * N
     finals: list[torch.Tensor | None] = [None] * N
-    for length, members in group_by_length(offsets).items():
+    for length, members, rows in equal_length_groups(offsets, q.device):
         init = None if initial_states is None else initial_states[members]
         if chunked:  # sequences of equal length run as one batch
-            idx = torch.cat([torch.arange(offsets[n], offsets[n] + length) for n in members]).to(q.device)
             shape = (len(members), length)
             o, s = linear_attention_chunked(
-                *(x[idx].reshape(*shape, *x.shape[1:]) for x in (q, k, v)), decay_rate, scale, init, chunk_size
+                *(x[rows].reshape(*shape, *x.shape[1:]) for x in (q, k, v)), decay_rate, scale, init, chunk_size
             )
         else:
             pairs = [
