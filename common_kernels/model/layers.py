@@ -32,6 +32,7 @@ class ForwardContext:
     """What every layer of one forward pass shares."""
 
     cu_seqlens: list[int]  # [N+1] host offsets of the packed sequences
+    cu_seqlens_device: torch.Tensor  # the same offsets on the device, built once per forward
     cos: torch.Tensor  # [T, rotary_dim/2]
     sin: torch.Tensor
     cache: RingLinearCache | None
@@ -183,9 +184,8 @@ class LinearAttention(nn.Module):
         )
         rates = decay_rates(c, self.layer_idx, dtype=dtype, device=a.device)
         initial = None if ctx.cache is None else ctx.cache.linear_states[self.layer_idx]
-        cu_seqlens = torch.tensor(ctx.cu_seqlens, device=a.device)
         attention = linear_attention_varlen_triton if ctx.use_triton else linear_attention_varlen
-        o, final = attention(q, k, v, rates, self.head_dim**-0.5, cu_seqlens, initial)
+        o, final = attention(q, k, v, rates, self.head_dim**-0.5, ctx.cu_seqlens_device, initial)
         if ctx.cache is not None:
             ctx.cache.linear_states[self.layer_idx] = final
         norm_gate = group_rms_norm_gate_triton if ctx.use_triton else group_rms_norm_gate

@@ -57,7 +57,14 @@ class RingLinearModel(nn.Module):
         cos, sin = rotary_cos_sin(positions, *self._rotary, compute_dtype(ROPE_DTYPE, dtype))
         # default: the kernels on CUDA, except for float64 models (the reference precision the kernels lack)
         use_triton = (h.is_cuda and dtype != torch.float64) if self.use_triton is None else self.use_triton
-        ctx = ForwardContext(cu_seqlens=cu_seqlens, cos=cos, sin=sin, cache=cache, use_triton=use_triton)
+        ctx = ForwardContext(
+            cu_seqlens=cu_seqlens,
+            cu_seqlens_device=torch.tensor(cu_seqlens, device=h.device),
+            cos=cos,
+            sin=sin,
+            cache=cache,
+            use_triton=use_triton,
+        )
         for layer in self.layers:
             h = layer(h, ctx, dtype)
         if cache is not None:
