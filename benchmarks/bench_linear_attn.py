@@ -142,6 +142,9 @@ def prefill_rows(name, lengths, H, mods, copy_gbps, check):
         return linear_attention_prefill(q, k, v, rate, scale, cu, pool, slots, fresh, max_seqlen=max(lengths))
 
     runs["ours"] = (ours, True)
+    # Contiguous copies, made outside the timing: fla runs about 2x slower on strided views (measured on an
+    # H200 with benchmarks/probe_fla_call.py), and seg_la takes one token stride; the baselines get their best.
+    qc, kc, vc = (x.contiguous() for x in (q, k, v))
     try:
         from fla.ops.simple_gla import chunk_simple_gla
 
@@ -151,9 +154,9 @@ def prefill_rows(name, lengths, H, mods, copy_gbps, check):
 
         def fla():  # fresh sequences (zero initial state); final states scattered into the pool
             o, ht = chunk_simple_gla(
-                q[None],
-                k[None],
-                v[None],
+                qc[None],
+                kc[None],
+                vc[None],
                 g_gamma=g_gamma,
                 scale=scale,
                 initial_state=torch.zeros_like(pool),
@@ -176,7 +179,6 @@ def prefill_rows(name, lengths, H, mods, copy_gbps, check):
             q_lengths=(cu[1:] - cu[:-1]).contiguous(),
             s_scales=torch.zeros(N, device="cuda", dtype=torch.int32),
         )
-        qc, kc, vc = (x.contiguous() for x in (q, k, v))  # seg_la takes one token stride for a contiguous [T, H, D]
         runs["sglang seg_la"] = (lambda: seg.seg_la_fwd(qc, kc, vc, pool, rate, meta, softmax_scale=scale), True)
     if "vllm" in mods:
         light = mods["vllm"]
@@ -302,22 +304,24 @@ def backward_rows(name, T, H, copy_gbps):
 
     rate = decay_rates(preset_config("ring-mini-linear-2.0"), 0).cuda()[:H]
     cu = torch.tensor([0, T], device="cuda", dtype=torch.int32)
-    q, k, v = (x.detach().requires_grad_() for x in fused_qkv(T, H))
+    q, k, v = (x.detach().requires_grad_() for x in fused_qkv(T, H))  # ours: strided views, as the model has
+    qc, kc, vc = (x.detach().contiguous().requires_grad_() for x in (q, k, v))  # fla: contiguous (its fast case)
     do = torch.randn(T, H, D, device="cuda", dtype=torch.bfloat16)
     scale = D**-0.5
-    runs = {"ours": lambda: linear_attention_varlen_triton(q, k, v, rate, scale, cu)[0]}
+    runs = {"ours": (lambda: linear_attention_varlen_triton(q, k, v, rate, scale, cu)[0], (q, k, v))}
     try:
         from fla.ops.simple_gla import chunk_simple_gla
 
-        runs["fla chunk_simple_gla"] = lambda: chunk_simple_gla(q[None], k[None], v[None], g_gamma=-rate, scale=scale)[
-            0
-        ][0]
+        runs["fla chunk_simple_gla"] = (
+            lambda: chunk_simple_gla(qc[None], kc[None], vc[None], g_gamma=-rate, scale=scale)[0][0],
+            (qc, kc, vc),
+        )
     except ImportError:
         pass
     rows, min_bytes = [], T * H * D * 2 * 7
-    for provider, forward in runs.items():
+    for provider, (forward, leaves) in runs.items():
         fwd_us, how_f = bench(lambda f=forward: f(), True)
-        both_us, how_b = bench(lambda f=forward: torch.autograd.grad(f(), (q, k, v), do), True)
+        both_us, how_b = bench(lambda f=forward, x=leaves: torch.autograd.grad(f(), x, do), True)
         us = both_us - fwd_us
         gbps = min_bytes / (us * 1e-6) / 1e9
         rows.append(Row(name, provider, us, gbps, 100 * gbps / copy_gbps, how_b if how_f == how_b else "mixed"))
