@@ -1,7 +1,39 @@
-"""vLLM adapter for Ring-linear-2.0 (not yet implemented: see the vLLM adapter issue).
+"""vLLM plugin for Ring-linear-2.0 (`BailingMoeLinearV2ForCausalLM`, model type `bailing_moe_linear`).
 
-The package exists so the distribution layout is fixed; it exports nothing until `register()` and
-the model file land together.
+vLLM loads `register()` through the `vllm.general_plugins` entry point in every process it starts (API
+server, engine core, each worker, the registry-inspection subprocess), so `vllm serve
+inclusionAI/Ring-mini-linear-2.0` works with no flag and no `--trust-remote-code`.
 """
 
-__all__: list[str] = []
+from __future__ import annotations
+
+ARCHITECTURES = (
+    "BailingMoeLinearV2ForCausalLM",  # the released Ring-mini/flash-linear-2.0 checkpoints
+    "BailingMoeLinearForCausalLM",  # aliases the authors' own engine accepted
+    "BailingMoELinearForCausalLM",
+)
+MODEL_CLASS = "ring_linear_vllm.model:RingLinearForCausalLM"  # lazy: no CUDA, no model import at registration
+
+__all__ = ["ARCHITECTURES", "MODEL_CLASS", "register"]
+
+
+def register() -> None:
+    """Register the config class, the architectures and the engine-config hook; safe to call repeatedly.
+
+    Architectures vLLM already knows are left alone (vLLM's own plugin convention: never override).
+    """
+    from transformers import AutoConfig
+    from vllm import ModelRegistry
+
+    from common_kernels.config import RingLinearConfig
+
+    from .compat import models_config_map
+    from .engine_config import RingLinearEngineConfig
+
+    AutoConfig.register(RingLinearConfig.model_type, RingLinearConfig, exist_ok=True)
+    known = set(ModelRegistry.get_supported_archs())
+    hooks = models_config_map()
+    for arch in ARCHITECTURES:
+        if arch not in known:
+            ModelRegistry.register_model(arch, MODEL_CLASS)
+        hooks.setdefault(arch, RingLinearEngineConfig)

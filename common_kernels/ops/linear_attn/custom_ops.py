@@ -43,11 +43,14 @@ def linear_attention_decode_op(
     state_pool: torch.Tensor,
     slots: torch.Tensor,
     tokens_per_seq: int = 1,
+    fresh: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`linear_attention_decode` as a custom op (arguments as there)."""
-    return linear_attention_decode(q, k, v, decay_rate, scale, state_pool, slots, tokens_per_seq=tokens_per_seq)
+    return linear_attention_decode(
+        q, k, v, decay_rate, scale, state_pool, slots, tokens_per_seq=tokens_per_seq, fresh=fresh
+    )
 
 
 @linear_attention_decode_op.register_fake
-def _(q, k, v, decay_rate, scale, state_pool, slots, tokens_per_seq=1):
+def _(q, k, v, decay_rate, scale, state_pool, slots, tokens_per_seq=1, fresh=None):
     return q.new_empty((q.shape[0], q.shape[1], v.shape[-1]))

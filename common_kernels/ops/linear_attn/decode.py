@@ -19,10 +19,10 @@ from .triton_utils import check_pool, check_qkv
 
 @triton.jit
 def _decode_kernel(
-    q, k, v, o, pool, slots, rate, scale,
+    q, k, v, o, pool, slots, fresh, rate, scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     stride_pp, stride_ph, T_SEQ,
-    K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, HAS_FRESH: tl.constexpr,
 ):  # fmt: skip
     i_b, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_k = tl.arange(0, K)
@@ -34,7 +34,10 @@ def _decode_kernel(
             tl.store(o + (row0 + t) * stride_ot + i_h * stride_oh + o_v, tl.zeros([BV], dtype=o.dtype.element_ty))
         return
     p_s = pool + slot * stride_pp + i_h * stride_ph + o_k[:, None] * V + o_v[None, :]
-    b_s = tl.load(p_s)  # [K, BV] fp32
+    b_s = tl.load(p_s).to(tl.float32)  # [K, BV]; a bf16 pool is widened, the math stays fp32
+    if HAS_FRESH:  # noqa: SIM102 - a compile-time branch around a runtime one
+        if tl.load(fresh + i_b) != 0:  # a new sequence: its slot may hold a finished request's state
+            b_s = tl.zeros([K, BV], dtype=tl.float32)
     lam = tl.exp(-tl.load(rate + i_h).to(tl.float32))
     for t in range(0, T_SEQ):
         row = row0 + t
@@ -44,7 +47,7 @@ def _decode_kernel(
         b_s = b_s * lam + b_k[:, None] * b_v[None, :]
         b_o = tl.sum(b_q[:, None] * b_s, axis=0) * scale
         tl.store(o + row * stride_ot + i_h * stride_oh + o_v, b_o.to(o.dtype.element_ty))
-    tl.store(p_s, b_s)
+    tl.store(p_s, b_s.to(pool.dtype.element_ty))
 
 
 def linear_attention_decode(
@@ -56,6 +59,7 @@ def linear_attention_decode(
     state_pool: torch.Tensor,
     slots: torch.Tensor,
     tokens_per_seq: int = 1,
+    fresh: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     block_v: int | None = None,
     num_warps: int = 2,
@@ -66,8 +70,10 @@ def linear_attention_decode(
         q, k: `[B * tokens_per_seq, H, K]`; v: `[B * tokens_per_seq, H, V]` (sequence b owns rows
             `b*tokens_per_seq .. (b+1)*tokens_per_seq - 1`), any token/head strides.
         decay_rate: `[H]`; scale: multiplies q.
-        state_pool: `[P, H, K, V]` fp32.
+        state_pool: `[P, H, K, V]` fp32 (bf16 accepted on explicit request: rounded once per step, drifts).
         slots: `[B]` int pool indices, `-1` = padded row (pool untouched, output zero).
+        fresh: optional `[B]` bool/int, nonzero = start from a zero state instead of the pool's (a
+            one-token prompt that an engine schedules as a decode). Default: every row continues.
         out: optional preallocated output `[B * tokens_per_seq, H, V]` (for CUDA graphs).
         block_v, num_warps: V-tile width and warps; by default 16-column tiles while there are few
             (sequence, head) pairs, so small batches still spread over the SMs, else 64 (H200 sweep).
@@ -82,6 +88,8 @@ def linear_attention_decode(
     B = T // tokens_per_seq
     if slots.shape != (B,):
         raise ValueError(f"linear_attention_decode: slots must be [{B}], got {tuple(slots.shape)}")
+    if fresh is not None and fresh.shape != (B,):
+        raise ValueError(f"linear_attention_decode: fresh must be [{B}], got {tuple(fresh.shape)}")
     o = torch.empty((T, H, V), dtype=q.dtype, device=q.device) if out is None else out
     if o.shape != (T, H, V) or o.stride(-1) != 1:
         raise ValueError(f"linear_attention_decode: out must be [{T}, {H}, {V}] with unit last stride")
@@ -89,9 +97,10 @@ def linear_attention_decode(
     if B == 0:
         return o
     _decode_kernel[(B, H, V // BV)](
-        q, k, v, o, state_pool, slots, decay_rate.to(device=q.device, dtype=torch.float32).contiguous(), scale,
+        q, k, v, o, state_pool, slots, slots if fresh is None else fresh,
+        decay_rate.to(device=q.device, dtype=torch.float32).contiguous(), scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
         state_pool.stride(0), state_pool.stride(1), tokens_per_seq,
-        K, V, BV, num_warps=num_warps,
+        K, V, BV, fresh is not None, num_warps=num_warps,
     )  # fmt: skip
     return o

@@ -77,10 +77,10 @@ def _segment_scan_kernel(
     p_pool = pool + slot * stride_pp + i_h * stride_ph + o_k[:, None] * V + o_v[None, :]
     b_s = tl.zeros([K, BV], dtype=tl.float32)
     if (slot >= 0) and (tl.load(fresh + i_n) == 0):
-        b_s = tl.load(p_pool)
+        b_s = tl.load(p_pool).to(tl.float32)
     n_seg = tl.load(nseg + i_n)
     if (n_seg == 0) and (slot >= 0):  # an empty sequence hands back its (possibly fresh) initial state
-        tl.store(p_pool, b_s)
+        tl.store(p_pool, b_s.to(pool.dtype.element_ty))
     seg_decay = tl.exp(-tl.load(rate + i_h).to(tl.float32) * SEG)
     first = tl.load(seg_first + i_n)
     for j in range(0, n_seg):
@@ -136,7 +136,8 @@ def _segment_forward_kernel(
         b_s = b_s * tl.exp(-b_rate * c) + tl.dot(tl.trans(b_kd), b_v, input_precision=DOT_PRECISION)
     slot = tl.load(slots + i_n).to(tl.int64)
     if (i_j == tl.load(nseg + i_n) - 1) and (slot >= 0):
-        tl.store(pool + slot * stride_pp + i_h * stride_ph + o_k[:, None] * V + o_v[None, :], b_s)
+        p_pool = pool + slot * stride_pp + i_h * stride_ph + o_k[:, None] * V + o_v[None, :]
+        tl.store(p_pool, b_s.to(pool.dtype.element_ty))
 
 
 def _segment_size(T: int, H: int, NV: int, chunk: int, target_programs: int = TARGET_PROGRAMS) -> int:
@@ -169,8 +170,8 @@ def linear_attention_prefill(
         decay_rate: `[H]`, per-token decay `exp(-decay_rate)`.
         scale: multiplies q.
         cu_seqlens: `[N+1]` int offsets on the device (read on the device only).
-        state_pool: `[P, H, K, V]` fp32; sequence n starts from `state_pool[slots[n]]` and its final
-            state is written back there.
+        state_pool: `[P, H, K, V]` fp32 (bf16 accepted on explicit request); sequence n starts from
+            `state_pool[slots[n]]` and its final state is written back there.
         slots: `[N]` int pool indices; `-1` runs the sequence from a zero state and stores nothing.
         fresh: `[N]` bool/int, nonzero = start from zero instead of reading the pool (a new request whose
             slot holds stale memory). Default: all fresh.

@@ -38,8 +38,8 @@ def check_qkv(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
 def check_pool(name: str, state_pool: torch.Tensor, H: int, K: int, V: int) -> None:
     if state_pool.dim() != 4 or tuple(state_pool.shape[1:]) != (H, K, V):
         raise ValueError(f"{name}: state_pool must be [P, {H}, {K}, {V}], got {tuple(state_pool.shape)}")
-    if state_pool.dtype != torch.float32:
-        raise ValueError(f"{name}: state_pool must be float32 (a bf16 state drifts), got {state_pool.dtype}")
+    if state_pool.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"{name}: state_pool must be float32 (or bf16 on explicit request), got {state_pool.dtype}")
     if state_pool.stride(-1) != 1 or state_pool.stride(-2) != V:
         raise ValueError(f"{name}: each state_pool[p, h] must be a contiguous [K, V] matrix")
 

@@ -99,7 +99,7 @@ def test_prefill_default_segmentation_and_rejected_inputs():
     o_ref, _ = linear_attention_varlen(q.double(), k.double(), v.double(), rate.double(), 0.25, cu.cpu())
     assert_rel_rms("o", o_ref, o, 1e-5)
     with pytest.raises(ValueError, match="float32"):
-        linear_attention_prefill(q, k, v, rate, 0.25, cu, pool.bfloat16(), torch.tensor([0, 1], device=DEVICE))
+        linear_attention_prefill(q, k, v, rate, 0.25, cu, pool.half(), torch.tensor([0, 1], device=DEVICE))
     with pytest.raises(ValueError, match="slots must be"):
         linear_attention_prefill(q, k, v, rate, 0.25, cu, pool, torch.tensor([0], device=DEVICE))
     with pytest.raises(ValueError, match="powers of two"):
@@ -108,22 +108,25 @@ def test_prefill_default_segmentation_and_rejected_inputs():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("tokens_per_seq", [1, 3])
-def test_decode_matches_reference_in_place_and_skips_padding(tokens_per_seq, dtype):
+@pytest.mark.parametrize("with_fresh", [False, True], ids=["continue", "fresh-rows"])
+def test_decode_matches_reference_in_place_and_skips_padding(tokens_per_seq, dtype, with_fresh):
     B, H, K, V = 4, 2, 16, 32
     q, k, v = fused_qkv(B * tokens_per_seq, H, K, V, dtype)
     rate = rates_for(H, "mixed").to(DEVICE)
     pool = torch.randn(6, H, K, V, device=DEVICE)
     slots = torch.tensor([4, -1, 1, 0], device=DEVICE)
+    fresh = torch.tensor([0, 1, 1, 0], dtype=torch.int8, device=DEVICE) if with_fresh else None
     updated = pool.clone()
-    o = linear_attention_decode(q, k, v, rate, 0.25, updated, slots, tokens_per_seq=tokens_per_seq)
+    o = linear_attention_decode(q, k, v, rate, 0.25, updated, slots, tokens_per_seq=tokens_per_seq, fresh=fresh)
     tol = 1e-5 if dtype == torch.float32 else BF16_TOL
     for b, s in enumerate(slots.tolist()):
         rows = slice(b * tokens_per_seq, (b + 1) * tokens_per_seq)
         if s < 0:
             assert torch.equal(o[rows], torch.zeros_like(o[rows]))
             continue
+        initial = torch.zeros_like(pool[s]) if fresh is not None and fresh[b] else pool[s]  # fresh: stale slot ignored
         o_ref, s_ref = linear_attention_recurrent(
-            q[rows].double(), k[rows].double(), v[rows].double(), rate.double(), 0.25, pool[s].double()
+            q[rows].double(), k[rows].double(), v[rows].double(), rate.double(), 0.25, initial.double()
         )
         assert_rel_rms(f"o[{b}]", o_ref, o[rows], tol)
         assert_rel_rms(f"state[{b}]", s_ref, updated[s], 1e-5)
@@ -140,10 +143,34 @@ def test_decode_rejects_bad_arguments():
         linear_attention_decode(q, k, v, rate, 0.25, pool, torch.arange(2, device=DEVICE), tokens_per_seq=2)
     with pytest.raises(ValueError, match=r"state_pool must be \[P, 2, 16, 16\]"):
         linear_attention_decode(q, k, v, rate, 0.25, pool[:, :1], torch.arange(6, device=DEVICE))
+    with pytest.raises(ValueError, match=r"fresh must be \[6\]"):
+        linear_attention_decode(q, k, v, rate, 0.25, pool, torch.arange(6, device=DEVICE), fresh=torch.ones(2))
     with pytest.raises(ValueError, match="unit stride"):
         linear_attention_decode(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), rate, 0.25, pool, torch.arange(6, device=DEVICE)
         )
+
+
+def test_bf16_pool_on_request_matches_the_fp32_pool_up_to_state_rounding():
+    """An engine user may ask for a bf16 state; the kernels then widen it on load and round it on store."""
+    H, K, V = 2, 16, 16
+    cu = torch.tensor([0, 20, 50], device=DEVICE)
+    q, k, v = fused_qkv(50 + 2, H, K, V, torch.float32)
+    rate = rates_for(H, "mixed").to(DEVICE)
+    slots = torch.tensor([1, 0], device=DEVICE)
+    pools = {dtype: (torch.randn(2, H, K, V, device=DEVICE) * 0.1).to(dtype) for dtype in (torch.float32,)}
+    pools[torch.bfloat16] = pools[torch.float32].bfloat16()
+    pools[torch.float32] = pools[torch.bfloat16].float()  # the same starting values in both pools
+    outs = {}
+    for dtype, pool in pools.items():
+        fresh = torch.tensor([0, 1], dtype=torch.int8, device=DEVICE)
+        o_p = linear_attention_prefill(q[:50], k[:50], v[:50], rate, 0.25, cu, pool, slots, fresh)
+        o_d = linear_attention_decode(q[50:], k[50:], v[50:], rate, 0.25, pool, slots)
+        outs[dtype] = (o_p, o_d, pool.float())
+    names = ("prefill o", "decode o", "state")
+    for got, want, name in zip(outs[torch.bfloat16], outs[torch.float32], names, strict=True):
+        assert_rel_rms(name, want.double(), got, 1e-2)
+    assert pools[torch.bfloat16].dtype == torch.bfloat16
 
 
 def test_prefill_then_decode_continues_the_same_sequences():

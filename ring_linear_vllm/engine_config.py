@@ -1,0 +1,42 @@
+"""Engine-config checks vLLM runs for our architectures before it builds anything (`MODELS_CONFIG_MAP`)."""
+
+from __future__ import annotations
+
+from vllm.logger import init_logger
+from vllm.model_executor.models.config import VerifyAndUpdateConfig
+
+from common_kernels.config import RingLinearConfig
+
+logger = init_logger(__name__)
+
+
+class RingLinearEngineConfig(VerifyAndUpdateConfig):
+    """Refuse what cannot run (a TP size the heads or norm groups cannot split, speculative decoding),
+    default the LM head to fp32 and turn off hybrid prefix caching (not verified exact for the linear state)."""
+
+    @classmethod
+    def verify_and_update_config(cls, vllm_config) -> None:
+        config = vllm_config.model_config.hf_config
+        if not isinstance(config, RingLinearConfig):
+            raise TypeError(
+                f"ring-linear: expected the model config to parse as RingLinearConfig "
+                f"(model_type 'bailing_moe_linear'), got {type(config).__name__}; is the plugin's register() loaded?"
+            )
+        config.check_tensor_parallel(vllm_config.parallel_config.tensor_parallel_size)
+        if vllm_config.speculative_config is not None:
+            raise ValueError(
+                "ring-linear: speculative decoding is not supported for Ring-linear-2.0 yet "
+                "(the linear-attention state would need one copy per draft token); drop --speculative-config"
+            )
+        if getattr(config, "head_dtype", None) is None:
+            # an fp32 LM head, as trained (paper) and as the shim computes logprobs;
+            # `--hf-overrides '{"head_dtype": "model"}'` restores vLLM's default
+            config.head_dtype = "float32"
+        cache_config = vllm_config.cache_config
+        if cache_config.enable_prefix_caching:
+            logger.warning(
+                "ring-linear: prefix caching is turned off for %s: hybrid 'align' mode is not verified "
+                "exact for the linear-attention state",
+                vllm_config.model_config.architecture,
+            )
+            cache_config.enable_prefix_caching = False

@@ -1,0 +1,122 @@
+"""Registration: entry point, architectures, config class, engine-config hook, without trust_remote_code."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from common_kernels import RingLinearConfig  # noqa: E402
+from ring_linear_vllm import ARCHITECTURES, MODEL_CLASS  # noqa: E402
+
+RELEASED_CONFIG = Path(__file__).parents[1] / "data" / "ring-mini-linear-2.0.config.json"
+
+FRESH_PROCESS_CHECK = """
+import json
+from importlib.metadata import entry_points
+plugins = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
+from vllm.plugins import load_general_plugins
+load_general_plugins()
+from transformers import AutoConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from vllm import ModelRegistry
+from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+archs = ModelRegistry.get_supported_archs()
+print(json.dumps({
+    "entry_point": plugins.get("ring_linear"),
+    "registered": [a for a in %r if a in archs],
+    "config_class": CONFIG_MAPPING["bailing_moe_linear"].__name__,
+    "hook": {a: MODELS_CONFIG_MAP[a].__name__ for a in %r if a in MODELS_CONFIG_MAP},
+    "lazy": str(ModelRegistry.models["BailingMoeLinearV2ForCausalLM"]),
+}))
+"""
+
+
+def test_fresh_process_discovers_the_entry_point_and_registers_everything():
+    """What every vLLM process (API server, engine core, workers) does at start-up, in a new interpreter."""
+    code = FRESH_PROCESS_CHECK % (ARCHITECTURES, ARCHITECTURES)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["entry_point"] == "ring_linear_vllm:register"
+    assert report["registered"] == list(ARCHITECTURES)
+    assert report["config_class"] == "RingLinearConfig"
+    assert set(report["hook"].values()) == {"RingLinearEngineConfig"} and len(report["hook"]) == len(ARCHITECTURES)
+    assert "ring_linear_vllm.model" in report["lazy"]  # registered lazily: no model import at start-up
+
+
+def test_register_is_idempotent_and_never_overrides_a_known_architecture(vllm_env, monkeypatch):
+    from vllm import ModelRegistry
+
+    from ring_linear_vllm import register
+
+    before = dict(ModelRegistry.models)
+    register()
+    register()
+    assert dict(ModelRegistry.models) == before
+    # an architecture vLLM already serves (say, a future native registration) is left alone
+    monkeypatch.setitem(ModelRegistry.models, ARCHITECTURES[0], before["BailingMoeV2_5ForCausalLM"])
+    register()
+    assert ModelRegistry.models[ARCHITECTURES[0]] is before["BailingMoeV2_5ForCausalLM"]
+    assert MODEL_CLASS.count(":") == 1
+
+
+def test_model_inspection_reports_a_hybrid_pp_model_with_inner_state(vllm_env):
+    """vLLM inspects the lazy class in a subprocess (no CUDA); what it learns drives the hybrid cache."""
+    from vllm import ModelRegistry
+
+    info = ModelRegistry.models["BailingMoeLinearV2ForCausalLM"].inspect_model_cls()
+    assert info.is_hybrid and info.has_inner_state and info.supports_pp
+
+
+@pytest.fixture
+def released_dir(tmp_path):
+    """The released Ring-mini-linear-2.0 config.json, verbatim (auto_map and all), with no modeling code."""
+    shutil.copy(RELEASED_CONFIG, tmp_path / "config.json")
+    assert "auto_map" in json.loads(RELEASED_CONFIG.read_text())
+    return tmp_path
+
+
+def test_released_config_parses_through_vllm_without_trust_remote_code(vllm_tools, released_dir):
+    cfg = vllm_tools.engine_config(released_dir, dtype="bfloat16", trust_remote_code=False)
+    assert isinstance(cfg.model_config.hf_config, RingLinearConfig)
+    assert cfg.model_config.architecture == "BailingMoeLinearV2ForCausalLM"
+    assert cfg.model_config.is_hybrid
+    assert cfg.model_config.head_dtype == torch.float32  # fp32 LM head by default (paper, RL consistency)
+
+    from ring_linear_vllm.model import RingLinearForCausalLM
+
+    assert RingLinearForCausalLM.get_mamba_state_shape_from_config(cfg) == ((16, 128, 128),)
+    assert RingLinearForCausalLM.get_mamba_state_dtype_from_config(cfg) == (torch.float32,)  # "auto" means fp32
+
+
+def test_state_dtype_follows_an_explicit_mamba_cache_dtype(vllm_tools, released_dir):
+    from ring_linear_vllm.model import RingLinearForCausalLM
+
+    cfg = vllm_tools.engine_config(released_dir, dtype="bfloat16", mamba_cache_dtype="bfloat16")
+    assert RingLinearForCausalLM.get_mamba_state_dtype_from_config(cfg) == (torch.bfloat16,)
+
+
+def test_prefix_caching_is_turned_off(vllm_tools, released_dir):
+    cfg = vllm_tools.engine_config(released_dir, dtype="bfloat16", enable_prefix_caching=True)
+    assert not cfg.cache_config.enable_prefix_caching
+    assert cfg.cache_config.mamba_cache_mode == "none"
+
+
+def test_a_tensor_parallel_size_the_model_cannot_split_is_refused(vllm_tools, released_dir):
+    from common_kernels import RingLinearConfigError
+    from ring_linear_vllm.engine_config import RingLinearEngineConfig
+
+    cfg = vllm_tools.engine_config(released_dir, dtype="bfloat16")
+    cfg.parallel_config.tensor_parallel_size = 8  # 16 heads split, but 4 output-norm groups do not
+    with pytest.raises(RingLinearConfigError, match=r"group_norm_size=4.*use one of \[1, 2, 4\]"):
+        RingLinearEngineConfig.verify_and_update_config(cfg)
+    cfg.parallel_config.tensor_parallel_size = 3
+    with pytest.raises(RingLinearConfigError, match=r"num_attention_heads=16"):
+        RingLinearEngineConfig.verify_and_update_config(cfg)
