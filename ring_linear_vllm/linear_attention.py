@@ -153,18 +153,12 @@ class RingLinearAttention(nn.Module, MambaBase):
         nd = metadata.num_decode_tokens
         parts = []
         if metadata.num_decodes > 0:
-            parts.append(
-                linear_attention_decode(
-                    q[:nd],
-                    k[:nd],
-                    v[:nd],
-                    self.decay_rate,
-                    scale,
-                    pool,
-                    metadata.state_indices_tensor_d,
-                    fresh=metadata.decode_fresh,
-                )  # fmt: skip
-            )
+            slots = metadata.state_indices_tensor_d  # one token per decode; -1 marks CUDA-graph padding
+            B = slots.shape[0]
+            fresh = metadata.decode_fresh
+            parts.append(linear_attention_decode(q[:B], k[:B], v[:B], self.decay_rate, scale, pool, slots, fresh=fresh))
+            if nd > B:  # padded tokens beyond the padded requests: no state, zero output
+                parts.append(v.new_zeros((nd - B, *v.shape[1:])))
         if metadata.num_prefills > 0:
             parts.append(
                 linear_attention_prefill(
@@ -178,7 +172,7 @@ class RingLinearAttention(nn.Module, MambaBase):
                     metadata.state_indices_tensor_p,
                     metadata.prefill_fresh,
                     max_seqlen=metadata.prefill_max_seqlen,
-                )  # fmt: skip
+                )
             )
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 

@@ -1,0 +1,188 @@
+"""End to end on a GPU through `vllm.LLM` and `vllm serve`, against the training shim.
+
+Run on the GPU machine (vLLM staged per shared/gpu-env) with `-m gpu`. The tiny checkpoint is the trained
+one from `ring-linear demo` when RING_LINEAR_TINY_CHECKPOINT points at it, else one trained here.
+Measured differences are printed (pytest -s) as well as asserted.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from common_kernels import RingLinearForCausalLM  # noqa: E402
+from common_kernels.tiny.task import make_sample  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+RELEASED_CONFIG = Path(__file__).parents[1] / "data" / "ring-mini-linear-2.0.config.json"
+
+
+@pytest.fixture(scope="module")
+def tiny_trained(tmp_path_factory) -> Path:
+    given = os.environ.get("RING_LINEAR_TINY_CHECKPOINT")
+    if given:
+        return Path(given)
+    from common_kernels.tiny.train import make_tiny_checkpoint, train
+
+    path = tmp_path_factory.mktemp("tiny-trained")
+    make_tiny_checkpoint(path / "init")
+    train(path / "init", path / "trained", steps=600)
+    return path / "trained"
+
+
+def recall_prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
+    """Recall prompts of 2-12 pairs (12-70 tokens): the trained task and longer variants."""
+    rng = random.Random(seed)
+    return [tokenizer(make_sample(rng, num_pairs=rng.randint(2, 12), num_queries=2).prompt).input_ids for _ in range(n)]
+
+
+def make_llm(model: Path, **kwargs):
+    from vllm import LLM
+
+    settings = {
+        "model": str(model),
+        "dtype": "float32",
+        "max_model_len": 512,
+        "max_num_seqs": 64,
+        "gpu_memory_utilization": 0.25,
+        "seed": 0,
+        "skip_tokenizer_init": True,  # token ids in and out; the server test covers the tokenizer
+        "enforce_eager": True,  # fast start-up; the CUDA-graph tests ask for graphs
+    } | kwargs
+    return LLM(**settings)
+
+
+def free(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def generate(llm, prompts: list[list[int]], max_tokens: int, **sampling) -> list:
+    from vllm import SamplingParams, TokensPrompt
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **sampling)
+    return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_greedy_tokens_and_prompt_logprobs_match_the_shim(tiny_trained, dtype):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_trained)
+    prompts = recall_prompts(tokenizer, 16)
+    torch_dtype = getattr(torch, dtype)
+    shim = RingLinearForCausalLM.from_pretrained(tiny_trained, dtype=torch_dtype, device="cuda")
+    with torch.no_grad():
+        want_tokens = shim.generate(prompts, max_new_tokens=12)
+        want_logprobs = [shim.token_logprobs(torch.tensor(p, device="cuda")).cpu() for p in prompts]
+    llm = make_llm(tiny_trained, dtype=dtype)
+    outs = generate(llm, prompts, 12, prompt_logprobs=0)
+    free(llm)
+    diffs = []
+    for out, want in zip(outs, want_logprobs, strict=True):
+        got = [next(iter(d.values())).logprob if d else 0.0 for d in out.prompt_logprobs]
+        diffs.append((torch.tensor(got[1:]) - want[1:]).abs())
+    diffs = torch.cat(diffs)
+    got_tokens = [list(o.outputs[0].token_ids) for o in outs]
+    same = sum(g == w for g, w in zip(got_tokens, want_tokens, strict=True))
+    print(
+        f"\n[{dtype}] prompt logprobs vs shim over {diffs.numel()} tokens: max {diffs.max():.2e}, "
+        f"mean {diffs.mean():.2e}; greedy continuations equal: {same}/{len(prompts)}"
+    )
+    assert got_tokens == want_tokens
+    assert diffs.max() < (2e-3 if dtype == "float32" else 6e-2)
+
+
+def test_concurrent_mixed_lengths_equal_one_at_a_time(tiny_trained):
+    """64 requests of 1-400 tokens, chunked prefill of 64-token chunks, mixed prefill/decode steps."""
+    rng = random.Random(1)
+    lengths = [1, 2, 63, 64, 65, 400] + [rng.randint(1, 300) for _ in range(58)]
+    prompts = [[rng.randrange(3, 64) for _ in range(n)] for n in lengths]
+    llm = make_llm(tiny_trained, max_num_batched_tokens=64, enable_chunked_prefill=True, enforce_eager=False)
+    together = [list(o.outputs[0].token_ids) for o in generate(llm, prompts, 16)]
+    alone = [list(generate(llm, [p], 16)[0].outputs[0].token_ids) for p in prompts]
+    again = [list(o.outputs[0].token_ids) for o in generate(llm, prompts, 16)]  # reused slots start clean
+    free(llm)
+    differ = [i for i in range(len(prompts)) if together[i] != alone[i]]
+    print(f"\n64 concurrent vs one at a time: {len(prompts) - len(differ)}/64 equal; differing lengths {differ}")
+    assert not differ
+    assert again == together
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_openai_server_smoke(tiny_trained, tmp_path):
+    port = _free_port()
+    log = (tmp_path / "serve.log").open("w")
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(tiny_trained), "--port", str(port)]
+    cmd += ["--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.25", "--enforce-eager"]
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 600
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.time() < deadline, "server did not come up"
+            time.sleep(2)
+        body = {"model": str(tiny_trained), "prompt": "a1 b2 c3|b:", "max_tokens": 4, "temperature": 0, "logprobs": 1}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as r:
+            reply = json.loads(r.read())
+        print("\nserve reply:", reply["choices"][0]["text"], reply["choices"][0]["logprobs"]["token_logprobs"])
+        assert reply["choices"][0]["text"] and len(reply["choices"][0]["logprobs"]["token_logprobs"]) == 4
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
+def test_ring_mini_dummy_weights_serve_a_32k_prompt_with_cuda_graphs(tmp_path):
+    """The real Ring-mini-linear-2.0 shapes (dummy weights), torch.compile + CUDA graphs, a 32K-token prompt."""
+    shutil.copy(RELEASED_CONFIG, tmp_path / "config.json")
+    llm = make_llm(
+        tmp_path,
+        dtype="bfloat16",
+        load_format="dummy",
+        max_model_len=32768 + 64,
+        max_num_seqs=8,
+        max_num_batched_tokens=8192,
+        gpu_memory_utilization=0.85,
+        enforce_eager=False,
+    )
+    rng = random.Random(2)
+    prompt = [rng.randrange(1000, 150000) for _ in range(32768)]
+    start = time.time()
+    out = generate(llm, [prompt, prompt[:100]], 32, logprobs=1)
+    elapsed = time.time() - start
+    free(llm)
+    for o in out:
+        assert len(o.outputs[0].token_ids) == 32
+        logprobs = [next(iter(d.values())).logprob for d in o.outputs[0].logprobs]
+        assert all(lp == lp and lp <= 0 for lp in logprobs)  # no NaN
+    print(f"\nRing-mini dummy: 32K + 100-token prompts, 32 tokens each, {elapsed:.1f} s")
