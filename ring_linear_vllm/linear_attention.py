@@ -89,11 +89,14 @@ class RingLinearAttention(nn.Module, MambaBase):
         self.dense = RowParallelLinear(
             H * d, D, bias=False, quant_config=quant_config, reduce_results=True, prefix=f"{prefix}.dense"
         )
-        rates = decay_rates(config, layer_idx, dtype=torch.float32)
+        # vLLM builds the model under its target device and never moves it: derived tables go there now, so
+        # no step copies them from the host (a copy inside CUDA-graph capture would fail)
+        device = torch.get_default_device()
+        rates = decay_rates(config, layer_idx, dtype=torch.float32, device=device)
         local = slice(tp_rank * self.num_local_heads, (tp_rank + 1) * self.num_local_heads)
         self.register_buffer("decay_rate", rates[local].contiguous(), persistent=False)
         inv_freq, self.rope_scaling = rotary_inv_freq(config)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
         self.kv_cache: tuple[torch.Tensor, ...] = (torch.tensor([]),)
 
         static_forward_context = get_current_vllm_config().compilation_config.static_forward_context

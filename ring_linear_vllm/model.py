@@ -232,7 +232,7 @@ class RingLinearModel(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if pp.is_last_rank else PPMissingLayer()
         inv_freq, self.rope_scaling = rotary_inv_freq(config)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", inv_freq.to(torch.get_default_device()), persistent=False)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.word_embeddings(input_ids)

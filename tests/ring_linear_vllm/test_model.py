@@ -75,4 +75,7 @@ def test_declared_state_matches_each_linear_layer(built):
         assert layer.attention.get_attn_backend().get_name() == "RING_LINEAR_ATTN"
     rates = [layer.attention.decay_rate for layer in model.model.layers if hasattr(layer.attention, "decay_rate")]
     assert all(r.dtype == torch.float32 and r.shape == (4,) for r in rates)
+    weight_device = model.model.word_embeddings.weight.device
+    buffers = [(name, b.device) for name, b in model.named_buffers()]
+    assert all(d == weight_device for _, d in buffers), buffers  # no per-step host-to-device copies
     assert len({tuple(r.tolist()) for r in rates}) == len(config.linear_layer_ids)  # one decay schedule per layer
