@@ -28,6 +28,8 @@ from common_kernels import RingLinearForCausalLM  # noqa: E402
 from common_kernels.tiny.task import make_sample  # noqa: E402
 
 pytestmark = pytest.mark.gpu
+# the engine core must not fork a process whose parent may already hold a CUDA context (the shim runs here)
+os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 RELEASED_CONFIG = Path(__file__).parents[1] / "data" / "ring-mini-linear-2.0.config.json"
 
 
