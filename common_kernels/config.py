@@ -132,7 +132,8 @@ class RingLinearConfig(PretrainedConfig):
         self.use_qk_norm = use_qk_norm
         self.partial_rotary_factor = partial_rotary_factor
         self.rope_theta = rope_theta
-        self.rope_scaling = rope_scaling
+        if rope_scaling is not None:  # transformers >= 5.2x warns on any assignment (it aliases rope_parameters)
+            self.rope_scaling = rope_scaling
         self.max_position_embeddings = max_position_embeddings
         self.rms_norm_eps = rms_norm_eps
         self.hidden_act = hidden_act
@@ -191,7 +192,7 @@ class RingLinearConfig(PretrainedConfig):
 
     def rope_settings(self) -> RopeSettings:
         """Rotary settings from `rope_parameters` (transformers 5) or `rope_scaling` (transformers 4)."""
-        params = dict(getattr(self, "rope_parameters", None) or self.rope_scaling or {})
+        params = dict(getattr(self, "rope_parameters", None) or getattr(self, "rope_scaling", None) or {})
         kind = params.get("rope_type", params.get("type", "default")) or "default"
         factor = float(params.get("factor", 1.0) or 1.0)
         original = params.get("original_max_position_embeddings")

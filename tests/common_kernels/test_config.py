@@ -101,3 +101,15 @@ def test_bad_released_config_fails_at_parse_time(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(RingLinearConfigError, match="topk_group"):
         AutoConfig.from_pretrained(tmp_path)
+
+
+def test_tensor_parallel_sizes_must_split_heads_and_norm_groups():
+    config = preset_config("ring-mini-linear-2.0")  # 16 heads, 4 output-norm groups
+    for tp in (1, 2, 4):
+        config.check_tensor_parallel(tp)
+    with pytest.raises(RingLinearConfigError, match=r"size 8 .*group_norm_size=4.*use one of \[1, 2, 4\]"):
+        config.check_tensor_parallel(8)
+    with pytest.raises(RingLinearConfigError, match=r"size 3 .*num_attention_heads=16"):
+        config.check_tensor_parallel(3)
+    with pytest.raises(RingLinearConfigError, match="positive integer"):
+        config.check_tensor_parallel(0)
