@@ -112,9 +112,32 @@ def build_model(vllm_config):
         return VllmModel(vllm_config=vllm_config, prefix="")
 
 
+def common_metadata(query_lens: list[int], seq_lens: list[int], slots: list[int], device):
+    """vLLM's per-step batch description for requests already ordered decodes-first, one state slot each."""
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    query_start = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
+    return CommonAttentionMetadata(
+        query_start_loc=query_start.to(device),
+        query_start_loc_cpu=query_start,
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        num_reqs=len(query_lens),
+        num_actual_tokens=sum(query_lens),
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+        block_table_tensor=torch.tensor(slots, dtype=torch.int32, device=device)[:, None],
+        slot_mapping=torch.zeros(sum(query_lens), dtype=torch.int64, device=device),
+    )
+
+
 @pytest.fixture(scope="session")
 def vllm_tools(vllm_env):
     """The helpers above, for test modules (importlib import mode keeps conftest out of their namespace)."""
     from types import SimpleNamespace
 
-    return SimpleNamespace(engine_config=make_engine_config, single_rank=single_rank, build_model=build_model)
+    return SimpleNamespace(
+        engine_config=make_engine_config,
+        single_rank=single_rank,
+        build_model=build_model,
+        common_metadata=common_metadata,
+    )

@@ -3,26 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 pytest.importorskip("vllm")
-
-
-def _common_metadata(query_lens, seq_lens, slots, device):
-    from vllm.v1.attention.backend import CommonAttentionMetadata
-
-    query_start = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
-    return CommonAttentionMetadata(
-        query_start_loc=query_start.to(device),
-        query_start_loc_cpu=query_start,
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        num_reqs=len(query_lens),
-        num_actual_tokens=sum(query_lens),
-        max_query_len=max(query_lens),
-        max_seq_len=max(seq_lens),
-        block_table_tensor=torch.tensor(slots, dtype=torch.int32, device=device)[:, None],
-        slot_mapping=torch.zeros(sum(query_lens), dtype=torch.int64, device=device),
-    )
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +17,11 @@ def builder(vllm_tools, tiny_dir):
         return layer.get_attn_backend().get_builder_cls()(layer.get_kv_cache_spec(cfg), [layer.prefix], cfg, device)
 
 
-def test_mixed_batch_routes_each_request_to_its_slot(builder):
+def test_mixed_batch_routes_each_request_to_its_slot(builder, vllm_tools):
     device = builder.device
     # decodes first (vLLM reorders): a continuing sequence, then a one-token prompt; then a new prompt and
     # the second chunk of a chunked prefill
-    common = _common_metadata(query_lens=[1, 1, 7, 6], seq_lens=[10, 1, 7, 20], slots=[5, 2, 3, 0], device=device)
+    common = vllm_tools.common_metadata([1, 1, 7, 6], seq_lens=[10, 1, 7, 20], slots=[5, 2, 3, 0], device=device)
     meta = builder.build(0, common)
     assert (meta.num_decodes, meta.num_decode_tokens, meta.num_prefills, meta.num_prefill_tokens) == (2, 2, 2, 13)
     assert meta.state_indices_tensor_d.tolist() == [5, 2]
@@ -50,11 +32,11 @@ def test_mixed_batch_routes_each_request_to_its_slot(builder):
     assert meta.prefill_max_seqlen == 7
 
 
-def test_prefill_only_and_decode_only_batches(builder):
+def test_prefill_only_and_decode_only_batches(builder, vllm_tools):
     device = builder.device
-    meta = builder.build(0, _common_metadata([4, 3], [4, 9], [1, 6], device))
+    meta = builder.build(0, vllm_tools.common_metadata([4, 3], [4, 9], [1, 6], device))
     assert meta.num_decodes == 0 and meta.state_indices_tensor_p.tolist() == [1, 6]
     assert meta.prefill_cu_seqlens.tolist() == [0, 4, 7] and meta.prefill_fresh.tolist() == [1, 0]
-    meta = builder.build(0, _common_metadata([1, 1, 1], [3, 8, 1], [4, 0, 7], device))
+    meta = builder.build(0, vllm_tools.common_metadata([1, 1, 1], [3, 8, 1], [4, 0, 7], device))
     assert meta.num_prefills == 0 and meta.prefill_cu_seqlens is None
     assert meta.state_indices_tensor_d.tolist() == [4, 0, 7] and meta.decode_fresh.tolist() == [0, 0, 1]

@@ -18,23 +18,10 @@ from common_kernels.ops.rope.naive import rotary_cos_sin, rotary_inv_freq  # noq
 LAYER = 1  # a linear layer with an MoE MLP after it; the slot pool has stale values in every slot
 
 
-def _run_step(layer, cfg, hidden, positions, query_lens, seq_lens, slots, builder):
+def _run_step(layer, cfg, hidden, positions, query_lens, seq_lens, slots, builder, tools):
     from vllm.forward_context import set_forward_context
-    from vllm.v1.attention.backend import CommonAttentionMetadata
 
-    device = hidden.device
-    query_start = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
-    common = CommonAttentionMetadata(
-        query_start_loc=query_start.to(device),
-        query_start_loc_cpu=query_start,
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        num_reqs=len(query_lens),
-        num_actual_tokens=sum(query_lens),
-        max_query_len=max(query_lens),
-        max_seq_len=max(seq_lens),
-        block_table_tensor=torch.tensor(slots, dtype=torch.int32, device=device)[:, None],
-        slot_mapping=torch.zeros(sum(query_lens), dtype=torch.int64, device=device),
-    )
+    common = tools.common_metadata(query_lens, seq_lens, slots, hidden.device)
     metadata = builder.build(0, common)
     output = torch.zeros_like(hidden)
     with set_forward_context({layer.prefix: metadata}, cfg):
@@ -65,9 +52,9 @@ def test_mixed_prefill_decode_step_matches_the_shim(vllm_tools, tiny_dir):
             )
 
         h1, p1 = rows([("A", 0, 5), ("D", 0, 9)])  # step 1: two fresh prefills
-        _run_step(layer, cfg, h1, p1, [5, 9], [5, 9], [5, 0], builder)
+        _run_step(layer, cfg, h1, p1, [5, 9], [5, 9], [5, 0], builder, vllm_tools)
         h2, p2 = rows([("A", 5, 6), ("B", 0, 1), ("C", 0, 7), ("D", 9, 15)])  # step 2: mixed
-        got = _run_step(layer, cfg, h2, p2, [1, 1, 7, 6], [6, 1, 7, 15], [5, 2, 3, 0], builder)
+        got = _run_step(layer, cfg, h2, p2, [1, 1, 7, 6], [6, 1, 7, 15], [5, 2, 3, 0], builder, vllm_tools)
 
     # the shim's layer over the whole sequences, from zero states
     full = torch.cat([hidden[n] for n in lengths])
