@@ -89,26 +89,32 @@ def make_engine_config(model_dir, **engine_kwargs):
 
 
 @contextmanager
-def single_rank(vllm_config):
-    """A 1-rank process group and `vllm_config` as the current config, as model construction needs."""
+def single_rank(vllm_config, tp_size: int = 1, rank: int = 0, port: int | None = None):
+    """A process group (1 rank, or rank `rank` of `tp_size` over TCP `port`) and `vllm_config` as the current
+    config, as model construction needs. The group lives for the rest of the process."""
     from vllm.config import set_current_vllm_config
     from vllm.distributed import parallel_state as ps
 
     with set_current_vllm_config(vllm_config):
         if not ps.model_parallel_is_initialized():
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+            port = port or 29500 + os.getpid() % 1000
             backend = "nccl" if DEVICE == "cuda" else "gloo"
-            ps.init_distributed_environment(world_size=1, rank=0, local_rank=0, backend=backend)
-            ps.initialize_model_parallel(1, 1)
+            ps.init_distributed_environment(
+                world_size=tp_size,
+                rank=rank,
+                local_rank=rank,
+                distributed_init_method=f"tcp://127.0.0.1:{port}",
+                backend=backend,
+            )
+            ps.initialize_model_parallel(tp_size, 1)
         yield
 
 
-def build_model(vllm_config):
+def build_model(vllm_config, **group):
     """The plugin's model, constructed (uninitialised weights) on this machine's device."""
     from ring_linear_vllm.model import RingLinearForCausalLM as VllmModel
 
-    with single_rank(vllm_config), torch.device(DEVICE):
+    with single_rank(vllm_config, **group), torch.device(DEVICE):
         return VllmModel(vllm_config=vllm_config, prefix="")
 
 
@@ -140,4 +146,68 @@ def vllm_tools(vllm_env):
         single_rank=single_rank,
         build_model=build_model,
         common_metadata=common_metadata,
+        mixed_step_output=mixed_step_output,
+        mixed_step_reference=mixed_step_reference,
     )
+
+
+MIXED_LAYER = 1  # a linear layer (an MoE MLP follows); its slot pool starts with stale values in every slot
+STEP1 = [("A", 0, 5), ("D", 0, 9)]  # two fresh prefills
+STEP2 = [("A", 5, 6), ("B", 0, 1), ("C", 0, 7), ("D", 9, 15)]  # decode, 1-token prompt, new prompt, 2nd chunk
+LENGTHS = {"A": 6, "B": 1, "C": 7, "D": 15}
+SLOTS = {"A": 5, "B": 2, "C": 3, "D": 0}
+
+
+def mixed_step_output(model_dir, **group) -> torch.Tensor:
+    """The vLLM linear layer's output for STEP2 after STEP1 (rows of STEP2 in order), on CPU."""
+    from vllm.forward_context import set_forward_context
+
+    from common_kernels import RingLinearForCausalLM
+
+    world = group.get("tp_size", 1)
+    cfg = make_engine_config(model_dir)
+    cfg.parallel_config.tensor_parallel_size = world
+    model = build_model(cfg, **group)
+    shim = RingLinearForCausalLM.from_pretrained(model_dir)
+    layer = model.model.layers[MIXED_LAYER].attention
+    device = layer.decay_rate.device
+    hidden = _mixed_hidden(device)
+    with single_rank(cfg, **group):
+        model.load_weights(shim.state_dict().items())
+        generator = torch.Generator().manual_seed(7 + group.get("rank", 0))  # stale and different per rank
+        layer.kv_cache = (torch.randn(8, *layer.get_state_shape()[0], generator=generator).to(device),)
+        builder_cls = layer.get_attn_backend().get_builder_cls()
+        builder = builder_cls(layer.get_kv_cache_spec(cfg), [layer.prefix], cfg, device)
+        for step, seq_lens in ((STEP1, [5, 9]), (STEP2, [6, 1, 7, 15])):
+            rows = torch.cat([hidden[n][a:b] for n, a, b in step])
+            positions = torch.cat([torch.arange(a, b, device=device) for _, a, b in step])
+            query_lens = [b - a for _, a, b in step]
+            slots = [SLOTS[n] for n, _, _ in step]
+            metadata = builder.build(0, common_metadata(query_lens, seq_lens, slots, device))
+            output = torch.zeros_like(rows)
+            with set_forward_context({layer.prefix: metadata}, cfg):
+                layer(rows, output, positions)
+    return output.cpu()
+
+
+def mixed_step_reference(model_dir) -> torch.Tensor:
+    """The training shim's same layer over the whole sequences from zero states, STEP2's rows."""
+    from common_kernels import RingLinearForCausalLM
+    from common_kernels.model.layers import ForwardContext
+    from common_kernels.ops.rope.naive import rotary_cos_sin, rotary_inv_freq
+
+    shim = RingLinearForCausalLM.from_pretrained(model_dir, use_triton=False)  # the float references
+    hidden = _mixed_hidden("cpu")
+    full = torch.cat([hidden[n] for n in LENGTHS])
+    positions = torch.cat([torch.arange(L) for L in LENGTHS.values()])
+    cu = [0, *torch.tensor(list(LENGTHS.values())).cumsum(0).tolist()]
+    cos, sin = rotary_cos_sin(positions, *rotary_inv_freq(shim.config), torch.float32)
+    with torch.no_grad():
+        out = shim.model.layers[MIXED_LAYER].attention(full, ForwardContext(cu, torch.tensor(cu), cos, sin, cache=None))
+    start = dict(zip(LENGTHS, cu[:-1], strict=True))
+    return torch.cat([out[start[n] + a : start[n] + b] for n, a, b in STEP2])
+
+
+def _mixed_hidden(device) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    return {n: torch.randn(L, 64, generator=generator).to(device) for n, L in LENGTHS.items()}
