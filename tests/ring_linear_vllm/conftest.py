@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,9 +90,9 @@ def make_engine_config(model_dir, **engine_kwargs):
 
 
 @contextmanager
-def single_rank(vllm_config, tp_size: int = 1, rank: int = 0, port: int | None = None):
-    """A process group (1 rank, or rank `rank` of `tp_size` over TCP `port`) and `vllm_config` as the current
-    config, as model construction needs. The group lives for the rest of the process."""
+def single_rank(vllm_config, tp_size: int = 1, pp_size: int = 1, rank: int = 0, port: int | None = None):
+    """A process group (1 rank, or rank `rank` of `tp_size * pp_size` over TCP `port`) and `vllm_config` as the
+    current config, as model construction needs. The group lives for the rest of the process."""
     from vllm.config import set_current_vllm_config
     from vllm.distributed import parallel_state as ps
 
@@ -100,13 +101,13 @@ def single_rank(vllm_config, tp_size: int = 1, rank: int = 0, port: int | None =
             port = port or 29500 + os.getpid() % 1000
             backend = "nccl" if DEVICE == "cuda" else "gloo"
             ps.init_distributed_environment(
-                world_size=tp_size,
+                world_size=tp_size * pp_size,
                 rank=rank,
                 local_rank=rank,
                 distributed_init_method=f"tcp://127.0.0.1:{port}",
                 backend=backend,
             )
-            ps.initialize_model_parallel(tp_size, 1)
+            ps.initialize_model_parallel(tp_size, pp_size)
         yield
 
 
@@ -148,6 +149,7 @@ def vllm_tools(vllm_env):
         common_metadata=common_metadata,
         mixed_step_output=mixed_step_output,
         mixed_step_reference=mixed_step_reference,
+        run_two_ranks=run_two_ranks,
     )
 
 
@@ -164,9 +166,8 @@ def mixed_step_output(model_dir, **group) -> torch.Tensor:
 
     from common_kernels import RingLinearForCausalLM
 
-    world = group.get("tp_size", 1)
     cfg = make_engine_config(model_dir)
-    cfg.parallel_config.tensor_parallel_size = world
+    cfg.parallel_config.tensor_parallel_size = group.get("tp_size", 1)
     model = build_model(cfg, **group)
     shim = RingLinearForCausalLM.from_pretrained(model_dir)
     layer = model.model.layers[MIXED_LAYER].attention
@@ -211,3 +212,46 @@ def mixed_step_reference(model_dir) -> torch.Tensor:
 def _mixed_hidden(device) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(3)
     return {n: torch.randn(L, 64, generator=generator).to(device) for n, L in LENGTHS.items()}
+
+
+def pipeline_stage_load(model_dir, **group) -> dict[str, list[str]]:
+    """Build this pipeline stage's model and load the whole checkpoint into it: what it holds and loads."""
+    from safetensors.torch import load_file
+
+    cfg = make_engine_config(model_dir)
+    cfg.parallel_config.pipeline_parallel_size = group.get("pp_size", 1)
+    model = build_model(cfg, **group)
+    with single_rank(cfg, **group):
+        loaded = model.load_weights(load_file(Path(model_dir) / "model.safetensors").items())
+    return {
+        "params": sorted(name for name, _ in model.named_parameters()),
+        "loaded": sorted(loaded),
+        "layers": [model.model.start_layer, model.model.end_layer],
+    }
+
+
+def run_two_ranks(mode: str, model_dir, out_dir) -> list[Path]:
+    """Run `tp_worker.py` as ranks 0 and 1 of a gloo group; returns their output files."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = Path(__file__).with_name("tp_worker.py")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")])}
+    outs = [Path(out_dir) / f"{mode}-rank{rank}.out" for rank in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), mode, str(model_dir), str(rank), str(port), str(outs[rank])],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    return outs

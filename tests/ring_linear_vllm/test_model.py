@@ -79,3 +79,18 @@ def test_declared_state_matches_each_linear_layer(built):
     buffers = [(name, b.device) for name, b in model.named_buffers()]
     assert all(d == weight_device for _, d in buffers), buffers  # no per-step host-to-device copies
     assert len({tuple(r.tolist()) for r in rates}) == len(config.linear_layer_ids)  # one decay schedule per layer
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the 2-stage CPU (gloo) run")
+def test_pipeline_parallel_2_stages_split_the_layers_and_load_only_their_own(vllm_tools, tiny_dir, tmp_path):
+    import json
+
+    stages = [json.loads(path.read_text()) for path in vllm_tools.run_two_ranks("pp", tiny_dir, tmp_path)]
+    assert stages[0]["layers"][0] == 0 and stages[0]["layers"][1] == stages[1]["layers"][0]
+    assert stages[1]["layers"][1] == tiny_config().num_hidden_layers
+    for stage in stages:
+        assert stage["loaded"] == stage["params"]  # the other stage's tensors are skipped, not errors
+    first, last = (set(s["params"]) for s in stages)
+    assert "model.word_embeddings.weight" in first and "lm_head.weight" in last and "model.norm.weight" in last
+    assert not any(name.startswith("model.layers.5.") for name in first)
+    assert not any(name.startswith("model.layers.0.") for name in last)
