@@ -192,3 +192,18 @@ def test_ring_mini_dummy_weights_serve_a_32k_prompt_with_cuda_graphs(tmp_path):
         logprobs = [next(iter(d.values())).logprob for d in o.outputs[0].logprobs]
         assert all(lp == lp and lp <= 0 for lp in logprobs)  # no NaN
     print(f"\nRing-mini dummy: 32K + 100-token prompts, 32 tokens each, {elapsed:.1f} s")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (the nvidia-h100-x2 kind)")
+def test_tensor_parallel_2_gives_the_greedy_tokens_of_tp_1(tiny_trained):
+    from transformers import AutoTokenizer
+
+    prompts = recall_prompts(AutoTokenizer.from_pretrained(tiny_trained), 16, seed=4)
+    results = {}
+    for tp in (1, 2):
+        llm = make_llm(tiny_trained, tensor_parallel_size=tp)
+        results[tp] = [list(o.outputs[0].token_ids) for o in generate(llm, prompts, 12)]
+        free(llm)
+    same = sum(a == b for a, b in zip(results[1], results[2], strict=True))
+    print(f"\nTP 2 vs TP 1 greedy continuations equal: {same}/{len(prompts)}")
+    assert results[2] == results[1]
