@@ -120,3 +120,12 @@ def test_a_tensor_parallel_size_the_model_cannot_split_is_refused(vllm_tools, re
     cfg.parallel_config.tensor_parallel_size = 3
     with pytest.raises(RingLinearConfigError, match=r"num_attention_heads=16"):
         RingLinearEngineConfig.verify_and_update_config(cfg)
+
+
+def test_speculative_decoding_is_refused_with_the_reason(vllm_tools, released_dir):
+    from ring_linear_vllm.engine_config import RingLinearEngineConfig
+
+    cfg = vllm_tools.engine_config(released_dir, dtype="bfloat16")
+    cfg.speculative_config = object()  # any draft method: the state has no per-draft-token copies yet
+    with pytest.raises(ValueError, match="speculative decoding is not supported.*--speculative-config"):
+        RingLinearEngineConfig.verify_and_update_config(cfg)
