@@ -33,7 +33,9 @@ def register() -> None:
     AutoConfig.register(RingLinearConfig.model_type, RingLinearConfig, exist_ok=True)
     known = set(ModelRegistry.get_supported_archs())
     hooks = models_config_map()
+    module = MODEL_CLASS.split(":")[0]
     for arch in ARCHITECTURES:
         if arch not in known:
             ModelRegistry.register_model(arch, MODEL_CLASS)
-        hooks.setdefault(arch, RingLinearEngineConfig)
+        if getattr(ModelRegistry.models.get(arch), "module_name", None) == module:  # ours, not someone else's
+            hooks.setdefault(arch, RingLinearEngineConfig)

@@ -60,10 +60,14 @@ def test_register_is_idempotent_and_never_overrides_a_known_architecture(vllm_en
     register()
     register()
     assert dict(ModelRegistry.models) == before
-    # an architecture vLLM already serves (say, a future native registration) is left alone
+    # an architecture vLLM already serves (say, a future native registration) is left alone, hook included
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
     monkeypatch.setitem(ModelRegistry.models, ARCHITECTURES[0], before["BailingMoeV2_5ForCausalLM"])
+    monkeypatch.delitem(MODELS_CONFIG_MAP, ARCHITECTURES[0])
     register()
     assert ModelRegistry.models[ARCHITECTURES[0]] is before["BailingMoeV2_5ForCausalLM"]
+    assert ARCHITECTURES[0] not in MODELS_CONFIG_MAP
     assert MODEL_CLASS.count(":") == 1
 
 
