@@ -138,6 +138,7 @@ class RingLinearAttention(nn.Module, MambaBase):
         if self.config.linear_silu:
             qkv = F.silu(qkv)
         q, k, v = qkv.view(num_tokens, 3 * Hl, d).split(Hl, dim=1)
+        # the op's fixed signature carries positions, not the model's cos/sin: recomputed here (a [T, r/2] table)
         cos, sin = rotary_cos_sin(positions[:num_tokens], self.inv_freq, self.rope_scaling, ROPE_DTYPE)
         q_norm, k_norm = _weight(self.query_layernorm), _weight(self.key_layernorm)
         q, k = qk_norm_rope_triton(q, k, q_norm, k_norm, cos, sin, self.config.rms_norm_eps)

@@ -220,9 +220,11 @@ class RingLinearModel(nn.Module):
         pp = get_pp_group()
         if pp.is_first_rank or (config.tie_word_embeddings and pp.is_last_rank):
             self.word_embeddings = VocabParallelEmbedding(
-                config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config,
+                config.vocab_size,
+                config.hidden_size,
+                quant_config=vllm_config.quant_config,
                 prefix=f"{prefix}.word_embeddings",
-            )  # fmt: skip
+            )
         else:
             self.word_embeddings = PPMissingLayer()
         self.start_layer, self.end_layer, self.layers = make_layers(
@@ -277,7 +279,7 @@ class RingLinearForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsPP):
                     config.hidden_size,
                     quant_config=self.quant_config,
                     prefix=maybe_prefix(prefix, "lm_head"),
-                )  # fmt: skip
+                )
             )
             self.logits_processor = LogitsProcessor(config.vocab_size)
         else:
