@@ -29,7 +29,8 @@ def main(model_dir: str) -> None:
     trainer_model = RingLinearForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device="cuda")
     for prompt, rollout in zip(prompts, rollouts, strict=True):
         completion = rollout.outputs[0]
-        engine = torch.tensor([lp[token].logprob for token, lp in zip(completion.token_ids, completion.logprobs, strict=True)])
+        sampled = zip(completion.token_ids, completion.logprobs, strict=True)
+        engine = torch.tensor([logprobs[token].logprob for token, logprobs in sampled])
         ids = torch.tensor(prompt + list(completion.token_ids), device="cuda")
         with torch.no_grad():
             trainer = trainer_model.token_logprobs(ids)[len(prompt) :].cpu()
