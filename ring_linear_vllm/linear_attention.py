@@ -67,12 +67,13 @@ class NormWeight(nn.Module):
 
 
 class RingLinearAttention(nn.Module, MambaBase):
-    """`attention.*` of a linear layer: query_key_value, qk-norms, g_proj, g_norm, dense."""
+    """`attention.*` of a linear layer: query_key_value, qk-norms, g_proj, g_norm, dense.
+
+    The model checks the TP size once (`RingLinearConfig.check_tensor_parallel`) before building layers."""
 
     def __init__(self, config: RingLinearConfig, vllm_config: VllmConfig, layer_idx: int, prefix: str) -> None:
         super().__init__()
         tp_size, tp_rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
-        config.check_tensor_parallel(tp_size)
         H, d, D = config.num_attention_heads, config.head_dim, config.hidden_size
         quant_config = vllm_config.quant_config
         self.config, self.layer_idx, self.prefix = config, layer_idx, prefix
@@ -140,7 +141,7 @@ class RingLinearAttention(nn.Module, MambaBase):
         q, k, v = qkv.view(num_tokens, 3 * Hl, d).split(Hl, dim=1)
         # the op's fixed signature carries positions, not the model's cos/sin: recomputed here (a [T, r/2] table)
         cos, sin = rotary_cos_sin(positions[:num_tokens], self.inv_freq, self.rope_scaling, ROPE_DTYPE)
-        q_norm, k_norm = _weight(self.query_layernorm), _weight(self.key_layernorm)
+        q_norm, k_norm = norm_weight(self.query_layernorm), norm_weight(self.key_layernorm)
         q, k = qk_norm_rope_triton(q, k, q_norm, k_norm, cos, sin, self.config.rms_norm_eps)
         o = self._attend(q, k, v, metadata) if metadata is not None else torch.zeros_like(v)
         gate, _ = self.g_proj(a)
@@ -181,5 +182,6 @@ class RingLinearAttention(nn.Module, MambaBase):
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _weight(norm: NormWeight | None) -> torch.Tensor | None:
+def norm_weight(norm: NormWeight | None) -> torch.Tensor | None:
+    """The weight of an optional norm (qk-norm is a config switch), None when the model has no such norm."""
     return None if norm is None else norm.weight

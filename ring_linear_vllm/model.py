@@ -49,6 +49,7 @@ from .linear_attention import (
     linear_state_copy_funcs,
     linear_state_dtype,
     linear_state_shape,
+    norm_weight,
 )
 
 # checkpoint sub-name -> (fused vLLM parameter sub-name, shard id); experts use vLLM's expert mapping
@@ -165,8 +166,8 @@ class RingSoftmaxAttention(nn.Module):
         q, k = qk_norm_rope(
             q.view(T, self.num_heads, d),
             k.view(T, self.num_kv_heads, d),
-            None if self.query_layernorm is None else self.query_layernorm.weight,
-            None if self.key_layernorm is None else self.key_layernorm.weight,
+            norm_weight(self.query_layernorm),
+            norm_weight(self.key_layernorm),
             cos,
             sin,
             self.eps,
