@@ -44,9 +44,21 @@ def check_pool(name: str, state_pool: torch.Tensor, H: int, K: int, V: int) -> N
         raise ValueError(f"{name}: each state_pool[p, h] must be a contiguous [K, V] matrix")
 
 
-def dot_precision(x: torch.Tensor) -> str:
-    """fp32 inputs get true fp32 products ("ieee": the shim's fp32 policy); TF32 would add ~1.5e-3 error.
+FP32_DOT_CHOICES = ("tf32", "tf32x3", "ieee")
+# How `tl.dot` multiplies fp32 operands (the q/k/v policy is fp32). Measured in vLLM on an H200, Ring-mini
+# prefill of 16K tokens, per linear layer: tf32 0.43 ms, tf32x3 1.5 ms, ieee 58 ms (Triton's ieee path runs
+# on the FMA units and spills). tf32 is what vLLM's, SGLang's and the authors' kernels do with fp32 inputs;
+# tf32x3 (three TF32 products) is fp32-accurate; ieee is the exact product, for tests and checks only.
+FP32_DOT_PRECISION = os.environ.get("RING_LINEAR_FP32_DOT", "tf32")
+if FP32_DOT_PRECISION not in FP32_DOT_CHOICES:
+    raise ValueError(f"RING_LINEAR_FP32_DOT={FP32_DOT_PRECISION!r}: choose one of {', '.join(FP32_DOT_CHOICES)}")
 
-    For bf16/fp16 inputs the setting is ignored and the tensor cores run on the 16-bit operands.
+
+def dot_precision(x: torch.Tensor) -> str:
+    """The `input_precision` of the kernels' `tl.dot` for inputs like `x`.
+
+    fp32 inputs follow `FP32_DOT_PRECISION` (read at each launch, so a test may switch it); for bf16/fp16
+    inputs the setting is ignored and the tensor cores run on the 16-bit operands. The training shim and both
+    engines call the same kernels, so they share the choice and stay equal to each other whichever it is.
     """
-    return "ieee" if x.dtype == torch.float32 else "tf32"
+    return FP32_DOT_PRECISION if x.dtype == torch.float32 else "tf32"
