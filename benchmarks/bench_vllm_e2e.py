@@ -7,13 +7,14 @@
   `BailingMoeV2ForCausalLM` (the same local config with its architecture swapped; it carries every
   Ling-2.0 field, so no remote code is needed).
 
-Prefill: tokens/s of one prompt (batch 1) at each length. Decode: tokens/s of `--batch` sequences after
-`--contexts` tokens each, measured as (batch x N) / (time(prefill + N+1 tokens) - time(prefill + 1 token)).
-Each variant runs in its own process (`--worker`), in-process engine, so GPU memory is returned between
-variants. Usage:
+Prefill: tokens/s of one prompt (batch 1) at each length, timed over `generate` (prompt + 1 token).
+Decode: tokens/s of a batch of sequences once every one of them has finished its prefill, timed over
+`--decode-steps` engine steps that each decode one token per sequence (prefill excluded), for each
+`CONTEXTxBATCH` pair of `--decode`. Each variant runs in its own process (`--worker`) with the engine in that
+process, so GPU memory is returned between variants and the kernel swaps apply. Usage:
 
     python -m benchmarks.bench_vllm_e2e --json e2e.json
-    python -m benchmarks.bench_vllm_e2e --variants ring-linear softmax-twin --prefill 4096 16384 --contexts 4096
+    python -m benchmarks.bench_vllm_e2e --variants ring-linear softmax-twin --prefill 4096 16384 --decode 4096x64
 """
 
 from __future__ import annotations
@@ -56,10 +57,11 @@ def use_vllm_linear_kernels() -> None:
     def attend(self, q, k, v, metadata):
         pool = self.kv_cache[0]
         q = q * self.head_dim**-0.5  # vLLM's kernels take a pre-scaled q
+        slope = self.decay_rate.view(-1, 1, 1)  # the [H, 1, 1] slope tensor vLLM's Bailing layer passes
 
         def decode(q, k, v, kv_cache, state_indices, attn_metadata):
             return linear_attention_decode(
-                q, k, v, kv_cache, self.decay_rate, attn_metadata.state_indices_tensor_d,
+                q, k, v, kv_cache, slope, attn_metadata.state_indices_tensor_d,
                 q_end=attn_metadata.num_decode_tokens, slot_end=attn_metadata.num_decodes,
             )  # fmt: skip
 
@@ -68,12 +70,59 @@ def use_vllm_linear_kernels() -> None:
             hidden = decode(q, k, v, pool, None, metadata)
         else:
             hidden = linear_attention_prefill_and_mix(
-                q, k, v, pool, metadata.state_indices_tensor, metadata, self.decay_rate, 256,
+                q, k, v, pool, metadata.state_indices_tensor, metadata, slope, 256,
                 decode, MiniMaxText01LinearKernel.jit_linear_forward_prefix, self.layer_idx,
             )  # fmt: skip
         return hidden.view(q.shape)
 
     RingLinearAttention._attend = attend
+
+
+def parse_decode(pair: str) -> tuple[int, int]:
+    context, batch = pair.lower().split("x")
+    return int(context), int(batch)
+
+
+def early_decode_tokens(context: int, batch: int, chunk: int) -> int:
+    """A bound on the tokens the first request decodes while the others prefill (about context x batch / chunk
+    steps; twice that, as decodes share each step's token budget)."""
+    return 2 * context * batch // chunk + 8
+
+
+def decode_tokens_per_s(llm, prompts: list, steps: int, max_tokens: int, deadline_s: float = 900.0) -> float:
+    """Tokens/s over `steps` engine steps once every sequence is decoding (its prefill is done).
+
+    `max_tokens` bounds each request (the early ones decode while the later ones prefill), so nothing runs on
+    to the model length even if the final abort were lost."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    engine = llm.llm_engine
+    params = SamplingParams(
+        temperature=0.0, max_tokens=max_tokens, ignore_eos=True, output_kind=RequestOutputKind.DELTA
+    )
+    ids = [f"decode-{i}" for i in range(len(prompts))]  # external ids: what abort_request takes
+    for request_id, prompt in zip(ids, prompts, strict=True):
+        engine.add_request(request_id, prompt, params)
+    started: set[str] = set()
+    steps_to_start = 0
+    give_up = time.perf_counter() + deadline_s
+    while len(started) < len(ids):  # chunked prefills (and the early requests' decodes) until all decode
+        started.update(o.request_id for o in engine.step() if o.outputs and o.outputs[0].token_ids)
+        steps_to_start += 1
+        if steps_to_start % 100 == 0:
+            print(f"  {len(started)}/{len(ids)} decoding after {steps_to_start} steps", file=sys.stderr, flush=True)
+        if time.perf_counter() > give_up:
+            engine.abort_request(ids)
+            raise RuntimeError(f"only {len(started)}/{len(ids)} sequences reached decode: too little cache?")
+    tokens, start = 0, time.perf_counter()
+    for _ in range(steps):
+        tokens += sum(len(o.outputs[0].token_ids) for o in engine.step() if o.outputs)
+    elapsed = time.perf_counter() - start
+    engine.abort_request(ids)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return tokens / elapsed
 
 
 def run_variant(variant: str, args: argparse.Namespace) -> dict:
@@ -83,15 +132,19 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
 
     if variant == "ring-linear-vllm-kernels":
         use_vllm_linear_kernels()
-    longest = max([*args.prefill, *args.contexts])
+    decode = [parse_decode(pair) for pair in args.decode]
+    decode_lengths = [
+        context + early_decode_tokens(context, batch, args.chunk) + args.decode_steps for context, batch in decode
+    ]
+    longest = max([*args.prefill, *decode_lengths])
     with tempfile.TemporaryDirectory() as tmp:
         llm = LLM(
             model=str(write_config(variant, Path(tmp))),
             load_format="dummy",
             dtype="bfloat16",
             skip_tokenizer_init=True,
-            max_model_len=longest + args.decode_tokens + 16,
-            max_num_seqs=args.batch,
+            max_model_len=longest + 16,
+            max_num_seqs=max([1, *(batch for _, batch in decode)]),
             max_num_batched_tokens=args.chunk,
             enable_prefix_caching=False,
             gpu_memory_utilization=args.gpu_memory_utilization,
@@ -113,10 +166,12 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     for length in args.prefill:
         seconds = min(timed(prompts(1, length), 1) for _ in range(2))
         result["prefill_tokens_per_s"][length] = length / seconds
-    for context in args.contexts:
-        first = timed(prompts(args.batch, context), 1)
-        full = timed(prompts(args.batch, context), 1 + args.decode_tokens)
-        result["decode_tokens_per_s"][context] = args.batch * args.decode_tokens / max(full - first, 1e-9)
+        print(f"{variant}: prefill {length}: {length / seconds:.0f} tokens/s", file=sys.stderr, flush=True)
+    for context, batch in decode:
+        max_tokens = early_decode_tokens(context, batch, args.chunk) + args.decode_steps
+        rate = decode_tokens_per_s(llm, prompts(batch, context), args.decode_steps, max_tokens)
+        result["decode_tokens_per_s"][f"{context}x{batch}"] = rate
+        print(f"{variant}: decode {context}x{batch}: {rate:.0f} tokens/s", file=sys.stderr, flush=True)
     return result
 
 
@@ -124,9 +179,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--prefill", type=int, nargs="*", default=[4096, 16384, 65536, 131072])
-    parser.add_argument("--contexts", type=int, nargs="*", default=[4096, 16384, 65536])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--decode", nargs="*", default=["4096x64", "16384x64", "65536x64"], help="CONTEXTxBATCH pairs")
+    parser.add_argument("--decode-steps", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=16384, help="max_num_batched_tokens (chunked prefill)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--json", type=Path)
@@ -140,12 +194,12 @@ def main() -> None:
     for variant in args.variants:
         out = subprocess.run(
             [sys.executable, "-m", "benchmarks.bench_vllm_e2e", *passthrough, "--worker", variant],
-            capture_output=True,
+            stdout=subprocess.PIPE,  # vLLM logs and the RESULT line; progress and errors go to stderr as they come
             text=True,
         )
         lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
         if out.returncode != 0 or not lines:
-            print(f"{variant}: failed (exit {out.returncode})\n{out.stderr[-3000:]}")
+            print(f"{variant}: failed (exit {out.returncode})\n{out.stdout[-3000:]}")
             continue
         results.append(json.loads(lines[-1][len("RESULT ") :]))
     print_table(results)

@@ -1,0 +1,61 @@
+"""Where a vLLM prefill step spends GPU time: torch.profiler over one prompt, dummy weights, eager engine.
+
+python -m benchmarks.profile_vllm_prefill --variant ring-linear --length 16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.bench_vllm_e2e import VARIANTS, write_config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--variant", choices=VARIANTS, default="ring-linear")
+    parser.add_argument("--length", type=int, default=16384)
+    parser.add_argument("--rows", type=int, default=30)
+    parser.add_argument("--linear-qkv-dtype", choices=["float32", "bfloat16"], default="float32")
+    args = parser.parse_args()
+    if args.linear_qkv_dtype == "bfloat16":  # probe: q/k/v into the kernels as bf16 (tensor cores)
+        import torch
+
+        from ring_linear_vllm import linear_attention
+
+        linear_attention.LINEAR_ATTN_DTYPE = torch.bfloat16
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    import torch
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    with tempfile.TemporaryDirectory() as tmp:
+        llm = LLM(
+            model=str(write_config(args.variant, Path(tmp))),
+            load_format="dummy",
+            dtype="bfloat16",
+            skip_tokenizer_init=True,
+            max_model_len=args.length + 16,
+            max_num_seqs=4,
+            max_num_batched_tokens=16384,
+            enforce_eager=True,
+            enable_prefix_caching=False,  # the same prompt again must be computed again
+            gpu_memory_utilization=0.8,
+        )
+    rng = random.Random(0)
+    prompt = TokensPrompt(prompt_token_ids=[rng.randrange(1000, 150000) for _ in range(args.length)])
+    params = SamplingParams(temperature=0.0, max_tokens=1)
+    llm.generate([prompt], params, use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    llm.generate([prompt], params, use_tqdm=False)
+    print(f"prefill {args.length}: {args.length / (time.perf_counter() - start):.0f} tokens/s (eager)")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        llm.generate([prompt], params, use_tqdm=False)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=90))
+
+
+if __name__ == "__main__":
+    main()
