@@ -1,5 +1,9 @@
 """Triton prefill and decode against the float64 reference (CPU: TRITON_INTERPRET, small shapes; GPU: real shapes)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -227,6 +231,14 @@ def test_prefill_real_shape_bf16(lengths, layer):
     assert_rel_rms("o", o_ref, o, 3e-3)
     for n, s in enumerate(slots.tolist()):
         assert_rel_rms(f"state[{n}]", s_ref[n], updated[s], 3e-3)
+
+
+def test_an_unknown_fp32_dot_setting_is_refused_with_the_choices():
+    env = {**os.environ, "RING_LINEAR_FP32_DOT": "fp64"}
+    code = "import common_kernels.ops.linear_attn.triton_utils"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "RING_LINEAR_FP32_DOT='fp64'" in out.stderr and "tf32, tf32x3, ieee" in out.stderr
 
 
 @pytest.mark.gpu
