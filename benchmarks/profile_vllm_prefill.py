@@ -1,6 +1,8 @@
-"""Where a vLLM prefill step spends GPU time: torch.profiler over one prompt, dummy weights, eager engine.
+"""Where a vLLM prefill step spends GPU time: torch.profiler over one prompt, dummy weights, eager engine. Usage:
 
 python -m benchmarks.profile_vllm_prefill --variant ring-linear --length 16384
+RING_LINEAR_FP32_DOT=tf32x3 python -m benchmarks.profile_vllm_prefill    # other fp32 products
+python -m benchmarks.profile_vllm_prefill --linear-qkv-dtype bfloat16     # bf16 q/k/v into the kernels
 """
 
 from __future__ import annotations
@@ -22,15 +24,14 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=30)
     parser.add_argument("--linear-qkv-dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args()
-    if args.linear_qkv_dtype == "bfloat16":  # probe: q/k/v into the kernels as bf16 (tensor cores)
-        import torch
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: the probe's patch applies
+    import torch
+    from vllm import LLM, SamplingParams, TokensPrompt
 
+    if args.linear_qkv_dtype == "bfloat16":  # probe, not a supported setting: bf16 q/k/v on the tensor cores
         from ring_linear_vllm import linear_attention
 
         linear_attention.LINEAR_ATTN_DTYPE = torch.bfloat16
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    import torch
-    from vllm import LLM, SamplingParams, TokensPrompt
 
     with tempfile.TemporaryDirectory() as tmp:
         llm = LLM(
