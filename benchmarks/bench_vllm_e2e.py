@@ -132,11 +132,12 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
 
     if variant == "ring-linear-vllm-kernels":
         use_vllm_linear_kernels()
-    decode = [parse_decode(pair) for pair in args.decode]
-    decode_lengths = [
-        context + early_decode_tokens(context, batch, args.chunk) + args.decode_steps for context, batch in decode
+    # (context, batch, max_tokens) per decode case: max_tokens covers the early decodes and the timed steps
+    decode = [
+        (context, batch, early_decode_tokens(context, batch, args.chunk) + args.decode_steps)
+        for context, batch in map(parse_decode, args.decode)
     ]
-    longest = max([*args.prefill, *decode_lengths])
+    longest = max([*args.prefill, *(context + max_tokens for context, _, max_tokens in decode)])
     with tempfile.TemporaryDirectory() as tmp:
         llm = LLM(
             model=str(write_config(variant, Path(tmp))),
@@ -144,7 +145,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
             dtype="bfloat16",
             skip_tokenizer_init=True,
             max_model_len=longest + 16,
-            max_num_seqs=max([1, *(batch for _, batch in decode)]),
+            max_num_seqs=max([1, *(batch for _, batch, _ in decode)]),
             max_num_batched_tokens=args.chunk,
             enable_prefix_caching=False,
             gpu_memory_utilization=args.gpu_memory_utilization,
@@ -167,8 +168,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
         seconds = min(timed(prompts(1, length), 1) for _ in range(2))
         result["prefill_tokens_per_s"][length] = length / seconds
         print(f"{variant}: prefill {length}: {length / seconds:.0f} tokens/s", file=sys.stderr, flush=True)
-    for context, batch in decode:
-        max_tokens = early_decode_tokens(context, batch, args.chunk) + args.decode_steps
+    for context, batch, max_tokens in decode:
         rate = decode_tokens_per_s(llm, prompts(batch, context), args.decode_steps, max_tokens)
         result["decode_tokens_per_s"][f"{context}x{batch}"] = rate
         print(f"{variant}: decode {context}x{batch}: {rate:.0f} tokens/s", file=sys.stderr, flush=True)

@@ -170,13 +170,23 @@ def test_openai_server_smoke(tiny_trained, tmp_path):
         server.wait(60)
 
 
+def make_ring_mini_dummy_llm(directory: Path, **kwargs):
+    """The released Ring-mini-linear-2.0 config with dummy weights, bf16."""
+    shutil.copy(RELEASED_CONFIG, directory / "config.json")
+    return make_llm(directory, dtype="bfloat16", load_format="dummy", **kwargs)
+
+
+def assert_finite_logprobs(output, num_tokens: int) -> None:
+    """`num_tokens` generated, each with a log-probability that is a number (no NaN) and at most 0."""
+    logprobs = [next(iter(d.values())).logprob for d in output.outputs[0].logprobs]
+    assert len(output.outputs[0].token_ids) == num_tokens and len(logprobs) == num_tokens
+    assert all(lp == lp and lp <= 0 for lp in logprobs), logprobs
+
+
 def test_ring_mini_dummy_weights_serve_a_32k_prompt_with_cuda_graphs(tmp_path):
     """The real Ring-mini-linear-2.0 shapes (dummy weights), torch.compile + CUDA graphs, a 32K-token prompt."""
-    shutil.copy(RELEASED_CONFIG, tmp_path / "config.json")
-    llm = make_llm(
+    llm = make_ring_mini_dummy_llm(
         tmp_path,
-        dtype="bfloat16",
-        load_format="dummy",
         max_model_len=32768 + 64,
         max_num_seqs=8,
         max_num_batched_tokens=8192,
@@ -190,9 +200,7 @@ def test_ring_mini_dummy_weights_serve_a_32k_prompt_with_cuda_graphs(tmp_path):
     elapsed = time.time() - start
     free(llm)
     for o in out:
-        assert len(o.outputs[0].token_ids) == 32
-        logprobs = [next(iter(d.values())).logprob for d in o.outputs[0].logprobs]
-        assert all(lp == lp and lp <= 0 for lp in logprobs)  # no NaN
+        assert_finite_logprobs(o, 32)
     print(f"\nRing-mini dummy: 32K + 100-token prompts, 32 tokens each, {elapsed:.1f} s")
 
 
@@ -200,11 +208,8 @@ def test_fp8_quantization_reaches_the_linear_layers(tmp_path, monkeypatch):
     """`--quantization fp8` on the real shapes (dummy weights): the linear layers' projections hold fp8 weights
     and generation gives finite log-probabilities."""
     monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model sends a function to the worker
-    shutil.copy(RELEASED_CONFIG, tmp_path / "config.json")
-    llm = make_llm(
+    llm = make_ring_mini_dummy_llm(
         tmp_path,
-        dtype="bfloat16",
-        load_format="dummy",
         quantization="fp8",
         max_model_len=2048,
         max_num_seqs=4,
@@ -226,8 +231,7 @@ def test_fp8_quantization_reaches_the_linear_layers(tmp_path, monkeypatch):
     free(llm)
     print(f"\nfp8 projection weight dtypes: {dtypes}")
     assert all(d == ["torch.float8_e4m3fn"] for d in dtypes.values()), dtypes
-    logprobs = [next(iter(d.values())).logprob for d in out[0].outputs[0].logprobs]
-    assert len(logprobs) == 8 and all(lp == lp and lp <= 0 for lp in logprobs)
+    assert_finite_logprobs(out[0], 8)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (the nvidia-h100-x2 kind)")
