@@ -33,3 +33,28 @@ def layer_metadata(prefix: str) -> Any | None:
     if isinstance(metadata, dict):
         return metadata.get(prefix)
     return metadata
+
+
+# vLLM's CUDA KV-cache write (`reshape_and_cache_flash`) launches one thread per K value of a token and, for
+# the K/V-packed cache layout of 0.26+, walks the heads one warp at a time (`head += blockDim.x >> 5`): with
+# fewer than 32 values per token on a rank it has no whole warp, never advances, and the engine hangs in its
+# first step (seen on 2 x H200 with vLLM 0.26: both ranks spinning in it, fp32 and bf16).
+MIN_KV_VALUES_PER_RANK = 32
+
+
+def check_kv_cache_write_width(config, tp_size: int) -> None:
+    """Raise ValueError where `tp_size` ranks would leave vLLM's CUDA KV-cache write without a whole warp."""
+    Hkv, d = config.num_key_value_heads, config.head_dim
+
+    def values_per_rank(tp: int) -> int:
+        return max(1, Hkv // tp) * d  # vLLM replicates KV heads once tp > num_key_value_heads
+
+    if values_per_rank(tp_size) >= MIN_KV_VALUES_PER_RANK:
+        return
+    ok = [t for t in range(1, tp_size) if values_per_rank(t) >= MIN_KV_VALUES_PER_RANK]
+    raise ValueError(
+        f"ring-linear: tensor parallel size {tp_size} leaves {values_per_rank(tp_size)} KV values per token on a rank "
+        f"(num_key_value_heads={Hkv} / {tp_size}, head_dim={d}); vLLM's CUDA KV-cache write "
+        f"(reshape_and_cache_flash) never finishes below {MIN_KV_VALUES_PER_RANK}, so the engine would hang. "
+        f"Use a tensor parallel size in {ok or [1]} (only toy configs meet this; the released models have head_dim 128)"
+    )

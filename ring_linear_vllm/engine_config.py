@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
+from vllm import platforms
 
 from common_kernels.config import RingLinearConfig
+from ring_linear_vllm.compat import check_kv_cache_write_width
 
 logger = init_logger(__name__)
 
 
 class RingLinearEngineConfig(VerifyAndUpdateConfig):
-    """Refuse what cannot run (a TP size the heads or norm groups cannot split, speculative decoding),
+    """Refuse what cannot run (a TP size the heads or norm groups cannot split, or that would hang vLLM's
+    KV-cache write; speculative decoding),
     default the LM head to fp32 and turn off hybrid prefix caching (not verified exact for the linear state)."""
 
     @classmethod
@@ -22,7 +25,10 @@ class RingLinearEngineConfig(VerifyAndUpdateConfig):
                 f"ring-linear: expected the model config to parse as RingLinearConfig "
                 f"(model_type 'bailing_moe_linear'), got {type(config).__name__}; is the plugin's register() loaded?"
             )
-        config.check_tensor_parallel(vllm_config.parallel_config.tensor_parallel_size)
+        tp_size = vllm_config.parallel_config.tensor_parallel_size
+        config.check_tensor_parallel(tp_size)
+        if platforms.current_platform.is_cuda():  # read now: the platform is resolved lazily
+            check_kv_cache_write_width(config, tp_size)
         if vllm_config.speculative_config is not None:
             raise ValueError(
                 "ring-linear: speculative decoding is not supported for Ring-linear-2.0 yet "

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common_kernels import RingLinearForCausalLM, tiny_config
+from common_kernels import RingLinearConfig, RingLinearForCausalLM, tiny_config
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -150,6 +150,7 @@ def vllm_tools(vllm_env):
         mixed_step_output=mixed_step_output,
         mixed_step_reference=mixed_step_reference,
         run_two_ranks=run_two_ranks,
+        write_mha_equivalent=write_mha_equivalent,
     )
 
 
@@ -255,3 +256,43 @@ def run_two_ranks(mode: str, model_dir, out_dir) -> list[Path]:
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
     return outs
+
+
+def write_mha_equivalent(src: Path, dst: Path) -> Path:
+    """Copy a checkpoint with every KV head of the softmax layers repeated for each query head it serves.
+
+    The model computes the same function (query head i read KV head i // group before, KV head i now), but
+    each rank holds `group` times more KV values: the tiny model's 1 x 16 at TP 2 is too few for vLLM's CUDA
+    KV-cache write (`ring_linear_vllm.compat.check_kv_cache_write_width`).
+    """
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((src / "config.json").read_text())
+    H, Hkv, d = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+    group = H // Hkv
+    softmax_layers = RingLinearConfig(**config).softmax_layer_ids
+    dst.mkdir(parents=True, exist_ok=True)
+    for file in src.iterdir():
+        if file.suffix != ".safetensors":
+            shutil.copy(file, dst / file.name)
+            continue
+        tensors = load_file(file)
+        for i in softmax_layers:
+            name = f"model.layers.{i}.attention.query_key_value.weight"
+            if name in tensors:
+                q, k, v = tensors[name].split([H * d, Hkv * d, Hkv * d])
+                repeat = [x.unflatten(0, (Hkv, d)).repeat_interleave(group, dim=0).flatten(0, 1) for x in (k, v)]
+                tensors[name] = torch.cat([q, *repeat]).contiguous()
+        save_file(tensors, dst / file.name, metadata={"format": "pt"})
+    config["num_key_value_heads"] = H
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    index_file = dst / "model.safetensors.index.json"
+    if index_file.exists():  # its total size grew with the repeated heads
+        index = json.loads(index_file.read_text())
+        sizes = (sum(t.numel() * t.element_size() for t in load_file(f).values()) for f in dst.glob("*.safetensors"))
+        index.setdefault("metadata", {})["total_size"] = sum(sizes)
+        index_file.write_text(json.dumps(index, indent=2))
+    return dst

@@ -94,3 +94,18 @@ def test_pipeline_parallel_2_stages_split_the_layers_and_load_only_their_own(vll
     assert "model.word_embeddings.weight" in first and "lm_head.weight" in last and "model.norm.weight" in last
     assert not any(name.startswith("model.layers.5.") for name in first)
     assert not any(name.startswith("model.layers.0.") for name in last)
+
+
+def test_the_mha_equivalent_checkpoint_computes_the_same_logprobs(vllm_tools, tiny_dir, tmp_path):
+    """The TP 2 GPU test serves this copy (KV heads repeated per query head): it must be the same model."""
+    from common_kernels import RingLinearForCausalLM
+
+    mha = vllm_tools.write_mha_equivalent(tiny_dir, tmp_path / "mha")
+    original = RingLinearForCausalLM.from_pretrained(tiny_dir, dtype=torch.float64)
+    repeated = RingLinearForCausalLM.from_pretrained(mha, dtype=torch.float64)
+    assert (original.config.num_key_value_heads, repeated.config.num_key_value_heads) == (2, 4)
+    ids = torch.randint(3, tiny_config().vocab_size, (40,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = original.token_logprobs(ids), repeated.token_logprobs(ids)
+    assert want.abs().mean() > 1.0  # not a degenerate comparison
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)

@@ -126,6 +126,28 @@ def test_a_tensor_parallel_size_the_model_cannot_split_is_refused(vllm_tools, re
         RingLinearEngineConfig.verify_and_update_config(cfg)
 
 
+def test_a_tensor_parallel_size_that_would_hang_vllms_kv_cache_write_is_refused_on_cuda(
+    vllm_tools, tiny_dir, released_dir, monkeypatch
+):
+    from vllm import platforms
+
+    from common_kernels import tiny_config
+    from ring_linear_vllm.compat import check_kv_cache_write_width
+    from ring_linear_vllm.engine_config import RingLinearEngineConfig
+
+    for tp in (1, 2, 4):  # the released shapes (4 KV heads of 128) never meet it
+        check_kv_cache_write_width(vllm_tools.engine_config(released_dir).model_config.hf_config, tp)
+    check_kv_cache_write_width(tiny_config(), 1)  # 2 KV heads of 16: 32 values
+    with pytest.raises(ValueError, match=r"size 2 leaves 16 KV values.*num_key_value_heads=2 / 2, head_dim=16.*in \[1\]"):
+        check_kv_cache_write_width(tiny_config(), 2)
+    cfg = vllm_tools.engine_config(tiny_dir)
+    cfg.parallel_config.tensor_parallel_size = 2
+    RingLinearEngineConfig.verify_and_update_config(cfg)  # other platforms write the cache with other kernels
+    monkeypatch.setattr(platforms.current_platform, "is_cuda", lambda: True)
+    with pytest.raises(ValueError, match="reshape_and_cache_flash"):
+        RingLinearEngineConfig.verify_and_update_config(cfg)
+
+
 def test_speculative_decoding_is_refused_with_the_reason(vllm_tools, released_dir):
     from ring_linear_vllm.engine_config import RingLinearEngineConfig
 
