@@ -1,5 +1,6 @@
 """The linear-attention backend: per-step metadata that lets one layer call run a mixed batch with no
-host synchronisation (decodes first, then prefills, each routed to its own state slot)."""
+host synchronisation (decodes first, then prefills, each routed to its own state slot). What every linear
+layer of a step would otherwise recompute (the prefill's segment tables, the RoPE table) is made once here."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from vllm.v1.attention.backends.linear_attn import (
     BailingLinearAttentionMetadataBuilder,
 )
 
+from common_kernels.ops.linear_attn import SegmentPlan, plan_prefill
+
 
 @dataclass
 class RingLinearMetadata(BailingLinearAttentionMetadata):
@@ -21,8 +24,9 @@ class RingLinearMetadata(BailingLinearAttentionMetadata):
 
     prefill_cu_seqlens: torch.Tensor | None = None  # [P+1] int32 offsets into the prefill tokens
     prefill_fresh: torch.Tensor | None = None  # [P] int8: 1 = first chunk of a request (zero state)
-    prefill_max_seqlen: int | None = None  # host upper bound of the prefill chunk lengths
     decode_fresh: torch.Tensor | None = None  # [num_decodes] int8: 1 = a one-token prompt (zero state)
+    prefill_plan: SegmentPlan | None = None  # the prefill's segment tables, shared by the step's linear layers
+    rope_cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None  # filled by the step's first linear layer
 
 
 class RingLinearMetadataBuilder(BailingLinearAttentionMetadataBuilder):
@@ -46,17 +50,21 @@ class RingLinearMetadataBuilder(BailingLinearAttentionMetadataBuilder):
             self.decode_fresh_buffer[:D].copy_(decode_fresh, non_blocking=True)
             self.decode_fresh_buffer[D : slots_d.shape[0]] = 0
             decode_fresh = self.decode_fresh_buffer[: slots_d.shape[0]]
-        prefill_cu = prefill_fresh = None
+        prefill_cu = prefill_fresh = prefill_plan = None
         if P > 0:
             starts = query_start[D : D + P + 1]
             prefill_cu = (starts - starts[0]).to(torch.int32)
             prefill_fresh = is_fresh[D : D + P]
+            heads, _, head_dim_v = self.kv_cache_spec.shapes[0]
+            prefill_plan = plan_prefill(
+                prefill_cu, base.num_prefill_tokens, heads, head_dim_v, max_seqlen=common_attn_metadata.max_query_len
+            )
         return RingLinearMetadata(
             **fields,
             prefill_cu_seqlens=prefill_cu,
             prefill_fresh=prefill_fresh,
-            prefill_max_seqlen=common_attn_metadata.max_query_len if P > 0 else None,
             decode_fresh=decode_fresh,
+            prefill_plan=prefill_plan,
         )
 
 

@@ -139,8 +139,7 @@ class RingLinearAttention(nn.Module, MambaBase):
         if self.config.linear_silu:
             qkv = F.silu(qkv)
         q, k, v = qkv.view(num_tokens, 3 * Hl, d).split(Hl, dim=1)
-        # the op's fixed signature carries positions, not the model's cos/sin: recomputed here (a [T, r/2] table)
-        cos, sin = rotary_cos_sin(positions[:num_tokens], self.inv_freq, self.rope_scaling, ROPE_DTYPE)
+        cos, sin = self._cos_sin(positions[:num_tokens], metadata)
         q_norm, k_norm = norm_weight(self.query_layernorm), norm_weight(self.key_layernorm)
         q, k = qk_norm_rope_triton(q, k, q_norm, k_norm, cos, sin, self.config.rms_norm_eps)
         o = self._attend(q, k, v, metadata) if metadata is not None else torch.zeros_like(v)
@@ -150,6 +149,17 @@ class RingLinearAttention(nn.Module, MambaBase):
         )
         out, _ = self.dense(y.to(hidden_states.dtype))
         output[:num_tokens] = out
+
+    def _cos_sin(self, positions: torch.Tensor, metadata: RingLinearMetadata | None) -> tuple[torch.Tensor, ...]:
+        """The RoPE table of this step's positions. The op's fixed signature carries positions, not the model's
+        cos/sin: the step's first linear layer computes the table and leaves it on the shared metadata for the
+        others (every linear layer has the same inverse frequencies)."""
+        if metadata is not None and metadata.rope_cos_sin is not None:
+            return metadata.rope_cos_sin
+        cos_sin = rotary_cos_sin(positions, self.inv_freq, self.rope_scaling, ROPE_DTYPE)
+        if metadata is not None:
+            metadata.rope_cos_sin = cos_sin
+        return cos_sin
 
     def _attend(self, q, k, v, metadata: RingLinearMetadata) -> torch.Tensor:
         """Decodes (first in the batch) advance their slots in place; prefills run varlen from theirs."""
@@ -176,7 +186,7 @@ class RingLinearAttention(nn.Module, MambaBase):
                     pool,
                     metadata.state_indices_tensor_p,
                     metadata.prefill_fresh,
-                    max_seqlen=metadata.prefill_max_seqlen,
+                    plan=metadata.prefill_plan,
                 )
             )
         return parts[0] if len(parts) == 1 else torch.cat(parts)

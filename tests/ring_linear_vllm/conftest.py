@@ -161,8 +161,11 @@ LENGTHS = {"A": 6, "B": 1, "C": 7, "D": 15}
 SLOTS = {"A": 5, "B": 2, "C": 3, "D": 0}
 
 
-def mixed_step_output(model_dir, **group) -> torch.Tensor:
-    """The vLLM linear layer's output for STEP2 after STEP1 (rows of STEP2 in order), on CPU."""
+def mixed_step_output(model_dir, layer_ids: tuple[int, ...] = (MIXED_LAYER,), **group) -> torch.Tensor:
+    """The vLLM linear layers' outputs for STEP2 after STEP1 (`[layers, STEP2 rows, D]`), on CPU.
+
+    Every layer reads the same hidden rows and, as in vLLM, the step's one metadata object: the layers after
+    the first take the segment plan and RoPE table the first left there."""
     from vllm.forward_context import set_forward_context
 
     from common_kernels import RingLinearForCausalLM
@@ -171,29 +174,31 @@ def mixed_step_output(model_dir, **group) -> torch.Tensor:
     cfg.parallel_config.tensor_parallel_size = group.get("tp_size", 1)
     model = build_model(cfg, **group)
     shim = RingLinearForCausalLM.from_pretrained(model_dir)
-    layer = model.model.layers[MIXED_LAYER].attention
-    device = layer.decay_rate.device
+    layers = [model.model.layers[i].attention for i in layer_ids]
+    device = layers[0].decay_rate.device
     hidden = _mixed_hidden(device)
     with single_rank(cfg, **group):
         model.load_weights(shim.state_dict().items())
         generator = torch.Generator().manual_seed(7 + group.get("rank", 0))  # stale and different per rank
-        layer.kv_cache = (torch.randn(8, *layer.get_state_shape()[0], generator=generator).to(device),)
-        builder_cls = layer.get_attn_backend().get_builder_cls()
-        builder = builder_cls(layer.get_kv_cache_spec(cfg), [layer.prefix], cfg, device)
+        for layer in layers:
+            layer.kv_cache = (torch.randn(8, *layer.get_state_shape()[0], generator=generator).to(device),)
+        builder_cls = layers[0].get_attn_backend().get_builder_cls()
+        builder = builder_cls(layers[0].get_kv_cache_spec(cfg), [layer.prefix for layer in layers], cfg, device)
         for step, seq_lens in ((STEP1, [5, 9]), (STEP2, [6, 1, 7, 15])):
             rows = torch.cat([hidden[n][a:b] for n, a, b in step])
             positions = torch.cat([torch.arange(a, b, device=device) for _, a, b in step])
             query_lens = [b - a for _, a, b in step]
             slots = [SLOTS[n] for n, _, _ in step]
             metadata = builder.build(0, common_metadata(query_lens, seq_lens, slots, device))
-            output = torch.zeros_like(rows)
-            with set_forward_context({layer.prefix: metadata}, cfg):
-                layer(rows, output, positions)
-    return output.cpu()
+            outputs = [torch.zeros_like(rows) for _ in layers]
+            with set_forward_context({layer.prefix: metadata for layer in layers}, cfg):
+                for layer, output in zip(layers, outputs, strict=True):
+                    layer(rows, output, positions)
+    return torch.stack(outputs).cpu()
 
 
-def mixed_step_reference(model_dir) -> torch.Tensor:
-    """The training shim's same layer over the whole sequences from zero states, STEP2's rows."""
+def mixed_step_reference(model_dir, layer_ids: tuple[int, ...] = (MIXED_LAYER,)) -> torch.Tensor:
+    """The training shim's same layers over the whole sequences from zero states, STEP2's rows."""
     from common_kernels import RingLinearForCausalLM
     from common_kernels.model.layers import ForwardContext
     from common_kernels.ops.rope.naive import rotary_cos_sin, rotary_inv_freq
@@ -204,10 +209,13 @@ def mixed_step_reference(model_dir) -> torch.Tensor:
     positions = torch.cat([torch.arange(L) for L in LENGTHS.values()])
     cu = [0, *torch.tensor(list(LENGTHS.values())).cumsum(0).tolist()]
     cos, sin = rotary_cos_sin(positions, *rotary_inv_freq(shim.config), torch.float32)
-    with torch.no_grad():
-        out = shim.model.layers[MIXED_LAYER].attention(full, ForwardContext(cu, torch.tensor(cu), cos, sin, cache=None))
     start = dict(zip(LENGTHS, cu[:-1], strict=True))
-    return torch.cat([out[start[n] + a : start[n] + b] for n, a, b in STEP2])
+    outputs = []
+    for i in layer_ids:
+        with torch.no_grad():
+            out = shim.model.layers[i].attention(full, ForwardContext(cu, torch.tensor(cu), cos, sin, cache=None))
+        outputs.append(torch.cat([out[start[n] + a : start[n] + b] for n, a, b in STEP2]))
+    return torch.stack(outputs)
 
 
 def _mixed_hidden(device) -> dict[str, torch.Tensor]:

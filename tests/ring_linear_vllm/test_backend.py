@@ -29,7 +29,8 @@ def test_mixed_batch_routes_each_request_to_its_slot(builder, vllm_tools):
     assert meta.state_indices_tensor_p.tolist() == [3, 0]
     assert meta.prefill_cu_seqlens.tolist() == [0, 7, 13]
     assert meta.prefill_fresh.tolist() == [1, 0]  # the second chunk continues from its slot
-    assert meta.prefill_max_seqlen == 7
+    plan = meta.prefill_plan  # built once for every linear layer of the step
+    assert plan.total_tokens == 13 and plan.nseg.tolist() == [1, 1] and plan.seg_seq.tolist()[:2] == [0, 1]
 
 
 def test_prefill_only_and_decode_only_batches(builder, vllm_tools):
@@ -38,5 +39,5 @@ def test_prefill_only_and_decode_only_batches(builder, vllm_tools):
     assert meta.num_decodes == 0 and meta.state_indices_tensor_p.tolist() == [1, 6]
     assert meta.prefill_cu_seqlens.tolist() == [0, 4, 7] and meta.prefill_fresh.tolist() == [1, 0]
     meta = builder.build(0, vllm_tools.common_metadata([1, 1, 1], [3, 8, 1], [4, 0, 7], device))
-    assert meta.num_prefills == 0 and meta.prefill_cu_seqlens is None
+    assert meta.num_prefills == 0 and meta.prefill_cu_seqlens is None and meta.prefill_plan is None
     assert meta.state_indices_tensor_d.tolist() == [4, 0, 7] and meta.decode_fresh.tolist() == [0, 0, 1]

@@ -22,6 +22,12 @@ def test_mixed_prefill_decode_step_matches_the_shim(vllm_tools, tiny_dir):
     _assert_close(vllm_tools.mixed_step_output(tiny_dir), vllm_tools.mixed_step_reference(tiny_dir))
 
 
+def test_the_linear_layers_of_a_step_share_its_plan_and_rope_table(vllm_tools, tiny_dir):
+    """Layers 0 and 1 (decays of their own) run on one metadata object: the second reuses what the first built."""
+    layers = (0, 1)
+    _assert_close(vllm_tools.mixed_step_output(tiny_dir, layers), vllm_tools.mixed_step_reference(tiny_dir, layers))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the 2-rank CPU (gloo) run; GPUs run TP through vLLM itself")
 def test_tensor_parallel_2_matches_the_shim(vllm_tools, tiny_dir, tmp_path):
     outputs = [torch.load(path) for path in vllm_tools.run_two_ranks("tp", tiny_dir, tmp_path)]

@@ -4,7 +4,7 @@ from .backward import linear_attention_varlen_triton
 from .custom_ops import linear_attention_decode_op, linear_attention_prefill_op
 from .decode import linear_attention_decode
 from .naive import linear_attention_chunked, linear_attention_recurrent, linear_attention_varlen
-from .prefill import linear_attention_prefill
+from .prefill import SegmentPlan, linear_attention_prefill, plan_prefill
 
 __all__ = [
     "linear_attention_chunked",
@@ -15,4 +15,6 @@ __all__ = [
     "linear_attention_recurrent",
     "linear_attention_varlen",
     "linear_attention_varlen_triton",
+    "plan_prefill",
+    "SegmentPlan",
 ]

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .prefill import CHUNK, SegmentPlan, _forward, _segment_size, plan_segments
+from .prefill import CHUNK, SegmentPlan, _forward, plan_prefill
 from .triton_utils import INTERPRET, check_qkv, dot_precision
 
 
@@ -242,8 +242,7 @@ class LinearAttentionFunction(torch.autograd.Function):
         slots = torch.arange(N, dtype=torch.int32, device=q.device)
         fresh = torch.full((N,), int(initial_states is None), dtype=torch.int8, device=q.device)
         BV = min(block, V)
-        seg = segment_size or _segment_size(T, H, V // BV, chunk_size)
-        plan = plan_segments(cu_seqlens, T, seg)
+        plan = plan_prefill(cu_seqlens, T, H, V, chunk_size, BV, segment_size)
         rate = decay_rate.to(device=q.device, dtype=torch.float32).contiguous()
         o, start = _forward(q, k, v, rate, scale, cu_seqlens, pool, slots, fresh, plan, chunk_size, BV, 4, 2)
         ctx.save_for_backward(q, k, v, rate, cu_seqlens, start)

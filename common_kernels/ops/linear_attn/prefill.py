@@ -162,6 +162,7 @@ def linear_attention_prefill(
     num_warps: int = 4,
     num_stages: int = 2,
     max_seqlen: int | None = None,
+    plan: SegmentPlan | None = None,
 ) -> torch.Tensor:
     """Prefill packed sequences, reading and writing their states in `state_pool` in place.
 
@@ -182,6 +183,9 @@ def linear_attention_prefill(
         max_seqlen: the longest sequence, when the caller knows it on the host (engines do). When it
             holds more than half of all tokens, segments are sized for it alone, so one long sequence
             among short ones still spreads over the GPU; otherwise for the total.
+        plan: the batch's segment tables from `plan_prefill`, when the caller runs several layers over the
+            same batch (an engine step): built once instead of in every layer. It replaces segment_size
+            and max_seqlen.
 
     Returns:
         o `[T, H, V]` in the dtype of q.
@@ -197,19 +201,44 @@ def linear_attention_prefill(
         raise ValueError(f"linear_attention_prefill: fresh must be [{N}], got {tuple(fresh.shape)}")
     if N == 0:
         return torch.empty((T, H, v.shape[-1]), dtype=q.dtype, device=q.device)
-    BV = block_v or min(V, 64)
-    NV = V // BV
-    BT = chunk_size
-    dominant = max_seqlen is not None and 2 * max_seqlen > T
-    SEG = segment_size or _segment_size(max_seqlen if dominant else T, H, NV, BT)
-    if SEG % BT or BT < 16 or BT & (BT - 1):
-        raise ValueError(f"segment_size {SEG} must be a multiple of chunk_size {BT} (a power of two >= 16)")
-
-    plan = plan_segments(cu_seqlens, T, SEG)
+    BV, BT = _block_v(V, block_v), chunk_size
+    if plan is None:
+        plan = plan_prefill(cu_seqlens, T, H, V, chunk_size, block_v, segment_size, max_seqlen)
+    elif plan.total_tokens != T:
+        raise ValueError(f"linear_attention_prefill: the plan was made for {plan.total_tokens} tokens, q has {T}")
+    _check_segment(plan.seg, BT)
     o, _ = _forward(
         q, k, v, decay_rate, scale, cu_seqlens, state_pool, slots, fresh, plan, BT, BV, num_warps, num_stages
     )
     return o
+
+
+def _block_v(V: int, block_v: int | None) -> int:
+    return block_v or min(V, 64)
+
+
+def _check_segment(seg: int, chunk: int) -> None:
+    if seg % chunk or chunk < 16 or chunk & (chunk - 1):
+        raise ValueError(f"segment_size {seg} must be a multiple of chunk_size {chunk} (a power of two >= 16)")
+
+
+def plan_prefill(
+    cu_seqlens: torch.Tensor,
+    total_tokens: int,
+    num_heads: int,
+    head_dim_v: int,
+    chunk_size: int = CHUNK,
+    block_v: int | None = None,
+    segment_size: int | None = None,
+    max_seqlen: int | None = None,
+) -> SegmentPlan:
+    """The segment tables `linear_attention_prefill` would build for this batch (same arguments), so that an
+    engine step builds them once for all its linear layers; about ten small device ops, no host sync."""
+    NV = head_dim_v // _block_v(head_dim_v, block_v)
+    dominant = max_seqlen is not None and 2 * max_seqlen > total_tokens
+    seg = segment_size or _segment_size(max_seqlen if dominant else total_tokens, num_heads, NV, chunk_size)
+    _check_segment(seg, chunk_size)
+    return plan_segments(cu_seqlens, total_tokens, seg)
 
 
 @dataclass
@@ -217,6 +246,7 @@ class SegmentPlan:
     """Device tables mapping each program slot to (sequence, segment); built without host syncs."""
 
     seg: int  # segment length in tokens
+    total_tokens: int  # the packed length the tables were made for
     max_segs: int  # program slots; those past the real segments exit at once
     nseg: torch.Tensor  # [N] int32 segments per sequence
     seg_first: torch.Tensor  # [N] int32 index of each sequence's first segment
@@ -234,7 +264,7 @@ def plan_segments(cu_seqlens: torch.Tensor, total_tokens: int, seg: int) -> Segm
     seg_ids = torch.arange(max_segs, device=cu_seqlens.device)
     seg_seq = torch.searchsorted(seg_end, seg_ids, right=True).to(torch.int32)
     seg_idx = (seg_ids - seg_first[seg_seq.clamp(max=N - 1).long()]).to(torch.int32)
-    return SegmentPlan(seg, max_segs, nseg, seg_first, seg_seq, seg_idx)
+    return SegmentPlan(seg, total_tokens, max_segs, nseg, seg_first, seg_seq, seg_idx)
 
 
 def _forward(q, k, v, decay_rate, scale, cu_seqlens, state_pool, slots, fresh, plan, BT, BV, num_warps, num_stages):

@@ -11,7 +11,7 @@ from common_kernels import decay_rates, preset_config
 from common_kernels.ops.linear_attn import triton_utils
 from common_kernels.ops.linear_attn.decode import linear_attention_decode
 from common_kernels.ops.linear_attn.naive import linear_attention_recurrent, linear_attention_varlen
-from common_kernels.ops.linear_attn.prefill import linear_attention_prefill
+from common_kernels.ops.linear_attn.prefill import linear_attention_prefill, plan_prefill
 from common_kernels.testing import assert_rel_rms, ragged_offsets
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -112,6 +112,30 @@ def test_prefill_default_segmentation_and_rejected_inputs():
         linear_attention_prefill(q, k, v, rate, 0.25, cu, pool, torch.tensor([0], device=DEVICE))
     with pytest.raises(ValueError, match="powers of two"):
         linear_attention_prefill(q[..., :12], k[..., :12], v, rate, 0.25, cu, pool, torch.tensor([0, 1], device=DEVICE))
+
+
+def test_prefill_with_a_plan_built_once_for_several_layers():
+    """Engines build the segment tables once per step (`plan_prefill`) and hand them to every layer."""
+    H, K = 2, 16
+    cu = ragged_offsets([45, 1, 0, 70]).to(DEVICE)
+    T = int(cu[-1])
+    plan = plan_prefill(cu, T, H, K, chunk_size=16, segment_size=32)
+    slots = torch.tensor([3, 0, 1, 2], device=DEVICE)
+    fresh = torch.tensor([1, 0, 0, 1], dtype=torch.int8, device=DEVICE)
+    initial = torch.randn(4, H, K, K, device=DEVICE)
+    for layer in range(2):  # two layers, one plan: each must equal its own float64 reference
+        q, k, v = fused_qkv(T, H, K, K, torch.float32)
+        rate = rates_for(H, "mixed").to(DEVICE) * (layer + 1)
+        pool = initial.clone()
+        o = linear_attention_prefill(q, k, v, rate, K**-0.5, cu, pool, slots, fresh, chunk_size=16, plan=plan)
+        o_ref, s_ref = reference(q, k, v, rate, K**-0.5, cu, initial, slots, fresh)
+        assert_rel_rms(f"layer {layer} o", o_ref, o, FP32_TOL)
+        for n, s in enumerate(slots.tolist()):
+            assert_rel_rms(f"layer {layer} state[{n}]", s_ref[n], pool[s], FP32_TOL)
+    with pytest.raises(ValueError, match="plan was made for 116 tokens, q has 115"):
+        linear_attention_prefill(q[1:], k[1:], v[1:], rate, 0.25, cu, pool, slots, fresh, chunk_size=16, plan=plan)
+    with pytest.raises(ValueError, match="segment_size 32 must be a multiple of chunk_size 64"):
+        linear_attention_prefill(q, k, v, rate, 0.25, cu, pool, slots, fresh, chunk_size=64, plan=plan)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
