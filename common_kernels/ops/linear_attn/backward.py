@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .prefill import CHUNK, SegmentPlan, _forward, plan_prefill
-from .triton_utils import INTERPRET, check_qkv, dot_precision
+from .triton_utils import INTERPRET, check_qkv, dot_precision, segment_and_tile, segment_grid
 
 
 @triton.jit
@@ -34,7 +34,8 @@ def _segment_dstate_kernel(
     BT: tl.constexpr, BV: tl.constexpr, SEG: tl.constexpr, F32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dG = scale * sum_i lam^(i+1) q_i^T do_i over a segment (i from its start); not for first segments."""
-    i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_s, i_v = segment_and_tile(V // BV)
+    i_h = tl.program_id(1)
     i_n = tl.load(seg_seq + i_s)
     if i_n >= N:
         return
@@ -95,7 +96,8 @@ def _segment_dq_kernel(
     N, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, SEG: tl.constexpr, F32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    i_s, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_s, i_k = segment_and_tile(K // BK)
+    i_h = tl.program_id(1)
     i_n = tl.load(seg_seq + i_s)
     if i_n >= N:
         return
@@ -142,7 +144,8 @@ def _segment_dkv_kernel(
     DK: tl.constexpr, F32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dk (DK: tiles of K rows, full V) or dv (tiles of V columns, full K), walking the chunks backwards."""
-    i_s, i_h, i_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_s, i_t = segment_and_tile((K // BK) * (V // BV))  # one of the two is 1
+    i_h = tl.program_id(1)
     i_n = tl.load(seg_seq + i_s)
     if i_n >= N:
         return
@@ -200,7 +203,7 @@ def _backward(do, q, k, v, rate, scale, cu_seqlens, start, plan: SegmentPlan, d_
     gfut = torch.empty_like(dstate)
     d_initial = torch.empty((N, H, K, V), dtype=torch.float32, device=q.device)
     d_final_arg = d_initial if d_final is None else d_final.float().contiguous()
-    _segment_dstate_kernel[(max_segs, H, V // BV)](
+    _segment_dstate_kernel[segment_grid(max_segs, H, V // BV)](
         q, do, dstate, cu_seqlens, plan.seg_seq, plan.seg_idx, rate, scale,
         q.stride(0), q.stride(1), do.stride(0), do.stride(1),
         N, H, K, V, BT, BV, SEG, INTERPRET, dot_precision(q), num_warps=num_warps,
@@ -209,13 +212,13 @@ def _backward(do, q, k, v, rate, scale, cu_seqlens, start, plan: SegmentPlan, d_
         gfut, dstate, d_final_arg, d_initial, cu_seqlens, plan.nseg, plan.seg_first, rate,
         H, K, V, BV, SEG, d_final is not None, num_warps=4,
     )  # fmt: skip
-    _segment_dq_kernel[(max_segs, H, K // BK)](
+    _segment_dq_kernel[segment_grid(max_segs, H, K // BK)](
         k, v, do, dq, start, cu_seqlens, plan.seg_seq, plan.seg_idx, rate, scale,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
         N, H, K, V, BT, BK, SEG, INTERPRET, dot_precision(q), num_warps=num_warps,
     )  # fmt: skip
     for out, is_dk, tiles in ((dk, True, K // BK), (dv, False, V // BV)):
-        _segment_dkv_kernel[(max_segs, H, tiles)](
+        _segment_dkv_kernel[segment_grid(max_segs, H, tiles)](
             q, k, v, do, out, gfut, d_initial, cu_seqlens, plan.seg_seq, plan.seg_idx, rate, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
             out.stride(0), out.stride(1),

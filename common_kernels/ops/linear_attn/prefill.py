@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import INTERPRET, check_pool, check_qkv, dot_precision
+from .triton_utils import INTERPRET, check_pool, check_qkv, dot_precision, segment_and_tile, segment_grid
 
 CHUNK = 64
 TARGET_PROGRAMS = 2 * 132  # two programs per SM on an H100/H200 (best of the sweep in RESULTS.md)
@@ -38,7 +38,8 @@ def _segment_delta_kernel(
     N, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BV: tl.constexpr, SEG: tl.constexpr, F32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_s, i_v = segment_and_tile(V // BV)
+    i_h = tl.program_id(1)
     i_n = tl.load(seg_seq + i_s)
     if i_n >= N:
         return
@@ -98,7 +99,8 @@ def _segment_forward_kernel(
     N, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BV: tl.constexpr, SEG: tl.constexpr, F32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_s, i_v = segment_and_tile(V // BV)
+    i_h = tl.program_id(1)
     i_n = tl.load(seg_seq + i_s)
     if i_n >= N:
         return
@@ -277,7 +279,7 @@ def _forward(q, k, v, decay_rate, scale, cu_seqlens, state_pool, slots, fresh, p
     start = torch.empty((max_segs, H, K, V), dtype=torch.float32, device=q.device)
     delta = torch.empty_like(start)
     rate = decay_rate.to(device=q.device, dtype=torch.float32).contiguous()
-    _segment_delta_kernel[(max_segs, H, NV)](
+    _segment_delta_kernel[segment_grid(max_segs, H, NV)](
         k, v, delta, cu_seqlens, plan.seg_seq, plan.seg_idx, plan.nseg, rate,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         N, H, K, V, BT, BV, SEG, INTERPRET, dot_precision(q), num_warps=num_warps, num_stages=num_stages,
@@ -287,7 +289,7 @@ def _forward(q, k, v, decay_rate, scale, cu_seqlens, state_pool, slots, fresh, p
         state_pool.stride(0), state_pool.stride(1),
         H, K, V, BV, SEG, num_warps=4,
     )  # fmt: skip
-    _segment_forward_kernel[(max_segs, H, NV)](
+    _segment_forward_kernel[segment_grid(max_segs, H, NV)](
         q, k, v, o, state_pool, start, cu_seqlens, plan.seg_seq, plan.seg_idx, plan.nseg, slots, rate, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
         state_pool.stride(0), state_pool.stride(1),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 # Triton 3.6's interpreter multiplies bf16/fp16 `tl.dot` operands as raw integer bits (its `create_dot`
 # calls np.matmul on the stored bits), so under TRITON_INTERPRET the kernels upcast dot operands to fp32.
@@ -62,3 +64,17 @@ def dot_precision(x: torch.Tensor) -> str:
     engines call the same kernels, so they share the choice and stay equal to each other whichever it is.
     """
     return FP32_DOT_PRECISION if x.dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def segment_and_tile(NT: tl.constexpr):
+    """(segment, tile) of a program on a `segment_grid`: the NT tile programs of one segment and head are
+    launched side by side, so they read the same token rows at about the same time and all but the first
+    find them in L2 (tiles split the state or the gradient, not the tokens). The head is program_id(1)."""
+    pid = tl.program_id(0)
+    return pid // NT, pid % NT
+
+
+def segment_grid(num_segments: int, num_heads: int, num_tiles: int) -> tuple[int, int]:
+    """Launch grid for kernels that call `segment_and_tile(num_tiles)`."""
+    return (num_segments * num_tiles, num_heads)
