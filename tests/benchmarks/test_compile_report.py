@@ -1,0 +1,23 @@
+"""The offline compile report (benchmarks/compile_report.py) must keep compiling the real kernels for sm_90a."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[2]
+
+
+def test_compile_report_compiles_the_prefill_kernels_for_hopper():
+    # a subprocess: this test session runs Triton's interpreter, which replaces the kernels it would compile
+    env = os.environ | {"TRITON_INTERPRET": "0"}
+    script = (
+        "from benchmarks.compile_report import compile_report, kernels\n"
+        "for name, fn, consts in kernels(64, 64)[:2]:\n"
+        "    r = compile_report(fn, 'bf16', consts, 4)\n"
+        "    print(name, r)\n"
+        "    assert 0 < r['registers'] <= 255 and r['shared_bytes'] > 0 and r['async_loads'] > 0, r\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "prefill forward" in out.stdout
