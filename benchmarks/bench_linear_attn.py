@@ -96,6 +96,9 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 4 / (us * 1e-6) / 1e9
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 def fused_qkv(T, H, dtype=torch.bfloat16, device="cuda"):
     qkv = torch.randn(T, 3 * H * D, device=device, dtype=dtype) * 0.5
     return tuple(x.view(T, H, D) for x in qkv.split(H * D, dim=1))
@@ -115,9 +118,9 @@ class PrefillInputs:
     fresh: torch.Tensor
 
 
-def prefill_inputs(lengths: list[int], H: int, device: str = "cuda") -> PrefillInputs:
+def prefill_inputs(lengths: list[int], H: int, device: str = "cuda", dtype=torch.bfloat16) -> PrefillInputs:
     N, T = len(lengths), sum(lengths)
-    q, k, v = fused_qkv(T, H, device=device)
+    q, k, v = fused_qkv(T, H, dtype=dtype, device=device)
     return PrefillInputs(
         rate=decay_rates(preset_config("ring-mini-linear-2.0"), 0).to(device)[:H],
         cu=torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=device, dtype=torch.int32),
@@ -130,12 +133,12 @@ def prefill_inputs(lengths: list[int], H: int, device: str = "cuda") -> PrefillI
     )
 
 
-def prefill_rows(name, lengths, H, mods, copy_gbps, check):
-    x = prefill_inputs(lengths, H)
+def prefill_rows(name, lengths, H, mods, copy_gbps, check, dtype=torch.bfloat16):
+    x = prefill_inputs(lengths, H, dtype=dtype)
     rate, cu, q, k, v, pool, slots, fresh = x.rate, x.cu, x.q, x.k, x.v, x.pool, x.slots, x.fresh
     N, T = len(lengths), sum(lengths)
     scale = D**-0.5
-    min_bytes = T * H * D * 2 * 4 + N * H * D * D * 4 * 2
+    min_bytes = T * H * D * q.element_size() * 4 + N * H * D * D * 4 * 2  # q, k, v, o once; states in and out
     runs = {}
 
     def ours():
@@ -344,6 +347,9 @@ def main() -> None:
     parser.add_argument("--prefill", nargs="*", help="prefill cases to run (default: all)")
     parser.add_argument("--decode", type=int, nargs="*", help="decode batch sizes to run (default: all)")
     parser.add_argument("--backward", type=int, nargs="*", default=[4096, 32768], help="backward lengths (B=1)")
+    parser.add_argument(
+        "--dtype", nargs="+", default=["bf16"], choices=list(DTYPES), help="prefill q/k/v dtypes (engines pass fp32)"
+    )
     args = parser.parse_args()
     mods = load_ext(args.ext_dir)
     copy_gbps = copy_bandwidth()
@@ -367,7 +373,10 @@ def main() -> None:
     rows: list[Row] = []
     for H in args.heads:
         for name, lengths in prefill.items():
-            rows += prefill_rows(f"prefill {name} H{H}", lengths, H, mods, copy_gbps, check=sum(lengths) <= 32768)
+            for dtype in args.dtype:
+                case = f"prefill {name} H{H}" + ("" if dtype == "bf16" else f" {dtype}")
+                check = sum(lengths) <= 32768
+                rows += prefill_rows(case, lengths, H, mods, copy_gbps, check, DTYPES[dtype])
         for B in decode:
             rows += decode_rows(f"decode B{B} H{H}", B, H, mods, copy_gbps, check=True)
         for T in args.backward:

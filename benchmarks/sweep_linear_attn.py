@@ -18,8 +18,8 @@ from common_kernels.ops.linear_attn.prefill import _segment_size, linear_attenti
 from .bench_linear_attn import D, bench, fused_qkv, prefill_inputs
 
 
-def sweep_prefill(lengths: list[int], H: int) -> None:
-    x, T = prefill_inputs(lengths, H), sum(lengths)
+def sweep_prefill(lengths: list[int], H: int, dtype: torch.dtype = torch.bfloat16) -> None:
+    x, T = prefill_inputs(lengths, H, dtype=dtype), sum(lengths)
     results = []
     configs = itertools.product([32, 64], [32, 64, 128], [4, 8], [1, 2, 3], [264, 528, 1056])
     for bt, bv, warps, stages, target in configs:
@@ -36,7 +36,7 @@ def sweep_prefill(lengths: list[int], H: int) -> None:
         results.append((us, f"BT{bt} BV{bv} w{warps} s{stages} target{target} (SEG {seg})"))
     results.sort()
     print(
-        f"prefill {len(lengths)}x{lengths[0]} (T={T}) H{H}: "
+        f"prefill {len(lengths)}x{lengths[0]} (T={T}) H{H} {dtype}: "
         + " | ".join(f"{us:.1f}us {cfg}" for us, cfg in results[:4])
     )
 
@@ -62,6 +62,8 @@ def main() -> None:
         sweep_decode(B, 16)
     for lengths, H in (([4096], 16), ([32768], 16), ([1024] * 32, 16), ([131072], 16), ([4096], 8)):
         sweep_prefill(lengths, H)
+    for lengths in ([4096], [16384]):  # the engines' fp32 q/k/v (TF32 products)
+        sweep_prefill(lengths, 16, torch.float32)
 
 
 def check_config(bt: int, bv: int, warps: int, stages: int, target: int) -> None:
