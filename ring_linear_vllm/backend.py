@@ -26,7 +26,7 @@ class RingLinearMetadata(BailingLinearAttentionMetadata):
     prefill_fresh: torch.Tensor | None = None  # [P] int8: 1 = first chunk of a request (zero state)
     decode_fresh: torch.Tensor | None = None  # [num_decodes] int8: 1 = a one-token prompt (zero state)
     prefill_plan: SegmentPlan | None = None  # the prefill's segment tables, shared by the step's linear layers
-    rope_cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None  # filled by the step's first linear layer
+    rope_cos_sin: tuple[bool, torch.Tensor, torch.Tensor] | None = None  # (made under capture, cos, sin)
 
 
 class RingLinearMetadataBuilder(BailingLinearAttentionMetadataBuilder):

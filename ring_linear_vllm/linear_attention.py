@@ -153,13 +153,16 @@ class RingLinearAttention(nn.Module, MambaBase):
     def _cos_sin(self, positions: torch.Tensor, metadata: RingLinearMetadata | None) -> tuple[torch.Tensor, ...]:
         """The RoPE table of this step's positions. The op's fixed signature carries positions, not the model's
         cos/sin: the step's first linear layer computes the table and leaves it on the shared metadata for the
-        others (every linear layer has the same inverse frequencies)."""
-        if metadata is not None and metadata.rope_cos_sin is not None:
-            return metadata.rope_cos_sin
-        cos_sin = rotary_cos_sin(positions, self.inv_freq, self.rope_scaling, ROPE_DTYPE)
+        others (every linear layer has the same inverse frequencies). A table made outside a CUDA-graph
+        capture is not reused inside one: the graph must hold the kernels that make it, or replays would
+        read the positions of the capture."""
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        if metadata is not None and metadata.rope_cos_sin is not None and metadata.rope_cos_sin[0] == capturing:
+            return metadata.rope_cos_sin[1:]
+        cos, sin = rotary_cos_sin(positions, self.inv_freq, self.rope_scaling, ROPE_DTYPE)
         if metadata is not None:
-            metadata.rope_cos_sin = cos_sin
-        return cos_sin
+            metadata.rope_cos_sin = (capturing, cos, sin)
+        return cos, sin
 
     def _attend(self, q, k, v, metadata: RingLinearMetadata) -> torch.Tensor:
         """Decodes (first in the batch) advance their slots in place; prefills run varlen from theirs."""

@@ -33,3 +33,19 @@ def test_tensor_parallel_2_matches_the_shim(vllm_tools, tiny_dir, tmp_path):
     outputs = [torch.load(path) for path in vllm_tools.run_two_ranks("tp", tiny_dir, tmp_path)]
     assert torch.equal(outputs[0], outputs[1])  # the row-parallel dense all-reduces
     _assert_close(outputs[0], vllm_tools.mixed_step_reference(tiny_dir))
+
+
+def test_a_rope_table_made_outside_a_cuda_graph_capture_is_not_reused_inside_one(vllm_tools, tiny_dir, monkeypatch):
+    from types import SimpleNamespace
+
+    cfg = vllm_tools.engine_config(tiny_dir)
+    layer = vllm_tools.build_model(cfg).model.layers[0].attention
+    positions = torch.arange(5, device=layer.inv_freq.device)
+    step = SimpleNamespace(rope_cos_sin=None)
+    eager = layer._cos_sin(positions, step)
+    assert layer._cos_sin(positions, step)[0] is eager[0]  # the step's other layers reuse it
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    captured = layer._cos_sin(positions, step)  # a capture must record the kernels that make the table
+    assert captured[0] is not eager[0] and torch.equal(captured[0], eager[0])
+    assert layer._cos_sin(positions, step)[0] is captured[0]
