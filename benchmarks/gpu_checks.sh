@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark of the project, one step at a time, each with a time limit and its whole log
+# under OUTDIR (so a step that runs out of time still leaves its output). Run on the GPU machine from the
+# repository root, with vLLM 0.26.0 on PYTHONPATH for the engine steps (shared/gpu-env) and fla-core for
+# the kernel benchmark (the engines' kernel files it compares against are read from .bench-ext, as
+# bench_linear_attn says: carry it):
+#
+#   bash benchmarks/gpu_checks.sh STEP [STEP ...]      (OUTDIR defaults to $OUT, else ./gpu-checks)
+#
+# Steps:
+#   kernels      pytest -m gpu: the Triton kernels and the shim at real shapes            (~2 min)
+#   engine       pytest -m gpu: the vLLM engine tests on GPU 0 (tiny + Ring-mini dummy)   (~6 min)
+#   tp2          the tensor-parallel-2 engine test (needs 2 GPUs)                         (~4 min)
+#   bench        bench_linear_attn: prefill (bf16 and fp32), decode, backward, H16 and H8 (~5 min)
+#   sweep        sweep_linear_attn: launch settings, bf16 and fp32 prefill                 (~8 min)
+#   e2e-prefill  bench_vllm_e2e: 4K and 16K prefill, ring-linear vs the softmax twin       (~6 min)
+set -uo pipefail
+
+out="${OUTDIR:-${OUT:-gpu-checks}}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER="${VLLM_USE_FLASHINFER_SAMPLER:-0}"
+
+run() {  # run NAME LIMIT_S COMMAND...: the command's output to OUTDIR/NAME.log, its status to the summary
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name ($(date -u +%H:%M:%S), limit ${limit}s): $*"
+  timeout -k 10 "$limit" "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: exit $rc; $(grep -E 'passed|failed|error|skipped' "$out/$name.log" | tail -1)"
+  return 0
+}
+
+for step in "$@"; do
+  case "$step" in
+    kernels) run kernels 300 python3 -m pytest -q -m gpu tests/common_kernels ;;
+    engine) run engine 540 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -m gpu tests/ring_linear_vllm/test_engine_gpu.py -k "not tensor_parallel" ;;
+    tp2) run tp2 420 python3 -m pytest -q -s -m gpu tests/ring_linear_vllm/test_engine_gpu.py -k tensor_parallel ;;
+    bench) run bench 540 python3 -m benchmarks.bench_linear_attn --dtype bf16 fp32 --json "$out/bench.json" ;;
+    sweep) run sweep 540 python3 -m benchmarks.sweep_linear_attn ;;
+    e2e-prefill) run e2e-prefill 540 python3 -m benchmarks.bench_vllm_e2e --variants ring-linear softmax-twin \
+      --prefill 4096 16384 --decode --json "$out/e2e-prefill.json" ;;
+    *) echo "unknown step: $step (see the header of $0)" >&2; exit 2 ;;
+  esac
+done
