@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from vllm import platforms
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
-from vllm import platforms
 
 from common_kernels.config import RingLinearConfig
 from ring_linear_vllm.compat import check_kv_cache_write_width

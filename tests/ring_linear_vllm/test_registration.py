@@ -138,7 +138,8 @@ def test_a_tensor_parallel_size_that_would_hang_vllms_kv_cache_write_is_refused_
     for tp in (1, 2, 4):  # the released shapes (4 KV heads of 128) never meet it
         check_kv_cache_write_width(vllm_tools.engine_config(released_dir).model_config.hf_config, tp)
     check_kv_cache_write_width(tiny_config(), 1)  # 2 KV heads of 16: 32 values
-    with pytest.raises(ValueError, match=r"size 2 leaves 16 KV values.*num_key_value_heads=2 / 2, head_dim=16.*in \[1\]"):
+    refusal = r"size 2 leaves 16 KV values.*num_key_value_heads=2 / 2, head_dim=16.*in \[1\]"
+    with pytest.raises(ValueError, match=refusal):
         check_kv_cache_write_width(tiny_config(), 2)
     cfg = vllm_tools.engine_config(tiny_dir)
     cfg.parallel_config.tensor_parallel_size = 2
