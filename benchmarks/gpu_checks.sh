@@ -14,6 +14,7 @@
 #   bench        bench_linear_attn: prefill (bf16 and fp32), decode, backward, H16 and H8 (~5 min)
 #   sweep        sweep_linear_attn: launch settings, bf16 and fp32 prefill                 (~8 min)
 #   e2e-prefill  bench_vllm_e2e: 4K and 16K prefill, ring-linear vs the softmax twin       (~6 min)
+#   example      examples/vllm_rollout_logprobs.py on the tiny trained checkpoint            (~1 min)
 set -uo pipefail
 
 out="${OUTDIR:-${OUT:-gpu-checks}}"
@@ -39,6 +40,8 @@ for step in "$@"; do
     sweep) run sweep 540 python3 -m benchmarks.sweep_linear_attn ;;
     e2e-prefill) run e2e-prefill 540 python3 -m benchmarks.bench_vllm_e2e --variants ring-linear softmax-twin \
       --prefill 4096 16384 --decode --json "$out/e2e-prefill.json" ;;
+    example) run example 240 env CUDA_VISIBLE_DEVICES=0 python3 examples/vllm_rollout_logprobs.py \
+      "${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}" ;;
     *) echo "unknown step: $step (see the header of $0)" >&2; exit 2 ;;
   esac
 done
