@@ -7,6 +7,9 @@
 #
 #   bash benchmarks/gpu_checks.sh STEP [STEP ...]      (OUTDIR defaults to $OUT, else ./gpu-checks)
 #
+# The engine steps use RING_LINEAR_TINY_CHECKPOINT (the trained tiny model, e.g. a carried runs/tiny/trained)
+# when it is set; otherwise the tests train one first (600 steps on the CPU).
+#
 # Steps:
 #   kernels      pytest -m gpu: the Triton kernels and the shim at real shapes            (~2 min)
 #   engine       pytest -m gpu: the vLLM engine tests on GPU 0 (tiny + Ring-mini dummy)   (~6 min)
