@@ -41,6 +41,8 @@ def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict, dict]:
             types[name] = "*fp32"
         elif name in INDEX_POINTERS:
             types[name] = "*i32"
+        elif name == "fresh":
+            types[name] = "*i8"
         elif name == "scale":
             types[name] = "fp32"
         else:
@@ -80,8 +82,10 @@ def kernels(block_v: int, block_k: int, chunk: int = prefill.CHUNK, seg: int = 1
     tiles_v, tiles_k = shape | {"BV": block_v}, shape | {"BK": block_k}
     return [
         ("prefill delta", prefill._segment_delta_kernel, tiles_v),
+        ("prefill scan", prefill._segment_scan_kernel, shape | {"BE": prefill.SCAN_BLOCK}),
         ("prefill forward", prefill._segment_forward_kernel, tiles_v),
         ("backward dstate", backward._segment_dstate_kernel, tiles_v),
+        ("backward dscan", backward._segment_dscan_kernel, shape | {"BE": prefill.SCAN_BLOCK, "HAS_DFINAL": True}),
         ("backward dq", backward._segment_dq_kernel, tiles_k),
         ("backward dk", backward._segment_dkv_kernel, shape | {"BK": block_k, "BV": 128, "DK": True}),
         ("backward dv", backward._segment_dkv_kernel, shape | {"BK": 128, "BV": block_v, "DK": False}),

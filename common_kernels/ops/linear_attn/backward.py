@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .prefill import CHUNK, SegmentPlan, _forward, plan_prefill
+from .prefill import CHUNK, SCAN_BLOCK, SegmentPlan, _forward, plan_prefill
 from .triton_utils import INTERPRET, check_qkv, dot_precision, segment_and_tile, segment_grid
 
 
@@ -64,14 +64,14 @@ def _segment_dstate_kernel(
 @triton.jit
 def _segment_dscan_kernel(
     gfut, dstate, d_final, d_initial, cu_seqlens, nseg, seg_first, rate,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, SEG: tl.constexpr, HAS_DFINAL: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BE: tl.constexpr, SEG: tl.constexpr, HAS_DFINAL: tl.constexpr,
 ):  # fmt: skip
-    """Walk a sequence's segments backwards: each gets the gradient flowing into its last state."""
-    i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_k = tl.arange(0, K)
-    o_v = i_v * BV + tl.arange(0, BV)
-    state = ((i_n * H + i_h) * K + o_k[:, None]).to(tl.int64) * V + o_v[None, :]
-    b_g = tl.zeros([K, BV], dtype=tl.float32)
+    """Walk a sequence's segments backwards: each gets the gradient flowing into its last state. Elementwise over
+    the [K, V] gradient, so split into blocks of BE elements like the forward scan."""
+    i_n, i_h, i_e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_e = i_e * BE + tl.arange(0, BE)
+    state = (i_n * H + i_h).to(tl.int64) * (K * V) + o_e
+    b_g = tl.zeros([BE], dtype=tl.float32)
     if HAS_DFINAL:
         b_g = tl.load(d_final + state)
     n_seg = tl.load(nseg + i_n)
@@ -80,13 +80,17 @@ def _segment_dscan_kernel(
     length = tl.load(cu_seqlens + i_n + 1) - tl.load(cu_seqlens + i_n)
     b_rate = tl.load(rate + i_h).to(tl.float32)
     first = tl.load(seg_first + i_n)
+    offset = ((first + n_seg - 1) * H + i_h).to(tl.int64) * (K * V) + o_e  # the last segment; steps back by H*K*V
+    # one dG ahead, as in the forward scan; first segments have none (kernel 1 skips them): masked off
+    b_next = tl.load(dstate + offset, mask=n_seg > 1, other=0.0)
     for jj in range(0, n_seg):
         j = n_seg - 1 - jj
-        offset = (((first + j) * H + i_h) * K + o_k[:, None]).to(tl.int64) * V + o_v[None, :]
+        b_dstate = b_next
+        b_next = tl.load(dstate + offset - H * K * V, mask=j > 1, other=0.0)
         tl.store(gfut + offset, b_g)
-        if j > 0:
-            seg_len = tl.minimum(length - j * SEG, SEG).to(tl.float32)
-            b_g = b_g * tl.exp(-b_rate * seg_len) + tl.load(dstate + offset)
+        seg_len = tl.minimum(length - j * SEG, SEG).to(tl.float32)
+        b_g = b_g * tl.exp(-b_rate * seg_len) + b_dstate  # unused after segment 0
+        offset -= H * K * V
 
 
 @triton.jit
@@ -208,9 +212,10 @@ def _backward(do, q, k, v, rate, scale, cu_seqlens, start, plan: SegmentPlan, d_
         q.stride(0), q.stride(1), do.stride(0), do.stride(1),
         N, H, K, V, BT, BV, SEG, INTERPRET, dot_precision(q), num_warps=num_warps,
     )  # fmt: skip
-    _segment_dscan_kernel[(N, H, V // BV)](
+    BE = min(K * V, SCAN_BLOCK)
+    _segment_dscan_kernel[(N, H, K * V // BE)](
         gfut, dstate, d_final_arg, d_initial, cu_seqlens, plan.nseg, plan.seg_first, rate,
-        H, K, V, BV, SEG, d_final is not None, num_warps=4,
+        H, K, V, BE, SEG, d_final is not None, num_warps=4,
     )  # fmt: skip
     _segment_dq_kernel[segment_grid(max_segs, H, K // BK)](
         k, v, do, dq, start, cu_seqlens, plan.seg_seq, plan.seg_idx, rate, scale,

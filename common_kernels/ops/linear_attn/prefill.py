@@ -29,6 +29,7 @@ from .triton_utils import INTERPRET, check_pool, check_qkv, dot_precision, segme
 
 CHUNK = 64
 TARGET_PROGRAMS = 2 * 132  # two programs per SM on an H100/H200 (best of the sweep in RESULTS.md)
+SCAN_BLOCK = 2048  # state elements per scan program: 8 KB fp32, 8 programs per 128 x 128 state (not yet timed)
 
 
 @triton.jit
@@ -69,14 +70,15 @@ def _segment_delta_kernel(
 def _segment_scan_kernel(
     pool, start, delta, slots, fresh, nseg, seg_first, rate,
     stride_pp, stride_ph,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, SEG: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BE: tl.constexpr, SEG: tl.constexpr,
 ):  # fmt: skip
-    i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_k = tl.arange(0, K)
-    o_v = i_v * BV + tl.arange(0, BV)
+    """Per (sequence, head, block of BE state elements): the scan is elementwise over the [K, V] state, so it
+    splits into as many programs as fill the GPU; each walks its sequence's segments in order."""
+    i_n, i_h, i_e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_e = i_e * BE + tl.arange(0, BE)  # flat offsets into one contiguous [K, V] state
     slot = tl.load(slots + i_n).to(tl.int64)
-    p_pool = pool + slot * stride_pp + i_h * stride_ph + o_k[:, None] * V + o_v[None, :]
-    b_s = tl.zeros([K, BV], dtype=tl.float32)
+    p_pool = pool + slot * stride_pp + i_h * stride_ph + o_e
+    b_s = tl.zeros([BE], dtype=tl.float32)
     if (slot >= 0) and (tl.load(fresh + i_n) == 0):
         b_s = tl.load(p_pool).to(tl.float32)
     n_seg = tl.load(nseg + i_n)
@@ -84,11 +86,16 @@ def _segment_scan_kernel(
         tl.store(p_pool, b_s.to(pool.dtype.element_ty))
     seg_decay = tl.exp(-tl.load(rate + i_h).to(tl.float32) * SEG)
     first = tl.load(seg_first + i_n)
+    offset = (first * H + i_h).to(tl.int64) * (K * V) + o_e  # int64: advances by H * K * V per segment
+    # one delta ahead, so each load's latency overlaps the previous segment's store; the last segment's delta
+    # slot is never written (kernel 3 produces its end state), so its load is masked off
+    b_next = tl.load(delta + offset, mask=n_seg > 1, other=0.0)
     for j in range(0, n_seg):
-        offset = (((first + j) * H + i_h) * K + o_k[:, None]).to(tl.int64) * V + o_v[None, :]
+        b_delta = b_next
+        b_next = tl.load(delta + offset + H * K * V, mask=j + 2 < n_seg, other=0.0)
         tl.store(start + offset, b_s)
-        if j < n_seg - 1:
-            b_s = b_s * seg_decay + tl.load(delta + offset)
+        b_s = b_s * seg_decay + b_delta
+        offset += H * K * V
 
 
 @triton.jit
@@ -284,10 +291,11 @@ def _forward(q, k, v, decay_rate, scale, cu_seqlens, state_pool, slots, fresh, p
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         N, H, K, V, BT, BV, SEG, INTERPRET, dot_precision(q), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    _segment_scan_kernel[(N, H, NV)](
+    BE = min(K * V, SCAN_BLOCK)
+    _segment_scan_kernel[(N, H, K * V // BE)](
         state_pool, start, delta, slots, fresh, plan.nseg, plan.seg_first, rate,
         state_pool.stride(0), state_pool.stride(1),
-        H, K, V, BV, SEG, num_warps=4,
+        H, K, V, BE, SEG, num_warps=4,
     )  # fmt: skip
     _segment_forward_kernel[segment_grid(max_segs, H, NV)](
         q, k, v, o, state_pool, start, cu_seqlens, plan.seg_seq, plan.seg_idx, plan.nseg, slots, rate, scale,

@@ -65,6 +65,7 @@ PREFILL_CASES = [
     ([0, 0], 2, 16, 16, 16, 32),
     ([130], 1, 32, 16, 32, 64),
     ([15, 17, 64, 65], 2, 16, 16, 16, 64),
+    ([50, 0, 200], 2, 64, 64, 32, 64),  # a 64 x 64 state: two scan programs per (sequence, head)
 ]
 
 
@@ -305,16 +306,22 @@ def test_4096_step_decode_keeps_the_fp32_state_within_half_a_percent():
         assert_rel_rms(f"state[{b}]", s_ref, pool[b], 5e-3)
 
 
-BACKWARD_CASES = [([37, 0, 1, 80, 16], 16, 32), ([5], 16, 16), ([64, 65], 32, 64), ([0, 3], 16, 16)]
+BACKWARD_CASES = [  # lengths, chunk, segment, K, V
+    ([37, 0, 1, 80, 16], 16, 32, 16, 32),
+    ([5], 16, 16, 16, 32),
+    ([64, 65], 32, 64, 16, 32),
+    ([0, 3], 16, 16, 16, 32),
+    ([50, 130], 32, 32, 64, 64),  # a 64 x 64 state: two scan programs per (sequence, head)
+]
 
 
 @pytest.mark.parametrize("with_initial,with_dfinal", [(True, True), (False, False), (True, False)])
 @pytest.mark.parametrize("decay", ["mixed", "slowest"])
-@pytest.mark.parametrize("lengths,chunk,segment", BACKWARD_CASES, ids=[str(c[0]) for c in BACKWARD_CASES])
-def test_triton_autograd_matches_float64_gradients(lengths, chunk, segment, decay, with_initial, with_dfinal):
+@pytest.mark.parametrize("lengths,chunk,segment,K,V", BACKWARD_CASES, ids=[str(c[0]) for c in BACKWARD_CASES])
+def test_triton_autograd_matches_float64_gradients(lengths, chunk, segment, K, V, decay, with_initial, with_dfinal):
     from common_kernels.ops.linear_attn.backward import linear_attention_varlen_triton
 
-    H, K, V = 2, 16, 32
+    H = 2
     cu = ragged_offsets(lengths).to(DEVICE)
     T, N = int(cu[-1]), len(lengths)
     q, k, v = (torch.randn(T, H, d, device=DEVICE, requires_grad=True) for d in (K, K, V))
