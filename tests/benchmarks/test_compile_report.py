@@ -13,7 +13,9 @@ def test_compile_report_compiles_the_prefill_kernels_for_hopper():
     env = os.environ | {"TRITON_INTERPRET": "0"}
     script = (
         "from benchmarks.compile_report import compile_report, kernels\n"
-        "for name, fn, consts in kernels(64, 64)[:2]:\n"
+        "for name, fn, consts in kernels(64, 64):\n"
+        "    if name not in ('prefill delta', 'prefill forward'):\n"
+        "        continue\n"
         "    r = compile_report(fn, 'bf16', consts, 4)\n"
         "    print(name, r)\n"
         "    assert 0 < r['registers'] <= 255 and r['shared_bytes'] > 0 and r['async_loads'] > 0, r\n"
