@@ -52,9 +52,14 @@ def check_kv_cache_write_width(config, tp_size: int) -> None:
     if values_per_rank(tp_size) >= MIN_KV_VALUES_PER_RANK:
         return
     ok = [t for t in range(1, tp_size) if values_per_rank(t) >= MIN_KV_VALUES_PER_RANK]
+    fix = (
+        f"Use a tensor parallel size in {ok}"
+        if ok
+        else f"No tensor parallel size works: num_key_value_heads x head_dim must be at least {MIN_KV_VALUES_PER_RANK}"
+    )
     raise ValueError(
         f"ring-linear: tensor parallel size {tp_size} leaves {values_per_rank(tp_size)} KV values per token on a rank "
         f"(num_key_value_heads={Hkv} / {tp_size}, head_dim={d}); vLLM's CUDA KV-cache write "
         f"(reshape_and_cache_flash) never finishes below {MIN_KV_VALUES_PER_RANK}, so the engine would hang. "
-        f"Use a tensor parallel size in {ok or [1]} (only toy configs meet this; the released models have head_dim 128)"
+        f"{fix} (only toy configs meet this; the released models have head_dim 128)"
     )

@@ -283,6 +283,7 @@ def write_mha_equivalent(src: Path, dst: Path) -> Path:
     group = H // Hkv
     softmax_layers = RingLinearConfig(**config).softmax_layer_ids
     dst.mkdir(parents=True, exist_ok=True)
+    total_bytes = 0
     for file in src.iterdir():
         if file.suffix != ".safetensors":
             shutil.copy(file, dst / file.name)
@@ -295,12 +296,12 @@ def write_mha_equivalent(src: Path, dst: Path) -> Path:
                 repeat = [x.unflatten(0, (Hkv, d)).repeat_interleave(group, dim=0).flatten(0, 1) for x in (k, v)]
                 tensors[name] = torch.cat([q, *repeat]).contiguous()
         save_file(tensors, dst / file.name, metadata={"format": "pt"})
+        total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
     config["num_key_value_heads"] = H
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     index_file = dst / "model.safetensors.index.json"
     if index_file.exists():  # its total size grew with the repeated heads
         index = json.loads(index_file.read_text())
-        sizes = (sum(t.numel() * t.element_size() for t in load_file(f).values()) for f in dst.glob("*.safetensors"))
-        index.setdefault("metadata", {})["total_size"] = sum(sizes)
+        index.setdefault("metadata", {})["total_size"] = total_bytes
         index_file.write_text(json.dumps(index, indent=2))
     return dst

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .prefill import CHUNK, SCAN_BLOCK, SegmentPlan, _forward, plan_prefill
+from .prefill import CHUNK, SegmentPlan, _forward, plan_prefill, scan_launch
 from .triton_utils import INTERPRET, check_qkv, dot_precision, segment_and_tile, segment_grid
 
 
@@ -212,8 +212,8 @@ def _backward(do, q, k, v, rate, scale, cu_seqlens, start, plan: SegmentPlan, d_
         q.stride(0), q.stride(1), do.stride(0), do.stride(1),
         N, H, K, V, BT, BV, SEG, INTERPRET, dot_precision(q), num_warps=num_warps,
     )  # fmt: skip
-    BE = min(K * V, SCAN_BLOCK)
-    _segment_dscan_kernel[(N, H, K * V // BE)](
+    scan_grid, BE = scan_launch(N, H, K, V)
+    _segment_dscan_kernel[scan_grid](
         gfut, dstate, d_final_arg, d_initial, cu_seqlens, plan.nseg, plan.seg_first, rate,
         H, K, V, BE, SEG, d_final is not None, num_warps=4,
     )  # fmt: skip

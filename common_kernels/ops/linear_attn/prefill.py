@@ -32,6 +32,12 @@ TARGET_PROGRAMS = 2 * 132  # two programs per SM on an H100/H200 (best of the sw
 SCAN_BLOCK = 2048  # state elements per scan program: 8 KB fp32, 8 programs per 128 x 128 state (not yet timed)
 
 
+def scan_launch(N: int, H: int, K: int, V: int) -> tuple[tuple[int, int, int], int]:
+    """Grid and block size (BE) of the forward and backward scans: (sequence, head, block of the [K, V] state)."""
+    block = min(K * V, SCAN_BLOCK)
+    return (N, H, K * V // block), block
+
+
 @triton.jit
 def _segment_delta_kernel(
     k, v, delta, cu_seqlens, seg_seq, seg_idx, nseg, rate,
@@ -213,9 +219,10 @@ def linear_attention_prefill(
     BV, BT = _block_v(V, block_v), chunk_size
     if plan is None:
         plan = plan_prefill(cu_seqlens, T, H, V, chunk_size, block_v, segment_size, max_seqlen)
-    elif plan.total_tokens != T:
-        raise ValueError(f"linear_attention_prefill: the plan was made for {plan.total_tokens} tokens, q has {T}")
-    _check_segment(plan.seg, BT)
+    else:
+        if plan.total_tokens != T:
+            raise ValueError(f"linear_attention_prefill: the plan was made for {plan.total_tokens} tokens, q has {T}")
+        _check_segment(plan.seg, BT)
     o, _ = _forward(
         q, k, v, decay_rate, scale, cu_seqlens, state_pool, slots, fresh, plan, BT, BV, num_warps, num_stages
     )
@@ -291,8 +298,8 @@ def _forward(q, k, v, decay_rate, scale, cu_seqlens, state_pool, slots, fresh, p
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         N, H, K, V, BT, BV, SEG, INTERPRET, dot_precision(q), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    BE = min(K * V, SCAN_BLOCK)
-    _segment_scan_kernel[(N, H, K * V // BE)](
+    scan_grid, BE = scan_launch(N, H, K, V)
+    _segment_scan_kernel[scan_grid](
         state_pool, start, delta, slots, fresh, plan.nseg, plan.seg_first, rate,
         state_pool.stride(0), state_pool.stride(1),
         H, K, V, BE, SEG, num_warps=4,
