@@ -370,29 +370,35 @@ def main() -> None:
         prefill = {k: prefill[k] for k in args.prefill}
     if args.decode is not None:
         decode = args.decode
+    print(
+        f"{'case':24} {'provider':40} {'us':>10} {'GB/s':>8} {'%copy':>6} {'timing':>6} {'err':>9} {'x best other':>12}"
+    )
     rows: list[Row] = []
+
+    def report(case_rows: list[Row]) -> None:
+        """Print one case as soon as it is measured, so a run cut short by a time limit keeps what it measured."""
+        for r in case_rows:
+            err = f"{r.err:.2e}" if r.err is not None else "-"
+            ratio = f"{r.ratio_vs_best_other:.2f}x" if r.ratio_vs_best_other else ""
+            print(
+                f"{r.case:24} {r.provider:40} {r.us:10.1f} {r.gbps:8.0f} {r.pct_copy:6.1f} "
+                f"{r.timing:>6} {err:>9} {ratio:>12}",
+                flush=True,
+            )
+        rows.extend(case_rows)
+        if args.json:
+            args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+
     for H in args.heads:
         for name, lengths in prefill.items():
             for dtype in args.dtype:
                 case = f"prefill {name} H{H}" + ("" if dtype == "bf16" else f" {dtype}")
                 check = sum(lengths) <= 32768
-                rows += prefill_rows(case, lengths, H, mods, copy_gbps, check, DTYPES[dtype])
+                report(prefill_rows(case, lengths, H, mods, copy_gbps, check, DTYPES[dtype]))
         for B in decode:
-            rows += decode_rows(f"decode B{B} H{H}", B, H, mods, copy_gbps, check=True)
+            report(decode_rows(f"decode B{B} H{H}", B, H, mods, copy_gbps, check=True))
         for T in args.backward:
-            rows += backward_rows(f"backward {T // 1024}K H{H}", T, H, copy_gbps)
-    print(
-        f"{'case':24} {'provider':40} {'us':>10} {'GB/s':>8} {'%copy':>6} {'timing':>6} {'err':>9} {'x best other':>12}"
-    )
-    for r in rows:
-        err = f"{r.err:.2e}" if r.err is not None else "-"
-        ratio = f"{r.ratio_vs_best_other:.2f}x" if r.ratio_vs_best_other else ""
-        print(
-            f"{r.case:24} {r.provider:40} {r.us:10.1f} {r.gbps:8.0f} {r.pct_copy:6.1f} "
-            f"{r.timing:>6} {err:>9} {ratio:>12}"
-        )
-    if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+            report(backward_rows(f"backward {T // 1024}K H{H}", T, H, copy_gbps))
 
 
 if __name__ == "__main__":
