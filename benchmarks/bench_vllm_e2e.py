@@ -7,11 +7,12 @@
   `BailingMoeV2ForCausalLM` (the same local config with its architecture swapped; it carries every
   Ling-2.0 field, so no remote code is needed).
 
-Prefill: tokens/s of one prompt (batch 1) at each length, timed over `generate` (prompt + 1 token).
-Decode: tokens/s of a batch of sequences once every one of them has finished its prefill, timed over
-`--decode-steps` engine steps that each decode one token per sequence (prefill excluded), for each
-`CONTEXTxBATCH` pair of `--decode`. Each variant runs in its own process (`--worker`) with the engine in that
-process, so GPU memory is returned between variants and the kernel swaps apply. Usage:
+Prefill: tokens/s of one prompt (batch 1) at each length, timed over `generate` (prompt + 1 token), best of
+`prefill_repeats(length)` (more for short prompts, whose ~60 ms runs vary by 20% between runs).
+Decode: tokens/s of a batch of sequences once every one of them has finished its prefill, the median of
+`--decode-windows` windows of `--decode-steps` engine steps that each decode one token per sequence (prefill
+excluded), for each `CONTEXTxBATCH` pair of `--decode`. Each variant runs in its own process (`--worker`)
+with the engine in that process, so GPU memory is returned between variants and the kernel swaps apply. Usage:
 
     python -m benchmarks.bench_vllm_e2e --json e2e.json
     python -m benchmarks.bench_vllm_e2e --variants ring-linear softmax-twin --prefill 4096 16384 --decode 4096x64
@@ -23,10 +24,12 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 RELEASED_CONFIG = Path(__file__).parents[1] / "tests" / "data" / "ring-mini-linear-2.0.config.json"
@@ -89,8 +92,16 @@ def early_decode_tokens(context: int, batch: int, chunk: int) -> int:
     return 2 * context * batch // chunk + 8
 
 
-def decode_tokens_per_s(llm, prompts: list, steps: int, max_tokens: int, deadline_s: float = 900.0) -> float:
-    """Tokens/s over `steps` engine steps once every sequence is decoding (its prefill is done).
+def prefill_repeats(length: int) -> int:
+    """How many times a prefill of `length` tokens is timed: about 0.5 s of prefill in all, at least twice."""
+    return max(2, min(8, 65536 // length))
+
+
+def decode_tokens_per_s(
+    llm, prompts: list, steps: int, windows: int, max_tokens: int, deadline_s: float = 900.0
+) -> float:
+    """The median tokens/s of `windows` windows of `steps` engine steps once every sequence is decoding (its
+    prefill is done): one window was seen to read 40% low once, so one is not trusted.
 
     `max_tokens` bounds each request (the early ones decode while the later ones prefill), so nothing runs on
     to the model length even if the final abort were lost."""
@@ -115,14 +126,25 @@ def decode_tokens_per_s(llm, prompts: list, steps: int, max_tokens: int, deadlin
         if time.perf_counter() > give_up:
             engine.abort_request(ids)
             raise RuntimeError(f"only {len(started)}/{len(ids)} sequences reached decode: too little cache?")
-    tokens, start = 0, time.perf_counter()
-    for _ in range(steps):
-        tokens += sum(len(o.outputs[0].token_ids) for o in engine.step() if o.outputs)
-    elapsed = time.perf_counter() - start
+    rate = median_window_rate(engine.step, steps, windows)
     engine.abort_request(ids)
     while engine.has_unfinished_requests():
         engine.step()
-    return tokens / elapsed
+    return rate
+
+
+def median_window_rate(
+    step: Callable[[], list], steps: int, windows: int, clock: Callable[[], float] = time.perf_counter
+) -> float:
+    """The median over `windows` windows of `steps` calls of `step` (an engine step returning request outputs)
+    of the new tokens per second."""
+    rates = []
+    for _ in range(windows):
+        tokens, start = 0, clock()
+        for _ in range(steps):
+            tokens += sum(len(o.outputs[0].token_ids) for o in step() if o.outputs)
+        rates.append(tokens / (clock() - start))
+    return statistics.median(rates)
 
 
 def run_variant(variant: str, args: argparse.Namespace) -> dict:
@@ -134,7 +156,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
         use_vllm_linear_kernels()
     # (context, batch, max_tokens) per decode case: max_tokens covers the early decodes and the timed steps
     decode = [
-        (context, batch, early_decode_tokens(context, batch, args.chunk) + args.decode_steps)
+        (context, batch, early_decode_tokens(context, batch, args.chunk) + args.decode_steps * args.decode_windows)
         for context, batch in map(parse_decode, args.decode)
     ]
     longest = max([*args.prefill, *(context + max_tokens for context, _, max_tokens in decode)])
@@ -165,11 +187,11 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     timed(prompts(2, 1024), 8)  # warm-up: compile, graphs, autotuning
     result = {"variant": variant, "prefill_tokens_per_s": {}, "decode_tokens_per_s": {}}
     for length in args.prefill:
-        seconds = min(timed(prompts(1, length), 1) for _ in range(2))
+        seconds = min(timed(prompts(1, length), 1) for _ in range(prefill_repeats(length)))
         result["prefill_tokens_per_s"][length] = length / seconds
         print(f"{variant}: prefill {length}: {length / seconds:.0f} tokens/s", file=sys.stderr, flush=True)
     for context, batch, max_tokens in decode:
-        rate = decode_tokens_per_s(llm, prompts(batch, context), args.decode_steps, max_tokens)
+        rate = decode_tokens_per_s(llm, prompts(batch, context), args.decode_steps, args.decode_windows, max_tokens)
         result["decode_tokens_per_s"][f"{context}x{batch}"] = rate
         print(f"{variant}: decode {context}x{batch}: {rate:.0f} tokens/s", file=sys.stderr, flush=True)
     return result
@@ -180,7 +202,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--prefill", type=int, nargs="*", default=[4096, 16384, 65536, 131072])
     parser.add_argument("--decode", nargs="*", default=["4096x64", "16384x64", "65536x64"], help="CONTEXTxBATCH pairs")
-    parser.add_argument("--decode-steps", type=int, default=64)
+    parser.add_argument("--decode-steps", type=int, default=64, help="engine steps in one timed decode window")
+    parser.add_argument("--decode-windows", type=int, default=3, help="timed decode windows (the median is kept)")
     parser.add_argument("--chunk", type=int, default=16384, help="max_num_batched_tokens (chunked prefill)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--json", type=Path)
