@@ -8,7 +8,7 @@
   Ling-2.0 field, so no remote code is needed).
 
 Prefill: tokens/s of one prompt (batch 1) at each length, timed over `generate` (prompt + 1 token), best of
-`prefill_repeats(length)` (more for short prompts, whose ~60 ms runs vary by 20% between runs).
+`prefill_repeats(length)` (more for short prompts: a 4K prefill takes about 60 ms and its timing is noisy).
 Decode: tokens/s of a batch of sequences once every one of them has finished its prefill, the median of
 `--decode-windows` windows of `--decode-steps` engine steps that each decode one token per sequence (prefill
 excluded), for each `CONTEXTxBATCH` pair of `--decode`. Each variant runs in its own process (`--worker`)
