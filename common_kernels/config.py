@@ -204,14 +204,19 @@ class RingLinearConfig(PretrainedConfig):
             original_max_position_embeddings=int(original) if original is not None else None,
         )
 
-    def check_tensor_parallel(self, tp_size: int) -> None:
-        """Raise `RingLinearConfigError` if `tp_size` ranks cannot split this model, saying which TP sizes can.
+    def tensor_parallel_sizes(self) -> list[int]:
+        """The TP sizes that can split this model.
 
         Linear layers shard whole heads and whole output-norm groups per rank (a group's RMS must not span
         ranks); softmax layers shard query heads (vLLM/SGLang replicate KV heads when tp > num_key_value_heads).
         """
         H, G = self.num_attention_heads, self.group_norm_size
-        ok = [t for t in range(1, H + 1) if H % t == 0 and G % t == 0]
+        return [t for t in range(1, H + 1) if H % t == 0 and G % t == 0]
+
+    def check_tensor_parallel(self, tp_size: int) -> None:
+        """Raise `RingLinearConfigError` if `tp_size` ranks cannot split this model, saying which TP sizes can."""
+        H, G = self.num_attention_heads, self.group_norm_size
+        ok = self.tensor_parallel_sizes()
         if not (isinstance(tp_size, int) and tp_size >= 1):
             raise RingLinearConfigError(f"tensor parallel size must be a positive integer, got {tp_size!r}")
         if tp_size not in ok:

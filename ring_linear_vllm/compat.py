@@ -51,7 +51,7 @@ def check_kv_cache_write_width(config, tp_size: int) -> None:
 
     if values_per_rank(tp_size) >= MIN_KV_VALUES_PER_RANK:
         return
-    ok = [t for t in range(1, tp_size) if values_per_rank(t) >= MIN_KV_VALUES_PER_RANK]
+    ok = [t for t in config.tensor_parallel_sizes() if values_per_rank(t) >= MIN_KV_VALUES_PER_RANK]
     fix = (
         f"Use a tensor parallel size in {ok}"
         if ok

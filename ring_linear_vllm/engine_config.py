@@ -14,8 +14,8 @@ logger = init_logger(__name__)
 
 class RingLinearEngineConfig(VerifyAndUpdateConfig):
     """Refuse what cannot run (a TP size the heads or norm groups cannot split, or that would hang vLLM's
-    KV-cache write; speculative decoding),
-    default the LM head to fp32 and turn off hybrid prefix caching (not verified exact for the linear state)."""
+    KV-cache write; speculative decoding), default the LM head to fp32 and turn off hybrid prefix caching
+    (not verified exact for the linear state)."""
 
     @classmethod
     def verify_and_update_config(cls, vllm_config) -> None:

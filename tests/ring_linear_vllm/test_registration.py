@@ -141,6 +141,10 @@ def test_a_tensor_parallel_size_that_would_hang_vllms_kv_cache_write_is_refused_
     refusal = r"size 2 leaves 16 KV values.*num_key_value_heads=2 / 2, head_dim=16.*in \[1\]"
     with pytest.raises(ValueError, match=refusal):
         check_kv_cache_write_width(tiny_config(), 2)
+    # only sizes that also split the heads and norm groups are offered (3 and 4 would leave 32 KV values, but
+    # cannot split 2 norm groups)
+    with pytest.raises(ValueError, match=r"in \[1, 2\] \("):
+        check_kv_cache_write_width(tiny_config(num_attention_heads=8, num_key_value_heads=8), 8)
     with pytest.raises(ValueError, match="No tensor parallel size works"):  # 1 KV head of 16 at any size
         check_kv_cache_write_width(tiny_config(num_key_value_heads=1), 1)
     cfg = vllm_tools.engine_config(tiny_dir)
