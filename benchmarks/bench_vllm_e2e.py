@@ -55,11 +55,18 @@ def use_vllm_linear_kernels() -> None:
         linear_attention_decode,
     )
 
+    from ring_linear_vllm.compat import layer_metadata
     from ring_linear_vllm.linear_attention import RingLinearAttention
 
-    def attend(self, q, k, v, metadata):
+    def attend(self, q, k, v, out):
+        metadata = layer_metadata(self.prefix)
+        if metadata is None:  # profiling run
+            out.zero_()
+            return
+        num_tokens = metadata.num_decode_tokens + metadata.num_prefill_tokens
         pool = self.kv_cache[0]
-        q = q * self.head_dim**-0.5  # vLLM's kernels take a pre-scaled q
+        q = q[:num_tokens] * self.head_dim**-0.5  # vLLM's kernels take a pre-scaled q
+        k, v = k[:num_tokens].contiguous(), v[:num_tokens].to(q.dtype)
         slope = self.decay_rate.view(-1, 1, 1)  # the [H, 1, 1] slope tensor vLLM's Bailing layer passes
 
         def decode(q, k, v, kv_cache, state_indices, attn_metadata):
@@ -76,9 +83,10 @@ def use_vllm_linear_kernels() -> None:
                 q, k, v, pool, metadata.state_indices_tensor, metadata, slope, 256,
                 decode, MiniMaxText01LinearKernel.jit_linear_forward_prefix, self.layer_idx,
             )  # fmt: skip
-        return hidden.view(q.shape)
+        out[:num_tokens] = hidden.view(q.shape)
+        out[num_tokens:] = 0
 
-    RingLinearAttention._attend = attend
+    RingLinearAttention.attend = attend
 
 
 def parse_decode(pair: str) -> tuple[int, int]:

@@ -18,10 +18,22 @@
 #   sweep        sweep_linear_attn: launch settings, bf16 and fp32 prefill                 (~8 min)
 #   e2e-prefill  bench_vllm_e2e: 4K and 16K prefill, ring-linear vs the softmax twin       (~6 min)
 #   example      examples/vllm_rollout_logprobs.py on the tiny trained checkpoint            (~1 min)
+#   serve-ring   bench_serve: `vllm serve` + `vllm bench serve`, ring-linear, every workload (~7 min)
+#   serve-twin   the same for the softmax twin, caching off                                (~9 min)
+#   serve-twin-cached  the twin with prefix caching (its warm pass hits the cache)          (~7 min)
+#   serve-report the ratio table of the serve steps' results (SERVE_OUT, default OUTDIR/serve)
+#   profile      compiled 4K and 128K prefill profiles, ring-linear and the twin            (~6 min)
 set -uo pipefail
 
 out="${OUTDIR:-${OUT:-gpu-checks}}"
 mkdir -p "$out"
+# The plugin's entry point without pip (the GPU machine is offline): a dist-info that names it, and the
+# checkout on the path, so every vLLM process (server, engine core, workers) loads register().
+site=/tmp/ring-linear-site/ring_linear-0.1.0.dist-info
+mkdir -p "$site"
+printf 'Metadata-Version: 2.1\nName: ring-linear\nVersion: 0.1.0\n' >"$site/METADATA"
+printf '[vllm.general_plugins]\nring_linear = ring_linear_vllm:register\n' >"$site/entry_points.txt"
+export PYTHONPATH="$PWD:${site%/*}${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER="${VLLM_USE_FLASHINFER_SAMPLER:-0}"
 
 run() {  # run NAME LIMIT_S COMMAND...: the command's output to OUTDIR/NAME.log, its status to the summary
@@ -45,6 +57,17 @@ for step in "$@"; do
       --prefill 4096 16384 --decode --json "$out/e2e-prefill.json" ;;
     example) run example 240 env CUDA_VISIBLE_DEVICES=0 python3 examples/vllm_rollout_logprobs.py \
       "${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}" ;;
+    serve-ring | serve-twin | serve-twin-cached)
+      model=${step#serve-}; model=${model/ring/ring-linear}; model=${model/twin/softmax-twin}
+      run "$step" 580 python3 -m benchmarks.bench_serve run --model "$model" --out "${SERVE_OUT:-$out/serve}" ;;
+    serve-report) python3 -m benchmarks.bench_serve report "${SERVE_OUT:-$out/serve}" | tee "$out/serve-report.md" ;;
+    profile)
+      for variant in ring-linear softmax-twin; do
+        for length in 4096 131072; do
+          run "profile-$variant-$length" 200 python3 -m benchmarks.profile_vllm_prefill --variant "$variant" \
+            --length "$length" --compiled
+        done
+      done ;;
     *) echo "unknown step: $step (see the header of $0)" >&2; exit 2 ;;
   esac
 done

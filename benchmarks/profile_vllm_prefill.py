@@ -23,15 +23,16 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--rows", type=int, default=30)
     parser.add_argument("--linear-qkv-dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--compiled", action="store_true", help="torch.compile and CUDA graphs, as served")
     args = parser.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: the probe's patch applies
     import torch
     from vllm import LLM, SamplingParams, TokensPrompt
 
     if args.linear_qkv_dtype == "bfloat16":  # probe, not a supported setting: bf16 q/k/v on the tensor cores
-        from ring_linear_vllm import linear_attention
+        from common_kernels.model import linear_math
 
-        linear_attention.LINEAR_ATTN_DTYPE = torch.bfloat16
+        linear_math.LINEAR_ATTN_DTYPE = torch.bfloat16
 
     with tempfile.TemporaryDirectory() as tmp:
         llm = LLM(
@@ -42,7 +43,7 @@ def main() -> None:
             max_model_len=args.length + 16,
             max_num_seqs=4,
             max_num_batched_tokens=16384,
-            enforce_eager=True,
+            enforce_eager=not args.compiled,
             enable_prefix_caching=False,  # the same prompt again must be computed again
             gpu_memory_utilization=0.8,
         )
@@ -52,7 +53,8 @@ def main() -> None:
     llm.generate([prompt], params, use_tqdm=False)  # warm-up
     start = time.perf_counter()
     llm.generate([prompt], params, use_tqdm=False)
-    print(f"prefill {args.length}: {args.length / (time.perf_counter() - start):.0f} tokens/s (eager)")
+    mode = "compiled" if args.compiled else "eager"
+    print(f"prefill {args.length}: {args.length / (time.perf_counter() - start):.0f} tokens/s ({mode})")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         llm.generate([prompt], params, use_tqdm=False)
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=90))

@@ -18,7 +18,8 @@ __all__ = ["ARCHITECTURES", "MODEL_CLASS", "register"]
 
 
 def register() -> None:
-    """Register the config class, the architectures and the engine-config hook; safe to call repeatedly.
+    """Register the config class, the architectures, the engine-config hook and our attention op as a graph
+    splitting point (before any config copies the list); safe to call repeatedly.
 
     Architectures vLLM already knows are left alone (vLLM's own plugin convention: never override).
     """
@@ -27,10 +28,11 @@ def register() -> None:
 
     from common_kernels.config import RingLinearConfig
 
-    from .compat import models_config_map
+    from .compat import declare_splitting_op, models_config_map
     from .engine_config import RingLinearEngineConfig
 
     AutoConfig.register(RingLinearConfig.model_type, RingLinearConfig, exist_ok=True)
+    declare_splitting_op()
     known = set(ModelRegistry.get_supported_archs())
     hooks = models_config_map()
     module = MODEL_CLASS.split(":")[0]

@@ -1,6 +1,6 @@
-"""The linear-attention backend: per-step metadata that lets one layer call run a mixed batch with no
-host synchronisation (decodes first, then prefills, each routed to its own state slot). What every linear
-layer of a step would otherwise recompute (the prefill's segment tables, the RoPE table) is made once here."""
+"""The linear-attention backend: vLLM's batch metadata mapped onto the engine-neutral step object
+(`common_kernels.serving.LinearAttentionStep`), built on the device with no host synchronisation (decodes
+first, then prefills, each routed to its own state slot)."""
 
 from __future__ import annotations
 
@@ -14,19 +14,15 @@ from vllm.v1.attention.backends.linear_attn import (
     BailingLinearAttentionMetadataBuilder,
 )
 
-from common_kernels.ops.linear_attn import SegmentPlan, plan_prefill
+from common_kernels.serving import LinearAttentionStep, build_step
 
 
 @dataclass
 class RingLinearMetadata(BailingLinearAttentionMetadata):
-    """vLLM's Bailing metadata (decode slots padded with -1 for full CUDA graphs, prefill slots) plus what
-    the varlen prefill and the decode kernels need, all built on the device."""
+    """vLLM's Bailing metadata (decode slots padded with -1 for full CUDA graphs, prefill slots) plus the step
+    the layers run."""
 
-    prefill_cu_seqlens: torch.Tensor | None = None  # [P+1] int32 offsets into the prefill tokens
-    prefill_fresh: torch.Tensor | None = None  # [P] int8: 1 = first chunk of a request (zero state)
-    decode_fresh: torch.Tensor | None = None  # [num_decodes] int8: 1 = a one-token prompt (zero state)
-    prefill_plan: SegmentPlan | None = None  # the prefill's segment tables, shared by the step's linear layers
-    rope_cos_sin: tuple[bool, torch.Tensor, torch.Tensor] | None = None  # (made under capture, cos, sin)
+    step: LinearAttentionStep | None = None
 
 
 class RingLinearMetadataBuilder(BailingLinearAttentionMetadataBuilder):
@@ -38,34 +34,31 @@ class RingLinearMetadataBuilder(BailingLinearAttentionMetadataBuilder):
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False, **kwargs) -> RingLinearMetadata:
         base = super().build(common_prefix_len, common_attn_metadata, fast_build, **kwargs)
         fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
-        D, P = base.num_decodes, base.num_prefills
-        query_start = common_attn_metadata.query_start_loc
-        query_lens = query_start[1:] - query_start[:-1]
-        # a request whose tokens are all new (no context) starts from a zero state, whatever its slot holds
-        is_fresh = (common_attn_metadata.seq_lens[: D + P] == query_lens[: D + P]).to(torch.int8)
-        decode_fresh = is_fresh[:D]
-        slots_d = base.state_indices_tensor_d
-        if _same_storage(slots_d, self.decode_legacy_state_indices_tensor):
-            # full-CUDA-graph decode: the base handed out its persistent slot buffer; the flags follow it
-            self.decode_fresh_buffer[:D].copy_(decode_fresh, non_blocking=True)
-            self.decode_fresh_buffer[D : slots_d.shape[0]] = 0
-            decode_fresh = self.decode_fresh_buffer[: slots_d.shape[0]]
-        prefill_cu = prefill_fresh = prefill_plan = None
-        if P > 0:
-            starts = query_start[D : D + P + 1]
-            prefill_cu = (starts - starts[0]).to(torch.int32)
-            prefill_fresh = is_fresh[D : D + P]
-            heads, _, head_dim_v = self.kv_cache_spec.shapes[0]
-            prefill_plan = plan_prefill(
-                prefill_cu, base.num_prefill_tokens, heads, head_dim_v, max_seqlen=common_attn_metadata.max_query_len
-            )
-        return RingLinearMetadata(
-            **fields,
-            prefill_cu_seqlens=prefill_cu,
-            prefill_fresh=prefill_fresh,
-            decode_fresh=decode_fresh,
-            prefill_plan=prefill_plan,
+        slots_d = base.state_indices_tensor_d if base.num_decodes > 0 else None
+        # full-CUDA-graph decode: the base hands out its persistent slot buffer; the flags follow it
+        graph_buffer = _same_storage(slots_d, self.decode_legacy_state_indices_tensor)
+        heads, _, head_dim_v = self.kv_cache_spec.shapes[0]
+        step = build_step(
+            common_attn_metadata.query_start_loc,
+            common_attn_metadata.seq_lens,
+            base.num_decodes,
+            base.num_prefills,
+            base.num_decode_tokens,
+            base.num_prefill_tokens,
+            slots_d,
+            base.state_indices_tensor_p if base.num_prefills > 0 else None,
+            heads,
+            head_dim_v,
+            common_attn_metadata.max_query_len,
+            query_start_loc_host=_host_offsets(common_attn_metadata),
+            decode_fresh_buffer=self.decode_fresh_buffer if graph_buffer else None,
         )
+        return RingLinearMetadata(**fields, step=step)
+
+
+def _host_offsets(common_attn_metadata) -> list[int] | None:
+    host = getattr(common_attn_metadata, "query_start_loc_cpu", None)
+    return None if host is None else host.tolist()
 
 
 def _same_storage(a: torch.Tensor | None, b: torch.Tensor) -> bool:

@@ -23,6 +23,43 @@ def fused_moe(**kwargs: Any) -> torch.nn.Module:
     return factory(**kwargs)
 
 
+LINEAR_ATTENTION_OP = "ring_linear_attention"  # registered as torch.ops.vllm.ring_linear_attention
+
+
+def splitting_op_name() -> str:
+    return f"vllm::{LINEAR_ATTENTION_OP}"
+
+
+def declare_splitting_op() -> None:
+    """Make vLLM split its piecewise graphs at our state update, as at its own attention ops.
+
+    `CompilationConfig._attention_ops` (private, stable 0.26-0.33) is copied into every config's default
+    `splitting_ops`; `register()` runs in each vLLM process before any config exists, so appending there
+    reaches them all. A user who passes `splitting_ops` must list this op too (the engine config checks)."""
+    from vllm.config.compilation import CompilationConfig
+
+    if splitting_op_name() not in CompilationConfig._attention_ops:
+        CompilationConfig._attention_ops.append(splitting_op_name())
+
+
+def register_splitting_op(name: str, fn, fake, mutates_args: list[str]) -> None:
+    """Register `torch.ops.vllm.<name>` as vLLM registers its attention ops; on 0.33 it also breaks a
+    breakable CUDA-graph capture (it reads the step's metadata, which a graph cannot)."""
+    from vllm.platforms import current_platform
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    try:
+        from vllm.compilation.breakable_cudagraph import eager_break_during_capture
+    except ImportError:  # 0.26
+        eager_break_during_capture = None
+    if eager_break_during_capture is not None:
+        fn = eager_break_during_capture(fn)
+    direct_register_custom_op(
+        op_name=name, op_func=fn, mutates_args=mutates_args, fake_impl=fake,
+        dispatch_key=current_platform.dispatch_key,
+    )  # fmt: skip
+
+
 def layer_metadata(prefix: str) -> Any | None:
     """This layer's attention metadata of the current step, or None (profiling runs; 0.33 layers without any)."""
     from vllm.forward_context import get_forward_context

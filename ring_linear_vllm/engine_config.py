@@ -7,7 +7,7 @@ from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from common_kernels.config import RingLinearConfig
-from ring_linear_vllm.compat import check_kv_cache_write_width
+from ring_linear_vllm.compat import check_kv_cache_write_width, splitting_op_name
 
 logger = init_logger(__name__)
 
@@ -38,6 +38,12 @@ class RingLinearEngineConfig(VerifyAndUpdateConfig):
             # an fp32 LM head, as trained (paper) and as the shim computes logprobs;
             # `--hf-overrides '{"head_dtype": "model"}'` restores vLLM's default
             config.head_dtype = "float32"
+        splitting_ops = vllm_config.compilation_config.splitting_ops
+        if splitting_ops and splitting_op_name() not in splitting_ops:
+            # the default list has it (register()); a user's own list must split there too, or a CUDA graph
+            # would replay one step's state slots in another
+            splitting_ops.append(splitting_op_name())
+            logger.warning("ring-linear: added %s to the given splitting_ops", splitting_op_name())
         cache_config = vllm_config.cache_config
         if cache_config.enable_prefix_caching:
             logger.warning(

@@ -1,24 +1,21 @@
 """Ring-linear's linear-attention layer as a vLLM hybrid-state (`MambaBase`) layer.
 
 vLLM's parallel linears do the projections; every step after the QKV GEMM is a `common_kernels` call,
-the same code the training shim runs: fused qk-RMSNorm + partial RoPE, varlen prefill and in-place decode
-on the fp32 state pool (one slot per request, read from the metadata), fused group-RMSNorm + sigmoid gate.
-The layer runs behind vLLM's opaque `vllm::linear_attention` op, so torch.compile splits the graph around
-it and full CUDA graphs capture its decode path.
+the same code the training shim runs: `prepare_qkv` (one fused qk-RMSNorm + partial RoPE launch), the
+step's varlen prefill and in-place decode on the fp32 state pool (one slot per request), `gate_output`
+(fused group-RMSNorm + sigmoid gate, written in the model dtype). Like vLLM's Qwen3-Next, the projections
+and both fused ops stay in the torch.compile'd graph (and its piecewise CUDA graphs); only the state
+update sits behind the splitting op `vllm::ring_linear_attention`, which reads the step's metadata.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.mamba.abstract import MambaBase
-
-# Importing the module registers `torch.ops.vllm.linear_attention`, the dispatcher this layer reuses.
-from vllm.model_executor.layers.mamba.linear import minimax_linear_attn  # noqa: F401
 from vllm.model_executor.layers.mamba.mamba_utils import MambaStateCopyFuncCalculator
 from vllm.model_executor.model_loader.weight_utils import sharded_weight_loader
 from vllm.model_executor.utils import set_weight_attrs
@@ -26,15 +23,12 @@ from vllm.utils.torch_utils import get_kv_cache_torch_dtype
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
 from common_kernels.config import RingLinearConfig
-from common_kernels.ops.linear_attn import linear_attention_decode, linear_attention_prefill
-from common_kernels.ops.norm.fused import group_rms_norm_gate_triton
-from common_kernels.ops.rope.fused import qk_norm_rope_triton
-from common_kernels.ops.rope.naive import rotary_cos_sin, rotary_inv_freq
-from common_kernels.precision import LINEAR_ATTN_DTYPE, ROPE_DTYPE
+from common_kernels.model.linear_math import gate_output, prepare_qkv
+from common_kernels.serving import warm_up_linear_attention
 from common_kernels.slopes import decay_rates
 
 from .backend import RingLinearBackend, RingLinearMetadata
-from .compat import layer_metadata
+from .compat import LINEAR_ATTENTION_OP, layer_metadata, register_splitting_op
 
 
 def linear_state_shape(config: RingLinearConfig, tp_size: int) -> tuple[tuple[int, int, int]]:
@@ -96,8 +90,8 @@ class RingLinearAttention(nn.Module, MambaBase):
         rates = decay_rates(config, layer_idx, dtype=torch.float32, device=device)
         local = slice(tp_rank * self.num_local_heads, (tp_rank + 1) * self.num_local_heads)
         self.register_buffer("decay_rate", rates[local].contiguous(), persistent=False)
-        inv_freq, self.rope_scaling = rotary_inv_freq(config)
-        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+        self.scale = d**-0.5
+        self.max_num_seqs = vllm_config.scheduler_config.max_num_seqs
         self.kv_cache: tuple[torch.Tensor, ...] = (torch.tensor([]),)
 
         static_forward_context = get_current_vllm_config().compilation_config.static_forward_context
@@ -122,79 +116,51 @@ class RingLinearAttention(nn.Module, MambaBase):
 
     # ----- forward ----------------------------------------------------------------------------------------
 
-    def forward(self, hidden_states: torch.Tensor, output: torch.Tensor, positions: torch.Tensor) -> None:
-        torch.ops.vllm.linear_attention(hidden_states, output, positions, self.prefix)
-
-    def _forward(self, hidden_states: torch.Tensor, output: torch.Tensor, positions: torch.Tensor) -> None:
-        """Called eagerly by `vllm::linear_attention`; writes the layer output into `output[:num_tokens]`."""
-        metadata: RingLinearMetadata | None = layer_metadata(self.prefix)
-        if metadata is None:  # profiling run: no state pool yet
-            num_tokens = hidden_states.shape[0]
-        else:
-            num_tokens = metadata.num_decode_tokens + metadata.num_prefill_tokens
-        a = hidden_states[:num_tokens]
-        Hl, d = self.num_local_heads, self.head_dim
-        qkv, _ = self.query_key_value(a)
-        qkv = qkv.to(LINEAR_ATTN_DTYPE)
-        if self.config.linear_silu:
-            qkv = F.silu(qkv)
-        q, k, v = qkv.view(num_tokens, 3 * Hl, d).split(Hl, dim=1)
-        cos, sin = self._cos_sin(positions[:num_tokens], metadata)
-        q_norm, k_norm = norm_weight(self.query_layernorm), norm_weight(self.key_layernorm)
-        q, k = qk_norm_rope_triton(q, k, q_norm, k_norm, cos, sin, self.config.rms_norm_eps)
-        o = self._attend(q, k, v, metadata) if metadata is not None else torch.zeros_like(v)
-        gate, _ = self.g_proj(a)
-        y = group_rms_norm_gate_triton(
-            o.reshape(num_tokens, Hl * d), gate, self.g_norm.weight, self.num_local_groups, self.config.rms_norm_eps
+    def forward(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Runs in the compiled graph; only the state update (`vllm::ring_linear_attention`) is eager."""
+        num_tokens, eps = hidden_states.shape[0], self.config.rms_norm_eps
+        qkv, _ = self.query_key_value(hidden_states)
+        q, k, v = prepare_qkv(
+            qkv, self.num_local_heads, norm_weight(self.query_layernorm), norm_weight(self.key_layernorm),
+            cos, sin, eps, silu=self.config.linear_silu,
+        )  # fmt: skip
+        o = torch.empty((num_tokens, self.num_local_heads, self.head_dim), dtype=q.dtype, device=q.device)
+        torch.ops.vllm.ring_linear_attention(q, k, v, o, self.prefix)
+        gate, _ = self.g_proj(hidden_states)
+        y = gate_output(
+            o.view(num_tokens, -1), gate, self.g_norm.weight, self.num_local_groups, eps, hidden_states.dtype
         )
-        out, _ = self.dense(y.to(hidden_states.dtype))
-        output[:num_tokens] = out
+        out, _ = self.dense(y)
+        return out
 
-    def _cos_sin(self, positions: torch.Tensor, metadata: RingLinearMetadata | None) -> tuple[torch.Tensor, ...]:
-        """The RoPE table of this step's positions. The op's fixed signature carries positions, not the model's
-        cos/sin: the step's first linear layer computes the table and leaves it on the shared metadata for the
-        others (every linear layer has the same inverse frequencies). A table made outside a CUDA-graph
-        capture is not reused inside one: the graph must hold the kernels that make it, or replays would
-        read the positions of the capture."""
-        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        if metadata is not None and metadata.rope_cos_sin is not None and metadata.rope_cos_sin[0] == capturing:
-            return metadata.rope_cos_sin[1:]
-        cos, sin = rotary_cos_sin(positions, self.inv_freq, self.rope_scaling, ROPE_DTYPE)
-        if metadata is not None:
-            metadata.rope_cos_sin = (capturing, cos, sin)
-        return cos, sin
-
-    def _attend(self, q, k, v, metadata: RingLinearMetadata) -> torch.Tensor:
-        """Decodes (first in the batch) advance their slots in place; prefills run varlen from theirs."""
-        pool = self.kv_cache[0]
-        scale = self.head_dim**-0.5
-        nd = metadata.num_decode_tokens
-        parts = []
-        if metadata.num_decodes > 0:
-            slots = metadata.state_indices_tensor_d  # one token per decode; -1 marks CUDA-graph padding
-            B = slots.shape[0]
-            fresh = metadata.decode_fresh
-            parts.append(linear_attention_decode(q[:B], k[:B], v[:B], self.decay_rate, scale, pool, slots, fresh=fresh))
-            if nd > B:  # padded tokens beyond the padded requests: no state, zero output
-                parts.append(v.new_zeros((nd - B, *v.shape[1:])))
-        if metadata.num_prefills > 0:
-            parts.append(
-                linear_attention_prefill(
-                    q[nd:],
-                    k[nd:],
-                    v[nd:],
-                    self.decay_rate,
-                    scale,
-                    metadata.prefill_cu_seqlens,
-                    pool,
-                    metadata.state_indices_tensor_p,
-                    metadata.prefill_fresh,
-                    plan=metadata.prefill_plan,
-                )
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
+        """The state update, behind the splitting op: this step's rows of `out` from the slot pool. In a
+        profiling run (no metadata, no pool yet) the kernels run on scratch state instead: that compiles them
+        and puts the prefill's largest scratch in vLLM's memory profile."""
+        metadata: RingLinearMetadata | None = layer_metadata(self.prefix)
+        if metadata is None:
+            warm_up_linear_attention(
+                q, k, v, self.decay_rate, self.scale, self.get_state_dtype()[0], self.max_num_seqs, out=out
             )
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+            return
+        metadata.step.run(q, k, v, out, self.decay_rate, self.scale, self.kv_cache[0])
 
 
 def norm_weight(norm: NormWeight | None) -> torch.Tensor | None:
     """The weight of an optional norm (qk-norm is a config switch), None when the model has no such norm."""
     return None if norm is None else norm.weight
+
+
+def _ring_linear_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output: torch.Tensor, layer_name: str
+) -> None:
+    from vllm.forward_context import get_forward_context
+
+    get_forward_context().no_compile_layers[layer_name].attend(q, k, v, output)
+
+
+def _ring_linear_attention_fake(q, k, v, output, layer_name) -> None:
+    return None
+
+
+register_splitting_op(LINEAR_ATTENTION_OP, _ring_linear_attention, _ring_linear_attention_fake, ["output"])

@@ -199,14 +199,9 @@ class RingDecoderLayer(nn.Module):
             else RingMLP(config, config.intermediate_size, quant_config, reduce_results=True, prefix=f"{prefix}.mlp")
         )
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         a = self.input_layernorm(h, out_dtype=self.dtype)
-        if self.is_linear:
-            attn = torch.zeros_like(a)
-            self.attention(a, attn, positions)
-        else:
-            attn = self.attention(a, cos, sin)
-        h = h + attn.to(h.dtype)
+        h = h + self.attention(a, cos, sin).to(h.dtype)
         return h + self.mlp(self.post_attention_layernorm(h, out_dtype=self.dtype)).to(h.dtype)
 
 
@@ -254,7 +249,7 @@ class RingLinearModel(nn.Module):
             h = intermediate_tensors["hidden_states"]
         cos, sin = rotary_cos_sin(positions, self.inv_freq, self.rope_scaling, ROPE_DTYPE)
         for layer in islice(self.layers, self.start_layer, self.end_layer):
-            h = layer(h, positions, cos, sin)
+            h = layer(h, cos, sin)
         if not get_pp_group().is_last_rank:
             return IntermediateTensors({"hidden_states": h})
         return self.norm(h, out_dtype=self.dtype)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import RingLinearConfig
@@ -17,14 +16,13 @@ from ..ops.attention.naive import causal_gqa_attention
 from ..ops.linear_attn.backward import linear_attention_varlen_triton
 from ..ops.linear_attn.naive import linear_attention_varlen
 from ..ops.moe.naive import moe_combine, route, swiglu_mlp
-from ..ops.norm.fused import group_rms_norm_gate_triton
-from ..ops.norm.naive import group_rms_norm_gate, rms_norm
+from ..ops.norm.naive import rms_norm
 from ..ops.packing import equal_length_groups
 from ..ops.rope.fused import qk_norm_rope_triton
 from ..ops.rope.naive import qk_norm_rope
-from ..precision import LINEAR_ATTN_DTYPE, compute_dtype
 from ..slopes import decay_rates
 from .cache import RingLinearCache
+from .linear_math import gate_output, prepare_qkv
 
 
 @dataclass
@@ -174,23 +172,21 @@ class LinearAttention(nn.Module):
 
     def forward(self, a: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         T, c = a.shape[0], self.config
-        dtype = compute_dtype(LINEAR_ATTN_DTYPE, a.dtype)
-        qkv = self.query_key_value(a).to(dtype)
-        if c.linear_silu:
-            qkv = F.silu(qkv)
-        q, k, v = qkv.reshape(T, 3 * self.num_heads, self.head_dim).split(self.num_heads, dim=1)
-        q, k = (qk_norm_rope_triton if ctx.use_triton else qk_norm_rope)(
-            q, k, _weight(self.query_layernorm), _weight(self.key_layernorm), ctx.cos, ctx.sin, c.rms_norm_eps
-        )
-        rates = decay_rates(c, self.layer_idx, dtype=dtype, device=a.device)
+        q, k, v = prepare_qkv(
+            self.query_key_value(a), self.num_heads, _weight(self.query_layernorm), _weight(self.key_layernorm),
+            ctx.cos, ctx.sin, c.rms_norm_eps, silu=c.linear_silu, use_triton=ctx.use_triton,
+        )  # fmt: skip
+        rates = decay_rates(c, self.layer_idx, dtype=q.dtype, device=a.device)
         initial = None if ctx.cache is None else ctx.cache.linear_states[self.layer_idx]
         attention = linear_attention_varlen_triton if ctx.use_triton else linear_attention_varlen
-        o, final = attention(q, k, v, rates, self.head_dim**-0.5, ctx.cu_seqlens_device, initial)
+        o, final = attention(q, k, v.to(q.dtype), rates, self.head_dim**-0.5, ctx.cu_seqlens_device, initial)
         if ctx.cache is not None:
             ctx.cache.linear_states[self.layer_idx] = final
-        norm_gate = group_rms_norm_gate_triton if ctx.use_triton else group_rms_norm_gate
-        y = norm_gate(o.reshape(T, -1), self.g_proj(a), self.g_norm.weight, c.group_norm_size, c.rms_norm_eps)
-        return self.dense(y.to(a.dtype))
+        y = gate_output(
+            o.reshape(T, -1), self.g_proj(a), self.g_norm.weight, c.group_norm_size, c.rms_norm_eps, a.dtype,
+            use_triton=ctx.use_triton,
+        )  # fmt: skip
+        return self.dense(y)
 
 
 class DecoderLayer(nn.Module):

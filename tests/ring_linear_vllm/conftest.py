@@ -164,11 +164,16 @@ SLOTS = {"A": 5, "B": 2, "C": 3, "D": 0}
 def mixed_step_output(model_dir, layer_ids: tuple[int, ...] = (MIXED_LAYER,), **group) -> torch.Tensor:
     """The vLLM linear layers' outputs for STEP2 after STEP1 (`[layers, STEP2 rows, D]`), on CPU.
 
-    Every layer reads the same hidden rows and, as in vLLM, the step's one metadata object: the layers after
-    the first take the segment plan and RoPE table the first left there."""
+    Every layer reads the same hidden rows and, as in vLLM, the step's one metadata object and the model's
+    one RoPE table. `layer_forward(layer, rows, cos, sin)` replaces the layer's own forward (the unsplit
+    composition of the equivalence test)."""
     from vllm.forward_context import set_forward_context
 
     from common_kernels import RingLinearForCausalLM
+    from common_kernels.ops.rope.naive import rotary_cos_sin
+    from common_kernels.precision import ROPE_DTYPE
+
+    layer_forward = group.pop("layer_forward", None)
 
     cfg = make_engine_config(model_dir)
     cfg.parallel_config.tensor_parallel_size = group.get("tp_size", 1)
@@ -190,10 +195,9 @@ def mixed_step_output(model_dir, layer_ids: tuple[int, ...] = (MIXED_LAYER,), **
             query_lens = [b - a for _, a, b in step]
             slots = [SLOTS[n] for n, _, _ in step]
             metadata = builder.build(0, common_metadata(query_lens, seq_lens, slots, device))
-            outputs = [torch.zeros_like(rows) for _ in layers]
+            cos, sin = rotary_cos_sin(positions, model.model.inv_freq, model.model.rope_scaling, ROPE_DTYPE)
             with set_forward_context({layer.prefix: metadata for layer in layers}, cfg):
-                for layer, output in zip(layers, outputs, strict=True):
-                    layer(rows, output, positions)
+                outputs = [(layer_forward or type(layer).forward)(layer, rows, cos, sin) for layer in layers]
     return torch.stack(outputs).cpu()
 
 

@@ -24,20 +24,32 @@ def test_mixed_batch_routes_each_request_to_its_slot(builder, vllm_tools):
     common = vllm_tools.common_metadata([1, 1, 7, 6], seq_lens=[10, 1, 7, 20], slots=[5, 2, 3, 0], device=device)
     meta = builder.build(0, common)
     assert (meta.num_decodes, meta.num_decode_tokens, meta.num_prefills, meta.num_prefill_tokens) == (2, 2, 2, 13)
-    assert meta.state_indices_tensor_d.tolist() == [5, 2]
-    assert meta.decode_fresh.tolist() == [0, 1]  # the one-token prompt must not read its slot's old state
-    assert meta.state_indices_tensor_p.tolist() == [3, 0]
-    assert meta.prefill_cu_seqlens.tolist() == [0, 7, 13]
-    assert meta.prefill_fresh.tolist() == [1, 0]  # the second chunk continues from its slot
-    plan = meta.prefill_plan  # built once for every linear layer of the step
+    step = meta.step
+    assert (step.num_decode_tokens, step.num_prefill_tokens) == (2, 13)
+    assert step.decode_slots.tolist() == [5, 2]
+    assert step.decode_fresh.tolist() == [0, 1]  # the one-token prompt must not read its slot's old state
+    assert step.prefill_slots.tolist() == [3, 0]
+    assert step.prefill_cu_seqlens.tolist() == [0, 7, 13]
+    assert step.prefill_fresh.tolist() == [1, 0]  # the second chunk continues from its slot
+    plan = step.prefill_plan  # built once for every linear layer of the step
     assert plan.total_tokens == 13 and plan.nseg.tolist() == [1, 1] and plan.seg_seq.tolist()[:2] == [0, 1]
+
+
+def test_the_kv_cache_groups_of_a_step_share_one_segment_plan(builder, vllm_tools):
+    """vLLM builds a step's metadata once per KV-cache group (4 for Ring-mini): the plan is made once."""
+    common = vllm_tools.common_metadata([1, 7, 6], seq_lens=[10, 7, 20], slots=[5, 3, 0], device=builder.device)
+    first, second = builder.build(0, common), builder.build(0, common)
+    assert second.step.prefill_plan is first.step.prefill_plan
+    other = builder.build(0, vllm_tools.common_metadata([1, 6, 7], [10, 6, 20], [5, 3, 0], builder.device))
+    assert other.step.prefill_plan is not first.step.prefill_plan
 
 
 def test_prefill_only_and_decode_only_batches(builder, vllm_tools):
     device = builder.device
     meta = builder.build(0, vllm_tools.common_metadata([4, 3], [4, 9], [1, 6], device))
-    assert meta.num_decodes == 0 and meta.state_indices_tensor_p.tolist() == [1, 6]
-    assert meta.prefill_cu_seqlens.tolist() == [0, 4, 7] and meta.prefill_fresh.tolist() == [1, 0]
+    assert meta.num_decodes == 0 and meta.step.decode_slots is None and meta.step.prefill_slots.tolist() == [1, 6]
+    assert meta.step.prefill_cu_seqlens.tolist() == [0, 4, 7] and meta.step.prefill_fresh.tolist() == [1, 0]
     meta = builder.build(0, vllm_tools.common_metadata([1, 1, 1], [3, 8, 1], [4, 0, 7], device))
-    assert meta.num_prefills == 0 and meta.prefill_cu_seqlens is None and meta.prefill_plan is None
-    assert meta.state_indices_tensor_d.tolist() == [4, 0, 7] and meta.decode_fresh.tolist() == [0, 0, 1]
+    step = meta.step
+    assert meta.num_prefills == 0 and step.prefill_cu_seqlens is None and step.prefill_plan is None
+    assert step.decode_slots.tolist() == [4, 0, 7] and step.decode_fresh.tolist() == [0, 0, 1]

@@ -255,3 +255,42 @@ def test_tensor_parallel_2_gives_the_greedy_tokens_of_tp_1(tiny_trained, tmp_pat
     same = sum(a == b for a, b in zip(results[1], results[2], strict=True))
     print(f"\nTP 2 (MHA equivalent) vs TP 1 greedy continuations equal: {same}/{len(prompts)}")
     assert results[2] == results[1]
+
+
+def test_no_kernel_of_ours_compiles_while_serving(tmp_path, monkeypatch):
+    """Start-up compiles every variant our linear layers launch: after the engine is up, prompts of every
+    length class (1 token, short, chunked), mixed batches and decodes trigger no Triton compile of ours."""
+    from triton import knobs
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: the hook sees it
+    llm = make_ring_mini_dummy_llm(
+        tmp_path,
+        max_model_len=6144,
+        max_num_seqs=32,
+        max_num_batched_tokens=2048,
+        gpu_memory_utilization=0.6,
+        enforce_eager=False,
+        hf_overrides={"num_hidden_layers": 5},
+    )
+    compiled: list[str] = []
+    previous = knobs.runtime.jit_post_compile_hook
+
+    def record(**kwargs):
+        fn = kwargs["fn"].jit_function.fn
+        if fn.__module__.startswith("common_kernels"):
+            compiled.append(fn.__name__)
+        return previous(**kwargs) if previous is not None else None
+
+    knobs.runtime.jit_post_compile_hook = record
+    try:
+        rng = random.Random(5)
+        prompts = [[rng.randrange(1000, 150000) for _ in range(n)] for n in (1, 2, 17, 300, 5000)]
+        prompts += [[rng.randrange(1000, 150000) for _ in range(rng.randint(1, 3000))] for _ in range(32)]
+        for prompt in prompts[:5]:
+            generate(llm, [prompt], 4)
+        generate(llm, prompts, 24)
+    finally:
+        knobs.runtime.jit_post_compile_hook = previous
+        free(llm)
+    print(f"\nour kernels compiled while serving: {compiled or 'none'}")
+    assert compiled == []

@@ -16,6 +16,8 @@ import triton.language as tl
 
 from .triton_utils import check_pool, check_qkv
 
+WIDE_TILE_MIN_ROWS = 256  # (sequence, head) pairs from which 64-column V-tiles fill the GPU (H200 sweep)
+
 
 @triton.jit
 def _decode_kernel(
@@ -68,7 +70,8 @@ def linear_attention_decode(
 
     Args:
         q, k: `[B * tokens_per_seq, H, K]`; v: `[B * tokens_per_seq, H, V]` (sequence b owns rows
-            `b*tokens_per_seq .. (b+1)*tokens_per_seq - 1`), any token/head strides.
+            `b*tokens_per_seq .. (b+1)*tokens_per_seq - 1`), any token/head strides; v may be 16-bit
+            beside fp32 q/k.
         decay_rate: `[H]`; scale: multiplies q.
         state_pool: `[P, H, K, V]` fp32 (bf16 accepted on explicit request: rounded once per step, drifts).
         slots: `[B]` int pool indices, `-1` = padded row (pool untouched, output zero).
@@ -81,7 +84,7 @@ def linear_attention_decode(
     Returns:
         o `[B * tokens_per_seq, H, V]` in the dtype of q (or `out`).
     """
-    T, H, K, V = check_qkv("linear_attention_decode", q, k, v)
+    T, H, K, V = check_qkv("linear_attention_decode", q, k, v, narrow_v=True)
     check_pool("linear_attention_decode", state_pool, H, K, V)
     if tokens_per_seq < 1 or T % tokens_per_seq:
         raise ValueError(f"linear_attention_decode: {T} rows do not split into sequences of {tokens_per_seq} tokens")
@@ -93,7 +96,7 @@ def linear_attention_decode(
     o = torch.empty((T, H, V), dtype=q.dtype, device=q.device) if out is None else out
     if o.shape != (T, H, V) or o.stride(-1) != 1:
         raise ValueError(f"linear_attention_decode: out must be [{T}, {H}, {V}] with unit last stride")
-    BV = min(block_v or (16 if B * H < 256 else 64), V)
+    BV = min(block_v or (16 if B * H < WIDE_TILE_MIN_ROWS else 64), V)
     if B == 0:
         return o
     _decode_kernel[(B, H, V // BV)](

@@ -15,6 +15,10 @@ Inside a chunk of `BT` tokens only non-negative powers of `lam` appear (no inver
 q/k/v may be strided views of the fused QKV output. The running state stays fp32; every matrix product
 takes operands in the input dtype with fp32 accumulation, so for bf16 inputs the state enters `q S` as a
 bf16 copy (rounded once per chunk, never carried), as fla's chunk kernels do.
+
+The batch-dependent integers (sequence count, segment length) are arguments Triton does not specialise on,
+so one compiled variant of each kernel serves every batch: an engine compiles them once, at start-up
+(`common_kernels.serving.warmup`).
 """
 
 from __future__ import annotations
@@ -38,12 +42,12 @@ def scan_launch(N: int, H: int, K: int, V: int) -> tuple[tuple[int, int, int], i
     return (N, H, K * V // block), block
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "SEG"])
 def _segment_delta_kernel(
     k, v, delta, cu_seqlens, seg_seq, seg_idx, nseg, rate,
     stride_kt, stride_kh, stride_vt, stride_vh,
-    N, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BV: tl.constexpr, SEG: tl.constexpr, F32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    N, SEG, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BV: tl.constexpr, F32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     i_s, i_v = segment_and_tile(V // BV)
     i_h = tl.program_id(1)
@@ -64,7 +68,7 @@ def _segment_delta_kernel(
     for c in range(0, SEG // BT):
         rows = bos + c * BT + o_t
         b_k = tl.load(k + rows[:, None] * stride_kt + i_h * stride_kh + o_k[None, :])
-        b_v = tl.load(v + rows[:, None] * stride_vt + i_h * stride_vh + o_v[None, :])
+        b_v = tl.load(v + rows[:, None] * stride_vt + i_h * stride_vh + o_v[None, :]).to(k.dtype.element_ty)
         if F32_DOT:
             b_k, b_v = b_k.to(tl.float32), b_v.to(tl.float32)
         b_kd = (b_k * k_decay[:, None]).to(b_v.dtype)
@@ -72,11 +76,11 @@ def _segment_delta_kernel(
     tl.store(delta + ((i_s * H + i_h) * K + o_k[:, None]).to(tl.int64) * V + o_v[None, :], b_s)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SEG"])
 def _segment_scan_kernel(
     pool, start, delta, slots, fresh, nseg, seg_first, rate,
-    stride_pp, stride_ph,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BE: tl.constexpr, SEG: tl.constexpr,
+    stride_pp, stride_ph, SEG,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BE: tl.constexpr,
 ):  # fmt: skip
     """Per (sequence, head, block of BE state elements): the scan is elementwise over the [K, V] state, so it
     splits into as many programs as fill the GPU; each walks its sequence's segments in order."""
@@ -104,13 +108,13 @@ def _segment_scan_kernel(
         offset += H * K * V
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "SEG"])
 def _segment_forward_kernel(
     q, k, v, o, pool, start, cu_seqlens, seg_seq, seg_idx, nseg, slots, rate, scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     stride_pp, stride_ph,
-    N, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BV: tl.constexpr, SEG: tl.constexpr, F32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    N, SEG, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BV: tl.constexpr, F32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     i_s, i_v = segment_and_tile(V // BV)
     i_h = tl.program_id(1)
@@ -136,6 +140,7 @@ def _segment_forward_kernel(
         b_q = tl.load(q + rows[:, None] * stride_qt + i_h * stride_qh + o_k[None, :], mask=m_t[:, None], other=0.0)
         b_k = tl.load(k + rows[:, None] * stride_kt + i_h * stride_kh + o_k[None, :], mask=m_t[:, None], other=0.0)
         b_v = tl.load(v + rows[:, None] * stride_vt + i_h * stride_vh + o_v[None, :], mask=m_t[:, None], other=0.0)
+        b_v = b_v.to(q.dtype.element_ty)  # a 16-bit v beside fp32 q/k widens exactly, as a cast before the call
         if F32_DOT:
             b_q, b_k, b_v = b_q.to(tl.float32), b_k.to(tl.float32), b_v.to(tl.float32)
         b_a = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * intra  # [BT, BT]
@@ -178,11 +183,13 @@ def linear_attention_prefill(
     num_stages: int = 2,
     max_seqlen: int | None = None,
     plan: SegmentPlan | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Prefill packed sequences, reading and writing their states in `state_pool` in place.
 
     Args:
-        q, k: `[T, H, K]`; v: `[T, H, V]`, bf16/fp16/fp32, any token/head strides (unit last stride).
+        q, k: `[T, H, K]`; v: `[T, H, V]`, bf16/fp16/fp32 (v may be 16-bit beside fp32 q/k), any
+            token/head strides (unit last stride).
         decay_rate: `[H]`, per-token decay `exp(-decay_rate)`.
         scale: multiplies q.
         cu_seqlens: `[N+1]` int offsets on the device (read on the device only).
@@ -201,11 +208,12 @@ def linear_attention_prefill(
         plan: the batch's segment tables from `plan_prefill`, when the caller runs several layers over the
             same batch (an engine step): built once instead of in every layer. It replaces segment_size
             and max_seqlen.
+        out: optional output `[T, H, V]` (unit last stride) to write into, e.g. rows of an engine's buffer.
 
     Returns:
-        o `[T, H, V]` in the dtype of q.
+        o `[T, H, V]` in the dtype of q (or `out`).
     """
-    T, H, K, V = check_qkv("linear_attention_prefill", q, k, v)
+    T, H, K, V = check_qkv("linear_attention_prefill", q, k, v, narrow_v=True)
     check_pool("linear_attention_prefill", state_pool, H, K, V)
     N = cu_seqlens.numel() - 1
     if slots.shape != (N,):
@@ -214,8 +222,12 @@ def linear_attention_prefill(
         fresh = torch.ones(N, dtype=torch.int8, device=q.device)
     elif fresh.shape != (N,):
         raise ValueError(f"linear_attention_prefill: fresh must be [{N}], got {tuple(fresh.shape)}")
+    if out is None:
+        out = torch.empty((T, H, V), dtype=q.dtype, device=q.device)
+    elif out.shape != (T, H, V) or out.stride(-1) != 1:
+        raise ValueError(f"linear_attention_prefill: out must be [{T}, {H}, {V}] with unit last stride")
     if N == 0:
-        return torch.empty((T, H, v.shape[-1]), dtype=q.dtype, device=q.device)
+        return out
     BV, BT = _block_v(V, block_v), chunk_size
     if plan is None:
         plan = plan_prefill(cu_seqlens, T, H, V, chunk_size, block_v, segment_size, max_seqlen)
@@ -223,10 +235,8 @@ def linear_attention_prefill(
         if plan.total_tokens != T:
             raise ValueError(f"linear_attention_prefill: the plan was made for {plan.total_tokens} tokens, q has {T}")
         _check_segment(plan.seg, BT)
-    o, _ = _forward(
-        q, k, v, decay_rate, scale, cu_seqlens, state_pool, slots, fresh, plan, BT, BV, num_warps, num_stages
-    )
-    return o
+    _forward(q, k, v, decay_rate, scale, cu_seqlens, state_pool, slots, fresh, plan, BT, BV, num_warps, num_stages, out)
+    return out
 
 
 def _block_v(V: int, block_v: int | None) -> int:
@@ -283,31 +293,34 @@ def plan_segments(cu_seqlens: torch.Tensor, total_tokens: int, seg: int) -> Segm
     return SegmentPlan(seg, total_tokens, max_segs, nseg, seg_first, seg_seq, seg_idx)
 
 
-def _forward(q, k, v, decay_rate, scale, cu_seqlens, state_pool, slots, fresh, plan, BT, BV, num_warps, num_stages):
+def _forward(
+    q, k, v, decay_rate, scale, cu_seqlens, state_pool, slots, fresh, plan, BT, BV, num_warps, num_stages, o=None
+):
     """The three launches; returns o and every segment's start state `[max_segs, H, K, V]` (for backward)."""
     T, H, K = q.shape
     V = v.shape[-1]
     N = cu_seqlens.numel() - 1
     NV, SEG, max_segs = V // BV, plan.seg, plan.max_segs
-    o = torch.empty((T, H, V), dtype=q.dtype, device=q.device)
+    if o is None:
+        o = torch.empty((T, H, V), dtype=q.dtype, device=q.device)
     start = torch.empty((max_segs, H, K, V), dtype=torch.float32, device=q.device)
     delta = torch.empty_like(start)
     rate = decay_rate.to(device=q.device, dtype=torch.float32).contiguous()
     _segment_delta_kernel[segment_grid(max_segs, H, NV)](
         k, v, delta, cu_seqlens, plan.seg_seq, plan.seg_idx, plan.nseg, rate,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        N, H, K, V, BT, BV, SEG, INTERPRET, dot_precision(q), num_warps=num_warps, num_stages=num_stages,
+        N, SEG, H, K, V, BT, BV, INTERPRET, dot_precision(q), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     scan_grid, BE = scan_launch(N, H, K, V)
     _segment_scan_kernel[scan_grid](
         state_pool, start, delta, slots, fresh, plan.nseg, plan.seg_first, rate,
-        state_pool.stride(0), state_pool.stride(1),
-        H, K, V, BE, SEG, num_warps=4,
+        state_pool.stride(0), state_pool.stride(1), SEG,
+        H, K, V, BE, num_warps=4,
     )  # fmt: skip
     _segment_forward_kernel[segment_grid(max_segs, H, NV)](
         q, k, v, o, state_pool, start, cu_seqlens, plan.seg_seq, plan.seg_idx, plan.nseg, slots, rate, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
         state_pool.stride(0), state_pool.stride(1),
-        N, H, K, V, BT, BV, SEG, INTERPRET, dot_precision(q), num_warps=num_warps, num_stages=num_stages,
+        N, SEG, H, K, V, BT, BV, INTERPRET, dot_precision(q), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return o, start

@@ -20,8 +20,13 @@ def check_head_dims(name: str, *dims: int) -> None:
             raise ValueError(f"{name}: head dims must be powers of two >= 16, got {dims}")
 
 
-def check_qkv(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int]:
-    """Validate `[T, H, K]` q/k and `[T, H, V]` v (any token/head strides, unit stride on the last dim)."""
+def check_qkv(
+    name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, narrow_v: bool = False
+) -> tuple[int, int, int, int]:
+    """Validate `[T, H, K]` q/k and `[T, H, V]` v (any token/head strides, unit stride on the last dim).
+
+    With `narrow_v`, v may stay 16-bit beside fp32 q/k (a view of the QKV GEMM output): the forward kernels
+    widen it on load, which is exact, so no fp32 copy of v is made."""
     if q.dim() != 3 or k.shape != q.shape or v.dim() != 3 or v.shape[:2] != q.shape[:2]:
         raise ValueError(
             f"{name}: q, k must be [T, H, K] and v [T, H, V]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
@@ -29,8 +34,11 @@ def check_qkv(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
     for t, tname in ((q, "q"), (k, "k"), (v, "v")):
         if t.stride(-1) != 1:
             raise ValueError(f"{name}: {tname} needs unit stride on its last dim (got strides {t.stride()})")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"{name}: q, k, v must share one of bf16/fp16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    dtypes = (torch.bfloat16, torch.float16, torch.float32)
+    v_ok = v.dtype == q.dtype or (narrow_v and q.dtype == torch.float32 and v.dtype in dtypes)
+    if q.dtype != k.dtype or q.dtype not in dtypes or not v_ok:
+        also = " (v may be 16-bit beside fp32 q/k)" if narrow_v else ""
+        raise ValueError(f"{name}: q, k, v must share one of bf16/fp16/fp32{also}; got {q.dtype}, {k.dtype}, {v.dtype}")
     T, H, K = q.shape
     V = v.shape[-1]
     check_head_dims(name, K, V)

@@ -17,7 +17,7 @@ import triton.language as tl
 ROWS = 16  # rows per program
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _norm_gate_fwd_kernel(
     x, g, w, y, rstd, T, eps, stride_x, stride_g, stride_y,
     C: tl.constexpr, GS: tl.constexpr, BLOCK: tl.constexpr, ROWS_PER: tl.constexpr,
@@ -37,7 +37,7 @@ def _norm_gate_fwd_kernel(
             tl.store(rstd + row * (C // GS) + i_g, b_rstd)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _norm_gate_bwd_kernel(
     x, g, w, dy, rstd, dx, dg, dw_partial, T, stride_x, stride_g, stride_dy, stride_dx, stride_dg,
     C: tl.constexpr, GS: tl.constexpr, BLOCK: tl.constexpr, ROWS_PER: tl.constexpr,
@@ -66,16 +66,21 @@ def _norm_gate_bwd_kernel(
     tl.store(dw_partial + i_r * C + cols, b_dw, mask=m_c)
 
 
+def _forward(x, g, w, num_groups, eps, out_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    T, C = x.shape
+    GS = C // num_groups
+    y = torch.empty((T, C), dtype=out_dtype, device=x.device)
+    rstd = torch.empty((T, num_groups), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(T, ROWS), num_groups)
+    block = triton.next_power_of_2(GS)
+    _norm_gate_fwd_kernel[grid](x, g, w, y, rstd, T, eps, x.stride(0), g.stride(0), y.stride(0), C, GS, block, ROWS)
+    return y, rstd
+
+
 class _GroupNormGate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, g, w, num_groups, eps, out_dtype):
-        T, C = x.shape
-        GS = C // num_groups
-        y = torch.empty((T, C), dtype=out_dtype, device=x.device)
-        rstd = torch.empty((T, num_groups), dtype=torch.float32, device=x.device)
-        grid = (triton.cdiv(T, ROWS), num_groups)
-        block = triton.next_power_of_2(GS)
-        _norm_gate_fwd_kernel[grid](x, g, w, y, rstd, T, eps, x.stride(0), g.stride(0), y.stride(0), C, GS, block, ROWS)
+        y, rstd = _forward(x, g, w, num_groups, eps, out_dtype)
         ctx.save_for_backward(x, g, w, rstd)
         ctx.num_groups = num_groups
         return y
@@ -120,4 +125,21 @@ def group_rms_norm_gate_triton(
         raise ValueError(f"group_rms_norm_gate_triton: {C} channels do not split into {num_groups} groups")
     if o.stride(-1) != 1 or gate.stride(-1) != 1:
         raise ValueError("group_rms_norm_gate_triton: o and gate need unit stride on the channel dim")
-    return _GroupNormGate.apply(o, gate, weight.contiguous(), num_groups, eps, out_dtype or torch.float32)
+    out_dtype = out_dtype or torch.float32
+    if torch.is_grad_enabled() and (o.requires_grad or gate.requires_grad or weight.requires_grad):
+        return _GroupNormGate.apply(o, gate, weight.contiguous(), num_groups, eps, out_dtype)
+    return group_rms_norm_gate_forward(o, gate, weight.contiguous(), num_groups, eps, out_dtype)
+
+
+@torch.library.custom_op("ring_linear::group_rms_norm_gate_forward", mutates_args=())
+def group_rms_norm_gate_forward(
+    o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, num_groups: int, eps: float, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """The forward of `group_rms_norm_gate_triton` as a custom op (no autograd), so a compiled engine graph
+    calls it as one opaque kernel; arguments checked by the caller."""
+    return _forward(o, gate, weight, num_groups, eps, out_dtype)[0]
+
+
+@group_rms_norm_gate_forward.register_fake
+def _(o, gate, weight, num_groups, eps, out_dtype):
+    return o.new_empty(o.shape, dtype=out_dtype)

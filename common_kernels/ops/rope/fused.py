@@ -15,11 +15,14 @@ import triton.language as tl
 ROWS = 16  # (token, head) rows per program
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R"])
 def _norm_rope_fwd_kernel(
-    x, w, cos, sin, y, rstd, R, NH, eps, stride_xt, stride_xh, stride_yt, stride_yh,
+    x, w, w2, cos, sin, y, rstd, R, NH, NH1, eps, stride_xt, stride_xh, stride_yt, stride_yh,
     D: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, HAS_W: tl.constexpr, ROWS_PER: tl.constexpr,
 ):  # fmt: skip
+    """Rows are (token, head) pairs; heads `< NH1` take the norm weight `w`, the others `w2` (q and k of one
+    fused QKV output in one launch). Roundings go to y's dtype: an fp32 y from a bf16 x computes exactly what
+    casting x to fp32 first would, without the copy."""
     i_p = tl.program_id(0)
     o_d = tl.arange(0, BLOCK)
     m_d = o_d < D
@@ -28,32 +31,35 @@ def _norm_rope_fwd_kernel(
     sign = tl.where(o_d < HALF, -1.0, 1.0)
     o_f = tl.where(rot, o_d % HALF, 0)
     if HAS_W:
-        b_w = tl.load(w + o_d, mask=m_d, other=0.0)
-        b_wp = tl.load(w + partner, mask=m_d, other=0.0)
+        b_w1 = tl.load(w + o_d, mask=m_d, other=0.0).to(tl.float32)
+        b_wp1 = tl.load(w + partner, mask=m_d, other=0.0).to(tl.float32)
+        b_w2 = tl.load(w2 + o_d, mask=m_d, other=0.0).to(tl.float32)
+        b_wp2 = tl.load(w2 + partner, mask=m_d, other=0.0).to(tl.float32)
     for r in range(0, ROWS_PER):
         row = i_p * ROWS_PER + r
         if row < R:
             t, h = (row // NH).to(tl.int64), row % NH
             p_x = x + t * stride_xt + h * stride_xh
-            b_x = tl.load(p_x + o_d, mask=m_d, other=0.0)
-            b_xp = tl.load(p_x + partner, mask=m_d, other=0.0)
+            b_x = tl.load(p_x + o_d, mask=m_d, other=0.0).to(tl.float32)
+            b_xp = tl.load(p_x + partner, mask=m_d, other=0.0).to(tl.float32)
             if HAS_W:
-                xf = b_x.to(tl.float32)
-                b_rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
+                b_w = tl.where(h < NH1, b_w1, b_w2)
+                b_wp = tl.where(h < NH1, b_wp1, b_wp2)
+                b_rstd = 1.0 / tl.sqrt(tl.sum(b_x * b_x, axis=0) / D + eps)
                 tl.store(rstd + row, b_rstd)
-                # normalised value rounded to the input dtype, times the weight, rounded again (as torch does)
-                b_a = ((xf * b_rstd).to(b_x.dtype).to(tl.float32) * b_w.to(tl.float32)).to(b_x.dtype).to(tl.float32)
-                b_n_p = (b_xp.to(tl.float32) * b_rstd).to(b_x.dtype).to(tl.float32)
-                b_ap = (b_n_p * b_wp.to(tl.float32)).to(b_x.dtype).to(tl.float32)
+                # normalised value rounded to the compute dtype, times the weight, rounded again (as torch does)
+                dt = y.dtype.element_ty
+                b_a = ((b_x * b_rstd).to(dt).to(tl.float32) * b_w).to(dt).to(tl.float32)
+                b_ap = ((b_xp * b_rstd).to(dt).to(tl.float32) * b_wp).to(dt).to(tl.float32)
             else:
-                b_a, b_ap = b_x.to(tl.float32), b_xp.to(tl.float32)
+                b_a, b_ap = b_x, b_xp
             b_c = tl.load(cos + t * HALF + o_f, mask=rot, other=1.0).to(tl.float32)
             b_s = tl.load(sin + t * HALF + o_f, mask=rot, other=0.0).to(tl.float32)
             b_y = tl.where(rot, b_a * b_c + sign * b_ap * b_s, b_a)
             tl.store(y + t * stride_yt + h * stride_yh + o_d, b_y.to(y.dtype.element_ty), mask=m_d)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R"])
 def _norm_rope_bwd_kernel(
     x, w, cos, sin, dy, rstd, dx, dw_partial, R, NH,
     stride_xt, stride_xh, stride_dyt, stride_dyh, stride_dxt, stride_dxh,
@@ -94,20 +100,24 @@ def _norm_rope_bwd_kernel(
         tl.store(dw_partial + i_p * D + o_d, b_dw, mask=m_d)
 
 
+def _launch_forward(x, w, w2, num_first_heads, cos, sin, eps, y, rstd) -> None:
+    T, NH, D = x.shape
+    R = T * NH
+    _norm_rope_fwd_kernel[(triton.cdiv(R, ROWS),)](
+        x, w if w is not None else x, w2 if w2 is not None else x, cos, sin, y, rstd, R, NH, num_first_heads, eps,
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        D, cos.shape[-1], triton.next_power_of_2(D), w is not None, ROWS,
+    )  # fmt: skip
+
+
 class _NormRope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, cos, sin, eps):
         T, NH, D = x.shape
-        R = T * NH
         y = torch.empty((T, NH, D), dtype=x.dtype, device=x.device)
-        rstd = torch.empty(R, dtype=torch.float32, device=x.device)
-        half = cos.shape[-1]
+        rstd = torch.empty(T * NH, dtype=torch.float32, device=x.device)
         cos, sin = cos.contiguous(), sin.contiguous()
-        _norm_rope_fwd_kernel[(triton.cdiv(R, ROWS),)](
-            x, w if w is not None else x, cos, sin, y, rstd, R, NH, eps,
-            x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-            D, half, triton.next_power_of_2(D), w is not None, ROWS,
-        )  # fmt: skip
+        _launch_forward(x, w, w, NH, cos, sin, eps, y, rstd)
         ctx.save_for_backward(x, w, cos, sin, rstd)
         return y
 
@@ -150,3 +160,41 @@ def qk_norm_rope_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton counterpart of `naive.qk_norm_rope` (same arguments, same results)."""
     return norm_rope_triton(q, q_weight, cos, sin, eps), norm_rope_triton(k, k_weight, cos, sin, eps)
+
+
+@torch.library.custom_op("ring_linear::qk_norm_rope_packed", mutates_args=())
+def qk_norm_rope_packed(
+    qk: torch.Tensor,
+    num_q_heads: int,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Forward-only `qk_norm_rope` of q and k held side by side, `qk` `[T, Hq + Hk, d]` (the q and k heads of a
+    fused QKV output, any token stride), in one launch; returns `[T, Hq + Hk, d]` in `out_dtype`.
+
+    Equal to casting `qk` to `out_dtype` and calling `qk_norm_rope_triton` on its two halves (the roundings
+    follow `out_dtype`), without materialising the cast. Both weights are given or neither is. A custom op,
+    so a compiled engine graph calls it as one opaque kernel."""
+    if qk.dim() != 3 or qk.stride(-1) != 1 or not 0 < num_q_heads < qk.shape[1]:
+        raise ValueError(
+            f"qk_norm_rope_packed: qk must be [T, heads, d] with unit last stride and 0 < num_q_heads < heads, "
+            f"got {tuple(qk.shape)} with num_q_heads={num_q_heads}"
+        )
+    if (q_weight is None) != (k_weight is None):
+        raise ValueError("qk_norm_rope_packed: pass both q_weight and k_weight, or neither")
+    if cos.shape != sin.shape or cos.shape[0] != qk.shape[0] or 2 * cos.shape[1] > qk.shape[2]:
+        raise ValueError(f"qk_norm_rope_packed: cos/sin {tuple(cos.shape)} do not fit qk {tuple(qk.shape)}")
+    T, NH, D = qk.shape
+    y = torch.empty((T, NH, D), dtype=out_dtype, device=qk.device)
+    rstd = torch.empty(T * NH, dtype=torch.float32, device=qk.device)
+    _launch_forward(qk, q_weight, k_weight, num_q_heads, cos.contiguous(), sin.contiguous(), eps, y, rstd)
+    return y
+
+
+@qk_norm_rope_packed.register_fake
+def _(qk, num_q_heads, q_weight, k_weight, cos, sin, eps, out_dtype):
+    return qk.new_empty(qk.shape, dtype=out_dtype)

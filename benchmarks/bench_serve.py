@@ -1,0 +1,242 @@
+"""Serving speed as users measure it: `vllm serve` on dummy weights at the real Ring-mini sizes, driven by
+vLLM's own client (`vllm bench serve`, random dataset, `--ignore-eos`), Ring-linear against its softmax twin.
+
+Models (`--model`, one server each, prefix caching off unless the name says cached):
+- `ring-linear`: Ring-mini-linear-2.0 through this plugin;
+- `softmax-twin`: Ring-mini-2.0's shape on vLLM's native `BailingMoeV2ForCausalLM` (the same config with its
+  architecture swapped), `--no-enable-prefix-caching`;
+- `softmax-twin-cached`: the twin with vLLM's default prefix caching, whose warm pass re-sends the same
+  prompts (the figure Ring-linear's caching must reach).
+
+Each workload runs twice: a cold pass (every workload in turn, right after the server starts: the first time
+the server sees that shape) and then a warm pass over the same prompts. Server and client share a word-level
+tokenizer (`t0` .. `t{V-1}`, whitespace split), which round-trips every id, as the random dataset needs.
+
+    python -m benchmarks.bench_serve run --model ring-linear --out serve-results     # one server, all workloads
+    python -m benchmarks.bench_serve run --model softmax-twin --out serve-results
+    python -m benchmarks.bench_serve report serve-results                              # ratios, markdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+RELEASED_CONFIG = Path(__file__).parents[1] / "tests" / "data" / "ring-mini-linear-2.0.config.json"
+MODELS = ("ring-linear", "softmax-twin", "softmax-twin-cached")
+PASSES = ("cold", "warm")
+METRICS = ("output_throughput", "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms")
+HIGHER_IS_BETTER = {"output_throughput"}
+VLLM_CLI = (sys.executable, "-m", "vllm.entrypoints.cli.main")  # `vllm`, also where only the package is on the path
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    input_len: int
+    output_len: int
+    num_prompts: int
+    concurrency: int
+
+
+WORKLOADS = {
+    w.name: w
+    for w in (
+        Workload("chat", 4096, 256, 256, 64),
+        Workload("long-32k", 32768, 256, 32, 16),
+        Workload("long-128k", 131072, 256, 8, 4),
+        Workload("reasoning", 16384, 4096, 64, 64),
+    )
+}
+
+
+def write_model_dir(model: str, directory: Path) -> Path:
+    """config.json: the released Ring-mini-linear config, or the twin's architecture."""
+    config = json.loads(RELEASED_CONFIG.read_text())
+    if model.startswith("softmax-twin"):
+        config["architectures"] = ["BailingMoeV2ForCausalLM"]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def write_word_tokenizer(vocab_size: int, directory: Path) -> Path:
+    """One word per id (`t0` .. `t{V-1}`), whitespace split: decode then encode gives back every id. In a
+    folder of its own, so loading it never reads the model's config (whose type only the plugin knows)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(directory)
+    return directory
+
+
+def serve_command(model: str, directory: Path, tokenizer: Path, port: int, max_model_len: int) -> list[str]:
+    command = [*VLLM_CLI, "serve", str(directory), "--tokenizer", str(tokenizer), "--load-format", "dummy"]
+    command += ["--port", str(port)]
+    command += ["--max-model-len", str(max_model_len), "--gpu-memory-utilization", "0.9"]
+    if not model.endswith("-cached"):
+        command.append("--no-enable-prefix-caching")
+    return command
+
+
+def client_command(
+    workload: Workload, directory: Path, tokenizer: Path, port: int, out_dir: Path, filename: str
+) -> list[str]:
+    return [
+        *VLLM_CLI, "bench", "serve", "--backend", "vllm", "--base-url", f"http://127.0.0.1:{port}",
+        "--model", str(directory), "--tokenizer", str(tokenizer), "--dataset-name", "random",
+        "--random-input-len", str(workload.input_len), "--random-output-len", str(workload.output_len),
+        "--random-range-ratio", "0", "--num-prompts", str(workload.num_prompts),
+        "--max-concurrency", str(workload.concurrency), "--ignore-eos", "--seed", "0",
+        "--percentile-metrics", "ttft,tpot", "--metric-percentiles", "99", "--disable-tqdm",
+        "--save-result", "--result-dir", str(out_dir), "--result-filename", filename,
+    ]  # fmt: skip
+
+
+def wait_ready(port: int, server: subprocess.Popen, timeout_s: float) -> float:
+    """Seconds until `/health` answers 200; raises if the server exits or the time runs out."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with code {server.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as reply:
+                if reply.status == 200:
+                    return time.monotonic() - start
+        except OSError:
+            pass
+        time.sleep(2)
+    raise TimeoutError(f"the server was not ready after {timeout_s:.0f} s")
+
+
+JIT_LINE = re.compile(r"JIT compilation during inference: (\S+)")
+
+
+def live_compiles(log_text: str) -> list[str]:
+    """Kernels vLLM's JIT monitor saw compile while serving (its 'during inference' warnings)."""
+    return JIT_LINE.findall(log_text)
+
+
+def run(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    directory = write_model_dir(args.model, out / f"model-{args.model}")
+    tokenizer = write_word_tokenizer(json.loads(RELEASED_CONFIG.read_text())["vocab_size"], out / "tokenizer")
+    workloads = [WORKLOADS[name] for name in args.workloads]
+    max_len = max(w.input_len + w.output_len for w in workloads)
+    env = os.environ | {"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1", "PYTHONUNBUFFERED": "1"}
+    log_path = out / f"server-{args.model}.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            serve_command(args.model, directory, tokenizer, args.port, max_len), stdout=log, stderr=subprocess.STDOUT,
+            env=env, start_new_session=True,
+        )  # fmt: skip
+        summary = {"model": args.model, "workloads": [w.name for w in workloads]}
+        try:
+            summary["startup_s"] = round(wait_ready(args.port, server, args.startup_timeout), 1)
+            print(f"{args.model}: ready in {summary['startup_s']} s", flush=True)
+            for pass_name in PASSES:
+                for w in workloads:
+                    name = f"{args.model}__{w.name}__{pass_name}.json"
+                    started = time.monotonic()
+                    subprocess.run(client_command(w, directory, tokenizer, args.port, out, name), check=True, env=env)
+                    result = json.loads((out / name).read_text())
+                    print(
+                        f"{args.model} {w.name} {pass_name}: {result['output_throughput']:.0f} out tok/s, "
+                        f"TTFT mean/p99 {result['mean_ttft_ms']:.0f}/{result['p99_ttft_ms']:.0f} ms, "
+                        f"TPOT mean/p99 {result['mean_tpot_ms']:.1f}/{result['p99_tpot_ms']:.1f} ms, "
+                        f"failed {result.get('failed', 0)} ({time.monotonic() - started:.0f} s)",
+                        flush=True,
+                    )
+        finally:
+            os.killpg(server.pid, signal.SIGINT)
+            try:
+                server.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+    summary["live_compiles"] = live_compiles(log_path.read_text(errors="replace"))
+    (out / f"summary-{args.model}.json").write_text(json.dumps(summary, indent=1))
+    print(f"{args.model}: kernels compiled during inference: {summary['live_compiles'] or 'none'}")
+
+
+def load_results(out: Path) -> dict[tuple[str, str, str], dict]:
+    """(model, workload, pass) -> the client's JSON."""
+    results = {}
+    for path in sorted(out.glob("*__*__*.json")):
+        model, workload, pass_name = path.stem.split("__")
+        results[(model, workload, pass_name)] = json.loads(path.read_text())
+    return results
+
+
+def ratio(metric: str, ours: float, theirs: float) -> float:
+    """How many times better ours is (throughput: ours/theirs; latency: theirs/ours)."""
+    if metric in HIGHER_IS_BETTER:
+        return ours / theirs
+    return theirs / ours
+
+
+def report_table(results: dict, baseline: str = "softmax-twin", model: str = "ring-linear") -> str:
+    """Markdown: each (workload, pass) with both models' metrics and ring-linear's advantage (x, >1 = better)."""
+    header = "| workload | pass | metric | ring-linear | twin | ring-linear advantage |"
+    lines = [header, "|---|---|---|---:|---:|---:|"]
+    for workload in WORKLOADS:
+        for pass_name in PASSES:
+            ours, theirs = results.get((model, workload, pass_name)), results.get((baseline, workload, pass_name))
+            if ours is None or theirs is None:
+                continue
+            for metric in METRICS:
+                advantage = ratio(metric, ours[metric], theirs[metric])
+                lines.append(
+                    f"| {workload} | {pass_name} | {metric} | {ours[metric]:,.1f} | {theirs[metric]:,.1f} "
+                    f"| {advantage:.2f}x |"
+                )
+    cached = [
+        f"| {w} | {results[('softmax-twin-cached', w, 'warm')]['output_throughput']:,.0f} |"
+        for w in WORKLOADS
+        if ("softmax-twin-cached", w, "warm") in results
+    ]
+    if cached:
+        lines += ["", "| workload | twin with prefix caching, warm (cache hits): output tok/s |", "|---|---:|"]
+        lines += cached
+    return "\n".join(lines)
+
+
+def report(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    print(report_table(load_results(out)))
+    for path in sorted(out.glob("summary-*.json")):
+        summary = json.loads(path.read_text())
+        print(
+            f"\n{summary['model']}: ready in {summary.get('startup_s')} s; "
+            f"kernels compiled during inference: {summary.get('live_compiles') or 'none'}"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_parser = sub.add_parser("run", help="start one model's server and run the workloads against it")
+    run_parser.add_argument("--model", choices=MODELS, required=True)
+    run_parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    run_parser.add_argument("--out", default="serve-results")
+    run_parser.add_argument("--port", type=int, default=8765)
+    run_parser.add_argument("--startup-timeout", type=float, default=900)
+    report_parser = sub.add_parser("report", help="the ratio table of the results in a folder")
+    report_parser.add_argument("out")
+    args = parser.parse_args(argv)
+    (run if args.command == "run" else report)(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,56 @@
+"""Start-up work for an engine's linear layers: compile every kernel variant a step can launch, and take the
+prefill's largest scratch once, so the engine's memory profile counts it.
+
+The kernels take every batch-dependent integer as an unspecialised argument, so the variants are few: the
+prefill (one per q/k/v dtype pair), and the decode with narrow and wide V-tiles (small and large batches).
+Engines call `warm_up_linear_attention` from their profiling forward (no batch metadata yet); a request
+never waits for a Triton compile.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops.linear_attn import linear_attention_decode, linear_attention_prefill
+from ..ops.linear_attn.decode import WIDE_TILE_MIN_ROWS
+
+_warmed: set[tuple] = set()
+
+
+def warm_up_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    decay_rate: torch.Tensor,
+    scale: float,
+    state_dtype: torch.dtype,
+    max_num_seqs: int,
+    out: torch.Tensor | None = None,
+    slot_dtype: torch.dtype = torch.int32,
+) -> None:
+    """Run the prefill over the rows of a profiling step (`q`/`k`/`v` `[T, H, d]`, as a layer makes them)
+    split into `min(max_num_seqs, T)` sequences, its largest scratch (one partial segment per sequence),
+    and, once per process and shape, the decode's variants. Nothing touches a state pool: every slot is -1.
+    The prefill's output goes to `out` when given (the profiling forward's result), else it is dropped.
+    `slot_dtype` is the engine's slot-index dtype (pointer types are part of a compiled variant)."""
+    T, H, K = q.shape
+    V = v.shape[-1]
+    device = q.device
+    scratch_pool = torch.empty((1, H, K, V), dtype=state_dtype, device=device)
+    if T > 0:
+        N = max(1, min(max_num_seqs, T))
+        cu_seqlens = torch.div(torch.arange(N + 1, device=device) * T, N, rounding_mode="floor").to(torch.int32)
+        slots = torch.full((N,), -1, dtype=slot_dtype, device=device)
+        linear_attention_prefill(q, k, v, decay_rate, scale, cu_seqlens, scratch_pool, slots, out=out)
+    key = (q.dtype, v.dtype, state_dtype, slot_dtype, H, K, V, device)
+    if key in _warmed:
+        return
+    for batch in (1, -(-WIDE_TILE_MIN_ROWS // H)):  # narrow and wide V-tiles
+        rows = torch.zeros((batch, 3, H, max(K, V)), dtype=q.dtype, device=device)
+        slots = torch.full((batch,), -1, dtype=slot_dtype, device=device)
+        fresh = torch.zeros(batch, dtype=torch.int8, device=device)
+        decode_v = rows[:, 2, :, :V].to(v.dtype)
+        linear_attention_decode(
+            rows[:, 0, :, :K], rows[:, 1, :, :K], decode_v, decay_rate, scale, scratch_pool, slots, fresh=fresh
+        )
+    _warmed.add(key)
