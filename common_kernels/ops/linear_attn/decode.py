@@ -19,7 +19,7 @@ from .triton_utils import check_pool, check_qkv
 WIDE_TILE_MIN_ROWS = 256  # (sequence, head) pairs from which 64-column V-tiles fill the GPU (H200 sweep)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["slots", "fresh"])
 def _decode_kernel(
     q, k, v, o, pool, slots, fresh, rate, scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,

@@ -17,7 +17,8 @@ takes operands in the input dtype with fp32 accumulation, so for bf16 inputs the
 bf16 copy (rounded once per chunk, never carried), as fla's chunk kernels do.
 
 The batch-dependent integers (sequence count, segment length) are arguments Triton does not specialise on,
-so one compiled variant of each kernel serves every batch: an engine compiles them once, at start-up
+nor the alignment of the per-sequence slot and flag arrays (an engine passes slices of its own), so one
+compiled variant of each kernel serves every batch: an engine compiles them once, at start-up
 (`common_kernels.serving.warmup`).
 """
 
@@ -76,7 +77,7 @@ def _segment_delta_kernel(
     tl.store(delta + ((i_s * H + i_h) * K + o_k[:, None]).to(tl.int64) * V + o_v[None, :], b_s)
 
 
-@triton.jit(do_not_specialize=["SEG"])
+@triton.jit(do_not_specialize=["SEG"], do_not_specialize_on_alignment=["slots", "fresh"])
 def _segment_scan_kernel(
     pool, start, delta, slots, fresh, nseg, seg_first, rate,
     stride_pp, stride_ph, SEG,
@@ -108,7 +109,7 @@ def _segment_scan_kernel(
         offset += H * K * V
 
 
-@triton.jit(do_not_specialize=["N", "SEG"])
+@triton.jit(do_not_specialize=["N", "SEG"], do_not_specialize_on_alignment=["slots"])
 def _segment_forward_kernel(
     q, k, v, o, pool, start, cu_seqlens, seg_seq, seg_idx, nseg, slots, rate, scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
