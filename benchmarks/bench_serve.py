@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ MODELS = ("ring-linear", "softmax-twin", "softmax-twin-cached")
 PASSES = ("cold", "warm")
 METRICS = ("output_throughput", "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms")
 HIGHER_IS_BETTER = {"output_throughput"}
+MAX_LEN_HEADROOM = 1024
 VLLM_CLI = (sys.executable, "-m", "vllm.entrypoints.cli.main")  # `vllm`, also where only the package is on the path
 
 
@@ -104,18 +106,39 @@ def client_command(
     ]  # fmt: skip
 
 
+def answers(port: int) -> bool:
+    """Whether a server already answers `/health` on this port."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
+def rejection(port: int, model: str, workload: Workload) -> str:
+    """The server's own words for a request of this workload's size (the client reports only 'Bad Request')."""
+    body = json.dumps(
+        {"model": model, "prompt": " ".join(f"t{i % 1000 + 1}" for i in range(workload.input_len)),
+         "max_tokens": workload.output_len, "ignore_eos": True}
+    ).encode()  # fmt: skip
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=600) as reply:
+            return f"a request of this size succeeds alone (HTTP {reply.status})"
+    except urllib.error.HTTPError as error:
+        return f"HTTP {error.code}: {error.read().decode(errors='replace')[:500]}"
+
+
 def wait_ready(port: int, server: subprocess.Popen, timeout_s: float) -> float:
     """Seconds until `/health` answers 200; raises if the server exits or the time runs out."""
     start = time.monotonic()
     while time.monotonic() - start < timeout_s:
         if server.poll() is not None:
             raise RuntimeError(f"the server exited with code {server.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as reply:
-                if reply.status == 200:
-                    return time.monotonic() - start
-        except OSError:
-            pass
+        if answers(port):
+            return time.monotonic() - start
         time.sleep(2)
     raise TimeoutError(f"the server was not ready after {timeout_s:.0f} s")
 
@@ -129,12 +152,17 @@ def live_compiles(log_text: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> None:
+    if answers(args.port):
+        raise SystemExit(f"bench_serve: a server already answers on port {args.port}; stop it or pass --port")
+    # a time limit's SIGTERM must still stop the server (it runs in its own session, so it would outlive us)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     directory = write_model_dir(args.model, out / f"model-{args.model}")
     tokenizer = write_word_tokenizer(json.loads(RELEASED_CONFIG.read_text())["vocab_size"], out / "tokenizer")
     workloads = [WORKLOADS[name] for name in args.workloads]
-    max_len = max(w.input_len + w.output_len for w in workloads)
+    # headroom: requests of exactly max_model_len tokens were refused ("Bad Request") on vLLM 0.26
+    max_len = max(w.input_len + w.output_len for w in workloads) + MAX_LEN_HEADROOM
     env = os.environ | {"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1", "PYTHONUNBUFFERED": "1"}
     log_path = out / f"server-{args.model}.log"
     with open(log_path, "w") as log:
@@ -159,6 +187,8 @@ def run(args: argparse.Namespace) -> None:
                         f"failed {result.get('failed', 0)} ({time.monotonic() - started:.0f} s)",
                         flush=True,
                     )
+                    if result.get("failed"):
+                        print(f"  why requests failed: {rejection(args.port, str(directory), w)}", flush=True)
         finally:
             os.killpg(server.pid, signal.SIGINT)
             try:

@@ -22,6 +22,7 @@
 #   serve-twin   the same for the softmax twin, caching off                                (~9 min)
 #   serve-twin-cached  the twin with prefix caching (its warm pass hits the cache)          (~7 min)
 #   serve-report the ratio table of the serve steps' results (SERVE_OUT, default OUTDIR/serve)
+#                (SERVE_WORKLOADS picks workloads: all four take longer than one 10-minute device call)
 #   profile      compiled 4K and 128K prefill profiles, ring-linear and the twin            (~6 min)
 set -uo pipefail
 
@@ -59,7 +60,8 @@ for step in "$@"; do
       "${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}" ;;
     serve-ring | serve-twin | serve-twin-cached)
       model=${step#serve-}; model=${model/ring/ring-linear}; model=${model/twin/softmax-twin}
-      run "$step" 580 python3 -m benchmarks.bench_serve run --model "$model" --out "${SERVE_OUT:-$out/serve}" ;;
+      run "$step" 580 python3 -m benchmarks.bench_serve run --model "$model" --out "${SERVE_OUT:-$out/serve}" \
+        --workloads ${SERVE_WORKLOADS:-chat long-32k long-128k reasoning} ;;
     serve-report) python3 -m benchmarks.bench_serve report "${SERVE_OUT:-$out/serve}" | tee "$out/serve-report.md" ;;
     profile)
       for variant in ring-linear softmax-twin; do

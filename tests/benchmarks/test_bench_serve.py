@@ -1,0 +1,111 @@
+"""The serving benchmark's pieces that run anywhere: the tokenizer it serves with, the commands it starts,
+the ratio table, and its refusal to measure a server it did not start (the servers themselves need a GPU)."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+
+from benchmarks import bench_serve
+
+
+def test_the_word_tokenizer_round_trips_every_id(tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(bench_serve.write_word_tokenizer(500, tmp_path))
+    ids = [random.Random(0).randrange(500) for _ in range(2000)]
+    assert tokenizer.encode(tokenizer.decode(ids), add_special_tokens=False) == ids
+    assert tokenizer.all_special_ids == [] and tokenizer.num_special_tokens_to_add() == 0
+
+
+def test_the_twin_is_the_same_config_on_vllms_native_architecture(tmp_path):
+    ours = json.loads((bench_serve.write_model_dir("ring-linear", tmp_path / "a") / "config.json").read_text())
+    twin = json.loads((bench_serve.write_model_dir("softmax-twin", tmp_path / "b") / "config.json").read_text())
+    assert ours["architectures"] == ["BailingMoeLinearV2ForCausalLM"]
+    assert twin["architectures"] == ["BailingMoeV2ForCausalLM"]
+    assert {k: v for k, v in twin.items() if k != "architectures"} == {
+        k: v for k, v in ours.items() if k != "architectures"
+    }
+
+
+def test_prefix_caching_is_off_except_for_the_cached_twin():
+    def command(model: str) -> list[str]:
+        return bench_serve.serve_command(model, Path("m"), Path("t"), 8000, 4352)
+
+    assert "--no-enable-prefix-caching" in command("ring-linear")
+    assert "--no-enable-prefix-caching" in command("softmax-twin")
+    assert "--no-enable-prefix-caching" not in command("softmax-twin-cached")
+    assert command("ring-linear")[command("ring-linear").index("--load-format") + 1] == "dummy"
+
+
+def test_the_client_is_vllms_own_with_the_workload_shape():
+    chat = bench_serve.WORKLOADS["chat"]
+    command = bench_serve.client_command(chat, Path("m"), Path("t"), 8000, Path("o"), "x.json")
+    assert command[1:5] == ["-m", "vllm.entrypoints.cli.main", "bench", "serve"]
+    flags = dict(zip(command[5::2], command[6::2], strict=False))
+    assert flags["--random-input-len"] == "4096" and flags["--random-output-len"] == "256"
+    assert flags["--max-concurrency"] == "64" and flags["--num-prompts"] == "256"
+    assert "--ignore-eos" in command and flags["--dataset-name"] == "random"
+
+
+def _result(throughput: float, ttft: float, tpot: float) -> dict:
+    return {
+        "output_throughput": throughput,
+        "mean_ttft_ms": ttft,
+        "p99_ttft_ms": 2 * ttft,
+        "mean_tpot_ms": tpot,
+        "p99_tpot_ms": 2 * tpot,
+    }
+
+
+def test_the_table_gives_ring_linears_advantage_in_the_direction_of_better():
+    results = {
+        ("ring-linear", "chat", "warm"): _result(2000.0, 100.0, 5.0),
+        ("softmax-twin", "chat", "warm"): _result(1000.0, 300.0, 10.0),
+        ("softmax-twin-cached", "chat", "warm"): _result(4000.0, 50.0, 5.0),
+        ("ring-linear", "long-32k", "cold"): _result(1.0, 1.0, 1.0),  # no twin row: left out
+    }
+    table = bench_serve.report_table(results)
+    assert "| chat | warm | output_throughput | 2,000.0 | 1,000.0 | 2.00x |" in table
+    assert "| chat | warm | mean_ttft_ms | 100.0 | 300.0 | 3.00x |" in table  # lower latency is better
+    assert "| chat | warm | mean_tpot_ms | 5.0 | 10.0 | 2.00x |" in table
+    assert "long-32k" not in table.split("\n\n")[0]
+    assert "| chat | 4,000 |" in table  # the cached twin's figure stays visible
+
+
+def test_live_compiles_are_read_from_vllms_jit_monitor_lines():
+    log = (
+        "(EngineCore pid=1) WARNING [jit_monitor.py:135] Triton kernel JIT compilation during inference: "
+        "_segment_scan_kernel. This causes a latency spike\nINFO other line\n"
+        "(EngineCore pid=1) WARNING [jit_monitor.py:135] Triton kernel JIT compilation during inference: "
+        "fused_moe_kernel. This causes a latency spike\n"
+    )
+    assert bench_serve.live_compiles(log) == ["_segment_scan_kernel.", "fused_moe_kernel."]
+
+
+class _Healthy(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - http.server's name
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_port_that_already_answers_is_refused_before_anything_starts(tmp_path):
+    """A leftover server would answer for the new one: the numbers would be another model's."""
+    server = HTTPServer(("127.0.0.1", 0), _Healthy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(SystemExit, match="already answers on port"):
+            bench_serve.main(
+                ["run", "--model", "ring-linear", "--port", str(server.server_port), "--out", str(tmp_path)]
+            )
+    finally:
+        server.shutdown()
+    assert not any(tmp_path.iterdir())
