@@ -1,21 +1,37 @@
-"""Engine-config checks vLLM runs for our architectures before it builds anything (`MODELS_CONFIG_MAP`)."""
+"""Engine-config checks vLLM runs for our architectures before it builds anything (`MODELS_CONFIG_MAP`), and
+the linear state vLLM sizes its pool from (light: loaded in every process, before any model module)."""
 
 from __future__ import annotations
 
+import torch
 from vllm import platforms
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from common_kernels.config import RingLinearConfig
+from common_kernels.serving import check_serving_settings, linear_state_dtype, linear_state_shape
 from ring_linear_vllm.compat import check_kv_cache_write_width, splitting_op_name
 
 logger = init_logger(__name__)
 
 
+def state_shapes(config: RingLinearConfig, tp_size: int) -> tuple[tuple[int, int, int]]:
+    """vLLM's per-layer state tuple: the one `[H/tp, d, d]` linear state (no conv state)."""
+    return (linear_state_shape(config, tp_size),)
+
+
+def state_dtypes(cache_config) -> tuple[torch.dtype]:
+    """fp32 unless asked otherwise: `--mamba-ssm-cache-dtype` (this state is the "ssm" one), else
+    `--mamba-cache-dtype`; "auto" means fp32 here, not the model dtype. float16 is refused at start-up."""
+    if cache_config.mamba_ssm_cache_dtype not in (None, "auto"):
+        return (linear_state_dtype(cache_config.mamba_ssm_cache_dtype, "--mamba-ssm-cache-dtype"),)
+    return (linear_state_dtype(cache_config.mamba_cache_dtype, "--mamba-cache-dtype"),)
+
+
 class RingLinearEngineConfig(VerifyAndUpdateConfig):
     """Refuse what cannot run (a TP size the heads or norm groups cannot split, or that would hang vLLM's
-    KV-cache write; speculative decoding), default the LM head to fp32 and turn off hybrid prefix caching
-    (not verified exact for the linear state)."""
+    KV-cache write; speculative decoding; a state dtype other than fp32/bf16), default the LM head to fp32
+    and turn off hybrid prefix caching (not verified exact for the linear state)."""
 
     @classmethod
     def verify_and_update_config(cls, vllm_config) -> None:
@@ -26,14 +42,11 @@ class RingLinearEngineConfig(VerifyAndUpdateConfig):
                 f"(model_type 'bailing_moe_linear'), got {type(config).__name__}; is the plugin's register() loaded?"
             )
         tp_size = vllm_config.parallel_config.tensor_parallel_size
-        config.check_tensor_parallel(tp_size)
+        speculative = vllm_config.speculative_config is not None
+        check_serving_settings(config, tp_size, speculative_flag="--speculative-config" if speculative else None)
         if platforms.current_platform.is_cuda():  # read now: the platform is resolved lazily
             check_kv_cache_write_width(config, tp_size)
-        if vllm_config.speculative_config is not None:
-            raise ValueError(
-                "ring-linear: speculative decoding is not supported for Ring-linear-2.0 yet "
-                "(the linear-attention state would need one copy per draft token); drop --speculative-config"
-            )
+        state_dtypes(vllm_config.cache_config)  # an unsupported state dtype is refused now, not at the first step
         if getattr(config, "head_dtype", None) is None:
             # an fp32 LM head, as trained (paper) and as the shim computes logprobs;
             # `--hf-overrides '{"head_dtype": "model"}'` restores vLLM's default

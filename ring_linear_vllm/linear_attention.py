@@ -19,30 +19,15 @@ from vllm.model_executor.layers.mamba.abstract import MambaBase
 from vllm.model_executor.layers.mamba.mamba_utils import MambaStateCopyFuncCalculator
 from vllm.model_executor.model_loader.weight_utils import sharded_weight_loader
 from vllm.model_executor.utils import set_weight_attrs
-from vllm.utils.torch_utils import get_kv_cache_torch_dtype
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
 from common_kernels.config import RingLinearConfig
 from common_kernels.model.linear_math import gate_output, prepare_qkv
-from common_kernels.serving import warm_up_linear_attention
-from common_kernels.slopes import decay_rates
+from common_kernels.serving import rank_decay_rates, warm_up_linear_attention
 
 from .backend import RingLinearBackend, RingLinearMetadata
 from .compat import LINEAR_ATTENTION_OP, layer_metadata, register_splitting_op
-
-
-def linear_state_shape(config: RingLinearConfig, tp_size: int) -> tuple[tuple[int, int, int]]:
-    """One state per request and layer: `[H/tp, d, d]` (no conv state)."""
-    H, _, d = config.linear_state_shape
-    return ((H // tp_size, d, d),)
-
-
-def linear_state_dtype(model_dtype: torch.dtype | str, mamba_cache_dtype: str | None) -> tuple[torch.dtype]:
-    """fp32 unless the user asked for another dtype with `--mamba-cache-dtype` ("auto" means fp32 here, not the
-    model dtype: a bf16 state is rounded every decode step and drifts by several percent over 4K tokens)."""
-    if mamba_cache_dtype in (None, "auto"):
-        return (torch.float32,)
-    return (get_kv_cache_torch_dtype(mamba_cache_dtype, model_dtype),)
+from .engine_config import state_dtypes, state_shapes
 
 
 def linear_state_copy_funcs() -> tuple:
@@ -87,9 +72,9 @@ class RingLinearAttention(nn.Module, MambaBase):
         # vLLM builds the model under its target device and never moves it: derived tables go there now, so
         # no step copies them from the host (a copy inside CUDA-graph capture would fail)
         device = torch.get_default_device()
-        rates = decay_rates(config, layer_idx, dtype=torch.float32, device=device)
-        local = slice(tp_rank * self.num_local_heads, (tp_rank + 1) * self.num_local_heads)
-        self.register_buffer("decay_rate", rates[local].contiguous(), persistent=False)
+        self.register_buffer(
+            "decay_rate", rank_decay_rates(config, layer_idx, tp_size, tp_rank, device), persistent=False
+        )
         self.scale = d**-0.5
         self.max_num_seqs = vllm_config.scheduler_config.max_num_seqs
         self.kv_cache: tuple[torch.Tensor, ...] = (torch.tensor([]),)
@@ -106,10 +91,10 @@ class RingLinearAttention(nn.Module, MambaBase):
         return MambaAttentionBackendEnum.LINEAR
 
     def get_state_shape(self) -> tuple[tuple[int, int, int]]:
-        return linear_state_shape(self.config, self.tp_size)
+        return state_shapes(self.config, self.tp_size)
 
     def get_state_dtype(self) -> tuple[torch.dtype]:
-        return linear_state_dtype(self.model_config.dtype, self.cache_config.mamba_cache_dtype)
+        return state_dtypes(self.cache_config)
 
     def get_attn_backend(self) -> type[RingLinearBackend]:
         return RingLinearBackend

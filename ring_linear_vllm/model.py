@@ -14,7 +14,6 @@ from collections.abc import Iterable
 from itertools import islice
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
@@ -37,18 +36,18 @@ from vllm.model_executor.models.utils import (
 from vllm.sequence import IntermediateTensors
 
 from common_kernels.config import RingLinearConfig
-from common_kernels.model.checkpoint import CheckpointError, expected_tensor_shapes, is_ignored_tensor
+from common_kernels.model.checkpoint import CheckpointError
 from common_kernels.model.layers import RMSNorm
 from common_kernels.ops.rope.naive import qk_norm_rope, rotary_cos_sin, rotary_inv_freq
 from common_kernels.precision import RESIDUAL_DTYPE, ROPE_DTYPE, ROUTER_DTYPE
+from common_kernels.serving import RouterGate, load_checkpoint_tensors
 
 from .compat import fused_moe
+from .engine_config import state_dtypes, state_shapes
 from .linear_attention import (
     NormWeight,
     RingLinearAttention,
     linear_state_copy_funcs,
-    linear_state_dtype,
-    linear_state_shape,
     norm_weight,
 )
 
@@ -74,22 +73,6 @@ class RingMLP(nn.Module):
         x, _ = self.gate_up_proj(x)
         x, _ = self.down_proj(self.act_fn(x))
         return x
-
-
-class RouterGate(nn.Module):
-    """`mlp.gate`: router weight and expert-selection bias, both kept fp32 (near-ties pick experts)."""
-
-    def __init__(self, config: RingLinearConfig) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, dtype=ROUTER_DTYPE))
-        self.expert_bias = (
-            nn.Parameter(torch.zeros(config.num_experts, dtype=ROUTER_DTYPE))
-            if config.moe_router_enable_expert_bias
-            else None
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(ROUTER_DTYPE), self.weight)
 
 
 class RingMoE(nn.Module):
@@ -306,11 +289,11 @@ class RingLinearForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsPP):
 
     @classmethod
     def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig) -> tuple[tuple[int, int, int]]:
-        return linear_state_shape(vllm_config.model_config.hf_config, vllm_config.parallel_config.tensor_parallel_size)
+        return state_shapes(vllm_config.model_config.hf_config, vllm_config.parallel_config.tensor_parallel_size)
 
     @classmethod
     def get_mamba_state_dtype_from_config(cls, vllm_config: VllmConfig) -> tuple[torch.dtype]:
-        return linear_state_dtype(vllm_config.model_config.dtype, vllm_config.cache_config.mamba_cache_dtype)
+        return state_dtypes(vllm_config.cache_config)
 
     @classmethod
     def get_mamba_state_copy_func(cls) -> tuple:
@@ -333,27 +316,19 @@ class RingLinearForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsPP):
         A name the checkpoint format does not have, or a tensor of the wrong shape, raises `CheckpointError`
         naming it; vLLM's loader then reports any parameter left unloaded.
         """
-        expected = expected_tensor_shapes(self.config)
         params = dict(self.named_parameters())
         experts = self.get_expert_mapping()
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if is_ignored_tensor(name, self.config) or is_pp_missing_parameter(name, self):
-                continue
-            if name not in expected:
-                if self.quant_config is not None and name in params:  # a pre-quantized checkpoint's scales
-                    loaded.add(_load(params, name, tensor))
-                    continue
-                raise CheckpointError(
-                    f"unexpected tensor {name!r} {tuple(tensor.shape)}: Ring-linear-2.0 with this config has no such "
-                    f"weight (check num_hidden_layers, num_experts, tie_word_embeddings, or the checkpoint)"
-                )
-            if tuple(tensor.shape) != expected[name]:
-                raise CheckpointError(
-                    f"tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {expected[name]}"
-                )
-            loaded.add(self._load_tensor(params, experts, name, tensor))
-        return loaded
+
+        def load_extra(name: str, tensor: torch.Tensor) -> str | None:  # a pre-quantized checkpoint's scales
+            return _load(params, name, tensor) if self.quant_config is not None and name in params else None
+
+        return load_checkpoint_tensors(
+            weights,
+            self.config,
+            lambda name, tensor: self._load_tensor(params, experts, name, tensor),
+            skip=lambda name: is_pp_missing_parameter(name, self),
+            load_extra=load_extra,
+        )
 
     def _load_tensor(self, params, experts, name: str, tensor: torch.Tensor) -> str:
         if ".mlp.experts." in name:

@@ -107,6 +107,19 @@ def test_state_dtype_follows_an_explicit_mamba_cache_dtype(vllm_tools, released_
     assert RingLinearForCausalLM.get_mamba_state_dtype_from_config(cfg) == (torch.bfloat16,)
 
 
+def test_mamba_ssm_cache_dtype_is_honoured_and_float16_is_refused_at_start_up(vllm_tools, released_dir):
+    """The linear state is vLLM's "ssm" state: `--mamba-ssm-cache-dtype` wins; float16 (which the kernels do
+    not keep) fails while the config is built, naming the flag, instead of at the first forward."""
+    from ring_linear_vllm.model import RingLinearForCausalLM
+
+    cfg = vllm_tools.engine_config(released_dir, dtype="bfloat16", mamba_ssm_cache_dtype="bfloat16")
+    assert RingLinearForCausalLM.get_mamba_state_dtype_from_config(cfg) == (torch.bfloat16,)
+    for flag in ("mamba_cache_dtype", "mamba_ssm_cache_dtype"):
+        dashed = "--" + flag.replace("_", "-")
+        with pytest.raises(ValueError, match=f"{dashed} 'float16' is not supported.*auto, float32, bfloat16"):
+            vllm_tools.engine_config(released_dir, dtype="bfloat16", **{flag: "float16"})
+
+
 def test_prefix_caching_is_turned_off(vllm_tools, released_dir):
     cfg = vllm_tools.engine_config(released_dir, dtype="bfloat16", enable_prefix_caching=True)
     assert not cfg.cache_config.enable_prefix_caching

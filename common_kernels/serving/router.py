@@ -1,0 +1,27 @@
+"""The MoE router gate as an engine holds it: `mlp.gate.weight` and `mlp.gate.expert_bias`, both fp32."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import RingLinearConfig
+from ..precision import ROUTER_DTYPE
+
+
+class RouterGate(nn.Module):
+    """Router logits in fp32 from an fp32 weight, never rounded to bf16 (near-ties pick the experts); the
+    expert bias only selects experts and stays fp32 too. Engines hand both to their fused MoE."""
+
+    def __init__(self, config: RingLinearConfig) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, dtype=ROUTER_DTYPE))
+        self.expert_bias = (
+            nn.Parameter(torch.zeros(config.num_experts, dtype=ROUTER_DTYPE))
+            if config.moe_router_enable_expert_bias
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(ROUTER_DTYPE), self.weight)
