@@ -24,6 +24,13 @@ SUPPORTED_ROUTER_DTYPES = ("fp32", "float32")
 ARCHITECTURE = "BailingMoeLinearV2ForCausalLM"
 
 
+ARCHITECTURES = (
+    "BailingMoeLinearV2ForCausalLM",  # the released Ring-mini/flash-linear-2.0 checkpoints
+    "BailingMoeLinearForCausalLM",  # aliases the authors' own engine accepted
+    "BailingMoELinearForCausalLM",
+)
+
+
 class RingLinearConfigError(ValueError):
     """A config field has a value this model cannot run with; the message names the field and the fix."""
 

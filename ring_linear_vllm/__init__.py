@@ -7,11 +7,8 @@ inclusionAI/Ring-mini-linear-2.0` works with no flag and no `--trust-remote-code
 
 from __future__ import annotations
 
-ARCHITECTURES = (
-    "BailingMoeLinearV2ForCausalLM",  # the released Ring-mini/flash-linear-2.0 checkpoints
-    "BailingMoeLinearForCausalLM",  # aliases the authors' own engine accepted
-    "BailingMoELinearForCausalLM",
-)
+from common_kernels.config import ARCHITECTURES  # the released checkpoints' name and the authors' aliases
+
 MODEL_CLASS = "ring_linear_vllm.model:RingLinearForCausalLM"  # lazy: no CUDA, no model import at registration
 
 __all__ = ["ARCHITECTURES", "MODEL_CLASS", "register"]

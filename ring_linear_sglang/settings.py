@@ -1,0 +1,37 @@
+"""The launcher's check of SGLang's server arguments for our architectures: what cannot run is refused before
+any worker starts, naming the valid choices (an SGLang per-architecture override provider)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from common_kernels.serving import check_serving_settings, linear_state_dtype
+
+# `no_buffer` restores a cached prefix's state from its slot before the suffix runs; `extra_buffer` needs
+# chunk-aligned state snapshots from the prefill kernel, which ours does not write yet
+RADIX_STRATEGIES = ("auto", "no_buffer")
+
+
+def check_server_args(server_args: Any, hf_config: Any) -> dict:
+    """Raise ValueError for settings Ring-linear-2.0 cannot serve; returns no overrides (SGLang's contract)."""
+    speculative = getattr(server_args, "speculative_algorithm", None)
+    check_serving_settings(
+        hf_config,
+        tp_size=getattr(server_args, "tp_size", 1),
+        pp_size=getattr(server_args, "pp_size", 1),
+        speculative_flag="--speculative-algorithm" if speculative else None,
+        pipeline_parallel_supported=False,
+    )
+    if getattr(server_args, "enable_dp_attention", False):
+        raise ValueError(
+            "ring-linear: --enable-dp-attention is not supported for Ring-linear-2.0 (the linear-attention state "
+            "is split by tensor parallelism); drop it and use --tp-size"
+        )
+    strategy = getattr(server_args, "mamba_radix_cache_strategy", None) or "auto"
+    if not getattr(server_args, "disable_radix_cache", False) and strategy not in RADIX_STRATEGIES:
+        raise ValueError(
+            f"ring-linear: --mamba-radix-cache-strategy {strategy} is not supported for Ring-linear-2.0; use one of "
+            f"{', '.join(RADIX_STRATEGIES)}, or --disable-radix-cache"
+        )
+    linear_state_dtype(getattr(server_args, "mamba_ssm_dtype", None), "--mamba-ssm-dtype")
+    return {}

@@ -1,0 +1,121 @@
+"""Registration with SGLang: the config path, the hybrid-model spec, the state pool's size, and the launcher's
+refusals, on SGLang's own code paths (CPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("sglang")
+
+from common_kernels import RingLinearConfigError  # noqa: E402
+from common_kernels.config import ARCHITECTURES  # noqa: E402
+
+FRESH_PROCESS_CHECK = """
+import json, torch
+import ring_linear_sglang
+ring_linear_sglang.register()
+ring_linear_sglang.register()  # SGLang may load plugins more than once in a process
+from sglang.srt.configs.linear_attn_model_registry import _LINEAR_ATTN_MODEL_REGISTRY
+from sglang.srt.utils.hf_transformers.common import _CONFIG_REGISTRY
+specs = [s for s in _LINEAR_ATTN_MODEL_REGISTRY if s.backend_class_name == ring_linear_sglang.BACKEND_CLASS]
+print(json.dumps({
+    "config": _CONFIG_REGISTRY["bailing_moe_linear"].__name__,
+    "specs": len(specs),
+    "archs": specs[0].arch_names,
+    "radix": specs[0].uses_mamba_radix_cache,
+    "cuda_initialized": torch.cuda.is_initialized(),
+}))
+"""
+
+
+def test_register_in_a_fresh_process_is_idempotent_and_touches_no_gpu():
+    out = subprocess.run([sys.executable, "-c", FRESH_PROCESS_CHECK], capture_output=True, text=True, check=True)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report == {
+        "config": "RingLinearSGLangConfig",
+        "specs": 1,
+        "archs": list(ARCHITECTURES),
+        "radix": True,
+        "cuda_initialized": False,
+    }
+
+
+@pytest.mark.parametrize("trust_remote_code", [False, True])
+def test_sglangs_config_path_parses_the_released_config(sglang_registered, released_dir, trust_remote_code):
+    from sglang.srt.configs.linear_attn_model_registry import get_linear_attn_config
+    from sglang.srt.utils.hf_transformers.config import get_config
+
+    from ring_linear_sglang.config import RingLinearSGLangConfig
+
+    config = get_config(str(released_dir), trust_remote_code=trust_remote_code)
+    assert type(config) is RingLinearSGLangConfig
+    assert config.full_attention_layer_ids == [4, 9, 14, 19] and len(config.linear_layer_ids) == 16
+    assert config.layers_block_type.count("attention") == 4
+    spec, _ = get_linear_attn_config(config)
+    assert spec.backend_class_name == sglang_registered.BACKEND_CLASS
+
+
+@pytest.mark.parametrize(("tp_size", "heads"), [(1, 16), (2, 8), (4, 4)])
+def test_the_state_pool_holds_one_fp32_state_per_linear_layer_and_request(
+    sglang_registered, released_dir, monkeypatch, tp_size, heads
+):
+    import torch
+    from sglang.srt import runtime_context
+    from sglang.srt.utils.hf_transformers.config import get_config
+
+    monkeypatch.setattr(runtime_context, "get_parallel", lambda: SimpleNamespace(attn_tp_size=tp_size))
+    params = get_config(str(released_dir), trust_remote_code=False).mamba2_cache_params
+    assert params.shape.temporal == (heads, 128, 128) and params.dtype.temporal == torch.float32
+    assert params.layers == [l for l in range(20) if (l + 1) % 5]
+    assert params.mamba_cache_per_req == 16 * 2**20 // tp_size  # 16 MiB per request at TP 1
+
+
+def _args(**overrides) -> SimpleNamespace:
+    return SimpleNamespace(
+        **{
+            "tp_size": 1, "pp_size": 1, "speculative_algorithm": None, "enable_dp_attention": False,
+            "mamba_radix_cache_strategy": "auto", "disable_radix_cache": False, "mamba_ssm_dtype": None,
+        } | overrides
+    )  # fmt: skip
+
+
+def test_the_settings_check_refuses_what_cannot_run_naming_the_choices(sglang_registered, released_dir):
+    from sglang.srt.utils.hf_transformers.config import get_config
+
+    from ring_linear_sglang.settings import check_server_args
+
+    config = get_config(str(released_dir), trust_remote_code=False)
+    for tp_size in (1, 2, 4):
+        assert check_server_args(_args(tp_size=tp_size), config) == {}
+    for tp_size in (3, 8):
+        with pytest.raises(RingLinearConfigError, match=rf"tensor parallel size {tp_size} .*use one of \[1, 2, 4\]"):
+            check_server_args(_args(tp_size=tp_size), config)
+    refusals = {
+        "pipeline parallel size 2 is not supported": _args(pp_size=2),
+        "speculative decoding is not supported.*--speculative-algorithm": _args(speculative_algorithm="EAGLE"),
+        "--enable-dp-attention is not supported": _args(enable_dp_attention=True),
+        "--mamba-radix-cache-strategy extra_buffer is not supported.*auto, no_buffer": _args(
+            mamba_radix_cache_strategy="extra_buffer"
+        ),
+        "--mamba-ssm-dtype 'float16' is not supported": _args(mamba_ssm_dtype="float16"),
+    }
+    for message, args in refusals.items():
+        with pytest.raises(ValueError, match=message):
+            check_server_args(args, config)
+    assert check_server_args(_args(mamba_radix_cache_strategy="extra_buffer", disable_radix_cache=True), config) == {}
+    assert check_server_args(_args(mamba_ssm_dtype="bfloat16"), config) == {}
+
+
+def test_the_launcher_refuses_tp_3_before_any_worker_starts(sglang_registered, released_dir):
+    """Through SGLang's own server-argument resolution (the per-architecture provider), on a CPU device."""
+    from ring_linear_sglang.compat import resolve_server_args
+
+    with pytest.raises(RingLinearConfigError, match=r"use one of \[1, 2, 4\]"):
+        resolve_server_args(model_path=str(released_dir), tp_size=3, skip_tokenizer_init=True, device="cpu")
+    args = resolve_server_args(model_path=str(released_dir), tp_size=2, skip_tokenizer_init=True, device="cpu")
+    assert args.mamba_radix_cache_strategy == "no_buffer"  # a cached prefix's state is restored from its slot
