@@ -113,9 +113,11 @@ def test_the_settings_check_refuses_what_cannot_run_naming_the_choices(sglang_re
 
 def test_the_launcher_refuses_tp_3_before_any_worker_starts(sglang_registered, released_dir):
     """Through SGLang's own server-argument resolution (the per-architecture provider), on a CPU device."""
-    from ring_linear_sglang.compat import resolve_server_args
+    from ring_linear_sglang.compat import resolve_server_args, resolved
 
     with pytest.raises(RingLinearConfigError, match=r"use one of \[1, 2, 4\]"):
         resolve_server_args(model_path=str(released_dir), tp_size=3, skip_tokenizer_init=True, device="cpu")
     args = resolve_server_args(model_path=str(released_dir), tp_size=2, skip_tokenizer_init=True, device="cpu")
-    assert args.mamba_radix_cache_strategy == "no_buffer"  # a cached prefix's state is restored from its slot
+    settings = resolved(args)
+    assert settings.mamba_radix_cache_strategy == "no_buffer"  # a cached prefix's state is restored from its slot
+    assert settings.disable_overlap_schedule
