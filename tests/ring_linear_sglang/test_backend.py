@@ -1,0 +1,98 @@
+"""The linear-attention backend on SGLang's own state pool and batch metadata (its Lightning test kit's mock
+model runner: a real `HybridReqToTokenPool`, real `ForwardBatch`es), against the float64 recurrence.
+
+Extend: a new request whose slot holds stale memory, a one-token continuation and a continuing chunk, in one
+varlen prefill. Decode: every slot advanced in place. Triton interpreter on the CPU, small heads.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("sglang")
+
+from common_kernels import tiny_config  # noqa: E402
+from common_kernels.ops.linear_attn.naive import linear_attention_recurrent  # noqa: E402
+from common_kernels.serving import rank_decay_rates  # noqa: E402
+
+HEADS, HEAD_DIM = 2, 16
+
+
+@pytest.fixture(scope="module")
+def kit():
+    return pytest.importorskip("sglang.test.kits.attention_unittest.attention_methods.lightning_attention")
+
+
+def _backend(kit, case):
+    from ring_linear_sglang.backend import RingLinearAttnBackend
+    from ring_linear_sglang.config import RingLinearSGLangConfig
+
+    model_config = kit.TinyLightningModelConfig(
+        num_heads=HEADS, head_dim=HEAD_DIM, context_len=kit.DEFAULT_MAX_CONTEXT_LEN, num_hidden_layers=1
+    )
+    runner = kit.MockLightningModelRunner(
+        case=case, model_config=model_config, dtype=torch.float32, device="cpu",
+        max_context_len=kit.DEFAULT_MAX_CONTEXT_LEN, head_dim=HEAD_DIM,
+    )  # fmt: skip
+    config = tiny_config(num_attention_heads=HEADS, head_dim=HEAD_DIM, group_norm_size=HEADS)
+    model_config.hf_config = RingLinearSGLangConfig(**config.to_dict())
+    assert 0 in model_config.hf_config.linear_layer_ids  # the kit's pool holds layer 0
+    return runner, RingLinearAttnBackend(runner)
+
+
+def _inputs(kit, case, runner, seed):
+    batch = kit._make_forward_batch(case, runner, max_context_len=kit.DEFAULT_MAX_CONTEXT_LEN, device="cpu")
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(case.num_input_tokens, HEADS, HEAD_DIM, generator=g) for _ in range(2))
+    v = torch.randn(case.num_input_tokens, HEADS, HEAD_DIM, generator=g).to(torch.bfloat16)  # model dtype
+    pool = runner.req_to_token_pool.mamba2_layer_cache(0).temporal
+    pool.copy_(torch.randn(pool.shape, generator=g))  # stale memory in every slot, prefix states for some
+    slots = runner.req_to_token_pool.req_index_to_mamba_index_mapping[batch.req_pool_indices].tolist()
+    return batch, q, k, v, pool, slots
+
+
+def _check(out, pool, before, q, k, v, slots, rows, fresh):
+    rates = rank_decay_rates(tiny_config(num_attention_heads=HEADS, head_dim=HEAD_DIM, group_norm_size=HEADS), 0, 1, 0)
+    for n, (slot, (a, b)) in enumerate(zip(slots, zip(rows[:-1], rows[1:], strict=True), strict=True)):
+        initial = None if fresh[n] else before[slot].double()
+        want_o, want_state = linear_attention_recurrent(
+            q[a:b].double(), k[a:b].double(), v[a:b].double(), rates.double(), HEAD_DIM**-0.5, initial
+        )
+        torch.testing.assert_close(out[a:b].view(b - a, HEADS, HEAD_DIM).double(), want_o, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pool[slot].double(), want_state, atol=1e-5, rtol=1e-5)
+
+
+def test_an_extend_batch_is_one_varlen_prefill_from_each_slot(kit, sglang_registered):
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    case = kit.LightningAttentionCase(
+        name="ring_mixed_extend", backend="triton", forward_mode=ForwardMode.EXTEND, num_heads=HEADS, page_size=1,
+        prefix_lens=(0, 3, 5), extend_lens=(4, 1, 6),
+    )  # fmt: skip
+    runner, backend = _backend(kit, case)
+    batch, q, k, v, pool, slots = _inputs(kit, case, runner, seed=1)
+    before = pool.clone()
+    backend.init_forward_metadata(batch)
+    out = backend.forward_extend(q.reshape(11, -1), k.reshape(11, -1), v.reshape(11, -1), SimpleNamespace(layer_id=0), batch)
+    assert out.shape == (11, HEADS * HEAD_DIM)
+    _check(out, pool, before, q, k, v, slots, [0, 4, 5, 11], fresh=[True, False, False])
+    others = [s for s in range(pool.shape[0]) if s not in slots]
+    assert torch.equal(pool[others], before[others])
+
+
+def test_a_decode_batch_advances_every_slot_in_place(kit, sglang_registered):
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    case = kit.LightningAttentionCase(
+        name="ring_decode", backend="triton", forward_mode=ForwardMode.DECODE, num_heads=HEADS, page_size=1,
+        prefix_lens=(5, 2, 9),
+    )  # fmt: skip
+    runner, backend = _backend(kit, case)
+    batch, q, k, v, pool, slots = _inputs(kit, case, runner, seed=2)
+    before = pool.clone()
+    backend.init_forward_metadata(batch)
+    out = backend.forward_decode(q.reshape(3, -1), k.reshape(3, -1), v.reshape(3, -1), SimpleNamespace(layer_id=0), batch)
+    _check(out, pool, before, q, k, v, slots, [0, 1, 2, 3], fresh=[False, False, False])
