@@ -1,9 +1,9 @@
 """SGLang adapter for Ring-linear-2.0 (`BailingMoeLinearV2ForCausalLM`, model type `bailing_moe_linear`).
 
 Built so far: the config SGLang parses the released `config.json` into (with the state description its pool
-is sized from), the hybrid-model registration, and the launcher's settings check. The model class and the
-linear-attention backend are not written yet, so nothing here is installed as an SGLang plugin (the
-`sglang.srt.plugins` entry point is declared when they land) and SGLang still refuses the architecture.
+is sized from), the hybrid-model registration, the launcher's settings check, and the linear-attention
+backend (`backend.py`). The model class is not written yet, so nothing here is installed as an SGLang plugin
+(the `sglang.srt.plugins` entry point is declared when it lands) and SGLang still refuses the architecture.
 """
 
 from __future__ import annotations
