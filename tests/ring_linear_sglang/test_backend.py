@@ -21,6 +21,10 @@ from common_kernels.serving import rank_decay_rates  # noqa: E402
 HEADS, HEAD_DIM = 2, 16
 
 
+def _config():
+    return tiny_config(num_attention_heads=HEADS, head_dim=HEAD_DIM, group_norm_size=HEADS)
+
+
 @pytest.fixture(scope="module")
 def kit():
     return pytest.importorskip("sglang.test.kits.attention_unittest.attention_methods.lightning_attention")
@@ -37,8 +41,7 @@ def _backend(kit, case):
         case=case, model_config=model_config, dtype=torch.float32, device="cpu",
         max_context_len=kit.DEFAULT_MAX_CONTEXT_LEN, head_dim=HEAD_DIM,
     )  # fmt: skip
-    config = tiny_config(num_attention_heads=HEADS, head_dim=HEAD_DIM, group_norm_size=HEADS)
-    model_config.hf_config = RingLinearSGLangConfig(**config.to_dict())
+    model_config.hf_config = RingLinearSGLangConfig(**_config().to_dict())
     assert 0 in model_config.hf_config.linear_layer_ids  # the kit's pool holds layer 0
     return runner, RingLinearAttnBackend(runner)
 
@@ -55,7 +58,7 @@ def _inputs(kit, case, runner, seed):
 
 
 def _check(out, pool, before, q, k, v, slots, rows, fresh):
-    rates = rank_decay_rates(tiny_config(num_attention_heads=HEADS, head_dim=HEAD_DIM, group_norm_size=HEADS), 0, 1, 0)
+    rates = rank_decay_rates(_config(), 0, 1, 0)
     for n, (slot, (a, b)) in enumerate(zip(slots, zip(rows[:-1], rows[1:], strict=True), strict=True)):
         initial = None if fresh[n] else before[slot].double()
         want_o, want_state = linear_attention_recurrent(
@@ -76,7 +79,8 @@ def test_an_extend_batch_is_one_varlen_prefill_from_each_slot(kit, sglang_regist
     batch, q, k, v, pool, slots = _inputs(kit, case, runner, seed=1)
     before = pool.clone()
     backend.init_forward_metadata(batch)
-    out = backend.forward_extend(q.reshape(11, -1), k.reshape(11, -1), v.reshape(11, -1), SimpleNamespace(layer_id=0), batch)
+    layer = SimpleNamespace(layer_id=0)
+    out = backend.forward_extend(q.reshape(11, -1), k.reshape(11, -1), v.reshape(11, -1), layer, batch)
     assert out.shape == (11, HEADS * HEAD_DIM)
     _check(out, pool, before, q, k, v, slots, [0, 4, 5, 11], fresh=[True, False, False])
     others = [s for s in range(pool.shape[0]) if s not in slots]
@@ -94,5 +98,6 @@ def test_a_decode_batch_advances_every_slot_in_place(kit, sglang_registered):
     batch, q, k, v, pool, slots = _inputs(kit, case, runner, seed=2)
     before = pool.clone()
     backend.init_forward_metadata(batch)
-    out = backend.forward_decode(q.reshape(3, -1), k.reshape(3, -1), v.reshape(3, -1), SimpleNamespace(layer_id=0), batch)
+    layer = SimpleNamespace(layer_id=0)
+    out = backend.forward_decode(q.reshape(3, -1), k.reshape(3, -1), v.reshape(3, -1), layer, batch)
     _check(out, pool, before, q, k, v, slots, [0, 1, 2, 3], fresh=[False, False, False])
