@@ -57,15 +57,28 @@ def _inputs(kit, case, runner, seed):
     return batch, q, k, v, pool, slots
 
 
-def _check(out, pool, before, q, k, v, slots, rows, fresh):
-    rates = rank_decay_rates(_config(), 0, 1, 0)
-    for n, (slot, (a, b)) in enumerate(zip(slots, zip(rows[:-1], rows[1:], strict=True), strict=True)):
+def _run_and_check(kit, case, seed: int, fresh: list[bool]) -> None:
+    """Run `case` through the backend (extend or decode, as SGLang routes it) and hold every request's output and
+    final state to the float64 recurrence from its slot's state (or zero); slots of no request stay untouched."""
+    runner, backend = _backend(kit, case)
+    batch, q, k, v, pool, slots = _inputs(kit, case, runner, seed)
+    before = pool.clone()
+    backend.init_forward_metadata(batch)
+    T = case.num_input_tokens
+    forward = backend.forward_decode if case.forward_mode.is_decode() else backend.forward_extend
+    out = forward(q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1), SimpleNamespace(layer_id=0), batch)
+    assert out.shape == (T, HEADS * HEAD_DIM)
+    rates, rows = rank_decay_rates(_config(), 0, 1, 0), [0, *torch.tensor(case.input_lens).cumsum(0).tolist()]
+    for n, slot in enumerate(slots):
+        a, b = rows[n], rows[n + 1]
         initial = None if fresh[n] else before[slot].double()
         want_o, want_state = linear_attention_recurrent(
             q[a:b].double(), k[a:b].double(), v[a:b].double(), rates.double(), HEAD_DIM**-0.5, initial
         )
         torch.testing.assert_close(out[a:b].view(b - a, HEADS, HEAD_DIM).double(), want_o, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(pool[slot].double(), want_state, atol=1e-5, rtol=1e-5)
+    others = [s for s in range(pool.shape[0]) if s not in slots]
+    assert torch.equal(pool[others], before[others])
 
 
 def test_an_extend_batch_is_one_varlen_prefill_from_each_slot(kit, sglang_registered):
@@ -75,16 +88,7 @@ def test_an_extend_batch_is_one_varlen_prefill_from_each_slot(kit, sglang_regist
         name="ring_mixed_extend", backend="triton", forward_mode=ForwardMode.EXTEND, num_heads=HEADS, page_size=1,
         prefix_lens=(0, 3, 5), extend_lens=(4, 1, 6),
     )  # fmt: skip
-    runner, backend = _backend(kit, case)
-    batch, q, k, v, pool, slots = _inputs(kit, case, runner, seed=1)
-    before = pool.clone()
-    backend.init_forward_metadata(batch)
-    layer = SimpleNamespace(layer_id=0)
-    out = backend.forward_extend(q.reshape(11, -1), k.reshape(11, -1), v.reshape(11, -1), layer, batch)
-    assert out.shape == (11, HEADS * HEAD_DIM)
-    _check(out, pool, before, q, k, v, slots, [0, 4, 5, 11], fresh=[True, False, False])
-    others = [s for s in range(pool.shape[0]) if s not in slots]
-    assert torch.equal(pool[others], before[others])
+    _run_and_check(kit, case, seed=1, fresh=[True, False, False])
 
 
 def test_a_decode_batch_advances_every_slot_in_place(kit, sglang_registered):
@@ -94,10 +98,4 @@ def test_a_decode_batch_advances_every_slot_in_place(kit, sglang_registered):
         name="ring_decode", backend="triton", forward_mode=ForwardMode.DECODE, num_heads=HEADS, page_size=1,
         prefix_lens=(5, 2, 9),
     )  # fmt: skip
-    runner, backend = _backend(kit, case)
-    batch, q, k, v, pool, slots = _inputs(kit, case, runner, seed=2)
-    before = pool.clone()
-    backend.init_forward_metadata(batch)
-    layer = SimpleNamespace(layer_id=0)
-    out = backend.forward_decode(q.reshape(3, -1), k.reshape(3, -1), v.reshape(3, -1), layer, batch)
-    _check(out, pool, before, q, k, v, slots, [0, 1, 2, 3], fresh=[False, False, False])
+    _run_and_check(kit, case, seed=2, fresh=[False, False, False])
