@@ -56,7 +56,7 @@ class RingLinearAttention(nn.Module, MambaBase):
         H, d, D = config.num_attention_heads, config.head_dim, config.hidden_size
         quant_config = vllm_config.quant_config
         self.config, self.layer_idx, self.prefix = config, layer_idx, prefix
-        self.model_config, self.cache_config = vllm_config.model_config, vllm_config.cache_config
+        self.cache_config = vllm_config.cache_config
         self.tp_size, self.num_local_heads, self.head_dim = tp_size, H // tp_size, d
         self.num_local_groups = config.group_norm_size // tp_size
         self.query_key_value = QKVParallelLinear(
