@@ -1,9 +1,10 @@
 """SGLang adapter for Ring-linear-2.0 (`BailingMoeLinearV2ForCausalLM`, model type `bailing_moe_linear`).
 
-Built so far: the config SGLang parses the released `config.json` into (with the state description its pool
-is sized from), the hybrid-model registration, the launcher's settings check, and the linear-attention
-backend (`backend.py`). The model class is not written yet, so nothing here is installed as an SGLang plugin
-(the `sglang.srt.plugins` entry point is declared when it lands) and SGLang still refuses the architecture.
+`register()` adds the config SGLang parses the released `config.json` into (with the state description its
+pool is sized from), the hybrid-model spec naming the linear-attention backend (`backend.py`), the launcher's
+settings check and the model (`model.py`). All of it is CPU-tested on SGLang 0.5.17 and 0.5.23; none of it has
+run on a GPU yet, so the `sglang.srt.plugins` entry point is not declared: until the GPU tests pass, call
+`ring_linear_sglang.register()` yourself (SGLang still refuses the architecture without it).
 """
 
 from __future__ import annotations
@@ -18,17 +19,19 @@ _registered = False
 
 
 def register() -> None:
-    """Register the config (SGLang's config registry), the hybrid-model spec and the settings check for each
-    architecture. Idempotent; imports no model code and creates no CUDA context (SGLang runs it in the
-    launcher, the engine and every scheduler process)."""
+    """Register the config (SGLang's config registry), the hybrid-model spec, the settings check and the model
+    class for each architecture (an architecture SGLang already knows is left alone). Idempotent; creates no
+    CUDA context (SGLang runs it in the launcher, the engine and every scheduler process)."""
     global _registered
     if _registered:
         return
     from sglang.srt.arg_groups.overrides import register_model_override
     from sglang.srt.configs.linear_attn_model_registry import LinearAttnModelSpec, register_linear_attn_model
+    from sglang.srt.models.registry import ModelRegistry
     from sglang.srt.utils.hf_transformers import common
 
     from .config import RingLinearSGLangConfig
+    from .model import RingLinearForCausalLM
     from .settings import check_server_args
 
     common._CONFIG_REGISTRY[RingLinearSGLangConfig.model_type] = RingLinearSGLangConfig
@@ -44,4 +47,5 @@ def register() -> None:
     )
     for arch in ARCHITECTURES:
         register_model_override(arch)(check_server_args)
+        ModelRegistry.models.setdefault(arch, RingLinearForCausalLM)
     _registered = True

@@ -30,3 +30,47 @@ def released_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ring-mini")
     shutil.copy(RELEASED_CONFIG, path / "config.json")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A random tiny Ring-linear checkpoint in the HF format (config.json + safetensors)."""
+    import torch
+
+    from common_kernels import RingLinearForCausalLM, tiny_config
+
+    path = tmp_path_factory.mktemp("tiny")
+    model = RingLinearForCausalLM(tiny_config())
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sglang_world(sglang_registered, released_dir):
+    """What SGLang's model construction reads: published server arguments and a one-rank (gloo) world."""
+    import os
+
+    from sglang.srt import runtime_context
+    from sglang.srt.distributed import parallel_state
+
+    from ring_linear_sglang.compat import resolve_server_args
+
+    args = resolve_server_args(model_path=str(released_dir), skip_tokenizer_init=True, device="cpu")
+    runtime_context.publish(args, role="test")
+    if not parallel_state.model_parallel_is_initialized():
+        port = 29700 + os.getpid() % 1000
+        parallel_state.init_distributed_environment(
+            backend="gloo", world_size=1, rank=0, local_rank=0, distributed_init_method=f"tcp://127.0.0.1:{port}"
+        )
+        parallel_state.initialize_model_parallel()  # tp 1: 0.5.23 reads the published widths, 0.5.17 defaults
+    override = getattr(runtime_context.get_parallel(), "override", None)
+    if override is not None:  # 0.5.23 reads this process's ranks from the context, which a launcher writes
+        groups = ("tp", "pp", "moe_ep", "moe_tp", "moe_dp", "attn_tp", "attn_cp", "attn_dp", "dcp", "attn_dcp")
+        ranks = override(**{f"{g}_size": 1 for g in groups}, **{f"{g}_rank": 0 for g in groups})
+        ranks.__enter__()
+        _kept_alive.append(ranks)  # a collected context manager would undo the override
+    return args
+
+
+_kept_alive: list = []

@@ -22,12 +22,14 @@ ring_linear_sglang.register()
 ring_linear_sglang.register()  # SGLang may load plugins more than once in a process
 from sglang.srt.configs.linear_attn_model_registry import _LINEAR_ATTN_MODEL_REGISTRY
 from sglang.srt.utils.hf_transformers.common import _CONFIG_REGISTRY
+from sglang.srt.models.registry import ModelRegistry
 specs = [s for s in _LINEAR_ATTN_MODEL_REGISTRY if s.backend_class_name == ring_linear_sglang.BACKEND_CLASS]
 print(json.dumps({
     "config": _CONFIG_REGISTRY["bailing_moe_linear"].__name__,
     "specs": len(specs),
     "archs": specs[0].arch_names,
     "radix": specs[0].uses_mamba_radix_cache,
+    "models": sorted({ModelRegistry.models[a].__module__ for a in specs[0].arch_names}),
     "cuda_initialized": torch.cuda.is_initialized(),
 }))
 """
@@ -41,6 +43,7 @@ def test_register_in_a_fresh_process_is_idempotent_and_touches_no_gpu():
         "specs": 1,
         "archs": list(ARCHITECTURES),
         "radix": True,
+        "models": ["ring_linear_sglang.model"],
         "cuda_initialized": False,
     }
 
