@@ -24,6 +24,8 @@
 #   serve-report the ratio table of the serve steps' results (SERVE_OUT, default OUTDIR/serve)
 #                (SERVE_WORKLOADS picks workloads: all four take longer than one 10-minute device call)
 #   profile      compiled 4K and 128K prefill profiles, ring-linear and the twin            (~6 min)
+#   sgl-engine   pytest -m gpu: the SGLang adapter's engine tests (SGLang 0.5.17 staged in /tmp/gpu-site-sgl;
+#                run it in its own call: it replaces vLLM's site on PYTHONPATH)                  (untimed)
 set -uo pipefail
 
 out="${OUTDIR:-${OUT:-gpu-checks}}"
@@ -33,7 +35,9 @@ mkdir -p "$out"
 site=/tmp/ring-linear-site/ring_linear-0.1.0.dist-info
 mkdir -p "$site"
 printf 'Metadata-Version: 2.1\nName: ring-linear\nVersion: 0.1.0\n' >"$site/METADATA"
-printf '[vllm.general_plugins]\nring_linear = ring_linear_vllm:register\n' >"$site/entry_points.txt"
+# the SGLang entry point exists here only: pyproject declares it once these GPU checks have passed
+printf '[vllm.general_plugins]\nring_linear = ring_linear_vllm:register\n[sglang.srt.plugins]\nring_linear = ring_linear_sglang:register\n' \
+  >"$site/entry_points.txt"
 export PYTHONPATH="$PWD:${site%/*}${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER="${VLLM_USE_FLASHINFER_SAMPLER:-0}"
 
@@ -63,6 +67,9 @@ for step in "$@"; do
       run "$step" 580 python3 -m benchmarks.bench_serve run --model "$model" --out "${SERVE_OUT:-$out/serve}" \
         --workloads ${SERVE_WORKLOADS:-chat long-32k long-128k reasoning} ;;
     serve-report) python3 -m benchmarks.bench_serve report "${SERVE_OUT:-$out/serve}" | tee "$out/serve-report.md" ;;
+    sgl-engine) run sgl-engine 570 env PYTHONPATH="$PWD:/tmp/ring-linear-site:/tmp/gpu-site-sgl" \
+      SGLANG_IS_FLASHINFER_AVAILABLE=false CUDA_VISIBLE_DEVICES=0 \
+      python3 -m pytest -q -s -m gpu tests/ring_linear_sglang/test_engine_gpu.py ;;
     profile)
       for variant in ring-linear softmax-twin; do
         for length in 4096 131072; do

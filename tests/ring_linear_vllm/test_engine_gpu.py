@@ -25,31 +25,11 @@ import torch
 pytest.importorskip("vllm")
 
 from common_kernels import RingLinearForCausalLM  # noqa: E402
-from common_kernels.tiny.task import make_sample  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 # the engine core must not fork a process whose parent may already hold a CUDA context (the shim runs here)
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 RELEASED_CONFIG = Path(__file__).parents[1] / "data" / "ring-mini-linear-2.0.config.json"
-
-
-@pytest.fixture(scope="module")
-def tiny_trained(tmp_path_factory) -> Path:
-    given = os.environ.get("RING_LINEAR_TINY_CHECKPOINT")
-    if given:
-        return Path(given)
-    from common_kernels.tiny.train import make_tiny_checkpoint, train
-
-    path = tmp_path_factory.mktemp("tiny-trained")
-    make_tiny_checkpoint(path / "init")
-    train(path / "init", path / "trained", steps=600)
-    return path / "trained"
-
-
-def recall_prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
-    """Recall prompts of 2-12 pairs (12-70 tokens): the trained task and longer variants."""
-    rng = random.Random(seed)
-    return [tokenizer(make_sample(rng, num_pairs=rng.randint(2, 12), num_queries=2).prompt).input_ids for _ in range(n)]
 
 
 def make_llm(model: Path, **kwargs):
@@ -83,7 +63,7 @@ def generate(llm, prompts: list[list[int]], max_tokens: int, **sampling) -> list
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_greedy_tokens_and_prompt_logprobs_match_the_shim(tiny_trained, dtype):
+def test_greedy_tokens_and_prompt_logprobs_match_the_shim(tiny_trained, recall_prompts, dtype):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_trained)
@@ -235,7 +215,7 @@ def test_fp8_quantization_reaches_the_linear_layers(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (the nvidia-h100-x2 kind)")
-def test_tensor_parallel_2_gives_the_greedy_tokens_of_tp_1(tiny_trained, tmp_path, vllm_tools):
+def test_tensor_parallel_2_gives_the_greedy_tokens_of_tp_1(tiny_trained, recall_prompts, tmp_path, vllm_tools):
     from transformers import AutoTokenizer
 
     prompts = recall_prompts(AutoTokenizer.from_pretrained(tiny_trained), 16, seed=4)

@@ -1,0 +1,171 @@
+"""End to end on a GPU through `sglang.Engine` and `sglang.launch_server`, against the training shim.
+
+Run on the GPU machine with SGLang 0.5.17 staged (shared/gpu-env) and the plugin's entry point installed
+(`benchmarks/gpu_checks.sh sgl-engine` writes one): SGLang's scheduler processes register the adapter through
+it. The triton attention backend (FlashAttention-3 is not in the GPU bundle). Measured differences are
+printed (pytest -s) as well as asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("sglang")
+
+from common_kernels import RingLinearForCausalLM  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+RELEASED_CONFIG = Path(__file__).parents[1] / "data" / "ring-mini-linear-2.0.config.json"
+
+
+def make_engine(model: Path, **kwargs):
+    import sglang
+
+    settings = {
+        "model_path": str(model),
+        "dtype": "float32",
+        "attention_backend": "triton",
+        "skip_tokenizer_init": True,
+        "mem_fraction_static": 0.3,
+        "random_seed": 0,
+    } | kwargs
+    return sglang.Engine(**settings)
+
+
+def generate(engine, prompts: list[list[int]], max_new_tokens: int, **kwargs) -> list[dict]:
+    params = {"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": True}
+    return engine.generate(input_ids=prompts, sampling_params=params, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_greedy_tokens_and_prompt_logprobs_match_the_shim(tiny_trained, recall_prompts, dtype):
+    from transformers import AutoTokenizer
+
+    prompts = recall_prompts(AutoTokenizer.from_pretrained(tiny_trained), 16)
+    shim = RingLinearForCausalLM.from_pretrained(tiny_trained, dtype=getattr(torch, dtype), device="cuda")
+    with torch.no_grad():
+        want_tokens = shim.generate(prompts, max_new_tokens=12)
+        want_logprobs = [shim.token_logprobs(torch.tensor(p, device="cuda")).cpu() for p in prompts]
+    del shim
+    engine = make_engine(tiny_trained, dtype=dtype)
+    try:
+        outs = generate(engine, prompts, 12, return_logprob=True, logprob_start_len=0)
+    finally:
+        engine.shutdown()
+    diffs = []
+    for out, want in zip(outs, want_logprobs, strict=True):
+        got = [entry[0] for entry in out["meta_info"]["input_token_logprobs"][1:]]  # the first token has none
+        diffs.append((torch.tensor(got) - want[1:]).abs())
+    diffs = torch.cat(diffs)
+    got_tokens = [list(o["output_ids"]) for o in outs]
+    same = sum(g == w for g, w in zip(got_tokens, want_tokens, strict=True))
+    print(
+        f"\n[SGLang {dtype}] prompt logprobs vs shim over {diffs.numel()} tokens: max {diffs.max():.2e}, "
+        f"mean {diffs.mean():.2e}; greedy continuations equal: {same}/{len(prompts)}"
+    )
+    assert got_tokens == want_tokens
+    max_bound, mean_bound = (0.1, 2e-3) if dtype == "float32" else (0.5, 1e-2)  # as for vLLM (its test says why)
+    assert diffs.max() < max_bound and diffs.mean() < mean_bound
+
+
+def test_concurrent_mixed_lengths_equal_one_at_a_time(tiny_trained):
+    """64 requests of 1-400 tokens, chunked prefill in 64-token chunks, decode CUDA graphs."""
+    rng = random.Random(1)
+    lengths = [1, 2, 63, 64, 65, 400] + [rng.randint(1, 300) for _ in range(58)]
+    prompts = [[rng.randrange(3, 64) for _ in range(n)] for n in lengths]
+    engine = make_engine(tiny_trained, chunked_prefill_size=64, disable_radix_cache=True)
+    try:
+        together = [o["output_ids"] for o in generate(engine, prompts, 16)]
+        alone = [generate(engine, [p], 16)[0]["output_ids"] for p in prompts]
+    finally:
+        engine.shutdown()
+    differ = [i for i in range(len(prompts)) if together[i] != alone[i]]
+    print(f"\n[SGLang] 64 concurrent vs one at a time: {len(prompts) - len(differ)}/64 equal; differing {differ}")
+    assert not differ
+
+
+def test_radix_cache_on_equals_off_on_shared_prefixes(tiny_trained):
+    """A long shared prefix with many suffixes, the same prompt again, and a turn that extends the last one: the
+    cached prefix's state is restored from its slot (`no_buffer`), token for token the same as no cache."""
+    rng = random.Random(2)
+    prefix = [rng.randrange(3, 64) for _ in range(200)]
+    prompts = [prefix + [rng.randrange(3, 64) for _ in range(rng.randint(1, 40))] for _ in range(16)]
+    prompts += [prompts[0], prompts[0] + [5, 6, 7]]
+    runs = {}
+    for radix in (True, False):
+        engine = make_engine(tiny_trained, disable_radix_cache=not radix)
+        try:
+            generate(engine, prompts[:1], 4)  # puts the prefix in the cache when it is on
+            runs[radix] = [o["output_ids"] for o in generate(engine, prompts, 16)]
+        finally:
+            engine.shutdown()
+    differ = [i for i in range(len(prompts)) if runs[True][i] != runs[False][i]]
+    print(f"\n[SGLang] radix cache on vs off: {len(prompts) - len(differ)}/{len(prompts)} equal")
+    assert not differ
+
+
+def test_ring_mini_dummy_weights_serve_a_32k_prompt_with_cuda_graphs(tmp_path):
+    shutil.copy(RELEASED_CONFIG, tmp_path / "config.json")
+    engine = make_engine(
+        tmp_path, dtype="bfloat16", load_format="dummy", context_length=32768 + 64, mem_fraction_static=0.85
+    )
+    rng = random.Random(3)
+    prompt = [rng.randrange(1000, 150000) for _ in range(32768)]
+    try:
+        start = time.time()
+        outs = generate(engine, [prompt, prompt[:100]], 32, return_logprob=True)
+        elapsed = time.time() - start
+    finally:
+        engine.shutdown()
+    for out in outs:
+        logprobs = [entry[0] for entry in out["meta_info"]["output_token_logprobs"]]
+        assert len(out["output_ids"]) == 32 and all(lp == lp and lp <= 0 for lp in logprobs)
+    print(f"\n[SGLang] Ring-mini dummy: 32K + 100-token prompts, 32 tokens each, {elapsed:.1f} s")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_launch_server_answers_an_openai_completion_with_logprobs(tiny_trained, tmp_path):
+    port = _free_port()
+    log = (tmp_path / "server.log").open("w")
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(tiny_trained), "--port", str(port)]
+    cmd += ["--dtype", "float32", "--attention-backend", "triton", "--mem-fraction-static", "0.3"]
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 600
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.time() < deadline, "the server did not come up"
+            time.sleep(2)
+        body = {"model": str(tiny_trained), "prompt": "a1 b2 c3|b:", "max_tokens": 4, "temperature": 0, "logprobs": 1}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            answer = json.loads(reply.read())
+        print("\n[SGLang] server reply:", answer["choices"][0]["text"], answer["choices"][0]["logprobs"])
+        assert answer["choices"][0]["text"] and len(answer["choices"][0]["logprobs"]["token_logprobs"]) == 4
+    finally:
+        server.terminate()
+        server.wait(60)
