@@ -1,5 +1,10 @@
+import json
 import os
 import random
+import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -52,3 +57,40 @@ def recall_prompts():
         ]
 
     return prompts
+
+
+@pytest.fixture
+def openai_completion(tmp_path):
+    """`openai_completion(command, model)`: start an engine's OpenAI server (`command` plus `--port`), wait for its
+    `/health` (10 min at most), ask for one greedy 4-token completion with logprobs, stop the server; returns the
+    reply's first choice. A server that exits early fails with the tail of its log."""
+
+    def complete(command: list[str], model: str) -> dict:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        log_path = tmp_path / "server.log"
+        with log_path.open("w") as log:
+            server = subprocess.Popen([*command, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 600
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:
+                        if reply.status == 200:
+                            break
+                except OSError:
+                    pass
+                assert server.poll() is None, log_path.read_text()[-3000:]
+                assert time.time() < deadline, "the server did not come up"
+                time.sleep(2)
+            body = {"model": model, "prompt": "a1 b2 c3|b:", "max_tokens": 4, "temperature": 0, "logprobs": 1}
+            url, headers = f"http://127.0.0.1:{port}/v1/completions", {"Content-Type": "application/json"}
+            request = urllib.request.Request(url, json.dumps(body).encode(), headers)
+            with urllib.request.urlopen(request, timeout=60) as reply:
+                return json.loads(reply.read())["choices"][0]
+        finally:
+            server.terminate()
+            server.wait(60)
+
+    return complete

@@ -74,3 +74,34 @@ def sglang_world(sglang_registered, released_dir):
 
 
 _kept_alive: list = []
+
+
+@pytest.fixture(scope="session")
+def lightning_kit():
+    """SGLang's Lightning attention test kit: a mock model runner over real pools, and real batches."""
+    return pytest.importorskip("sglang.test.kits.attention_unittest.attention_methods.lightning_attention")
+
+
+@pytest.fixture(scope="session")
+def mock_backend(lightning_kit):
+    """`mock_backend(case, config)`: our backend over the kit's mock runner, whose one-layer state pool (layer 0)
+    is sized from `case` and `config`, fp32; returns (runner, backend)."""
+    import torch
+
+    from ring_linear_sglang.backend import RingLinearAttnBackend
+
+    def build(case, config):
+        kit = lightning_kit
+        model_config = kit.TinyLightningModelConfig(
+            num_heads=config.num_attention_heads, head_dim=config.head_dim, context_len=kit.DEFAULT_MAX_CONTEXT_LEN,
+            num_hidden_layers=1,
+        )  # fmt: skip
+        runner = kit.MockLightningModelRunner(
+            case=case, model_config=model_config, dtype=torch.float32, device="cpu",
+            max_context_len=kit.DEFAULT_MAX_CONTEXT_LEN, head_dim=config.head_dim,
+        )  # fmt: skip
+        model_config.hf_config = config
+        assert 0 in config.linear_layer_ids  # the kit's pool holds layer 0
+        return runner, RingLinearAttnBackend(runner)
+
+    return build

@@ -26,24 +26,14 @@ def _config():
 
 
 @pytest.fixture(scope="module")
-def kit():
-    return pytest.importorskip("sglang.test.kits.attention_unittest.attention_methods.lightning_attention")
+def kit(lightning_kit):
+    return lightning_kit
 
 
-def _backend(kit, case):
-    from ring_linear_sglang.backend import RingLinearAttnBackend
+def _backend(mock_backend, case):
     from ring_linear_sglang.config import RingLinearSGLangConfig
 
-    model_config = kit.TinyLightningModelConfig(
-        num_heads=HEADS, head_dim=HEAD_DIM, context_len=kit.DEFAULT_MAX_CONTEXT_LEN, num_hidden_layers=1
-    )
-    runner = kit.MockLightningModelRunner(
-        case=case, model_config=model_config, dtype=torch.float32, device="cpu",
-        max_context_len=kit.DEFAULT_MAX_CONTEXT_LEN, head_dim=HEAD_DIM,
-    )  # fmt: skip
-    model_config.hf_config = RingLinearSGLangConfig(**_config().to_dict())
-    assert 0 in model_config.hf_config.linear_layer_ids  # the kit's pool holds layer 0
-    return runner, RingLinearAttnBackend(runner)
+    return mock_backend(case, RingLinearSGLangConfig(**_config().to_dict()))
 
 
 def _inputs(kit, case, runner, seed):
@@ -57,10 +47,10 @@ def _inputs(kit, case, runner, seed):
     return batch, q, k, v, pool, slots
 
 
-def _run_and_check(kit, case, seed: int, fresh: list[bool]) -> None:
+def _run_and_check(kit, mock_backend, case, seed: int, fresh: list[bool]) -> None:
     """Run `case` through the backend (extend or decode, as SGLang routes it) and hold every request's output and
     final state to the float64 recurrence from its slot's state (or zero); slots of no request stay untouched."""
-    runner, backend = _backend(kit, case)
+    runner, backend = _backend(mock_backend, case)
     batch, q, k, v, pool, slots = _inputs(kit, case, runner, seed)
     before = pool.clone()
     backend.init_forward_metadata(batch)
@@ -81,21 +71,21 @@ def _run_and_check(kit, case, seed: int, fresh: list[bool]) -> None:
     assert torch.equal(pool[others], before[others])
 
 
-def test_an_extend_batch_is_one_varlen_prefill_from_each_slot(kit, sglang_registered):
+def test_an_extend_batch_is_one_varlen_prefill_from_each_slot(kit, mock_backend, sglang_registered):
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
     case = kit.LightningAttentionCase(
         name="ring_mixed_extend", backend="triton", forward_mode=ForwardMode.EXTEND, num_heads=HEADS, page_size=1,
         prefix_lens=(0, 3, 5), extend_lens=(4, 1, 6),
     )  # fmt: skip
-    _run_and_check(kit, case, seed=1, fresh=[True, False, False])
+    _run_and_check(kit, mock_backend, case, seed=1, fresh=[True, False, False])
 
 
-def test_a_decode_batch_advances_every_slot_in_place(kit, sglang_registered):
+def test_a_decode_batch_advances_every_slot_in_place(kit, mock_backend, sglang_registered):
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
     case = kit.LightningAttentionCase(
         name="ring_decode", backend="triton", forward_mode=ForwardMode.DECODE, num_heads=HEADS, page_size=1,
         prefix_lens=(5, 2, 9),
     )  # fmt: skip
-    _run_and_check(kit, case, seed=2, fresh=[False, False, False])
+    _run_and_check(kit, mock_backend, case, seed=2, fresh=[False, False, False])

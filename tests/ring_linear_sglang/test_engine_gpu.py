@@ -8,14 +8,10 @@ printed (pytest -s) as well as asserted.
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -134,38 +130,9 @@ def test_ring_mini_dummy_weights_serve_a_32k_prompt_with_cuda_graphs(tmp_path):
     print(f"\n[SGLang] Ring-mini dummy: 32K + 100-token prompts, 32 tokens each, {elapsed:.1f} s")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_launch_server_answers_an_openai_completion_with_logprobs(tiny_trained, tmp_path):
-    port = _free_port()
-    log = (tmp_path / "server.log").open("w")
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(tiny_trained), "--port", str(port)]
+def test_launch_server_answers_an_openai_completion_with_logprobs(tiny_trained, openai_completion):
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(tiny_trained)]
     cmd += ["--dtype", "float32", "--attention-backend", "triton", "--mem-fraction-static", "0.3"]
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 600
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.time() < deadline, "the server did not come up"
-            time.sleep(2)
-        body = {"model": str(tiny_trained), "prompt": "a1 b2 c3|b:", "max_tokens": 4, "temperature": 0, "logprobs": 1}
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=60) as reply:
-            answer = json.loads(reply.read())
-        print("\n[SGLang] server reply:", answer["choices"][0]["text"], answer["choices"][0]["logprobs"])
-        assert answer["choices"][0]["text"] and len(answer["choices"][0]["logprobs"]["token_logprobs"]) == 4
-    finally:
-        server.terminate()
-        server.wait(60)
+    choice = openai_completion(cmd, str(tiny_trained))
+    print("\n[SGLang] server reply:", choice["text"], choice["logprobs"])
+    assert choice["text"] and len(choice["logprobs"]["token_logprobs"]) == 4

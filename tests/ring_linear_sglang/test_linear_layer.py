@@ -34,22 +34,21 @@ def _shim_outputs(tiny_dir) -> list[torch.Tensor]:
     return [out[a:b] for a, b in zip(cu[:-1], cu[1:], strict=True)]
 
 
-def test_the_layer_over_three_steps_equals_the_shim(sglang_world, tiny_dir):
+def test_the_layer_over_three_steps_equals_the_shim(sglang_world, tiny_dir, lightning_kit, mock_backend):
     from safetensors.torch import load_file
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
     from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
 
     from common_kernels.ops.rope.naive import rotary_cos_sin
-    from ring_linear_sglang.backend import RingLinearAttnBackend
     from ring_linear_sglang.config import RingLinearSGLangConfig
     from ring_linear_sglang.model import RingLinearForCausalLM
 
-    kit = pytest.importorskip("sglang.test.kits.attention_unittest.attention_methods.lightning_attention")
+    kit = lightning_kit
     config = RingLinearSGLangConfig.from_pretrained(tiny_dir)
     model = RingLinearForCausalLM(config=config)
     model.load_weights(load_file(next(tiny_dir.glob("*.safetensors"))).items())
     layer = model.model.layers[0].attention
-    H, d = config.num_attention_heads, config.head_dim
+    H = config.num_attention_heads
 
     def case(mode, prefix_lens, extend_lens):
         forward_mode = ForwardMode.DECODE if mode == "decode" else ForwardMode.EXTEND
@@ -58,18 +57,9 @@ def test_the_layer_over_three_steps_equals_the_shim(sglang_world, tiny_dir):
             prefix_lens=prefix_lens, extend_lens=() if mode == "decode" else extend_lens,
         )  # fmt: skip
 
-    first = case(*STEPS[0])
-    model_config = kit.TinyLightningModelConfig(
-        num_heads=H, head_dim=d, context_len=kit.DEFAULT_MAX_CONTEXT_LEN, num_hidden_layers=1
-    )
-    runner = kit.MockLightningModelRunner(
-        case=first, model_config=model_config, dtype=torch.float32, device="cpu",
-        max_context_len=kit.DEFAULT_MAX_CONTEXT_LEN, head_dim=d,
-    )  # fmt: skip
-    model_config.hf_config = config
+    runner, backend = mock_backend(case(*STEPS[0]), config)
     pool = runner.req_to_token_pool.mamba2_layer_cache(0).temporal
     pool.copy_(torch.randn(pool.shape, generator=torch.Generator().manual_seed(9)))  # stale memory everywhere
-    backend = RingLinearAttnBackend(runner)
     hidden, want = _hidden(), _shim_outputs(tiny_dir)
     inv_freq, scale = model.model.inv_freq, model.model.rope_scaling
     for step, (mode, prefix_lens, lens) in enumerate(STEPS):  # the later steps read what the earlier left

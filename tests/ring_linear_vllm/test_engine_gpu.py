@@ -8,15 +8,11 @@ Measured differences are printed (pytest -s) as well as asserted.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import random
 import shutil
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -113,41 +109,12 @@ def test_concurrent_mixed_lengths_equal_one_at_a_time(tiny_trained):
     assert again == together
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_openai_server_smoke(tiny_trained, tmp_path):
-    port = _free_port()
-    log = (tmp_path / "serve.log").open("w")
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(tiny_trained), "--port", str(port)]
+def test_openai_server_smoke(tiny_trained, openai_completion):
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(tiny_trained)]
     cmd += ["--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.25", "--enforce-eager"]
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 600
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.time() < deadline, "server did not come up"
-            time.sleep(2)
-        body = {"model": str(tiny_trained), "prompt": "a1 b2 c3|b:", "max_tokens": 4, "temperature": 0, "logprobs": 1}
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=60) as r:
-            reply = json.loads(r.read())
-        print("\nserve reply:", reply["choices"][0]["text"], reply["choices"][0]["logprobs"]["token_logprobs"])
-        assert reply["choices"][0]["text"] and len(reply["choices"][0]["logprobs"]["token_logprobs"]) == 4
-    finally:
-        server.terminate()
-        server.wait(60)
+    choice = openai_completion(cmd, str(tiny_trained))
+    print("\nserve reply:", choice["text"], choice["logprobs"]["token_logprobs"])
+    assert choice["text"] and len(choice["logprobs"]["token_logprobs"]) == 4
 
 
 def make_ring_mini_dummy_llm(directory: Path, **kwargs):
