@@ -14,7 +14,12 @@ tokenizer (`t0` .. `t{V-1}`, whitespace split), which round-trips every id, as t
 
     python -m benchmarks.bench_serve run --model ring-linear --out serve-results     # one server, all workloads
     python -m benchmarks.bench_serve run --model softmax-twin --out serve-results
+    python -m benchmarks.bench_serve run --model ring-linear --engine sglang --out serve-results  # launch_server
     python -m benchmarks.bench_serve report serve-results                              # ratios, markdown
+
+On SGLang (`--engine sglang`: `sglang.launch_server` and `python -m sglang.benchmark.serving`, the triton
+attention backend) only ring-linear runs so far, compared with ring-linear on vLLM; the twin there needs a
+config SGLang serves as a plain MoE model.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from pathlib import Path
 
 RELEASED_CONFIG = Path(__file__).parents[1] / "tests" / "data" / "ring-mini-linear-2.0.config.json"
 MODELS = ("ring-linear", "softmax-twin", "softmax-twin-cached")
+ENGINES = ("vllm", "sglang")
 PASSES = ("cold", "warm")
 METRICS = ("output_throughput", "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms")
 HIGHER_IS_BETTER = {"output_throughput"}
@@ -83,27 +89,53 @@ def write_word_tokenizer(vocab_size: int, directory: Path) -> Path:
     return directory
 
 
-def serve_command(model: str, directory: Path, tokenizer: Path, port: int, max_model_len: int) -> list[str]:
+def serve_command(
+    model: str, directory: Path, tokenizer: Path, port: int, max_model_len: int, engine: str = "vllm"
+) -> list[str]:
+    """The engine's OpenAI server on dummy weights; prefix caching off unless the model name says cached."""
+    cached = model.endswith("-cached")
+    if engine == "sglang":
+        command = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(directory)]
+        command += ["--tokenizer-path", str(tokenizer), "--load-format", "dummy", "--port", str(port)]
+        command += ["--context-length", str(max_model_len), "--attention-backend", "triton"]
+        return command if cached else [*command, "--disable-radix-cache"]
     command = [*VLLM_CLI, "serve", str(directory), "--tokenizer", str(tokenizer), "--load-format", "dummy"]
     command += ["--port", str(port)]
     command += ["--max-model-len", str(max_model_len), "--gpu-memory-utilization", "0.9"]
-    if not model.endswith("-cached"):
-        command.append("--no-enable-prefix-caching")
-    return command
+    return command if cached else [*command, "--no-enable-prefix-caching"]
 
 
 def client_command(
-    workload: Workload, directory: Path, tokenizer: Path, port: int, out_dir: Path, filename: str
+    workload: Workload, directory: Path, tokenizer: Path, port: int, out_dir: Path, filename: str, engine: str = "vllm"
 ) -> list[str]:
+    """The engine's own benchmark client, random dataset, fixed lengths, the same prompts every pass."""
+    shape = [
+        "--base-url", f"http://127.0.0.1:{port}", "--model", str(directory), "--tokenizer", str(tokenizer),
+        "--dataset-name", "random", "--random-input-len", str(workload.input_len),
+        "--random-output-len", str(workload.output_len), "--random-range-ratio", "0",
+        "--num-prompts", str(workload.num_prompts), "--max-concurrency", str(workload.concurrency), "--seed", "0",
+        "--disable-tqdm",
+    ]  # fmt: skip
+    if engine == "sglang":  # ignores EOS by default; no warm-up request, or the cold pass would not be cold
+        client = [sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang", *shape]
+        return [*client, "--warmup-requests", "0", "--output-file", str(out_dir / filename)]
     return [
-        *VLLM_CLI, "bench", "serve", "--backend", "vllm", "--base-url", f"http://127.0.0.1:{port}",
-        "--model", str(directory), "--tokenizer", str(tokenizer), "--dataset-name", "random",
-        "--random-input-len", str(workload.input_len), "--random-output-len", str(workload.output_len),
-        "--random-range-ratio", "0", "--num-prompts", str(workload.num_prompts),
-        "--max-concurrency", str(workload.concurrency), "--ignore-eos", "--seed", "0",
-        "--percentile-metrics", "ttft,tpot", "--metric-percentiles", "99", "--disable-tqdm",
+        *VLLM_CLI, "bench", "serve", "--backend", "vllm", *shape, "--ignore-eos",
+        "--percentile-metrics", "ttft,tpot", "--metric-percentiles", "99",
         "--save-result", "--result-dir", str(out_dir), "--result-filename", filename,
     ]  # fmt: skip
+
+
+def read_result(path: Path, workload: Workload) -> dict:
+    """The client's metrics: vLLM saves one JSON object; SGLang appends a JSON line per run (the last is ours) and
+    counts completed requests only."""
+    text = path.read_text().strip()
+    try:
+        result = json.loads(text)
+    except json.JSONDecodeError:  # several JSON lines
+        result = json.loads(text.splitlines()[-1])
+    result.setdefault("failed", workload.num_prompts - result.get("completed", workload.num_prompts))
+    return result
 
 
 def answers(port: int) -> bool:
@@ -151,37 +183,50 @@ def live_compiles(log_text: str) -> list[str]:
     return JIT_LINE.findall(log_text)
 
 
+def label(model: str, engine: str) -> str:
+    """How a (model, engine) run is named in files and tables: vLLM's keep the bare model name."""
+    return model if engine == "vllm" else f"{model}@{engine}"
+
+
 def run(args: argparse.Namespace) -> None:
+    if args.engine == "sglang" and args.model != "ring-linear":
+        raise SystemExit(
+            "bench_serve: the softmax twin on SGLang is not supported yet: its config keeps model_type "
+            "bailing_moe_linear, which SGLang (with this plugin) serves as the hybrid model; use --engine vllm"
+        )
     if answers(args.port):
         raise SystemExit(f"bench_serve: a server already answers on port {args.port}; stop it or pass --port")
     # a time limit's SIGTERM must still stop the server (it runs in its own session, so it would outlive us)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    name_of_run = label(args.model, args.engine)
     directory = write_model_dir(args.model, out / f"model-{args.model}")
     tokenizer = write_word_tokenizer(json.loads(RELEASED_CONFIG.read_text())["vocab_size"], out / "tokenizer")
     workloads = [WORKLOADS[name] for name in args.workloads]
     # headroom: requests of exactly max_model_len tokens were refused ("Bad Request") on vLLM 0.26
     max_len = max(w.input_len + w.output_len for w in workloads) + MAX_LEN_HEADROOM
     env = os.environ | {"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1", "PYTHONUNBUFFERED": "1"}
-    log_path = out / f"server-{args.model}.log"
+    log_path = out / f"server-{name_of_run}.log"
     with open(log_path, "w") as log:
         server = subprocess.Popen(
-            serve_command(args.model, directory, tokenizer, args.port, max_len), stdout=log, stderr=subprocess.STDOUT,
+            serve_command(args.model, directory, tokenizer, args.port, max_len, args.engine), stdout=log,
+            stderr=subprocess.STDOUT,
             env=env, start_new_session=True,
         )  # fmt: skip
-        summary = {"model": args.model, "workloads": [w.name for w in workloads]}
+        summary = {"model": name_of_run, "workloads": [w.name for w in workloads]}
         try:
             summary["startup_s"] = round(wait_ready(args.port, server, args.startup_timeout), 1)
-            print(f"{args.model}: ready in {summary['startup_s']} s", flush=True)
+            print(f"{name_of_run}: ready in {summary['startup_s']} s", flush=True)
             for pass_name in PASSES:
                 for w in workloads:
-                    name = f"{args.model}__{w.name}__{pass_name}.json"
+                    name = f"{name_of_run}__{w.name}__{pass_name}.json"
                     started = time.monotonic()
-                    subprocess.run(client_command(w, directory, tokenizer, args.port, out, name), check=True, env=env)
-                    result = json.loads((out / name).read_text())
+                    client = client_command(w, directory, tokenizer, args.port, out, name, args.engine)
+                    subprocess.run(client, check=True, env=env)
+                    result = read_result(out / name, w)
                     print(
-                        f"{args.model} {w.name} {pass_name}: {result['output_throughput']:.0f} out tok/s, "
+                        f"{name_of_run} {w.name} {pass_name}: {result['output_throughput']:.0f} out tok/s, "
                         f"TTFT mean/p99 {result['mean_ttft_ms']:.0f}/{result['p99_ttft_ms']:.0f} ms, "
                         f"TPOT mean/p99 {result['mean_tpot_ms']:.1f}/{result['p99_tpot_ms']:.1f} ms, "
                         f"failed {result.get('failed', 0)} ({time.monotonic() - started:.0f} s)",
@@ -196,8 +241,8 @@ def run(args: argparse.Namespace) -> None:
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
     summary["live_compiles"] = live_compiles(log_path.read_text(errors="replace"))
-    (out / f"summary-{args.model}.json").write_text(json.dumps(summary, indent=1))
-    print(f"{args.model}: kernels compiled during inference: {summary['live_compiles'] or 'none'}")
+    (out / f"summary-{name_of_run}.json").write_text(json.dumps(summary, indent=1))
+    print(f"{name_of_run}: kernels compiled during inference: {summary['live_compiles'] or 'none'}")
 
 
 def load_results(out: Path) -> dict[tuple[str, str, str], dict]:
@@ -205,7 +250,7 @@ def load_results(out: Path) -> dict[tuple[str, str, str], dict]:
     results = {}
     for path in sorted(out.glob("*__*__*.json")):
         model, workload, pass_name = path.stem.split("__")
-        results[(model, workload, pass_name)] = json.loads(path.read_text())
+        results[(model, workload, pass_name)] = read_result(path, WORKLOADS[workload])
     return results
 
 
@@ -217,8 +262,8 @@ def ratio(metric: str, ours: float, theirs: float) -> float:
 
 
 def report_table(results: dict, baseline: str = "softmax-twin", model: str = "ring-linear") -> str:
-    """Markdown: each (workload, pass) with both models' metrics and ring-linear's advantage (x, >1 = better)."""
-    header = "| workload | pass | metric | ring-linear | twin | ring-linear advantage |"
+    """Markdown: each (workload, pass) with both runs' metrics and `model`'s advantage (x, >1 = better)."""
+    header = f"| workload | pass | metric | {model} | {baseline} | {model} advantage |"
     lines = [header, "|---|---|---|---:|---:|---:|"]
     for workload in WORKLOADS:
         for pass_name in PASSES:
@@ -231,10 +276,11 @@ def report_table(results: dict, baseline: str = "softmax-twin", model: str = "ri
                     f"| {workload} | {pass_name} | {metric} | {ours[metric]:,.1f} | {theirs[metric]:,.1f} "
                     f"| {advantage:.2f}x |"
                 )
+    cached_twin = baseline + "-cached"
     cached = [
-        f"| {w} | {results[('softmax-twin-cached', w, 'warm')]['output_throughput']:,.0f} |"
+        f"| {w} | {results[(cached_twin, w, 'warm')]['output_throughput']:,.0f} |"
         for w in WORKLOADS
-        if ("softmax-twin-cached", w, "warm") in results
+        if (cached_twin, w, "warm") in results
     ]
     if cached:
         lines += ["", "| workload | twin with prefix caching, warm (cache hits): output tok/s |", "|---|---:|"]
@@ -242,9 +288,20 @@ def report_table(results: dict, baseline: str = "softmax-twin", model: str = "ri
     return "\n".join(lines)
 
 
+PAIRS = (  # (model, baseline): ring-linear against the twin on each engine, and on SGLang against vLLM
+    ("ring-linear", "softmax-twin"),
+    ("ring-linear@sglang", "softmax-twin@sglang"),
+    ("ring-linear@sglang", "ring-linear"),
+)
+
+
 def report(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    print(report_table(load_results(out)))
+    results = load_results(out)
+    for model, baseline in PAIRS:
+        if any(key[0] == model for key in results) and any(key[0] == baseline for key in results):
+            print(f"\n### {model} vs {baseline}\n")
+            print(report_table(results, baseline, model))
     for path in sorted(out.glob("summary-*.json")):
         summary = json.loads(path.read_text())
         print(
@@ -258,6 +315,9 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     run_parser = sub.add_parser("run", help="start one model's server and run the workloads against it")
     run_parser.add_argument("--model", choices=MODELS, required=True)
+    run_parser.add_argument(
+        "--engine", choices=ENGINES, default="vllm", help="sglang: ring-linear only so far (the twin needs a config)"
+    )
     run_parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     run_parser.add_argument("--out", default="serve-results")
     run_parser.add_argument("--port", type=int, default=8765)

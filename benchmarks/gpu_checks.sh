@@ -24,6 +24,7 @@
 #   serve-report the ratio table of the serve steps' results (SERVE_OUT, default OUTDIR/serve)
 #                (SERVE_WORKLOADS picks workloads: all four take longer than one 10-minute device call)
 #   profile      compiled 4K and 128K prefill profiles, ring-linear and the twin            (~6 min)
+#   serve-ring-sgl  bench_serve on SGLang: ring-linear through launch_server (SGLang staged, own call) (untimed)
 #   sgl-engine   pytest -m gpu: the SGLang adapter's engine tests (SGLang 0.5.17 staged in /tmp/gpu-site-sgl;
 #                run it in its own call: it replaces vLLM's site on PYTHONPATH)                  (untimed)
 set -uo pipefail
@@ -67,6 +68,9 @@ for step in "$@"; do
       run "$step" 580 python3 -m benchmarks.bench_serve run --model "$model" --out "${SERVE_OUT:-$out/serve}" \
         --workloads ${SERVE_WORKLOADS:-chat long-32k long-128k reasoning} ;;
     serve-report) python3 -m benchmarks.bench_serve report "${SERVE_OUT:-$out/serve}" | tee "$out/serve-report.md" ;;
+    serve-ring-sgl) run "$step" 580 env PYTHONPATH="$PWD:/tmp/ring-linear-site:/tmp/gpu-site-sgl" \
+      SGLANG_IS_FLASHINFER_AVAILABLE=false python3 -m benchmarks.bench_serve run --model ring-linear \
+      --engine sglang --out "${SERVE_OUT:-$out/serve}" --workloads ${SERVE_WORKLOADS:-chat long-32k long-128k reasoning} ;;
     sgl-engine) run sgl-engine 570 env PYTHONPATH="$PWD:/tmp/ring-linear-site:/tmp/gpu-site-sgl" \
       SGLANG_IS_FLASHINFER_AVAILABLE=false CUDA_VISIBLE_DEVICES=0 \
       python3 -m pytest -q -s -m gpu tests/ring_linear_sglang/test_engine_gpu.py ;;

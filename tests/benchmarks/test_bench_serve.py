@@ -109,3 +109,41 @@ def test_a_port_that_already_answers_is_refused_before_anything_starts(tmp_path)
     finally:
         server.shutdown()
     assert not any(tmp_path.iterdir())
+
+
+def test_on_sglang_the_server_and_client_are_sglangs_own():
+    server = bench_serve.serve_command("ring-linear", Path("m"), Path("t"), 8000, 4352, engine="sglang")
+    assert server[1:3] == ["-m", "sglang.launch_server"] and "--disable-radix-cache" in server
+    assert "--disable-radix-cache" not in bench_serve.serve_command(
+        "ring-linear-cached", Path("m"), Path("t"), 1, 2, "sglang"
+    )
+    assert server[server.index("--load-format") + 1] == "dummy"
+    chat = bench_serve.WORKLOADS["chat"]
+    client = bench_serve.client_command(chat, Path("m"), Path("t"), 8000, Path("o"), "x.json", engine="sglang")
+    assert client[1:3] == ["-m", "sglang.benchmark.serving"]
+
+    def flag(name: str) -> str:
+        return client[client.index(name) + 1]
+
+    assert flag("--backend") == "sglang" and flag("--warmup-requests") == "0"  # the cold pass stays cold
+    assert flag("--random-input-len") == "4096" and flag("--output-file") == str(Path("o") / "x.json")
+
+
+def test_results_are_read_from_vllms_json_and_sglangs_json_lines(tmp_path):
+    chat = bench_serve.WORKLOADS["chat"]
+    (tmp_path / "a.json").write_text(json.dumps(_result(1.0, 2.0, 3.0) | {"failed": 0}, indent=1))
+    assert bench_serve.read_result(tmp_path / "a.json", chat)["output_throughput"] == 1.0
+    lines = [
+        json.dumps(_result(9.0, 9.0, 9.0) | {"completed": 1}),
+        json.dumps(_result(5.0, 6.0, 7.0) | {"completed": 250}),
+    ]
+    (tmp_path / "b.json").write_text("\n".join(lines))
+    result = bench_serve.read_result(tmp_path / "b.json", chat)
+    assert result["output_throughput"] == 5.0 and result["failed"] == 6  # 256 prompts, 250 completed
+
+
+def test_the_sglang_twin_is_refused_until_it_has_a_config_sglang_serves_as_moe(tmp_path):
+    with pytest.raises(SystemExit, match="the softmax twin on SGLang is not supported yet"):
+        bench_serve.main(["run", "--model", "softmax-twin", "--engine", "sglang", "--out", str(tmp_path)])
+    assert bench_serve.label("ring-linear", "sglang") == "ring-linear@sglang"
+    assert bench_serve.label("ring-linear", "vllm") == "ring-linear"
