@@ -31,16 +31,13 @@ from sglang.srt.runtime_context import get_parallel
 from torch import nn
 
 from common_kernels.config import RingLinearConfig
-from common_kernels.model.checkpoint import CheckpointError
 from common_kernels.model.layers import RMSNorm
 from common_kernels.model.linear_math import gate_output, prepare_qkv
 from common_kernels.ops.rope.naive import qk_norm_rope, rotary_cos_sin, rotary_inv_freq
 from common_kernels.precision import LOGITS_DTYPE, RESIDUAL_DTYPE, ROPE_DTYPE
-from common_kernels.serving import RouterGate, check_serving_settings, load_checkpoint_tensors
+from common_kernels.serving import RouterGate, check_serving_settings, load_checkpoint_tensors, place_tensor
 
 from .compat import bind_top_k, top_k
-
-STACKED_PARAMS = {".gate_proj.": (".gate_up_proj.", 0), ".up_proj.": (".gate_up_proj.", 1)}
 
 
 class NormWeight(nn.Module):
@@ -279,22 +276,7 @@ class RingLinearForCausalLM(nn.Module):
         )
 
         def load_tensor(name: str, tensor: torch.Tensor) -> str:
-            if ".mlp.experts." in name:
-                for param_name, weight_name, expert_id, shard_id in experts:
-                    if weight_name in name:
-                        target = name.replace(weight_name, param_name)
-                        params[target].weight_loader(
-                            params[target], tensor, target, shard_id=shard_id, expert_id=expert_id
-                        )
-                        return target
-                raise CheckpointError(f"no fused-MoE parameter for expert tensor {name!r}")
-            for ckpt_part, (param_part, shard_id) in STACKED_PARAMS.items():
-                if ckpt_part in name:
-                    target = name.replace(ckpt_part, param_part)
-                    params[target].weight_loader(params[target], tensor, shard_id)
-                    return target
-            getattr(params[name], "weight_loader", default_weight_loader)(params[name], tensor)
-            return name
+            return place_tensor(params, experts, name, tensor, default_weight_loader)
 
         return load_checkpoint_tensors(weights, self.config, load_tensor)
 

@@ -36,11 +36,10 @@ from vllm.model_executor.models.utils import (
 from vllm.sequence import IntermediateTensors
 
 from common_kernels.config import RingLinearConfig
-from common_kernels.model.checkpoint import CheckpointError
 from common_kernels.model.layers import RMSNorm
 from common_kernels.ops.rope.naive import qk_norm_rope, rotary_cos_sin, rotary_inv_freq
 from common_kernels.precision import RESIDUAL_DTYPE, ROPE_DTYPE, ROUTER_DTYPE
-from common_kernels.serving import RouterGate, load_checkpoint_tensors
+from common_kernels.serving import RouterGate, load_checkpoint_tensors, place_tensor
 
 from .compat import fused_moe
 from .engine_config import state_dtypes, state_shapes
@@ -50,9 +49,6 @@ from .linear_attention import (
     linear_state_copy_funcs,
     norm_weight,
 )
-
-# checkpoint sub-name -> (fused vLLM parameter sub-name, shard id); experts use vLLM's expert mapping
-STACKED_PARAMS = {".gate_proj.": (".gate_up_proj.", 0), ".up_proj.": (".gate_up_proj.", 1)}
 
 
 class RingMLP(nn.Module):
@@ -325,31 +321,12 @@ class RingLinearForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsPP):
         return load_checkpoint_tensors(
             weights,
             self.config,
-            lambda name, tensor: self._load_tensor(params, experts, name, tensor),
+            lambda name, tensor: place_tensor(params, experts, name, tensor, default_weight_loader),
             skip=lambda name: is_pp_missing_parameter(name, self),
             load_extra=load_extra,
         )
 
-    def _load_tensor(self, params, experts, name: str, tensor: torch.Tensor) -> str:
-        if ".mlp.experts." in name:
-            for param_name, weight_name, expert_id, shard_id in experts:
-                if weight_name in name:
-                    target = name.replace(weight_name, param_name)
-                    param = params[target]
-                    param.weight_loader(param, tensor, target, shard_id=shard_id, expert_id=expert_id)
-                    return target
-            raise CheckpointError(f"no fused-MoE parameter for expert tensor {name!r}")
-        for ckpt_part, (param_part, shard_id) in STACKED_PARAMS.items():
-            if ckpt_part in name:
-                return _load(params, name.replace(ckpt_part, param_part), tensor, shard_id)
-        return _load(params, name, tensor)
 
-
-def _load(params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor, shard_id: int | None = None) -> str:
-    param = params[name]
-    loader = getattr(param, "weight_loader", default_weight_loader)
-    if shard_id is None:
-        loader(param, tensor)
-    else:
-        loader(param, tensor, shard_id)
+def _load(params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> str:
+    getattr(params[name], "weight_loader", default_weight_loader)(params[name], tensor)
     return name

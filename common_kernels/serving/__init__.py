@@ -6,7 +6,7 @@ from .router import RouterGate
 from .state import linear_state_dtype, linear_state_shape, rank_decay_rates
 from .step import LinearAttentionStep, build_step
 from .warmup import warm_up_linear_attention
-from .weights import load_checkpoint_tensors
+from .weights import load_checkpoint_tensors, place_tensor
 
 __all__ = [
     "LinearAttentionStep",
@@ -16,6 +16,7 @@ __all__ = [
     "linear_state_dtype",
     "linear_state_shape",
     "load_checkpoint_tensors",
+    "place_tensor",
     "rank_decay_rates",
     "warm_up_linear_attention",
 ]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
+from torch import nn
 
 from ..config import RingLinearConfig
 from ..model.checkpoint import CheckpointError, expected_tensor_shapes, is_ignored_tensor
@@ -43,3 +44,34 @@ def load_checkpoint_tensors(
             )
         loaded.add(load_tensor(name, tensor))
     return loaded
+
+
+# checkpoint sub-name -> (the engines' fused gate/up parameter, its shard id); experts use the engine's mapping
+STACKED_PARAMS = {".gate_proj.": (".gate_up_proj.", 0), ".up_proj.": (".gate_up_proj.", 1)}
+
+
+def place_tensor(
+    params: dict[str, nn.Parameter],
+    experts: Sequence[tuple[str, str, int, str]],
+    name: str,
+    tensor: torch.Tensor,
+    default_loader: Callable[[nn.Parameter, torch.Tensor], None],
+) -> str:
+    """Put one checked HF tensor into an engine's parameters, as vLLM and SGLang both lay them out: an expert's
+    weight into the fused-MoE parameter that `experts` (the engine's `(param, weight, expert_id, shard_id)`
+    mapping) names, `gate_proj`/`up_proj` into the fused `gate_up_proj` shard, anything else by its parameter's
+    own loader (`default_loader` where it has none). Returns the parameter filled."""
+    if ".mlp.experts." in name:
+        for param_name, weight_name, expert_id, shard_id in experts:
+            if weight_name in name:
+                target = name.replace(weight_name, param_name)
+                params[target].weight_loader(params[target], tensor, target, shard_id=shard_id, expert_id=expert_id)
+                return target
+        raise CheckpointError(f"no fused-MoE parameter for expert tensor {name!r}")
+    for ckpt_part, (param_part, shard_id) in STACKED_PARAMS.items():
+        if ckpt_part in name:
+            target = name.replace(ckpt_part, param_part)
+            params[target].weight_loader(params[target], tensor, shard_id)
+            return target
+    getattr(params[name], "weight_loader", default_loader)(params[name], tensor)
+    return name
