@@ -43,7 +43,6 @@ ENGINES = ("vllm", "sglang")
 PASSES = ("cold", "warm")
 METRICS = ("output_throughput", "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms")
 HIGHER_IS_BETTER = {"output_throughput"}
-MAX_LEN_HEADROOM = 1024
 VLLM_CLI = (sys.executable, "-m", "vllm.entrypoints.cli.main")  # `vllm`, also where only the package is on the path
 
 
@@ -78,13 +77,19 @@ def write_model_dir(model: str, directory: Path) -> Path:
 
 
 def write_word_tokenizer(vocab_size: int, directory: Path) -> Path:
-    """One word per id (`t0` .. `t{V-1}`), whitespace split: decode then encode gives back every id. In a
-    folder of its own, so loading it never reads the model's config (whose type only the plugin knows)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """One word per id (`t0` .. `t{V-1}`), split at spaces: decode then encode gives back every id. Each word is
+    stored with its leading space (`\u2581t17`, SentencePiece style), so no token takes more characters of text
+    than its own string: vLLM refuses a prompt longer than `max_input_tokens * max_chars_per_token` characters
+    before tokenizing it, and bare words would undercount the spaces (a 32K prompt of `t123456 ` words is 8
+    characters per token against a bound of 7). In a folder of its own, so loading it never reads the model's
+    config (whose type only the plugin knows)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    space = "\u2581"
+    tokenizer = Tokenizer(models.WordLevel({f"{space}t{i}": i for i in range(vocab_size)}, unk_token=f"{space}t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement=space, prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement=space, prepend_scheme="always")
     PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(directory)
     return directory
 
@@ -204,8 +209,7 @@ def run(args: argparse.Namespace) -> None:
     directory = write_model_dir(args.model, out / f"model-{args.model}")
     tokenizer = write_word_tokenizer(json.loads(RELEASED_CONFIG.read_text())["vocab_size"], out / "tokenizer")
     workloads = [WORKLOADS[name] for name in args.workloads]
-    # headroom: requests of exactly max_model_len tokens were refused ("Bad Request") on vLLM 0.26
-    max_len = max(w.input_len + w.output_len for w in workloads) + MAX_LEN_HEADROOM
+    max_len = max(w.input_len + w.output_len for w in workloads)
     env = os.environ | {"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1", "PYTHONUNBUFFERED": "1"}
     log_path = out / f"server-{name_of_run}.log"
     with open(log_path, "w") as log:

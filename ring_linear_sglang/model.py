@@ -225,7 +225,7 @@ class RingDecoderLayer(nn.Module):
 class RingLinearModel(nn.Module):
     def __init__(self, config: RingLinearConfig, quant_config, prefix: str) -> None:
         super().__init__()
-        self.dtype = config.checkpoint_dtype() or torch.get_default_dtype()
+        self.dtype = torch.get_default_dtype()  # SGLang sets it to the served dtype (--dtype) while it builds
         self.word_embeddings = VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, prefix=f"{prefix}.word_embeddings"
         )
@@ -259,6 +259,9 @@ class RingLinearForCausalLM(nn.Module):
             else ParallelLMHead(config.vocab_size, config.hidden_size, params_dtype=LOGITS_DTYPE, prefix="lm_head")
         )
         self.logits_processor = LogitsProcessor(config)
+        # inference only: SGLang captures its decode graphs outside no_grad, and its fused-MoE reduction
+        # (`torch.sum(..., out=)`) refuses inputs that require grad; our own norm/router weights default to it
+        self.requires_grad_(False)
 
     def forward(self, input_ids, positions, forward_batch, inputs_embeds=None, pp_proxy_tensors=None):
         hidden = self.model(input_ids, positions, forward_batch, inputs_embeds)

@@ -64,8 +64,10 @@ def gate_output(
     """`RMSNorm_group(o) * weight * sigmoid(gate)` in fp32, written once in `out_dtype` (the input of `dense`).
 
     Args:
-        o: `[T, H*d]` attention output; gate: `[T, H*d]` (`g_proj` output, any float dtype); weight: `[H*d]`.
+        o: `[T, H*d]` or `[T, H, d]` attention output; gate: `[T, H*d]` (`g_proj` output, any float dtype);
+            weight: `[H*d]`.
     """
+    o = o.reshape(o.shape[0], -1)  # the engines' attention layers hand back either layout
     if use_triton:
         return group_rms_norm_gate_triton(o, gate, weight, num_groups, eps, out_dtype)
     return group_rms_norm_gate(o, gate, weight, num_groups, eps).to(out_dtype)

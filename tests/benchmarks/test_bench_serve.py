@@ -23,6 +23,21 @@ def test_the_word_tokenizer_round_trips_every_id(tmp_path):
     assert tokenizer.all_special_ids == [] and tokenizer.num_special_tokens_to_add() == 0
 
 
+def test_no_prompt_exceeds_vllms_character_bound(tmp_path):
+    """vLLM refuses, before tokenizing, a prompt of more than `max_input_tokens * max_chars_per_token`
+    characters (the longest token string). vLLM's random dataset sends runs of consecutive ids; the widest
+    (six-digit) words must still fit, or long prompts at `max_model_len` come back as "Bad Request"."""
+    from transformers import AutoTokenizer
+
+    vocab_size = 157184
+    tokenizer = AutoTokenizer.from_pretrained(bench_serve.write_word_tokenizer(vocab_size, tmp_path))
+    max_chars_per_token = max(len(token) for token in tokenizer.get_vocab())  # as vLLM computes it
+    ids = list(range(vocab_size - 4096, vocab_size))
+    text = tokenizer.decode(ids)
+    assert len(text) <= len(ids) * max_chars_per_token
+    assert tokenizer.encode(text, add_special_tokens=False) == ids
+
+
 def test_the_twin_is_the_same_config_on_vllms_native_architecture(tmp_path):
     ours = json.loads((bench_serve.write_model_dir("ring-linear", tmp_path / "a") / "config.json").read_text())
     twin = json.loads((bench_serve.write_model_dir("softmax-twin", tmp_path / "b") / "config.json").read_text())

@@ -1,5 +1,6 @@
 """The model on SGLang's layers, built on the CPU: the layer schedule, and every checkpoint tensor loaded into
-a parameter (and every parameter filled) through SGLang's own weight loaders; bad tensors named."""
+a parameter (and every parameter filled) through SGLang's own weight loaders; bad tensors named; the served dtype
+and no autograd; and a one-token forward against the shim."""
 
 from __future__ import annotations
 
@@ -58,3 +59,77 @@ def test_a_misshapen_or_unknown_tensor_is_named(built):
         model.load_weights([("model.norm.weight", torch.zeros(3))])
     with pytest.raises(CheckpointError, match="unexpected tensor 'model.layers.99.mlp.gate.weight'"):
         model.load_weights([("model.layers.99.mlp.gate.weight", torch.zeros(3))])
+
+
+def test_inference_parameters_and_the_served_dtype(sglang_world, tiny_dir):
+    """SGLang captures decode graphs outside no_grad (its fused-MoE reduction refuses inputs that require grad), and
+    it builds the model under the served dtype (`--dtype`), which may differ from the checkpoint's."""
+    from ring_linear_sglang.config import RingLinearSGLangConfig
+    from ring_linear_sglang.model import RingLinearForCausalLM
+
+    config = RingLinearSGLangConfig.from_pretrained(tiny_dir)
+    assert config.checkpoint_dtype() == torch.float32
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = RingLinearForCausalLM(config=config)
+    finally:
+        torch.set_default_dtype(default)
+    assert not any(p.requires_grad for p in model.parameters())
+    assert model.model.dtype == torch.bfloat16 and all(layer.dtype == torch.bfloat16 for layer in model.model.layers)
+
+
+class _OneTokenSoftmax(torch.nn.Module):
+    """Softmax attention over a one-token prompt: each head returns its KV group's v."""
+
+    def __init__(self, heads: int, kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+
+    def forward(self, q, k, v, forward_batch):
+        v = v.reshape(v.shape[0], self.kv_heads, self.head_dim)
+        return v.repeat_interleave(self.heads // self.kv_heads, dim=1).reshape(v.shape[0], -1)
+
+
+class _OneTokenLinear(torch.nn.Module):
+    """Linear attention over a one-token prompt from a zero state: `scale * (q . k) * v` per head."""
+
+    def __init__(self, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+
+    def forward(self, q, k, v, forward_batch):
+        q, k, v = (t.reshape(t.shape[0], self.heads, self.head_dim).float() for t in (q, k, v))
+        return ((q * k).sum(-1, keepdim=True) * self.head_dim**-0.5 * v).reshape(q.shape[0], -1)
+
+
+def test_a_one_token_prompt_gives_the_shims_logprobs(sglang_world, tiny_dir):
+    """Everything but the attention backends (embedding, norms, projections, qk-norm/RoPE, norm-gate, MLPs, MoE
+    routing and experts, LM head) against the shim: attention over one token has a closed form, put in place of
+    SGLang's attention calls. SGLang's CPU MoE path (`moe_forward_native`) leaves out `routed_scaling_factor`,
+    which its GPU runner applies; it is put back here."""
+    from common_kernels import RingLinearForCausalLM as Shim
+    from ring_linear_sglang.config import RingLinearSGLangConfig
+    from ring_linear_sglang.model import RingLinearForCausalLM
+
+    config = RingLinearSGLangConfig.from_pretrained(tiny_dir)
+    model = RingLinearForCausalLM(config=config)  # its own: the attention calls are replaced below
+    model.load_weights(_checkpoint(tiny_dir).items())
+    c = config
+    for l, layer in enumerate(model.model.layers):
+        layer.attention.attn = (
+            _OneTokenSoftmax(c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+            if c.is_softmax_layer(l)
+            else _OneTokenLinear(c.num_attention_heads, c.head_dim)
+        )
+        if c.is_moe_layer(l):
+            experts = layer.mlp.experts
+            experts.forward = lambda *a, _run=experts.forward, **k: _run(*a, **k) * c.routed_scaling_factor
+    shim = Shim.from_pretrained(tiny_dir, use_triton=False)
+    for token in (1, 5, 17, c.vocab_size - 1):
+        ids = torch.tensor([token])
+        with torch.no_grad():
+            hidden = model.model(ids, torch.tensor([0]), None)
+            got = torch.log_softmax(hidden.float() @ model.lm_head.weight.float().T, -1)[0]
+            want = torch.log_softmax(shim(ids[None]).float()[0, -1], -1)
+        assert (got - want).abs().max() < 1e-5, f"token {token}: max {(got - want).abs().max():.2e}"

@@ -83,6 +83,16 @@ def test_gate_output_is_written_once_in_the_model_dtype(out_dtype):
         assert_rel_rms("norm gate vs reference", reference.double(), y, 1e-6)
 
 
+def test_gate_output_takes_the_attention_output_per_head_too():
+    """SGLang's attention wrapper hands back `[T, H, d]` under its graph runners, `[T, H*d]` otherwise."""
+    g = torch.Generator().manual_seed(5)
+    o = torch.randn(6, 4, D, generator=g).to(DEVICE)
+    gate = torch.randn(6, 4 * D, generator=g).to(DEVICE)
+    weight = torch.rand(4 * D, generator=g).to(DEVICE)
+    y = gate_output(o, gate, weight, 4, EPS, torch.float32)
+    assert torch.equal(y, gate_output(o.reshape(6, -1), gate, weight, 4, EPS, torch.float32))
+
+
 def test_the_engine_path_traces_into_one_graph():
     """vLLM compiles the layer with fullgraph=True: the fused kernels must be opaque ops, not graph breaks."""
     qkv, q_w, k_w, cos, sin = _inputs(5, torch.float32, seed=5)
