@@ -27,6 +27,7 @@
 #   serve-ring-sgl  bench_serve on SGLang: ring-linear through launch_server (SGLang staged, own call) (untimed)
 #   sgl-engine   pytest -m gpu: the SGLang adapter's engine tests (SGLang 0.5.17 staged in /tmp/gpu-site-sgl;
 #                run it in its own call: it replaces vLLM's site on PYTHONPATH)                  (untimed)
+#   sgl-diff     sglang_layer_diff: per-module engine outputs against the shim, one prompt (SGLang staged) (~2 min)
 set -uo pipefail
 
 out="${OUTDIR:-${OUT:-gpu-checks}}"
@@ -74,6 +75,9 @@ for step in "$@"; do
     sgl-engine) run sgl-engine 570 env PYTHONPATH="$PWD:/tmp/ring-linear-site:/tmp/gpu-site-sgl" \
       SGLANG_IS_FLASHINFER_AVAILABLE=false CUDA_VISIBLE_DEVICES=0 \
       python3 -m pytest -q -s -m gpu tests/ring_linear_sglang/test_engine_gpu.py ;;
+    sgl-diff) run sgl-diff 300 env PYTHONPATH="$PWD:/tmp/ring-linear-site:/tmp/gpu-site-sgl" \
+      SGLANG_IS_FLASHINFER_AVAILABLE=false CUDA_VISIBLE_DEVICES=0 \
+      python3 -m benchmarks.sglang_layer_diff "${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}" ;;
     profile)
       for variant in ring-linear softmax-twin; do
         for length in 4096 131072; do
