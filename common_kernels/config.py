@@ -17,11 +17,27 @@ from typing import Any, Literal
 import torch
 from transformers import PretrainedConfig
 
+from .errors import RingLinearError
+
 DECAY_CONVENTIONS = ("engine", "hf")
 SUPPORTED_ROPE_KINDS = ("default", "yarn")
 SUPPORTED_SCORE_FUNCTIONS = ("sigmoid",)
 SUPPORTED_ROUTER_DTYPES = ("fp32", "float32")
 ARCHITECTURE = "BailingMoeLinearV2ForCausalLM"
+# Fields a checkpoint's config.json must state: they fix the tensor shapes and the layer schedule, so a default
+# (Ring-mini's) would silently describe another model.
+REQUIRED_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "layer_group_size",
+    "moe_intermediate_size",
+    "num_experts",
+    "num_experts_per_tok",
+)
 
 
 ARCHITECTURES = (
@@ -31,8 +47,9 @@ ARCHITECTURES = (
 )
 
 
-class RingLinearConfigError(ValueError):
-    """A config field has a value this model cannot run with; the message names the field and the fix."""
+class RingLinearConfigError(RingLinearError):
+    """A config field is missing or has a value this model cannot run with; the message names the field and the
+    fix."""
 
 
 @dataclass(frozen=True)
@@ -232,6 +249,24 @@ class RingLinearConfig(PretrainedConfig):
                 f"RingLinearConfig.num_attention_heads={H} (heads per rank) and "
                 f"RingLinearConfig.group_norm_size={G} (output-norm groups per rank); use one of {ok}"
             )
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> RingLinearConfig:
+        """A config read from a file (transformers' and the engines' loading path): its `model_type` must be ours
+        and it must state every field in `REQUIRED_FIELDS`; anything else defaults to Ring-mini's value."""
+        model_type = config_dict.get("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise RingLinearConfigError(
+                f"model_type {model_type!r} is not a Ring-linear config (expected {cls.model_type!r}): "
+                "load this checkpoint with the class for its own model type"
+            )
+        missing = [name for name in REQUIRED_FIELDS if name not in config_dict]
+        if missing:
+            raise RingLinearConfigError(
+                f"the config does not state {', '.join(missing)}: these fix the tensor shapes, so no default is "
+                "taken; add them to config.json (the released Ring-linear configs have them)"
+            )
+        return super().from_dict(config_dict, **kwargs)
 
     # ----- validation -----------------------------------------------------------------------------
 

@@ -15,12 +15,14 @@ RADIX_STRATEGIES = ("auto", "no_buffer")
 def check_server_args(server_args: Any, hf_config: Any) -> dict:
     """Raise ValueError for settings Ring-linear-2.0 cannot serve; returns no overrides (SGLang's contract)."""
     speculative = getattr(server_args, "speculative_algorithm", None)
+    disaggregated = getattr(server_args, "disaggregation_mode", "null") not in (None, "null")
     check_serving_settings(
         hf_config,
         tp_size=getattr(server_args, "tp_size", 1),
         pp_size=getattr(server_args, "pp_size", 1),
         speculative_flag="--speculative-algorithm" if speculative else None,
         pipeline_parallel_supported=False,
+        kv_transfer_flag="--disaggregation-mode" if disaggregated else None,
     )
     if getattr(server_args, "enable_dp_attention", False):
         raise ValueError(

@@ -30,7 +30,8 @@ def state_dtypes(cache_config) -> tuple[torch.dtype]:
 
 class RingLinearEngineConfig(VerifyAndUpdateConfig):
     """Refuse what cannot run (a TP size the heads or norm groups cannot split, or that would hang vLLM's
-    KV-cache write; speculative decoding; a state dtype other than fp32/bf16), default the LM head to fp32
+    KV-cache write; speculative decoding; disaggregated prefill; a state dtype other than fp32/bf16), default the
+    LM head to fp32
     and turn off hybrid prefix caching (not verified exact for the linear state)."""
 
     @classmethod
@@ -43,7 +44,12 @@ class RingLinearEngineConfig(VerifyAndUpdateConfig):
             )
         tp_size = vllm_config.parallel_config.tensor_parallel_size
         speculative = vllm_config.speculative_config is not None
-        check_serving_settings(config, tp_size, speculative_flag="--speculative-config" if speculative else None)
+        check_serving_settings(
+            config,
+            tp_size,
+            speculative_flag="--speculative-config" if speculative else None,
+            kv_transfer_flag="--kv-transfer-config" if vllm_config.kv_transfer_config is not None else None,
+        )
         if platforms.current_platform.is_cuda():  # read now: the platform is resolved lazily
             check_kv_cache_write_width(config, tp_size)
         state_dtypes(vllm_config.cache_config)  # an unsupported state dtype is refused now, not at the first step

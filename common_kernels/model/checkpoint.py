@@ -1,24 +1,35 @@
-"""HF checkpoint I/O: the tensor-name table, strict checks, streaming load and sharded save.
+"""HF checkpoint I/O: the tensor-name table, strict checks, streaming load and sharded, atomic save.
 
 The layout is the released one: `config.json`, `model-0000i-of-0000n.safetensors` shards and
 `model.safetensors.index.json` (a single `model.safetensors` loads too). Module names of the shim equal
 the checkpoint names, so the name table below is the whole mapping; engine adapters reuse it and add
 only their own fused-parameter shard ids.
+
+A checkpoint folder is written whole into a temporary folder beside it, flushed to disk, then swapped into
+place (`atomic_directory`), so an interrupted save leaves the previous checkpoint as it was.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from transformers.utils import CONFIG_NAME
 
-from ..config import RingLinearConfig
+from ..config import RingLinearConfig, RingLinearConfigError
+from ..errors import RingLinearError
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -29,8 +40,31 @@ SHARD_PATTERN = "model{suffix}.safetensors"
 _DERIVED_TENSORS = re.compile(r"(^|\.)(slope|rotary_emb\.inv_freq)$")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint does not match the config: missing, unexpected or misshapen tensors (all named)."""
+class CheckpointError(RingLinearError):
+    """A checkpoint folder that cannot be read as this model: a missing or unreadable file, or tensors that do not
+    match the config (all named)."""
+
+
+def read_config(path: str | os.PathLike) -> RingLinearConfig:
+    """The config of a checkpoint folder; a missing folder or `config.json`, bad JSON, another model type or a
+    missing shape field is an error naming the file."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    file = path / CONFIG_NAME
+    if not file.is_file():
+        raise CheckpointError(
+            f"{path}: no {CONFIG_NAME}; a Ring-linear checkpoint folder holds {CONFIG_NAME} beside its safetensors "
+            "shards (without it no shape is known)"
+        )
+    try:
+        config_dict = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{file}: not valid JSON ({error})") from None
+    try:
+        return RingLinearConfig.from_dict(config_dict)
+    except RingLinearConfigError as error:
+        raise RingLinearConfigError(f"{file}: {error}") from None
 
 
 def expected_tensor_shapes(config: RingLinearConfig) -> dict[str, tuple[int, ...]]:
@@ -98,13 +132,25 @@ def checkpoint_files(path: str | os.PathLike) -> list[Path]:
     raise CheckpointError(f"{path}: neither {SAFE_WEIGHTS_INDEX_NAME} nor {SAFE_WEIGHTS_NAME} found")
 
 
+@contextmanager
+def _open_shard(file: Path) -> Iterator:
+    """`safe_open` with the file named when it is missing, truncated or corrupt."""
+    if not file.is_file():
+        raise CheckpointError(f"{file}: listed in {SAFE_WEIGHTS_INDEX_NAME} but missing")
+    try:
+        with safe_open(file, framework="pt") as handle:
+            yield handle
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(
+            f"{file}: unreadable safetensors file ({error}); it is truncated or corrupt: copy or save it again"
+        ) from None
+
+
 def read_tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor in a checkpoint, read from the file headers only (no data)."""
     shapes: dict[str, tuple[int, ...]] = {}
     for file in checkpoint_files(path):
-        if not file.is_file():
-            raise CheckpointError(f"{file}: listed in {SAFE_WEIGHTS_INDEX_NAME} but missing")
-        with safe_open(file, framework="pt") as fh:
+        with _open_shard(file) as fh:
             for name in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
                 shapes[name] = tuple(fh.get_slice(name).get_shape())
     return shapes
@@ -153,7 +199,7 @@ def load_weights(module: torch.nn.Module, path: str | os.PathLike) -> None:
     """
     targets = _named_tensors(module)
     for file in checkpoint_files(path):
-        with safe_open(file, framework="pt") as fh:
+        with _open_shard(file) as fh:
             for name in fh.keys():  # noqa: SIM118
                 if name in targets:
                     targets[name].copy_(fh.get_tensor(name))
@@ -162,7 +208,8 @@ def load_weights(module: torch.nn.Module, path: str | os.PathLike) -> None:
 def save_weights(
     module: torch.nn.Module, config: RingLinearConfig, path: str | os.PathLike, max_shard_size: int | str = "5GB"
 ) -> None:
-    """Write `module`'s checkpoint tensors as safetensors shards plus an index (or one file if it fits)."""
+    """Write `module`'s checkpoint tensors as safetensors shards plus an index (or one file if it fits) into
+    `path`, replacing the shards there (not atomic by itself: `atomic_directory` makes a whole save atomic)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     wanted = expected_tensor_shapes(config)
@@ -176,3 +223,79 @@ def save_weights(
     if split.is_sharded:
         index = {"metadata": {**split.metadata}, "weight_map": dict(sorted(split.tensor_to_filename.items()))}
         (path / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+# Files a save writes; anything else already in the target folder (a README, a tokenizer, notes) is carried
+# over into the new folder, so replacing a checkpoint never drops a user's own files.
+_WRITTEN = re.compile(
+    r"^(model.*\.safetensors|" + re.escape(SAFE_WEIGHTS_INDEX_NAME) + "|" + re.escape(CONFIG_NAME) + ")$"
+)
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty folder beside `path` to write a checkpoint into; when the block finishes, its files are
+    flushed to disk and the folder takes `path`'s place in one rename (files of the old folder that the save
+    did not write are kept). If the block raises, `path` is left untouched and the temporary folder removed."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path}: exists and is not a folder; choose another output path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.saving-", dir=path.parent))
+    try:
+        yield staging
+        if path.is_dir():
+            for old in path.iterdir():
+                if not _WRITTEN.match(old.name) and not (staging / old.name).exists():
+                    (shutil.copytree if old.is_dir() else shutil.copy2)(old, staging / old.name)
+        _fsync_tree(staging)
+        _swap_into_place(staging, path)
+        _fsync(path.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # after a swap it holds the previous checkpoint
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync(Path(folder, name))
+        _fsync(Path(folder))
+
+
+def _swap_into_place(staging: Path, path: Path) -> None:
+    """`path` becomes `staging`'s content; `staging` ends up holding the previous content (or nothing)."""
+    if not path.exists():
+        os.rename(staging, path)
+        return
+    if _exchange(staging, path):
+        return
+    backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.previous-", dir=path.parent))
+    os.rename(path, backup / path.name)  # no atomic exchange here: the previous folder waits in `backup`
+    os.rename(staging, path)
+    os.rename(backup / path.name, staging)
+    backup.rmdir()
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux `renameat2(RENAME_EXCHANGE)`); False where the system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))

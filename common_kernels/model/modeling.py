@@ -9,18 +9,18 @@ sequences, so pad tokens never enter the linear state and positions restart at e
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import RingLinearConfig
+from ..errors import InvalidInputError
 from ..ops.packing import is_partition
 from ..ops.rope.naive import rotary_cos_sin, rotary_inv_freq
 from ..precision import LOGITS_DTYPE, RESIDUAL_DTYPE, ROPE_DTYPE, compute_dtype
 from .cache import RingLinearCache
-from .checkpoint import check_checkpoint, load_weights, save_weights
+from .checkpoint import atomic_directory, check_checkpoint, load_weights, read_config, save_weights
 from .layers import DecoderLayer, ForwardContext, RMSNorm
 
 
@@ -72,8 +72,20 @@ class RingLinearModel(nn.Module):
         return self.norm(h, out_dtype=dtype)
 
 
+# What `AutoModelForCausalLM.from_pretrained` passes along that means nothing for a local folder.
+_HUB_KWARGS = frozenset(
+    {"cache_dir", "force_download", "local_files_only", "proxies", "resume_download", "revision", "subfolder", "token"}
+)
+
+
 class RingLinearForCausalLM(nn.Module):
-    """Ring-linear-2.0 causal LM with HF-format I/O, packed/padded forward, logprobs and cached generation."""
+    """Ring-linear-2.0 causal LM with HF-format I/O, packed/padded forward, logprobs and cached generation.
+
+    `import common_kernels` registers it with `transformers.AutoModelForCausalLM` for `bailing_moe_linear`
+    checkpoints, so `AutoModelForCausalLM.from_pretrained(folder)` returns it without remote code.
+    """
+
+    config_class = RingLinearConfig
 
     def __init__(
         self,
@@ -116,22 +128,35 @@ class RingLinearForCausalLM(nn.Module):
     def from_pretrained(
         cls,
         path: str | os.PathLike,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         device: torch.device | str = "cpu",
         report_all_errors: bool = True,
         use_triton: bool | None = None,
+        config: RingLinearConfig | None = None,
+        **kwargs,
     ) -> RingLinearForCausalLM:
         """Load an HF-format checkpoint directory.
 
-        The tensor names and shapes are checked against the config before any data is read (all
-        problems listed with `report_all_errors`, else the first). The model is built without
+        The config (`config.json`, or `config`) must be a Ring-linear one stating its shape fields, and the
+        tensor names and shapes are checked against it before any data is read (all problems listed with
+        `report_all_errors`, else the first); each error names the file. The model is built without
         initialising memory and filled shard by shard, so the weights exist once.
 
         Args:
-            dtype: parameter dtype; default the config's `torch_dtype`, else float32.
+            dtype: parameter dtype; default (or "auto") the config's `torch_dtype`, else float32.
+            kwargs: what `AutoModelForCausalLM.from_pretrained` passes: `torch_dtype` (as `dtype`), `device_map`
+                (one device, as `device`), and hub arguments, which a local folder does not need.
         """
-        config = RingLinearConfig.from_pretrained(path)
+        dtype = kwargs.pop("torch_dtype", dtype)
+        device = _one_device(kwargs.pop("device_map", device))
+        if kwargs.pop("adapter_kwargs", None):
+            raise InvalidInputError(f"{path}: holds a PEFT adapter; the shim loads full checkpoints only")
+        unknown = sorted(set(kwargs) - _HUB_KWARGS - {"_commit_hash", "trust_remote_code"})
+        if unknown:
+            raise InvalidInputError(f"RingLinearForCausalLM.from_pretrained: unknown argument(s) {', '.join(unknown)}")
+        config = read_config(path) if config is None else config
         check_checkpoint(config, path, report_all_errors=report_all_errors)
+        dtype = None if dtype == "auto" else (getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         dtype = dtype or config.checkpoint_dtype() or torch.float32
         with torch.device("meta"):
             model = cls(config, dtype=dtype, use_triton=use_triton)
@@ -139,12 +164,24 @@ class RingLinearForCausalLM(nn.Module):
         load_weights(model, path)
         return model
 
-    def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
-        """Write `config.json` and the safetensors shards (+ index) in the released layout."""
-        Path(path).mkdir(parents=True, exist_ok=True)
-        self.config.set_checkpoint_dtype(self.dtype)
-        self.config.save_pretrained(path)
-        save_weights(self, self.config, path, max_shard_size)
+    def save_pretrained(
+        self, path: str | os.PathLike, max_shard_size: int | str = "5GB", tokenizer=None, extra_files=None
+    ) -> None:
+        """Write `config.json` and the safetensors shards (+ index) in the released layout, atomically: into a
+        folder beside `path` that then replaces it, so an interrupted save leaves the previous checkpoint whole.
+
+        Args:
+            tokenizer: saved into the same folder (its `save_pretrained`), in the same swap.
+            extra_files: `write(folder)` for anything else that belongs to this save (a trainer's state).
+        """
+        with atomic_directory(path) as folder:
+            self.config.set_checkpoint_dtype(self.dtype)
+            self.config.save_pretrained(folder)
+            save_weights(self, self.config, folder, max_shard_size)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(folder)
+            if extra_files is not None:
+                extra_files(folder)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -244,8 +281,13 @@ class RingLinearForCausalLM(nn.Module):
 
         if cache is not None and cache.batch_size != len(offsets) - 1:
             raise ValueError(f"cache holds {cache.batch_size} sequences, input has {len(offsets) - 1}")
+        if ids is not None:
+            _check_token_ids(ids, self.config.vocab_size)
         if positions is None:
             positions = _default_positions(offsets, cache, source.device)
+        if offsets[-1] == 0:  # nothing to run (empty input, or every row masked out)
+            hidden = torch.zeros(0, self.config.hidden_size, dtype=self.dtype, device=source.device)
+            return hidden, ids, offsets, restore
         hidden = self.model(ids, positions.to(source.device), offsets, cache, embeds)
         return hidden, ids, offsets, restore
 
@@ -262,14 +304,21 @@ class RingLinearForCausalLM(nn.Module):
         temperature: float = 0.0,
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
+        top_p: float = 1.0,
     ) -> list[list[int]]:
         """Continue each prompt with the cache: one packed prefill, then one token per sequence per step.
 
         Greedy when `temperature == 0` (ties to the lowest token id), else sampled from
-        `softmax(logits / temperature)`. A sequence stops after `eos_token_id`.
+        `softmax(logits / temperature)`, restricted to the smallest set of most likely tokens whose
+        probability reaches `top_p`. A sequence stops after `eos_token_id`. No prompts give no outputs.
         """
+        _check_sampling(max_new_tokens, temperature, top_p)
         if any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
+            raise InvalidInputError(
+                f"generate: prompt {[len(p) for p in prompts].index(0)} is empty; every prompt needs a token"
+            )
+        if not prompts:
+            return []
         cache = self.new_cache(len(prompts))
         ids = torch.tensor([t for p in prompts for t in p], device=self.device)
         offsets = [0]
@@ -279,7 +328,7 @@ class RingLinearForCausalLM(nn.Module):
         outputs: list[list[int]] = [[] for _ in prompts]
         done = [False] * len(prompts)
         for step in range(max_new_tokens):
-            next_ids = _pick(logits, temperature, generator)
+            next_ids = _pick(logits, temperature, top_p, generator)
             for n, token in enumerate(next_ids.tolist()):
                 if not done[n]:
                     outputs[n].append(token)
@@ -290,11 +339,42 @@ class RingLinearForCausalLM(nn.Module):
         return outputs
 
 
-def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
     if temperature == 0.0:
         return torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, 0]
     probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        ranked, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+        outside = ranked.cumsum(-1) - ranked >= top_p  # after the most likely tokens have reached top_p
+        probs = probs.scatter(1, order, ranked.masked_fill(outside, 0.0))
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    if not (isinstance(max_new_tokens, int) and max_new_tokens >= 0):
+        raise InvalidInputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not temperature >= 0:  # also refuses NaN
+        raise InvalidInputError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
+    if not 0 < top_p <= 1:
+        raise InvalidInputError(f"top_p must lie in (0, 1] (1 keeps every token), got {top_p!r}")
+
+
+def _check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    if ids.is_floating_point():
+        raise InvalidInputError(f"input_ids must be integer token ids, got {ids.dtype}")
+    if ids.numel() and not bool(((ids >= 0) & (ids < vocab_size)).all()):
+        bad = ids[(ids < 0) | (ids >= vocab_size)][0].item()
+        raise InvalidInputError(f"input_ids holds {bad}, outside the vocabulary [0, {vocab_size})")
+
+
+def _one_device(device_map) -> torch.device | str:
+    """`device_map` as transformers users pass it: one device ("cpu", "cuda:0", a torch.device), "auto" the
+    first GPU if any; a per-module map is not supported (the shim lives on one device)."""
+    if device_map == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(device_map, dict):
+        raise InvalidInputError("device_map: the shim runs on one device; pass a device such as 'cuda:0'")
+    return device_map
 
 
 def _check_offsets(offsets: list[int], total: int) -> None:
@@ -318,9 +398,10 @@ def _unpad(input_ids, inputs_embeds, position_ids, attention_mask):
     if mask.shape != (B, T):
         raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, expected {(B, T)}")
     lengths = mask.sum(1)
-    first = mask.float().argmax(1)
-    contiguous = mask.cumsum(1).gather(1, (first + lengths - 1).clamp(min=0)[:, None])[:, 0] == lengths
-    if not bool(contiguous.all()):
+    if T > 0:
+        first = mask.float().argmax(1)
+        contiguous = mask.cumsum(1).gather(1, (first + lengths - 1).clamp(min=0)[:, None])[:, 0] == lengths
+    if T > 0 and not bool(contiguous.all()):
         raise ValueError("attention_mask: each row's real tokens must be contiguous (left or right padding)")
     flat = mask.reshape(-1)
     offsets = [0] + torch.cumsum(lengths, 0).tolist()

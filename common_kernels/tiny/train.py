@@ -14,17 +14,29 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from ..errors import InvalidInputError
 from ..model.modeling import RingLinearForCausalLM
 from ..presets import tiny_config
 from .task import make_sample
-from .tokenizer import save_tokenizer
+from .tokenizer import build_tokenizer
 
 TINY_SHARD_SIZE = "1MB"  # small on purpose: the tiny checkpoint is sharded like the released ones
+TRAINING_STATE = "training_state.pt"  # optimizer, schedule and step, saved beside the weights for --resume
+
+
+def refuse_to_overwrite(out: str | os.PathLike) -> None:
+    """A folder that already holds files is not written over unless the caller says so."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InvalidInputError(
+            f"{out} already holds files; pass --overwrite to replace them (or, for train, --resume to continue "
+            "the training saved there)"
+        )
 
 
 def make_tiny_checkpoint(path: str | os.PathLike, seed: int = 0) -> RingLinearForCausalLM:
     """Write a randomly initialised tiny checkpoint (config, shards, index, tokenizer) to `path`."""
-    tokenizer = save_tokenizer(path)
+    tokenizer = build_tokenizer()
     config = tiny_config(
         vocab_size=64,
         pad_token_id=tokenizer.pad_token_id,
@@ -34,16 +46,27 @@ def make_tiny_checkpoint(path: str | os.PathLike, seed: int = 0) -> RingLinearFo
     assert len(tokenizer) <= config.vocab_size
     model = RingLinearForCausalLM(config, dtype=torch.float32)
     model.init_weights(generator=torch.Generator().manual_seed(seed))
-    model.save_pretrained(path, max_shard_size=TINY_SHARD_SIZE)
+    model.save_pretrained(path, max_shard_size=TINY_SHARD_SIZE, tokenizer=tokenizer)
     return model
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `train`, raised once the step reached is saved (a run stopped before its first step saves
+    nothing)."""
+
+    def __init__(self, step: int, steps: int, out: str | os.PathLike) -> None:
+        saved = f"step {step} of {steps} saved to {out} (continue with --resume)" if step else "nothing saved"
+        super().__init__(f"training interrupted: {saved}")
+        self.step = step
 
 
 @dataclass
 class TrainResult:
-    steps: int
+    steps: int  # the step count reached, including steps of a resumed run
     first_loss: float
     last_loss: float
     seconds: float
+    stopped_by_time: bool = False  # the `minutes` cap ended the run before `steps`
 
 
 def encode_batch(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
@@ -64,44 +87,94 @@ def train(
     lr: float = 3e-3,
     seed: int = 0,
     progress: bool = True,
+    save_every: int = 250,
+    overwrite: bool = False,
+    resume: bool = False,
 ) -> TrainResult:
-    """Next-token training on recall samples with AdamW and a cosine schedule; saves to `out`.
+    """Next-token training on recall samples with AdamW and a cosine schedule over `steps` steps.
 
-    Stops after `steps` steps or `minutes` of wall time, whichever comes first.
+    Stops after `steps` steps or `minutes` of wall time, whichever comes first. `out` is written every
+    `save_every` steps, at the end and on Ctrl-C (then KeyboardInterrupt is raised again), each time atomically
+    with the optimizer state, so `resume=True` continues from the last save exactly as if never stopped; Ctrl-C
+    raises `TrainingInterrupted` after its save. An `out` that already holds files is refused unless `overwrite`
+    or `resume`.
     """
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
+    _check_training_arguments(steps, minutes, batch_size, lr, save_every)
+    if resume:
+        if not (Path(out) / TRAINING_STATE).is_file():
+            raise InvalidInputError(f"{out}: no {TRAINING_STATE} to resume from; train into it without --resume")
+        checkpoint = out
+    elif not overwrite:
+        refuse_to_overwrite(out)
     model = RingLinearForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
-    warmup = min(100, steps // 10)
+    warmup = max(1, min(100, steps // 10))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))
     )
-    start, first_loss, loss_avg, done = time.time(), None, None, 0
-    bar = tqdm(range(steps), desc="train", disable=not progress, dynamic_ncols=True, mininterval=1.0)
-    for _ in bar:
-        ids, offsets = encode_batch(tokenizer, [make_sample(rng).text for _ in range(batch_size)])
-        logits = model(ids, cu_seqlens=offsets)
-        targets = ids.clone()
-        targets[torch.tensor(offsets[:-1])] = -100  # a sequence's first token has no prefix
-        loss = F.cross_entropy(logits[:-1], targets[1:], ignore_index=-100)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        schedule.step()
-        first_loss = loss.item() if first_loss is None else first_loss
-        loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
-        done += 1
-        bar.set_postfix(loss=f"{loss_avg:.3f}")
-        if time.time() - start > minutes * 60:
-            break
+    done, first_loss, loss_avg, seconds_before = 0, None, None, 0.0
+    if resume:
+        state = torch.load(Path(out) / TRAINING_STATE, weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        done, first_loss, loss_avg = state["step"], state["first_loss"], state["loss_avg"]
+        seconds_before = state["seconds"]
+    start = time.time()
+
+    def save() -> None:
+        state = {
+            "step": done, "optimizer": opt.state_dict(), "schedule": schedule.state_dict(), "first_loss": first_loss,
+            "loss_avg": loss_avg, "seconds": seconds_before + time.time() - start,
+        }  # fmt: skip
+        model.save_pretrained(
+            out, max_shard_size=TINY_SHARD_SIZE, tokenizer=tokenizer,
+            extra_files=lambda folder: torch.save(state, Path(folder) / TRAINING_STATE),
+        )  # fmt: skip
+
+    bar = tqdm(total=steps, initial=done, desc="train", disable=not progress, dynamic_ncols=True, mininterval=1.0)
+    stopped_by_time = False
+    try:
+        while done < steps:
+            rng = random.Random(f"{seed}:{done}")  # per step: a resumed run draws the same samples
+            ids, offsets = encode_batch(tokenizer, [make_sample(rng).text for _ in range(batch_size)])
+            logits = model(ids, cu_seqlens=offsets)
+            targets = ids.clone()
+            targets[torch.tensor(offsets[:-1])] = -100  # a sequence's first token has no prefix
+            loss = F.cross_entropy(logits[:-1], targets[1:], ignore_index=-100)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            schedule.step()
+            first_loss = loss.item() if first_loss is None else first_loss
+            loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
+            done += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_avg:.3f}")
+            if done < steps and time.time() - start > minutes * 60:
+                stopped_by_time = True
+                break
+            if done % save_every == 0 and done < steps:
+                save()
+    except KeyboardInterrupt:
+        bar.close()
+        if done:
+            save()
+        raise TrainingInterrupted(done, steps, out) from None
     bar.close()
-    Path(out).mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, max_shard_size=TINY_SHARD_SIZE)
-    tokenizer.save_pretrained(out)
-    return TrainResult(steps=done, first_loss=first_loss, last_loss=loss_avg, seconds=time.time() - start)
+    save()
+    seconds = seconds_before + time.time() - start
+    return TrainResult(done, first_loss, loss_avg, seconds, stopped_by_time=stopped_by_time)
+
+
+def _check_training_arguments(steps: int, minutes: float, batch_size: int, lr: float, save_every: int) -> None:
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("save_every", save_every)):
+        if not (isinstance(value, int) and value > 0):
+            raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
+    for name, value in (("minutes", minutes), ("lr", lr)):
+        if not value > 0:  # also refuses NaN
+            raise InvalidInputError(f"{name} must be > 0, got {value!r}")
 
 
 def recall_accuracy(

@@ -36,3 +36,35 @@ def test_console_script_is_installed(tmp_path):
     out = subprocess.run([*cmd, "make-tiny", str(tmp_path)], capture_output=True, text=True, check=True)
     assert "wrote a random tiny" in out.stdout
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "bailing_moe_linear"
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "common_kernels.cli", *args], capture_output=True, text=True)
+
+
+def test_bad_input_gets_one_line_and_a_distinct_exit_status(tmp_path):
+    main(["make-tiny", str(tmp_path / "tiny")])
+    (tmp_path / "empty").mkdir()
+    cases = [  # (arguments, exit status, words the one line must hold)
+        (["generate", str(tmp_path / "nowhere"), "--prompt", "a"], 1, "no such checkpoint folder"),
+        (["generate", str(tmp_path / "empty"), "--prompt", "a"], 1, "no config.json"),
+        (["generate", str(tmp_path / "tiny"), "--prompt", "a!B"], 1, "'!', 'B' is not in this tokenizer's vocabulary"),
+        (["train", str(tmp_path / "tiny"), "--out", str(tmp_path / "tiny")], 1, "already holds files"),
+        (["make-tiny", str(tmp_path / "tiny")], 1, "already holds files"),
+        (["generate", str(tmp_path / "tiny"), "--prompt", "a", "--temperature", "-1"], 2, "must be a number >= 0"),
+        (["generate", str(tmp_path / "tiny"), "--prompt", "a", "--top-p", "0"], 2, "must lie in (0, 1]"),
+        (["generate", str(tmp_path / "tiny"), "--prompt", "a", "--max-new-tokens", "-1"], 2, "must be an integer >= 0"),
+        (["train", str(tmp_path / "tiny"), "--out", str(tmp_path / "o"), "--steps", "0"], 2, "positive integer"),
+        (["train", str(tmp_path / "tiny"), "--out", str(tmp_path / "o"), "--minutes", "0"], 2, "must be a number > 0"),
+    ]
+    for args, status, words in cases:
+        result = _run_cli(*args)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == status, (args, result.stderr)
+        assert words in lines[-1] and "Traceback" not in result.stderr, (args, result.stderr)
+        assert status == 2 or len(lines) == 1, (args, result.stderr)  # argparse adds its usage line
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = _run_cli("--debug", "generate", str(tmp_path / "nowhere"), "--prompt", "a")
+    assert result.returncode == 1 and "Traceback" in result.stderr and "CheckpointError" in result.stderr

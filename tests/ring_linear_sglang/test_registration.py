@@ -83,6 +83,7 @@ def _args(**overrides) -> SimpleNamespace:
         **{
             "tp_size": 1, "pp_size": 1, "speculative_algorithm": None, "enable_dp_attention": False,
             "mamba_radix_cache_strategy": "auto", "disable_radix_cache": False, "mamba_ssm_dtype": None,
+            "disaggregation_mode": "null",
         } | overrides
     )  # fmt: skip
 
@@ -106,6 +107,7 @@ def test_the_settings_check_refuses_what_cannot_run_naming_the_choices(sglang_re
             mamba_radix_cache_strategy="extra_buffer"
         ),
         "--mamba-ssm-dtype 'float16' is not supported": _args(mamba_ssm_dtype="float16"),
+        "disaggregated prefill is not supported.*--disaggregation-mode": _args(disaggregation_mode="prefill"),
     }
     for message, args in refusals.items():
         with pytest.raises(ValueError, match=message):

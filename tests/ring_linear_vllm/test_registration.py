@@ -175,3 +175,12 @@ def test_speculative_decoding_is_refused_with_the_reason(vllm_tools, released_di
     cfg.speculative_config = object()  # any draft method: the state has no per-draft-token copies yet
     with pytest.raises(ValueError, match="speculative decoding is not supported.*--speculative-config"):
         RingLinearEngineConfig.verify_and_update_config(cfg)
+
+
+def test_disaggregated_prefill_is_refused_with_the_reason(vllm_tools, released_dir):
+    from ring_linear_vllm.engine_config import RingLinearEngineConfig
+
+    cfg = vllm_tools.engine_config(released_dir, dtype="bfloat16")
+    cfg.kv_transfer_config = object()  # any connector: none transfers the linear-attention state
+    with pytest.raises(ValueError, match="disaggregated prefill is not supported.*--kv-transfer-config"):
+        RingLinearEngineConfig.verify_and_update_config(cfg)

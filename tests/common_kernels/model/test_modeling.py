@@ -170,7 +170,7 @@ def test_bad_inputs_are_refused(model64):
         model64(ids[0], cu_seqlens=[0, 3])
     with pytest.raises(ValueError, match="cache holds 3 sequences, input has 1"):
         model64(ids[0], cache=model64.new_cache(3))
-    with pytest.raises(ValueError, match="at least one token"):
+    with pytest.raises(ValueError, match="prompt 0 is empty; every prompt needs a token"):
         model64.generate([[]], 2)
     with pytest.raises(ValueError, match="pass input_ids or inputs_embeds"):
         model64()
@@ -225,3 +225,58 @@ def test_use_triton_is_one_flag_resolved_per_forward(monkeypatch):
     if device == "cuda":
         tiny_model(dtype=torch.float32).cuda()(ids.cuda())  # CUDA input, flag unset: the kernels
         assert len(calls) == 8
+
+
+@pytest.fixture(scope="module")
+def random_tiny():
+    model = RingLinearForCausalLM(tiny_config())
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    return model
+
+
+def test_empty_inputs_and_rows_without_tokens_give_zeros(random_tiny):
+    ids = torch.tensor([[3, 4, 5], [6, 7, 8]])
+    masked = random_tiny.token_logprobs(ids, attention_mask=torch.tensor([[1, 1, 0], [0, 0, 0]]))
+    alone = random_tiny.token_logprobs(ids[:1, :2])
+    assert torch.equal(masked[0, :2], alone[0]) and not masked[1].any() and masked[0, 2] == 0
+    assert random_tiny.token_logprobs(ids, attention_mask=torch.zeros(2, 3)).eq(0).all()
+    assert random_tiny.token_logprobs(torch.zeros(0, dtype=torch.long)).shape == (0,)
+    assert random_tiny(torch.zeros(2, 0, dtype=torch.long)).shape == (2, 0, random_tiny.config.vocab_size)
+    assert random_tiny.generate([], 4) == []
+    assert random_tiny.generate([[3, 4]], 0) == [[]]
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda m: m.token_logprobs(torch.tensor([3, m.config.vocab_size])), r"outside the vocabulary \[0, \d+\)"),
+        (lambda m: m(torch.tensor([[3, -1]])), r"holds -1, outside the vocabulary"),
+        (lambda m: m.generate([[3]], 2, temperature=-1.0), "temperature must be >= 0"),
+        (lambda m: m.generate([[3]], 2, temperature=float("nan")), "temperature must be >= 0"),
+        (lambda m: m.generate([[3]], 2, temperature=1.0, top_p=0.0), r"top_p must lie in \(0, 1\]"),
+        (lambda m: m.generate([[3]], -1), "max_new_tokens must be an integer >= 0"),
+        (lambda m: m.generate([[3], []], 2), "prompt 1 is empty"),
+    ],
+)
+def test_bad_arguments_are_named(random_tiny, call, message):
+    from common_kernels import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match=message):
+        call(random_tiny)
+
+
+def test_top_p_keeps_only_the_most_likely_tokens(random_tiny):
+    prompts = [[3, 4, 5]] * 64
+    logits = random_tiny(torch.tensor([3, 4, 5]))[-1]
+    best = int(logits.argmax())
+    sampled = random_tiny.generate(prompts, 1, temperature=1.0, top_p=1e-6, generator=torch.Generator().manual_seed(0))
+    assert {s[0] for s in sampled} == {best}
+
+
+def test_automodel_for_causal_lm_returns_the_shim_without_remote_code(random_tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    random_tiny.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert isinstance(loaded, RingLinearForCausalLM) and loaded.dtype == torch.bfloat16
+    assert torch.equal(loaded.lm_head.weight, random_tiny.lm_head.weight.to(torch.bfloat16))

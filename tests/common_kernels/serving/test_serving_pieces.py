@@ -52,6 +52,8 @@ def test_serving_refusals_name_the_fix():
         check_serving_settings(MINI, 1, speculative_flag="--speculative-algorithm")
     with pytest.raises(ValueError, match="pipeline parallel size 2 is not supported.*use pipeline parallel size 1"):
         check_serving_settings(MINI, 1, pp_size=2, pipeline_parallel_supported=False)
+    with pytest.raises(ValueError, match="disaggregated prefill is not supported.*drop --kv-transfer-config"):
+        check_serving_settings(MINI, 1, kv_transfer_flag="--kv-transfer-config")
 
 
 def test_the_loading_loop_checks_names_and_shapes_and_leaves_placing_to_the_engine():

@@ -1,0 +1,124 @@
+"""Saving never loses the previous checkpoint, and every unreadable config or shard is named: the atomic folder
+swap, an interrupted save, a user's own files kept, and the config and shard errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from common_kernels import CheckpointError, RingLinearConfigError, RingLinearForCausalLM, tiny_config
+from common_kernels.model import checkpoint as checkpoint_module
+
+
+def _model(seed: int) -> RingLinearForCausalLM:
+    model = RingLinearForCausalLM(tiny_config())
+    model.init_weights(generator=torch.Generator().manual_seed(seed))
+    return model
+
+
+def _same_weights(a: RingLinearForCausalLM, b: RingLinearForCausalLM) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_a_save_interrupted_mid_shard_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt"
+    old = _model(0)
+    old.save_pretrained(path, max_shard_size="100KB")
+    before = sorted(p.name for p in path.iterdir())
+    written = []
+
+    def failing_save_file(tensors, filename, metadata=None):
+        if written:  # the second shard: half a file, then the process "dies"
+            with open(filename, "wb") as handle:
+                handle.write(b"\0" * 100)
+            raise OSError("disk full")
+        written.append(filename)
+        return real_save_file(tensors, filename, metadata=metadata)
+
+    real_save_file = checkpoint_module.save_file
+    monkeypatch.setattr(checkpoint_module, "save_file", failing_save_file)
+    with pytest.raises(OSError, match="disk full"):
+        _model(1).save_pretrained(path, max_shard_size="100KB")
+    monkeypatch.undo()
+    assert sorted(p.name for p in path.iterdir()) == before
+    assert _same_weights(RingLinearForCausalLM.from_pretrained(path), old)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no staging folder left behind
+
+
+def test_a_completed_save_replaces_the_checkpoint_and_keeps_the_users_own_files(tmp_path):
+    path = tmp_path / "ckpt"
+    _model(0).save_pretrained(path, max_shard_size="100KB")
+    (path / "NOTES.md").write_text("mine")
+    new = _model(1)
+    new.save_pretrained(path)  # one file now: the old shards and index must not linger
+    assert (path / "NOTES.md").read_text() == "mine"
+    assert not (path / "model.safetensors.index.json").exists() and (path / "model.safetensors").is_file()
+    assert _same_weights(RingLinearForCausalLM.from_pretrained(path), new)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_the_swap_without_an_atomic_exchange_gives_the_same_result(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint_module, "_exchange", lambda a, b: False)
+    path = tmp_path / "ckpt"
+    _model(0).save_pretrained(path)
+    new = _model(1)
+    new.save_pretrained(path)
+    assert _same_weights(RingLinearForCausalLM.from_pretrained(path), new)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_file_where_the_folder_should_be_is_refused(tmp_path):
+    (tmp_path / "ckpt").write_text("not a folder")
+    with pytest.raises(CheckpointError, match="exists and is not a folder"):
+        _model(0).save_pretrained(tmp_path / "ckpt")
+
+
+def _saved(tmp_path):
+    path = tmp_path / "ckpt"
+    _model(0).save_pretrained(path, max_shard_size="100KB")
+    return path
+
+
+def test_a_folder_without_config_json_is_named(tmp_path):
+    path = _saved(tmp_path)
+    (path / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"ckpt: no config.json"):
+        RingLinearForCausalLM.from_pretrained(path)
+    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
+        RingLinearForCausalLM.from_pretrained(tmp_path / "missing")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c.pop("num_hidden_layers"), r"config.json: the config does not state num_hidden_layers"),
+        (lambda c: c.update(model_type="llama"), r"config.json: model_type 'llama' is not a Ring-linear config"),
+        (lambda c: c.update(num_attention_heads=0), r"config.json: .*num_attention_heads=0"),
+    ],
+)
+def test_a_config_missing_a_shape_field_or_of_another_type_is_named(tmp_path, edit, message):
+    path = _saved(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    edit(config)
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RingLinearConfigError, match=message):
+        RingLinearForCausalLM.from_pretrained(path)
+
+
+def test_bad_json_is_named(tmp_path):
+    path = _saved(tmp_path)
+    (path / "config.json").write_text('{"vocab_size": ')
+    with pytest.raises(CheckpointError, match=r"config.json: not valid JSON"):
+        RingLinearForCausalLM.from_pretrained(path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble"])
+def test_a_truncated_or_corrupt_shard_is_named(tmp_path, damage):
+    path = _saved(tmp_path)
+    shard = sorted(path.glob("model-*.safetensors"))[1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\xff" * 64 + data[64:])
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: unreadable safetensors file"):
+        RingLinearForCausalLM.from_pretrained(path)
