@@ -13,6 +13,7 @@
 # Steps:
 #   kernels      pytest -m gpu: the Triton kernels and the shim at real shapes            (~2 min)
 #   engine       pytest -m gpu: the vLLM engine tests on GPU 0 (tiny + Ring-mini dummy)   (~6 min)
+#   faults       the vLLM engine under faults: preemption, aborts, chunk boundaries, 2,000-step decode (not yet run)
 #   tp2          the tensor-parallel-2 engine test (needs 2 GPUs)                         (~4 min)
 #   bench        bench_linear_attn: prefill (bf16 and fp32), decode, backward, H16 and H8 (~5 min)
 #   sweep        sweep_linear_attn: launch settings, bf16 and fp32 prefill                 (~8 min)
@@ -43,6 +44,8 @@ printf '[vllm.general_plugins]\nring_linear = ring_linear_vllm:register\n[sglang
 export PYTHONPATH="$PWD:${site%/*}${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER="${VLLM_USE_FLASHINFER_SAMPLER:-0}"
 
+FAULTS="preemption or aborts or chunked_prefill_boundaries or 2000_step"  # test_engine_gpu.py's fault tests
+
 run() {  # run NAME LIMIT_S COMMAND...: the command's output to OUTDIR/NAME.log, its status to the summary
   local name=$1 limit=$2
   shift 2
@@ -56,7 +59,10 @@ run() {  # run NAME LIMIT_S COMMAND...: the command's output to OUTDIR/NAME.log,
 for step in "$@"; do
   case "$step" in
     kernels) run kernels 300 python3 -m pytest -q -m gpu tests/common_kernels ;;
-    engine) run engine 540 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -m gpu tests/ring_linear_vllm/test_engine_gpu.py -k "not tensor_parallel" ;;
+    engine) run engine 540 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -m gpu tests/ring_linear_vllm/test_engine_gpu.py \
+      -k "not tensor_parallel and not ($FAULTS)" ;;
+    faults) run faults 540 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -m gpu tests/ring_linear_vllm/test_engine_gpu.py \
+      -k "$FAULTS" ;;
     tp2) run tp2 420 python3 -m pytest -q -s -m gpu tests/ring_linear_vllm/test_engine_gpu.py -k tensor_parallel ;;
     bench) run bench 540 python3 -m benchmarks.bench_linear_attn --dtype bf16 fp32 --json "$out/bench.json" ;;
     sweep) run sweep 540 python3 -m benchmarks.sweep_linear_attn ;;

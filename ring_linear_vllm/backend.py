@@ -37,6 +37,12 @@ class RingLinearMetadataBuilder(BailingLinearAttentionMetadataBuilder):
         slots_d = base.state_indices_tensor_d if base.num_decodes > 0 else None
         # full-CUDA-graph decode: the base hands out its persistent slot buffer; the flags follow it
         graph_buffer = _same_storage(slots_d, self.decode_legacy_state_indices_tensor)
+        if graph_buffer != self._replayable_decode(base):
+            raise RuntimeError(
+                "ring-linear: vLLM's linear-attention builder no longer hands a full-CUDA-graph decode batch its "
+                "persistent slot buffer (or hands it to other batches); a captured graph would read another step's "
+                "slots and flags. This vLLM version is not supported: report it with `vllm --version`"
+            )
         heads, _, head_dim_v = self.kv_cache_spec.shapes[0]
         step = build_step(
             common_attn_metadata.query_start_loc,
@@ -54,6 +60,12 @@ class RingLinearMetadataBuilder(BailingLinearAttentionMetadataBuilder):
             decode_fresh_buffer=self.decode_fresh_buffer if graph_buffer else None,
         )
         return RingLinearMetadata(**fields, step=step)
+
+    def _replayable_decode(self, base) -> bool:
+        """Whether vLLM may replay this batch in a full CUDA graph: decodes only, within the captured sizes."""
+        mode = self.compilation_config.cudagraph_mode
+        full = mode is not None and mode.has_full_cudagraphs()
+        return full and base.num_prefills == 0 and 0 < base.num_decodes <= self.decode_cudagraph_max_bs
 
 
 def _host_offsets(common_attn_metadata) -> list[int] | None:

@@ -53,3 +53,29 @@ def test_prefill_only_and_decode_only_batches(builder, vllm_tools):
     step = meta.step
     assert meta.num_prefills == 0 and step.prefill_cu_seqlens is None and step.prefill_plan is None
     assert step.decode_slots.tolist() == [4, 0, 7] and step.decode_fresh.tolist() == [0, 0, 1]
+
+
+def test_full_graph_decodes_get_the_persistent_slot_and_flag_buffers(builder, vllm_tools, monkeypatch):
+    """A decode batch vLLM may replay in a full CUDA graph reads its slots and fresh flags from the builder's
+    persistent buffers (the addresses the graph captured); the builder refuses a vLLM whose base class stops
+    handing out the slot buffer, instead of letting a graph replay another step's slots."""
+    from vllm.config import CUDAGraphMode
+
+    monkeypatch.setattr(builder.compilation_config, "cudagraph_mode", CUDAGraphMode.FULL_AND_PIECEWISE)
+    common = vllm_tools.common_metadata([1, 1, 1], [3, 8, 1], [4, 0, 7], builder.device)
+    step = builder.build(0, common).step
+    assert step.decode_slots.untyped_storage().data_ptr() == builder.decode_legacy_state_indices_tensor.data_ptr()
+    assert step.decode_fresh.untyped_storage().data_ptr() == builder.decode_fresh_buffer.data_ptr()
+    assert step.decode_fresh.tolist() == [0, 0, 1]
+    from vllm.v1.attention.backends.linear_attn import BailingLinearAttentionMetadataBuilder as Base
+
+    base_build = Base.build
+
+    def build_with_a_copy(self, *args, **kwargs):  # a vLLM whose builder stopped using its persistent buffer
+        metadata = base_build(self, *args, **kwargs)
+        metadata.state_indices_tensor_d = metadata.state_indices_tensor_d.clone()
+        return metadata
+
+    monkeypatch.setattr(Base, "build", build_with_a_copy)
+    with pytest.raises(RuntimeError, match="persistent slot buffer"):
+        builder.build(0, common)

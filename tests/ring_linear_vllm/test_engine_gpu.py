@@ -1,6 +1,7 @@
 """End to end on a GPU through `vllm.LLM` and `vllm serve`, against the training shim.
 
-Run on the GPU machine (vLLM staged per shared/gpu-env) with `-m gpu`. The tiny checkpoint is the trained
+Run on the GPU machine (vLLM staged per shared/gpu-env) with `-m gpu` (`gpu_checks.sh engine` and, for the
+tests of the engine under faults at the end, `gpu_checks.sh faults`). The tiny checkpoint is the trained
 one from `ring-linear demo` when RING_LINEAR_TINY_CHECKPOINT points at it, else one trained here.
 Measured differences are printed (pytest -s) as well as asserted.
 """
@@ -241,3 +242,111 @@ def test_no_kernel_of_ours_compiles_while_serving(tmp_path, monkeypatch):
         free(llm)
     print(f"\nour kernels compiled while serving: {compiled or 'none'}")
     assert compiled == []
+
+
+# ----- the engine under faults: forced preemption, aborts with reused slots, chunked-prefill boundaries at
+# every offset, a long decode; each surviving request's greedy tokens and logprobs equal a clean run's
+
+
+def _prompts(seed: int, lengths) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 64) for _ in range(n)] for n in lengths]
+
+
+def _tokens_and_logprobs(outputs) -> list[tuple[list[int], list[float]]]:
+    return [
+        (list(o.outputs[0].token_ids), [next(iter(d.values())).logprob for d in o.outputs[0].logprobs]) for o in outputs
+    ]
+
+
+def _clean_run(model, prompts, max_tokens) -> list[tuple[list[int], list[float]]]:
+    llm = make_llm(model)
+    try:
+        return _tokens_and_logprobs(generate(llm, prompts, max_tokens, logprobs=0))
+    finally:
+        free(llm)
+
+
+def _assert_same(got, want, what: str) -> None:
+    differ = [i for i, (g, w) in enumerate(zip(got, want, strict=True)) if g[0] != w[0]]
+    pairs = [(a, b) for g, w in zip(got, want, strict=True) for a, b in zip(g[1], w[1], strict=False)]
+    gap = max((abs(a - b) for a, b in pairs), default=0.0)
+    print(f"\n[{what}] {len(got) - len(differ)}/{len(got)} token sequences equal; max logprob difference {gap:.2e}")
+    assert not differ, f"{what}: requests {differ} differ from the clean run"
+    assert gap <= 1e-4, f"{what}: logprobs differ by {gap:.2e}"
+
+
+def test_forced_preemption_under_64_concurrent_requests(tiny_trained):
+    prompts = _prompts(11, [random.Random(11).randint(50, 400) for _ in range(64)])
+    want = _clean_run(tiny_trained, prompts, 48)
+    llm = make_llm(tiny_trained, num_gpu_blocks_override=24, max_num_batched_tokens=256)
+    try:
+        got = _tokens_and_logprobs(generate(llm, prompts, 48, logprobs=0))
+        preemptions = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+    finally:
+        free(llm)
+    print(f"\npreemptions: {preemptions}")
+    assert preemptions > 0, "no request was preempted: lower num_gpu_blocks_override"
+    _assert_same(got, want, "preemption")
+
+
+def test_aborts_mid_prefill_and_mid_decode_then_reused_slots(tiny_trained):
+    from vllm import SamplingParams, TokensPrompt
+
+    prompts = _prompts(12, [300, 5, 200, 1, 150, 64, 250, 33])
+    late = _prompts(13, [120, 7, 260, 40])
+    want = _clean_run(tiny_trained, prompts + late, 24)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=0)
+    llm = make_llm(tiny_trained, max_num_batched_tokens=64, enable_chunked_prefill=True)
+    engine = llm.llm_engine
+    finished = {}
+    try:
+        for i, prompt in enumerate(prompts):
+            engine.add_request(str(i), TokensPrompt(prompt_token_ids=prompt), params)
+        engine.step()  # the first chunks: the 300- and 200-token prompts are mid-prefill
+        engine.abort_request(["0", "2"])
+        for _ in range(12):  # now the short ones are decoding
+            finished |= {o.request_id: o for o in engine.step() if o.finished}
+        engine.abort_request(["1", "3"])
+        for j, prompt in enumerate(late):  # new requests take the freed slots
+            engine.add_request(f"late{j}", TokensPrompt(prompt_token_ids=prompt), params)
+        while engine.has_unfinished_requests():
+            finished |= {o.request_id: o for o in engine.step() if o.finished}
+    finally:
+        free(llm)
+    survivors = [str(i) for i in range(len(prompts)) if str(i) not in {"0", "1", "2", "3"}]
+    survivors += [f"late{j}" for j in range(len(late))]
+    got = _tokens_and_logprobs([finished[r] for r in survivors])
+    index = {str(i): i for i in range(len(prompts))} | {f"late{j}": len(prompts) + j for j in range(len(late))}
+    _assert_same(got, [want[index[r]] for r in survivors], "aborts")
+
+
+@pytest.mark.parametrize("budget", [16, 17])
+def test_chunked_prefill_boundaries_at_every_offset(tiny_trained, budget):
+    rng = random.Random(14)
+    prompts = _prompts(
+        14, [1, 2, budget - 1, budget, budget + 1, 2 * budget + 1, 300] + [rng.randint(1, 300) for _ in range(25)]
+    )
+    want = _clean_run(tiny_trained, prompts, 8)
+    llm = make_llm(tiny_trained, max_num_batched_tokens=budget, enable_chunked_prefill=True, max_num_seqs=16)
+    try:
+        got = _tokens_and_logprobs(generate(llm, prompts, 8, logprobs=0))
+    finally:
+        free(llm)
+    _assert_same(got, want, f"chunked prefill, {budget}-token steps")
+
+
+def test_a_2000_step_decode_follows_the_shim(tiny_trained):
+    prompt = _prompts(15, [40])[0]
+    shim = RingLinearForCausalLM.from_pretrained(tiny_trained, dtype=torch.float32, device="cuda")
+    with torch.no_grad():
+        want = shim.generate([prompt], 2000)[0]
+    del shim
+    llm = make_llm(tiny_trained, max_model_len=2048 + 64)
+    try:
+        got = list(generate(llm, [prompt], 2000)[0].outputs[0].token_ids)
+    finally:
+        free(llm)
+    first = next((i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), None)
+    print(f"\n2000-step decode: first difference at step {first}")
+    assert first is None
