@@ -7,6 +7,7 @@ exit status 1 (2 for arguments argparse refuses, 130 for Ctrl-C); `--debug` show
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import random
 import sys
@@ -54,12 +55,11 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from transformers import AutoTokenizer
-
     from .model.modeling import RingLinearForCausalLM
+    from .tiny.train import load_tokenizer
 
-    model = RingLinearForCausalLM.from_pretrained(args.checkpoint, dtype=_dtype(args.dtype))
-    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+    model = RingLinearForCausalLM.from_pretrained(args.checkpoint, dtype=_dtype(args.dtype), report_all_errors=False)
+    tokenizer = load_tokenizer(args.checkpoint)
     prompts = [_encode(tokenizer, p) for p in args.prompt]
     outputs = model.generate(
         prompts,
@@ -87,11 +87,9 @@ def _encode(tokenizer, prompt: str) -> list[int]:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from transformers import AutoTokenizer
-
     from .model.modeling import RingLinearForCausalLM
     from .tiny.task import make_sample
-    from .tiny.train import make_tiny_checkpoint, recall_accuracy, refuse_to_overwrite, train
+    from .tiny.train import load_tokenizer, make_tiny_checkpoint, recall_accuracy, refuse_to_overwrite, train
 
     out = Path(args.out)
     if not args.overwrite:
@@ -99,7 +97,7 @@ def _demo(args: argparse.Namespace) -> None:
     start = time.time()
     make_tiny_checkpoint(out / "init", seed=args.seed)
     print(f"[1/3] random tiny checkpoint -> {out / 'init'}")
-    tokenizer = AutoTokenizer.from_pretrained(out / "init")
+    tokenizer = load_tokenizer(out / "init")
     before = recall_accuracy(RingLinearForCausalLM.from_pretrained(out / "init"), tokenizer)
     print(f"[2/3] training on associative recall for up to {args.minutes} min (chance: 10%)")
     result = train(
@@ -123,39 +121,28 @@ def _demo(args: argparse.Namespace) -> None:
     print(f"done in {time.time() - start:.0f}s; trained checkpoint: {out / 'trained'}")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _argument_type(parse, accept, rule: str):
+    """An argparse `type` that parses with `parse` and refuses what `accept` rejects, naming `rule`."""
+
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    convert.__name__ = rule  # argparse names the type by it
+    return convert
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
-    return value
+_positive_int = _argument_type(int, lambda v: v > 0, "a positive integer")
+_non_negative_int = _argument_type(int, lambda v: v >= 0, "an integer >= 0")
+_seed = _argument_type(int, lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)")
+_positive_float = _argument_type(float, lambda v: 0 < v < math.inf, "a number > 0")
+_non_negative_float = _argument_type(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+_probability = _argument_type(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -166,11 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ring-linear", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
+    debug = argparse.ArgumentParser(add_help=False)  # also accepted after the subcommand
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
+    sub.add_parser = functools.partial(sub.add_parser, parents=[debug])
     overwrite = {"action": "store_true", "help": "replace what the output folder holds"}
 
     p = sub.add_parser("make-tiny", help="write a random tiny checkpoint (HF format, with tokenizer)")
     p.add_argument("out")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--overwrite", **overwrite)
     p.set_defaults(func=_make_tiny)
 
@@ -181,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=_positive_float, default=8.0, help="wall-time budget")
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--lr", type=_positive_float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--save-every", type=_positive_int, default=250, help="steps between saves (also saved on Ctrl-C)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--overwrite", **overwrite)
@@ -195,14 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 is greedy")
     p.add_argument("--top-p", type=_probability, default=1.0, help="nucleus sampling (with --temperature > 0)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], default="float32")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("demo", help="make, train and evaluate the tiny model end to end (the README's main command)")
     p.add_argument("--out", default="runs/tiny")
     p.add_argument("--steps", type=_positive_int, default=1500)
     p.add_argument("--minutes", type=_positive_float, default=8.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--overwrite", **overwrite)
     p.set_defaults(func=_demo)
     return parser
@@ -216,11 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as interrupt:
         print(f"ring-linear: {interrupt or 'interrupted'}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (RingLinearError, OSError) as error:
+    except Exception as error:  # one line for every failure; the project's own errors name the fix
         if args.debug:
             traceback.print_exc()
         else:
-            print(f"ring-linear {args.command}: error: {error} (--debug shows the traceback)", file=sys.stderr)
+            kind = "" if isinstance(error, RingLinearError | OSError) else f"{type(error).__name__}: "
+            print(f"ring-linear {args.command}: error: {kind}{error} (--debug shows the traceback)", file=sys.stderr)
         return EXIT_ERROR
     return 0
 

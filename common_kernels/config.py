@@ -38,6 +38,26 @@ REQUIRED_FIELDS = (
     "num_experts",
     "num_experts_per_tok",
 )
+# The JSON type of each numeric field, checked before transformers' own checks compare them (a quoted "64"
+# would fail there with a bare TypeError).
+_INTEGER_FIELDS = (
+    *REQUIRED_FIELDS, "head_dim", "group_norm_size", "moe_shared_expert_intermediate_size", "num_shared_experts",
+    "n_group", "topk_group", "first_k_dense_replace", "num_nextn_predict_layers", "max_position_embeddings",
+)  # fmt: skip
+_REAL_FIELDS = ("routed_scaling_factor", "partial_rotary_factor", "rope_theta", "rms_norm_eps", "initializer_range")
+FIELD_KINDS = (
+    dict.fromkeys(_INTEGER_FIELDS, "an integer")
+    | dict.fromkeys(_REAL_FIELDS, "a number")
+    | dict.fromkeys(("rope_scaling", "rope_parameters"), "an object")
+)
+
+
+def _has_kind(value: Any, kind: str) -> bool:
+    if kind == "an object":
+        return isinstance(value, dict)
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) if kind == "an integer" else isinstance(value, int | float)
 
 
 ARCHITECTURES = (
@@ -254,12 +274,18 @@ class RingLinearConfig(PretrainedConfig):
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> RingLinearConfig:
         """A config read from a file (transformers' and the engines' loading path): its `model_type` must be ours
         and it must state every field in `REQUIRED_FIELDS`; anything else defaults to Ring-mini's value."""
+        if not isinstance(config_dict, dict):
+            raise RingLinearConfigError(f"the config must be a JSON object of fields, got {type(config_dict).__name__}")
         model_type = config_dict.get("model_type", cls.model_type)
         if model_type != cls.model_type:
             raise RingLinearConfigError(
                 f"model_type {model_type!r} is not a Ring-linear config (expected {cls.model_type!r}): "
                 "load this checkpoint with the class for its own model type"
             )
+        for name, value in config_dict.items():
+            kind = FIELD_KINDS.get(name)
+            if kind is not None and value is not None and not _has_kind(value, kind):
+                raise RingLinearConfigError(f"{name}={value!r}: must be {kind} (JSON, without quotes)")
         missing = [name for name in REQUIRED_FIELDS if name not in config_dict]
         if missing:
             raise RingLinearConfigError(

@@ -33,6 +33,7 @@ from ..errors import RingLinearError
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+TRAINING_STATE = "training_state.pt"  # a trainer's optimizer, schedule and step, saved with the weights
 SHARD_PATTERN = "model{suffix}.safetensors"
 
 # Tensors some exporters write that carry nothing the model needs: the decay is recomputed from the
@@ -63,7 +64,7 @@ def read_config(path: str | os.PathLike) -> RingLinearConfig:
         raise CheckpointError(f"{file}: not valid JSON ({error})") from None
     try:
         return RingLinearConfig.from_dict(config_dict)
-    except RingLinearConfigError as error:
+    except RingLinearConfigError as error:  # the file named, as transformers' own loading path cannot
         raise RingLinearConfigError(f"{file}: {error}") from None
 
 
@@ -124,8 +125,17 @@ def checkpoint_files(path: str | os.PathLike) -> list[Path]:
     path = Path(path)
     index = path / SAFE_WEIGHTS_INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [path / name for name in dict.fromkeys(weight_map.values())]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = [str(Path(name)) for name in dict.fromkeys(weight_map.values()) if isinstance(name, str)]
+            if len(names) != len(set(weight_map.values())):
+                raise TypeError("a file name that is not a string")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
+            raise CheckpointError(
+                f"{index}: not a safetensors index ({type(error).__name__}: {error}); it needs a "
+                '"weight_map" of tensor name -> file name: copy or save the checkpoint again'
+            ) from None
+        return [path / name for name in names]
     single = path / SAFE_WEIGHTS_NAME
     if single.is_file():
         return [single]
@@ -137,6 +147,8 @@ def _open_shard(file: Path) -> Iterator:
     """`safe_open` with the file named when it is missing, truncated or corrupt."""
     if not file.is_file():
         raise CheckpointError(f"{file}: listed in {SAFE_WEIGHTS_INDEX_NAME} but missing")
+    if not os.access(file, os.R_OK):
+        raise CheckpointError(f"{file}: not readable (permission denied)")
     try:
         with safe_open(file, framework="pt") as handle:
             yield handle
@@ -228,31 +240,73 @@ def save_weights(
 # Files a save writes; anything else already in the target folder (a README, a tokenizer, notes) is carried
 # over into the new folder, so replacing a checkpoint never drops a user's own files.
 _WRITTEN = re.compile(
-    r"^(model.*\.safetensors|" + re.escape(SAFE_WEIGHTS_INDEX_NAME) + "|" + re.escape(CONFIG_NAME) + ")$"
+    r"^(model.*\.safetensors|"
+    + "|".join(re.escape(name) for name in (SAFE_WEIGHTS_INDEX_NAME, CONFIG_NAME, TRAINING_STATE))
+    + ")$"
 )
 
 
 @contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty folder beside `path` to write a checkpoint into; when the block finishes, its files are
-    flushed to disk and the folder takes `path`'s place in one rename (files of the old folder that the save
-    did not write are kept). If the block raises, `path` is left untouched and the temporary folder removed."""
+    flushed to disk and the folder takes `path`'s place in one rename. Files of the old folder that the save did
+    not write (a README, notes) are carried over as hard links, so nothing is copied and nothing dropped; a
+    target holding subfolders is refused, as no checkpoint does. If the block raises, `path` is left untouched
+    and the temporary folder removed."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise CheckpointError(f"{path}: exists and is not a folder; choose another output path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.saving-", dir=path.parent))
+    keep = _files_to_keep(path)
+    staging = _make_staging(path)
     try:
         yield staging
-        if path.is_dir():
-            for old in path.iterdir():
-                if not _WRITTEN.match(old.name) and not (staging / old.name).exists():
-                    (shutil.copytree if old.is_dir() else shutil.copy2)(old, staging / old.name)
+        for old in keep:
+            if not (staging / old.name).exists():
+                _link_or_copy(old, staging / old.name)
         _fsync_tree(staging)
         _swap_into_place(staging, path)
         _fsync(path.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # after a swap it holds the previous checkpoint
+
+
+def _files_to_keep(path: Path) -> list[Path]:
+    """The files of an existing target a save does not write; refuses a target that is not a folder of files."""
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path}: exists and is not a folder; choose another output path")
+    if not path.is_dir():
+        return []
+    entries = list(path.iterdir())
+    folders = [entry.name for entry in entries if entry.is_dir()]
+    if folders:
+        raise CheckpointError(
+            f"{path}: holds folders ({', '.join(sorted(folders)[:3])}), so it is not a checkpoint folder; nothing was "
+            "written: save into a new or empty folder"
+        )
+    return [entry for entry in entries if not _WRITTEN.match(entry.name)]
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Raise `CheckpointError` now if a checkpoint could not be saved at `path` (before hours of work)."""
+    path = Path(path)
+    _files_to_keep(path)
+    shutil.rmtree(_make_staging(path))
+
+
+def _make_staging(path: Path) -> Path:
+    """The temporary folder beside `path` (same file system, so the final rename is atomic)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{path.name}.saving-", dir=path.parent))
+    except FileExistsError:
+        raise CheckpointError(f"{path}: a file stands where a folder of this path should be") from None
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot write beside it ({error.strerror})") from None
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # a file system without hard links
+        shutil.copy2(source, target)
 
 
 def _fsync(path: Path) -> None:

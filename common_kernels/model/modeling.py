@@ -154,10 +154,11 @@ class RingLinearForCausalLM(nn.Module):
         unknown = sorted(set(kwargs) - _HUB_KWARGS - {"_commit_hash", "trust_remote_code"})
         if unknown:
             raise InvalidInputError(f"RingLinearForCausalLM.from_pretrained: unknown argument(s) {', '.join(unknown)}")
+        if config is not None and not isinstance(config, RingLinearConfig):
+            raise InvalidInputError(f"config must be a RingLinearConfig, got {type(config).__name__}")
         config = read_config(path) if config is None else config
         check_checkpoint(config, path, report_all_errors=report_all_errors)
-        dtype = None if dtype == "auto" else (getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-        dtype = dtype or config.checkpoint_dtype() or torch.float32
+        dtype = _model_dtype(dtype) or config.checkpoint_dtype() or torch.float32
         with torch.device("meta"):
             model = cls(config, dtype=dtype, use_triton=use_triton)
         model.to_empty(device=device)
@@ -240,6 +241,8 @@ class RingLinearForCausalLM(nn.Module):
         and log-softmax run `chunk_size` tokens at a time, so `[T, V]` logits are never held at once.
         Differentiable.
         """
+        if not (isinstance(chunk_size, int) and chunk_size > 0):
+            raise InvalidInputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         hidden, packed_ids, offsets, restore = self._hidden(
             input_ids, position_ids, cu_seqlens, attention_mask, None, None
         )
@@ -263,6 +266,7 @@ class RingLinearForCausalLM(nn.Module):
         source = input_ids if input_ids is not None else inputs_embeds
         if source is None:
             raise ValueError("pass input_ids or inputs_embeds")
+        _check_input_tensors(input_ids, inputs_embeds, attention_mask, position_ids, self.config.hidden_size)
         padded = source.dim() == (2 if input_ids is not None else 3)
         if padded:
             if cu_seqlens is not None:
@@ -273,7 +277,7 @@ class RingLinearForCausalLM(nn.Module):
                 raise ValueError("attention_mask describes padded [B, T] input; packed [T] input uses cu_seqlens")
             ids, embeds, positions = input_ids, inputs_embeds, position_ids
             T = source.shape[0]
-            offsets = [0, T] if cu_seqlens is None else [int(x) for x in torch.as_tensor(cu_seqlens).tolist()]
+            offsets = [0, T] if cu_seqlens is None else _offsets(cu_seqlens)
             _check_offsets(offsets, T)
 
             def restore(x):
@@ -310,15 +314,14 @@ class RingLinearForCausalLM(nn.Module):
 
         Greedy when `temperature == 0` (ties to the lowest token id), else sampled from
         `softmax(logits / temperature)`, restricted to the smallest set of most likely tokens whose
-        probability reaches `top_p`. A sequence stops after `eos_token_id`. No prompts give no outputs.
+        probability reaches `top_p` (the most likely token always stays). A sequence stops after `eos_token_id`
+        (one id or several). No prompts give no outputs.
         """
         _check_sampling(max_new_tokens, temperature, top_p)
-        if any(len(p) == 0 for p in prompts):
-            raise InvalidInputError(
-                f"generate: prompt {[len(p) for p in prompts].index(0)} is empty; every prompt needs a token"
-            )
+        _check_prompts(prompts, self.config.vocab_size)
         if not prompts:
             return []
+        stop = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
         cache = self.new_cache(len(prompts))
         ids = torch.tensor([t for p in prompts for t in p], device=self.device)
         offsets = [0]
@@ -332,7 +335,7 @@ class RingLinearForCausalLM(nn.Module):
             for n, token in enumerate(next_ids.tolist()):
                 if not done[n]:
                     outputs[n].append(token)
-                    done[n] = token == eos_token_id
+                    done[n] = token in stop
             if all(done) or step == max_new_tokens - 1:
                 break
             logits = self(next_ids, cu_seqlens=list(range(len(prompts) + 1)), cache=cache)
@@ -342,21 +345,83 @@ class RingLinearForCausalLM(nn.Module):
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
     if temperature == 0.0:
         return torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, 0]
-    probs = torch.softmax(logits / temperature, dim=-1)
+    # in float64 with the max subtracted first: a tiny temperature sends the others to -inf, never the row to NaN
+    logits = logits.double()
+    probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, dim=-1)
     if top_p < 1.0:
         ranked, order = torch.sort(probs, dim=-1, descending=True, stable=True)
         outside = ranked.cumsum(-1) - ranked >= top_p  # after the most likely tokens have reached top_p
+        outside[:, 0] = False
         probs = probs.scatter(1, order, ranked.masked_fill(outside, 0.0))
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+_MODEL_DTYPES = {name: getattr(torch, name) for name in ("float32", "bfloat16", "float16", "float64")}
+
+
+def _model_dtype(dtype) -> torch.dtype | None:
+    """A parameter dtype by name or value; None (and "auto") for the checkpoint's own."""
+    if dtype is None or dtype == "auto":
+        return None
+    chosen = _MODEL_DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+    if chosen not in _MODEL_DTYPES.values():
+        raise InvalidInputError(f"dtype {dtype!r}: use one of {', '.join(_MODEL_DTYPES)} (or 'auto')")
+    return chosen
+
+
 def _check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
-    if not (isinstance(max_new_tokens, int) and max_new_tokens >= 0):
+    if not (isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool) and max_new_tokens >= 0):
         raise InvalidInputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if not temperature >= 0:  # also refuses NaN
-        raise InvalidInputError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
-    if not 0 < top_p <= 1:
+    if not (_is_number(temperature) and 0 <= temperature < float("inf")):  # also refuses NaN
+        raise InvalidInputError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
+    if not (_is_number(top_p) and 0 < top_p <= 1):
         raise InvalidInputError(f"top_p must lie in (0, 1] (1 keeps every token), got {top_p!r}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_prompts(prompts, vocab_size: int) -> None:
+    if not isinstance(prompts, list | tuple) or not all(isinstance(p, list | tuple) for p in prompts):
+        raise InvalidInputError("generate: prompts must be a list of token-id lists, e.g. [[1, 5, 9], [1, 7]]")
+    for n, prompt in enumerate(prompts):
+        if not prompt:
+            raise InvalidInputError(f"generate: prompt {n} is empty; every prompt needs a token")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in prompt):
+            raise InvalidInputError(f"generate: prompt {n} holds a token id outside the vocabulary [0, {vocab_size})")
+
+
+def _check_input_tensors(input_ids, inputs_embeds, attention_mask, position_ids, hidden_size: int) -> None:
+    """Types and shapes, named, before anything deep in the model trips over them."""
+    for name, value in (("input_ids", input_ids), ("inputs_embeds", inputs_embeds), ("attention_mask", attention_mask),
+                        ("position_ids", position_ids)):  # fmt: skip
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise InvalidInputError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if input_ids is not None:
+        if input_ids.dim() not in (1, 2) or input_ids.dtype == torch.bool or input_ids.is_floating_point():
+            raise InvalidInputError(
+                f"input_ids must be integer token ids shaped [T] (packed) or [B, T] (padded), got "
+                f"{input_ids.dtype} of shape {tuple(input_ids.shape)}"
+            )
+    elif inputs_embeds.dim() not in (2, 3) or inputs_embeds.shape[-1] != hidden_size:
+        raise InvalidInputError(
+            f"inputs_embeds must be shaped [T, {hidden_size}] or [B, T, {hidden_size}], "
+            f"got {tuple(inputs_embeds.shape)}"
+        )
+    source_shape = (input_ids if input_ids is not None else inputs_embeds).shape
+    tokens_shape = source_shape if input_ids is not None else source_shape[:-1]
+    if position_ids is not None and tuple(position_ids.shape) != tuple(tokens_shape):
+        raise InvalidInputError(f"position_ids has shape {tuple(position_ids.shape)}, expected {tuple(tokens_shape)}")
+    if attention_mask is not None and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise InvalidInputError("attention_mask must hold only 0 (padding) and 1 (token)")
+
+
+def _offsets(cu_seqlens) -> list[int]:
+    values = torch.as_tensor(cu_seqlens)
+    if values.dim() != 1 or values.is_floating_point() or values.dtype == torch.bool:
+        raise InvalidInputError(f"cu_seqlens must be a 1-D list or tensor of integer offsets, got {cu_seqlens!r}")
+    return [int(x) for x in values.tolist()]
 
 
 def _check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:

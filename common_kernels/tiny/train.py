@@ -14,20 +14,35 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, RingLinearError
+from ..model.checkpoint import TRAINING_STATE, CheckpointError, check_writable
 from ..model.modeling import RingLinearForCausalLM
 from ..presets import tiny_config
 from .task import make_sample
 from .tokenizer import build_tokenizer
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # any one makes a loadable tokenizer
 TINY_SHARD_SIZE = "1MB"  # small on purpose: the tiny checkpoint is sharded like the released ones
-TRAINING_STATE = "training_state.pt"  # optimizer, schedule and step, saved beside the weights for --resume
+
+
+def load_tokenizer(checkpoint: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer; a missing or broken one is a `CheckpointError` naming the folder."""
+    if not any((Path(checkpoint) / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{checkpoint}: no tokenizer ({', '.join(TOKENIZER_FILES)}); copy the checkpoint's tokenizer files into it"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(checkpoint)
+    except Exception as error:  # transformers raises many kinds for a damaged tokenizer file
+        raise CheckpointError(f"{checkpoint}: unreadable tokenizer ({type(error).__name__}: {error})") from None
 
 
 def refuse_to_overwrite(out: str | os.PathLike) -> None:
     """A folder that already holds files is not written over unless the caller says so."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise InvalidInputError(f"{out}: exists and is not a folder; choose another output path")
+    if out.exists() and any(out.iterdir()):
         raise InvalidInputError(
             f"{out} already holds files; pass --overwrite to replace them (or, for train, --resume to continue "
             "the training saved there)"
@@ -48,6 +63,10 @@ def make_tiny_checkpoint(path: str | os.PathLike, seed: int = 0) -> RingLinearFo
     model.init_weights(generator=torch.Generator().manual_seed(seed))
     model.save_pretrained(path, max_shard_size=TINY_SHARD_SIZE, tokenizer=tokenizer)
     return model
+
+
+class TrainingDiverged(RingLinearError):
+    """The loss became NaN or infinite; nothing of that step is saved."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -100,14 +119,15 @@ def train(
     or `resume`.
     """
     _check_training_arguments(steps, minutes, batch_size, lr, save_every)
+    arguments = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}
     if resume:
-        if not (Path(out) / TRAINING_STATE).is_file():
-            raise InvalidInputError(f"{out}: no {TRAINING_STATE} to resume from; train into it without --resume")
+        state = _read_training_state(Path(out), arguments)
         checkpoint = out
     elif not overwrite:
         refuse_to_overwrite(out)
-    model = RingLinearForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    check_writable(out)  # before the first step, not after minutes of training
+    model = RingLinearForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, report_all_errors=False)
+    tokenizer = load_tokenizer(checkpoint)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = max(1, min(100, steps // 10))
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -115,7 +135,6 @@ def train(
     )
     done, first_loss, loss_avg, seconds_before = 0, None, None, 0.0
     if resume:
-        state = torch.load(Path(out) / TRAINING_STATE, weights_only=True)
         opt.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         done, first_loss, loss_avg = state["step"], state["first_loss"], state["loss_avg"]
@@ -125,7 +144,7 @@ def train(
     def save() -> None:
         state = {
             "step": done, "optimizer": opt.state_dict(), "schedule": schedule.state_dict(), "first_loss": first_loss,
-            "loss_avg": loss_avg, "seconds": seconds_before + time.time() - start,
+            "loss_avg": loss_avg, "seconds": seconds_before + time.time() - start, "arguments": arguments,
         }  # fmt: skip
         model.save_pretrained(
             out, max_shard_size=TINY_SHARD_SIZE, tokenizer=tokenizer,
@@ -142,6 +161,12 @@ def train(
             targets = ids.clone()
             targets[torch.tensor(offsets[:-1])] = -100  # a sequence's first token has no prefix
             loss = F.cross_entropy(logits[:-1], targets[1:], ignore_index=-100)
+            if not torch.isfinite(loss):
+                saved = f"the last save ({out}) is from step {done - done % save_every}" if done >= save_every else ""
+                raise TrainingDiverged(
+                    f"training diverged at step {done + 1}: the loss is {loss.item()}; lower --lr (now {lr:g}). "
+                    + (saved or "nothing was saved")
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -168,13 +193,32 @@ def train(
     return TrainResult(done, first_loss, loss_avg, seconds, stopped_by_time=stopped_by_time)
 
 
+def _read_training_state(out: Path, arguments: dict) -> dict:
+    """The saved trainer state of `out`, refused when it is missing, unreadable, or from other arguments (a
+    resumed run continues exactly only with the same steps, batch size, learning rate and seed)."""
+    file = out / TRAINING_STATE
+    if not file.is_file():
+        raise InvalidInputError(f"{out}: no {TRAINING_STATE} to resume from; train into it without --resume")
+    try:
+        state = torch.load(file, weights_only=True)
+        saved = state["arguments"]
+        state["optimizer"], state["schedule"], state["step"]  # noqa: B018 - present, or KeyError below
+    except Exception as error:  # a truncated or foreign file: pickle, EOF, key and type errors alike
+        raise CheckpointError(f"{file}: unreadable trainer state ({type(error).__name__}: {error})") from None
+    changed = [f"--{name.replace('_', '-')} {arguments[name]} (saved: {saved[name]})" for name in arguments
+               if saved.get(name) != arguments[name]]  # fmt: skip
+    if changed:
+        raise InvalidInputError(f"{out}: --resume needs the saved run's arguments; differing: {', '.join(changed)}")
+    return state
+
+
 def _check_training_arguments(steps: int, minutes: float, batch_size: int, lr: float, save_every: int) -> None:
     for name, value in (("steps", steps), ("batch_size", batch_size), ("save_every", save_every)):
         if not (isinstance(value, int) and value > 0):
             raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
     for name, value in (("minutes", minutes), ("lr", lr)):
-        if not value > 0:  # also refuses NaN
-            raise InvalidInputError(f"{name} must be > 0, got {value!r}")
+        if not 0 < value < float("inf"):  # also refuses NaN
+            raise InvalidInputError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def recall_accuracy(

@@ -52,7 +52,9 @@ def test_bad_input_gets_one_line_and_a_distinct_exit_status(tmp_path):
         (["train", str(tmp_path / "tiny"), "--out", str(tmp_path / "tiny")], 1, "already holds files"),
         (["make-tiny", str(tmp_path / "tiny")], 1, "already holds files"),
         (["generate", str(tmp_path / "tiny"), "--prompt", "a", "--temperature", "-1"], 2, "must be a number >= 0"),
-        (["generate", str(tmp_path / "tiny"), "--prompt", "a", "--top-p", "0"], 2, "must lie in (0, 1]"),
+        (["generate", str(tmp_path / "tiny"), "--prompt", "a", "--top-p", "0"], 2, "must be a number in (0, 1]"),
+        (["generate", str(tmp_path / "tiny"), "--prompt", "a", "--seed", str(2**70)], 2, "an integer in [0, 2**63)"),
+        (["train", str(tmp_path / "tiny"), "--out", str(tmp_path / "o"), "--steps", "x"], 2, "integer, got 'x'"),
         (["generate", str(tmp_path / "tiny"), "--prompt", "a", "--max-new-tokens", "-1"], 2, "must be an integer >= 0"),
         (["train", str(tmp_path / "tiny"), "--out", str(tmp_path / "o"), "--steps", "0"], 2, "positive integer"),
         (["train", str(tmp_path / "tiny"), "--out", str(tmp_path / "o"), "--minutes", "0"], 2, "must be a number > 0"),
@@ -66,5 +68,19 @@ def test_bad_input_gets_one_line_and_a_distinct_exit_status(tmp_path):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    result = _run_cli("--debug", "generate", str(tmp_path / "nowhere"), "--prompt", "a")
-    assert result.returncode == 1 and "Traceback" in result.stderr and "CheckpointError" in result.stderr
+    for args in (["--debug", "generate"], ["generate", "--debug"]):  # before or after the subcommand
+        result = _run_cli(*args, str(tmp_path / "nowhere"), "--prompt", "a")
+        assert result.returncode == 1 and "Traceback" in result.stderr and "CheckpointError" in result.stderr
+
+
+def test_an_unexpected_failure_is_one_line_too(tmp_path, monkeypatch, capsys):
+    from common_kernels import cli
+
+    def fail(args):
+        raise RuntimeError("something deep went wrong")
+
+    monkeypatch.setattr(cli, "_make_tiny", fail)
+    assert cli.main(["make-tiny", str(tmp_path / "x")]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "ring-linear make-tiny: error: RuntimeError: something deep went wrong (--debug shows the traceback)"
+    ]

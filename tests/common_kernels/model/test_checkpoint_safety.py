@@ -122,3 +122,51 @@ def test_a_truncated_or_corrupt_shard_is_named(tmp_path, damage):
     shard.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\xff" * 64 + data[64:])
     with pytest.raises(CheckpointError, match=rf"{shard.name}: unreadable safetensors file"):
         RingLinearForCausalLM.from_pretrained(path)
+
+
+@pytest.mark.parametrize("index", ["{bad", "[]", '{"metadata": {}}', '{"weight_map": {"a": 3}}'])
+def test_a_broken_index_is_named(tmp_path, index):
+    path = _saved(tmp_path)
+    (path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(CheckpointError, match=r"model.safetensors.index.json: not a safetensors index"):
+        RingLinearForCausalLM.from_pretrained(path)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [("vocab_size", "64", r"vocab_size='64': must be an integer"), ("rms_norm_eps", "1e-6", "must be a number"),
+     ("num_shared_experts", True, "must be an integer"), ("rope_scaling", "yarn", "must be an object")],
+)  # fmt: skip
+def test_a_field_of_the_wrong_json_type_is_named(tmp_path, field, value, message):
+    path = _saved(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config[field] = value
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RingLinearConfigError, match=message):
+        RingLinearForCausalLM.from_pretrained(path)
+    (path / "config.json").write_text("[1, 2]")
+    with pytest.raises(RingLinearConfigError, match="must be a JSON object"):
+        RingLinearForCausalLM.from_pretrained(path)
+
+
+def test_a_folder_holding_folders_is_never_replaced_or_copied(tmp_path):
+    """Saving over a folder that is not a checkpoint (a project, a home folder) is refused before anything is
+    written or copied; a file where a parent folder should be is named."""
+    target = tmp_path / "project"
+    (target / "src").mkdir(parents=True)
+    (target / "main.py").write_text("mine")
+    with pytest.raises(CheckpointError, match=r"project: holds folders \(src\), so it is not a checkpoint folder"):
+        _model(0).save_pretrained(target)
+    assert sorted(p.name for p in target.iterdir()) == ["main.py", "src"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project"]
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(CheckpointError, match="a file stands where a folder of this path should be"):
+        _model(0).save_pretrained(tmp_path / "afile" / "ckpt")
+
+
+def test_kept_files_are_hard_links_not_copies(tmp_path):
+    path = _saved(tmp_path)
+    (path / "NOTES.md").write_text("mine")
+    inode = (path / "NOTES.md").stat().st_ino
+    _model(1).save_pretrained(path)
+    assert (path / "NOTES.md").stat().st_ino == inode

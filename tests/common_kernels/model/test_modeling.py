@@ -251,8 +251,8 @@ def test_empty_inputs_and_rows_without_tokens_give_zeros(random_tiny):
     [
         (lambda m: m.token_logprobs(torch.tensor([3, m.config.vocab_size])), r"outside the vocabulary \[0, \d+\)"),
         (lambda m: m(torch.tensor([[3, -1]])), r"holds -1, outside the vocabulary"),
-        (lambda m: m.generate([[3]], 2, temperature=-1.0), "temperature must be >= 0"),
-        (lambda m: m.generate([[3]], 2, temperature=float("nan")), "temperature must be >= 0"),
+        (lambda m: m.generate([[3]], 2, temperature=-1.0), "temperature must be a finite number >= 0"),
+        (lambda m: m.generate([[3]], 2, temperature=float("nan")), "temperature must be a finite number >= 0"),
         (lambda m: m.generate([[3]], 2, temperature=1.0, top_p=0.0), r"top_p must lie in \(0, 1\]"),
         (lambda m: m.generate([[3]], -1), "max_new_tokens must be an integer >= 0"),
         (lambda m: m.generate([[3], []], 2), "prompt 1 is empty"),
@@ -280,3 +280,50 @@ def test_automodel_for_causal_lm_returns_the_shim_without_remote_code(random_tin
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert isinstance(loaded, RingLinearForCausalLM) and loaded.dtype == torch.bfloat16
     assert torch.equal(loaded.lm_head.weight, random_tiny.lm_head.weight.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda m: m.token_logprobs([[1, 5, 6]]), "input_ids must be a torch.Tensor, got list"),
+        (lambda m: m(torch.ones(1, 2, 4, dtype=torch.long)), r"shaped \[T\] \(packed\) or \[B, T\]"),
+        (lambda m: m(torch.ones(4, dtype=torch.bool)), "input_ids must be integer token ids"),
+        (lambda m: m(torch.ones(1, 4, dtype=torch.long), attention_mask=torch.tensor([[1, 2, 1, 1]])), "only 0"),
+        (lambda m: m(torch.ones(8, dtype=torch.long), cu_seqlens=[0, 2.5, 8]), "integer offsets"),
+        (lambda m: m(torch.ones(8, dtype=torch.long), position_ids=torch.arange(3)), r"position_ids has shape \(3,\)"),
+        (lambda m: m(inputs_embeds=torch.ones(4, 7)), r"inputs_embeds must be shaped \[T, 64\]"),
+        (lambda m: m.token_logprobs(torch.ones(4, dtype=torch.long), chunk_size=0), "chunk_size must be a positive"),
+        (lambda m: m.generate([1, 5, 6], 3), "prompts must be a list of token-id lists"),
+        (lambda m: m.generate([[1, 99]], 3), r"prompt 0 holds a token id outside the vocabulary \[0, 64\)"),
+        (lambda m: m.generate([[1]], 3, temperature="0.7"), "temperature must be a finite number"),
+        (lambda m: m.generate([[1]], True), "max_new_tokens must be an integer"),
+    ],
+)
+def test_inputs_of_the_wrong_type_or_shape_are_named(random_tiny, call, message):
+    from common_kernels import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match=message):
+        call(random_tiny)
+
+
+def test_several_eos_ids_each_stop_a_sequence(random_tiny):
+    free = random_tiny.generate([[3, 4]], 6)[0]
+    stopped = random_tiny.generate([[3, 4]], 6, eos_token_id=[free[1], 63])[0]
+    assert stopped == free[: free.index(free[1]) + 1]
+
+
+def test_tiny_temperatures_and_top_p_sample_the_most_likely_token(random_tiny):
+    best = random_tiny.generate([[3, 4]], 1)[0]
+    assert random_tiny.generate([[3, 4]], 1, temperature=1e-300) == [best]
+    assert random_tiny.generate([[3, 4]], 1, temperature=1.0, top_p=1e-300) == [best]
+
+
+def test_bad_dtypes_and_configs_are_named(random_tiny, tmp_path):
+    from common_kernels import InvalidInputError
+
+    random_tiny.save_pretrained(tmp_path)
+    for dtype in ("bogus", torch.int64, 5):
+        with pytest.raises(InvalidInputError, match="use one of float32, bfloat16, float16, float64"):
+            RingLinearForCausalLM.from_pretrained(tmp_path, dtype=dtype)
+    with pytest.raises(InvalidInputError, match="config must be a RingLinearConfig, got dict"):
+        RingLinearForCausalLM.from_pretrained(tmp_path, config={"vocab_size": 64})

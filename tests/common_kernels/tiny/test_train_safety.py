@@ -77,9 +77,9 @@ def test_the_time_cap_is_reported(init_dir, tmp_path, monkeypatch):
     ("kwargs", "message"),
     [
         ({"steps": 0}, "steps must be a positive integer, got 0"),
-        ({"minutes": 0}, "minutes must be > 0, got 0"),
+        ({"minutes": 0}, "minutes must be a finite number > 0, got 0"),
         ({"batch_size": -1}, "batch_size must be a positive integer"),
-        ({"lr": float("nan")}, "lr must be > 0"),
+        ({"lr": float("nan")}, "lr must be a finite number > 0"),
     ],
 )
 def test_bad_training_arguments_are_named(init_dir, tmp_path, kwargs, message):
@@ -90,3 +90,23 @@ def test_bad_training_arguments_are_named(init_dir, tmp_path, kwargs, message):
 def test_resume_without_a_saved_state_is_named(init_dir, tmp_path):
     with pytest.raises(InvalidInputError, match=f"no {TRAINING_STATE} to resume from"):
         _run(init_dir, tmp_path / "nothing", 2, resume=True)
+
+
+def test_a_diverging_run_stops_and_saves_nothing(init_dir, tmp_path):
+    from common_kernels.tiny.train import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match="training diverged at step .*lower --lr.*nothing was saved"):
+        _run(init_dir, tmp_path / "out", 5, lr=1e30)
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_refuses_other_arguments_and_a_damaged_state(init_dir, tmp_path):
+    from common_kernels import CheckpointError
+
+    out = tmp_path / "out"
+    _run(init_dir, out, 2)
+    with pytest.raises(InvalidInputError, match=r"differing: --lr 0.5 \(saved: 0.003\)"):
+        _run(init_dir, out, 2, resume=True, lr=0.5)
+    (out / TRAINING_STATE).write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match=f"{TRAINING_STATE}: unreadable trainer state"):
+        _run(init_dir, out, 2, resume=True)
