@@ -307,6 +307,7 @@ class RingLinearConfig(PretrainedConfig):
             "head_dim",
             "layer_group_size",
             "group_norm_size",
+            "max_position_embeddings",
         ):
             _require(
                 _is_int(getattr(self, name)) and getattr(self, name) > 0,

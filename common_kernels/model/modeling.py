@@ -413,6 +413,8 @@ def _check_input_tensors(input_ids, inputs_embeds, attention_mask, position_ids,
     tokens_shape = source_shape if input_ids is not None else source_shape[:-1]
     if position_ids is not None and tuple(position_ids.shape) != tuple(tokens_shape):
         raise InvalidInputError(f"position_ids has shape {tuple(position_ids.shape)}, expected {tuple(tokens_shape)}")
+    if position_ids is not None and (position_ids.is_floating_point() or bool((position_ids < 0).any())):
+        raise InvalidInputError("position_ids must be integer positions >= 0")
     if attention_mask is not None and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
         raise InvalidInputError("attention_mask must hold only 0 (padding) and 1 (token)")
 
