@@ -31,6 +31,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -53,6 +54,7 @@ class Workload:
     output_len: int
     num_prompts: int
     concurrency: int
+    warm_pass: bool = True  # False: run once (the soak)
 
 
 WORKLOADS = {
@@ -62,8 +64,11 @@ WORKLOADS = {
         Workload("long-32k", 32768, 256, 32, 16),
         Workload("long-128k", 131072, 256, 8, 4),
         Workload("reasoning", 16384, 4096, 64, 64),
+        # about 5 minutes at concurrency 128 on one H200: 0 failed requests and flat GPU memory expected
+        Workload("soak", 1024, 256, 6000, 128, warm_pass=False),
     )
 }
+SPEED_WORKLOADS = ("chat", "long-32k", "long-128k", "reasoning")  # the default: the ratio table's rows
 
 
 def write_model_dir(model: str, directory: Path) -> Path:
@@ -188,6 +193,42 @@ def live_compiles(log_text: str) -> list[str]:
     return JIT_LINE.findall(log_text)
 
 
+class GpuMemorySampler:
+    """GPU memory in use (nvidia-smi, every `period_s`) while a client runs: a leak shows as growth after the
+    server's pools are allocated. Samples nothing where nvidia-smi is absent."""
+
+    def __init__(self, period_s: float = 5.0) -> None:
+        self.period_s, self.samples = period_s, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> GpuMemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            try:
+                reply = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                    capture_output=True, text=True, timeout=10, check=True,
+                )  # fmt: skip
+                self.samples.append(sum(int(line) for line in reply.stdout.split()))
+            except (OSError, subprocess.SubprocessError, ValueError):
+                return
+            self._stop.wait(self.period_s)
+
+    def describe(self) -> str:
+        quarter = max(1, len(self.samples) // 4)
+        first, last = self.samples[:quarter], self.samples[-quarter:]
+        growth = sum(last) / len(last) - sum(first) / len(first)
+        return f"min {min(self.samples)}, max {max(self.samples)}, last quarter - first quarter {growth:+.0f}"
+
+
 def label(model: str, engine: str) -> str:
     """How a (model, engine) run is named in files and tables: vLLM's keep the bare model name."""
     return model if engine == "vllm" else f"{model}@{engine}"
@@ -224,11 +265,15 @@ def run(args: argparse.Namespace) -> None:
             print(f"{name_of_run}: ready in {summary['startup_s']} s", flush=True)
             for pass_name in PASSES:
                 for w in workloads:
+                    if pass_name == "warm" and not w.warm_pass:
+                        continue
                     name = f"{name_of_run}__{w.name}__{pass_name}.json"
                     started = time.monotonic()
                     client = client_command(w, directory, tokenizer, args.port, out, name, args.engine)
-                    subprocess.run(client, check=True, env=env)
+                    with GpuMemorySampler() as memory:
+                        subprocess.run(client, check=True, env=env)
                     result = read_result(out / name, w)
+                    summary.setdefault("gpu_memory_mib", {})[f"{w.name}/{pass_name}"] = memory.samples
                     print(
                         f"{name_of_run} {w.name} {pass_name}: {result['output_throughput']:.0f} out tok/s, "
                         f"TTFT mean/p99 {result['mean_ttft_ms']:.0f}/{result['p99_ttft_ms']:.0f} ms, "
@@ -236,6 +281,8 @@ def run(args: argparse.Namespace) -> None:
                         f"failed {result.get('failed', 0)} ({time.monotonic() - started:.0f} s)",
                         flush=True,
                     )
+                    if memory.samples:
+                        print(f"  GPU memory used (MiB): {memory.describe()}", flush=True)
                     if result.get("failed"):
                         print(f"  why requests failed: {rejection(args.port, str(directory), w)}", flush=True)
         finally:
@@ -274,11 +321,15 @@ def report_table(results: dict, baseline: str = "softmax-twin", model: str = "ri
             ours, theirs = results.get((model, workload, pass_name)), results.get((baseline, workload, pass_name))
             if ours is None or theirs is None:
                 continue
+            runs = ((model, ours), (baseline, theirs))
+            failed = [f"{name}: {run['failed']} failed" for name, run in runs if run.get("failed")]
             for metric in METRICS:
-                advantage = ratio(metric, ours[metric], theirs[metric])
+                # a run that lost requests did less work: its figures are shown, but no ratio
+                advantage = f"{ratio(metric, ours[metric], theirs[metric]):.2f}x"
+                advantage = "none (" + ", ".join(failed) + ")" if failed else advantage
                 lines.append(
                     f"| {workload} | {pass_name} | {metric} | {ours[metric]:,.1f} | {theirs[metric]:,.1f} "
-                    f"| {advantage:.2f}x |"
+                    f"| {advantage} |"
                 )
     cached_twin = baseline + "-cached"
     cached = [
@@ -322,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
     run_parser.add_argument(
         "--engine", choices=ENGINES, default="vllm", help="sglang: ring-linear only so far (the twin needs a config)"
     )
-    run_parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    run_parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(SPEED_WORKLOADS))
     run_parser.add_argument("--out", default="serve-results")
     run_parser.add_argument("--port", type=int, default=8765)
     run_parser.add_argument("--startup-timeout", type=float, default=900)

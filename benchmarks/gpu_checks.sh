@@ -24,6 +24,7 @@
 #   serve-twin-cached  the twin with prefix caching (its warm pass hits the cache)          (~7 min)
 #   serve-report the ratio table of the serve steps' results (SERVE_OUT, default OUTDIR/serve)
 #                (SERVE_WORKLOADS picks workloads: all four take longer than one 10-minute device call)
+#   soak         bench_serve's soak: concurrency 128 for about 5 minutes, failed requests and GPU memory (not yet run)
 #   profile      compiled 4K and 128K prefill profiles, ring-linear and the twin            (~6 min)
 #   serve-ring-sgl  bench_serve on SGLang: ring-linear through launch_server (SGLang staged, own call) (untimed)
 #   sgl-engine   pytest -m gpu: the SGLang adapter's engine tests (SGLang 0.5.17 staged in /tmp/gpu-site-sgl;
@@ -74,6 +75,8 @@ for step in "$@"; do
       model=${step#serve-}; model=${model/ring/ring-linear}; model=${model/twin/softmax-twin}
       run "$step" 580 python3 -m benchmarks.bench_serve run --model "$model" --out "${SERVE_OUT:-$out/serve}" \
         --workloads ${SERVE_WORKLOADS:-chat long-32k long-128k reasoning} ;;
+    soak) run soak 590 python3 -m benchmarks.bench_serve run --model ring-linear --out "${SERVE_OUT:-$out/serve}" \
+      --workloads soak ;;
     serve-report) python3 -m benchmarks.bench_serve report "${SERVE_OUT:-$out/serve}" | tee "$out/serve-report.md" ;;
     serve-ring-sgl) run "$step" 580 env PYTHONPATH="$PWD:/tmp/ring-linear-site:/tmp/gpu-site-sgl" \
       SGLANG_IS_FLASHINFER_AVAILABLE=false python3 -m benchmarks.bench_serve run --model ring-linear \

@@ -162,3 +162,23 @@ def test_the_sglang_twin_is_refused_until_it_has_a_config_sglang_serves_as_moe(t
         bench_serve.main(["run", "--model", "softmax-twin", "--engine", "sglang", "--out", str(tmp_path)])
     assert bench_serve.label("ring-linear", "sglang") == "ring-linear@sglang"
     assert bench_serve.label("ring-linear", "vllm") == "ring-linear"
+
+
+def test_a_run_that_lost_requests_gets_no_ratio():
+    """Refused requests mean less work measured (run K's twin at 32K lost 18 of 32): figures, but no ratio."""
+    results = {
+        ("ring-linear", "long-32k", "warm"): _result(793.0, 2000.0, 12.0) | {"failed": 0},
+        ("softmax-twin", "long-32k", "warm"): _result(552.0, 2700.0, 14.0) | {"failed": 18},
+    }
+    table = bench_serve.report_table(results)
+    assert "| long-32k | warm | output_throughput | 793.0 | 552.0 | none (softmax-twin: 18 failed) |" in table
+
+
+def test_the_memory_sampler_reports_growth_and_samples_nothing_without_nvidia_smi(monkeypatch):
+    sampler = bench_serve.GpuMemorySampler()
+    sampler.samples = [1000, 1000, 1010, 1200, 1300, 1400, 1400, 1400]
+    assert sampler.describe() == "min 1000, max 1400, last quarter - first quarter +400"
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with bench_serve.GpuMemorySampler(period_s=0.01) as empty:
+        pass
+    assert empty.samples == []
