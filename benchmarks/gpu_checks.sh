@@ -25,7 +25,7 @@
 #   serve-report the ratio table of the serve steps' results (SERVE_OUT, default OUTDIR/serve)
 #                (SERVE_WORKLOADS picks workloads: all four take longer than one 10-minute device call)
 #   soak         bench_serve's soak: concurrency 128 for about 5 minutes, failed requests and GPU memory (not yet run)
-#   profile      compiled 4K and 128K prefill profiles, ring-linear and the twin            (~6 min)
+#   profile      compiled 4K and 128K prefill and 64 x 4K decode-step profiles, ring-linear and the twin (~9 min)
 #   serve-ring-sgl  bench_serve on SGLang: ring-linear through launch_server (SGLang staged, own call) (untimed)
 #   sgl-engine   pytest -m gpu: the SGLang adapter's engine tests (SGLang 0.5.17 staged in /tmp/gpu-site-sgl;
 #                run it in its own call: it replaces vLLM's site on PYTHONPATH)                  (untimed)
@@ -93,6 +93,8 @@ for step in "$@"; do
           run "profile-$variant-$length" 200 python3 -m benchmarks.profile_vllm_prefill --variant "$variant" \
             --length "$length" --compiled
         done
+        run "profile-$variant-decode" 240 python3 -m benchmarks.profile_vllm_prefill --variant "$variant" \
+          --length 4096 --compiled --decode-batch 64 --decode-steps 32
       done ;;
     *) echo "unknown step: $step (see the header of $0)" >&2; exit 2 ;;
   esac
