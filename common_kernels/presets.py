@@ -1,9 +1,11 @@
 """Named configs of the released models, as data.
 
-`ring-mini-linear-2.0` is the released `config.json` field for field. `ring-flash-linear-2.0` is
-reconstructed: the fields in `RECONSTRUCTED["ring-flash-linear-2.0"]` were not read from a released
-file but fixed by parameter-count arithmetic (104.2B total / 6.1B active) or copied from the mini
-model. Read the real `config.json` before serving flash; `group_norm_size` matters numerically.
+`ring-mini-linear-2.0` is the released `config.json` field for field. The flash presets were read from
+the configs of mlx-community's 4-bit conversions of the released flash checkpoints (the converter keeps
+every original field and adds only its quantization block; copies in GitHub's mortensg/blune-cli at
+4b0a86a, `configs/mlx-community/Ring-flash-linear-2.0{,-128k}-4bit/config.json`): they agree with the
+parameter counts (104.2B total / 6.1B active), and the two flash checkpoints differ only in `rope_theta`
+(600000, and 1000000 for the 128K one). The original files themselves were not reachable from here.
 """
 
 from __future__ import annotations
@@ -61,30 +63,18 @@ _FLASH: dict[str, Any] = {
     "layer_group_size": 8,
     "moe_intermediate_size": 1024,
     "moe_shared_expert_intermediate_size": 1024,
+    "rope_theta": 600000,
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
     "ring-mini-linear-2.0": _MINI,
     "ring-flash-linear-2.0": _FLASH,
+    "ring-flash-linear-2.0-128k": {**_FLASH, "rope_theta": 1000000},
 }
 
-# Fields whose preset value is not from a released config.json (see architecture spec, section 1.1).
-RECONSTRUCTED: dict[str, frozenset[str]] = {
-    "ring-mini-linear-2.0": frozenset(),
-    "ring-flash-linear-2.0": frozenset(
-        {
-            "moe_intermediate_size",  # parameter count
-            "moe_shared_expert_intermediate_size",  # assumed equal to moe_intermediate_size
-            "group_norm_size",  # unknown: 4 or 8; copied from mini
-            "rope_theta",
-            "max_position_embeddings",
-            "n_group",
-            "topk_group",
-            "routed_scaling_factor",
-            "num_nextn_predict_layers",
-        }
-    ),
-}
+# Fields whose preset value is not read from a released config.json (or a field-for-field copy of one); none
+# since the flash configs were found (2026-11-29).
+RECONSTRUCTED: dict[str, frozenset[str]] = {name: frozenset() for name in PRESETS}
 
 
 def preset_config(name: str, **overrides: Any) -> RingLinearConfig:

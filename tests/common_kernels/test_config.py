@@ -38,8 +38,9 @@ def test_save_and_reload_keeps_every_field(tmp_path):
 def test_presets_are_valid_and_mark_reconstructed_values():
     flash = preset_config("ring-flash-linear-2.0")
     assert flash.softmax_layer_ids == [7, 15, 23, 31] and flash.num_attention_heads == 32
-    assert RECONSTRUCTED["ring-mini-linear-2.0"] == frozenset()
-    assert "group_norm_size" in RECONSTRUCTED["ring-flash-linear-2.0"]
+    assert flash.rope_settings().theta == 600000 and flash.group_norm_size == 4  # the released flash config
+    assert preset_config("ring-flash-linear-2.0-128k").rope_settings().theta == 1000000
+    assert all(fields == frozenset() for fields in RECONSTRUCTED.values())
     assert set(RECONSTRUCTED) == set(PRESETS)
     with pytest.raises(KeyError, match="unknown preset"):
         preset_config("ring-tiny")
