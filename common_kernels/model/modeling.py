@@ -389,7 +389,7 @@ def _check_prompts(prompts, vocab_size: int) -> None:
         if not prompt:
             raise InvalidInputError(f"generate: prompt {n} is empty; every prompt needs a token")
         if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in prompt):
-            raise InvalidInputError(f"generate: prompt {n} holds a token id outside the vocabulary [0, {vocab_size})")
+            raise InvalidInputError(f"generate: prompt {n} holds an entry that is not a token id in [0, {vocab_size})")
 
 
 def _check_input_tensors(input_ids, inputs_embeds, attention_mask, position_ids, hidden_size: int) -> None:
