@@ -254,6 +254,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     target holding subfolders is refused, as no checkpoint does. If the block raises, `path` is left untouched
     and the temporary folder removed."""
     path = Path(path)
+    if path.is_symlink():  # write where the link points; swapping would replace the link itself
+        path = path.resolve()
     keep = _files_to_keep(path)
     staging = _make_staging(path)
     try:

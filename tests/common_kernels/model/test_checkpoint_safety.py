@@ -170,3 +170,12 @@ def test_kept_files_are_hard_links_not_copies(tmp_path):
     inode = (path / "NOTES.md").stat().st_ino
     _model(1).save_pretrained(path)
     assert (path / "NOTES.md").stat().st_ino == inode
+
+
+def test_a_link_to_a_checkpoint_folder_saves_into_the_folder(tmp_path):
+    real = _saved(tmp_path)
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    new = _model(1)
+    new.save_pretrained(tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and _same_weights(RingLinearForCausalLM.from_pretrained(real), new)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "link"]
