@@ -55,9 +55,7 @@ FIELD_KINDS = (
 def _has_kind(value: Any, kind: str) -> bool:
     if kind == "an object":
         return isinstance(value, dict)
-    if isinstance(value, bool):
-        return False
-    return isinstance(value, int) if kind == "an integer" else isinstance(value, int | float)
+    return is_integer(value) if kind == "an integer" else is_real(value)
 
 
 ARCHITECTURES = (
@@ -310,7 +308,7 @@ class RingLinearConfig(PretrainedConfig):
             "max_position_embeddings",
         ):
             _require(
-                _is_int(getattr(self, name)) and getattr(self, name) > 0,
+                is_integer(getattr(self, name)) and getattr(self, name) > 0,
                 name,
                 getattr(self, name),
                 "must be a positive integer",
@@ -352,7 +350,7 @@ class RingLinearConfig(PretrainedConfig):
         )
         if self.first_k_dense_replace > 0:
             _require(
-                _is_int(self.intermediate_size) and self.intermediate_size > 0,
+                is_integer(self.intermediate_size) and self.intermediate_size > 0,
                 "intermediate_size",
                 self.intermediate_size,
                 "must be a positive integer (layers below first_k_dense_replace are dense)",
@@ -386,7 +384,7 @@ class RingLinearConfig(PretrainedConfig):
         E, k = self.num_experts, self.num_experts_per_tok
         for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "n_group", "topk_group"):
             _require(
-                _is_int(getattr(self, name)) and getattr(self, name) > 0,
+                is_integer(getattr(self, name)) and getattr(self, name) > 0,
                 name,
                 getattr(self, name),
                 "must be a positive integer",
@@ -394,7 +392,7 @@ class RingLinearConfig(PretrainedConfig):
         _require(self.num_shared_experts >= 0, "num_shared_experts", self.num_shared_experts, "must be >= 0")
         if self.num_shared_experts > 0:
             _require(
-                _is_int(self.moe_shared_expert_intermediate_size) and self.moe_shared_expert_intermediate_size > 0,
+                is_integer(self.moe_shared_expert_intermediate_size) and self.moe_shared_expert_intermediate_size > 0,
                 "moe_shared_expert_intermediate_size",
                 self.moe_shared_expert_intermediate_size,
                 "must be a positive integer when num_shared_experts > 0",
@@ -446,8 +444,14 @@ class RingLinearConfig(PretrainedConfig):
             )
 
 
-def _is_int(value: Any) -> bool:
+def is_integer(value: Any) -> bool:
+    """An int that is not a bool (JSON `true` and Python `True` are not sizes or counts)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_real(value: Any) -> bool:
+    """An int or float that is not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _require(ok: bool, field: str, value: Any, rule: str) -> None:

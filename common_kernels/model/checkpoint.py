@@ -126,9 +126,8 @@ def checkpoint_files(path: str | os.PathLike) -> list[Path]:
     index = path / SAFE_WEIGHTS_INDEX_NAME
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            names = [str(Path(name)) for name in dict.fromkeys(weight_map.values()) if isinstance(name, str)]
-            if len(names) != len(set(weight_map.values())):
+            names = list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))
+            if not all(isinstance(name, str) for name in names):
                 raise TypeError("a file name that is not a string")
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
             raise CheckpointError(

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import RingLinearConfig
+from ..config import RingLinearConfig, is_integer, is_real
 from ..errors import InvalidInputError
 from ..ops.packing import is_partition
 from ..ops.rope.naive import rotary_cos_sin, rotary_inv_freq
@@ -370,16 +370,12 @@ def _model_dtype(dtype) -> torch.dtype | None:
 
 
 def _check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
-    if not (isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool) and max_new_tokens >= 0):
+    if not (is_integer(max_new_tokens) and max_new_tokens >= 0):
         raise InvalidInputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if not (_is_number(temperature) and 0 <= temperature < float("inf")):  # also refuses NaN
+    if not (is_real(temperature) and 0 <= temperature < float("inf")):  # also refuses NaN
         raise InvalidInputError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
-    if not (_is_number(top_p) and 0 < top_p <= 1):
+    if not (is_real(top_p) and 0 < top_p <= 1):
         raise InvalidInputError(f"top_p must lie in (0, 1] (1 keeps every token), got {top_p!r}")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _check_prompts(prompts, vocab_size: int) -> None:
@@ -388,7 +384,7 @@ def _check_prompts(prompts, vocab_size: int) -> None:
     for n, prompt in enumerate(prompts):
         if not prompt:
             raise InvalidInputError(f"generate: prompt {n} is empty; every prompt needs a token")
-        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in prompt):
+        if not all(is_integer(t) and 0 <= t < vocab_size for t in prompt):
             raise InvalidInputError(f"generate: prompt {n} holds an entry that is not a token id in [0, {vocab_size})")
 
 
@@ -427,8 +423,6 @@ def _offsets(cu_seqlens) -> list[int]:
 
 
 def _check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
-    if ids.is_floating_point():
-        raise InvalidInputError(f"input_ids must be integer token ids, got {ids.dtype}")
     if ids.numel() and not bool(((ids >= 0) & (ids < vocab_size)).all()):
         bad = ids[(ids < 0) | (ids >= vocab_size)][0].item()
         raise InvalidInputError(f"input_ids holds {bad}, outside the vocabulary [0, {vocab_size})")
@@ -468,8 +462,8 @@ def _unpad(input_ids, inputs_embeds, position_ids, attention_mask):
     if T > 0:
         first = mask.float().argmax(1)
         contiguous = mask.cumsum(1).gather(1, (first + lengths - 1).clamp(min=0)[:, None])[:, 0] == lengths
-    if T > 0 and not bool(contiguous.all()):
-        raise ValueError("attention_mask: each row's real tokens must be contiguous (left or right padding)")
+        if not bool(contiguous.all()):
+            raise ValueError("attention_mask: each row's real tokens must be contiguous (left or right padding)")
     flat = mask.reshape(-1)
     offsets = [0] + torch.cumsum(lengths, 0).tolist()
     ids = input_ids.reshape(-1)[flat] if input_ids is not None else None

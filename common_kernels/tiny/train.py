@@ -205,7 +205,7 @@ def _read_training_state(out: Path, arguments: dict) -> dict:
         state["optimizer"], state["schedule"], state["step"]  # noqa: B018 - present, or KeyError below
     except Exception as error:  # a truncated or foreign file: pickle, EOF, key and type errors alike
         raise CheckpointError(f"{file}: unreadable trainer state ({type(error).__name__}: {error})") from None
-    changed = [f"--{name.replace('_', '-')} {arguments[name]} (saved: {saved[name]})" for name in arguments
+    changed = [f"--{name.replace('_', '-')} {arguments[name]} (saved: {saved.get(name)})" for name in arguments
                if saved.get(name) != arguments[name]]  # fmt: skip
     if changed:
         raise InvalidInputError(f"{out}: --resume needs the saved run's arguments; differing: {', '.join(changed)}")
