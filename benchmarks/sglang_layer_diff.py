@@ -16,22 +16,24 @@ from pathlib import Path
 import torch
 
 
-def shim_outputs(
-    checkpoint: str, prompt: list[int], dtype: torch.dtype, device: str = "cuda"
-) -> dict[str, torch.Tensor]:
+def shim_outputs(shim: torch.nn.Module, prompt: list[int], device: str = "cuda") -> dict[str, torch.Tensor]:
     """Every shim module's output for the prompt, by module name (the checkpoint's names)."""
-    from common_kernels import RingLinearForCausalLM
-
-    shim = RingLinearForCausalLM.from_pretrained(checkpoint, dtype=dtype, device=device)
     outputs: dict[str, torch.Tensor] = {}
-    for name, module in shim.named_modules():
-        module.register_forward_hook(
-            lambda _m, _args, out, name=name: (
-                outputs.setdefault(name, out.detach().float().cpu()) if isinstance(out, torch.Tensor) else None
-            )
-        )
-    with torch.no_grad():
-        shim(torch.tensor([prompt], device=device))
+
+    def record(name: str, out) -> None:  # returns None: a hook's return value would replace the module's output
+        if isinstance(out, torch.Tensor):
+            outputs.setdefault(name, out.detach().float().cpu())
+
+    hooks = [
+        module.register_forward_hook(lambda _m, _args, out, name=name: record(name, out))
+        for name, module in shim.named_modules()
+    ]
+    try:
+        with torch.no_grad():
+            shim(torch.tensor([prompt], device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
     return outputs
 
 
@@ -42,6 +44,7 @@ def engine_outputs(checkpoint: str, prompt: list[int], dtype: str, dump_dir: Pat
     engine = sglang.Engine(
         model_path=checkpoint, dtype=dtype, attention_backend="triton", skip_tokenizer_init=True,
         mem_fraction_static=0.3, disable_radix_cache=True, debug_tensor_dump_output_folder=str(dump_dir),
+        disable_cuda_graph=True,
     )  # fmt: skip
     try:
         engine.generate(input_ids=[prompt], sampling_params={"temperature": 0.0, "max_new_tokens": 1})
@@ -51,7 +54,11 @@ def engine_outputs(checkpoint: str, prompt: list[int], dtype: str, dump_dir: Pat
         tensors = torch.load(path)
         ids = next((t for name, t in tensors.items() if name.endswith("forward_batch_info.input_ids")), None)
         if ids is not None and ids.tolist() == prompt:
-            return {name: t.float() for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+            return {
+                name: t.float() if isinstance(t, torch.Tensor) else [x.float() for x in t]
+                for name, t in tensors.items()
+                if isinstance(t, (torch.Tensor, list))
+            }
     raise RuntimeError(f"no dumped pass under {dump_dir} holds the prompt's prefill")
 
 
@@ -61,8 +68,73 @@ def compare(engine: dict[str, torch.Tensor], shim: dict[str, torch.Tensor]) -> l
     rows = []
     for name, got in engine.items():
         want = shim.get(name)
+        if isinstance(got, list):
+            continue
         if want is not None and want.numel() == got.numel():
             rows.append((name, (got.reshape(-1) - want.reshape(-1)).abs().max().item(), want.abs().max().item()))
+    return rows
+
+
+def local_checks(engine: dict, shim: torch.nn.Module, device: str = "cuda") -> list[tuple[str, float, float]]:
+    """Each engine layer part fed the engine's own input (its dumped upstream output) against the shim's math on
+    the same input, so a wrong part shows by itself: routing, routed + shared experts, linear and softmax
+    attention from the dumped QKV output."""
+    from common_kernels.model.linear_math import prepare_qkv
+    from common_kernels.ops.attention.naive import causal_gqa_attention
+    from common_kernels.ops.linear_attn.naive import linear_attention_varlen
+    from common_kernels.ops.moe.naive import route
+    from common_kernels.ops.rope.naive import qk_norm_rope, rotary_cos_sin, rotary_inv_freq
+    from common_kernels.slopes import decay_rates
+
+    config = shim.config
+    H, Hkv, d, eps = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.rms_norm_eps
+    rows = []
+    for l, layer in enumerate(shim.model.layers):
+        base = f"model.layers.{l}"
+        x = engine.get(f"{base}.post_attention_layernorm")
+        if x is not None and f"{base}.mlp.experts" in engine:
+            x = x.to(device)
+            mlp = layer.mlp
+            with torch.no_grad():
+                want = mlp(x.to(mlp.gate.weight.dtype)).float().cpu()
+                ids, weights = route(
+                    x, mlp.gate.weight, mlp.gate.expert_bias if config.moe_router_enable_expert_bias else None,
+                    config.num_experts_per_tok, config.n_group, config.topk_group, config.routed_scaling_factor,
+                    config.norm_topk_prob,
+                )  # fmt: skip
+            got = engine[f"{base}.mlp.experts"] + engine.get(f"{base}.mlp.shared_experts.down_proj", 0.0)
+            rows.append((f"{base}.mlp (local)", (got - want).abs().max().item(), want.abs().max().item()))
+            topk = engine.get(f"{base}.mlp.topk")
+            if isinstance(topk, list) and len(topk) >= 2:
+                got_w, got_ids = topk[0], topk[1].long()
+                same = (got_ids.sort(-1).values == ids.cpu().sort(-1).values).float().mean().item()
+                order_w = weights.float().cpu().gather(1, ids.cpu().argsort(-1))
+                got_order = got_w.gather(1, got_ids.argsort(-1))
+                rows.append((f"{base}.mlp.topk ids equal (fraction)", 1.0 - same, 1.0))
+                label = f"{base}.mlp.topk weights (engine max {got_order.abs().max():.3g})"
+                rows.append((label, (got_order - order_w).abs().max().item(), order_w.abs().max().item()))
+        qkv, attn = engine.get(f"{base}.attention.query_key_value"), engine.get(f"{base}.attention.attn")
+        if qkv is None or attn is None:
+            continue
+        qkv, T = qkv.to(device), qkv.shape[0]
+        inv_freq, scaling = rotary_inv_freq(config)
+        cos, sin = rotary_cos_sin(torch.arange(T, device=device), inv_freq, scaling, torch.float32)
+        a = layer.attention
+        qw = None if a.query_layernorm is None else a.query_layernorm.weight
+        kw = None if a.key_layernorm is None else a.key_layernorm.weight
+        with torch.no_grad():
+            if config.is_softmax_layer(l):
+                q, k, v = qkv.view(T, H + 2 * Hkv, d).split((H, Hkv, Hkv), dim=1)
+                q, k = qk_norm_rope(q, k, qw, kw, cos, sin, eps)
+                want = causal_gqa_attention(q, k, v, d**-0.5)
+            else:
+                q, k, v = prepare_qkv(qkv, H, qw, kw, cos, sin, eps, silu=config.linear_silu, use_triton=False)
+                cu = torch.tensor([0, T], device=device)
+                rates = decay_rates(config, l, dtype=q.dtype, device=device)
+                want, _ = linear_attention_varlen(q, k, v.to(q.dtype), rates, d**-0.5, cu)
+        want = want.float().cpu().reshape(T, -1)
+        rows.append((f"{base}.attention.attn (local)", (attn.reshape(T, -1) - want).abs().max().item(),
+                     want.abs().max().item()))  # fmt: skip
     return rows
 
 
@@ -71,18 +143,27 @@ def main() -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("--length", type=int, default=8)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--save", type=Path, help="also write both dumps here (torch.save), to study without a GPU")
     args = parser.parse_args()
-    from transformers import AutoConfig
+    from common_kernels import RingLinearForCausalLM
+    from common_kernels.config import RingLinearConfig
 
-    vocab = AutoConfig.from_pretrained(args.checkpoint).vocab_size
+    vocab = RingLinearConfig.from_pretrained(args.checkpoint).vocab_size
     prompt = [random.Random(0).randrange(3, vocab) for _ in range(args.length)]
+    # the shim first: the engine's start-up must not change what the reference computes
+    model = RingLinearForCausalLM.from_pretrained(args.checkpoint, dtype=getattr(torch, args.dtype), device="cuda")
+    shim = shim_outputs(model, prompt)
     with tempfile.TemporaryDirectory() as tmp:
         engine = engine_outputs(args.checkpoint, prompt, args.dtype, Path(tmp))
-    shim = shim_outputs(args.checkpoint, prompt, getattr(torch, args.dtype))
+    if args.save is not None:
+        torch.save({"prompt": prompt, "engine": engine, "shim": shim}, args.save)
     print(f"modules dumped: engine {len(engine)}, shim {len(shim)}; compared (engine order):")
     for name, diff, scale in compare(engine, shim):
         print(f"{diff:10.3e} (of {scale:9.3e})  {name}")
     print("engine only:", sorted(set(engine) - set(shim)))
+    print("module-local checks (the engine part on its own dumped input against the shim's math):")
+    for name, diff, scale in local_checks(engine, model):
+        print(f"{diff:10.3e} (of {scale:9.3e})  {name}")
 
 
 if __name__ == "__main__":

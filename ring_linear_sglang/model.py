@@ -124,9 +124,11 @@ class RingMoE(nn.Module):
         self.tp_size = get_parallel().tp_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # shared experts first: SGLang's GPU MoE runner writes the routed result over its input (inplace=True)
+        shared = None if self.shared_experts is None else self.shared_experts(x)
         out = self.experts(x, self.topk(x, self.gate(x)))
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+        if shared is not None:
+            out = out + shared
         if self.tp_size > 1:  # no layer communicator here fuses or absorbs it: reduce once, shared experts included
             out = tensor_model_parallel_all_reduce(out)
         return out

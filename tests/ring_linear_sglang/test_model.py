@@ -103,11 +103,21 @@ class _OneTokenLinear(torch.nn.Module):
         return ((q * k).sum(-1, keepdim=True) * self.head_dim**-0.5 * v).reshape(q.shape[0], -1)
 
 
+def _as_on_gpu(run_experts, routed_scaling_factor: float):
+    """SGLang's CPU expert call made to behave as its GPU runner: routed scaling applied, result written in place."""
+
+    def forward(x, *args, **kwargs):
+        return x.copy_(run_experts(x, *args, **kwargs) * routed_scaling_factor)
+
+    return forward
+
+
 def test_a_one_token_prompt_gives_the_shims_logprobs(sglang_world, tiny_dir):
     """Everything but the attention backends (embedding, norms, projections, qk-norm/RoPE, norm-gate, MLPs, MoE
     routing and experts, LM head) against the shim: attention over one token has a closed form, put in place of
     SGLang's attention calls. SGLang's CPU MoE path (`moe_forward_native`) leaves out `routed_scaling_factor`,
-    which its GPU runner applies; it is put back here."""
+    which its GPU runner applies, and returns a new tensor where the GPU runner overwrites its input; both GPU
+    behaviours are put back here (reading the input after the routed experts once gave wrong shared experts)."""
     from common_kernels import RingLinearForCausalLM as Shim
     from ring_linear_sglang.config import RingLinearSGLangConfig
     from ring_linear_sglang.model import RingLinearForCausalLM
@@ -123,8 +133,7 @@ def test_a_one_token_prompt_gives_the_shims_logprobs(sglang_world, tiny_dir):
             else _OneTokenLinear(c.num_attention_heads, c.head_dim)
         )
         if c.is_moe_layer(l):
-            experts = layer.mlp.experts
-            experts.forward = lambda *a, _run=experts.forward, **k: _run(*a, **k) * c.routed_scaling_factor
+            layer.mlp.experts.forward = _as_on_gpu(layer.mlp.experts.forward, c.routed_scaling_factor)
     shim = Shim.from_pretrained(tiny_dir, use_triton=False)
     for token in (1, 5, 17, c.vocab_size - 1):
         ids = torch.tensor([token])
