@@ -16,6 +16,11 @@ FULL_ATTENTION, LINEAR_ATTENTION = "attention", "linear_attention"  # SGLang's H
 class RingLinearSGLangConfig(RingLinearConfig):
     """The same fields and validation as `RingLinearConfig`; SGLang parses `config.json` into this class."""
 
+    def __init__(self, **kwargs) -> None:
+        # transformers gives a config subclass without its own __init__ a generated one, which would skip
+        # RingLinearConfig's: defaults for fields the file leaves out, and the validation
+        super().__init__(**kwargs)
+
     @property
     def layers_block_type(self) -> list[str]:
         return [FULL_ATTENTION if self.is_softmax_layer(l) else LINEAR_ATTENTION for l in range(self.num_hidden_layers)]

@@ -48,19 +48,56 @@ def test_register_in_a_fresh_process_is_idempotent_and_touches_no_gpu():
     }
 
 
+ENTRY_POINT_CHECK = """
+import json
+from importlib.metadata import entry_points
+from sglang.srt.plugins import load_plugins
+load_plugins()
+from sglang.srt.utils.hf_transformers.common import _CONFIG_REGISTRY
+print(json.dumps({
+    "entry_point": {e.name: e.value for e in entry_points(group="sglang.srt.plugins")}.get("ring_linear"),
+    "config": _CONFIG_REGISTRY["bailing_moe_linear"].__module__,
+}))
+"""
+
+
+def test_sglangs_plugin_loader_finds_and_runs_register():
+    out = subprocess.run([sys.executable, "-c", ENTRY_POINT_CHECK], capture_output=True, text=True, check=True)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report == {"entry_point": "ring_linear_sglang:register", "config": "ring_linear_sglang.config"}
+
+
 @pytest.mark.parametrize("trust_remote_code", [False, True])
 def test_sglangs_config_path_parses_the_released_config(sglang_registered, released_dir, trust_remote_code):
     from sglang.srt.configs.linear_attn_model_registry import get_linear_attn_config
     from sglang.srt.utils.hf_transformers.config import get_config
 
+    from common_kernels import RingLinearConfig
     from ring_linear_sglang.config import RingLinearSGLangConfig
 
     config = get_config(str(released_dir), trust_remote_code=trust_remote_code)
     assert type(config) is RingLinearSGLangConfig
+    # a field the released file leaves out has the shim's default (RingLinearConfig.__init__ ran)
+    assert config.linear_decay_convention == RingLinearConfig().linear_decay_convention
     assert config.full_attention_layer_ids == [4, 9, 14, 19] and len(config.linear_layer_ids) == 16
     assert config.layers_block_type.count("attention") == 4
     spec, _ = get_linear_attn_config(config)
     assert spec.backend_class_name == sglang_registered.BACKEND_CLASS
+
+
+def test_the_benchmarks_softmax_twin_is_sglangs_native_model_not_ours(sglang_registered, tmp_path):
+    """The serving benchmark's twin (`bench_serve`, offline: its config class is a local file) parses through
+    SGLang's config path and resolves to SGLang's `BailingMoeV2ForCausalLM`, with the RoPE SGLang reads."""
+    from sglang.srt.models.registry import ModelRegistry
+    from sglang.srt.utils.hf_transformers.config import get_config
+
+    from benchmarks.bench_serve import write_model_dir
+
+    config = get_config(str(write_model_dir("softmax-twin", tmp_path, "sglang")), trust_remote_code=True)
+    assert type(config).__name__ == "BailingMoeV2Config"
+    assert config.rope_parameters["rope_theta"] == 1_000_000 and config.num_experts == 256
+    model_class, _ = ModelRegistry.resolve_model_cls(config.architectures)
+    assert model_class.__module__ == "sglang.srt.models.bailing_moe"
 
 
 @pytest.mark.parametrize(("tp_size", "heads"), [(1, 16), (2, 8), (4, 4)])
