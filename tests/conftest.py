@@ -94,3 +94,46 @@ def openai_completion(tmp_path):
             server.wait(60)
 
     return complete
+
+
+@pytest.fixture(scope="session")
+def greedy_partings():
+    """`greedy_partings(shim, prompts, got, want)`: where each engine continuation first parts from the shim's,
+    (prompt index, position, logit margin, router margin), printed: the shim's logprob of its token minus that of
+    the engine's token, and the smallest `selection_margin` of any MoE layer there. A parting is a near-tie that
+    rounding may flip when either margin is within the engines' error; wide margins at a parting are a fault."""
+    from common_kernels.ops.moe.naive import selection_margin
+
+    def router_margins(shim) -> tuple[list[float], list]:
+        found, c = [], shim.config
+
+        def record(module, args, _out) -> None:
+            x = args[0][-1:]
+            bias = module.gate.expert_bias if c.moe_router_enable_expert_bias else None
+            found.append(
+                selection_margin(x, module.gate.weight, bias, c.num_experts_per_tok, c.n_group, c.topk_group).item()
+            )
+
+        layers = [layer.mlp for l, layer in enumerate(shim.model.layers) if c.is_moe_layer(l)]
+        return found, [mlp.register_forward_hook(record) for mlp in layers]
+
+    def partings(shim, prompts: list[list[int]], got: list[list[int]], want: list[list[int]]) -> list[tuple]:
+        found = []
+        for n, (prompt, g, w) in enumerate(zip(prompts, got, want, strict=True)):
+            if g == w:
+                continue
+            at = next(i for i, (a, b) in enumerate(zip(g, w, strict=True)) if a != b)
+            margins, hooks = router_margins(shim)
+            try:
+                with torch.no_grad():
+                    logits = shim(torch.tensor(prompt + w[:at], device=shim.device))[-1]
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            logprobs = torch.log_softmax(logits.float(), -1)
+            margin, router = (logprobs[w[at]] - logprobs[g[at]]).item(), min(margins, default=float("inf"))
+            print(f"  prompt {n} parted at token {at}: shim's logit margin {margin:.1e}, router margin {router:.1e}")  # noqa: T201
+            found.append((n, at, margin, router))
+        return found
+
+    return partings

@@ -45,7 +45,7 @@ def generate(engine, prompts: list[list[int]], max_new_tokens: int, **kwargs) ->
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_greedy_tokens_and_prompt_logprobs_match_the_shim(tiny_trained, recall_prompts, dtype):
+def test_greedy_tokens_and_prompt_logprobs_match_the_shim(tiny_trained, recall_prompts, greedy_partings, dtype):
     from transformers import AutoTokenizer
 
     prompts = recall_prompts(AutoTokenizer.from_pretrained(tiny_trained), 16)
@@ -53,7 +53,6 @@ def test_greedy_tokens_and_prompt_logprobs_match_the_shim(tiny_trained, recall_p
     with torch.no_grad():
         want_tokens = shim.generate(prompts, max_new_tokens=12)
         want_logprobs = [shim.token_logprobs(torch.tensor(p, device="cuda")).cpu() for p in prompts]
-    del shim
     engine = make_engine(tiny_trained, dtype=dtype)
     try:
         outs = generate(engine, prompts, 12, return_logprob=True, logprob_start_len=0)
@@ -70,9 +69,30 @@ def test_greedy_tokens_and_prompt_logprobs_match_the_shim(tiny_trained, recall_p
         f"\n[SGLang {dtype}] prompt logprobs vs shim over {diffs.numel()} tokens: max {diffs.max():.2e}, "
         f"mean {diffs.mean():.2e}; greedy continuations equal: {same}/{len(prompts)}"
     )
-    assert got_tokens == want_tokens
-    max_bound, mean_bound = (0.1, 2e-3) if dtype == "float32" else (0.5, 1e-2)  # as for vLLM (its test says why)
+    # what an RL trainer reproduces: the engine's logprobs of the tokens it decoded, against the shim's on the same
+    # tokens (teacher-forced)
+    decoded = []
+    for prompt, out in zip(prompts, outs, strict=True):
+        got = torch.tensor([entry[0] for entry in out["meta_info"]["output_token_logprobs"]])
+        with torch.no_grad():
+            want = shim.token_logprobs(torch.tensor(prompt + list(out["output_ids"]), device="cuda")).cpu()
+        decoded.append((got - want[len(prompt) :]).abs())
+    decoded = torch.stack(decoded)
+    worst = divmod(decoded.argmax().item(), decoded.shape[1])
+    print(
+        f"[SGLang {dtype}] decoded-token logprobs vs shim over {decoded.numel()} tokens: max {decoded.max():.2e} "
+        f"(prompt {worst[0]}, token {worst[1]}), mean {decoded.mean():.2e}; that prompt's, token by token: "
+        + " ".join(f"{x:.0e}" for x in decoded[worst[0]].tolist())
+    )
+    # the bounds of the vLLM test (which says why); SGLang's fused MoE also rounds fp32 products to fp16
+    max_bound, mean_bound = (0.1, 2e-3) if dtype == "float32" else (0.5, 1e-2)
     assert diffs.max() < max_bound and diffs.mean() < mean_bound
+    assert decoded.max() < max_bound and decoded.mean() < mean_bound
+    # greedy decoding may part only at a near-tie: the shim itself preferred its token by less than the logprob
+    # error above, or a router choice there was closer than the engine's rounding (a selection-score margin)
+    router_tie = 1e-3 if dtype == "float32" else 1e-2
+    partings = greedy_partings(shim, prompts, got_tokens, want_tokens)
+    assert all(logit < max_bound or router < router_tie for _, _, logit, router in partings)
 
 
 def test_concurrent_mixed_lengths_equal_one_at_a_time(tiny_trained):

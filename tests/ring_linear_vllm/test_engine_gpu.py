@@ -60,7 +60,7 @@ def generate(llm, prompts: list[list[int]], max_tokens: int, **sampling) -> list
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_greedy_tokens_and_prompt_logprobs_match_the_shim(tiny_trained, recall_prompts, dtype):
+def test_greedy_tokens_and_prompt_logprobs_match_the_shim(tiny_trained, recall_prompts, greedy_partings, dtype):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_trained)
@@ -84,14 +84,6 @@ def test_greedy_tokens_and_prompt_logprobs_match_the_shim(tiny_trained, recall_p
         f"\n[{dtype}] prompt logprobs vs shim over {diffs.numel()} tokens: max {diffs.max():.2e}, "
         f"mean {diffs.mean():.2e}; greedy continuations equal: {same}/{len(prompts)}"
     )
-    for prompt, got, want in zip(prompts, got_tokens, want_tokens, strict=True):
-        if got != want:  # how close a tie the shim saw where the two first part: a near-tie or a real fault
-            at = next(i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b)
-            with torch.no_grad():
-                logprobs = torch.log_softmax(shim(torch.tensor(prompt + want[:at], device="cuda"))[-1], -1)
-            print(f"  parted at token {at}: shim's logprob of its token {logprobs[want[at]]:.4f}, of the engine's "
-                  f"{logprobs[got[at]]:.4f}")  # fmt: skip
-    assert got_tokens == want_tokens
     # Measured on an H200 (2026-11-27), max / mean: fp32 1.7e-2 / 9.8e-4 with exact fp32 products in the linear
     # layers, 4.7e-2 / 1.0e-3 with TF32 ones (the default); bf16 0.27 / 3.9e-3, then 0.18 / 3.1e-3. vLLM's fp32
     # fused-MoE and attention kernels run TF32 products too, and a router near-tie then picks other experts
@@ -99,6 +91,11 @@ def test_greedy_tokens_and_prompt_logprobs_match_the_shim(tiny_trained, recall_p
     # which the mean bound catches.
     max_bound, mean_bound = (0.1, 2e-3) if dtype == "float32" else (0.5, 1e-2)
     assert diffs.max() < max_bound and diffs.mean() < mean_bound
+    # greedy decoding may part only at a near-tie: the shim itself preferred its token by less than the logprob
+    # error above, or a router choice there was closer than the engine's rounding (a selection-score margin)
+    router_tie = 1e-3 if dtype == "float32" else 1e-2
+    partings = greedy_partings(shim, prompts, got_tokens, want_tokens)
+    assert all(logit < max_bound or router < router_tie for _, _, logit, router in partings)
 
 
 def test_concurrent_mixed_lengths_equal_one_at_a_time(tiny_trained):

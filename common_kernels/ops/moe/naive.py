@@ -50,6 +50,45 @@ def route(
     Returns:
         expert ids `[T, k]` (int64) and weights `[T, k]` (fp32, float64 for float64 input).
     """
+    scores, _, masked = _selection(hidden, gate_weight, expert_bias, n_group, topk_group)
+    topk_ids = _stable_topk_indices(masked, num_experts_per_tok)
+    weights = scores.gather(1, topk_ids)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return topk_ids, weights * routed_scaling_factor
+
+
+def selection_margin(
+    hidden: torch.Tensor,
+    gate_weight: torch.Tensor,
+    expert_bias: torch.Tensor | None,
+    num_experts_per_tok: int,
+    n_group: int,
+    topk_group: int,
+) -> torch.Tensor:
+    """How far each token's expert choice (`route`) is from changing, `[T]`: no change of every selection score by
+    less than this can change the chosen experts. An expert gap closes when two scores move by half of it each; a
+    group score sums two selection scores, so a group gap closes at a quarter of it.
+
+    A tiny margin is a router near-tie: two correct implementations that round differently may choose different
+    experts there, and their outputs then differ by far more than rounding.
+    """
+    _, group_scores, masked = _selection(hidden, gate_weight, expert_bias, n_group, topk_group)
+    groups = group_scores.sort(dim=-1, descending=True).values
+    inf = torch.full_like(groups[:, 0], float("inf"))
+    per_group = min(2, masked.shape[-1] // n_group)
+    group_gap = groups[:, topk_group - 1] - groups[:, topk_group] if topk_group < n_group else inf
+    k = num_experts_per_tok
+    best = masked.topk(min(k + 1, masked.shape[-1]), dim=-1).values
+    expert_gap = best[:, k - 1] - best[:, k] if best.shape[-1] > k else inf
+    return torch.minimum(group_gap / (2 * per_group), expert_gap / 2)
+
+
+def _selection(
+    hidden: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor | None, n_group: int, topk_group: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`route`'s steps 1-3: scores `p` `[T, E]`, group scores `[T, n_group]`, and the selection scores with the
+    dropped groups at -inf `[T, E]`."""
     dtype = compute_dtype(ROUTER_DTYPE, hidden.dtype)
     logits = F.linear(hidden.to(dtype), gate_weight.to(dtype))
     scores = torch.sigmoid(logits)
@@ -60,11 +99,7 @@ def route(
     keep_groups = _stable_topk_indices(group_scores, topk_group)
     group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep_groups, True)
     masked = grouped.masked_fill(~group_mask[..., None], float("-inf")).reshape(T, E)
-    topk_ids = _stable_topk_indices(masked, num_experts_per_tok)
-    weights = scores.gather(1, topk_ids)
-    if norm_topk_prob:
-        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    return topk_ids, weights * routed_scaling_factor
+    return scores, group_scores, masked
 
 
 def moe_combine(

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from common_kernels.ops.moe.naive import moe_combine, route, swiglu_mlp
+from common_kernels.ops.moe.naive import moe_combine, route, selection_margin, swiglu_mlp
 from common_kernels.testing import assert_rel_rms
 
 
@@ -49,6 +49,42 @@ def test_router_runs_in_fp32_from_bf16_and_ties_go_to_the_lower_index():
     assert weights.dtype == torch.float32
     assert ids.tolist() == [[0, 1, 2]] * 4
     assert torch.allclose(weights, torch.full_like(weights, 1 / 3))
+
+
+@pytest.mark.parametrize("E,n_group,topk_group,k", [(8, 4, 2, 2), (16, 4, 1, 3), (12, 1, 1, 4), (32, 4, 4, 32)])
+def test_no_change_of_the_scores_within_the_selection_margin_changes_the_experts(E, n_group, topk_group, k):
+    torch.manual_seed(E + k)
+    x, w = torch.randn(6, 16, dtype=torch.float64), torch.randn(E, 16, dtype=torch.float64)
+    bias = torch.randn(E, dtype=torch.float64) * 0.1
+    ids, _ = route(x, w, bias, k, n_group, topk_group, 1.0, True)
+    margin = selection_margin(x, w, bias, k, n_group, topk_group)
+    assert margin.shape == (6,) and (margin > 0).all()
+    assert torch.isinf(margin).all() == (topk_group == n_group and k == E)  # all chosen: nothing can change
+    for t in range(6):
+        for _ in range(50):
+            nudge = (torch.rand(E, dtype=torch.float64) * 2 - 1) * 0.999 * margin[t].clamp(max=1.0)
+            moved, _ = route(x[t : t + 1], w, bias + nudge, k, n_group, topk_group, 1.0, True)
+            assert set(moved[0].tolist()) == set(ids[t].tolist())
+
+
+def test_the_selection_margin_is_tight_for_experts_and_zero_at_a_tie():
+    torch.manual_seed(0)
+    x, w = torch.randn(4, 16, dtype=torch.float64), torch.randn(10, 16, dtype=torch.float64)
+    ids, _ = route(x, w, None, 3, 1, 1, 1.0, True)
+    margin = selection_margin(x, w, None, 3, 1, 1)
+    for t in range(4):  # the best unchosen expert raised and the last chosen lowered by just over the margin swap
+        scores = torch.sigmoid(x[t] @ w.T)
+        last = min(ids[t].tolist(), key=lambda e: scores[e].item())
+        best_out = max(set(range(10)) - set(ids[t].tolist()), key=lambda e: scores[e].item())
+        bias = torch.zeros(10, dtype=torch.float64)
+        bias[best_out], bias[last] = margin[t] * 1.001, -margin[t] * 1.001
+        moved, _ = route(x[t : t + 1], w, bias, 3, 1, 1, 1.0, True)
+        assert best_out in moved[0].tolist() and last not in moved[0].tolist()
+    tied = torch.cat([w[:3], w[2:3], w[4:]])  # experts 2 and 3 score alike for every token
+    chosen_one_of_the_pair = route(x, tied, None, 3, 1, 1, 1.0, True)[0]
+    straddles = [(2 in row) != (3 in row) for row in chosen_one_of_the_pair.tolist()]
+    assert any(straddles)
+    assert (selection_margin(x, tied, None, 3, 1, 1)[torch.tensor(straddles)] == 0).all()
 
 
 def test_moe_combine_matches_per_token_loop():
