@@ -2,10 +2,7 @@
 
 `register()` adds the config SGLang parses the released `config.json` into (with the state description its
 pool is sized from), the hybrid-model spec naming the linear-attention backend (`backend.py`), the launcher's
-settings check and the model (`model.py`). All of it is CPU-tested on SGLang 0.5.17 and 0.5.23. On a GPU the
-engine runs but its logprobs do not match the shim's yet, so the `sglang.srt.plugins` entry point is not declared
-until the GPU tests pass (`benchmarks/gpu_checks.sh sgl-engine` declares it for them): SGLang's processes do not
-load it yet.
+settings check and the model (`model.py`). SGLang's processes run it through the `sglang.srt.plugins` entry point.
 """
 
 from __future__ import annotations
