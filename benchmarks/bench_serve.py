@@ -18,8 +18,8 @@ tokenizer (`t0` .. `t{V-1}`, whitespace split), which round-trips every id, as t
     python -m benchmarks.bench_serve report serve-results                              # ratios, markdown
 
 On SGLang (`--engine sglang`: `sglang.launch_server` and `python -m sglang.benchmark.serving`, the triton
-attention backend) only ring-linear runs so far, compared with ring-linear on vLLM; the twin there needs a
-config SGLang serves as a plain MoE model.
+attention backend, radix cache off unless the name says cached) the twin is SGLang's native
+`BailingMoeV2ForCausalLM`, whose config SGLang reads as remote code: `sglang_twin/` holds it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,12 +72,20 @@ WORKLOADS = {
 SPEED_WORKLOADS = ("chat", "long-32k", "long-128k", "reasoning")  # the default: the ratio table's rows
 
 
-def write_model_dir(model: str, directory: Path) -> Path:
-    """config.json: the released Ring-mini-linear config, or the twin's architecture."""
+SGLANG_TWIN_CONFIG = Path(__file__).parent / "sglang_twin" / "configuration_bailing_moe_v2.py"
+
+
+def write_model_dir(model: str, directory: Path, engine: str = "vllm") -> Path:
+    """config.json: the released Ring-mini-linear config, or the twin's architecture (on SGLang also its model
+    type, with the config class SGLang loads as remote code beside it)."""
     config = json.loads(RELEASED_CONFIG.read_text())
+    directory.mkdir(parents=True, exist_ok=True)
     if model.startswith("softmax-twin"):
         config["architectures"] = ["BailingMoeV2ForCausalLM"]
-    directory.mkdir(parents=True, exist_ok=True)
+        if engine == "sglang":
+            config["model_type"] = "bailing_moe_v2"
+            config["auto_map"] = {"AutoConfig": f"{SGLANG_TWIN_CONFIG.stem}.BailingMoeV2Config"}
+            shutil.copy(SGLANG_TWIN_CONFIG, directory / SGLANG_TWIN_CONFIG.name)
     (directory / "config.json").write_text(json.dumps(config))
     return directory
 
@@ -108,6 +117,8 @@ def serve_command(
         command = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(directory)]
         command += ["--tokenizer-path", str(tokenizer), "--load-format", "dummy", "--port", str(port)]
         command += ["--context-length", str(max_model_len), "--attention-backend", "triton"]
+        if model.startswith("softmax-twin"):
+            command.append("--trust-remote-code")  # the twin's config class (write_model_dir)
         return command if cached else [*command, "--disable-radix-cache"]
     command = [*VLLM_CLI, "serve", str(directory), "--tokenizer", str(tokenizer), "--load-format", "dummy"]
     command += ["--port", str(port)]
@@ -235,11 +246,6 @@ def label(model: str, engine: str) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
-    if args.engine == "sglang" and args.model != "ring-linear":
-        raise SystemExit(
-            "bench_serve: the softmax twin on SGLang is not supported yet: its config keeps model_type "
-            "bailing_moe_linear, which SGLang (with this plugin) serves as the hybrid model; use --engine vllm"
-        )
     if answers(args.port):
         raise SystemExit(f"bench_serve: a server already answers on port {args.port}; stop it or pass --port")
     # a time limit's SIGTERM must still stop the server (it runs in its own session, so it would outlive us)
@@ -247,7 +253,7 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name_of_run = label(args.model, args.engine)
-    directory = write_model_dir(args.model, out / f"model-{args.model}")
+    directory = write_model_dir(args.model, out / f"model-{name_of_run}", args.engine)
     tokenizer = write_word_tokenizer(json.loads(RELEASED_CONFIG.read_text())["vocab_size"], out / "tokenizer")
     workloads = [WORKLOADS[name] for name in args.workloads]
     max_len = max(w.input_len + w.output_len for w in workloads)
@@ -371,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     run_parser = sub.add_parser("run", help="start one model's server and run the workloads against it")
     run_parser.add_argument("--model", choices=MODELS, required=True)
     run_parser.add_argument(
-        "--engine", choices=ENGINES, default="vllm", help="sglang: ring-linear only so far (the twin needs a config)"
+        "--engine", choices=ENGINES, default="vllm", help="the engine serving and benchmarking the model"
     )
     run_parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(SPEED_WORKLOADS))
     run_parser.add_argument("--out", default="serve-results")

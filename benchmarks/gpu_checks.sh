@@ -26,8 +26,9 @@
 #                (SERVE_WORKLOADS picks workloads: all four take longer than one 10-minute device call)
 #   soak         bench_serve's soak: concurrency 128 for about 5 minutes, failed requests and GPU memory (not yet run)
 #   profile      compiled 4K and 128K prefill and 64 x 4K decode-step profiles, ring-linear and the twin (~9 min)
-#   serve-ring-sgl  bench_serve on SGLang: ring-linear through launch_server (SGLang staged, own call) (untimed)
-#   sgl-engine   pytest -m gpu: the SGLang adapter's engine tests (SGLang 0.5.17 staged in /tmp/gpu-site-sgl;
+#   serve-ring-sgl  bench_serve on SGLang: ring-linear through launch_server (SGLang staged, own call) (not yet run)
+#   serve-twin-sgl  the same for the twin, SGLang's native BailingMoeV2ForCausalLM (not yet run)
+#   sgl-engine   pytest -m gpu: the SGLang adapter's engine tests (SGLang 0.5.17 staged in /tmp/gpu-site-sgl; PYTEST_K picks;
 #                run it in its own call: it replaces vLLM's site on PYTHONPATH)                  (untimed)
 #   sgl-diff     sglang_layer_diff: per-module engine outputs against the shim, one prompt (SGLang staged) (~2 min)
 set -uo pipefail
@@ -39,7 +40,6 @@ mkdir -p "$out"
 site=/tmp/ring-linear-site/ring_linear-0.1.0.dist-info
 mkdir -p "$site"
 printf 'Metadata-Version: 2.1\nName: ring-linear\nVersion: 0.1.0\n' >"$site/METADATA"
-# the SGLang entry point exists here only: pyproject declares it once these GPU checks have passed
 printf '[vllm.general_plugins]\nring_linear = ring_linear_vllm:register\n[sglang.srt.plugins]\nring_linear = ring_linear_sglang:register\n' \
   >"$site/entry_points.txt"
 export PYTHONPATH="$PWD:${site%/*}${PYTHONPATH:+:$PYTHONPATH}"
@@ -78,15 +78,17 @@ for step in "$@"; do
     soak) run soak 590 python3 -m benchmarks.bench_serve run --model ring-linear --out "${SERVE_OUT:-$out/serve}" \
       --workloads soak ;;
     serve-report) python3 -m benchmarks.bench_serve report "${SERVE_OUT:-$out/serve}" | tee "$out/serve-report.md" ;;
-    serve-ring-sgl) run "$step" 580 env PYTHONPATH="$PWD:/tmp/ring-linear-site:/tmp/gpu-site-sgl" \
-      SGLANG_IS_FLASHINFER_AVAILABLE=false python3 -m benchmarks.bench_serve run --model ring-linear \
-      --engine sglang --out "${SERVE_OUT:-$out/serve}" --workloads ${SERVE_WORKLOADS:-chat long-32k long-128k reasoning} ;;
+    serve-ring-sgl | serve-twin-sgl)
+      model=${step#serve-}; model=${model%-sgl}; model=${model/ring/ring-linear}; model=${model/twin/softmax-twin}
+      run "$step" 580 env PYTHONPATH="$PWD:/tmp/ring-linear-site:/tmp/gpu-site-sgl" \
+        SGLANG_IS_FLASHINFER_AVAILABLE=false python3 -m benchmarks.bench_serve run --model "$model" --engine sglang \
+        --out "${SERVE_OUT:-$out/serve}" --workloads ${SERVE_WORKLOADS:-chat long-32k long-128k reasoning} ;;
     sgl-engine) run sgl-engine 570 env PYTHONPATH="$PWD:/tmp/ring-linear-site:/tmp/gpu-site-sgl" \
       SGLANG_IS_FLASHINFER_AVAILABLE=false CUDA_VISIBLE_DEVICES=0 \
-      python3 -m pytest -q -s -m gpu tests/ring_linear_sglang/test_engine_gpu.py ;;
+      python3 -m pytest -q -s -m gpu tests/ring_linear_sglang/test_engine_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} ;;
     sgl-diff) run sgl-diff 300 env PYTHONPATH="$PWD:/tmp/ring-linear-site:/tmp/gpu-site-sgl" \
       SGLANG_IS_FLASHINFER_AVAILABLE=false CUDA_VISIBLE_DEVICES=0 \
-      python3 -m benchmarks.sglang_layer_diff "${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}" ;;
+      python3 -m benchmarks.sglang_layer_diff "${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}" --save "$out/sgl-diff.pt" ;;
     profile)
       for variant in ring-linear softmax-twin; do
         for length in 4096 131072; do

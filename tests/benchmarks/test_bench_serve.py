@@ -157,9 +157,19 @@ def test_results_are_read_from_vllms_json_and_sglangs_json_lines(tmp_path):
     assert result["output_throughput"] == 5.0 and result["failed"] == 6  # 256 prompts, 250 completed
 
 
-def test_the_sglang_twin_is_refused_until_it_has_a_config_sglang_serves_as_moe(tmp_path):
-    with pytest.raises(SystemExit, match="the softmax twin on SGLang is not supported yet"):
-        bench_serve.main(["run", "--model", "softmax-twin", "--engine", "sglang", "--out", str(tmp_path)])
+def test_on_sglang_the_twin_is_the_native_moe_model_with_its_config_class_beside_it(tmp_path):
+    ours_dir = bench_serve.write_model_dir("ring-linear", tmp_path / "a", "sglang")
+    ours = json.loads((ours_dir / "config.json").read_text())
+    twin_dir = bench_serve.write_model_dir("softmax-twin", tmp_path / "b", "sglang")
+    twin = json.loads((twin_dir / "config.json").read_text())
+    assert ours["model_type"] == "bailing_moe_linear" and twin["model_type"] == "bailing_moe_v2"
+    assert twin["architectures"] == ["BailingMoeV2ForCausalLM"]
+    module, cls = twin["auto_map"]["AutoConfig"].split(".")
+    assert (twin_dir / f"{module}.py").is_file() and cls == "BailingMoeV2Config"
+    differs = {"architectures", "model_type", "auto_map"}
+    assert {k: v for k, v in twin.items() if k not in differs} == {k: v for k, v in ours.items() if k not in differs}
+    assert "--trust-remote-code" in bench_serve.serve_command("softmax-twin", twin_dir, Path("t"), 1, 2, "sglang")
+    assert "--trust-remote-code" not in bench_serve.serve_command("ring-linear", twin_dir, Path("t"), 1, 2, "sglang")
     assert bench_serve.label("ring-linear", "sglang") == "ring-linear@sglang"
     assert bench_serve.label("ring-linear", "vllm") == "ring-linear"
 
