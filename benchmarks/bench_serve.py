@@ -129,15 +129,21 @@ def serve_command(
 def client_command(
     workload: Workload, directory: Path, tokenizer: Path, port: int, out_dir: Path, filename: str, engine: str = "vllm"
 ) -> list[str]:
-    """The engine's own benchmark client, random dataset, fixed lengths, the same prompts every pass."""
+    """The engine's own benchmark client, random token ids, fixed lengths, the same prompts every pass.
+
+    The two clients read the same words differently: SGLang's `random` dataset samples ShareGPT text (a download,
+    which the offline GPU machine cannot make; `random-ids` draws token ids as vLLM's `random` does), and its
+    lengths are uniform in `[len * ratio, len]` (fixed at ratio 1), where vLLM's are `len * (1 +- ratio)` (fixed
+    at 0)."""
+    sglang = engine == "sglang"
     shape = [
         "--base-url", f"http://127.0.0.1:{port}", "--model", str(directory), "--tokenizer", str(tokenizer),
-        "--dataset-name", "random", "--random-input-len", str(workload.input_len),
-        "--random-output-len", str(workload.output_len), "--random-range-ratio", "0",
+        "--dataset-name", "random-ids" if sglang else "random", "--random-input-len", str(workload.input_len),
+        "--random-output-len", str(workload.output_len), "--random-range-ratio", "1" if sglang else "0",
         "--num-prompts", str(workload.num_prompts), "--max-concurrency", str(workload.concurrency), "--seed", "0",
         "--disable-tqdm",
     ]  # fmt: skip
-    if engine == "sglang":  # ignores EOS by default; no warm-up request, or the cold pass would not be cold
+    if sglang:  # ignores EOS by default; no warm-up request, or the cold pass would not be cold
         client = [sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang", *shape]
         return [*client, "--warmup-requests", "0", "--output-file", str(out_dir / filename)]
     return [

@@ -141,6 +141,8 @@ def test_on_sglang_the_server_and_client_are_sglangs_own():
         return client[client.index(name) + 1]
 
     assert flag("--backend") == "sglang" and flag("--warmup-requests") == "0"  # the cold pass stays cold
+    # token ids without a ShareGPT download, at fixed lengths (SGLang's ratio 1 is vLLM's 0)
+    assert flag("--dataset-name") == "random-ids" and flag("--random-range-ratio") == "1"
     assert flag("--random-input-len") == "4096" and flag("--output-file") == str(Path("o") / "x.json")
 
 
