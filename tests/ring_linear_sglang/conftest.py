@@ -50,6 +50,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 def start_world(released_dir: Path, tp_size: int = 1, rank: int = 0, port: int | None = None):
     """What SGLang's model construction reads: published server arguments (for the released config at `tp_size`)
     and a gloo world of `tp_size` ranks, this process being `rank`; returns the server arguments."""
+    import inspect
     import os
 
     from sglang.srt import runtime_context
@@ -67,11 +68,16 @@ def start_world(released_dir: Path, tp_size: int = 1, rank: int = 0, port: int |
         )  # fmt: skip
         if tp_size > 1:  # groups of a CPU (gloo) world: SGLang would set up NCCL and CUDA all-reduce for them
             _without_gpu_communicators(parallel_state)
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size)
+        widths = inspect.signature(parallel_state.initialize_model_parallel).parameters
+        # 0.5.17 takes the width; since, it reads the published server arguments' (tp_size above)
+        parallel_state.initialize_model_parallel(
+            **({"tensor_model_parallel_size": tp_size} if "tensor_model_parallel_size" in widths else {})
+        )
     override = getattr(runtime_context.get_parallel(), "override", None)
     if override is not None:  # 0.5.23 reads this process's ranks from the context, which a launcher writes
-        tensor = {f"{g}_size": tp_size for g in ("tp", "attn_tp")} | {f"{g}_rank": rank for g in ("tp", "attn_tp")}
-        others = ("pp", "moe_ep", "moe_tp", "moe_dp", "attn_cp", "attn_dp", "dcp", "attn_dcp")
+        split = ("tp", "attn_tp", "moe_tp")  # every group the tensor-parallel ranks split (no EP, DP or CP)
+        tensor = {f"{g}_size": tp_size for g in split} | {f"{g}_rank": rank for g in split}
+        others = ("pp", "moe_ep", "moe_dp", "attn_cp", "attn_dp", "dcp", "attn_dcp")
         ranks = override(**tensor, **{f"{g}_size": 1 for g in others}, **{f"{g}_rank": 0 for g in others})
         ranks.__enter__()
         _kept_alive.append(ranks)  # a collected context manager would undo the override

@@ -17,7 +17,7 @@ tiny_dir, released_dir, out = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[5]
 rank, port = int(sys.argv[3]), int(sys.argv[4])
 
 ring_linear_sglang.register()
-# the kit first: importing it pins the attention-TP width to 1, which the world's ranks then override
 kit = __import__("sglang.test.kits.attention_unittest.attention_methods.lightning_attention", fromlist=["_"])
+kit._parallel_override.__exit__(None, None, None)  # importing the kit pins attention TP to 1: this world has 2
 conftest.start_world(released_dir, tp_size=2, rank=rank, port=port)
 torch.save(conftest.linear_layer_errors(tiny_dir, kit, tp_size=2), out)
