@@ -82,12 +82,12 @@ def local_checks(engine: dict, shim: torch.nn.Module, device: str = "cuda") -> l
     from common_kernels.model.linear_math import prepare_qkv
     from common_kernels.ops.attention.naive import causal_gqa_attention
     from common_kernels.ops.linear_attn.naive import linear_attention_varlen
-    from common_kernels.ops.moe.naive import route
     from common_kernels.ops.rope.naive import qk_norm_rope, rotary_cos_sin, rotary_inv_freq
     from common_kernels.slopes import decay_rates
 
     config = shim.config
     H, Hkv, d, eps = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.rms_norm_eps
+    inv_freq, scaling = rotary_inv_freq(config)
     rows = []
     for l, layer in enumerate(shim.model.layers):
         base = f"model.layers.{l}"
@@ -97,11 +97,7 @@ def local_checks(engine: dict, shim: torch.nn.Module, device: str = "cuda") -> l
             mlp = layer.mlp
             with torch.no_grad():
                 want = mlp(x.to(mlp.gate.weight.dtype)).float().cpu()
-                ids, weights = route(
-                    x, mlp.gate.weight, mlp.gate.expert_bias if config.moe_router_enable_expert_bias else None,
-                    config.num_experts_per_tok, config.n_group, config.topk_group, config.routed_scaling_factor,
-                    config.norm_topk_prob,
-                )  # fmt: skip
+                ids, weights = mlp.route(x)
             got = engine[f"{base}.mlp.experts"] + engine.get(f"{base}.mlp.shared_experts.down_proj", 0.0)
             rows.append((f"{base}.mlp (local)", (got - want).abs().max().item(), want.abs().max().item()))
             topk = engine.get(f"{base}.mlp.topk")
@@ -117,7 +113,6 @@ def local_checks(engine: dict, shim: torch.nn.Module, device: str = "cuda") -> l
         if qkv is None or attn is None:
             continue
         qkv, T = qkv.to(device), qkv.shape[0]
-        inv_freq, scaling = rotary_inv_freq(config)
         cos, sin = rotary_cos_sin(torch.arange(T, device=device), inv_freq, scaling, torch.float32)
         a = layer.attention
         qw = None if a.query_layernorm is None else a.query_layernorm.weight
@@ -146,12 +141,10 @@ def main() -> None:
     parser.add_argument("--save", type=Path, help="also write both dumps here (torch.save), to study without a GPU")
     args = parser.parse_args()
     from common_kernels import RingLinearForCausalLM
-    from common_kernels.config import RingLinearConfig
 
-    vocab = RingLinearConfig.from_pretrained(args.checkpoint).vocab_size
-    prompt = [random.Random(0).randrange(3, vocab) for _ in range(args.length)]
     # the shim first: the engine's start-up must not change what the reference computes
     model = RingLinearForCausalLM.from_pretrained(args.checkpoint, dtype=getattr(torch, args.dtype), device="cuda")
+    prompt = [random.Random(0).randrange(3, model.config.vocab_size) for _ in range(args.length)]
     shim = shim_outputs(model, prompt)
     with tempfile.TemporaryDirectory() as tmp:
         engine = engine_outputs(args.checkpoint, prompt, args.dtype, Path(tmp))

@@ -102,17 +102,12 @@ def greedy_partings():
     (prompt index, position, logit margin, router margin), printed: the shim's logprob of its token minus that of
     the engine's token, and the smallest `selection_margin` of any MoE layer there. A parting is a near-tie that
     rounding may flip when either margin is within the engines' error; wide margins at a parting are a fault."""
-    from common_kernels.ops.moe.naive import selection_margin
 
     def router_margins(shim) -> tuple[list[float], list]:
         found, c = [], shim.config
 
         def record(module, args, _out) -> None:
-            x = args[0][-1:]
-            bias = module.gate.expert_bias if c.moe_router_enable_expert_bias else None
-            found.append(
-                selection_margin(x, module.gate.weight, bias, c.num_experts_per_tok, c.n_group, c.topk_group).item()
-            )
+            found.append(module.selection_margin(args[0][-1:]).item())
 
         layers = [layer.mlp for l, layer in enumerate(shim.model.layers) if c.is_moe_layer(l)]
         return found, [mlp.register_forward_hook(record) for mlp in layers]

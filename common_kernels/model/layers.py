@@ -15,7 +15,7 @@ from ..config import RingLinearConfig
 from ..ops.attention.naive import causal_gqa_attention
 from ..ops.linear_attn.backward import linear_attention_varlen_triton
 from ..ops.linear_attn.naive import linear_attention_varlen
-from ..ops.moe.naive import moe_combine, route, swiglu_mlp
+from ..ops.moe.naive import moe_combine, route, selection_margin, swiglu_mlp
 from ..ops.norm.naive import rms_norm
 from ..ops.packing import equal_length_groups
 from ..ops.rope.fused import qk_norm_rope_triton
@@ -100,21 +100,25 @@ class MoE(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.config
-        ids, weights = route(
-            x,
-            self.gate.weight,
-            self.gate.expert_bias if c.moe_router_enable_expert_bias else None,
-            c.num_experts_per_tok,
-            c.n_group,
-            c.topk_group,
-            c.routed_scaling_factor,
-            c.norm_topk_prob,
-        )
+        ids, weights = self.route(x)
         out = moe_combine(x, ids, weights, self.experts)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x).to(out.dtype)
         return out.to(x.dtype)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's experts and weights (`ops.moe.naive.route`)."""
+        c = self.config
+        return route(x, *self._selection_inputs(), c.routed_scaling_factor, c.norm_topk_prob)
+
+    def selection_margin(self, x: torch.Tensor) -> torch.Tensor:
+        """How far each token's expert choice is from changing (`ops.moe.naive.selection_margin`)."""
+        return selection_margin(x, *self._selection_inputs())
+
+    def _selection_inputs(self) -> tuple:
+        c = self.config
+        bias = self.gate.expert_bias if c.moe_router_enable_expert_bias else None
+        return self.gate.weight, bias, c.num_experts_per_tok, c.n_group, c.topk_group
 
 
 class SoftmaxAttention(nn.Module):

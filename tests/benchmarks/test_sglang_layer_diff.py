@@ -39,7 +39,7 @@ def test_the_shim_dump_names_modules_as_the_checkpoint_does_and_compares_to_itse
 def _engine_like_dump(shim, outputs: dict, shared_input_from_routed: bool = False) -> dict:
     """What SGLang's dump holds, made from the shim: routed experts and shared experts as separate leaves, and
     each attention's core output; optionally the shared experts fed the routed output (the fault it found)."""
-    from common_kernels.ops.moe.naive import moe_combine, route
+    from common_kernels.ops.moe.naive import moe_combine
 
     c, T = shim.config, len(PROMPT)
     dump = {}
@@ -53,10 +53,7 @@ def _engine_like_dump(shim, outputs: dict, shared_input_from_routed: bool = Fals
             continue
         mlp = layer.mlp
         with torch.no_grad():
-            ids, weights = route(
-                x, mlp.gate.weight, mlp.gate.expert_bias, c.num_experts_per_tok, c.n_group, c.topk_group,
-                c.routed_scaling_factor, c.norm_topk_prob,
-            )  # fmt: skip
+            ids, weights = mlp.route(x)
             routed = moe_combine(x, ids, weights, mlp.experts)
             shared = mlp.shared_experts(routed if shared_input_from_routed else x)
         dump[f"{base}.mlp.experts"], dump[f"{base}.mlp.shared_experts.down_proj"] = routed, shared
