@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from ..config import is_integer, is_real
 from ..errors import InvalidInputError, RingLinearError
 from ..model.checkpoint import TRAINING_STATE, CheckpointError, check_writable
 from ..model.modeling import RingLinearForCausalLM
@@ -139,9 +140,11 @@ def train(
         schedule.load_state_dict(state["schedule"])
         done, first_loss, loss_avg = state["step"], state["first_loss"], state["loss_avg"]
         seconds_before = state["seconds"]
-    start = time.time()
+    start, last_saved = time.time(), done  # the step `out` holds (0: nothing of this run's)
 
     def save() -> None:
+        nonlocal last_saved
+        last_saved = done
         state = {
             "step": done, "optimizer": opt.state_dict(), "schedule": schedule.state_dict(), "first_loss": first_loss,
             "loss_avg": loss_avg, "seconds": seconds_before + time.time() - start, "arguments": arguments,
@@ -162,10 +165,9 @@ def train(
             targets[torch.tensor(offsets[:-1])] = -100  # a sequence's first token has no prefix
             loss = F.cross_entropy(logits[:-1], targets[1:], ignore_index=-100)
             if not torch.isfinite(loss):
-                saved = f"the last save ({out}) is from step {done - done % save_every}" if done >= save_every else ""
+                saved = f"the last save ({out}) is from step {last_saved}" if last_saved else "nothing was saved"
                 raise TrainingDiverged(
-                    f"training diverged at step {done + 1}: the loss is {loss.item()}; lower --lr (now {lr:g}). "
-                    + (saved or "nothing was saved")
+                    f"training diverged at step {done + 1}: the loss is {loss.item()}; lower --lr (now {lr:g}). {saved}"
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -214,10 +216,10 @@ def _read_training_state(out: Path, arguments: dict) -> dict:
 
 def _check_training_arguments(steps: int, minutes: float, batch_size: int, lr: float, save_every: int) -> None:
     for name, value in (("steps", steps), ("batch_size", batch_size), ("save_every", save_every)):
-        if not (isinstance(value, int) and value > 0):
+        if not (is_integer(value) and value > 0):
             raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
     for name, value in (("minutes", minutes), ("lr", lr)):
-        if not 0 < value < float("inf"):  # also refuses NaN
+        if not (is_real(value) and 0 < value < float("inf")):  # also refuses NaN
             raise InvalidInputError(f"{name} must be a finite number > 0, got {value!r}")
 
 
