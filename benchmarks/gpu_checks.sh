@@ -23,7 +23,7 @@
 #   serve-twin   the same for the softmax twin, caching off                                (~9 min)
 #   serve-twin-cached  the twin with prefix caching (its warm pass hits the cache)          (~7 min)
 #   serve-report the ratio table of the serve steps' results (SERVE_OUT, default OUTDIR/serve)
-#                (SERVE_WORKLOADS picks workloads: all four take longer than one 10-minute device call)
+#                (SERVE_WORKLOADS picks workloads, else bench_serve's four, which take longer than one 10-minute device call)
 #   soak         bench_serve's soak: concurrency 128 for about 5 minutes, failed requests and GPU memory (not yet run)
 #   profile      compiled 4K and 128K prefill and 64 x 4K decode-step profiles, ring-linear and the twin (~9 min)
 #   serve-ring-sgl  bench_serve on SGLang: ring-linear through launch_server (SGLang staged, own call) (not yet run)
@@ -46,6 +46,8 @@ export PYTHONPATH="$PWD:${site%/*}${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER="${VLLM_USE_FLASHINFER_SAMPLER:-0}"
 
 FAULTS="preemption or aborts or chunked_prefill_boundaries or 2000_step"  # test_engine_gpu.py's fault tests
+# the SGLang steps: SGLang's site (staged by .gpu-sgl_*) in place of vLLM's, and no flashinfer (not in the bundle)
+SGLANG_ENV=(env PYTHONPATH="$PWD:${site%/*}:/tmp/gpu-site-sgl" SGLANG_IS_FLASHINFER_AVAILABLE=false)
 
 run() {  # run NAME LIMIT_S COMMAND...: the command's output to OUTDIR/NAME.log, its status to the summary
   local name=$1 limit=$2
@@ -71,23 +73,18 @@ for step in "$@"; do
       --prefill 4096 16384 --decode --json "$out/e2e-prefill.json" ;;
     example) run example 240 env CUDA_VISIBLE_DEVICES=0 python3 examples/vllm_rollout_logprobs.py \
       "${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}" ;;
-    serve-ring | serve-twin | serve-twin-cached)
-      model=${step#serve-}; model=${model/ring/ring-linear}; model=${model/twin/softmax-twin}
-      run "$step" 580 python3 -m benchmarks.bench_serve run --model "$model" --out "${SERVE_OUT:-$out/serve}" \
-        --workloads ${SERVE_WORKLOADS:-chat long-32k long-128k reasoning} ;;
+    serve-ring | serve-twin | serve-twin-cached | serve-ring-sgl | serve-twin-sgl)
+      model=${step#serve-}; engine=(--engine vllm); prefix=()
+      if [[ $model == *-sgl ]]; then model=${model%-sgl}; engine=(--engine sglang); prefix=("${SGLANG_ENV[@]}"); fi
+      model=${model/ring/ring-linear}; model=${model/twin/softmax-twin}
+      run "$step" 580 "${prefix[@]}" python3 -m benchmarks.bench_serve run --model "$model" "${engine[@]}" \
+        --out "${SERVE_OUT:-$out/serve}" ${SERVE_WORKLOADS:+--workloads $SERVE_WORKLOADS} ;;
     soak) run soak 590 python3 -m benchmarks.bench_serve run --model ring-linear --out "${SERVE_OUT:-$out/serve}" \
       --workloads soak ;;
     serve-report) python3 -m benchmarks.bench_serve report "${SERVE_OUT:-$out/serve}" | tee "$out/serve-report.md" ;;
-    serve-ring-sgl | serve-twin-sgl)
-      model=${step#serve-}; model=${model%-sgl}; model=${model/ring/ring-linear}; model=${model/twin/softmax-twin}
-      run "$step" 580 env PYTHONPATH="$PWD:/tmp/ring-linear-site:/tmp/gpu-site-sgl" \
-        SGLANG_IS_FLASHINFER_AVAILABLE=false python3 -m benchmarks.bench_serve run --model "$model" --engine sglang \
-        --out "${SERVE_OUT:-$out/serve}" --workloads ${SERVE_WORKLOADS:-chat long-32k long-128k reasoning} ;;
-    sgl-engine) run sgl-engine 570 env PYTHONPATH="$PWD:/tmp/ring-linear-site:/tmp/gpu-site-sgl" \
-      SGLANG_IS_FLASHINFER_AVAILABLE=false CUDA_VISIBLE_DEVICES=0 \
+    sgl-engine) run sgl-engine 570 "${SGLANG_ENV[@]}" CUDA_VISIBLE_DEVICES=0 \
       python3 -m pytest -q -s -m gpu tests/ring_linear_sglang/test_engine_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} ;;
-    sgl-diff) run sgl-diff 300 env PYTHONPATH="$PWD:/tmp/ring-linear-site:/tmp/gpu-site-sgl" \
-      SGLANG_IS_FLASHINFER_AVAILABLE=false CUDA_VISIBLE_DEVICES=0 \
+    sgl-diff) run sgl-diff 300 "${SGLANG_ENV[@]}" CUDA_VISIBLE_DEVICES=0 \
       python3 -m benchmarks.sglang_layer_diff "${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}" --save "$out/sgl-diff.pt" ;;
     profile)
       for variant in ring-linear softmax-twin; do

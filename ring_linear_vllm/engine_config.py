@@ -31,8 +31,7 @@ def state_dtypes(cache_config) -> tuple[torch.dtype]:
 class RingLinearEngineConfig(VerifyAndUpdateConfig):
     """Refuse what cannot run (a TP size the heads or norm groups cannot split, or that would hang vLLM's
     KV-cache write; speculative decoding; disaggregated prefill; a state dtype other than fp32/bf16), default the
-    LM head to fp32
-    and turn off hybrid prefix caching (not verified exact for the linear state)."""
+    LM head to fp32 and turn off hybrid prefix caching (not verified exact for the linear state)."""
 
     @classmethod
     def verify_and_update_config(cls, vllm_config) -> None:
