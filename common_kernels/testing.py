@@ -1,6 +1,14 @@
-"""Tolerance helpers shared by the tests of every op and stack; no CI leniency, NaN always fails."""
+"""Helpers shared by the tests of every op and stack: tolerances (no CI leniency, NaN always fails) and the
+multi-process runs of the engines' CPU parallelism checks."""
 
 from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -27,3 +35,34 @@ def assert_rel_rms(name: str, ref: torch.Tensor, out: torch.Tensor, max_ratio: f
 def ragged_offsets(lengths: list[int]) -> torch.Tensor:
     """`cu_seqlens` for the given sequence lengths (zeros allowed)."""
     return torch.tensor([0, *torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist()], dtype=torch.long)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(
+    worker: Path, args: Sequence[str], out_dir: Path, world_size: int = 2, timeout_s: float = 600
+) -> list[Path]:
+    """Run `python WORKER *ARGS RANK PORT OUT` as ranks 0 .. world_size-1 of one process group (rank 0 listens on
+    PORT), with the working directory on PYTHONPATH; returns each rank's OUT. A rank that fails fails the caller
+    with the tail of every rank's log."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")])}
+    outs = [Path(out_dir) / f"rank{rank}.out" for rank in range(world_size)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), *map(str, args), str(rank), str(port), str(outs[rank])],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for rank in range(world_size)
+    ]
+    logs = [p.communicate(timeout=timeout_s)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    return outs

@@ -1,7 +1,6 @@
 import json
 import os
 import random
-import socket
 import subprocess
 import time
 import urllib.request
@@ -66,9 +65,9 @@ def openai_completion(tmp_path):
     reply's first choice. A server that exits early fails with the tail of its log."""
 
     def complete(command: list[str], model: str) -> dict:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        from common_kernels.testing import free_port  # imported here: the package must see TRITON_INTERPRET first
+
+        port = free_port()
         log_path = tmp_path / "server.log"
         with log_path.open("w") as log:
             server = subprocess.Popen([*command, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)

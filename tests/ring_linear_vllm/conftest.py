@@ -245,29 +245,9 @@ def pipeline_stage_load(model_dir, **group) -> dict[str, list[str]]:
 
 def run_two_ranks(mode: str, model_dir, out_dir) -> list[Path]:
     """Run `tp_worker.py` as ranks 0 and 1 of a gloo group; returns their output files."""
-    import socket
-    import subprocess
-    import sys
+    from common_kernels.testing import run_ranks
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    worker = Path(__file__).with_name("tp_worker.py")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")])}
-    outs = [Path(out_dir) / f"{mode}-rank{rank}.out" for rank in range(2)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(worker), mode, str(model_dir), str(rank), str(port), str(outs[rank])],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
-    return outs
+    return run_ranks(Path(__file__).with_name("tp_worker.py"), [mode, model_dir], out_dir, timeout_s=600)
 
 
 def write_mha_equivalent(src: Path, dst: Path) -> Path:
