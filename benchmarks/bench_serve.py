@@ -25,6 +25,7 @@ attention backend, radix cache off unless the name says cached) the twin is SGLa
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -73,6 +74,7 @@ SPEED_WORKLOADS = ("chat", "long-32k", "long-128k", "reasoning")  # the default:
 
 
 SGLANG_TWIN_CONFIG = Path(__file__).parent / "sglang_twin" / "configuration_bailing_moe_v2.py"
+OFFLINE_STUBS = Path(__file__).parent / "offline_stubs"  # `datasets`, which SGLang's client imports and we never use
 
 
 def write_model_dir(model: str, directory: Path, engine: str = "vllm") -> Path:
@@ -151,6 +153,14 @@ def client_command(
         "--percentile-metrics", "ttft,tpot", "--metric-percentiles", "99",
         "--save-result", "--result-dir", str(out_dir), "--result-filename", filename,
     ]  # fmt: skip
+
+
+def client_env(engine: str, env: dict[str, str]) -> dict[str, str]:
+    """The client's environment: SGLang's imports Hugging Face `datasets` at start-up (for a dataset we never ask
+    for), so where it is not installed, a stub that fails on use is put on the path."""
+    if engine != "sglang" or importlib.util.find_spec("datasets") is not None:
+        return env
+    return env | {"PYTHONPATH": os.pathsep.join(filter(None, (str(OFFLINE_STUBS), env.get("PYTHONPATH"))))}
 
 
 def read_result(path: Path, workload: Workload) -> dict:
@@ -248,7 +258,7 @@ class GpuMemorySampler:
 
 def label(model: str, engine: str) -> str:
     """How a (model, engine) run is named in files and tables: vLLM's keep the bare model name."""
-    return model if engine == "vllm" else f"{model}@{engine}"
+    return model if engine == "vllm" else f"{model}.{engine}"
 
 
 def run(args: argparse.Namespace) -> None:
@@ -278,7 +288,7 @@ def run(args: argparse.Namespace) -> None:
         try:
             summary["startup_s"] = round(wait_ready(args.port, server, args.startup_timeout), 1)
             print(f"{name_of_run}: ready in {summary['startup_s']} s", flush=True)
-            for pass_name in PASSES:
+            for pass_name in args.passes:
                 for w in workloads:
                     if pass_name == "warm" and not w.warm_pass:
                         continue
@@ -286,7 +296,7 @@ def run(args: argparse.Namespace) -> None:
                     started = time.monotonic()
                     client = client_command(w, directory, tokenizer, args.port, out, name, args.engine)
                     with GpuMemorySampler() as memory:
-                        subprocess.run(client, check=True, env=env)
+                        subprocess.run(client, check=True, env=client_env(args.engine, env))
                     result = read_result(out / name, w)
                     summary.setdefault("gpu_memory_mib", {})[f"{w.name}/{pass_name}"] = memory.samples
                     print(
@@ -306,9 +316,10 @@ def run(args: argparse.Namespace) -> None:
                 server.wait(60)
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
-    summary["live_compiles"] = live_compiles(log_path.read_text(errors="replace"))
+    if args.engine == "vllm":  # SGLang has no JIT monitor: there, compare the cold pass with the warm one
+        summary["live_compiles"] = live_compiles(log_path.read_text(errors="replace"))
+        print(f"{name_of_run}: kernels compiled during inference: {summary['live_compiles'] or 'none'}")
     (out / f"summary-{name_of_run}.json").write_text(json.dumps(summary, indent=1))
-    print(f"{name_of_run}: kernels compiled during inference: {summary['live_compiles'] or 'none'}")
 
 
 def load_results(out: Path) -> dict[tuple[str, str, str], dict]:
@@ -360,8 +371,8 @@ def report_table(results: dict, baseline: str = "softmax-twin", model: str = "ri
 
 PAIRS = (  # (model, baseline): ring-linear against the twin on each engine, and on SGLang against vLLM
     ("ring-linear", "softmax-twin"),
-    ("ring-linear@sglang", "softmax-twin@sglang"),
-    ("ring-linear@sglang", "ring-linear"),
+    ("ring-linear.sglang", "softmax-twin.sglang"),
+    ("ring-linear.sglang", "ring-linear"),
 )
 
 
@@ -374,9 +385,10 @@ def report(args: argparse.Namespace) -> None:
             print(report_table(results, baseline, model))
     for path in sorted(out.glob("summary-*.json")):
         summary = json.loads(path.read_text())
+        compiles = summary.get("live_compiles", "not monitored")
         print(
-            f"\n{summary['model']}: ready in {summary.get('startup_s')} s; "
-            f"kernels compiled during inference: {summary.get('live_compiles') or 'none'}"
+            f"\n{summary['model']}: ready in {summary.get('startup_s')} s; kernels compiled during inference: "
+            f"{compiles or 'none'}"
         )
 
 
@@ -387,6 +399,9 @@ def main(argv: list[str] | None = None) -> None:
     run_parser.add_argument("--model", choices=MODELS, required=True)
     run_parser.add_argument(
         "--engine", choices=ENGINES, default="vllm", help="the engine serving and benchmarking the model"
+    )
+    run_parser.add_argument(
+        "--passes", nargs="+", choices=PASSES, default=list(PASSES), help="cold alone where time is short"
     )
     run_parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(SPEED_WORKLOADS))
     run_parser.add_argument("--out", default="serve-results")

@@ -23,11 +23,12 @@
 #   serve-twin   the same for the softmax twin, caching off                                (~9 min)
 #   serve-twin-cached  the twin with prefix caching (its warm pass hits the cache)          (~7 min)
 #   serve-report the ratio table of the serve steps' results (SERVE_OUT, default OUTDIR/serve)
-#                (SERVE_WORKLOADS picks workloads, else bench_serve's four, which take longer than one 10-minute device call)
+#                (SERVE_WORKLOADS picks workloads, else bench_serve's four, which take longer than one 10-minute
+#                device call; SERVE_PASSES=cold runs the cold pass alone)
 #   soak         bench_serve's soak: concurrency 128 for about 5 minutes, failed requests and GPU memory (not yet run)
 #   profile      compiled 4K and 128K prefill and 64 x 4K decode-step profiles, ring-linear and the twin (~9 min)
-#   serve-ring-sgl  bench_serve on SGLang: ring-linear through launch_server (SGLang staged, own call) (not yet run)
-#   serve-twin-sgl  the same for the twin, SGLang's native BailingMoeV2ForCausalLM (not yet run)
+#   serve-ring-sgl  bench_serve on SGLang: ring-linear through launch_server (SGLang staged, own call)    (~7 min, 3 workloads)
+#   serve-twin-sgl  the same for the twin, SGLang's native BailingMoeV2ForCausalLM (~8 min, 3 workloads)
 #   sgl-engine   pytest -m gpu: the SGLang adapter's engine tests (SGLang 0.5.17 staged in /tmp/gpu-site-sgl; PYTEST_K picks;
 #                run it in its own call: it replaces vLLM's site on PYTHONPATH)                  (untimed)
 #   sgl-diff     sglang_layer_diff: per-module engine outputs against the shim, one prompt (SGLang staged) (~2 min)
@@ -78,7 +79,8 @@ for step in "$@"; do
       if [[ $model == *-sgl ]]; then model=${model%-sgl}; engine=(--engine sglang); prefix=("${SGLANG_ENV[@]}"); fi
       model=${model/ring/ring-linear}; model=${model/twin/softmax-twin}
       run "$step" 580 "${prefix[@]}" python3 -m benchmarks.bench_serve run --model "$model" "${engine[@]}" \
-        --out "${SERVE_OUT:-$out/serve}" ${SERVE_WORKLOADS:+--workloads $SERVE_WORKLOADS} ;;
+        --out "${SERVE_OUT:-$out/serve}" ${SERVE_WORKLOADS:+--workloads $SERVE_WORKLOADS} \
+        ${SERVE_PASSES:+--passes $SERVE_PASSES} ;;
     soak) run soak 590 python3 -m benchmarks.bench_serve run --model ring-linear --out "${SERVE_OUT:-$out/serve}" \
       --workloads soak ;;
     serve-report) python3 -m benchmarks.bench_serve report "${SERVE_OUT:-$out/serve}" | tee "$out/serve-report.md" ;;

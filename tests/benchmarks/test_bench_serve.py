@@ -3,7 +3,9 @@ the ratio table, and its refusal to measure a server it did not start (the serve
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import random
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -172,7 +174,7 @@ def test_on_sglang_the_twin_is_the_native_moe_model_with_its_config_class_beside
     assert {k: v for k, v in twin.items() if k not in differs} == {k: v for k, v in ours.items() if k not in differs}
     assert "--trust-remote-code" in bench_serve.serve_command("softmax-twin", twin_dir, Path("t"), 1, 2, "sglang")
     assert "--trust-remote-code" not in bench_serve.serve_command("ring-linear", twin_dir, Path("t"), 1, 2, "sglang")
-    assert bench_serve.label("ring-linear", "sglang") == "ring-linear@sglang"
+    assert bench_serve.label("ring-linear", "sglang") == "ring-linear.sglang"
     assert bench_serve.label("ring-linear", "vllm") == "ring-linear"
 
 
@@ -194,3 +196,23 @@ def test_the_memory_sampler_reports_growth_and_samples_nothing_without_nvidia_sm
     with bench_serve.GpuMemorySampler(period_s=0.01) as empty:
         pass
     assert empty.samples == []
+
+
+def test_sglangs_client_gets_a_datasets_stub_only_where_datasets_is_missing(monkeypatch):
+    env = {"PYTHONPATH": "/site"}
+    assert bench_serve.client_env("vllm", env) == env
+    monkeypatch.setattr(bench_serve.importlib.util, "find_spec", lambda name: None)
+    stubbed = bench_serve.client_env("sglang", env)
+    assert stubbed["PYTHONPATH"] == f"{bench_serve.OFFLINE_STUBS}{os.pathsep}/site"
+    assert bench_serve.client_env("vllm", env) == env
+    monkeypatch.setattr(bench_serve.importlib.util, "find_spec", lambda name: object())
+    assert bench_serve.client_env("sglang", env) == env
+
+
+def test_the_datasets_stub_fails_on_use_naming_itself():
+    stub_file = bench_serve.OFFLINE_STUBS / "datasets" / "__init__.py"
+    spec = importlib.util.spec_from_file_location("stub_datasets", stub_file)
+    stub = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stub)
+    with pytest.raises(ModuleNotFoundError, match="offline_stubs"):
+        stub.load_dataset("MMMU/MMMU")
