@@ -6,7 +6,12 @@ Models (`--model`, one server each, prefix caching off unless the name says cach
 - `softmax-twin`: Ring-mini-2.0's shape on vLLM's native `BailingMoeV2ForCausalLM` (the same config with its
   architecture swapped), `--no-enable-prefix-caching`;
 - `softmax-twin-cached`: the twin with vLLM's default prefix caching, whose warm pass re-sends the same
-  prompts (the figure Ring-linear's caching must reach).
+  prompts (the figure Ring-linear's caching must reach);
+- `ring-linear-cached`: ours with vLLM's hybrid prefix caching ("align" mode, opted in by
+  `RING_LINEAR_PREFIX_CACHING=1` in the server's environment until its GPU tests pass).
+
+The `prefix-*` workloads (vLLM's `prefix_repetition` dataset: prompts that share a few long prefixes) are for
+the cached pair.
 
 Each workload runs twice: a cold pass (every workload in turn, right after the server starts: the first time
 the server sees that shape) and then a warm pass over the same prompts. Server and client share a word-level
@@ -40,8 +45,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from ring_linear_vllm import PREFIX_CACHING_OPT_IN
+
 RELEASED_CONFIG = Path(__file__).parents[1] / "tests" / "data" / "ring-mini-linear-2.0.config.json"
-MODELS = ("ring-linear", "softmax-twin", "softmax-twin-cached")
+MODELS = ("ring-linear", "softmax-twin", "ring-linear-cached", "softmax-twin-cached")
 ENGINES = ("vllm", "sglang")
 PASSES = ("cold", "warm")
 METRICS = ("output_throughput", "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms")
@@ -57,6 +64,8 @@ class Workload:
     num_prompts: int
     concurrency: int
     warm_pass: bool = True  # False: run once (the soak)
+    prefix_len: int = 0  # > 0: vLLM's prefix_repetition dataset, `num_prefixes` prefixes shared by the prompts
+    num_prefixes: int = 0
 
 
 WORKLOADS = {
@@ -66,6 +75,9 @@ WORKLOADS = {
         Workload("long-32k", 32768, 256, 32, 16),
         Workload("long-128k", 131072, 256, 8, 4),
         Workload("reasoning", 16384, 4096, 64, 64),
+        # shared prefixes (issue 13): 8 system prompts of 3.5K / 4 documents of 31K, each followed by its own question
+        Workload("prefix-4k", 4096, 256, 256, 64, prefix_len=3584, num_prefixes=8),
+        Workload("prefix-32k", 32768, 256, 32, 16, prefix_len=31744, num_prefixes=4),
         # about 5 minutes at concurrency 128 on one H200: 0 failed requests and flat GPU memory expected
         Workload("soak", 1024, 256, 6000, 128, warm_pass=False),
     )
@@ -125,7 +137,13 @@ def serve_command(
     command = [*VLLM_CLI, "serve", str(directory), "--tokenizer", str(tokenizer), "--load-format", "dummy"]
     command += ["--port", str(port)]
     command += ["--max-model-len", str(max_model_len), "--gpu-memory-utilization", "0.9"]
-    return command if cached else [*command, "--no-enable-prefix-caching"]
+    # hybrid models get no prefix caching unless asked for (vLLM 0.26)
+    return [*command, "--enable-prefix-caching"] if cached else [*command, "--no-enable-prefix-caching"]
+
+
+def server_env(model: str, env: dict[str, str]) -> dict[str, str]:
+    """The server's environment: the cached ring-linear server opts in to the plugin's prefix caching."""
+    return env | {PREFIX_CACHING_OPT_IN: "1"} if model == "ring-linear-cached" else env
 
 
 def client_command(
@@ -138,6 +156,8 @@ def client_command(
     lengths are uniform in `[len * ratio, len]` (fixed at ratio 1), where vLLM's are `len * (1 +- ratio)` (fixed
     at 0)."""
     sglang = engine == "sglang"
+    if workload.prefix_len and sglang:
+        raise ValueError(f"bench_serve: the {workload.name} workload runs on vLLM only (its prefix_repetition dataset)")
     shape = [
         "--base-url", f"http://127.0.0.1:{port}", "--model", str(directory), "--tokenizer", str(tokenizer),
         "--dataset-name", "random-ids" if sglang else "random", "--random-input-len", str(workload.input_len),
@@ -148,6 +168,14 @@ def client_command(
     if sglang:  # ignores EOS by default; no warm-up request, or the cold pass would not be cold
         client = [sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang", *shape]
         return [*client, "--warmup-requests", "0", "--output-file", str(out_dir / filename)]
+    if workload.prefix_len:  # the same lengths, drawn as shared prefixes + own suffixes
+        shape[shape.index("random")] = "prefix_repetition"
+        shape += [
+            "--prefix-repetition-prefix-len", str(workload.prefix_len),
+            "--prefix-repetition-suffix-len", str(workload.input_len - workload.prefix_len),
+            "--prefix-repetition-num-prefixes", str(workload.num_prefixes),
+            "--prefix-repetition-output-len", str(workload.output_len),
+        ]  # fmt: skip
     return [
         *VLLM_CLI, "bench", "serve", "--backend", "vllm", *shape, "--ignore-eos",
         "--percentile-metrics", "ttft,tpot", "--metric-percentiles", "99",
@@ -198,6 +226,31 @@ def rejection(port: int, model: str, workload: Workload) -> str:
             return f"a request of this size succeeds alone (HTTP {reply.status})"
     except urllib.error.HTTPError as error:
         return f"HTTP {error.code}: {error.read().decode(errors='replace')[:500]}"
+
+
+PREFIX_CACHE_COUNTERS = ("vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total")
+
+
+def prefix_cache_counters(port: int) -> tuple[float, float] | None:
+    """vLLM's prefix-cache hits and queries so far, in tokens (its Prometheus `/metrics`); None where not served."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return None
+    return prefix_cache_totals(text)
+
+
+def prefix_cache_totals(metrics_text: str) -> tuple[float, float] | None:
+    """(hits, queries) summed over every label set in a Prometheus text page, or None where it has neither."""
+    totals = dict.fromkeys(PREFIX_CACHE_COUNTERS, 0.0)
+    seen = False
+    for line in metrics_text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+            seen = True
+    return (totals[PREFIX_CACHE_COUNTERS[0]], totals[PREFIX_CACHE_COUNTERS[1]]) if seen else None
 
 
 def wait_ready(port: int, server: subprocess.Popen, timeout_s: float) -> float:
@@ -282,7 +335,7 @@ def run(args: argparse.Namespace) -> None:
         server = subprocess.Popen(
             serve_command(args.model, directory, tokenizer, args.port, max_len, args.engine), stdout=log,
             stderr=subprocess.STDOUT,
-            env=env, start_new_session=True,
+            env=server_env(args.model, env), start_new_session=True,
         )  # fmt: skip
         summary = {"model": name_of_run, "workloads": [w.name for w in workloads]}
         try:
@@ -295,9 +348,15 @@ def run(args: argparse.Namespace) -> None:
                     name = f"{name_of_run}__{w.name}__{pass_name}.json"
                     started = time.monotonic()
                     client = client_command(w, directory, tokenizer, args.port, out, name, args.engine)
+                    before = prefix_cache_counters(args.port)
                     with GpuMemorySampler() as memory:
                         subprocess.run(client, check=True, env=client_env(args.engine, env))
                     result = read_result(out / name, w)
+                    after = prefix_cache_counters(args.port)
+                    if before is not None and after is not None and after[1] > before[1]:
+                        hit_rate = (after[0] - before[0]) / (after[1] - before[1])
+                        summary.setdefault("prefix_cache_hit_rate", {})[f"{w.name}/{pass_name}"] = hit_rate
+                        print(f"  prefix-cache hit rate: {hit_rate:.1%} of prompt tokens", flush=True)
                     summary.setdefault("gpu_memory_mib", {})[f"{w.name}/{pass_name}"] = memory.samples
                     print(
                         f"{name_of_run} {w.name} {pass_name}: {result['output_throughput']:.0f} out tok/s, "
@@ -371,6 +430,7 @@ def report_table(results: dict, baseline: str = "softmax-twin", model: str = "ri
 
 PAIRS = (  # (model, baseline): ring-linear against the twin on each engine, and on SGLang against vLLM
     ("ring-linear", "softmax-twin"),
+    ("ring-linear-cached", "softmax-twin-cached"),
     ("ring-linear.sglang", "softmax-twin.sglang"),
     ("ring-linear.sglang", "ring-linear"),
 )

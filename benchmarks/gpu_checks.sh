@@ -14,6 +14,7 @@
 #   kernels      pytest -m gpu: the Triton kernels and the shim at real shapes            (~2 min)
 #   engine       pytest -m gpu: the vLLM engine tests on GPU 0 (tiny + Ring-mini dummy)   (~6 min)
 #   faults       the vLLM engine under faults: preemption, aborts, chunk boundaries, 2,000-step decode (not yet run)
+#   prefix       pytest -m gpu: vLLM prefix caching with the linear state, cache on vs off (PYTEST_K picks) (not yet run)
 #   tp2          the tensor-parallel-2 engine test (needs 2 GPUs)                         (~4 min)
 #   bench        bench_linear_attn: prefill (bf16 and fp32), decode, backward, H16 and H8 (~5 min)
 #   sweep        sweep_linear_attn: launch settings, bf16 and fp32 prefill                 (~8 min)
@@ -22,6 +23,8 @@
 #   serve-ring   bench_serve: `vllm serve` + `vllm bench serve`, ring-linear, every workload (~7 min)
 #   serve-twin   the same for the softmax twin, caching off                                (~9 min)
 #   serve-twin-cached  the twin with prefix caching (its warm pass hits the cache)          (~7 min)
+#   serve-ring-cached  ring-linear with prefix caching (SERVE_WORKLOADS="prefix-4k prefix-32k", then the twin's
+#                same; issue 13)                                                            (not yet run)
 #   serve-report the ratio table of the serve steps' results (SERVE_OUT, default OUTDIR/serve)
 #                (SERVE_WORKLOADS picks workloads, else bench_serve's four, which take longer than one 10-minute
 #                device call; SERVE_PASSES=cold runs the cold pass alone)
@@ -67,6 +70,8 @@ for step in "$@"; do
       -k "not tensor_parallel and not ($FAULTS)" ;;
     faults) run faults 540 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -m gpu tests/ring_linear_vllm/test_engine_gpu.py \
       -k "$FAULTS" ;;
+    prefix) run prefix 570 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -m gpu \
+      tests/ring_linear_vllm/test_prefix_caching_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} ;;
     tp2) run tp2 420 python3 -m pytest -q -s -m gpu tests/ring_linear_vllm/test_engine_gpu.py -k tensor_parallel ;;
     bench) run bench 540 python3 -m benchmarks.bench_linear_attn --dtype bf16 fp32 --json "$out/bench.json" ;;
     sweep) run sweep 540 python3 -m benchmarks.sweep_linear_attn ;;
@@ -74,7 +79,7 @@ for step in "$@"; do
       --prefill 4096 16384 --decode --json "$out/e2e-prefill.json" ;;
     example) run example 240 env CUDA_VISIBLE_DEVICES=0 python3 examples/vllm_rollout_logprobs.py \
       "${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}" ;;
-    serve-ring | serve-twin | serve-twin-cached | serve-ring-sgl | serve-twin-sgl)
+    serve-ring | serve-twin | serve-ring-cached | serve-twin-cached | serve-ring-sgl | serve-twin-sgl)
       model=${step#serve-}; engine=(--engine vllm); prefix=()
       if [[ $model == *-sgl ]]; then model=${model%-sgl}; engine=(--engine sglang); prefix=("${SGLANG_ENV[@]}"); fi
       model=${model/ring/ring-linear}; model=${model/twin/softmax-twin}

@@ -3,6 +3,8 @@ the linear state vLLM sizes its pool from (light: loaded in every process, befor
 
 from __future__ import annotations
 
+import os
+
 import torch
 from vllm import platforms
 from vllm.logger import init_logger
@@ -10,6 +12,7 @@ from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from common_kernels.config import RingLinearConfig
 from common_kernels.serving import check_serving_settings, linear_state_dtype, linear_state_shape
+from ring_linear_vllm import PREFIX_CACHING_OPT_IN
 from ring_linear_vllm.compat import check_kv_cache_write_width, splitting_op_name
 
 logger = init_logger(__name__)
@@ -31,7 +34,7 @@ def state_dtypes(cache_config) -> tuple[torch.dtype]:
 class RingLinearEngineConfig(VerifyAndUpdateConfig):
     """Refuse what cannot run (a TP size the heads or norm groups cannot split, or that would hang vLLM's
     KV-cache write; speculative decoding; disaggregated prefill; a state dtype other than fp32/bf16), default the
-    LM head to fp32 and turn off hybrid prefix caching (not verified exact for the linear state)."""
+    LM head to fp32, and keep hybrid prefix caching off unless opted in (`check_prefix_caching`)."""
 
     @classmethod
     def verify_and_update_config(cls, vllm_config) -> None:
@@ -62,11 +65,33 @@ class RingLinearEngineConfig(VerifyAndUpdateConfig):
             # would replay one step's state slots in another
             splitting_ops.append(splitting_op_name())
             logger.warning("ring-linear: added %s to the given splitting_ops", splitting_op_name())
-        cache_config = vllm_config.cache_config
-        if cache_config.enable_prefix_caching:
-            logger.warning(
-                "ring-linear: prefix caching is turned off for %s: hybrid 'align' mode is not verified "
-                "exact for the linear-attention state",
-                vllm_config.model_config.architecture,
-            )
-            cache_config.enable_prefix_caching = False
+        check_prefix_caching(vllm_config)
+
+
+def check_prefix_caching(vllm_config) -> None:
+    """Prefix caching stays off (one warning) unless `RING_LINEAR_PREFIX_CACHING=1`; then vLLM's "align" mode
+    serves it, which needs chunked prefill (refused here, naming the flag, instead of vLLM's bare assert)."""
+    cache_config = vllm_config.cache_config
+    if not cache_config.enable_prefix_caching:
+        return
+    architecture = vllm_config.model_config.architecture
+    if os.environ.get(PREFIX_CACHING_OPT_IN) != "1":
+        logger.warning(
+            "ring-linear: prefix caching is turned off for %s: hybrid 'align' mode is not yet verified exact for "
+            "the linear-attention state on a GPU (%s=1 turns it on)",
+            architecture,
+            PREFIX_CACHING_OPT_IN,
+        )
+        cache_config.enable_prefix_caching = False
+        return
+    if not vllm_config.scheduler_config.enable_chunked_prefill:
+        raise ValueError(
+            "ring-linear: prefix caching needs chunked prefill (vLLM's hybrid 'align' mode caches the linear state "
+            "at chunk ends): drop --no-enable-chunked-prefill, or pass --no-enable-prefix-caching"
+        )
+    if cache_config.mamba_cache_mode == "all":
+        raise ValueError(
+            "ring-linear: --mamba-cache-mode all is not supported (it needs the state at every block, which the "
+            "prefill does not write): use --mamba-cache-mode align"
+        )
+    logger.warning("ring-linear: prefix caching on for %s in 'align' mode (%s=1)", architecture, PREFIX_CACHING_OPT_IN)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import bench_serve
+from ring_linear_vllm import PREFIX_CACHING_OPT_IN
 
 
 def test_the_word_tokenizer_round_trips_every_id(tmp_path):
@@ -216,3 +217,34 @@ def test_the_datasets_stub_fails_on_use_naming_itself():
     spec.loader.exec_module(stub)
     with pytest.raises(ModuleNotFoundError, match="offline_stubs"):
         stub.load_dataset("MMMU/MMMU")
+
+
+def test_prefix_workloads_use_vllms_prefix_repetition_dataset_and_only_on_vllm():
+    workload = bench_serve.WORKLOADS["prefix-32k"]
+    command = bench_serve.client_command(workload, Path("m"), Path("t"), 8000, Path("o"), "x.json")
+    flags = {flag: command[i + 1] for i, flag in enumerate(command[:-1]) if flag.startswith("--")}
+    assert flags["--dataset-name"] == "prefix_repetition"
+    assert flags["--prefix-repetition-prefix-len"] == "31744" and flags["--prefix-repetition-suffix-len"] == "1024"
+    assert flags["--prefix-repetition-num-prefixes"] == "4" and flags["--prefix-repetition-output-len"] == "256"
+    with pytest.raises(ValueError, match="prefix-32k workload runs on vLLM only"):
+        bench_serve.client_command(workload, Path("m"), Path("t"), 8000, Path("o"), "x.json", engine="sglang")
+
+
+def test_the_cached_ring_linear_server_asks_for_prefix_caching_and_opts_in():
+    command = bench_serve.serve_command("ring-linear-cached", Path("m"), Path("t"), 8000, 4352)
+    assert "--enable-prefix-caching" in command and "--no-enable-prefix-caching" not in command
+    assert bench_serve.server_env("ring-linear-cached", {})[PREFIX_CACHING_OPT_IN] == "1"
+    assert PREFIX_CACHING_OPT_IN not in bench_serve.server_env("ring-linear", {})
+
+
+def test_the_prefix_cache_hit_rate_is_read_from_vllms_prometheus_counters():
+    page = "\n".join(
+        [
+            "# HELP vllm:prefix_cache_hits_total Prefix cache hits, in tokens.",
+            'vllm:prefix_cache_hits_total{engine="0",model_name="m"} 1536.0',
+            'vllm:prefix_cache_queries_total{engine="0",model_name="m"} 4096.0',
+            'vllm:prefix_cache_hits_created{engine="0",model_name="m"} 1.7e9',
+        ]
+    )
+    assert bench_serve.prefix_cache_totals(page) == (1536.0, 4096.0)
+    assert bench_serve.prefix_cache_totals("vllm:num_requests_running 0.0") is None

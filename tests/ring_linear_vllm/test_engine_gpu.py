@@ -8,18 +8,27 @@ Measured differences are printed (pytest -s) as well as asserted.
 
 from __future__ import annotations
 
-import gc
 import os
 import random
-import shutil
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("vllm")
+
+from vllm_runs import (  # noqa: E402
+    assert_finite_logprobs,
+    assert_same,
+    clean_run,
+    free,
+    generate,
+    make_llm,
+    make_ring_mini_dummy_llm,
+    prompts_of,
+    tokens_and_logprobs,
+)
 
 from common_kernels import RingLinearForCausalLM  # noqa: E402
 from common_kernels.testing import ENGINE_LOGPROB_BOUNDS, near_ties  # noqa: E402
@@ -27,37 +36,6 @@ from common_kernels.testing import ENGINE_LOGPROB_BOUNDS, near_ties  # noqa: E40
 pytestmark = pytest.mark.gpu
 # the engine core must not fork a process whose parent may already hold a CUDA context (the shim runs here)
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-RELEASED_CONFIG = Path(__file__).parents[1] / "data" / "ring-mini-linear-2.0.config.json"
-
-
-def make_llm(model: Path, **kwargs):
-    from vllm import LLM
-
-    settings = {
-        "model": str(model),
-        "dtype": "float32",
-        "max_model_len": 512,
-        "max_num_seqs": 64,
-        "gpu_memory_utilization": 0.25,
-        "seed": 0,
-        "skip_tokenizer_init": True,  # token ids in and out; the server test covers the tokenizer
-        "enforce_eager": True,  # fast start-up; the CUDA-graph tests ask for graphs
-    } | kwargs
-    return LLM(**settings)
-
-
-def free(llm) -> None:
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
-    torch.cuda.empty_cache()
-
-
-def generate(llm, prompts: list[list[int]], max_tokens: int, **sampling) -> list:
-    from vllm import SamplingParams, TokensPrompt
-
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **sampling)
-    return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -114,19 +92,6 @@ def test_openai_server_smoke(tiny_trained, openai_completion):
     choice = openai_completion(cmd, str(tiny_trained))
     print("\nserve reply:", choice["text"], choice["logprobs"]["token_logprobs"])
     assert choice["text"] and len(choice["logprobs"]["token_logprobs"]) == 4
-
-
-def make_ring_mini_dummy_llm(directory: Path, **kwargs):
-    """The released Ring-mini-linear-2.0 config with dummy weights, bf16."""
-    shutil.copy(RELEASED_CONFIG, directory / "config.json")
-    return make_llm(directory, dtype="bfloat16", load_format="dummy", **kwargs)
-
-
-def assert_finite_logprobs(output, num_tokens: int) -> None:
-    """`num_tokens` generated, each with a log-probability that is a number (no NaN) and at most 0."""
-    logprobs = [next(iter(d.values())).logprob for d in output.outputs[0].logprobs]
-    assert len(output.outputs[0].token_ids) == num_tokens and len(logprobs) == num_tokens
-    assert all(lp == lp and lp <= 0 for lp in logprobs), logprobs
 
 
 def test_ring_mini_dummy_weights_serve_a_32k_prompt_with_cuda_graphs(tmp_path):
@@ -246,54 +211,26 @@ def test_no_kernel_of_ours_compiles_while_serving(tmp_path, monkeypatch):
 # every offset, a long decode; each surviving request's greedy tokens and logprobs equal a clean run's
 
 
-def _prompts(seed: int, lengths) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(3, 64) for _ in range(n)] for n in lengths]
-
-
-def _tokens_and_logprobs(outputs) -> list[tuple[list[int], list[float]]]:
-    return [
-        (list(o.outputs[0].token_ids), [next(iter(d.values())).logprob for d in o.outputs[0].logprobs]) for o in outputs
-    ]
-
-
-def _clean_run(model, prompts, max_tokens) -> list[tuple[list[int], list[float]]]:
-    llm = make_llm(model)
-    try:
-        return _tokens_and_logprobs(generate(llm, prompts, max_tokens, logprobs=0))
-    finally:
-        free(llm)
-
-
-def _assert_same(got, want, what: str) -> None:
-    differ = [i for i, (g, w) in enumerate(zip(got, want, strict=True)) if g[0] != w[0]]
-    pairs = [(a, b) for g, w in zip(got, want, strict=True) for a, b in zip(g[1], w[1], strict=False)]
-    gap = max((abs(a - b) for a, b in pairs), default=0.0)
-    print(f"\n[{what}] {len(got) - len(differ)}/{len(got)} token sequences equal; max logprob difference {gap:.2e}")
-    assert not differ, f"{what}: requests {differ} differ from the clean run"
-    assert gap <= 1e-4, f"{what}: logprobs differ by {gap:.2e}"
-
-
 def test_forced_preemption_under_64_concurrent_requests(tiny_trained):
-    prompts = _prompts(11, [random.Random(11).randint(50, 400) for _ in range(64)])
-    want = _clean_run(tiny_trained, prompts, 48)
+    prompts = prompts_of(11, [random.Random(11).randint(50, 400) for _ in range(64)])
+    want = clean_run(tiny_trained, prompts, 48)
     llm = make_llm(tiny_trained, num_gpu_blocks_override=24, max_num_batched_tokens=256)
     try:
-        got = _tokens_and_logprobs(generate(llm, prompts, 48, logprobs=0))
+        got = tokens_and_logprobs(generate(llm, prompts, 48, logprobs=0))
         preemptions = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
     finally:
         free(llm)
     print(f"\npreemptions: {preemptions}")
     assert preemptions > 0, "no request was preempted: lower num_gpu_blocks_override"
-    _assert_same(got, want, "preemption")
+    assert_same(got, want, "preemption")
 
 
 def test_aborts_mid_prefill_and_mid_decode_then_reused_slots(tiny_trained):
     from vllm import SamplingParams, TokensPrompt
 
-    prompts = _prompts(12, [300, 5, 200, 1, 150, 64, 250, 33])
-    late = _prompts(13, [120, 7, 260, 40])
-    want = _clean_run(tiny_trained, prompts + late, 24)
+    prompts = prompts_of(12, [300, 5, 200, 1, 150, 64, 250, 33])
+    late = prompts_of(13, [120, 7, 260, 40])
+    want = clean_run(tiny_trained, prompts + late, 24)
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=0)
     llm = make_llm(tiny_trained, max_num_batched_tokens=64, enable_chunked_prefill=True)
     engine = llm.llm_engine
@@ -314,30 +251,30 @@ def test_aborts_mid_prefill_and_mid_decode_then_reused_slots(tiny_trained):
         free(llm)
     survivors = [str(i) for i in range(len(prompts)) if str(i) not in {"0", "1", "2", "3"}]
     survivors += [f"late{j}" for j in range(len(late))]
-    got = _tokens_and_logprobs([finished[r] for r in survivors])
+    got = tokens_and_logprobs([finished[r] for r in survivors])
     index = {str(i): i for i in range(len(prompts))} | {f"late{j}": len(prompts) + j for j in range(len(late))}
-    _assert_same(got, [want[index[r]] for r in survivors], "aborts")
+    assert_same(got, [want[index[r]] for r in survivors], "aborts")
 
 
 @pytest.mark.parametrize("budget", [16, 17])
 def test_chunked_prefill_boundaries_at_every_offset(tiny_trained, budget):
     rng = random.Random(14)
-    prompts = _prompts(
+    prompts = prompts_of(
         14, [1, 2, budget - 1, budget, budget + 1, 2 * budget + 1, 300] + [rng.randint(1, 300) for _ in range(25)]
     )
-    want = _clean_run(tiny_trained, prompts, 8)
+    want = clean_run(tiny_trained, prompts, 8)
     llm = make_llm(tiny_trained, max_num_batched_tokens=budget, enable_chunked_prefill=True, max_num_seqs=16)
     try:
-        got = _tokens_and_logprobs(generate(llm, prompts, 8, logprobs=0))
+        got = tokens_and_logprobs(generate(llm, prompts, 8, logprobs=0))
     finally:
         free(llm)
-    _assert_same(got, want, f"chunked prefill, {budget}-token steps")
+    assert_same(got, want, f"chunked prefill, {budget}-token steps")
 
 
 def test_a_2000_step_decode_follows_the_shim(tiny_trained, greedy_partings):
     """fp32 greedy over 2,000 steps: the engine's tokens equal the shim's, or part only at a near-tie (the rule of
     the greedy test above): a state that drifts over a long decode parts with wide margins."""
-    prompt = _prompts(15, [40])[0]
+    prompt = prompts_of(15, [40])[0]
     shim = RingLinearForCausalLM.from_pretrained(tiny_trained, dtype=torch.float32, device="cuda")
     with torch.no_grad():
         want = shim.generate([prompt], 2000)[0]

@@ -120,10 +120,31 @@ def test_mamba_ssm_cache_dtype_is_honoured_and_float16_is_refused_at_start_up(vl
             vllm_tools.engine_config(released_dir, dtype="bfloat16", **{flag: "float16"})
 
 
-def test_prefix_caching_is_turned_off(vllm_tools, released_dir):
+def test_prefix_caching_is_turned_off_unless_opted_in(vllm_tools, released_dir, monkeypatch):
+    monkeypatch.delenv("RING_LINEAR_PREFIX_CACHING", raising=False)
     cfg = vllm_tools.engine_config(released_dir, dtype="bfloat16", enable_prefix_caching=True)
     assert not cfg.cache_config.enable_prefix_caching
     assert cfg.cache_config.mamba_cache_mode == "none"
+
+
+def test_opted_in_prefix_caching_runs_in_align_mode_with_the_state_cached_per_block(
+    vllm_tools, released_dir, monkeypatch
+):
+    monkeypatch.setenv("RING_LINEAR_PREFIX_CACHING", "1")
+    cfg = vllm_tools.engine_config(released_dir, dtype="bfloat16", enable_prefix_caching=True)
+    assert cfg.cache_config.enable_prefix_caching
+    assert cfg.cache_config.mamba_cache_mode == "align"
+    assert cfg.cache_config.mamba_block_size == cfg.cache_config.block_size
+
+
+def test_opted_in_prefix_caching_without_chunked_prefill_is_refused_naming_the_flag(
+    vllm_tools, released_dir, monkeypatch
+):
+    monkeypatch.setenv("RING_LINEAR_PREFIX_CACHING", "1")
+    with pytest.raises(ValueError, match="prefix caching needs chunked prefill.*--no-enable-chunked-prefill"):
+        vllm_tools.engine_config(
+            released_dir, dtype="bfloat16", enable_prefix_caching=True, enable_chunked_prefill=False
+        )
 
 
 def test_a_tensor_parallel_size_the_model_cannot_split_is_refused(vllm_tools, released_dir):

@@ -1,0 +1,178 @@
+"""vLLM's hybrid prefix caching ("align" mode) with the linear state, on a GPU: a request served from a cached
+prefix gives the tokens and logprobs it gets with caching off.
+
+In align mode vLLM keeps the linear state at block boundaries only where a prefill chunk ended or a decode
+crossed one, and copies the cached state into the request's own slot before the step (`preprocess_mamba`); our
+kernels then resume from that slot. Each workload runs in waves (a wave starts when the previous one finished,
+so its blocks are cached) on one engine with caching on and one with caching off; the hits each wave got are
+printed and, where the workload must hit, asserted. Prefix caching is opt-in until these pass
+(`RING_LINEAR_PREFIX_CACHING`, `ring_linear_vllm.engine_config`).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from collections.abc import Callable
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from vllm_runs import (  # noqa: E402
+    RELEASED_CONFIG,
+    assert_finite_logprobs,
+    assert_same,
+    free,
+    generate,
+    make_llm,
+    prompts_of,
+    tokens_and_logprobs,
+)
+
+from ring_linear_vllm import PREFIX_CACHING_OPT_IN  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+os.environ[PREFIX_CACHING_OPT_IN] = "1"  # read where the engine config is made, in this process
+
+# A wave: the prompts to send, made from the previous wave's outputs (token ids per request) in the same engine.
+Wave = Callable[[list[list[int]]], list[list[int]]]
+
+
+def block_size(llm) -> int:
+    """The block size vLLM settled on (in align mode also the linear state's caching granularity)."""
+    return llm.llm_engine.vllm_config.cache_config.block_size
+
+
+def run_waves(llm, waves: list[Wave], max_tokens: int) -> tuple[list, list[int]]:
+    """Every wave in turn; each request's (tokens, logprobs) and its prefix-cache hit in tokens."""
+    results, hits, previous = [], [], []
+    for wave in waves:
+        outputs = generate(llm, wave(previous), max_tokens, logprobs=0)
+        results += tokens_and_logprobs(outputs)
+        hits += [o.num_cached_tokens or 0 for o in outputs]
+        previous = [list(o.outputs[0].token_ids) for o in outputs]
+    return results, hits
+
+
+def fixed(prompts: list[list[int]]) -> Wave:
+    return lambda _previous: prompts
+
+
+def workloads(bs: int) -> dict[str, tuple[list[Wave], bool]]:
+    """name -> (waves, whether caching must hit), sized from the block size `bs`."""
+    rng = random.Random(21)
+    same = prompts_of(22, [5 * bs + 7])[0]
+    turns = {"prompts": prompts_of(23, [3 * bs + 5, 2 * bs, 4 * bs + 1])}
+
+    def next_turn(seed: int) -> Wave:  # each conversation so far + its last answer + a new user message
+        def wave(answers: list[list[int]]) -> list[list[int]]:
+            users = prompts_of(seed, [bs // 2 + 3] * len(answers))
+            turns["prompts"] = [p + a + u for p, a, u in zip(turns["prompts"], answers, users, strict=True)]
+            return turns["prompts"]
+
+        return wave
+
+    def shared_prefix(length: int, seed: int) -> list[Wave]:
+        prefix = prompts_of(seed, [length])[0]
+        suffixes = prompts_of(seed + 1, [rng.randint(1, 2 * bs) for _ in range(7)])
+        tails = [prefix + s for s in suffixes]
+        return [fixed(tails[:1]), fixed(tails[1:3]), fixed(tails[3:])]
+
+    return {
+        "the same prompt 9 times": ([fixed([same]), fixed([same] * 8)], True),
+        "multi-turn, each turn extending the last": ([fixed(turns["prompts"]), next_turn(24), next_turn(25)], True),
+        "a shared prefix ending mid-block": (shared_prefix(4 * bs + bs // 2, 30), False),
+        "a shared prefix ending on a block boundary": (shared_prefix(4 * bs, 32), False),
+        "a shared prefix one token past a boundary": (shared_prefix(4 * bs + 1, 34), False),
+    }
+
+
+# The tiny model's block in fp32 (`_align_hybrid_block_size`: 16 x ceil(state page / (16 x KV bytes per token))
+# = 16 x ceil(4 x 16 x 16 x 4 B / (16 x 2 x 2 x 16 x 4 B)) = 16 tokens): the workloads are sized from it.
+TINY_FP32_BLOCK = 16
+
+
+def compare_cached_with_uncached(model, max_tokens: int, **settings) -> int:
+    """Each workload on a caching engine, then on a cache-off one with the same settings; returns the total hit."""
+    llm = make_llm(model, enable_prefix_caching=True, **settings)
+    try:
+        bs = block_size(llm)
+        cached = {name: run_waves(llm, waves, max_tokens) for name, (waves, _) in workloads(bs).items()}
+    finally:
+        free(llm)
+    assert bs == TINY_FP32_BLOCK, f"vLLM chose {bs}-token blocks: the workloads' sizes assume {TINY_FP32_BLOCK}"
+    llm = make_llm(model, enable_prefix_caching=False, **settings)
+    try:
+        uncached = {name: run_waves(llm, waves, max_tokens)[0] for name, (waves, _) in workloads(bs).items()}
+    finally:
+        free(llm)
+    print(f"\nblock size {bs}")
+    for name, (_, must_hit) in workloads(bs).items():
+        got, hits = cached[name]
+        print(f"  {name}: cache hits per request (tokens) {hits}")
+        assert_same(got, uncached[name], name)
+        if must_hit:
+            assert any(hits), f"{name}: no request hit the prefix cache"
+    return sum(sum(hits) for _, hits in cached.values())
+
+
+def test_cache_hits_give_the_tokens_and_logprobs_of_caching_off(tiny_trained):
+    assert compare_cached_with_uncached(tiny_trained, 24) > 0
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_cache_hits_across_chunked_prefill_boundaries(tiny_trained, extra):
+    """Steps of one block (align mode's smallest budget) and one block plus a token, so chunks end on every
+    block boundary and a cached prefix resumes mid-budget."""
+    total = compare_cached_with_uncached(
+        tiny_trained, 8, max_num_batched_tokens=TINY_FP32_BLOCK + extra, enable_chunked_prefill=True, max_num_seqs=16
+    )
+    assert total > 0
+
+
+def test_eviction_and_preemption_under_64_concurrent_requests(tiny_trained):
+    """A pool too small for 64 requests: cached blocks are evicted and running requests preempted, and every
+    request still gets the tokens of an unconstrained cache-off run."""
+    rng = random.Random(26)
+    prefixes = prompts_of(27, [rng.randint(40, 200) for _ in range(8)])
+    prompts = [prefixes[i % 8] + s for i, s in enumerate(prompts_of(28, [rng.randint(1, 150) for _ in range(64)]))]
+    llm = make_llm(tiny_trained, enable_prefix_caching=False)
+    try:
+        want = tokens_and_logprobs(generate(llm, prompts, 32, logprobs=0))
+    finally:
+        free(llm)
+    llm = make_llm(tiny_trained, enable_prefix_caching=True, num_gpu_blocks_override=48, max_num_batched_tokens=256)
+    try:
+        generate(llm, prompts[:8], 32, logprobs=0)  # cache the prefixes, then crowd them out
+        outputs = generate(llm, prompts, 32, logprobs=0)
+        preemptions = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+    finally:
+        free(llm)
+    hits = [o.num_cached_tokens or 0 for o in outputs]
+    print(f"\npreemptions: {preemptions}; requests that hit the cache: {sum(h > 0 for h in hits)}/64")
+    assert preemptions > 0, "no request was preempted: lower num_gpu_blocks_override"
+    assert_same(tokens_and_logprobs(outputs), want, "eviction and preemption with caching")
+
+
+def test_ring_mini_caches_the_state_per_512_token_block_with_cuda_graphs(tmp_path):
+    """The released Ring-mini shapes (dummy weights, bf16, CUDA graphs): vLLM unifies the 1 MiB fp32 state page
+    with the GQA layers' KV pages into 512-token blocks, so a resent 2,000-token prompt resumes at 1,536."""
+    shutil.copy(RELEASED_CONFIG, tmp_path / "config.json")
+    llm = make_llm(
+        tmp_path, dtype="bfloat16", load_format="dummy", enable_prefix_caching=True, enforce_eager=False,
+        max_model_len=4096, max_num_seqs=8, gpu_memory_utilization=0.6,
+    )  # fmt: skip
+    try:
+        prompt = [random.Random(29).randrange(1000, 150000) for _ in range(2000)]
+        first = generate(llm, [prompt], 16, logprobs=0)[0]
+        second = generate(llm, [prompt], 16, logprobs=0)[0]
+        bs = block_size(llm)
+    finally:
+        free(llm)
+    print(f"\nRing-mini block size {bs}; hits: first send {first.num_cached_tokens}, second {second.num_cached_tokens}")
+    assert bs == 512
+    assert (first.num_cached_tokens or 0) == 0 and second.num_cached_tokens == 1536
+    assert_finite_logprobs(second, 16)
