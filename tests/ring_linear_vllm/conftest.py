@@ -9,6 +9,7 @@ real platform is used and models are built on the GPU.
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,6 +19,9 @@ import torch
 from common_kernels import RingLinearConfig, RingLinearForCausalLM, tiny_config
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+# the GPU tests import the runs they share (vllm_runs.py) by name; importlib import mode leaves this folder off
+# the path
+sys.path.insert(0, str(Path(__file__).parent))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
