@@ -49,6 +49,33 @@ def near_ties(partings: Sequence[tuple], dtype: str) -> bool:
     return all(logit < max_bound or router < tie for _, _, logit, router in partings)
 
 
+def kernel_tolerance(dtype: torch.dtype) -> float:
+    """Relative RMS bound of a Triton linear-attention kernel against float64, for outputs of `dtype`.
+
+    bf16: 3e-3 on a GPU; Triton 3.6's interpreter truncates fp32 -> bf16 instead of rounding to nearest (mean
+    relative error 2.8e-3 against 1.4e-3 measured), so on the CPU it is doubled. fp32 inputs through `tl.dot`:
+    the interpreter multiplies exactly; a GPU runs the products `RING_LINEAR_FP32_DOT` chooses, TF32 by default
+    (10-bit mantissa operands: about 5e-4 relative error)."""
+    from common_kernels.ops.linear_attn import triton_utils
+
+    on_gpu = torch.cuda.is_available()
+    if dtype == torch.bfloat16:
+        return 3e-3 if on_gpu else 6e-3
+    return 2e-3 if on_gpu and triton_utils.FP32_DOT_PRECISION == "tf32" else 1e-5
+
+
+def pool_reference(q, k, v, rate, scale, cu_seqlens, pool, slots, fresh) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 varlen reference of a prefill on a state pool, on the kernel's own (rounded) inputs: each
+    sequence starts from `pool[slot]` unless fresh or padding (slot -1). Returns (o, final states)."""
+    from common_kernels.ops.linear_attn.naive import linear_attention_varlen
+
+    zeros = torch.zeros(pool.shape[1:], dtype=torch.float64, device=pool.device)
+    pairs = zip(slots.tolist(), fresh.tolist(), strict=True)
+    init = [pool[s].double() if s >= 0 and not f else zeros for s, f in pairs]
+    initial = torch.stack(init) if init else None
+    return linear_attention_varlen(q.double(), k.double(), v.double(), rate.double(), scale, cu_seqlens, initial)
+
+
 def ragged_offsets(lengths: list[int]) -> torch.Tensor:
     """`cu_seqlens` for the given sequence lengths (zeros allowed)."""
     return torch.tensor([0, *torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist()], dtype=torch.long)
