@@ -76,6 +76,30 @@ def pool_reference(q, k, v, rate, scale, cu_seqlens, pool, slots, fresh) -> tupl
     return linear_attention_varlen(q.double(), k.double(), v.double(), rate.double(), scale, cu_seqlens, initial)
 
 
+def check_prefill_on_a_stale_pool(prefill, q, k, v, rate, scale, cu_seqlens, spare: int = 2) -> None:
+    """Run `prefill(pool, slots, fresh) -> o` on a pool of random states with `spare` slots no sequence uses:
+    every other sequence fresh (its slot filled with NaN, which must never be read), the last of three or more
+    padding (slot -1), and check o and the final states against float64 and that no other slot changed."""
+    N, H, K, V = cu_seqlens.numel() - 1, q.shape[1], q.shape[2], v.shape[2]
+    pool = torch.randn(N + spare, H, K, V, device=q.device)
+    slots = torch.randperm(N + spare, device=q.device)[:N]
+    fresh = (torch.arange(N, device=q.device) % 2 == 0).to(torch.int8)
+    if N:
+        pool[slots[fresh.bool()]] = float("nan")
+    if N > 2:
+        slots[-1] = -1
+    updated = pool.clone()
+    o = prefill(updated, slots, fresh)
+    o_ref, s_ref = pool_reference(q, k, v, rate, scale, cu_seqlens, pool, slots, fresh)
+    assert o.dtype == q.dtype
+    assert_rel_rms("o", o_ref, o, kernel_tolerance(q.dtype))
+    for n, s in enumerate(slots.tolist()):
+        if s >= 0:
+            assert_rel_rms(f"state[{n}]", s_ref[n], updated[s], kernel_tolerance(torch.float32))
+    others = [p for p in range(N + spare) if p not in slots.tolist()]
+    assert torch.equal(updated[others].nan_to_num(), pool[others].nan_to_num())
+
+
 def ragged_offsets(lengths: list[int]) -> torch.Tensor:
     """`cu_seqlens` for the given sequence lengths (zeros allowed)."""
     return torch.tensor([0, *torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist()], dtype=torch.long)

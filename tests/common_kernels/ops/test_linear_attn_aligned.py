@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from common_kernels.ops.linear_attn.prefill import linear_attention_prefill, plan_prefill
-from common_kernels.testing import assert_rel_rms, kernel_tolerance, pool_reference, ragged_offsets
+from common_kernels.testing import check_prefill_on_a_stale_pool, ragged_offsets
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 H, K, V, SEG, CHUNK = 2, 16, 32, 32, 16
@@ -34,24 +34,15 @@ def prefill(q, k, v, lengths, pool, slots, fresh, aligned=True, segment_size=SEG
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("lengths", [[37, 0, 1, 80, 16], [32, 64, 33], [1], [0, 0]], ids=str)
 def test_aligned_prefill_matches_float64_reference(lengths, dtype):
-    N = len(lengths)
     q, k, v = qkv(sum(lengths), dtype, 1)
-    pool = torch.randn(N + 2, H, K, V, device=DEVICE)
-    slots = torch.randperm(N + 2, device=DEVICE)[:N]
-    fresh = (torch.arange(N, device=DEVICE) % 2 == 0).to(torch.int8)
-    if N:
-        pool[slots[fresh.bool()]] = float("nan")  # a fresh slot's stale memory must never be read
-    if N > 2:
-        slots[-1] = -1  # padding: no state kept
-    updated = pool.clone()
-    o = prefill(q, k, v, lengths, updated, slots.tolist(), fresh.tolist())
-    o_ref, s_ref = pool_reference(q, k, v, RATE, SCALE, ragged_offsets(lengths).to(DEVICE), pool, slots, fresh)
-    assert_rel_rms("o", o_ref, o, kernel_tolerance(dtype))
-    for n, s in enumerate(slots.tolist()):
-        if s >= 0:
-            assert_rel_rms(f"state[{n}]", s_ref[n], updated[s], kernel_tolerance(torch.float32))
-    others = [p for p in range(N + 2) if p not in slots.tolist()]
-    assert torch.equal(updated[others].nan_to_num(), pool[others].nan_to_num())
+    cu = ragged_offsets(lengths).to(DEVICE)
+    check_prefill_on_a_stale_pool(
+        lambda pool, slots, fresh: linear_attention_prefill(
+            q, k, v, RATE, SCALE, cu, pool, slots, fresh, chunk_size=CHUNK, segment_size=SEG, block_v=16,
+            aligned=True,
+        ),
+        q, k, v, RATE, SCALE, cu,
+    )  # fmt: skip
 
 
 def one_sequence_in(batch_lengths: list[int], index: int, x, dtype, initial, aligned=True, segment_size=SEG):

@@ -12,7 +12,13 @@ from common_kernels.ops.linear_attn import triton_utils
 from common_kernels.ops.linear_attn.decode import linear_attention_decode
 from common_kernels.ops.linear_attn.naive import linear_attention_recurrent, linear_attention_varlen
 from common_kernels.ops.linear_attn.prefill import linear_attention_prefill, plan_prefill
-from common_kernels.testing import assert_rel_rms, kernel_tolerance, pool_reference, ragged_offsets
+from common_kernels.testing import (
+    assert_rel_rms,
+    check_prefill_on_a_stale_pool,
+    kernel_tolerance,
+    pool_reference,
+    ragged_offsets,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MINI = preset_config("ring-mini-linear-2.0")
@@ -51,30 +57,15 @@ PREFILL_CASES = [
 @pytest.mark.parametrize("decay", ["mixed", "fastest", "slowest", "fastest-hf"])
 @pytest.mark.parametrize("lengths,H,K,V,chunk,segment", PREFILL_CASES, ids=[str(c[0]) for c in PREFILL_CASES])
 def test_prefill_matches_float64_reference(lengths, H, K, V, chunk, segment, decay, dtype):
-    N = len(lengths)
     cu = ragged_offsets(lengths).to(DEVICE)
     q, k, v = fused_qkv(int(cu[-1]), H, K, V, dtype)
     rate = rates_for(H, decay).to(DEVICE)
-    pool = torch.randn(N + 3, H, K, V, device=DEVICE)
-    slots = torch.randperm(N + 3, device=DEVICE)[:N]
-    fresh = (torch.arange(N, device=DEVICE) % 2 == 0).to(torch.int8)
-    if N:
-        pool[slots[fresh.bool()]] = float("nan")  # a fresh slot's stale memory must never be read
-    if N > 2:
-        slots[-1] = -1  # a sequence that keeps no state
-    updated = pool.clone()
-    o = linear_attention_prefill(
-        q, k, v, rate, K**-0.5, cu, updated, slots, fresh, chunk_size=chunk, segment_size=segment, block_v=16
-    )
-    o_ref, s_ref = pool_reference(q, k, v, rate, K**-0.5, cu, pool, slots, fresh)
-    tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
-    assert o.dtype == dtype
-    assert_rel_rms("o", o_ref, o, tol)
-    for n, s in enumerate(slots.tolist()):
-        if s >= 0:
-            assert_rel_rms(f"state[{n}]", s_ref[n], updated[s], FP32_TOL)
-    others = [p for p in range(N + 3) if p not in slots.tolist()]
-    assert torch.equal(updated[others].nan_to_num(), pool[others].nan_to_num())
+    check_prefill_on_a_stale_pool(
+        lambda pool, slots, fresh: linear_attention_prefill(
+            q, k, v, rate, K**-0.5, cu, pool, slots, fresh, chunk_size=chunk, segment_size=segment, block_v=16
+        ),
+        q, k, v, rate, K**-0.5, cu, spare=3,
+    )  # fmt: skip
 
 
 def test_prefill_default_segmentation_and_rejected_inputs():
