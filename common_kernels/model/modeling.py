@@ -241,7 +241,7 @@ class RingLinearForCausalLM(nn.Module):
         and log-softmax run `chunk_size` tokens at a time, so `[T, V]` logits are never held at once.
         Differentiable.
         """
-        if not (isinstance(chunk_size, int) and chunk_size > 0):
+        if not (is_integer(chunk_size) and chunk_size > 0):
             raise InvalidInputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         hidden, packed_ids, offsets, restore = self._hidden(
             input_ids, position_ids, cu_seqlens, attention_mask, None, None

@@ -294,6 +294,7 @@ def test_automodel_for_causal_lm_returns_the_shim_without_remote_code(random_tin
         (lambda m: m(inputs_embeds=torch.ones(4, 7)), r"inputs_embeds must be shaped \[T, 64\]"),
         (lambda m: m(torch.ones(3, dtype=torch.long), position_ids=torch.tensor([0, -1, 2])), "positions >= 0"),
         (lambda m: m.token_logprobs(torch.ones(4, dtype=torch.long), chunk_size=0), "chunk_size must be a positive"),
+        (lambda m: m.token_logprobs(torch.ones(4, dtype=torch.long), chunk_size=True), "chunk_size must be a positive"),
         (lambda m: m.generate([1, 5, 6], 3), "prompts must be a list of token-id lists"),
         (lambda m: m.generate([[1, 99]], 3), r"prompt 0 holds an entry that is not a token id in \[0, 64\)"),
         (lambda m: m.generate([[1]], 3, temperature="0.7"), "temperature must be a finite number"),
