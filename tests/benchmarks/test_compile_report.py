@@ -14,12 +14,15 @@ def test_compile_report_compiles_the_prefill_kernels_for_hopper():
     script = (
         "from benchmarks.compile_report import compile_report, kernels\n"
         "for name, fn, consts in kernels(64, 64):\n"
-        "    if name not in ('prefill delta', 'prefill forward'):\n"
+        "    if not name.startswith('prefill'):\n"
         "        continue\n"
         "    r = compile_report(fn, 'bf16', consts, 4)\n"
         "    print(name, r)\n"
-        "    assert 0 < r['registers'] <= 255 and r['shared_bytes'] > 0 and r['async_loads'] > 0, r\n"
+        "    assert 0 < r['registers'] <= 255, r\n"
+        "    if 'scan' not in name:\n"
+        "        assert r['shared_bytes'] > 0 and r['async_loads'] > 0, r\n"
     )
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "prefill forward" in out.stdout
+    assert "prefill forward" in out.stdout and "prefill forward aligned" in out.stdout
+    assert "prefill delta aligned" in out.stdout and "prefill scan aligned" in out.stdout
