@@ -89,10 +89,38 @@ SGLANG_TWIN_CONFIG = Path(__file__).parent / "sglang_twin" / "configuration_bail
 OFFLINE_STUBS = Path(__file__).parent / "offline_stubs"  # `datasets`, which SGLang's client imports and we never use
 
 
-def write_model_dir(model: str, directory: Path, engine: str = "vllm") -> Path:
-    """config.json: the released Ring-mini-linear config, or the twin's architecture (on SGLang also its model
-    type, with the config class SGLang loads as remote code beside it)."""
-    config = json.loads(RELEASED_CONFIG.read_text())
+SIZES = ("mini", "flash")  # Ring-mini-linear-2.0 (the released config) or Ring-flash-linear-2.0 (its preset)
+
+
+def model_config(size: str = "mini", layers: int | None = None) -> dict:
+    """The served config: the released Ring-mini-linear config or the Ring-flash preset, at `layers` depth when
+    given (a whole number of layer groups, so the softmax/linear pattern is the model's)."""
+    if size == "mini":
+        config = json.loads(RELEASED_CONFIG.read_text())
+    else:
+        from common_kernels.presets import preset_json
+
+        config = preset_json("ring-flash-linear-2.0")
+    if layers is not None:
+        group = config["layer_group_size"]
+        if layers <= 0 or layers % group:
+            raise SystemExit(f"bench_serve: --layers must be a positive multiple of {size}'s layer group ({group})")
+        config["num_hidden_layers"] = layers
+    return config
+
+
+def variant(size: str = "mini", layers: int | None = None, quantization: str | None = None) -> str:
+    """The suffix that names a model variant in files and tables: '' for Ring-mini at full depth unquantized."""
+    parts = [] if size == "mini" else [size]
+    parts += [f"{layers}l"] if layers is not None else []
+    parts += [quantization] if quantization else []
+    return "".join(f"-{part}" for part in parts)
+
+
+def write_model_dir(model: str, directory: Path, engine: str = "vllm", config: dict | None = None) -> Path:
+    """config.json: `config` (default: the released Ring-mini-linear config), or the twin's architecture (on
+    SGLang also its model type, with the config class SGLang loads as remote code beside it)."""
+    config = dict(config or model_config())
     directory.mkdir(parents=True, exist_ok=True)
     if model.startswith("softmax-twin"):
         config["architectures"] = ["BailingMoeV2ForCausalLM"]
@@ -123,20 +151,28 @@ def write_word_tokenizer(vocab_size: int, directory: Path) -> Path:
 
 
 def serve_command(
-    model: str, directory: Path, tokenizer: Path, port: int, max_model_len: int, engine: str = "vllm"
+    model: str,
+    directory: Path,
+    tokenizer: Path,
+    port: int,
+    max_model_len: int,
+    engine: str = "vllm",
+    quantization: str | None = None,
 ) -> list[str]:
     """The engine's OpenAI server on dummy weights; prefix caching off unless the model name says cached."""
     cached = model.endswith("-cached")
+    quantize = ["--quantization", quantization] if quantization else []
     if engine == "sglang":
         command = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(directory)]
         command += ["--tokenizer-path", str(tokenizer), "--load-format", "dummy", "--port", str(port)]
         command += ["--context-length", str(max_model_len), "--attention-backend", "triton"]
         if model.startswith("softmax-twin"):
             command.append("--trust-remote-code")  # the twin's config class (write_model_dir)
+        command += quantize
         return command if cached else [*command, "--disable-radix-cache"]
     command = [*VLLM_CLI, "serve", str(directory), "--tokenizer", str(tokenizer), "--load-format", "dummy"]
     command += ["--port", str(port)]
-    command += ["--max-model-len", str(max_model_len), "--gpu-memory-utilization", "0.9"]
+    command += ["--max-model-len", str(max_model_len), "--gpu-memory-utilization", "0.9", *quantize]
     # hybrid models get no prefix caching unless asked for (vLLM 0.26)
     return [*command, "--enable-prefix-caching"] if cached else [*command, "--no-enable-prefix-caching"]
 
@@ -266,6 +302,16 @@ def wait_ready(port: int, server: subprocess.Popen, timeout_s: float) -> float:
 
 
 JIT_LINE = re.compile(r"JIT compilation during inference: (\S+)")
+# what the server said about its memory: weights, the KV/state pool and how many requests of the longest length fit
+MEMORY_LINE = re.compile(
+    r"(Model loading took .*|GPU KV cache size: .*|Maximum concurrency for .*|KV Cache is allocated.*|"
+    r"Mamba Cache is allocated.*)"
+)
+
+
+def memory_lines(log_text: str) -> list[str]:
+    """The server log's lines on weight memory, pool size and the concurrency that fits (vLLM and SGLang)."""
+    return [match.strip() for match in MEMORY_LINE.findall(log_text)]
 
 
 def live_compiles(log_text: str) -> list[str]:
@@ -309,9 +355,9 @@ class GpuMemorySampler:
         return f"min {min(self.samples)}, max {max(self.samples)}, last quarter - first quarter {growth:+.0f}"
 
 
-def label(model: str, engine: str) -> str:
-    """How a (model, engine) run is named in files and tables: vLLM's keep the bare model name."""
-    return model if engine == "vllm" else f"{model}.{engine}"
+def label(model: str, engine: str, suffix: str = "") -> str:
+    """How a (model, variant, engine) run is named in files and tables: vLLM's keep the bare model name."""
+    return model + suffix if engine == "vllm" else f"{model}{suffix}.{engine}"
 
 
 def run(args: argparse.Namespace) -> None:
@@ -321,8 +367,9 @@ def run(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name_of_run = label(args.model, args.engine)
-    directory = write_model_dir(args.model, out / f"model-{name_of_run}", args.engine)
+    name_of_run = label(args.model, args.engine, variant(args.size, args.layers, args.quantization))
+    config = model_config(args.size, args.layers)
+    directory = write_model_dir(args.model, out / f"model-{name_of_run}", args.engine, config)
     tokenizer = write_word_tokenizer(json.loads(RELEASED_CONFIG.read_text())["vocab_size"], out / "tokenizer")
     workloads = [WORKLOADS[name] for name in args.workloads]
     max_len = max(w.input_len + w.output_len for w in workloads)
@@ -333,7 +380,8 @@ def run(args: argparse.Namespace) -> None:
     log_path = out / f"server-{name_of_run}.log"
     with open(log_path, "w") as log:
         server = subprocess.Popen(
-            serve_command(args.model, directory, tokenizer, args.port, max_len, args.engine), stdout=log,
+            serve_command(args.model, directory, tokenizer, args.port, max_len, args.engine, args.quantization),
+            stdout=log,
             stderr=subprocess.STDOUT,
             env=server_env(args.model, env), start_new_session=True,
         )  # fmt: skip
@@ -375,6 +423,7 @@ def run(args: argparse.Namespace) -> None:
                 server.wait(60)
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
+    summary["memory_lines"] = memory_lines(log_path.read_text(errors="replace"))
     if args.engine == "vllm":  # SGLang has no JIT monitor: there, compare the cold pass with the warm one
         summary["live_compiles"] = live_compiles(log_path.read_text(errors="replace"))
         print(f"{name_of_run}: kernels compiled during inference: {summary['live_compiles'] or 'none'}")
@@ -428,21 +477,25 @@ def report_table(results: dict, baseline: str = "softmax-twin", model: str = "ri
     return "\n".join(lines)
 
 
-PAIRS = (  # (model, baseline): ring-linear against the twin on each engine, and on SGLang against vLLM
-    ("ring-linear", "softmax-twin"),
-    ("ring-linear-cached", "softmax-twin-cached"),
-    ("ring-linear.sglang", "softmax-twin.sglang"),
-    ("ring-linear.sglang", "ring-linear"),
-)
+def pairs(labels: set[str]) -> list[tuple[str, str]]:
+    """(model, baseline) pairs among the runs: every ring-linear run against the twin of the same variant and
+    engine, and each SGLang run against the same run on vLLM."""
+    found = []
+    for name in sorted(labels):
+        if name.startswith("ring-linear") and "softmax-twin" + name[len("ring-linear") :] in labels:
+            found.append((name, "softmax-twin" + name[len("ring-linear") :]))
+    for name in sorted(labels):
+        if name.startswith("ring-linear") and name.endswith(".sglang") and name.removesuffix(".sglang") in labels:
+            found.append((name, name.removesuffix(".sglang")))
+    return found
 
 
 def report(args: argparse.Namespace) -> None:
     out = Path(args.out)
     results = load_results(out)
-    for model, baseline in PAIRS:
-        if any(key[0] == model for key in results) and any(key[0] == baseline for key in results):
-            print(f"\n### {model} vs {baseline}\n")
-            print(report_table(results, baseline, model))
+    for model, baseline in pairs({key[0] for key in results}):
+        print(f"\n### {model} vs {baseline}\n")
+        print(report_table(results, baseline, model))
     for path in sorted(out.glob("summary-*.json")):
         summary = json.loads(path.read_text())
         compiles = summary.get("live_compiles", "not monitored")
@@ -450,6 +503,8 @@ def report(args: argparse.Namespace) -> None:
             f"\n{summary['model']}: ready in {summary.get('startup_s')} s; kernels compiled during inference: "
             f"{compiles or 'none'}"
         )
+        for line in summary.get("memory_lines", []):
+            print(f"  {line}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -464,6 +519,9 @@ def main(argv: list[str] | None = None) -> None:
         "--passes", nargs="+", choices=PASSES, default=list(PASSES), help="cold alone where time is short"
     )
     run_parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(SPEED_WORKLOADS))
+    run_parser.add_argument("--size", choices=SIZES, default="mini", help="Ring-mini or Ring-flash shapes")
+    run_parser.add_argument("--layers", type=int, help="serve this many layers (a multiple of the layer group)")
+    run_parser.add_argument("--quantization", choices=["fp8"], help="the engine's online quantization")
     run_parser.add_argument("--out", default="serve-results")
     run_parser.add_argument("--port", type=int, default=8765)
     run_parser.add_argument("--startup-timeout", type=float, default=900)

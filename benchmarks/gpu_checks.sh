@@ -13,6 +13,8 @@
 # Steps:
 #   kernels      pytest -m gpu: the Triton kernels and the shim at real shapes            (~2 min)
 #   engine       pytest -m gpu: the vLLM engine tests on GPU 0 (tiny + Ring-mini dummy)   (~6 min)
+#   flash        pytest -m gpu: Ring-flash FP8 dummy weights, a 32K prompt with CUDA graphs (RING_LINEAR_FLASH_LAYERS
+#                serves fewer layers) (not yet run; issue 17)
 #   faults       the vLLM engine under faults: preemption, aborts, chunk boundaries, 2,000-step decode (not yet run)
 #   prefix       pytest -m gpu: vLLM prefix caching with the linear state, cache on vs off (PYTEST_K picks) (not yet run)
 #   tp2          the tensor-parallel-2 engine test (needs 2 GPUs)                         (~4 min)
@@ -27,7 +29,8 @@
 #                same; issue 13)                                                            (not yet run)
 #   serve-report the ratio table of the serve steps' results (SERVE_OUT, default OUTDIR/serve)
 #                (SERVE_WORKLOADS picks workloads, else bench_serve's four, which take longer than one 10-minute
-#                device call; SERVE_PASSES=cold runs the cold pass alone)
+#                device call; SERVE_PASSES=cold runs the cold pass alone; SERVE_SIZE=flash, SERVE_LAYERS=N and
+#                SERVE_QUANT=fp8 pick Ring-flash, its depth and FP8, for ring-linear and twin alike; issue 17)
 #   soak         bench_serve's soak: concurrency 128 for about 5 minutes, failed requests and GPU memory (not yet run)
 #   profile      compiled 4K and 128K prefill and 64 x 4K decode-step profiles, ring-linear and the twin (~9 min)
 #   serve-ring-sgl  bench_serve on SGLang: ring-linear through launch_server (SGLang staged, own call)    (~7 min, 3 workloads)
@@ -67,7 +70,9 @@ for step in "$@"; do
   case "$step" in
     kernels) run kernels 300 python3 -m pytest -q -m gpu tests/common_kernels ;;
     engine) run engine 540 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -m gpu tests/ring_linear_vllm/test_engine_gpu.py \
-      -k "not tensor_parallel and not ($FAULTS)" ;;
+      -k "not tensor_parallel and not ring_flash and not ($FAULTS)" ;;
+    flash) run flash 570 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -m gpu tests/ring_linear_vllm/test_engine_gpu.py \
+      -k ring_flash ;;
     faults) run faults 540 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -m gpu tests/ring_linear_vllm/test_engine_gpu.py \
       -k "$FAULTS" ;;
     prefix) run prefix 570 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -m gpu \
@@ -85,7 +90,8 @@ for step in "$@"; do
       model=${model/ring/ring-linear}; model=${model/twin/softmax-twin}
       run "$step" 580 "${prefix[@]}" python3 -m benchmarks.bench_serve run --model "$model" "${engine[@]}" \
         --out "${SERVE_OUT:-$out/serve}" ${SERVE_WORKLOADS:+--workloads $SERVE_WORKLOADS} \
-        ${SERVE_PASSES:+--passes $SERVE_PASSES} ;;
+        ${SERVE_PASSES:+--passes $SERVE_PASSES} ${SERVE_SIZE:+--size $SERVE_SIZE} \
+        ${SERVE_LAYERS:+--layers $SERVE_LAYERS} ${SERVE_QUANT:+--quantization $SERVE_QUANT} ;;
     soak) run soak 590 python3 -m benchmarks.bench_serve run --model ring-linear --out "${SERVE_OUT:-$out/serve}" \
       --workloads soak ;;
     serve-report) python3 -m benchmarks.bench_serve report "${SERVE_OUT:-$out/serve}" | tee "$out/serve-report.md" ;;

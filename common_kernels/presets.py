@@ -84,6 +84,14 @@ def preset_config(name: str, **overrides: Any) -> RingLinearConfig:
     return RingLinearConfig(**{**PRESETS[name], **overrides})
 
 
+def preset_json(name: str, **overrides: Any) -> dict[str, Any]:
+    """A released model's `config.json` contents by preset name (model type included), with optional field
+    overrides: what an engine reads from a checkpoint folder (dummy-weight runs write it there)."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return {**PRESETS[name], "model_type": RingLinearConfig.model_type, **overrides}
+
+
 def tiny_config(vocab_size: int = 64, **overrides: Any) -> RingLinearConfig:
     """A CPU-sized Ring-linear with every feature of the real one.
 

@@ -248,3 +248,42 @@ def test_the_prefix_cache_hit_rate_is_read_from_vllms_prometheus_counters():
     )
     assert bench_serve.prefix_cache_totals(page) == (1536.0, 4096.0)
     assert bench_serve.prefix_cache_totals("vllm:num_requests_running 0.0") is None
+
+
+def test_ring_flash_is_served_from_its_preset_at_a_chosen_depth_with_fp8():
+    config = bench_serve.model_config("flash", layers=16)
+    assert config["hidden_size"] == 4096 and config["num_hidden_layers"] == 16
+    assert config["model_type"] == "bailing_moe_linear" and config["architectures"] == ["BailingMoeLinearV2ForCausalLM"]
+    with pytest.raises(SystemExit, match="multiple of flash's layer group \\(8\\)"):
+        bench_serve.model_config("flash", layers=12)
+    assert bench_serve.variant() == "" and bench_serve.variant("flash", 16, "fp8") == "-flash-16l-fp8"
+    assert bench_serve.label("ring-linear", "vllm", "-flash-fp8") == "ring-linear-flash-fp8"
+    command = bench_serve.serve_command("softmax-twin", Path("m"), Path("t"), 8000, 4352, quantization="fp8")
+    assert command[command.index("--quantization") + 1] == "fp8"
+
+
+def test_every_ring_linear_run_is_paired_with_the_twin_of_its_variant_and_engine():
+    labels = {
+        "ring-linear", "softmax-twin", "ring-linear-cached", "softmax-twin-cached", "ring-linear.sglang",
+        "softmax-twin.sglang", "ring-linear-flash-fp8", "softmax-twin-flash-fp8", "ring-linear-flash",
+    }  # fmt: skip
+    assert set(bench_serve.pairs(labels)) == {
+        ("ring-linear", "softmax-twin"),
+        ("ring-linear-cached", "softmax-twin-cached"),
+        ("ring-linear.sglang", "softmax-twin.sglang"),
+        ("ring-linear-flash-fp8", "softmax-twin-flash-fp8"),
+        ("ring-linear.sglang", "ring-linear"),
+    }
+
+
+def test_the_servers_memory_lines_are_kept():
+    log = "\n".join(
+        [
+            "(EngineCore pid=1) INFO 11-29 [gpu_model_runner.py:1] Model loading took 55.21 GiB memory and 30 s",
+            "INFO [kv_cache_utils.py:2] GPU KV cache size: 1,234,567 tokens",
+            "INFO [kv_cache_utils.py:3] Maximum concurrency for 33,024 tokens per request: 37.4x",
+            "INFO unrelated line",
+        ]
+    )
+    lines = bench_serve.memory_lines(log)
+    assert len(lines) == 3 and lines[2] == "Maximum concurrency for 33,024 tokens per request: 37.4x"

@@ -46,6 +46,19 @@ def test_presets_are_valid_and_mark_reconstructed_values():
         preset_config("ring-tiny")
 
 
+def test_a_preset_as_config_json_parses_back_to_the_preset(tmp_path):
+    import json
+
+    from common_kernels.presets import preset_json
+
+    (tmp_path / "config.json").write_text(json.dumps(preset_json("ring-flash-linear-2.0", num_hidden_layers=16)))
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert type(loaded) is RingLinearConfig and loaded.num_hidden_layers == 16
+    assert loaded.to_diff_dict() == preset_config("ring-flash-linear-2.0", num_hidden_layers=16).to_diff_dict()
+    with pytest.raises(KeyError, match="unknown preset"):
+        preset_json("ring-tiny")
+
+
 def test_layer_placement_counts_trailing_layers_as_softmax():
     config = tiny_config(num_hidden_layers=7, layer_group_size=3)  # groups 0-2, 3-5, then layer 6 alone
     assert config.softmax_layer_ids == [2, 5, 6]

@@ -8,6 +8,7 @@ Measured differences are printed (pytest -s) as well as asserted.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import sys
@@ -113,6 +114,31 @@ def test_ring_mini_dummy_weights_serve_a_32k_prompt_with_cuda_graphs(tmp_path):
     for o in out:
         assert_finite_logprobs(o, 32)
     print(f"\nRing-mini dummy: 32K + 100-token prompts, 32 tokens each, {elapsed:.1f} s")
+
+
+def test_ring_flash_fp8_dummy_weights_serve_a_32k_prompt_with_cuda_graphs(tmp_path):
+    """Ring-flash-linear-2.0's shapes (its preset, dummy weights) with vLLM's online FP8 on one GPU, CUDA graphs,
+    a 32K-token prompt; `RING_LINEAR_FLASH_LAYERS` serves fewer layers (a multiple of 8) where the bf16 weights
+    vLLM creates before quantizing (208 GB at full depth) do not fit."""
+    from common_kernels.presets import preset_json
+
+    layers = int(os.environ.get("RING_LINEAR_FLASH_LAYERS", preset_json("ring-flash-linear-2.0")["num_hidden_layers"]))
+    config = preset_json("ring-flash-linear-2.0", num_hidden_layers=layers)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    llm = make_llm(
+        tmp_path, dtype="bfloat16", load_format="dummy", quantization="fp8", max_model_len=32768 + 64,
+        max_num_seqs=8, max_num_batched_tokens=8192, gpu_memory_utilization=0.9, enforce_eager=False,
+    )  # fmt: skip
+    try:
+        prompt = [random.Random(3).randrange(1000, 150000) for _ in range(32768)]
+        start = time.time()
+        out = generate(llm, [prompt, prompt[:100]], 32, logprobs=1)
+        elapsed = time.time() - start
+    finally:
+        free(llm)
+    for o in out:
+        assert_finite_logprobs(o, 32)
+    print(f"\nRing-flash dummy, FP8, {layers} layers: 32K + 100-token prompts, 32 tokens each, {elapsed:.1f} s")
 
 
 def test_fp8_quantization_reaches_the_linear_layers(tmp_path, monkeypatch):
