@@ -23,7 +23,15 @@ import triton
 import triton.language as tl
 
 from .prefill import CHUNK, SegmentPlan, _forward, plan_prefill, scan_launch
-from .triton_utils import INTERPRET, check_qkv, dot_precision, segment_and_tile, segment_grid
+from .triton_utils import (
+    INTERPRET,
+    check_qkv,
+    chunk_decays,
+    chunk_state_update,
+    dot_precision,
+    segment_grid,
+    segment_program,
+)
 
 
 @triton.jit
@@ -34,17 +42,9 @@ def _segment_dstate_kernel(
     BT: tl.constexpr, BV: tl.constexpr, SEG: tl.constexpr, F32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dG = scale * sum_i lam^(i+1) q_i^T do_i over a segment (i from its start); not for first segments."""
-    i_s, i_v = segment_and_tile(V // BV)
-    i_h = tl.program_id(1)
-    i_n = tl.load(seg_seq + i_s)
-    if i_n >= N:
+    i_s, i_v, i_h, i_n, i_j, bos, eos, b_rate = segment_program(seg_seq, seg_idx, cu_seqlens, rate, N, SEG, V // BV)
+    if (i_n >= N) or (i_j == 0):  # a first segment's gradient only feeds the initial state: kernel 4 produces it
         return
-    i_j = tl.load(seg_idx + i_s)
-    if i_j == 0:  # a first segment's gradient only feeds the initial state: kernel 4 produces it
-        return
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64) + i_j * SEG
-    eos = tl.minimum(bos + SEG, tl.load(cu_seqlens + i_n + 1).to(tl.int64))
-    b_rate = tl.load(rate + i_h).to(tl.float32)
     o_k = tl.arange(0, K)
     o_v = i_v * BV + tl.arange(0, BV)
     o_t = tl.arange(0, BT)
@@ -100,22 +100,13 @@ def _segment_dq_kernel(
     N, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, SEG: tl.constexpr, F32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    i_s, i_k = segment_and_tile(K // BK)
-    i_h = tl.program_id(1)
-    i_n = tl.load(seg_seq + i_s)
+    i_s, i_k, i_h, i_n, i_j, bos, eos, b_rate = segment_program(seg_seq, seg_idx, cu_seqlens, rate, N, SEG, K // BK)
     if i_n >= N:
         return
-    i_j = tl.load(seg_idx + i_s)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64) + i_j * SEG
-    eos = tl.minimum(bos + SEG, tl.load(cu_seqlens + i_n + 1).to(tl.int64))
-    b_rate = tl.load(rate + i_h).to(tl.float32)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = tl.arange(0, V)
-    o_t = tl.arange(0, BT)
+    o_t, q_decay, intra = chunk_decays(b_rate, BT)
     b_s = tl.load(start + ((i_s * H + i_h) * K + o_k[:, None]).to(tl.int64) * V + o_v[None, :])  # [BK, V]
-    q_decay = tl.exp(-b_rate * (o_t + 1).to(tl.float32))
-    diff = (o_t[:, None] - o_t[None, :]).to(tl.float32)
-    intra = tl.where(diff >= 0, tl.exp(-b_rate * tl.maximum(diff, 0.0)), 0.0)
     for t0 in range(bos, eos, BT):
         rows = t0 + o_t
         m_t = rows < eos
@@ -132,10 +123,7 @@ def _segment_dq_kernel(
         p_dq = dq + rows[:, None] * stride_dqt + i_h * stride_dqh + o_k[None, :]
         tl.store(p_dq, (b_dq * scale).to(dq.dtype.element_ty), mask=m_t[:, None])
         c = tl.minimum(eos - t0, BT).to(tl.float32)
-        k_decay = tl.where(m_t, tl.exp(-b_rate * tl.maximum(c - 1 - o_t.to(tl.float32), 0.0)), 0.0)
-        b_s = b_s * tl.exp(-b_rate * c) + tl.dot(
-            tl.trans((b_k * k_decay[:, None]).to(b_v.dtype)), b_v, input_precision=DOT_PRECISION
-        )
+        b_s = chunk_state_update(b_s, b_k, b_v, m_t, c, b_rate, o_t, DOT_PRECISION)
 
 
 @triton.jit
@@ -148,23 +136,15 @@ def _segment_dkv_kernel(
     DK: tl.constexpr, F32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dk (DK: tiles of K rows, full V) or dv (tiles of V columns, full K), walking the chunks backwards."""
-    i_s, i_t = segment_and_tile((K // BK) * (V // BV))  # one of the two is 1
-    i_h = tl.program_id(1)
-    i_n = tl.load(seg_seq + i_s)
+    tiles = (K // BK) * (V // BV)  # one of the two is 1
+    i_s, i_t, i_h, i_n, i_j, bos, eos, b_rate = segment_program(seg_seq, seg_idx, cu_seqlens, rate, N, SEG, tiles)
     if i_n >= N:
         return
-    i_j = tl.load(seg_idx + i_s)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64) + i_j * SEG
-    eos = tl.minimum(bos + SEG, tl.load(cu_seqlens + i_n + 1).to(tl.int64))
-    b_rate = tl.load(rate + i_h).to(tl.float32)
     o_k = (i_t * BK if DK else 0) + tl.arange(0, BK)  # the rows of G this program holds
     o_v = (0 if DK else i_t * BV) + tl.arange(0, BV)  # its columns
-    o_t = tl.arange(0, BT)
+    o_t, q_decay, intra = chunk_decays(b_rate, BT)  # intra: [query t, key j]
     state = ((i_s * H + i_h) * K + o_k[:, None]).to(tl.int64) * V + o_v[None, :]
     b_g = tl.load(gfut + state)  # [BK, BV]
-    q_decay = tl.exp(-b_rate * (o_t + 1).to(tl.float32))
-    diff = (o_t[:, None] - o_t[None, :]).to(tl.float32)
-    intra = tl.where(diff >= 0, tl.exp(-b_rate * tl.maximum(diff, 0.0)), 0.0)  # [query t, key j]
     n_chunks = tl.cdiv(eos - bos, BT)
     for cc in range(0, n_chunks):
         t0 = bos + (n_chunks - 1 - cc) * BT

@@ -30,7 +30,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import INTERPRET, check_pool, check_qkv, dot_precision, segment_and_tile, segment_grid
+from .triton_utils import (
+    INTERPRET,
+    check_pool,
+    check_qkv,
+    chunk_decays,
+    chunk_state_update,
+    dot_precision,
+    segment_grid,
+    segment_program,
+)
 
 CHUNK = 64
 TARGET_PROGRAMS = 2 * 132  # two programs per SM on an H100/H200 (best of the sweep in RESULTS.md)
@@ -43,14 +52,6 @@ def scan_launch(N: int, H: int, K: int, V: int) -> tuple[tuple[int, int, int], i
     return (N, H, K * V // block), block
 
 
-@triton.jit
-def _chunk_state_update(b_s, b_k, b_v, m_t, c, b_rate, o_t, DOT_PRECISION: tl.constexpr):
-    """The state after a chunk of `c` valid rows (`m_t`): `lam^c S + sum_t lam^(c-1-t) k_t^T v_t`, one product."""
-    k_decay = tl.where(m_t, tl.exp(-b_rate * tl.maximum(c - 1 - o_t.to(tl.float32), 0.0)), 0.0)
-    b_kd = (b_k * k_decay[:, None]).to(b_v.dtype)
-    return b_s * tl.exp(-b_rate * c) + tl.dot(tl.trans(b_kd), b_v, input_precision=DOT_PRECISION)
-
-
 @triton.jit(do_not_specialize=["N", "SEG"])
 def _segment_delta_kernel(
     k, v, delta, cu_seqlens, seg_seq, seg_idx, nseg, rate,
@@ -58,23 +59,17 @@ def _segment_delta_kernel(
     N, SEG, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BV: tl.constexpr, F32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
-    i_s, i_v = segment_and_tile(V // BV)
-    i_h = tl.program_id(1)
-    i_n = tl.load(seg_seq + i_s)
+    i_s, i_v, i_h, i_n, i_j, bos, eos, b_rate = segment_program(seg_seq, seg_idx, cu_seqlens, rate, N, SEG, V // BV)
     if i_n >= N:
         return
-    i_j = tl.load(seg_idx + i_s)
     if not ALIGNED:  # noqa: SIM102 (a constexpr test: the runtime one is compiled out)
         if i_j == tl.load(nseg + i_n) - 1:  # the last segment's end state is the final state: kernel 3 writes it
             return
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64) + i_j * SEG
-    b_rate = tl.load(rate + i_h).to(tl.float32)
     o_k = tl.arange(0, K)
     o_v = i_v * BV + tl.arange(0, BV)
     o_t = tl.arange(0, BT)
     b_s = tl.zeros([K, BV], dtype=tl.float32)
     if ALIGNED:  # every segment, the last (maybe partial) one too, in the forward's chunk arithmetic
-        eos = tl.minimum(bos + SEG, tl.load(cu_seqlens + i_n + 1).to(tl.int64))
         for t0 in range(bos, eos, BT):
             rows = t0 + o_t
             m_t = rows < eos
@@ -84,7 +79,7 @@ def _segment_delta_kernel(
             if F32_DOT:
                 b_k, b_v = b_k.to(tl.float32), b_v.to(tl.float32)
             c = tl.minimum(eos - t0, BT).to(tl.float32)
-            b_s = _chunk_state_update(b_s, b_k, b_v, m_t, c, b_rate, o_t, DOT_PRECISION)
+            b_s = chunk_state_update(b_s, b_k, b_v, m_t, c, b_rate, o_t, DOT_PRECISION)
     else:
         k_decay = tl.exp(-b_rate * (BT - 1 - o_t).to(tl.float32))  # [BT]
         chunk_decay = tl.exp(-b_rate * BT)
@@ -150,24 +145,14 @@ def _segment_forward_kernel(
     N, SEG, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BV: tl.constexpr, F32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
-    i_s, i_v = segment_and_tile(V // BV)
-    i_h = tl.program_id(1)
-    i_n = tl.load(seg_seq + i_s)
+    i_s, i_v, i_h, i_n, i_j, bos, eos, b_rate = segment_program(seg_seq, seg_idx, cu_seqlens, rate, N, SEG, V // BV)
     if i_n >= N:
         return
-    i_j = tl.load(seg_idx + i_s)
-    seq_end = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64) + i_j * SEG
-    eos = tl.minimum(bos + SEG, seq_end)
-    b_rate = tl.load(rate + i_h).to(tl.float32)
     o_k = tl.arange(0, K)
     o_v = i_v * BV + tl.arange(0, BV)
-    o_t = tl.arange(0, BT)
+    o_t, q_decay, intra = chunk_decays(b_rate, BT)
     state_offset = ((i_s * H + i_h) * K + o_k[:, None]).to(tl.int64) * V + o_v[None, :]
     b_s = tl.load(start + state_offset)  # [K, BV] fp32
-    q_decay = tl.exp(-b_rate * (o_t + 1).to(tl.float32))  # lam^(i+1)
-    diff = (o_t[:, None] - o_t[None, :]).to(tl.float32)
-    intra = tl.where(diff >= 0, tl.exp(-b_rate * tl.maximum(diff, 0.0)), 0.0)  # lam^(i-j), i >= j
     for t0 in range(bos, eos, BT):
         rows = t0 + o_t
         m_t = rows < eos
@@ -185,7 +170,7 @@ def _segment_forward_kernel(
         p_o = o + rows[:, None] * stride_ot + i_h * stride_oh + o_v[None, :]
         tl.store(p_o, (b_o * scale).to(o.dtype.element_ty), mask=m_t[:, None])
         c = tl.minimum(eos - t0, BT).to(tl.float32)
-        b_s = _chunk_state_update(b_s, b_k, b_v, m_t, c, b_rate, o_t, DOT_PRECISION)
+        b_s = chunk_state_update(b_s, b_k, b_v, m_t, c, b_rate, o_t, DOT_PRECISION)
     if not ALIGNED:  # (aligned: the scan writes the final state)
         slot = tl.load(slots + i_n).to(tl.int64)
         if (i_j == tl.load(nseg + i_n) - 1) and (slot >= 0):

@@ -83,6 +83,41 @@ def segment_and_tile(NT: tl.constexpr):
     return pid // NT, pid % NT
 
 
+@triton.jit
+def segment_program(seg_seq, seg_idx, cu_seqlens, rate, N, SEG, NT: tl.constexpr):
+    """The prologue of every kernel on a `segment_grid`: the program's segment slot and tile, its head, the
+    sequence it serves (N: an unused slot, which the caller exits on), the segment's index in it and token
+    range `[bos, eos)`, and the head's decay rate. An unused slot reads the last sequence's offsets (harmless,
+    in bounds) so that the caller can test and exit after the call."""
+    i_s, i_t = segment_and_tile(NT)
+    i_h = tl.program_id(1)
+    i_n = tl.load(seg_seq + i_s)
+    i_j = tl.load(seg_idx + i_s)
+    i_in = tl.minimum(i_n, N - 1)
+    bos = tl.load(cu_seqlens + i_in).to(tl.int64) + i_j * SEG
+    eos = tl.minimum(bos + SEG, tl.load(cu_seqlens + i_in + 1).to(tl.int64))
+    return i_s, i_t, i_h, i_n, i_j, bos, eos, tl.load(rate + i_h).to(tl.float32)
+
+
+@triton.jit
+def chunk_decays(b_rate, BT: tl.constexpr):
+    """Row offsets of a chunk, `lam^(i+1)` per row and the causal `lam^(i-j)` (i >= j, else 0) matrix: the
+    decays of the chunked forms (only non-negative powers of lam)."""
+    o_t = tl.arange(0, BT)
+    q_decay = tl.exp(-b_rate * (o_t + 1).to(tl.float32))
+    diff = (o_t[:, None] - o_t[None, :]).to(tl.float32)
+    intra = tl.where(diff >= 0, tl.exp(-b_rate * tl.maximum(diff, 0.0)), 0.0)
+    return o_t, q_decay, intra
+
+
+@triton.jit
+def chunk_state_update(b_s, b_k, b_v, m_t, c, b_rate, o_t, DOT_PRECISION: tl.constexpr):
+    """The state after a chunk of `c` valid rows (`m_t`): `lam^c S + sum_t lam^(c-1-t) k_t^T v_t`, one product."""
+    k_decay = tl.where(m_t, tl.exp(-b_rate * tl.maximum(c - 1 - o_t.to(tl.float32), 0.0)), 0.0)
+    b_kd = (b_k * k_decay[:, None]).to(b_v.dtype)
+    return b_s * tl.exp(-b_rate * c) + tl.dot(tl.trans(b_kd), b_v, input_precision=DOT_PRECISION)
+
+
 def segment_grid(num_segments: int, num_heads: int, num_tiles: int) -> tuple[int, int]:
     """Launch grid for kernels that call `segment_and_tile(num_tiles)`."""
     return (num_segments * num_tiles, num_heads)
