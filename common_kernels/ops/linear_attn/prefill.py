@@ -24,6 +24,7 @@ compiled variant of each kernel serves every batch: an engine compiles them once
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +43,18 @@ from .triton_utils import (
 )
 
 CHUNK = 64
-TARGET_PROGRAMS = 2 * 132  # two programs per SM on an H100/H200 (best of the sweep in RESULTS.md)
+PROGRAMS_PER_SM = 2  # the best of the sweep on an H200 (RESULTS.md)
+CPU_SM_COUNT = 132  # where there is no GPU to ask (the interpreter), the H100/H200's count
+
+
+@functools.cache
+def target_programs(device: torch.device) -> int:
+    """How many segment programs a prefill aims for on `device`: `PROGRAMS_PER_SM` per SM it reports."""
+    if device.type != "cuda":
+        return PROGRAMS_PER_SM * CPU_SM_COUNT
+    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+
+
 SCAN_BLOCK = 2048  # state elements per scan program: 8 KB fp32, 8 per 128 x 128 state (timed only as part of run F)
 
 
@@ -178,9 +190,9 @@ def _segment_forward_kernel(
             tl.store(p_pool, b_s.to(pool.dtype.element_ty))
 
 
-def _segment_size(T: int, H: int, NV: int, chunk: int, target_programs: int = TARGET_PROGRAMS) -> int:
-    """Segment length (a power of two, >= chunk) giving about `target_programs` programs."""
-    want = max(chunk, -(-T * H * NV // target_programs))
+def _segment_size(T: int, H: int, NV: int, chunk: int, programs: int) -> int:
+    """Segment length (a power of two, >= chunk) giving about `programs` programs."""
+    want = max(chunk, -(-T * H * NV // programs))
     return max(chunk, 1 << (want - 1).bit_length())
 
 
@@ -294,7 +306,8 @@ def plan_prefill(
         chunk_size = min(chunk_size, segment_size)
     NV = head_dim_v // _block_v(head_dim_v, block_v)
     dominant = max_seqlen is not None and 2 * max_seqlen > total_tokens
-    seg = segment_size or _segment_size(max_seqlen if dominant else total_tokens, num_heads, NV, chunk_size)
+    programs = target_programs(cu_seqlens.device)
+    seg = segment_size or _segment_size(max_seqlen if dominant else total_tokens, num_heads, NV, chunk_size, programs)
     _check_segment(seg, chunk_size)
     return plan_segments(cu_seqlens, total_tokens, seg, aligned)
 

@@ -332,3 +332,17 @@ def test_triton_backward_real_shape_bf16(lengths, layer):
     assert_rel_rms("o", o64, o, 3e-3)
     for name, ref, got in zip(("dq", "dk", "dv", "dh0"), refs, grads, strict=False):
         assert_rel_rms(name, ref, got, 3.5e-3)
+
+
+def test_segments_are_sized_from_the_devices_sm_count(monkeypatch):
+    """The prefill aims for two programs per SM of the device it runs on, asked, not assumed (an H200 has 132)."""
+    from types import SimpleNamespace
+
+    from common_kernels.ops.linear_attn import prefill
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=66))
+    assert prefill.target_programs.__wrapped__(torch.device("cuda", 0)) == 132
+    assert prefill.target_programs(torch.device("cpu")) == 2 * prefill.CPU_SM_COUNT
+    # 32K tokens x 16 heads x 2 V-tiles over 264 programs: 4,096-token segments; over half as many, twice as long
+    assert prefill._segment_size(32768, 16, 2, 64, 264) == 4096
+    assert prefill._segment_size(32768, 16, 2, 64, 132) == 8192
