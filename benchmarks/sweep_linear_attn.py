@@ -13,12 +13,8 @@ import triton
 
 from common_kernels import decay_rates, preset_config
 from common_kernels.ops.linear_attn.decode import linear_attention_decode
-from common_kernels.ops.linear_attn.prefill import (
-    PROGRAMS_PER_SM,
-    _segment_size,
-    linear_attention_prefill,
-    target_programs,
-)
+from common_kernels.ops.linear_attn.prefill import _segment_size, linear_attention_prefill
+from common_kernels.ops.linear_attn.triton_utils import sm_count
 
 from .bench_linear_attn import D, bench, fused_qkv, prefill_inputs
 
@@ -26,8 +22,8 @@ from .bench_linear_attn import D, bench, fused_qkv, prefill_inputs
 def sweep_prefill(lengths: list[int], H: int, dtype: torch.dtype = torch.bfloat16) -> None:
     x, T = prefill_inputs(lengths, H, dtype=dtype), sum(lengths)
     results = []
-    sm_count = target_programs(x.q.device) // PROGRAMS_PER_SM  # 2 (the default), 4 and 8 programs per SM
-    configs = itertools.product([32, 64], [32, 64, 128], [4, 8], [1, 2, 3], [n * sm_count for n in (2, 4, 8)])
+    sms = sm_count(x.q.device)  # 2 (the default), 4 and 8 programs per SM
+    configs = itertools.product([32, 64], [32, 64, 128], [4, 8], [1, 2, 3], [n * sms for n in (2, 4, 8)])
     for bt, bv, warps, stages, target in configs:
         seg = _segment_size(T, H, D // bv, bt, target)
         run = functools.partial(

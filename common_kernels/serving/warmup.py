@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.linear_attn import linear_attention_decode, linear_attention_prefill
-from ..ops.linear_attn.decode import WIDE_TILE_MIN_ROWS
+from ..ops.linear_attn.decode import wide_tile_min_rows
 
 _warmed: set[tuple] = set()
 
@@ -45,7 +45,7 @@ def warm_up_linear_attention(
     key = (q.dtype, v.dtype, state_dtype, slot_dtype, H, K, V, device)
     if key in _warmed:
         return
-    for batch in (1, -(-WIDE_TILE_MIN_ROWS // H)):  # narrow and wide V-tiles
+    for batch in (1, -(-wide_tile_min_rows(q.device) // H)):  # narrow and wide V-tiles
         rows = torch.zeros((batch, 3, H, max(K, V)), dtype=q.dtype, device=device)
         slots = torch.full((batch,), -1, dtype=slot_dtype, device=device)
         fresh = torch.zeros(batch, dtype=torch.int8, device=device)

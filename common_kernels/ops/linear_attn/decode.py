@@ -14,9 +14,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import check_pool, check_qkv
+from .triton_utils import check_pool, check_qkv, sm_count
 
-WIDE_TILE_MIN_ROWS = 256  # (sequence, head) pairs from which 64-column V-tiles fill the GPU (H200 sweep)
+# (sequence, head) pairs per SM from which 64-column V-tiles fill the GPU: 256 pairs on an H200's 132 SMs (sweep)
+WIDE_TILE_MIN_ROWS_PER_SM = 256 / 132
+
+
+def wide_tile_min_rows(device: torch.device) -> int:
+    """The (sequence, head) pairs from which decode uses 64-column V-tiles on `device` (16-column below)."""
+    return round(WIDE_TILE_MIN_ROWS_PER_SM * sm_count(device))
 
 
 @triton.jit(do_not_specialize_on_alignment=["slots", "fresh"])
@@ -96,7 +102,8 @@ def linear_attention_decode(
     o = torch.empty((T, H, V), dtype=q.dtype, device=q.device) if out is None else out
     if o.shape != (T, H, V) or o.stride(-1) != 1:
         raise ValueError(f"linear_attention_decode: out must be [{T}, {H}, {V}] with unit last stride")
-    BV = min(block_v or (16 if B * H < WIDE_TILE_MIN_ROWS else 64), V)
+    min_rows, rows = wide_tile_min_rows(q.device), B * H
+    BV = min(block_v or (64 if rows >= min_rows else 16), V)
     if B == 0:
         return o
     _decode_kernel[(B, H, V // BV)](

@@ -24,7 +24,6 @@ compiled variant of each kernel serves every batch: an engine compiles them once
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -40,19 +39,16 @@ from .triton_utils import (
     dot_precision,
     segment_grid,
     segment_program,
+    sm_count,
 )
 
 CHUNK = 64
 PROGRAMS_PER_SM = 2  # the best of the sweep on an H200 (RESULTS.md)
-CPU_SM_COUNT = 132  # where there is no GPU to ask (the interpreter), the H100/H200's count
 
 
-@functools.cache
 def target_programs(device: torch.device) -> int:
     """How many segment programs a prefill aims for on `device`: `PROGRAMS_PER_SM` per SM it reports."""
-    if device.type != "cuda":
-        return PROGRAMS_PER_SM * CPU_SM_COUNT
-    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return PROGRAMS_PER_SM * sm_count(device)
 
 
 SCAN_BLOCK = 2048  # state elements per scan program: 8 KB fp32, 8 per 128 x 128 state (timed only as part of run F)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -62,6 +63,17 @@ FP32_DOT_CHOICES = ("tf32", "tf32x3", "ieee")
 FP32_DOT_PRECISION = os.environ.get("RING_LINEAR_FP32_DOT", "tf32")
 if FP32_DOT_PRECISION not in FP32_DOT_CHOICES:
     raise ValueError(f"RING_LINEAR_FP32_DOT={FP32_DOT_PRECISION!r}: choose one of {', '.join(FP32_DOT_CHOICES)}")
+
+
+CPU_SM_COUNT = 132  # where there is no GPU to ask (the interpreter): an H100/H200's
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """The device's streaming multiprocessors, which the launch heuristics size their grids by."""
+    if device.type != "cuda":
+        return CPU_SM_COUNT
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def dot_precision(x: torch.Tensor) -> str:

@@ -334,15 +334,21 @@ def test_triton_backward_real_shape_bf16(lengths, layer):
         assert_rel_rms(name, ref, got, 3.5e-3)
 
 
-def test_segments_are_sized_from_the_devices_sm_count(monkeypatch):
-    """The prefill aims for two programs per SM of the device it runs on, asked, not assumed (an H200 has 132)."""
+def test_launch_heuristics_ask_the_device_for_its_sm_count(monkeypatch):
+    """The prefill aims for two programs per SM and decode widens its tiles from about two (sequence, head) pairs
+    per SM, of the device they run on: asked, not assumed (an H200 has 132)."""
     from types import SimpleNamespace
 
-    from common_kernels.ops.linear_attn import prefill
+    from common_kernels.ops.linear_attn import prefill, triton_utils
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=66))
-    assert prefill.target_programs.__wrapped__(torch.device("cuda", 0)) == 132
-    assert prefill.target_programs(torch.device("cpu")) == 2 * prefill.CPU_SM_COUNT
+    assert triton_utils.sm_count.__wrapped__(torch.device("cuda", 0)) == 66
+    assert prefill.target_programs(torch.device("cpu")) == 2 * triton_utils.CPU_SM_COUNT
     # 32K tokens x 16 heads x 2 V-tiles over 264 programs: 4,096-token segments; over half as many, twice as long
     assert prefill._segment_size(32768, 16, 2, 64, 264) == 4096
     assert prefill._segment_size(32768, 16, 2, 64, 132) == 8192
+    from common_kernels.ops.linear_attn import decode
+
+    assert decode.wide_tile_min_rows(torch.device("cpu")) == 256  # the H200 sweep's figure
+    monkeypatch.setattr(decode, "sm_count", lambda device: 66)
+    assert decode.wide_tile_min_rows(torch.device("cuda", 0)) == 128
