@@ -268,7 +268,9 @@ PREFIX_CACHE_COUNTERS = ("vllm:prefix_cache_hits_total", "vllm:prefix_cache_quer
 
 
 def prefix_cache_counters(port: int) -> tuple[float, float] | None:
-    """vLLM's prefix-cache hits and queries so far, in tokens (its Prometheus `/metrics`); None where not served."""
+    """vLLM's prefix-cache hits and queries so far, in tokens (its Prometheus `/metrics`); None where not served.
+    A request whose blocks could not be allocated yet is looked up again at the next step and counted again,
+    so under memory pressure the rate reads a little high."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
             text = reply.read().decode()

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.bench_vllm_e2e import VARIANTS, write_config
+from benchmarks.bench_vllm_e2e import VARIANTS, use_vllm_linear_kernels, write_config
 
 
 def main() -> None:
@@ -36,6 +36,8 @@ def main() -> None:
     import torch
     from vllm import LLM, SamplingParams, TokensPrompt
 
+    if args.variant == "ring-linear-vllm-kernels":
+        use_vllm_linear_kernels()
     if args.linear_qkv_dtype == "bfloat16":  # probe, not a supported setting: bf16 q/k/v on the tensor cores
         from common_kernels.model import linear_math
 

@@ -26,6 +26,7 @@ def make_llm(model: Path, **kwargs):
         "seed": 0,
         "skip_tokenizer_init": True,  # token ids in and out; the server test covers the tokenizer
         "enforce_eager": True,  # fast start-up; the CUDA-graph tests ask for graphs
+        "disable_log_stats": False,  # `LLM` turns stats off, and `get_metrics()` (preemptions, cache hits) needs them
     } | kwargs
     return LLM(**settings)
 
