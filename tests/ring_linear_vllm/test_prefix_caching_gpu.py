@@ -35,7 +35,14 @@ from ring_linear_vllm import PREFIX_CACHING_OPT_IN  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-os.environ[PREFIX_CACHING_OPT_IN] = "1"  # read where the engine config is made, in this process
+
+
+@pytest.fixture(autouse=True)
+def _prefix_caching_opted_in(monkeypatch):
+    """The opt-in, read where the engine config is made (this process), for these tests only: set at import, it
+    would reach every test collected after this module (vLLM 0.33 turns prefix caching on by default)."""
+    monkeypatch.setenv(PREFIX_CACHING_OPT_IN, "1")
+
 
 # A wave: the prompts to send, made from the previous wave's outputs (token ids per request) in the same engine.
 Wave = Callable[[list[list[int]]], list[list[int]]]
