@@ -6,6 +6,16 @@ every original field and adds only its quantization block; copies in GitHub's mo
 4b0a86a, `configs/mlx-community/Ring-flash-linear-2.0{,-128k}-4bit/config.json`): they agree with the
 parameter counts (104.2B total / 6.1B active), and the two flash checkpoints differ only in `rope_theta`
 (600000, and 1000000 for the 128K one). The original files themselves were not reachable from here.
+
+Cross-checked on 2026-11-29 against what else is public (no second copy of the flash config.json exists on
+GitHub): the model cards, the paper (arXiv 2510.19338), the authors' SGLang model file (inclusionAI/Ring-V2) and
+mlx-lm's confirm the widths, depth, heads, KV heads, head size, layer groups of 8 (7 linear per softmax), 256 experts
+with 8 active, partial RoPE 0.5, qk-norm, sigmoid routing with expert bias, one dense layer, 128K positions and the
+untied head; the parameter counts computed from these fields give the published 104.2B total and 6.1B active (7.4B
+with embeddings). Backed only by sibling models (Ling 2.0) or the authors' engine defaults: `n_group` 8, `topk_group`
+4, `routed_scaling_factor` 2.5, `rope_theta` 600000, the vocabulary and EOS id. With no flash-specific source at all:
+`group_norm_size` 4, `linear_silu`, `norm_topk_prob`, `router_dtype`, `rms_norm_eps`, `num_nextn_predict_layers` 0,
+and the 128K variant's `rope_theta`. Nothing public contradicts any field.
 """
 
 from __future__ import annotations
