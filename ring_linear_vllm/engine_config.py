@@ -68,6 +68,17 @@ class RingLinearEngineConfig(VerifyAndUpdateConfig):
         check_prefix_caching(vllm_config)
 
 
+def opted_in_to_prefix_caching() -> bool:
+    """`RING_LINEAR_PREFIX_CACHING`: 1/true/yes/on turns prefix caching on, 0/false/no/off or unset leaves it off;
+    anything else is refused, naming the variable."""
+    value = os.environ.get(PREFIX_CACHING_OPT_IN, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError(f"ring-linear: {PREFIX_CACHING_OPT_IN}={value!r} is not understood: set it to 1 or 0")
+
+
 def check_prefix_caching(vllm_config) -> None:
     """Prefix caching stays off (one warning) unless `RING_LINEAR_PREFIX_CACHING=1`; then vLLM's "align" mode
     serves it, which needs chunked prefill (refused here, naming the flag, instead of vLLM's bare assert)."""
@@ -75,7 +86,7 @@ def check_prefix_caching(vllm_config) -> None:
     if not cache_config.enable_prefix_caching:
         return
     architecture = vllm_config.model_config.architecture
-    if os.environ.get(PREFIX_CACHING_OPT_IN) != "1":
+    if not opted_in_to_prefix_caching():
         logger.warning(
             "ring-linear: prefix caching is turned off for %s: hybrid 'align' mode is not yet verified exact for "
             "the linear-attention state on a GPU (%s=1 turns it on)",

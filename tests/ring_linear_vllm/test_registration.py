@@ -137,6 +137,21 @@ def test_opted_in_prefix_caching_runs_in_align_mode_with_the_state_cached_per_bl
     assert cfg.cache_config.mamba_block_size == cfg.cache_config.block_size
 
 
+def test_the_prefix_caching_opt_in_reads_the_usual_spellings_and_refuses_others(vllm_tools, released_dir, monkeypatch):
+    for on in ("1", "true", "YES", " on "):
+        monkeypatch.setenv("RING_LINEAR_PREFIX_CACHING", on)
+        assert vllm_tools.engine_config(
+            released_dir, dtype="bfloat16", enable_prefix_caching=True
+        ).cache_config.enable_prefix_caching
+    monkeypatch.setenv("RING_LINEAR_PREFIX_CACHING", "off")
+    assert not vllm_tools.engine_config(
+        released_dir, dtype="bfloat16", enable_prefix_caching=True
+    ).cache_config.enable_prefix_caching
+    monkeypatch.setenv("RING_LINEAR_PREFIX_CACHING", "maybe")
+    with pytest.raises(ValueError, match="RING_LINEAR_PREFIX_CACHING='maybe' is not understood: set it to 1 or 0"):
+        vllm_tools.engine_config(released_dir, dtype="bfloat16", enable_prefix_caching=True)
+
+
 def test_opted_in_prefix_caching_without_chunked_prefill_is_refused_naming_the_flag(
     vllm_tools, released_dir, monkeypatch
 ):

@@ -299,6 +299,8 @@ def plan_prefill(
     if aligned:
         if segment_size is None:
             raise ValueError("plan_prefill: aligned=True needs segment_size (the caller's grid of positions)")
+        if segment_size < 16 or segment_size & (segment_size - 1):
+            raise ValueError(f"plan_prefill: aligned segment_size {segment_size} must be a power of two >= 16")
         chunk_size = min(chunk_size, segment_size)
     NV = head_dim_v // _block_v(head_dim_v, block_v)
     dominant = max_seqlen is not None and 2 * max_seqlen > total_tokens

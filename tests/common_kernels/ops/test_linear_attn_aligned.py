@@ -93,6 +93,9 @@ def test_a_split_on_the_segment_grid_gives_the_bits_of_one_pass(split, dtype):
 def test_aligned_mode_needs_the_callers_segment_grid():
     with pytest.raises(ValueError, match="aligned=True needs segment_size"):
         plan_prefill(ragged_offsets([10]).to(DEVICE), 10, H, V, aligned=True)
+    for bad in (8, 24, 48):
+        with pytest.raises(ValueError, match=f"aligned segment_size {bad} must be a power of two >= 16"):
+            plan_prefill(ragged_offsets([10]).to(DEVICE), 10, H, V, segment_size=bad, aligned=True)
     plan = plan_prefill(ragged_offsets([10]).to(DEVICE), 10, H, V, segment_size=16, aligned=True)
     assert plan.aligned and plan.seg == 16  # the chunk follows the segment down (64 -> 16)
 
