@@ -152,6 +152,16 @@ def test_the_prefix_caching_opt_in_reads_the_usual_spellings_and_refuses_others(
         vllm_tools.engine_config(released_dir, dtype="bfloat16", enable_prefix_caching=True)
 
 
+def test_opted_in_prefix_caching_refuses_the_all_mode_it_cannot_serve(vllm_tools, released_dir, monkeypatch):
+    import vllm
+
+    if not vllm.__version__.startswith("0.26"):
+        pytest.skip("vLLM 0.33 has no 'all' mode")
+    monkeypatch.setenv("RING_LINEAR_PREFIX_CACHING", "1")
+    with pytest.raises(ValueError, match="--mamba-cache-mode all is not supported.*use --mamba-cache-mode align"):
+        vllm_tools.engine_config(released_dir, dtype="bfloat16", enable_prefix_caching=True, mamba_cache_mode="all")
+
+
 def test_opted_in_prefix_caching_without_chunked_prefill_is_refused_naming_the_flag(
     vllm_tools, released_dir, monkeypatch
 ):
