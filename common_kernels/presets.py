@@ -89,17 +89,19 @@ RECONSTRUCTED: dict[str, frozenset[str]] = {name: frozenset() for name in PRESET
 
 def preset_config(name: str, **overrides: Any) -> RingLinearConfig:
     """Build the config of a released model by preset name, with optional field overrides."""
-    if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return RingLinearConfig(**{**PRESETS[name], **overrides})
+    return RingLinearConfig(**{**_preset(name), **overrides})
 
 
 def preset_json(name: str, **overrides: Any) -> dict[str, Any]:
     """A released model's `config.json` contents by preset name (model type included), with optional field
     overrides: what an engine reads from a checkpoint folder (dummy-weight runs write it there)."""
+    return {**_preset(name), "model_type": RingLinearConfig.model_type, **overrides}
+
+
+def _preset(name: str) -> dict[str, Any]:
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return {**PRESETS[name], "model_type": RingLinearConfig.model_type, **overrides}
+    return PRESETS[name]
 
 
 def tiny_config(vocab_size: int = 64, **overrides: Any) -> RingLinearConfig:

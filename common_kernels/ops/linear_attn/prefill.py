@@ -123,7 +123,6 @@ def _segment_scan_kernel(
     if (n_seg == 0) and (slot >= 0):  # an empty sequence hands back its (possibly fresh) initial state
         tl.store(p_pool, b_s.to(pool.dtype.element_ty))
     b_rate = tl.load(rate + i_h).to(tl.float32)
-    seg_decay = tl.exp(-b_rate * SEG)
     length = tl.load(cu_seqlens + i_n + 1) - tl.load(cu_seqlens + i_n)
     first = tl.load(seg_first + i_n)
     offset = (first * H + i_h).to(tl.int64) * (K * V) + o_e  # int64: advances by H * K * V per segment
@@ -135,10 +134,8 @@ def _segment_scan_kernel(
         b_delta = b_next
         b_next = tl.load(delta + offset + H * K * V, mask=j + 1 < n_deltas, other=0.0)
         tl.store(start + offset, b_s)
-        if ALIGNED:
-            b_s = b_s * tl.exp(-b_rate * tl.minimum(SEG, length - j * SEG).to(tl.float32)) + b_delta
-        else:
-            b_s = b_s * seg_decay + b_delta
+        # lam^len of the segment: SEG but for a partial last one, whose end state only ALIGNED keeps
+        b_s = b_s * tl.exp(-b_rate * tl.minimum(SEG, length - j * SEG).to(tl.float32)) + b_delta
         offset += H * K * V
     if ALIGNED:  # noqa: SIM102 (a constexpr test: the runtime one is compiled out)
         if (n_seg > 0) and (slot >= 0):
