@@ -16,7 +16,7 @@
 #   flash        pytest -m gpu: Ring-flash FP8 dummy weights, a 32K prompt with CUDA graphs (RING_LINEAR_FLASH_LAYERS
 #                serves fewer layers) (not yet run; issue 17)
 #   faults       the vLLM engine under faults: preemption, aborts, chunk boundaries, 2,000-step decode (not yet run)
-#   prefix       pytest -m gpu: vLLM prefix caching with the linear state, cache on vs off (PYTEST_K picks) (not yet run)
+#   prefix       pytest -m gpu: vLLM prefix caching with the linear state, cache on vs off (PYTEST_K picks) (~8 min)
 #   tp2          the tensor-parallel-2 engine test (needs 2 GPUs)                         (~4 min)
 #   bench        bench_linear_attn: prefill (bf16 and fp32), decode, backward, H16 and H8 (~5 min)
 #   sweep        sweep_linear_attn: launch settings, bf16 and fp32 prefill                 (~8 min)
@@ -26,13 +26,14 @@
 #   serve-twin   the same for the softmax twin, caching off                                (~9 min)
 #   serve-twin-cached  the twin with prefix caching (its warm pass hits the cache)          (~7 min)
 #   serve-ring-cached  ring-linear with prefix caching (SERVE_WORKLOADS="prefix-4k prefix-32k", then the twin's
-#                same; issue 13)                                                            (not yet run)
+#                same; issue 13)                                          (~4 min with those two; both: ~8.5 min)
 #   serve-report the ratio table of the serve steps' results (SERVE_OUT, default OUTDIR/serve)
 #                (SERVE_WORKLOADS picks workloads, else bench_serve's four, which take longer than one 10-minute
 #                device call; SERVE_PASSES=cold runs the cold pass alone; SERVE_SIZE=flash, SERVE_LAYERS=N and
 #                SERVE_QUANT=fp8 pick Ring-flash, its depth and FP8, for ring-linear and twin alike; issue 17)
 #   soak         bench_serve's soak: concurrency 128 for about 5 minutes, failed requests and GPU memory (not yet run)
-#   profile      compiled 4K and 128K prefill and 64 x 4K decode-step profiles, ring-linear and the twin (~9 min)
+#   profile      compiled 4K and 128K prefill and 64 x 4K decode-step profiles, ring-linear and the twin (~9 min;
+#                PROFILE_CASES picks)
 #   serve-ring-sgl  bench_serve on SGLang: ring-linear through launch_server (SGLang staged, own call)    (~7 min, 3 workloads)
 #   serve-twin-sgl  the same for the twin, SGLang's native BailingMoeV2ForCausalLM (~8 min, 3 workloads)
 #   sgl-engine   pytest -m gpu: the SGLang adapter's engine tests (SGLang 0.5.17 staged in /tmp/gpu-site-sgl; PYTEST_K picks;
@@ -99,14 +100,17 @@ for step in "$@"; do
       python3 -m pytest -q -s -m gpu tests/ring_linear_sglang/test_engine_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} ;;
     sgl-diff) run sgl-diff 300 "${SGLANG_ENV[@]}" CUDA_VISIBLE_DEVICES=0 \
       python3 -m benchmarks.sglang_layer_diff "${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}" --save "$out/sgl-diff.pt" ;;
-    profile)
-      for variant in ring-linear softmax-twin; do
-        for length in 4096 131072; do
+    profile)  # PROFILE_CASES picks, e.g. "ring-linear:4096x2 softmax-twin:decode" (default: all six)
+      for case in ${PROFILE_CASES:-ring-linear:4096 ring-linear:131072 ring-linear:decode softmax-twin:4096 \
+        softmax-twin:131072 softmax-twin:decode}; do
+        variant=${case%%:*}; length=${case#*:}
+        if [[ $length == decode ]]; then
+          run "profile-$variant-decode" 240 python3 -m benchmarks.profile_vllm_prefill --variant "$variant" \
+            --length 4096 --compiled --decode-batch 64 --decode-steps 32
+        else  # LENGTH or LENGTHxPROMPTS
           run "profile-$variant-$length" 200 python3 -m benchmarks.profile_vllm_prefill --variant "$variant" \
-            --length "$length" --compiled
-        done
-        run "profile-$variant-decode" 240 python3 -m benchmarks.profile_vllm_prefill --variant "$variant" \
-          --length 4096 --compiled --decode-batch 64 --decode-steps 32
+            --length "${length%x*}" --prompts "$([[ $length == *x* ]] && echo "${length#*x}" || echo 1)" --compiled
+        fi
       done ;;
     *) echo "unknown step: $step (see the header of $0)" >&2; exit 2 ;;
   esac

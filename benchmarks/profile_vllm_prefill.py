@@ -5,6 +5,7 @@ python -m benchmarks.profile_vllm_prefill --variant ring-linear --length 16384
 RING_LINEAR_FP32_DOT=tf32x3 python -m benchmarks.profile_vllm_prefill    # other fp32 products
 python -m benchmarks.profile_vllm_prefill --linear-qkv-dtype bfloat16     # bf16 q/k/v into the kernels
 python -m benchmarks.profile_vllm_prefill --compiled --decode-batch 64 --length 4096   # one decode step
+python -m benchmarks.profile_vllm_prefill --compiled --length 4096 --prompts 2   # a served chat step's 8K prefill
 
 The decode mode profiles the same prompts twice, for 1 and for 1 + `--decode-steps` new tokens, and prints each
 kernel's time per decode step: the difference of the two profiles divided by the step count (the prefill cancels).
@@ -26,6 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--variant", choices=VARIANTS, default="ring-linear")
     parser.add_argument("--length", type=int, default=16384)
+    parser.add_argument("--prompts", type=int, default=1, help="prefill this many prompts in one batch")
     parser.add_argument("--rows", type=int, default=30)
     parser.add_argument("--linear-qkv-dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--compiled", action="store_true", help="torch.compile and CUDA graphs, as served")
@@ -50,7 +52,7 @@ def main() -> None:
             dtype="bfloat16",
             skip_tokenizer_init=True,
             max_model_len=args.length + args.decode_steps + 16,
-            max_num_seqs=max(4, args.decode_batch),
+            max_num_seqs=max(4, args.decode_batch, args.prompts),
             max_num_batched_tokens=16384,
             enforce_eager=not args.compiled,
             enable_prefix_caching=False,  # the same prompt again must be computed again
@@ -60,16 +62,21 @@ def main() -> None:
     if args.decode_batch:
         profile_decode(llm, args, rng)
         return
-    prompt = TokensPrompt(prompt_token_ids=[rng.randrange(1000, 150000) for _ in range(args.length)])
+    prompts = [
+        TokensPrompt(prompt_token_ids=[rng.randrange(1000, 150000) for _ in range(args.length)])
+        for _ in range(args.prompts)
+    ]
     params = SamplingParams(temperature=0.0, max_tokens=1)
-    llm.generate([prompt], params, use_tqdm=False)  # warm-up
+    llm.generate(prompts, params, use_tqdm=False)  # warm-up
     start = time.perf_counter()
-    llm.generate([prompt], params, use_tqdm=False)
+    llm.generate(prompts, params, use_tqdm=False)
     mode = "compiled" if args.compiled else "eager"
-    print(f"prefill {args.length}: {args.length / (time.perf_counter() - start):.0f} tokens/s ({mode})")
+    tokens = args.length * args.prompts
+    print(f"prefill {args.prompts} x {args.length}: {tokens / (time.perf_counter() - start):.0f} tokens/s ({mode})")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        llm.generate([prompt], params, use_tqdm=False)
+        llm.generate(prompts, params, use_tqdm=False)
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=90))
+    print(f"all kernels: {sum(kernel_times_us(prof).values()) / 1e3:,.2f} ms")
 
 
 def kernel_times_us(prof) -> dict[str, float]:

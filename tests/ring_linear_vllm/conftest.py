@@ -293,3 +293,10 @@ def write_mha_equivalent(src: Path, dst: Path) -> Path:
         index.setdefault("metadata", {})["total_size"] = total_bytes
         index_file.write_text(json.dumps(index, indent=2))
     return dst
+
+
+@pytest.fixture
+def exact_fp32_products(monkeypatch):
+    """Our kernels multiply fp32 exactly (`RING_LINEAR_FP32_DOT=ieee`) in the engines a test starts: comparisons of
+    one request split two ways then differ only by summation order (`vllm_runs.SPLIT_BOUNDS` says why)."""
+    monkeypatch.setenv("RING_LINEAR_FP32_DOT", "ieee")

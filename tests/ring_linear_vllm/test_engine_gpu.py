@@ -237,6 +237,7 @@ def test_no_kernel_of_ours_compiles_while_serving(tmp_path, monkeypatch):
 # every offset, a long decode; each surviving request's greedy tokens and logprobs equal a clean run's
 
 
+@pytest.mark.usefixtures("exact_fp32_products")
 def test_forced_preemption_under_64_concurrent_requests(tiny_trained):
     prompts = prompts_of(11, [random.Random(11).randint(50, 400) for _ in range(64)])
     want = clean_run(tiny_trained, prompts, 48)
@@ -253,6 +254,7 @@ def test_forced_preemption_under_64_concurrent_requests(tiny_trained):
     assert_same(got, want, "preemption")
 
 
+@pytest.mark.usefixtures("exact_fp32_products")
 def test_aborts_mid_prefill_and_mid_decode_then_reused_slots(tiny_trained):
     from vllm import SamplingParams, TokensPrompt
 
@@ -284,6 +286,7 @@ def test_aborts_mid_prefill_and_mid_decode_then_reused_slots(tiny_trained):
     assert_same(got, [want[index[r]] for r in survivors], "aborts")
 
 
+@pytest.mark.usefixtures("exact_fp32_products")
 @pytest.mark.parametrize("budget", [16, 17])
 def test_chunked_prefill_boundaries_at_every_offset(tiny_trained, budget):
     rng = random.Random(14)

@@ -38,9 +38,10 @@ os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 
 @pytest.fixture(autouse=True)
-def _prefix_caching_opted_in(monkeypatch):
+def _prefix_caching_opted_in(monkeypatch, exact_fp32_products):
     """The opt-in, read where the engine config is made (this process), for these tests only: set at import, it
-    would reach every test collected after this module (vLLM 0.33 turns prefix caching on by default)."""
+    would reach every test collected after this module (vLLM 0.33 turns prefix caching on by default). Exact
+    products too, for the comparisons of a request split two ways."""
     monkeypatch.setenv(PREFIX_CACHING_OPT_IN, "1")
 
 

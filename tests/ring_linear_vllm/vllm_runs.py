@@ -82,16 +82,24 @@ def clean_run(model, prompts, max_tokens, **settings) -> list[tuple[list[int], l
         free(llm)
 
 
-# A request's logprobs may differ by rounding where the prefill is split differently (chunk budget, cache hit,
-# preemption): the same kernels over other segment boundaries.
-SPLIT_TOLERANCE = 1e-4
+# A request whose prefill is split elsewhere (chunk budget, cache hit, preemption) runs the same kernels over other
+# boundaries. Under the default TF32 products that moved logprobs by 3e-4 to 5e-3, and one token by 0.38 with every
+# greedy token equal (a router near-tie; RESULTS.md, run M), so the split tests run exact fp32 products (the
+# `exact_fp32_products` fixture), where a split changes only the summation order. Bounds: (max, mean) absolute
+# logprob difference. The max leaves room for one router near-tie; a wrong or stale state moves most tokens, which
+# the mean and the greedy tokens catch.
+SPLIT_BOUNDS = (0.1, 1e-4)
 
 
 def assert_same(got, want, what: str) -> None:
-    """Token for token equal to the reference, logprobs within `SPLIT_TOLERANCE`; the figures are printed."""
+    """Token for token equal to the reference, logprobs within `SPLIT_BOUNDS`; the figures are printed."""
     differ = [i for i, (g, w) in enumerate(zip(got, want, strict=True)) if g[0] != w[0]]
-    pairs = [(a, b) for g, w in zip(got, want, strict=True) for a, b in zip(g[1], w[1], strict=False)]
-    gap = max((abs(a - b) for a, b in pairs), default=0.0)
-    print(f"\n[{what}] {len(got) - len(differ)}/{len(got)} token sequences equal; max logprob difference {gap:.2e}")
+    gaps = [abs(a - b) for g, w in zip(got, want, strict=True) for a, b in zip(g[1], w[1], strict=False)]
+    gap, mean = max(gaps, default=0.0), sum(gaps) / max(len(gaps), 1)
+    print(
+        f"\n[{what}] {len(got) - len(differ)}/{len(got)} token sequences equal; logprob difference max {gap:.2e}, "
+        f"mean {mean:.2e} over {len(gaps)} tokens"
+    )
     assert not differ, f"{what}: requests {differ} differ from the clean run"
-    assert gap <= SPLIT_TOLERANCE, f"{what}: logprobs differ by {gap:.2e}"
+    max_bound, mean_bound = SPLIT_BOUNDS
+    assert gap <= max_bound and mean <= mean_bound, f"{what}: logprobs differ by max {gap:.2e}, mean {mean:.2e}"

@@ -1,6 +1,7 @@
 """Grouped RMSNorm + sigmoid output gate in Triton (forward and backward), beside `naive.group_rms_norm_gate`.
 
-One program per (block of rows, norm group): statistics, norm, weight and gate in fp32, one store.
+One program per (block of rows, norm group): statistics, norm, weight and gate in fp32, one store. The
+forward takes its rows as one tile (decode steps have few rows: their loads must overlap, not queue).
 Backward, with `n = x * rstd`, `s = sigmoid(g)` and `dn = dy * w * s`:
 
     dx = rstd * (dn - n * mean(dn * n))      (mean over the group)
@@ -14,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-ROWS = 16  # rows per program
+ROWS = 16  # rows per program (backward)
+FWD_ROWS = 4  # rows per forward tile: fixed, so a row's reduction order never depends on the batch
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -22,19 +24,20 @@ def _norm_gate_fwd_kernel(
     x, g, w, y, rstd, T, eps, stride_x, stride_g, stride_y,
     C: tl.constexpr, GS: tl.constexpr, BLOCK: tl.constexpr, ROWS_PER: tl.constexpr,
 ):  # fmt: skip
+    """A `[ROWS_PER, group]` tile per program, its rows' loads in flight together."""
     i_r, i_g = tl.program_id(0), tl.program_id(1)
     cols = i_g * GS + tl.arange(0, BLOCK)
     m_c = tl.arange(0, BLOCK) < GS
+    rows = (i_r * ROWS_PER + tl.arange(0, ROWS_PER)).to(tl.int64)
+    m_r = rows < T
+    m = m_r[:, None] & m_c[None, :]
     b_w = tl.load(w + cols, mask=m_c, other=0.0).to(tl.float32)
-    for r in range(0, ROWS_PER):
-        row = (i_r * ROWS_PER + r).to(tl.int64)
-        if row < T:
-            b_x = tl.load(x + row * stride_x + cols, mask=m_c, other=0.0).to(tl.float32)
-            b_g = tl.load(g + row * stride_g + cols, mask=m_c, other=0.0).to(tl.float32)
-            b_rstd = 1.0 / tl.sqrt(tl.sum(b_x * b_x, axis=0) / GS + eps)
-            b_y = b_x * b_rstd * b_w * tl.sigmoid(b_g)
-            tl.store(y + row * stride_y + cols, b_y.to(y.dtype.element_ty), mask=m_c)
-            tl.store(rstd + row * (C // GS) + i_g, b_rstd)
+    b_x = tl.load(x + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    b_g = tl.load(g + rows[:, None] * stride_g + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    b_rstd = 1.0 / tl.sqrt(tl.sum(b_x * b_x, axis=1) / GS + eps)
+    b_y = b_x * b_rstd[:, None] * b_w[None, :] * tl.sigmoid(b_g)
+    tl.store(y + rows[:, None] * stride_y + cols[None, :], b_y.to(y.dtype.element_ty), mask=m)
+    tl.store(rstd + rows * (C // GS) + i_g, b_rstd, mask=m_r)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -71,9 +74,11 @@ def _forward(x, g, w, num_groups, eps, out_dtype) -> tuple[torch.Tensor, torch.T
     GS = C // num_groups
     y = torch.empty((T, C), dtype=out_dtype, device=x.device)
     rstd = torch.empty((T, num_groups), dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(T, ROWS), num_groups)
+    if T == 0:
+        return y, rstd
+    grid = (triton.cdiv(T, FWD_ROWS), num_groups)
     block = triton.next_power_of_2(GS)
-    _norm_gate_fwd_kernel[grid](x, g, w, y, rstd, T, eps, x.stride(0), g.stride(0), y.stride(0), C, GS, block, ROWS)
+    _norm_gate_fwd_kernel[grid](x, g, w, y, rstd, T, eps, x.stride(0), g.stride(0), y.stride(0), C, GS, block, FWD_ROWS)
     return y, rstd
 
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-ROWS = 16  # (token, head) rows per program
+ROWS = 16  # (token, head) rows per program: fixed, so a row's reduction order never depends on the batch
 
 
 @triton.jit(do_not_specialize=["R"])
@@ -22,7 +22,8 @@ def _norm_rope_fwd_kernel(
 ):  # fmt: skip
     """Rows are (token, head) pairs; heads `< NH1` take the norm weight `w`, the others `w2` (q and k of one
     fused QKV output in one launch). Roundings go to y's dtype: an fp32 y from a bf16 x computes exactly what
-    casting x to fp32 first would, without the copy."""
+    casting x to fp32 first would, without the copy. A program holds `ROWS_PER` rows as one tile, so their
+    loads are in flight together (a loop over rows waits on each row's load in turn)."""
     i_p = tl.program_id(0)
     o_d = tl.arange(0, BLOCK)
     m_d = o_d < D
@@ -30,33 +31,37 @@ def _norm_rope_fwd_kernel(
     partner = tl.where(o_d < HALF, o_d + HALF, tl.where(rot, o_d - HALF, o_d))
     sign = tl.where(o_d < HALF, -1.0, 1.0)
     o_f = tl.where(rot, o_d % HALF, 0)
+    rows = i_p * ROWS_PER + tl.arange(0, ROWS_PER)
+    m_r = rows < R
+    t, h = (rows // NH).to(tl.int64), rows % NH
+    m_x = m_r[:, None] & m_d[None, :]
+    p_x = x + t[:, None] * stride_xt + h[:, None] * stride_xh
+    b_x = tl.load(p_x + o_d[None, :], mask=m_x, other=0.0).to(tl.float32)
+    b_xp = tl.load(p_x + partner[None, :], mask=m_x, other=0.0).to(tl.float32)
     if HAS_W:
-        b_w1 = tl.load(w + o_d, mask=m_d, other=0.0).to(tl.float32)
-        b_wp1 = tl.load(w + partner, mask=m_d, other=0.0).to(tl.float32)
-        b_w2 = tl.load(w2 + o_d, mask=m_d, other=0.0).to(tl.float32)
-        b_wp2 = tl.load(w2 + partner, mask=m_d, other=0.0).to(tl.float32)
-    for r in range(0, ROWS_PER):
-        row = i_p * ROWS_PER + r
-        if row < R:
-            t, h = (row // NH).to(tl.int64), row % NH
-            p_x = x + t * stride_xt + h * stride_xh
-            b_x = tl.load(p_x + o_d, mask=m_d, other=0.0).to(tl.float32)
-            b_xp = tl.load(p_x + partner, mask=m_d, other=0.0).to(tl.float32)
-            if HAS_W:
-                b_w = tl.where(h < NH1, b_w1, b_w2)
-                b_wp = tl.where(h < NH1, b_wp1, b_wp2)
-                b_rstd = 1.0 / tl.sqrt(tl.sum(b_x * b_x, axis=0) / D + eps)
-                tl.store(rstd + row, b_rstd)
-                # normalised value rounded to the compute dtype, times the weight, rounded again (as torch does)
-                dt = y.dtype.element_ty
-                b_a = ((b_x * b_rstd).to(dt).to(tl.float32) * b_w).to(dt).to(tl.float32)
-                b_ap = ((b_xp * b_rstd).to(dt).to(tl.float32) * b_wp).to(dt).to(tl.float32)
-            else:
-                b_a, b_ap = b_x, b_xp
-            b_c = tl.load(cos + t * HALF + o_f, mask=rot, other=1.0).to(tl.float32)
-            b_s = tl.load(sin + t * HALF + o_f, mask=rot, other=0.0).to(tl.float32)
-            b_y = tl.where(rot, b_a * b_c + sign * b_ap * b_s, b_a)
-            tl.store(y + t * stride_yt + h * stride_yh + o_d, b_y.to(y.dtype.element_ty), mask=m_d)
+        first = h[:, None] < NH1
+        b_w = tl.where(
+            first, tl.load(w + o_d, mask=m_d, other=0.0)[None, :], tl.load(w2 + o_d, mask=m_d, other=0.0)[None, :]
+        )
+        b_wp = tl.where(
+            first,
+            tl.load(w + partner, mask=m_d, other=0.0)[None, :],
+            tl.load(w2 + partner, mask=m_d, other=0.0)[None, :],
+        )
+        b_rstd = 1.0 / tl.sqrt(tl.sum(b_x * b_x, axis=1) / D + eps)
+        tl.store(rstd + rows, b_rstd, mask=m_r)
+        # normalised value rounded to the compute dtype, times the weight, rounded again (as torch does)
+        dt = y.dtype.element_ty
+        b_a = ((b_x * b_rstd[:, None]).to(dt).to(tl.float32) * b_w.to(tl.float32)).to(dt).to(tl.float32)
+        b_ap = ((b_xp * b_rstd[:, None]).to(dt).to(tl.float32) * b_wp.to(tl.float32)).to(dt).to(tl.float32)
+    else:
+        b_a, b_ap = b_x, b_xp
+    m_f = m_r[:, None] & rot[None, :]
+    b_c = tl.load(cos + t[:, None] * HALF + o_f[None, :], mask=m_f, other=1.0).to(tl.float32)
+    b_s = tl.load(sin + t[:, None] * HALF + o_f[None, :], mask=m_f, other=0.0).to(tl.float32)
+    b_y = tl.where(rot[None, :], b_a * b_c + sign[None, :] * b_ap * b_s, b_a)
+    p_y = y + t[:, None] * stride_yt + h[:, None] * stride_yh + o_d[None, :]
+    tl.store(p_y, b_y.to(y.dtype.element_ty), mask=m_x)
 
 
 @triton.jit(do_not_specialize=["R"])
@@ -103,6 +108,8 @@ def _norm_rope_bwd_kernel(
 def _launch_forward(x, w, w2, num_first_heads, cos, sin, eps, y, rstd) -> None:
     T, NH, D = x.shape
     R = T * NH
+    if R == 0:
+        return
     _norm_rope_fwd_kernel[(triton.cdiv(R, ROWS),)](
         x, w if w is not None else x, w2 if w2 is not None else x, cos, sin, y, rstd, R, NH, num_first_heads, eps,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),

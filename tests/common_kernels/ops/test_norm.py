@@ -106,3 +106,20 @@ def test_fused_group_norm_gate_rejects_bad_shapes():
         group_rms_norm_gate_triton(torch.randn(2, 16), torch.randn(2, 16), torch.ones(16), 3, 1e-6)
     with pytest.raises(ValueError, match="weight"):
         group_rms_norm_gate_triton(torch.randn(2, 16), torch.randn(2, 16), torch.ones(8), 2, 1e-6)
+
+
+@pytest.mark.parametrize("T", [1, 3, 37])
+def test_fused_group_norm_gate_rows_are_batch_invariant(T):
+    """Each row is bit for bit what it gets alone (rows of a tile and ragged last tiles alike), so a token's
+    output does not depend on how many tokens share the step."""
+    from common_kernels.ops.norm.fused import group_rms_norm_gate_triton
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, g = torch.randn(T, 64, device=device), torch.randn(T, 64, device=device).bfloat16()
+    w = torch.randn(64, device=device)
+    with torch.no_grad():
+        batch = group_rms_norm_gate_triton(x, g, w, 2, 1e-6, torch.bfloat16)
+        for t in {0, T // 2, T - 1}:
+            assert torch.equal(
+                group_rms_norm_gate_triton(x[t : t + 1], g[t : t + 1], w, 2, 1e-6, torch.bfloat16)[0], batch[t]
+            )

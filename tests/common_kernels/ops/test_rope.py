@@ -126,3 +126,32 @@ def test_fused_qk_norm_rope_reproduces_the_reference_roundings_in_bf16():
             assert torch.equal(a, b)
         else:
             assert_rel_rms("bf16", a.double(), b, 1e-2)
+
+
+@pytest.mark.parametrize("T", [0, 1, 13, 70])
+def test_packed_qk_norm_rope_tiles_rows_and_is_batch_invariant(T):
+    """q and k heads of one fused output with their own weights, over several row tiles with a ragged last one
+    (T x 6 rows against 16-row tiles), against float64; each token's rows are bit for bit those it gets alone, so
+    a request's q/k do not depend on which requests share its step."""
+    from common_kernels.ops.rope.fused import qk_norm_rope_packed
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    Hq, Hk, d = 4, 2, 32
+    inv_freq, scale = rotary_inv_freq(tiny_config(head_dim=d, partial_rotary_factor=0.5))
+    cos, sin = rotary_cos_sin(torch.arange(T, device=device) + 5, inv_freq, scale, torch.float32)
+    qkv = torch.randn(T, Hq + 2 * Hk, d, device=device).bfloat16()  # v heads after q and k: a token stride
+    wq, wk = torch.randn(d, device=device), torch.randn(d, device=device)
+    out = qk_norm_rope_packed(qkv[:, : Hq + Hk], Hq, wq, wk, cos, sin, 1e-6, torch.float32)
+    assert out.shape == (T, Hq + Hk, d) and out.dtype == torch.float32
+    if T == 0:
+        return
+    x = qkv[:, : Hq + Hk].double()
+    q_ref = apply_partial_rope(rms_norm(x[:, :Hq], wq.double(), 1e-6), cos.double(), sin.double())
+    k_ref = apply_partial_rope(rms_norm(x[:, Hq:], wk.double(), 1e-6), cos.double(), sin.double())
+    assert_rel_rms("q", q_ref, out[:, :Hq], 1e-6)
+    assert_rel_rms("k", k_ref, out[:, Hq:], 1e-6)
+    for t in {0, T // 2, T - 1}:
+        alone = qk_norm_rope_packed(
+            qkv[t : t + 1, : Hq + Hk], Hq, wq, wk, cos[t : t + 1], sin[t : t + 1], 1e-6, torch.float32
+        )
+        assert torch.equal(alone[0], out[t])
