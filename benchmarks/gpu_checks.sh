@@ -34,6 +34,8 @@
 #   soak         bench_serve's soak: concurrency 128 for about 5 minutes, failed requests and GPU memory (not yet run)
 #   profile      compiled 4K and 128K prefill and 64 x 4K decode-step profiles, ring-linear and the twin (~9 min;
 #                PROFILE_CASES picks)
+#   second-pass  probe_second_pass: one engine, the same 128 x 4K/256 requests 3 times, ring-linear and the twin:
+#                wall, kernel time and allocator counters per pass (why the served warm pass is slower) (untimed)
 #   serve-ring-sgl  bench_serve on SGLang: ring-linear through launch_server (SGLang staged, own call)    (~7 min, 3 workloads)
 #   serve-twin-sgl  the same for the twin, SGLang's native BailingMoeV2ForCausalLM (~8 min, 3 workloads)
 #   sgl-engine   pytest -m gpu: the SGLang adapter's engine tests (SGLang 0.5.17 staged in /tmp/gpu-site-sgl; PYTEST_K picks;
@@ -111,6 +113,10 @@ for step in "$@"; do
           run "profile-$variant-$length" 200 python3 -m benchmarks.profile_vllm_prefill --variant "$variant" \
             --length "${length%x*}" --prompts "$([[ $length == *x* ]] && echo "${length#*x}" || echo 1)" --compiled
         fi
+      done ;;
+    second-pass)  # one in-process engine, the same requests three times: host, GPU and allocator per pass
+      for variant in ring-linear softmax-twin; do
+        run "second-pass-$variant" 280 python3 -m benchmarks.probe_second_pass --variant "$variant"
       done ;;
     *) echo "unknown step: $step (see the header of $0)" >&2; exit 2 ;;
   esac
