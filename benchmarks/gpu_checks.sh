@@ -17,6 +17,7 @@
 #                serves fewer layers) (not yet run; issue 17)
 #   faults       the vLLM engine under faults: preemption, aborts, chunk boundaries, 2,000-step decode (not yet run)
 #   prefix       pytest -m gpu: vLLM prefix caching with the linear state, cache on vs off (PYTEST_K picks) (~8 min)
+#   aligned      pytest -m gpu: aligned mode, a request's bits alone = in a batch of 64 (issue 15)   (not yet run)
 #   tp2          the tensor-parallel-2 engine test (needs 2 GPUs)                         (~4 min)
 #   bench        bench_linear_attn: prefill (bf16 and fp32), decode, backward, H16 and H8 (~5 min)
 #   sweep        sweep_linear_attn: launch settings, bf16 and fp32 prefill                 (~8 min)
@@ -33,7 +34,7 @@
 #                SERVE_QUANT=fp8 pick Ring-flash, its depth and FP8, for ring-linear and twin alike; issue 17)
 #   soak         bench_serve's soak: concurrency 128 for about 5 minutes, failed requests and GPU memory (not yet run)
 #   profile      compiled 4K and 128K prefill and 64 x 4K decode-step profiles, ring-linear and the twin (~9 min;
-#                PROFILE_CASES picks)
+#                PROFILE_CASES picks; RING_LINEAR_ROUTER_PRODUCTS=bf16x3 times the tensor-core router GEMM)
 #   second-pass  probe_second_pass: one engine, the same 128 x 4K/256 requests 3 times, ring-linear and the twin:
 #                wall, kernel time and allocator counters per pass (why the served warm pass is slower) (untimed)
 #   serve-ring-sgl  bench_serve on SGLang: ring-linear through launch_server (SGLang staged, own call)    (~7 min, 3 workloads)
@@ -80,6 +81,8 @@ for step in "$@"; do
       -k "$FAULTS" ;;
     prefix) run prefix 570 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -m gpu \
       tests/ring_linear_vllm/test_prefix_caching_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} ;;
+    aligned) run aligned 540 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -m gpu \
+      tests/ring_linear_vllm/test_aligned_gpu.py ;;
     tp2) run tp2 420 python3 -m pytest -q -s -m gpu tests/ring_linear_vllm/test_engine_gpu.py -k tensor_parallel ;;
     bench) run bench 540 python3 -m benchmarks.bench_linear_attn --dtype bf16 fp32 --json "$out/bench.json" ;;
     sweep) run sweep 540 python3 -m benchmarks.sweep_linear_attn ;;

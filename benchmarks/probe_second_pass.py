@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +34,15 @@ def allocator_counters(stats: dict) -> dict[str, int]:
 def counter_deltas(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     """What a pass added to each counter (reserved bytes: the change)."""
     return {name: after[name] - before.get(name, 0) for name in after}
+
+
+def gpu_state() -> str:
+    """The GPU's SM clock, power and temperature now (a throttled GPU would also slow a later pass)."""
+    query = ["nvidia-smi", "--query-gpu=clocks.sm,power.draw,temperature.gpu", "--format=csv,noheader", "-i", "0"]
+    try:
+        return subprocess.run(query, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as error:
+        return f"nvidia-smi failed: {error}"
 
 
 def main() -> None:
@@ -84,7 +94,9 @@ def main() -> None:
         counts = " | ".join(str(delta[name]) for name in ALLOCATOR_COUNTERS)
         rate = args.prompts * args.output / wall
         reserved = delta["reserved_bytes"] / 2**20
-        print(f"| {index + 1} | {wall:.2f} | {rate:,.0f} | {kernels:.2f} | {counts} | {reserved:,.0f} |")
+        print(
+            f"| {index + 1} | {wall:.2f} | {rate:,.0f} | {kernels:.2f} | {counts} | {reserved:,.0f} | {gpu_state()} |"
+        )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from common_kernels.serving import check_serving_settings, linear_state_dtype
+from common_kernels.serving import ALIGNED_MODE_SWITCH, aligned_mode, check_serving_settings, linear_state_dtype
 
 # `no_buffer` restores a cached prefix's state from its slot before the suffix runs; `extra_buffer` needs
 # chunk-aligned state snapshots from the prefill kernel, which ours does not write yet
@@ -36,4 +36,9 @@ def check_server_args(server_args: Any, hf_config: Any) -> dict:
             f"{', '.join(RADIX_STRATEGIES)}, or --disable-radix-cache"
         )
     linear_state_dtype(getattr(server_args, "mamba_ssm_dtype", None), "--mamba-ssm-dtype")
+    if aligned_mode():
+        raise ValueError(
+            f"ring-linear: {ALIGNED_MODE_SWITCH}=1 (aligned mode) is built for vLLM so far; SGLang's "
+            f"deterministic inference is not wired to it yet: unset it, or serve with vLLM"
+        )
     return {}

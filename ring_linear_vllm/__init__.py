@@ -7,6 +7,8 @@ inclusionAI/Ring-mini-linear-2.0` works with no flag and no `--trust-remote-code
 
 from __future__ import annotations
 
+import os
+
 from common_kernels.config import ARCHITECTURES  # the released checkpoints' name and the authors' aliases
 
 MODEL_CLASS = "ring_linear_vllm.model:RingLinearForCausalLM"  # lazy: no CUDA, no model import at registration
@@ -27,10 +29,13 @@ def register() -> None:
     from vllm import ModelRegistry
 
     from common_kernels.config import RingLinearConfig
+    from common_kernels.serving import aligned_mode
 
     from .compat import declare_splitting_op, models_config_map
     from .engine_config import RingLinearEngineConfig
 
+    if aligned_mode():  # one switch: vLLM's batch invariance comes with ours (`engine_config.check_batch_invariance`)
+        os.environ.setdefault("VLLM_BATCH_INVARIANT", "1")
     AutoConfig.register(RingLinearConfig.model_type, RingLinearConfig, exist_ok=True)
     declare_splitting_op()
     known = set(ModelRegistry.get_supported_archs())

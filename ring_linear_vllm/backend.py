@@ -14,7 +14,8 @@ from vllm.v1.attention.backends.linear_attn import (
     BailingLinearAttentionMetadataBuilder,
 )
 
-from common_kernels.serving import LinearAttentionStep, build_step
+from common_kernels.ops.linear_attn.aligned import ALIGNED_SEGMENT
+from common_kernels.serving import ALIGNED_MODE_SWITCH, LinearAttentionStep, aligned_mode, build_step
 
 
 @dataclass
@@ -30,6 +31,9 @@ class RingLinearMetadataBuilder(BailingLinearAttentionMetadataBuilder):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         # persistent, so a captured decode graph reads this step's flags
         self.decode_fresh_buffer = torch.zeros(self.decode_cudagraph_max_bs, dtype=torch.int8, device=device)
+        self.aligned = aligned_mode()
+        if self.aligned:
+            check_chunks_on_the_aligned_grid(vllm_config)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False, **kwargs) -> RingLinearMetadata:
         base = super().build(common_prefix_len, common_attn_metadata, fast_build, **kwargs)
@@ -58,6 +62,7 @@ class RingLinearMetadataBuilder(BailingLinearAttentionMetadataBuilder):
             common_attn_metadata.max_query_len,
             query_start_loc_host=_host_offsets(common_attn_metadata),
             decode_fresh_buffer=self.decode_fresh_buffer if graph_buffer else None,
+            aligned=self.aligned,
         )
         return RingLinearMetadata(**fields, step=step)
 
@@ -66,6 +71,20 @@ class RingLinearMetadataBuilder(BailingLinearAttentionMetadataBuilder):
         mode = self.compilation_config.cudagraph_mode
         full = mode is not None and mode.has_full_cudagraphs()
         return full and base.num_prefills == 0 and 0 < base.num_decodes <= self.decode_cudagraph_max_bs
+
+
+def check_chunks_on_the_aligned_grid(vllm_config) -> None:
+    """Aligned mode's prefill gives one pass's bits only where a prompt's chunks stop on its `ALIGNED_SEGMENT` grid:
+    with chunked prefill off (a prompt in one step), or in vLLM's align mode, which stops them on blocks."""
+    if not vllm_config.scheduler_config.enable_chunked_prefill:
+        return
+    cache_config = vllm_config.cache_config
+    if cache_config.mamba_cache_mode != "align" or cache_config.block_size % ALIGNED_SEGMENT:
+        raise ValueError(
+            f"ring-linear: {ALIGNED_MODE_SWITCH}=1 needs prefill chunks that stop on a {ALIGNED_SEGMENT}-token grid, "
+            f"and chunked prefill here may stop anywhere (mamba cache mode {cache_config.mamba_cache_mode!r}, "
+            f"{cache_config.block_size}-token blocks): pass --no-enable-chunked-prefill"
+        )
 
 
 def _host_offsets(common_attn_metadata) -> list[int] | None:
@@ -85,3 +104,8 @@ class RingLinearBackend(BailingLinearAttentionBackend):
     @staticmethod
     def get_builder_cls() -> type[RingLinearMetadataBuilder]:
         return RingLinearMetadataBuilder
+
+    @classmethod
+    def supports_batch_invariance(cls) -> bool:
+        """In aligned mode (`RING_LINEAR_ALIGNED=1`) a request's result does not depend on its batch."""
+        return aligned_mode()

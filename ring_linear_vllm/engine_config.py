@@ -11,11 +11,19 @@ from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from common_kernels.config import RingLinearConfig
-from common_kernels.serving import check_serving_settings, linear_state_dtype, linear_state_shape
+from common_kernels.serving import (
+    ALIGNED_MODE_SWITCH,
+    aligned_mode,
+    check_serving_settings,
+    env_flag,
+    linear_state_dtype,
+    linear_state_shape,
+)
 from ring_linear_vllm import PREFIX_CACHING_OPT_IN
 from ring_linear_vllm.compat import check_kv_cache_write_width, splitting_op_name
 
 logger = init_logger(__name__)
+BATCH_INVARIANT = "VLLM_BATCH_INVARIANT"  # vLLM's switch (`vllm.envs`)
 
 
 def state_shapes(config: RingLinearConfig, tp_size: int) -> tuple[tuple[int, int, int]]:
@@ -66,17 +74,12 @@ class RingLinearEngineConfig(VerifyAndUpdateConfig):
             splitting_ops.append(splitting_op_name())
             logger.warning("ring-linear: added %s to the given splitting_ops", splitting_op_name())
         check_prefix_caching(vllm_config)
+        check_batch_invariance()
 
 
 def opted_in_to_prefix_caching() -> bool:
-    """`RING_LINEAR_PREFIX_CACHING`: 1/true/yes/on turns prefix caching on, 0/false/no/off or unset leaves it off;
-    anything else is refused, naming the variable."""
-    value = os.environ.get(PREFIX_CACHING_OPT_IN, "").strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("", "0", "false", "no", "off"):
-        return False
-    raise ValueError(f"ring-linear: {PREFIX_CACHING_OPT_IN}={value!r} is not understood: set it to 1 or 0")
+    """`RING_LINEAR_PREFIX_CACHING` (parsed as every switch is: `common_kernels.serving.env_flag`)."""
+    return env_flag(PREFIX_CACHING_OPT_IN)
 
 
 def check_prefix_caching(vllm_config) -> None:
@@ -106,3 +109,20 @@ def check_prefix_caching(vllm_config) -> None:
             "prefill does not write): use --mamba-cache-mode align"
         )
     logger.warning("ring-linear: prefix caching on for %s in 'align' mode (%s=1)", architecture, PREFIX_CACHING_OPT_IN)
+
+
+def check_batch_invariance() -> None:
+    """Aligned mode and vLLM's batch invariance go together: ours without vLLM's would leave its GEMMs, fused MoE
+    and attention batch-dependent, and vLLM's without ours our linear attention (`register()` turns vLLM's on
+    with ours unless it was set)."""
+    ours, vllms = aligned_mode(), os.environ.get(BATCH_INVARIANT, "0").strip() not in ("", "0")
+    if ours and not vllms:
+        raise ValueError(
+            f"ring-linear: {ALIGNED_MODE_SWITCH}=1 needs {BATCH_INVARIANT}=1 (vLLM's batch-invariant "
+            f"GEMMs, fused MoE and attention): drop {BATCH_INVARIANT}=0"
+        )
+    if vllms and not ours:
+        raise ValueError(
+            f"ring-linear: {BATCH_INVARIANT}=1 asks every layer to be batch-invariant, and the linear "
+            f"attention is so in aligned mode only: set {ALIGNED_MODE_SWITCH}=1 too"
+        )

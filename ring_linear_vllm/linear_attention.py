@@ -23,7 +23,7 @@ from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
 from common_kernels.config import RingLinearConfig
 from common_kernels.model.linear_math import gate_output, prepare_qkv
-from common_kernels.serving import rank_decay_rates, warm_up_linear_attention
+from common_kernels.serving import aligned_mode, rank_decay_rates, warm_up_linear_attention
 
 from .backend import RingLinearBackend, RingLinearMetadata
 from .compat import LINEAR_ATTENTION_OP, layer_metadata, register_splitting_op
@@ -125,8 +125,9 @@ class RingLinearAttention(nn.Module, MambaBase):
         metadata: RingLinearMetadata | None = layer_metadata(self.prefix)
         if metadata is None:
             warm_up_linear_attention(
-                q, k, v, self.decay_rate, self.scale, self.get_state_dtype()[0], self.max_num_seqs, out=out
-            )
+                q, k, v, self.decay_rate, self.scale, self.get_state_dtype()[0], self.max_num_seqs, out=out,
+                aligned=aligned_mode(),
+            )  # fmt: skip
             return
         metadata.step.run(q, k, v, out, self.decay_rate, self.scale, self.kv_cache[0])
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..config import RingLinearConfig
 from ..ops.attention.naive import causal_gqa_attention
+from ..ops.linear_attn.aligned import linear_attention_as_served
 from ..ops.linear_attn.backward import linear_attention_varlen_triton
 from ..ops.linear_attn.naive import linear_attention_varlen
 from ..ops.moe.naive import moe_combine, route, selection_margin, swiglu_mlp
@@ -35,6 +36,7 @@ class ForwardContext:
     sin: torch.Tensor
     cache: RingLinearCache | None
     use_triton: bool = False  # qk-norm/RoPE, linear attention and norm/gate through the Triton kernels
+    served_prompt_lengths: list[int] | None = None  # aligned mode: linear attention as an aligned engine serves it
 
     def sequences(self):
         return zip(self.cu_seqlens[:-1], self.cu_seqlens[1:], strict=False)
@@ -181,11 +183,16 @@ class LinearAttention(nn.Module):
             ctx.cos, ctx.sin, c.rms_norm_eps, silu=c.linear_silu, use_triton=ctx.use_triton,
         )  # fmt: skip
         rates = decay_rates(c, self.layer_idx, dtype=q.dtype, device=a.device)
-        initial = None if ctx.cache is None else ctx.cache.linear_states[self.layer_idx]
-        attention = linear_attention_varlen_triton if ctx.use_triton else linear_attention_varlen
-        o, final = attention(q, k, v.to(q.dtype), rates, self.head_dim**-0.5, ctx.cu_seqlens_device, initial)
-        if ctx.cache is not None:
-            ctx.cache.linear_states[self.layer_idx] = final
+        if ctx.served_prompt_lengths is not None:  # v as the engine passes it: widening in the kernel is exact
+            o = linear_attention_as_served(
+                q, k, v, rates, self.head_dim**-0.5, ctx.cu_seqlens, ctx.served_prompt_lengths
+            )  # fmt: skip
+        else:
+            initial = None if ctx.cache is None else ctx.cache.linear_states[self.layer_idx]
+            attention = linear_attention_varlen_triton if ctx.use_triton else linear_attention_varlen
+            o, final = attention(q, k, v.to(q.dtype), rates, self.head_dim**-0.5, ctx.cu_seqlens_device, initial)
+            if ctx.cache is not None:
+                ctx.cache.linear_states[self.layer_idx] = final
         y = gate_output(
             o.reshape(T, -1), self.g_proj(a), self.g_norm.weight, c.group_norm_size, c.rms_norm_eps, a.dtype,
             use_triton=ctx.use_triton,

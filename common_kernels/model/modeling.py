@@ -9,6 +9,7 @@ sequences, so pad tokens never enter the linear state and positions restart at e
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from torch import nn
 
 from ..config import RingLinearConfig, is_integer, is_real
 from ..errors import InvalidInputError
+from ..ops.linear_attn.aligned import served_split
 from ..ops.packing import is_partition
 from ..ops.rope.naive import rotary_cos_sin, rotary_inv_freq
 from ..precision import LOGITS_DTYPE, RESIDUAL_DTYPE, ROPE_DTYPE, compute_dtype
@@ -47,8 +49,10 @@ class RingLinearModel(nn.Module):
         cu_seqlens: list[int],
         cache: RingLinearCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        served_prompt_lengths: list[int] | None = None,
     ) -> torch.Tensor:
-        """Packed tokens `[T]` (or embeddings `[T, D]`) -> final-norm hidden states `[T, D]` (model dtype)."""
+        """Packed tokens `[T]` (or embeddings `[T, D]`) -> final-norm hidden states `[T, D]` (model dtype).
+        `served_prompt_lengths`: aligned mode (`RingLinearForCausalLM.token_logprobs` says what it covers)."""
         dtype = self.dtype
         h = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         h = h.to(compute_dtype(RESIDUAL_DTYPE, dtype))
@@ -64,6 +68,7 @@ class RingLinearModel(nn.Module):
             sin=sin,
             cache=cache,
             use_triton=use_triton,
+            served_prompt_lengths=served_prompt_lengths,
         )
         for layer in self.layers:
             h = layer(h, ctx, dtype)
@@ -234,18 +239,32 @@ class RingLinearForCausalLM(nn.Module):
         cu_seqlens: torch.Tensor | list[int] | None = None,
         attention_mask: torch.Tensor | None = None,
         chunk_size: int = 1024,
+        aligned: bool = False,
+        prompt_lengths: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """`log p(x_t | x_<t)` of every token, in fp32, shaped like `input_ids`.
 
         The first token of each sequence has no prefix and gets 0, as do padded positions. The LM head
         and log-softmax run `chunk_size` tokens at a time, so `[T, V]` logits are never held at once.
         Differentiable.
+
+        aligned: compute the linear layers as an engine in aligned mode (`RING_LINEAR_ALIGNED=1`) does: each
+            sequence's first `prompt_lengths[n]` tokens prefilled, the generated rest decoded token by token, with
+            the engine's kernels, whatever the batch (`common_kernels.ops.linear_attn.aligned`). The projections,
+            MoE and softmax attention are not yet matched to an engine's kernels, so logprobs are not yet bitwise
+            an engine's. Needs the Triton kernels.
         """
         if not (is_integer(chunk_size) and chunk_size > 0):
             raise InvalidInputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        if aligned and (prompt_lengths is None or self.model.use_triton is False):
+            raise InvalidInputError(
+                "aligned=True needs prompt_lengths (each sequence's prompt, the rest was generated) and the Triton "
+                "kernels (use_triton not False)"
+            )
         hidden, packed_ids, offsets, restore = self._hidden(
-            input_ids, position_ids, cu_seqlens, attention_mask, None, None
-        )
+            input_ids, position_ids, cu_seqlens, attention_mask, None, None,
+            served_prompt_lengths=list(prompt_lengths) if aligned else None,
+        )  # fmt: skip
         T = hidden.shape[0]
         predicted = torch.ones(T, dtype=torch.bool, device=hidden.device)
         for a, b in zip(offsets[:-1], offsets[1:], strict=False):
@@ -261,7 +280,9 @@ class RingLinearForCausalLM(nn.Module):
         out = torch.where(predicted, out, torch.zeros_like(out))
         return restore(out[:, None])[..., 0]
 
-    def _hidden(self, input_ids, position_ids, cu_seqlens, attention_mask, cache, inputs_embeds):
+    def _hidden(
+        self, input_ids, position_ids, cu_seqlens, attention_mask, cache, inputs_embeds, served_prompt_lengths=None
+    ):
         """Pack the input and run the decoder: hidden `[T, D]`, packed ids, offsets, and a re-padding function."""
         source = input_ids if input_ids is not None else inputs_embeds
         if source is None:
@@ -292,7 +313,12 @@ class RingLinearForCausalLM(nn.Module):
         if offsets[-1] == 0:  # nothing to run (empty input, or every row masked out)
             hidden = torch.zeros(0, self.config.hidden_size, dtype=self.dtype, device=source.device)
             return hidden, ids, offsets, restore
-        hidden = self.model(ids, positions.to(source.device), offsets, cache, embeds)
+        if served_prompt_lengths is not None:
+            try:
+                served_split(offsets, served_prompt_lengths)
+            except ValueError as error:
+                raise InvalidInputError(str(error)) from None
+        hidden = self.model(ids, positions.to(source.device), offsets, cache, embeds, served_prompt_lengths)
         return hidden, ids, offsets, restore
 
     # ----- generation -------------------------------------------------------------------------------

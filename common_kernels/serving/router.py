@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import RingLinearConfig
+from ..ops.moe.router_gemm import router_logits
 from ..precision import ROUTER_DTYPE
 
 
@@ -24,4 +24,4 @@ class RouterGate(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(ROUTER_DTYPE), self.weight)
+        return router_logits(x, self.weight)

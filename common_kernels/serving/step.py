@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ops.linear_attn import SegmentPlan, linear_attention_decode, linear_attention_prefill, plan_prefill
+from ..ops.linear_attn.aligned import ALIGNED_SEGMENT, aligned_decode_block_v
 
 
 @dataclass
@@ -33,6 +34,7 @@ class LinearAttentionStep:
     prefill_slots: torch.Tensor | None = None  # [P] int pool slots
     prefill_fresh: torch.Tensor | None = None  # [P] int8, 1 = the first chunk of a request (zero state)
     prefill_plan: SegmentPlan | None = None  # segment tables (they carry the segment length)
+    aligned: bool = False  # aligned mode: an aligned prefill plan and a fixed decode tile (`ops.linear_attn.aligned`)
 
     @property
     def num_tokens(self) -> int:
@@ -53,9 +55,10 @@ class LinearAttentionStep:
         padded = 0
         if self.decode_slots is not None and self.decode_slots.shape[0] > 0:
             padded = self.decode_slots.shape[0]
+            block_v = aligned_decode_block_v(v.shape[-1]) if self.aligned else None
             linear_attention_decode(
                 q[:padded], k[:padded], v[:padded], decay_rate, scale, state_pool, self.decode_slots,
-                fresh=self.decode_fresh, out=out[:padded],
+                fresh=self.decode_fresh, out=out[:padded], block_v=block_v,
             )  # fmt: skip
         out[padded:nd].zero_()
         if self.num_prefill_tokens > 0:
@@ -80,6 +83,7 @@ def build_step(
     max_query_len: int,
     query_start_loc_host: list[int] | None = None,
     decode_fresh_buffer: torch.Tensor | None = None,
+    aligned: bool = False,
 ) -> LinearAttentionStep:
     """A step from an engine's batch description (requests ordered decodes first).
 
@@ -94,11 +98,13 @@ def build_step(
             prefill offsets reuse one segment plan (vLLM builds a step per KV-cache group).
         decode_fresh_buffer: a persistent `[>= B]` int8 buffer to write the decode flags into, where a
             captured decode graph reads them from a fixed address.
+        aligned: aligned mode (`RING_LINEAR_ALIGNED`): each request's result independent of the batch; the engine
+            must stop prefill chunks on the `ALIGNED_SEGMENT` grid.
     """
     R = num_decodes + num_prefills
     query_lens = query_start_loc[1 : R + 1] - query_start_loc[:R]
     is_fresh = (seq_lens[:R] == query_lens).to(torch.int8)
-    step = LinearAttentionStep(num_decode_tokens, num_prefill_tokens, decode_slots=decode_slots)
+    step = LinearAttentionStep(num_decode_tokens, num_prefill_tokens, decode_slots=decode_slots, aligned=aligned)
     if decode_slots is not None:
         fresh = is_fresh[:num_decodes]
         if decode_fresh_buffer is not None:
@@ -116,7 +122,7 @@ def build_step(
         step.prefill_fresh = is_fresh[num_decodes:R]
         host = None if query_start_loc_host is None else tuple(query_start_loc_host[num_decodes : R + 1])
         step.prefill_plan = _shared_plan(
-            host, step.prefill_cu_seqlens, num_prefill_tokens, num_heads, head_dim_v, max_query_len
+            host, step.prefill_cu_seqlens, num_prefill_tokens, num_heads, head_dim_v, max_query_len, aligned
         )
     return step
 
@@ -124,14 +130,18 @@ def build_step(
 _last_plan: tuple[tuple, SegmentPlan] | None = None
 
 
-def _shared_plan(host_starts, cu_seqlens, total_tokens, num_heads, head_dim_v, max_seqlen) -> SegmentPlan:
+def _shared_plan(host_starts, cu_seqlens, total_tokens, num_heads, head_dim_v, max_seqlen, aligned) -> SegmentPlan:
     """`plan_prefill`, reused while the prefill offsets stay the same: the plan is a pure function of them,
     so a repeat (the step's next KV-cache group) takes the tables already on the device."""
     global _last_plan
-    key = host_starts and (host_starts, total_tokens, num_heads, head_dim_v, max_seqlen, cu_seqlens.device)
+    key = host_starts and (host_starts, total_tokens, num_heads, head_dim_v, max_seqlen, cu_seqlens.device, aligned)
     if key is not None and _last_plan is not None and _last_plan[0] == key:
         return _last_plan[1]
-    plan = plan_prefill(cu_seqlens, total_tokens, num_heads, head_dim_v, max_seqlen=max_seqlen)
+    plan = (
+        plan_prefill(cu_seqlens, total_tokens, num_heads, head_dim_v, segment_size=ALIGNED_SEGMENT, aligned=True)
+        if aligned
+        else plan_prefill(cu_seqlens, total_tokens, num_heads, head_dim_v, max_seqlen=max_seqlen)
+    )
     if key is not None:
         _last_plan = (key, plan)
     return plan

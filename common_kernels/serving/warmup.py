@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.linear_attn import linear_attention_decode, linear_attention_prefill
+from ..ops.linear_attn import linear_attention_decode, linear_attention_prefill, plan_prefill
+from ..ops.linear_attn.aligned import ALIGNED_SEGMENT
 from ..ops.linear_attn.decode import wide_tile_min_rows
 
 _warmed: set[tuple] = set()
@@ -27,12 +28,14 @@ def warm_up_linear_attention(
     max_num_seqs: int,
     out: torch.Tensor | None = None,
     slot_dtype: torch.dtype = torch.int32,
+    aligned: bool = False,
 ) -> None:
     """Run the prefill over the rows of a profiling step (`q`/`k`/`v` `[T, H, d]`, as a layer makes them)
     split into `min(max_num_seqs, T)` sequences, its largest scratch (one partial segment per sequence),
     and, once per process and shape, the decode's variants. Nothing touches a state pool: every slot is -1.
     The prefill's output goes to `out` when given (the profiling forward's result), else it is dropped.
-    `slot_dtype` is the engine's slot-index dtype (pointer types are part of a compiled variant)."""
+    `slot_dtype` is the engine's slot-index dtype (pointer types are part of a compiled variant). `aligned`: the
+    engine serves in aligned mode, whose prefill is its own variant (the decode's tile is one of the two above)."""
     T, H, K = q.shape
     V = v.shape[-1]
     device = q.device
@@ -41,7 +44,8 @@ def warm_up_linear_attention(
         N = max(1, min(max_num_seqs, T))
         cu_seqlens = torch.div(torch.arange(N + 1, device=device) * T, N, rounding_mode="floor").to(torch.int32)
         slots = torch.full((N,), -1, dtype=slot_dtype, device=device)
-        linear_attention_prefill(q, k, v, decay_rate, scale, cu_seqlens, scratch_pool, slots, out=out)
+        plan = plan_prefill(cu_seqlens, T, H, V, segment_size=ALIGNED_SEGMENT, aligned=True) if aligned else None
+        linear_attention_prefill(q, k, v, decay_rate, scale, cu_seqlens, scratch_pool, slots, out=out, plan=plan)
     key = (q.dtype, v.dtype, state_dtype, slot_dtype, H, K, V, device)
     if key in _warmed:
         return

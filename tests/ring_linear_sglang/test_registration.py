@@ -163,3 +163,16 @@ def test_the_launcher_refuses_tp_3_before_any_worker_starts(sglang_registered, r
     settings = resolved(args)
     assert settings.mamba_radix_cache_strategy == "no_buffer"  # a cached prefix's state is restored from its slot
     assert settings.disable_overlap_schedule
+
+
+def test_aligned_mode_is_refused_until_it_is_wired_to_sglang(sglang_registered, released_dir, monkeypatch):
+    from sglang.srt.utils.hf_transformers.config import get_config
+
+    from ring_linear_sglang.settings import check_server_args
+
+    config = get_config(str(released_dir), trust_remote_code=False)
+    monkeypatch.setenv("RING_LINEAR_ALIGNED", "1")
+    with pytest.raises(ValueError, match="RING_LINEAR_ALIGNED=1 .* is built for vLLM so far"):
+        check_server_args(_args(), config)
+    monkeypatch.setenv("RING_LINEAR_ALIGNED", "0")
+    assert check_server_args(_args(), config) == {}

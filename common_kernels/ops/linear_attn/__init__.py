@@ -1,5 +1,6 @@
 """Scalar-decay linear attention: references and Triton kernels (see README.md beside this file)."""
 
+from .aligned import linear_attention_as_served
 from .backward import linear_attention_varlen_triton
 from .custom_ops import linear_attention_decode_op, linear_attention_prefill_op
 from .decode import linear_attention_decode
@@ -7,6 +8,7 @@ from .naive import linear_attention_chunked, linear_attention_recurrent, linear_
 from .prefill import SegmentPlan, linear_attention_prefill, plan_prefill
 
 __all__ = [
+    "linear_attention_as_served",
     "linear_attention_chunked",
     "linear_attention_decode",
     "linear_attention_decode_op",

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ...precision import ROUTER_DTYPE, compute_dtype
+from .router_gemm import router_logits
 
 
 def swiglu_mlp(x: torch.Tensor, gate_w: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor) -> torch.Tensor:
@@ -90,8 +91,7 @@ def _selection(
     """`route`'s steps 1-3: scores `p` `[T, E]`, group scores `[T, n_group]`, and the selection scores with the
     dropped groups at -inf `[T, E]`."""
     dtype = compute_dtype(ROUTER_DTYPE, hidden.dtype)
-    logits = F.linear(hidden.to(dtype), gate_weight.to(dtype))
-    scores = torch.sigmoid(logits)
+    scores = torch.sigmoid(router_logits(hidden, gate_weight))
     choice = scores if expert_bias is None else scores + expert_bias.to(dtype)
     T, E = choice.shape
     grouped = choice.reshape(T, n_group, E // n_group)

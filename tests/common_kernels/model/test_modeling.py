@@ -329,3 +329,40 @@ def test_bad_dtypes_and_configs_are_named(random_tiny, tmp_path):
             RingLinearForCausalLM.from_pretrained(tmp_path, dtype=dtype)
     with pytest.raises(InvalidInputError, match="config must be a RingLinearConfig, got dict"):
         RingLinearForCausalLM.from_pretrained(tmp_path, config={"vocab_size": 64})
+
+
+def test_aligned_token_logprobs_decode_the_generated_tokens_as_an_engine_does(monkeypatch):
+    """aligned=True runs the linear layers as an aligned engine (prompt prefilled, generated tokens decoded): the
+    same function as the default to rounding, other bits (the switch does something), gradients flowing; the
+    linear layers get the prompt lengths (a wrong one is named)."""
+    from common_kernels.model import layers
+
+    model = tiny_model(dtype=torch.float32, seed=7, use_triton=True)
+    ids = torch.randint(3, 64, (21,))
+    offsets, prompts = [0, 6, 21], [1, 9]
+    seen = []
+    real = layers.linear_attention_as_served
+    monkeypatch.setattr(layers, "linear_attention_as_served", lambda *a: seen.append(a[5:]) or real(*a))
+    default = model.token_logprobs(ids, cu_seqlens=offsets)
+    aligned = model.token_logprobs(ids, cu_seqlens=offsets, aligned=True, prompt_lengths=prompts)
+    linear_layers = sum(not model.config.is_softmax_layer(i) for i in range(model.config.num_hidden_layers))
+    assert seen == [(offsets, prompts)] * linear_layers
+    assert_rel_rms("aligned logprobs", default.double(), aligned, 1e-5)
+    assert not torch.equal(default, aligned)
+    model.zero_grad()
+    aligned.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.model.layers[0].parameters())
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [({"aligned": True}, "aligned=True needs prompt_lengths"),
+     ({"aligned": True, "prompt_lengths": [0, 3]}, r"prompt_lengths\[0\] = 0"),
+     ({"aligned": True, "prompt_lengths": [2]}, "1 entries for 2 sequences")],
+)  # fmt: skip
+def test_aligned_token_logprobs_refuse_missing_or_wrong_prompt_lengths(kwargs, message):
+    from common_kernels.errors import InvalidInputError
+
+    model = tiny_model(dtype=torch.float32, use_triton=True)
+    with pytest.raises(InvalidInputError, match=message):
+        model.token_logprobs(torch.randint(3, 64, (10,)), cu_seqlens=[0, 4, 10], **kwargs)

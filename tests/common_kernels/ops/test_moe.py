@@ -106,3 +106,50 @@ def test_swiglu():
     )
     a = x @ g.T
     assert_rel_rms("swiglu", (a / (1 + torch.exp(-a)) * (x @ u.T)) @ d.T, swiglu_mlp(x, g, u, d), 1e-14)
+
+
+def test_the_bf16x3_split_sums_to_the_fp32_weight():
+    from common_kernels.ops.moe.router_gemm import split_bf16x3
+
+    w = torch.randn(8, 32, generator=torch.Generator().manual_seed(3)) * 0.02
+    parts = split_bf16x3(w)
+    assert parts.dtype == torch.bfloat16 and parts.shape == (24, 32)
+    total = parts[:8].double() + parts[8:16].double() + parts[16:].double()
+    assert ((total - w.double()).abs() <= w.double().abs() * 2**-24).all()
+
+
+@pytest.mark.parametrize("products", ["fp32", "bf16x3"])
+def test_router_logits_are_fp32_accurate_either_way(monkeypatch, products):
+    """bf16 activations against an fp32 weight: both settings within fp32 rounding of float64; bf16x3 reaches its
+    own path only without autograd (its casts would round the weight's gradient to bf16)."""
+    from common_kernels.ops.moe import router_gemm
+
+    monkeypatch.setattr(router_gemm, "ROUTER_PRODUCTS", products)
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(5, 64, generator=g).bfloat16(), torch.randn(16, 64, generator=g) * 0.05
+    calls = []
+    real_split = router_gemm.split_bf16x3
+    monkeypatch.setattr(router_gemm, "split_bf16x3", lambda weight: calls.append(1) or real_split(weight))
+    with torch.no_grad():
+        logits = router_gemm.router_logits(x, w)
+    assert logits.dtype == torch.float32
+    assert_rel_rms("router logits", x.double() @ w.double().t(), logits, 1e-6)
+    assert len(calls) == (products == "bf16x3")
+    w.requires_grad_()
+    router_gemm.router_logits(x, w).sum().backward()  # the fp32 GEMM: an fp32 gradient
+    assert len(calls) == (products == "bf16x3") and w.grad.dtype == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16x3_router_logits_on_a_gpu_are_fp32_accurate(monkeypatch):
+    """The tensor-core path (bf16 x bf16 -> fp32 `torch.mm`) at Ring-mini's router shape."""
+    from common_kernels.ops.moe import router_gemm
+
+    monkeypatch.setattr(router_gemm, "ROUTER_PRODUCTS", "bf16x3")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(8192, 2048, generator=g).bfloat16().cuda()
+    w = (torch.randn(256, 2048, generator=g) * 0.02).cuda()
+    with torch.no_grad():
+        logits = router_gemm.router_logits(x, w)
+    assert_rel_rms("bf16x3 router logits", x.double() @ w.double().t(), logits, 1e-6)

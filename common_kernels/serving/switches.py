@@ -1,0 +1,25 @@
+"""The environment switches the engine adapters read, parsed one way: 1/true/yes/on is on, 0/false/no/off or
+unset is off, anything else is refused naming the variable (a typo must not silently mean off)."""
+
+from __future__ import annotations
+
+import os
+
+# Aligned mode (`common_kernels.ops.linear_attn.aligned`): the engine computes each request the way the shim's
+# `token_logprobs(..., prompt_lengths=...)` does, whatever the batch.
+ALIGNED_MODE_SWITCH = "RING_LINEAR_ALIGNED"
+
+
+def env_flag(name: str) -> bool:
+    """Whether the switch `name` is on in this process's environment."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError(f"ring-linear: {name}={value!r} is not understood: set it to 1 or 0")
+
+
+def aligned_mode() -> bool:
+    """`RING_LINEAR_ALIGNED`: the engine's linear attention runs aligned (batch- and split-invariant)."""
+    return env_flag(ALIGNED_MODE_SWITCH)

@@ -1,0 +1,169 @@
+"""Aligned mode's linear attention: requests served over engine steps (chunked prefills on the segment grid, mixed
+with other requests' decodes and CUDA-graph padding) give, bit for bit, what `linear_attention_as_served` gives
+for them, alone or together; and the environment switch is parsed strictly.
+
+Small shapes on the Triton interpreter (CPU); the same code runs on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common_kernels.ops.linear_attn.aligned import ALIGNED_SEGMENT, linear_attention_as_served, served_split
+from common_kernels.ops.linear_attn.naive import linear_attention_recurrent
+from common_kernels.serving import ALIGNED_MODE_SWITCH, aligned_mode, build_step
+from common_kernels.testing import assert_rel_rms
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+H, K = 2, 16
+RATES = torch.tensor([0.05, 0.4], device=DEVICE)
+SCALE = K**-0.5
+
+# request -> (prompt length, generated tokens fed back, pool slot)
+REQUESTS = {"A": (150, 4, 3), "B": (1, 3, 0), "C": (70, 2, 5)}
+# each step: decodes first (request, position), then prefill chunks (request, start, end); chunks stop on the grid
+STEPS = [
+    ([], [("A", 0, 2 * ALIGNED_SEGMENT), ("C", 0, 70)]),
+    ([("C", 70), ("B", 0)], [("A", 2 * ALIGNED_SEGMENT, 150)]),
+    ([("A", 150), ("B", 1), ("C", 71)], []),
+    ([("A", 151), ("B", 2)], []),
+    ([("A", 152), ("B", 3)], []),
+    ([("A", 153)], []),
+]
+
+
+def request_qkv(name: str):
+    prompt, generated, _ = REQUESTS[name]
+    g = torch.Generator().manual_seed(ord(name))
+    n = prompt + generated
+    q, k = (torch.randn(n, H, K, generator=g).to(DEVICE) for _ in range(2))
+    return q, k, torch.randn(n, H, K, generator=g).to(DEVICE, torch.bfloat16)
+
+
+def serve(aligned: bool, graph_padding: int = 2) -> dict[str, torch.Tensor]:
+    """Every request through `STEPS` on one stale pool; each request's output rows."""
+    qkv = {name: request_qkv(name) for name in REQUESTS}
+    outputs = {name: torch.full((sum(REQUESTS[name][:2]), H, K), float("nan"), device=DEVICE) for name in REQUESTS}
+    pool = torch.randn(6, H, K, K, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    for decodes, prefills in STEPS:
+        pieces = [(name, pos, pos + 1) for name, pos in decodes] + list(prefills)
+        lengths = [b - a for _, a, b in pieces]
+        offsets = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+        pad = graph_padding if decodes and not prefills else 0
+        slots_d = [REQUESTS[name][2] for name, _ in decodes] + [-1] * pad
+        step = build_step(
+            torch.tensor(offsets, dtype=torch.int32, device=DEVICE),
+            torch.tensor([b for _, _, b in pieces], dtype=torch.int32, device=DEVICE),
+            len(decodes), len(prefills), len(decodes) + pad, sum(lengths[len(decodes) :]),
+            torch.tensor(slots_d, dtype=torch.int32, device=DEVICE) if decodes else None,
+            torch.tensor([REQUESTS[n][2] for n, _, _ in prefills], dtype=torch.int32, device=DEVICE)
+            if prefills else None,
+            H, K, max(lengths), query_start_loc_host=offsets, aligned=aligned,
+        )  # fmt: skip
+        rows = [(name, a, b) for name, a, b in pieces[: len(decodes)]] + [("", 0, 1)] * pad + pieces[len(decodes) :]
+        q, k, v = (torch.cat([qkv[n][i][a:b] if n else qkv["A"][i][:1] * 0 for n, a, b in rows]) for i in range(3))
+        out = torch.full((q.shape[0], H, K), float("nan"), device=DEVICE)
+        step.run(q, k, v, out, RATES, SCALE, pool)
+        row = 0
+        for name, a, b in rows:
+            if name:
+                outputs[name][a:b] = out[row : row + b - a]
+            row += b - a
+    return outputs
+
+
+def as_served(names: list[str]) -> dict[str, torch.Tensor]:
+    """`linear_attention_as_served` over the named requests packed together."""
+    parts = [request_qkv(name) for name in names]
+    q, k, v = (torch.cat([p[i] for p in parts]) for i in range(3))
+    lengths = [sum(REQUESTS[name][:2]) for name in names]
+    offsets = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    o = linear_attention_as_served(q, k, v, RATES, SCALE, offsets, [REQUESTS[name][0] for name in names])
+    return {name: o[offsets[i] : offsets[i + 1]] for i, name in enumerate(names)}
+
+
+def test_served_requests_equal_the_trainers_call_bit_for_bit_alone_and_together():
+    served = serve(aligned=True)
+    together = as_served(["A", "B", "C"])
+    for name in REQUESTS:
+        alone = as_served([name])[name]
+        assert torch.equal(served[name], alone), f"request {name}: the engine's steps differ from the trainer's call"
+        assert torch.equal(together[name], alone), f"request {name}: the trainer's call depends on the batch"
+    q, k, v = request_qkv("A")  # and it is the right function
+    want, _ = linear_attention_recurrent(q.double(), k.double(), v.double(), RATES.double(), SCALE, None)
+    assert_rel_rms("request A", want, served["A"], 1e-5)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_the_switch_sets_the_segment_grid_and_the_decode_tile(monkeypatch, aligned):
+    """What aligned mode changes in a step, checked directly (the interpreter's exact products give the two modes
+    the same bits on these shapes, so the bit test above cannot tell them apart on a CPU): the default sizes
+    segments from the step's batch (here for a device of two programs, so they outgrow the grid, as an 8K-token
+    step's do on an H200) and the decode tile from the batch size; aligned mode fixes both."""
+    from common_kernels.ops.linear_attn import prefill
+    from common_kernels.serving import step as step_module
+
+    monkeypatch.setattr(prefill, "target_programs", lambda device: 2)
+    tiles = []
+    real_decode = step_module.linear_attention_decode
+    monkeypatch.setattr(
+        step_module, "linear_attention_decode", lambda *a, **kw: tiles.append(kw["block_v"]) or real_decode(*a, **kw)
+    )
+    serve(aligned)
+    plan = build_step(
+        torch.tensor([0, 1, 151], dtype=torch.int32, device=DEVICE), torch.tensor([9, 150], device=DEVICE), 1, 1,
+        1, 150, torch.tensor([0], device=DEVICE), torch.tensor([1], device=DEVICE), H, K, 150, aligned=aligned,
+    ).prefill_plan  # fmt: skip
+    assert plan.aligned is aligned and (plan.seg == ALIGNED_SEGMENT) is aligned
+    assert tiles and all(tile == (K if aligned else None) for tile in tiles)
+
+
+def test_the_trainers_call_is_differentiable_with_the_standard_gradient():
+    q, k, v = (t.float().requires_grad_() for t in request_qkv("C"))
+    o = linear_attention_as_served(q, k, v, RATES, SCALE, [0, 72], [70])
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, _ = linear_attention_recurrent(*leaves, RATES.double(), SCALE, None)
+    for name, want, got in zip("qkv", torch.autograd.grad(ref, leaves, do.double()), grads, strict=True):
+        assert_rel_rms(f"d{name}", want, got, 1e-5)
+
+
+@pytest.mark.parametrize("prompts,message", [([0], r"prompt_lengths\[0\] = 0"), ([5], r"prompt_lengths\[0\] = 5"),
+                                             ([1, 1], "2 entries for 1 sequences")])  # fmt: skip
+def test_prompt_lengths_out_of_range_are_refused_naming_the_sequence(prompts, message):
+    with pytest.raises(ValueError, match=message):
+        served_split([0, 4], prompts)
+
+
+def test_a_one_token_prompt_is_decoded_from_zero_like_the_engine_schedules_it():
+    assert served_split([0, 4, 9], [1, 3]) == [(0, 0, 4), (4, 7, 9)]
+
+
+@pytest.mark.parametrize("value,want", [("1", True), ("on", True), ("0", False), ("", False), ("off", False)])
+def test_the_aligned_switch_reads_on_and_off(monkeypatch, value, want):
+    monkeypatch.setenv(ALIGNED_MODE_SWITCH, value)
+    assert aligned_mode() is want
+
+
+def test_the_aligned_switch_refuses_anything_else_naming_itself(monkeypatch):
+    monkeypatch.setenv(ALIGNED_MODE_SWITCH, "maybe")
+    with pytest.raises(ValueError, match="RING_LINEAR_ALIGNED='maybe' is not understood: set it to 1 or 0"):
+        aligned_mode()
+
+
+def test_warm_up_in_aligned_mode_compiles_the_aligned_prefill(monkeypatch):
+    """A served request must not wait for a compile: aligned mode's prefill is its own variant."""
+    from common_kernels.serving import warm_up_linear_attention
+    from common_kernels.serving import warmup as warmup_module
+
+    plans = []
+    real_prefill = warmup_module.linear_attention_prefill
+    monkeypatch.setattr(
+        warmup_module, "linear_attention_prefill", lambda *a, **kw: plans.append(kw["plan"]) or real_prefill(*a, **kw)
+    )
+    q, k, v = request_qkv("C")
+    for aligned in (True, False):
+        warm_up_linear_attention(q, k, v, RATES, SCALE, torch.float32, max_num_seqs=3, aligned=aligned)
+    assert plans[0].aligned and plans[0].seg == ALIGNED_SEGMENT and plans[1] is None

@@ -1,0 +1,53 @@
+"""Aligned mode on a GPU (vLLM 0.26): with `RING_LINEAR_ALIGNED=1` (which brings `VLLM_BATCH_INVARIANT=1`) a
+request's prompt and sampled-token logprobs are bit for bit the same alone and inside a batch of 64 mixed-length
+requests; the default mode is held to no such thing. Chunked prefill is off (aligned mode's requirement without
+prefix caching), CUDA graphs on.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from vllm_runs import free, generate, make_llm  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+
+
+def _logprobs(outputs) -> list[tuple[list[int], list[float], list[float]]]:
+    """Each request's generated ids, their logprobs and its prompt logprobs (after the first token)."""
+    return [
+        (
+            list(o.outputs[0].token_ids),
+            [next(iter(d.values())).logprob for d in o.outputs[0].logprobs],
+            [next(iter(d.values())).logprob for d in o.prompt_logprobs[1:]],
+        )
+        for o in outputs
+    ]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_request_gets_the_same_bits_alone_and_in_a_batch_of_64(tiny_trained, monkeypatch, dtype):
+    monkeypatch.setenv("RING_LINEAR_ALIGNED", "1")
+    monkeypatch.setenv("VLLM_BATCH_INVARIANT", "1")
+    rng = random.Random(31)
+    prompts = [
+        [rng.randrange(3, 64) for _ in range(n)]
+        for n in [1, 2, 63, 64, 65, 300] + [rng.randint(1, 300) for _ in range(58)]
+    ]
+    llm = make_llm(
+        tiny_trained, dtype=dtype, enable_chunked_prefill=False, max_num_batched_tokens=512, enforce_eager=False
+    )
+    try:
+        batch = _logprobs(generate(llm, prompts, 16, logprobs=0, prompt_logprobs=0))
+        alone = [_logprobs(generate(llm, [p], 16, logprobs=0, prompt_logprobs=0))[0] for p in prompts[::7]]
+    finally:
+        free(llm)
+    unequal = sum(a != b for a, b in zip(alone, batch[::7], strict=True))
+    print(f"\n[{dtype}] aligned mode: {unequal} of {len(alone)} requests differ alone vs in the batch (bitwise)")
+    assert unequal == 0

@@ -1,0 +1,78 @@
+"""Aligned mode's switches in vLLM (CPU): `RING_LINEAR_ALIGNED=1` brings vLLM's batch invariance, is refused with a
+vLLM whose batch invariance was turned off (and the reverse), needs prefill chunks on its grid, and makes every
+step's linear attention aligned. Bitwise equality itself needs a GPU (`common_kernels` tests it on the kernels)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from common_kernels.ops.linear_attn.aligned import ALIGNED_SEGMENT  # noqa: E402
+
+
+@pytest.fixture
+def aligned_env(monkeypatch):
+    monkeypatch.setenv("RING_LINEAR_ALIGNED", "1")
+    monkeypatch.setenv("VLLM_BATCH_INVARIANT", "1")
+
+
+def test_register_turns_on_vllms_batch_invariance_with_aligned_mode(vllm_env, monkeypatch):
+    from ring_linear_vllm import register
+
+    monkeypatch.setenv("VLLM_BATCH_INVARIANT", "0")  # restored (unset) after the test
+    os.environ.pop("VLLM_BATCH_INVARIANT")
+    monkeypatch.setenv("RING_LINEAR_ALIGNED", "0")
+    register()
+    assert "VLLM_BATCH_INVARIANT" not in os.environ
+    monkeypatch.setenv("RING_LINEAR_ALIGNED", "1")
+    register()
+    assert os.environ["VLLM_BATCH_INVARIANT"] == "1"
+
+
+def test_aligned_mode_without_vllms_batch_invariance_is_refused(vllm_tools, tiny_dir, monkeypatch):
+    monkeypatch.setenv("RING_LINEAR_ALIGNED", "1")
+    monkeypatch.setenv("VLLM_BATCH_INVARIANT", "0")
+    with pytest.raises(ValueError, match="RING_LINEAR_ALIGNED=1 needs VLLM_BATCH_INVARIANT=1"):
+        vllm_tools.engine_config(tiny_dir)
+
+
+def test_vllms_batch_invariance_without_aligned_mode_is_refused(vllm_tools, tiny_dir, monkeypatch):
+    monkeypatch.delenv("RING_LINEAR_ALIGNED", raising=False)
+    monkeypatch.setenv("VLLM_BATCH_INVARIANT", "1")
+    with pytest.raises(ValueError, match="VLLM_BATCH_INVARIANT=1 asks every layer.*set RING_LINEAR_ALIGNED=1 too"):
+        vllm_tools.engine_config(tiny_dir)
+
+
+def _builder(vllm_tools, tiny_dir, **engine_kwargs):
+    cfg = vllm_tools.engine_config(tiny_dir, **engine_kwargs)
+    model = vllm_tools.build_model(cfg)
+    layer = model.model.layers[0].attention
+    with vllm_tools.single_rank(cfg):
+        backend = layer.get_attn_backend()
+        return backend, backend.get_builder_cls()(
+            layer.get_kv_cache_spec(cfg), [layer.prefix], cfg, layer.decay_rate.device
+        )
+
+
+def test_aligned_mode_refuses_chunked_prefill_that_may_stop_off_its_grid(vllm_tools, tiny_dir, aligned_env):
+    with pytest.raises(ValueError, match=f"{ALIGNED_SEGMENT}-token grid.*pass --no-enable-chunked-prefill"):
+        _builder(vllm_tools, tiny_dir, enable_chunked_prefill=True)
+
+
+def test_aligned_mode_runs_every_step_aligned_and_declares_batch_invariance(vllm_tools, tiny_dir, aligned_env):
+    backend, builder = _builder(vllm_tools, tiny_dir, enable_chunked_prefill=False)
+    assert backend.supports_batch_invariance()
+    meta = builder.build(0, vllm_tools.common_metadata([1, 7, 6], [10, 7, 20], [5, 3, 0], builder.device))
+    assert meta.step.aligned and meta.step.prefill_plan.aligned and meta.step.prefill_plan.seg == ALIGNED_SEGMENT
+
+
+def test_without_aligned_mode_the_steps_are_the_default_ones(vllm_tools, tiny_dir, monkeypatch):
+    monkeypatch.delenv("RING_LINEAR_ALIGNED", raising=False)
+    monkeypatch.delenv("VLLM_BATCH_INVARIANT", raising=False)
+    backend, builder = _builder(vllm_tools, tiny_dir)
+    assert not backend.supports_batch_invariance()
+    meta = builder.build(0, vllm_tools.common_metadata([1, 7, 6], [10, 7, 20], [5, 3, 0], builder.device))
+    assert not meta.step.aligned and not meta.step.prefill_plan.aligned
