@@ -264,31 +264,57 @@ def rejection(port: int, model: str, workload: Workload) -> str:
         return f"HTTP {error.code}: {error.read().decode(errors='replace')[:500]}"
 
 
-PREFIX_CACHE_COUNTERS = ("vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total")
+# vLLM's Prometheus counters read around each pass: what the pass did on the server side
+SERVER_COUNTERS = {
+    "cache_hits": "vllm:prefix_cache_hits_total",  # prompt tokens served from the prefix cache
+    "cache_queries": "vllm:prefix_cache_queries_total",  # prompt tokens looked up
+    "steps": "vllm:iteration_tokens_total_count",  # engine steps
+    "step_tokens": "vllm:iteration_tokens_total_sum",  # tokens those steps ran
+    "preemptions": "vllm:num_preemptions_total",
+}
 
 
-def prefix_cache_counters(port: int) -> tuple[float, float] | None:
-    """vLLM's prefix-cache hits and queries so far, in tokens (its Prometheus `/metrics`); None where not served.
-    A request whose blocks could not be allocated yet is looked up again at the next step and counted again,
-    so under memory pressure the rate reads a little high."""
+def server_counters(port: int) -> dict[str, float] | None:
+    """vLLM's `SERVER_COUNTERS` so far (its `/metrics`); None where not served. A request whose blocks could not be
+    allocated yet is looked up again at the next step and counted again, so under memory pressure the hit rate
+    reads a little high."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
             text = reply.read().decode()
     except OSError:
         return None
-    return prefix_cache_totals(text)
+    return counter_totals(text)
 
 
-def prefix_cache_totals(metrics_text: str) -> tuple[float, float] | None:
-    """(hits, queries) summed over every label set in a Prometheus text page, or None where it has neither."""
-    totals = dict.fromkeys(PREFIX_CACHE_COUNTERS, 0.0)
-    seen = False
+def counter_totals(metrics_text: str) -> dict[str, float] | None:
+    """Each of `SERVER_COUNTERS` that the Prometheus text page has, summed over its label sets; None if none."""
+    names = {metric: key for key, metric in SERVER_COUNTERS.items()}
+    totals: dict[str, float] = {}
     for line in metrics_text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in totals:
-            totals[name] += float(line.rsplit(" ", 1)[1])
-            seen = True
-    return (totals[PREFIX_CACHE_COUNTERS[0]], totals[PREFIX_CACHE_COUNTERS[1]]) if seen else None
+        key = names.get(line.split("{", 1)[0].split(" ", 1)[0])
+        if key is not None:
+            totals[key] = totals.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return totals or None
+
+
+def pass_counters(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float]:
+    """What one pass added to each counter both readings have."""
+    if before is None or after is None:
+        return {}
+    return {key: after[key] - before[key] for key in after if key in before}
+
+
+def describe_counters(done: dict[str, float]) -> list[str]:
+    """The lines a pass's counters print: the hit rate where prompts were looked up, the engine steps it took."""
+    lines = []
+    if done.get("cache_queries", 0) > 0:
+        lines.append(f"prefix-cache hit rate: {done['cache_hits'] / done['cache_queries']:.1%} of prompt tokens")
+    if done.get("steps", 0) > 0:
+        lines.append(
+            f"engine steps: {done['steps']:.0f}, {done.get('step_tokens', 0) / done['steps']:.0f} tokens a step, "
+            f"{done.get('preemptions', 0):.0f} preemptions"
+        )
+    return lines
 
 
 def wait_ready(port: int, server: subprocess.Popen, timeout_s: float) -> float:
@@ -398,15 +424,14 @@ def run(args: argparse.Namespace) -> None:
                     name = f"{name_of_run}__{w.name}__{pass_name}.json"
                     started = time.monotonic()
                     client = client_command(w, directory, tokenizer, args.port, out, name, args.engine)
-                    before = prefix_cache_counters(args.port)
+                    before = server_counters(args.port)
                     with GpuMemorySampler() as memory:
                         subprocess.run(client, check=True, env=client_env(args.engine, env))
                     result = read_result(out / name, w)
-                    after = prefix_cache_counters(args.port)
-                    if before is not None and after is not None and after[1] > before[1]:
-                        hit_rate = (after[0] - before[0]) / (after[1] - before[1])
-                        summary.setdefault("prefix_cache_hit_rate", {})[f"{w.name}/{pass_name}"] = hit_rate
-                        print(f"  prefix-cache hit rate: {hit_rate:.1%} of prompt tokens", flush=True)
+                    done = pass_counters(before, server_counters(args.port))
+                    summary.setdefault("server_counters", {})[f"{w.name}/{pass_name}"] = done
+                    for line in describe_counters(done):
+                        print(f"  {line}", flush=True)
                     summary.setdefault("gpu_memory_mib", {})[f"{w.name}/{pass_name}"] = memory.samples
                     print(
                         f"{name_of_run} {w.name} {pass_name}: {result['output_throughput']:.0f} out tok/s, "

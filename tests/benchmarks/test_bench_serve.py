@@ -237,17 +237,37 @@ def test_the_cached_ring_linear_server_asks_for_prefix_caching_and_opts_in():
     assert PREFIX_CACHING_OPT_IN not in bench_serve.server_env("ring-linear", {})
 
 
-def test_the_prefix_cache_hit_rate_is_read_from_vllms_prometheus_counters():
-    page = "\n".join(
-        [
-            "# HELP vllm:prefix_cache_hits_total Prefix cache hits, in tokens.",
-            'vllm:prefix_cache_hits_total{engine="0",model_name="m"} 1536.0',
-            'vllm:prefix_cache_queries_total{engine="0",model_name="m"} 4096.0',
-            'vllm:prefix_cache_hits_created{engine="0",model_name="m"} 1.7e9',
-        ]
-    )
-    assert bench_serve.prefix_cache_totals(page) == (1536.0, 4096.0)
-    assert bench_serve.prefix_cache_totals("vllm:num_requests_running 0.0") is None
+def test_each_pass_reads_hits_steps_and_preemptions_from_vllms_prometheus_counters():
+    def page(hits: float, steps: float, tokens: float) -> str:
+        return "\n".join(
+            [
+                "# HELP vllm:prefix_cache_hits_total Prefix cache hits, in tokens.",
+                f'vllm:prefix_cache_hits_total{{engine="0",model_name="m"}} {hits}',
+                'vllm:prefix_cache_queries_total{engine="0",model_name="m"} 4096.0',
+                'vllm:prefix_cache_hits_created{engine="0",model_name="m"} 1.7e9',
+                f'vllm:iteration_tokens_total_count{{engine="0",model_name="m"}} {steps}',
+                f'vllm:iteration_tokens_total_sum{{engine="0",model_name="m"}} {tokens}',
+                'vllm:iteration_tokens_total_bucket{engine="0",le="8.0",model_name="m"} 3.0',
+                'vllm:num_preemptions_total{engine="0",model_name="m"} 0.0',
+            ]
+        )
+
+    before = bench_serve.counter_totals(page(0.0, 10.0, 100.0))
+    after = bench_serve.counter_totals(page(1536.0, 30.0, 8100.0)) | {"cache_queries": 8192.0}
+    done = bench_serve.pass_counters(before, after)
+    assert done == {
+        "cache_hits": 1536.0,
+        "cache_queries": 4096.0,
+        "steps": 20.0,
+        "step_tokens": 8000.0,
+        "preemptions": 0.0,
+    }
+    assert bench_serve.describe_counters(done) == [
+        "prefix-cache hit rate: 37.5% of prompt tokens",
+        "engine steps: 20, 400 tokens a step, 0 preemptions",
+    ]
+    assert bench_serve.counter_totals("vllm:num_requests_running 0.0") is None
+    assert bench_serve.pass_counters(None, after) == {} and bench_serve.describe_counters({}) == []
 
 
 def test_ring_flash_is_served_from_its_preset_at_a_chosen_depth_with_fp8():
