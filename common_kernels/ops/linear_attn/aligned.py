@@ -83,12 +83,12 @@ class _AsServed(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, decay_rate = ctx.saved_tensors
-        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        leaves = [t.detach().to(q.dtype).requires_grad_() for t in (q, k, v)]  # a 16-bit v widened, exactly
         cu = torch.tensor(ctx.offsets, dtype=torch.int32, device=q.device)
         with torch.enable_grad():
             o, _ = linear_attention_varlen_triton(*leaves, decay_rate, ctx.scale, cu)
-            grads = torch.autograd.grad(o, leaves, do, allow_unused=True)
-        return *grads, None, None, None, None
+            dq, dk, dv = torch.autograd.grad(o, leaves, do)
+        return dq, dk, dv.to(v.dtype), None, None, None, None
 
 
 def linear_attention_as_served(
