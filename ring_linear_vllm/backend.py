@@ -14,7 +14,6 @@ from vllm.v1.attention.backends.linear_attn import (
     BailingLinearAttentionMetadataBuilder,
 )
 
-from common_kernels.ops.linear_attn.aligned import ALIGNED_SEGMENT
 from common_kernels.serving import ALIGNED_MODE_SWITCH, LinearAttentionStep, aligned_mode, build_step
 
 
@@ -74,16 +73,13 @@ class RingLinearMetadataBuilder(BailingLinearAttentionMetadataBuilder):
 
 
 def check_chunks_on_the_aligned_grid(vllm_config) -> None:
-    """Aligned mode's prefill gives one pass's bits only where a prompt's chunks stop on its `ALIGNED_SEGMENT` grid:
-    with chunked prefill off (a prompt in one step), or in vLLM's align mode, which stops them on blocks."""
-    if not vllm_config.scheduler_config.enable_chunked_prefill:
-        return
-    cache_config = vllm_config.cache_config
-    if cache_config.mamba_cache_mode != "align" or cache_config.block_size % ALIGNED_SEGMENT:
+    """Aligned mode needs each prompt prefilled in one step: a trainer cannot know where chunked prefill (or a
+    prefix-cache hit) would have stopped it, and a one-token last chunk runs as a decode."""
+    if vllm_config.scheduler_config.enable_chunked_prefill:
         raise ValueError(
-            f"ring-linear: {ALIGNED_MODE_SWITCH}=1 needs prefill chunks that stop on a {ALIGNED_SEGMENT}-token grid, "
-            f"and chunked prefill here may stop anywhere (mamba cache mode {cache_config.mamba_cache_mode!r}, "
-            f"{cache_config.block_size}-token blocks): pass --no-enable-chunked-prefill"
+            f"ring-linear: {ALIGNED_MODE_SWITCH}=1 needs each prompt prefilled in one step, and chunked prefill "
+            f"would stop some anywhere: pass --no-enable-chunked-prefill (with --max-num-batched-tokens at least "
+            f"--max-model-len)"
         )
 
 

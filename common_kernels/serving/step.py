@@ -98,8 +98,8 @@ def build_step(
             prefill offsets reuse one segment plan (vLLM builds a step per KV-cache group).
         decode_fresh_buffer: a persistent `[>= B]` int8 buffer to write the decode flags into, where a
             captured decode graph reads them from a fixed address.
-        aligned: aligned mode (`RING_LINEAR_ALIGNED`): each request's result independent of the batch; the engine
-            must stop prefill chunks on the `ALIGNED_SEGMENT` grid.
+        aligned: aligned mode (`RING_LINEAR_ALIGNED`): each request's result independent of the batch, equal to
+            `linear_attention_as_served` when the engine prefills each prompt in one step.
     """
     R = num_decodes + num_prefills
     query_lens = query_start_loc[1 : R + 1] - query_start_loc[:R]
