@@ -35,6 +35,7 @@
 #   soak         bench_serve's soak: concurrency 128 for about 5 minutes, failed requests and GPU memory (not yet run)
 #   profile      compiled 4K and 128K prefill and 64 x 4K decode-step profiles, ring-linear and the twin (~9 min;
 #                PROFILE_CASES picks; RING_LINEAR_ROUTER_PRODUCTS=bf16x3 times the tensor-core router GEMM)
+#   precision    precision_sweep: tf32 / tf32x3 / ieee / bf16 products vs float64 logprobs, 1K-32K (issue 15) (untimed)
 #   second-pass  probe_second_pass: one engine, the same 128 x 4K/256 requests 3 times, ring-linear and the twin:
 #                wall, kernel time and allocator counters per pass (why the served warm pass is slower) (untimed)
 #   serve-ring-sgl  bench_serve on SGLang: ring-linear through launch_server (SGLang staged, own call)    (~7 min, 3 workloads)
@@ -117,6 +118,7 @@ for step in "$@"; do
             --length "${length%x*}" --prompts "$([[ $length == *x* ]] && echo "${length#*x}" || echo 1)" --compiled
         fi
       done ;;
+    precision) run precision 300 python3 -m benchmarks.precision_sweep "${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}" ;;
     second-pass)  # one in-process engine, the same requests three times: host, GPU and allocator per pass
       for variant in ring-linear softmax-twin; do
         run "second-pass-$variant" 280 python3 -m benchmarks.probe_second_pass --variant "$variant"
