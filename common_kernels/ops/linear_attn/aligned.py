@@ -5,9 +5,10 @@ An aligned engine prefills a request's prompt with the aligned prefill (`plan_pr
 `ALIGNED_SEGMENT` grid: the same bits alone or in any batch, in one pass or in chunks stopped on the grid), then
 decodes each generated token in its own step with a fixed V-tile (`ALIGNED_DECODE_BLOCK_V`; the default picks the
 tile from the batch size, and the tile sets the order of the output's sum). A one-token prompt is a decode from
-a zero state (engines schedule it as one). `linear_attention_as_served` does the same: the prompts through the
-aligned prefill, the generated tokens of each sequence through the decode kernel in one launch, which runs them
-through the state in order with the arithmetic of that many steps.
+a zero state (vLLM schedules it as one; SGLang would prefill it, and refuses aligned mode for now).
+`linear_attention_as_served` does the same: the prompts through the aligned prefill, the generated tokens of each
+sequence through the decode kernel in one launch, which runs them through the state in order with the arithmetic
+of that many steps.
 """
 
 from __future__ import annotations
