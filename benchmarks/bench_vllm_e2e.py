@@ -44,6 +44,30 @@ def write_config(variant: str, directory: Path) -> Path:
     return directory
 
 
+def dummy_llm(variant: str, **settings):
+    """`vllm.LLM` on dummy weights at the released Ring-mini sizes (`variant`'s architecture), bf16, token ids in
+    and out; `settings` add to or override these."""
+    from vllm import LLM
+
+    with tempfile.TemporaryDirectory() as tmp:  # vLLM has read the config once the engine is built
+        return LLM(
+            **{
+                "model": str(write_config(variant, Path(tmp))),
+                "load_format": "dummy",
+                "dtype": "bfloat16",
+                "skip_tokenizer_init": True,
+            }
+            | settings
+        )
+
+
+def random_prompts(rng: random.Random, n: int, length: int) -> list:
+    """`n` prompts of `length` random ordinary token ids."""
+    from vllm import TokensPrompt
+
+    return [TokensPrompt(prompt_token_ids=[rng.randrange(1000, 150000) for _ in range(length)]) for _ in range(n)]
+
+
 def use_vllm_linear_kernels() -> None:
     """Swap the plugin's linear-attention kernels for vLLM's (lightning prefill per request, linear decode)."""
     from vllm.model_executor.layers.mamba.linear.bailing_linear_attn import (
@@ -158,7 +182,7 @@ def median_window_rate(
 def run_variant(variant: str, args: argparse.Namespace) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process (the kernel swap applies)
     os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
-    from vllm import LLM, SamplingParams, TokensPrompt
+    from vllm import SamplingParams
 
     if variant == "ring-linear-vllm-kernels":
         use_vllm_linear_kernels()
@@ -168,23 +192,19 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
         for context, batch in map(parse_decode, args.decode)
     ]
     longest = max([*args.prefill, *(context + max_tokens for context, _, max_tokens in decode)])
-    with tempfile.TemporaryDirectory() as tmp:
-        llm = LLM(
-            model=str(write_config(variant, Path(tmp))),
-            load_format="dummy",
-            dtype="bfloat16",
-            skip_tokenizer_init=True,
-            max_model_len=longest + 16,
-            max_num_seqs=max([1, *(batch for _, batch, _ in decode)]),
-            max_num_batched_tokens=args.chunk,
-            enable_prefix_caching=False,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            seed=0,
-        )
+    llm = dummy_llm(
+        variant,
+        max_model_len=longest + 16,
+        max_num_seqs=max([1, *(batch for _, batch, _ in decode)]),
+        max_num_batched_tokens=args.chunk,
+        enable_prefix_caching=False,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        seed=0,
+    )
     rng = random.Random(0)
 
     def prompts(n: int, length: int):
-        return [TokensPrompt(prompt_token_ids=[rng.randrange(1000, 150000) for _ in range(length)]) for _ in range(n)]
+        return random_prompts(rng, n, length)
 
     def timed(batch, max_tokens: int) -> float:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)

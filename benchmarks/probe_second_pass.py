@@ -14,11 +14,9 @@ import argparse
 import os
 import random
 import subprocess
-import tempfile
 import time
-from pathlib import Path
 
-from benchmarks.bench_vllm_e2e import VARIANTS, write_config
+from benchmarks.bench_vllm_e2e import VARIANTS, dummy_llm, random_prompts
 from benchmarks.profile_vllm_prefill import kernel_times_us
 
 ALLOCATOR_COUNTERS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
@@ -57,25 +55,17 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: its allocator is ours to read
     import torch
-    from vllm import LLM, SamplingParams, TokensPrompt
+    from vllm import SamplingParams
 
-    rng = random.Random(0)
-    prompts = [
-        TokensPrompt(prompt_token_ids=[rng.randrange(1000, 150000) for _ in range(args.length)])
-        for _ in range(args.prompts)
-    ]
+    prompts = random_prompts(random.Random(0), args.prompts, args.length)
     params = SamplingParams(temperature=0.0, max_tokens=args.output, ignore_eos=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        llm = LLM(
-            model=str(write_config(args.variant, Path(tmp))),
-            load_format="dummy",
-            dtype="bfloat16",
-            skip_tokenizer_init=True,
-            max_model_len=args.length + args.output + 16,
-            max_num_seqs=args.concurrency,
-            enable_prefix_caching=args.prefix_caching,
-            gpu_memory_utilization=0.9,
-        )
+    llm = dummy_llm(
+        args.variant,
+        max_model_len=args.length + args.output + 16,
+        max_num_seqs=args.concurrency,
+        enable_prefix_caching=args.prefix_caching,
+        gpu_memory_utilization=0.9,
+    )
     print(f"{args.variant}: {args.prompts} prompts of {args.length}, {args.output} out, {args.concurrency} at a time")
     print(
         "| pass | wall s | out tok/s | GPU kernels s | " + " | ".join(ALLOCATOR_COUNTERS) + " | reserved MiB change |"

@@ -16,11 +16,9 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import tempfile
 import time
-from pathlib import Path
 
-from benchmarks.bench_vllm_e2e import VARIANTS, use_vllm_linear_kernels, write_config
+from benchmarks.bench_vllm_e2e import VARIANTS, dummy_llm, random_prompts, use_vllm_linear_kernels
 
 
 def main() -> None:
@@ -36,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: the probe's patch applies
     import torch
-    from vllm import LLM, SamplingParams, TokensPrompt
+    from vllm import SamplingParams
 
     if args.variant == "ring-linear-vllm-kernels":
         use_vllm_linear_kernels()
@@ -45,27 +43,20 @@ def main() -> None:
 
         linear_math.LINEAR_ATTN_DTYPE = torch.bfloat16
 
-    with tempfile.TemporaryDirectory() as tmp:
-        llm = LLM(
-            model=str(write_config(args.variant, Path(tmp))),
-            load_format="dummy",
-            dtype="bfloat16",
-            skip_tokenizer_init=True,
-            max_model_len=args.length + args.decode_steps + 16,
-            max_num_seqs=max(4, args.decode_batch, args.prompts),
-            max_num_batched_tokens=16384,
-            enforce_eager=not args.compiled,
-            enable_prefix_caching=False,  # the same prompt again must be computed again
-            gpu_memory_utilization=0.8,
-        )
+    llm = dummy_llm(
+        args.variant,
+        max_model_len=args.length + args.decode_steps + 16,
+        max_num_seqs=max(4, args.decode_batch, args.prompts),
+        max_num_batched_tokens=16384,
+        enforce_eager=not args.compiled,
+        enable_prefix_caching=False,  # the same prompt again must be computed again
+        gpu_memory_utilization=0.8,
+    )
     rng = random.Random(0)
     if args.decode_batch:
         profile_decode(llm, args, rng)
         return
-    prompts = [
-        TokensPrompt(prompt_token_ids=[rng.randrange(1000, 150000) for _ in range(args.length)])
-        for _ in range(args.prompts)
-    ]
+    prompts = random_prompts(rng, args.prompts, args.length)
     params = SamplingParams(temperature=0.0, max_tokens=1)
     llm.generate(prompts, params, use_tqdm=False)  # warm-up
     start = time.perf_counter()
@@ -97,12 +88,9 @@ def per_step_table(short: dict[str, float], long: dict[str, float], steps: int, 
 
 def profile_decode(llm, args, rng) -> None:
     import torch
-    from vllm import SamplingParams, TokensPrompt
+    from vllm import SamplingParams
 
-    prompts = [
-        TokensPrompt(prompt_token_ids=[rng.randrange(1000, 150000) for _ in range(args.length)])
-        for _ in range(args.decode_batch)
-    ]
+    prompts = random_prompts(rng, args.decode_batch, args.length)
     short = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     long = SamplingParams(temperature=0.0, max_tokens=1 + args.decode_steps, ignore_eos=True)
     llm.generate(prompts, long, use_tqdm=False)  # warm-up: every shape once

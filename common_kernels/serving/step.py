@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ops.linear_attn import SegmentPlan, linear_attention_decode, linear_attention_prefill, plan_prefill
-from ..ops.linear_attn.aligned import ALIGNED_SEGMENT, aligned_decode_block_v
+from ..ops.linear_attn.aligned import aligned_decode_block_v, aligned_plan
 
 
 @dataclass
@@ -138,7 +138,7 @@ def _shared_plan(host_starts, cu_seqlens, total_tokens, num_heads, head_dim_v, m
     if key is not None and _last_plan is not None and _last_plan[0] == key:
         return _last_plan[1]
     plan = (
-        plan_prefill(cu_seqlens, total_tokens, num_heads, head_dim_v, segment_size=ALIGNED_SEGMENT, aligned=True)
+        aligned_plan(cu_seqlens, total_tokens, num_heads, head_dim_v)
         if aligned
         else plan_prefill(cu_seqlens, total_tokens, num_heads, head_dim_v, max_seqlen=max_seqlen)
     )

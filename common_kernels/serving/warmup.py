@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.linear_attn import linear_attention_decode, linear_attention_prefill, plan_prefill
-from ..ops.linear_attn.aligned import ALIGNED_SEGMENT
+from ..ops.linear_attn import linear_attention_decode, linear_attention_prefill
+from ..ops.linear_attn.aligned import aligned_plan
 from ..ops.linear_attn.decode import wide_tile_min_rows
 
 _warmed: set[tuple] = set()
@@ -44,7 +44,7 @@ def warm_up_linear_attention(
         N = max(1, min(max_num_seqs, T))
         cu_seqlens = torch.div(torch.arange(N + 1, device=device) * T, N, rounding_mode="floor").to(torch.int32)
         slots = torch.full((N,), -1, dtype=slot_dtype, device=device)
-        plan = plan_prefill(cu_seqlens, T, H, V, segment_size=ALIGNED_SEGMENT, aligned=True) if aligned else None
+        plan = aligned_plan(cu_seqlens, T, H, V) if aligned else None
         linear_attention_prefill(q, k, v, decay_rate, scale, cu_seqlens, scratch_pool, slots, out=out, plan=plan)
     key = (q.dtype, v.dtype, state_dtype, slot_dtype, H, K, V, device)
     if key in _warmed:

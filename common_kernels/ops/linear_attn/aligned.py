@@ -19,7 +19,7 @@ import torch
 
 from .backward import linear_attention_varlen_triton
 from .decode import linear_attention_decode
-from .prefill import linear_attention_prefill, plan_prefill
+from .prefill import SegmentPlan, linear_attention_prefill, plan_prefill
 
 ALIGNED_SEGMENT = 64  # divides vLLM's align-mode blocks (512 tokens on Ring-mini), where its prefill chunks stop
 ALIGNED_DECODE_BLOCK_V = 64
@@ -28,6 +28,11 @@ ALIGNED_DECODE_BLOCK_V = 64
 def aligned_decode_block_v(head_dim_v: int) -> int:
     """The decode's V-tile in aligned mode, whatever the batch."""
     return min(ALIGNED_DECODE_BLOCK_V, head_dim_v)
+
+
+def aligned_plan(cu_seqlens: torch.Tensor, total_tokens: int, num_heads: int, head_dim_v: int) -> SegmentPlan:
+    """Aligned mode's prefill plan: `ALIGNED_SEGMENT` segments from each sequence's first token, whatever the batch."""
+    return plan_prefill(cu_seqlens, total_tokens, num_heads, head_dim_v, segment_size=ALIGNED_SEGMENT, aligned=True)
 
 
 def served_split(offsets: Sequence[int], prompt_lengths: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -56,7 +61,7 @@ def _as_served(q, k, v, decay_rate, scale, offsets, prompt_lengths) -> torch.Ten
         lengths = torch.tensor([0] + [b - a for _, a, b in prefilled], device=q.device)
         cu = lengths.cumsum(0).to(torch.int32)
         slots = torch.tensor([n for n, _, _ in prefilled], dtype=torch.int32, device=q.device)
-        plan = plan_prefill(cu, rows.numel(), H, V, segment_size=ALIGNED_SEGMENT, aligned=True)
+        plan = aligned_plan(cu, rows.numel(), H, V)
         out[rows] = linear_attention_prefill(
             q[rows], k[rows], v[rows], decay_rate, scale, cu, pool, slots, plan=plan
         )  # fmt: skip
