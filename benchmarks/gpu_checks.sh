@@ -15,9 +15,12 @@
 #   engine       pytest -m gpu: the vLLM engine tests on GPU 0 (tiny + Ring-mini dummy)   (~6 min)
 #   flash        pytest -m gpu: Ring-flash FP8 dummy weights, a 32K prompt with CUDA graphs (RING_LINEAR_FLASH_LAYERS
 #                serves fewer layers) (not yet run; issue 17)
-#   faults       the vLLM engine under faults: preemption, aborts, chunk boundaries, 2,000-step decode (not yet run)
+#   faults       the vLLM engine under faults: preemption, aborts, chunk boundaries                (~6 min)
+#   decode-2000  the 2,000-step fp32 greedy decode against the shim (a fault test of its own call)      (~2 min)
 #   prefix       pytest -m gpu: vLLM prefix caching with the linear state, cache on vs off (PYTEST_K picks) (~8 min)
 #   aligned      pytest -m gpu: aligned mode, a request's bits alone = in a batch of 64 (issue 15)   (not yet run)
+#   aligned-probe  probe_aligned: where aligned mode's batch invariance breaks, first prompt / generated position
+#                per request (PROBE_ARGS, e.g. "--eager --dtype bfloat16")                            (~2 min)
 #   tp2          the tensor-parallel-2 engine test (needs 2 GPUs)                         (~4 min)
 #   bench        bench_linear_attn: prefill (bf16 and fp32), decode, backward, H16 and H8 (~5 min)
 #   sweep        sweep_linear_attn: launch settings, bf16 and fp32 prefill                 (~8 min)
@@ -32,12 +35,13 @@
 #                (SERVE_WORKLOADS picks workloads, else bench_serve's four, which take longer than one 10-minute
 #                device call; SERVE_PASSES=cold runs the cold pass alone; SERVE_SIZE=flash, SERVE_LAYERS=N and
 #                SERVE_QUANT=fp8 pick Ring-flash, its depth and FP8, for ring-linear and twin alike; issue 17)
-#   soak         bench_serve's soak: concurrency 128 for about 5 minutes, failed requests and GPU memory (not yet run)
+#   soak         bench_serve's soak: concurrency 128 for 5 minutes or more, failed requests and GPU memory    (~7 min)
 #   profile      compiled 4K and 128K prefill and 64 x 4K decode-step profiles, ring-linear and the twin (~9 min;
 #                PROFILE_CASES picks; RING_LINEAR_ROUTER_PRODUCTS=bf16x3 times the tensor-core router GEMM)
 #   precision    precision_sweep: tf32 / tf32x3 / ieee / bf16 products vs float64 logprobs, 1K-32K (issue 15) (untimed)
 #   second-pass  probe_second_pass: one engine, the same 128 x 4K/256 requests 3 times, ring-linear and the twin:
-#                wall, kernel time and allocator counters per pass (why the served warm pass is slower) (untimed)
+#                wall, kernel time and allocator counters per pass (why the served warm pass is slower) (untimed;
+#                SECOND_PASS_VARIANTS picks)
 #   serve-ring-sgl  bench_serve on SGLang: ring-linear through launch_server (SGLang staged, own call)    (~7 min, 3 workloads)
 #   serve-twin-sgl  the same for the twin, SGLang's native BailingMoeV2ForCausalLM (~8 min, 3 workloads)
 #   sgl-engine   pytest -m gpu: the SGLang adapter's engine tests (SGLang 0.5.17 staged in /tmp/gpu-site-sgl; PYTEST_K picks;
@@ -79,11 +83,15 @@ for step in "$@"; do
     flash) run flash 570 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -m gpu tests/ring_linear_vllm/test_engine_gpu.py \
       -k ring_flash ;;
     faults) run faults 540 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -m gpu tests/ring_linear_vllm/test_engine_gpu.py \
-      -k "$FAULTS" ;;
+      -k "($FAULTS) and not 2000_step" ;;
+    decode-2000) run decode-2000 300 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -m gpu \
+      tests/ring_linear_vllm/test_engine_gpu.py -k 2000_step ;;
     prefix) run prefix 570 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -m gpu \
       tests/ring_linear_vllm/test_prefix_caching_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} ;;
     aligned) run aligned 540 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -m gpu \
       tests/ring_linear_vllm/test_aligned_gpu.py ;;
+    aligned-probe) run aligned-probe 240 env CUDA_VISIBLE_DEVICES=0 RING_LINEAR_ALIGNED=1 VLLM_BATCH_INVARIANT=1 \
+      python3 -m benchmarks.probe_aligned "${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}" ${PROBE_ARGS:-} ;;
     tp2) run tp2 420 python3 -m pytest -q -s -m gpu tests/ring_linear_vllm/test_engine_gpu.py -k tensor_parallel ;;
     bench) run bench 540 python3 -m benchmarks.bench_linear_attn --dtype bf16 fp32 --json "$out/bench.json" ;;
     sweep) run sweep 540 python3 -m benchmarks.sweep_linear_attn ;;
@@ -120,7 +128,7 @@ for step in "$@"; do
       done ;;
     precision) run precision 300 python3 -m benchmarks.precision_sweep "${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}" ;;
     second-pass)  # one in-process engine, the same requests three times: host, GPU and allocator per pass
-      for variant in ring-linear softmax-twin; do
+      for variant in ${SECOND_PASS_VARIANTS:-ring-linear softmax-twin}; do
         run "second-pass-$variant" 280 python3 -m benchmarks.probe_second_pass --variant "$variant"
       done ;;
     *) echo "unknown step: $step (see the header of $0)" >&2; exit 2 ;;

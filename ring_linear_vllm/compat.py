@@ -26,6 +26,13 @@ def fused_moe(**kwargs: Any) -> torch.nn.Module:
 LINEAR_ATTENTION_OP = "ring_linear_attention"  # registered as torch.ops.vllm.ring_linear_attention
 
 
+def attention_backend(name: str) -> Any:
+    """vLLM's attention backend `name` (e.g. TRITON_ATTN) as its attention config holds it."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    return AttentionBackendEnum[name]
+
+
 def splitting_op_name() -> str:
     return f"vllm::{LINEAR_ATTENTION_OP}"
 

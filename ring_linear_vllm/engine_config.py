@@ -20,7 +20,7 @@ from common_kernels.serving import (
     linear_state_shape,
 )
 from ring_linear_vllm import PREFIX_CACHING_OPT_IN
-from ring_linear_vllm.compat import check_kv_cache_write_width, splitting_op_name
+from ring_linear_vllm.compat import attention_backend, check_kv_cache_write_width, splitting_op_name
 
 logger = init_logger(__name__)
 BATCH_INVARIANT = "VLLM_BATCH_INVARIANT"  # vLLM's switch (`vllm.envs`)
@@ -75,6 +75,8 @@ class RingLinearEngineConfig(VerifyAndUpdateConfig):
             logger.warning("ring-linear: added %s to the given splitting_ops", splitting_op_name())
         check_prefix_caching(vllm_config)
         check_batch_invariance()
+        if aligned_mode():
+            choose_invariant_attention(vllm_config, config.head_dim)
 
 
 def opted_in_to_prefix_caching() -> bool:
@@ -109,6 +111,19 @@ def check_prefix_caching(vllm_config) -> None:
             "prefill does not write): use --mamba-cache-mode align"
         )
     logger.warning("ring-linear: prefix caching on for %s in 'align' mode (%s=1)", architecture, PREFIX_CACHING_OPT_IN)
+
+
+def choose_invariant_attention(vllm_config, head_dim: int) -> None:
+    """Aligned mode's softmax attention, unless the user chose a backend: one that batch-invariant mode runs as
+    the same kernel in prefill, decode and mixed steps. On a GPU (run N) aligned requests kept their prompt
+    logprobs in a batch but not their decodes; FlashAttention 3, the bf16 default on Hopper, picks its GQA packing
+    and paged-KV loads by the step's longest query, so a decode beside other prompts' prefills runs another kernel
+    than alone. vLLM's Triton backend (head sizes from 32) and FlexAttention (any, slower) do not."""
+    attention = vllm_config.attention_config
+    if attention.backend is None:
+        name = "TRITON_ATTN" if head_dim >= 32 else "FLEX_ATTENTION"
+        attention.backend = attention_backend(name)
+        logger.info("ring-linear: aligned mode serves softmax attention with vLLM's %s backend", name)
 
 
 def check_batch_invariance() -> None:

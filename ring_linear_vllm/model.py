@@ -39,7 +39,7 @@ from common_kernels.config import RingLinearConfig
 from common_kernels.model.layers import RMSNorm
 from common_kernels.ops.rope.naive import qk_norm_rope, rotary_cos_sin, rotary_inv_freq
 from common_kernels.precision import RESIDUAL_DTYPE, ROPE_DTYPE, ROUTER_DTYPE
-from common_kernels.serving import RouterGate, load_checkpoint_tensors, place_tensor
+from common_kernels.serving import RouterGate, aligned_mode, load_checkpoint_tensors, place_tensor
 
 from .compat import fused_moe
 from .engine_config import state_dtypes, state_shapes
@@ -74,7 +74,7 @@ class RingMLP(nn.Module):
 class RingMoE(nn.Module):
     def __init__(self, config: RingLinearConfig, quant_config, prefix: str) -> None:
         super().__init__()
-        self.gate = RouterGate(config)
+        self.gate = RouterGate(config, invariant=aligned_mode())  # cuBLAS's choice of kernel follows the batch
         self.shared_experts = (
             RingMLP(
                 config,

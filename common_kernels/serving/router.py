@@ -12,10 +12,12 @@ from ..precision import ROUTER_DTYPE
 
 class RouterGate(nn.Module):
     """Router logits in fp32 from an fp32 weight, never rounded to bf16 (near-ties pick the experts); the
-    expert bias only selects experts and stays fp32 too. Engines hand both to their fused MoE."""
+    expert bias only selects experts and stays fp32 too. Engines hand both to their fused MoE. `invariant`:
+    aligned mode's batch-invariant router GEMM (`ops.moe.router_gemm`)."""
 
-    def __init__(self, config: RingLinearConfig) -> None:
+    def __init__(self, config: RingLinearConfig, invariant: bool = False) -> None:
         super().__init__()
+        self.invariant = invariant
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, dtype=ROUTER_DTYPE))
         self.expert_bias = (
             nn.Parameter(torch.zeros(config.num_experts, dtype=ROUTER_DTYPE))
@@ -24,4 +26,4 @@ class RouterGate(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return router_logits(x, self.weight)
+        return router_logits(x, self.weight, invariant=self.invariant)

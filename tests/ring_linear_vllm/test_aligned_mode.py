@@ -76,3 +76,30 @@ def test_without_aligned_mode_the_steps_are_the_default_ones(vllm_tools, tiny_di
     assert not backend.supports_batch_invariance()
     meta = builder.build(0, vllm_tools.common_metadata([1, 7, 6], [10, 7, 20], [5, 3, 0], builder.device))
     assert not meta.step.aligned and not meta.step.prefill_plan.aligned
+
+
+def _gates(model) -> list:
+    return [layer.mlp.gate for layer in model.model.layers if hasattr(layer.mlp, "gate")]
+
+
+def test_aligned_mode_routes_with_the_invariant_gemm_and_one_attention_kernel(vllm_tools, tiny_dir, aligned_env):
+    """cuBLAS's router GEMM and FlashAttention 3 choose kernels by the batch; aligned mode takes neither (the tiny
+    model's 16-wide heads are below the Triton backend's 32: FlexAttention)."""
+    cfg = vllm_tools.engine_config(tiny_dir, enable_chunked_prefill=False)
+    assert cfg.attention_config.backend.name == "FLEX_ATTENTION"
+    gates = _gates(vllm_tools.build_model(cfg))
+    assert gates and all(gate.invariant for gate in gates)
+
+
+def test_aligned_mode_leaves_a_chosen_attention_backend_alone(vllm_tools, tiny_dir, aligned_env):
+    cfg = vllm_tools.engine_config(tiny_dir, enable_chunked_prefill=False, attention_backend="TRITON_ATTN")
+    assert cfg.attention_config.backend.name == "TRITON_ATTN"
+
+
+def test_default_mode_keeps_the_plain_router_and_vllms_attention_choice(vllm_tools, tiny_dir, monkeypatch):
+    monkeypatch.delenv("RING_LINEAR_ALIGNED", raising=False)
+    monkeypatch.delenv("VLLM_BATCH_INVARIANT", raising=False)
+    cfg = vllm_tools.engine_config(tiny_dir)
+    assert cfg.attention_config.backend is None
+    gates = _gates(vllm_tools.build_model(cfg))
+    assert gates and not any(gate.invariant for gate in gates)

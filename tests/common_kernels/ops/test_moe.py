@@ -153,3 +153,82 @@ def test_bf16x3_router_logits_on_a_gpu_are_fp32_accurate(monkeypatch):
     with torch.no_grad():
         logits = router_gemm.router_logits(x, w)
     assert_rel_rms("bf16x3 router logits", x.double() @ w.double().t(), logits, 1e-6)
+
+
+# ----- aligned mode's router GEMM: fixed tiles, exact fp32 products, a row's bits independent of the batch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("T,D,E", [(0, 64, 8), (1, 64, 8), (17, 40, 72), (33, 96, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_invariant_router_logits_match_float64(T, D, E, dtype):
+    """Ragged rows, a hidden size that is not a whole number of tiles, experts beyond one tile, no rows at all."""
+    from common_kernels.ops.moe.router_gemm import router_logits
+
+    g = torch.Generator().manual_seed(T + D + E)
+    x = torch.randn(T, D, generator=g).to(dtype)
+    w = torch.randn(E, D, generator=g) * 0.05
+    with torch.no_grad():
+        logits = router_logits(x.to(DEVICE), w.to(DEVICE), invariant=True).cpu()
+    assert logits.dtype == torch.float32 and logits.shape == (T, E)
+    if T:
+        assert_rel_rms("invariant router logits", x.double() @ w.double().t(), logits, 1e-6)
+
+
+def test_invariant_router_logits_of_a_row_do_not_depend_on_the_batch():
+    """The property aligned mode needs: a row alone, first, last or in the middle of 1-300 rows, the same bits."""
+    from common_kernels.ops.moe.router_gemm import router_logits
+
+    g = torch.Generator().manual_seed(6)
+    batch = torch.randn(300, 96, generator=g).to(DEVICE)
+    w = (torch.randn(72, 96, generator=g) * 0.05).to(DEVICE)
+    with torch.no_grad():
+        alone = router_logits(batch[123:124], w, invariant=True)
+        for rows in [slice(123, 124), slice(120, 137), slice(0, 300), slice(123, 300), slice(100, 124)]:
+            together = router_logits(batch[rows], w, invariant=True)
+            assert torch.equal(together[123 - rows.start], alone[0]), rows
+
+
+def test_invariant_router_logits_take_the_plain_gradient():
+    """Aligned forward, standard backward: the gradients equal the fp32 GEMM's."""
+    from common_kernels.ops.moe.router_gemm import router_logits
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(9, 40, generator=g, requires_grad=True)
+    w = (torch.randn(24, 40, generator=g) * 0.05).requires_grad_()
+    dy = torch.randn(9, 24, generator=g)
+    (router_logits(x.to(DEVICE), w.to(DEVICE), invariant=True) * dy.to(DEVICE)).sum().backward()
+    x2, w2 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    (router_logits(x2, w2) * dy.double()).sum().backward()
+    assert_rel_rms("dx", x2.grad, x.grad, 1e-6)
+    assert_rel_rms("dw", w2.grad, w.grad, 1e-6)
+
+
+def test_invariant_router_logits_refuse_mismatched_shapes():
+    from common_kernels.ops.moe.router_gemm import router_logits
+
+    with pytest.raises(ValueError, match=r"hidden states \(4, 64\) and gate weight \(8, 32\)"):
+        router_logits(torch.randn(4, 64, device=DEVICE), torch.randn(8, 32, device=DEVICE), invariant=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_invariant_router_logits_on_a_gpu_are_batch_invariant_at_ring_mini_size():
+    """Ring-mini's router (2,048 -> 256) for 1 to 8,192 rows: row 0's bits never move; cuBLAS's fp32 GEMM is
+    printed beside it for the record (it picks kernels by row count)."""
+    from common_kernels.ops.moe.router_gemm import router_logits
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(8192, 2048, generator=g).bfloat16().cuda()
+    w = (torch.randn(256, 2048, generator=g) * 0.02).cuda()
+    with torch.no_grad():
+        alone = router_logits(x[:1], w, invariant=True)
+        plain_alone = router_logits(x[:1], w)
+        plain_moved = []
+        for rows in [2, 5, 16, 17, 300, 2048, 8192]:
+            assert torch.equal(router_logits(x[:rows], w, invariant=True)[0], alone[0]), rows
+            plain_moved += [rows] if not torch.equal(router_logits(x[:rows], w)[0], plain_alone[0]) else []
+        reference = x[:64].double() @ w.double().t()
+        assert_rel_rms("invariant router logits", reference, router_logits(x[:64], w, invariant=True), 1e-6)
+    print(f"\ncuBLAS fp32 router GEMM: row 0 changed bits at {plain_moved or 'no'} row counts")  # noqa: T201

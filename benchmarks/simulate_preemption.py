@@ -1,0 +1,112 @@
+"""How often vLLM preempts on a given pool, without a GPU: vLLM's own scheduler and KV-cache manager driven with
+fake model outputs (one token per finished prefill or decode), for the tiny checkpoint's cache layout (2 softmax
+layers, 4 linear layers, fp32). This is how the forced-preemption GPU test picks `num_gpu_blocks_override`: vLLM
+admits a request only when its whole prompt fits, so a pool that holds one request at a time never preempts.
+
+python -m benchmarks.simulate_preemption runs/tiny/trained --blocks 40 150 --max-tokens 96   (vLLM 0.26, CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+
+def simulate(checkpoint: str, blocks: int, lengths: list[int], max_tokens: int, budget: int) -> tuple[int, int, int]:
+    """(engine steps, preemptions, most requests running at once) for `lengths` prompts on `blocks` blocks."""
+    import torch
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.core.kv_cache_utils import (
+        generate_scheduler_kv_cache_config,
+        get_kv_cache_configs,
+        resolve_kv_cache_block_sizes,
+    )
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec
+    from vllm.v1.outputs import ModelRunnerOutput
+    from vllm.v1.request import Request
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    config = EngineArgs(
+        model=checkpoint,
+        dtype="float32",
+        max_model_len=512,
+        max_num_seqs=64,
+        num_gpu_blocks_override=blocks,
+        max_num_batched_tokens=budget,
+        skip_tokenizer_init=True,
+        enforce_eager=True,
+    ).create_engine_config()
+    config.scheduler_config.disable_hybrid_kv_cache_manager = False  # as on the GPU
+    cache = config.cache_config
+    attention = FullAttentionSpec(block_size=cache.block_size, num_kv_heads=2, head_size=16, dtype=torch.float32)
+    state = MambaSpec(
+        block_size=cache.mamba_block_size or 512,
+        shapes=((4, 16, 16),),
+        dtypes=(torch.float32,),
+        mamba_cache_mode=cache.mamba_cache_mode,
+    )
+    specs = {f"layer{i}": attention if i in (2, 5) else state for i in range(6)}
+    kv_cache = generate_scheduler_kv_cache_config(get_kv_cache_configs(config, [specs], [10**10]))
+    cache.num_gpu_blocks = kv_cache.num_blocks
+    cache.block_size = min(group.kv_cache_spec.block_size for group in kv_cache.kv_cache_groups)
+    block_size, hash_block_size = resolve_kv_cache_block_sizes(kv_cache, config)
+    scheduler = Scheduler(
+        config, kv_cache, StructuredOutputManager(config), block_size=block_size, hash_block_size=hash_block_size
+    )
+    preempted = []
+    preempt = scheduler._preempt_request
+    scheduler._preempt_request = lambda request, when: (preempted.append(request.request_id), preempt(request, when))
+    rng = random.Random(11)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    for index, length in enumerate(lengths):
+        prompt = [rng.randrange(3, 64) for _ in range(length)]
+        scheduler.add_request(Request(str(index), prompt, params, None, None))
+    steps = most_running = 0
+    while scheduler.has_requests():
+        step = scheduler.schedule()
+        steps += 1
+        most_running = max(most_running, len(scheduler.running))
+        ids = list(step.num_scheduled_tokens)
+        sampled = []
+        for request_id in ids:
+            request = scheduler.requests[request_id]
+            caught_up = request.num_computed_tokens + step.num_scheduled_tokens[request_id] >= request.num_tokens
+            sampled.append([5] if caught_up else [])
+        output = ModelRunnerOutput(
+            req_ids=ids,
+            req_id_to_index={request_id: k for k, request_id in enumerate(ids)},
+            sampled_token_ids=sampled,
+            logprobs=None,
+            prompt_logprobs_dict={},
+            pooler_output=[],
+        )
+        scheduler.update_from_output(step, output)
+    return steps, len(preempted), most_running
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("checkpoint")
+    parser.add_argument("--blocks", type=int, nargs="+", required=True)
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--budget", type=int, default=256, help="max_num_batched_tokens")
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "ring_linear_vllm"))
+    from conftest import _install_cpu_platform  # the test suite's CPU platform for vLLM's CUDA wheel
+
+    _install_cpu_platform()
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
+    lengths = [random.Random(11).randint(50, 400) for _ in range(64)]  # the GPU test's prompts
+    for blocks in args.blocks:
+        steps, preemptions, running = simulate(args.checkpoint, blocks, lengths, args.max_tokens, args.budget)
+        print(f"{blocks} blocks: {steps} steps, {preemptions} preemptions, at most {running} requests running")
+
+
+if __name__ == "__main__":
+    main()
