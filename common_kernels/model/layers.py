@@ -38,6 +38,11 @@ class ForwardContext:
     use_triton: bool = False  # qk-norm/RoPE, linear attention and norm/gate through the Triton kernels
     served_prompt_lengths: list[int] | None = None  # aligned mode: linear attention as an aligned engine serves it
 
+    @property
+    def aligned(self) -> bool:
+        """Aligned mode (`RingLinearForCausalLM.token_logprobs(aligned=True)`)."""
+        return self.served_prompt_lengths is not None
+
     def sequences(self):
         return zip(self.cu_seqlens[:-1], self.cu_seqlens[1:], strict=False)
 
@@ -101,17 +106,18 @@ class MoE(nn.Module):
             else None
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids, weights = self.route(x)
+    def forward(self, x: torch.Tensor, aligned: bool = False) -> torch.Tensor:
+        ids, weights = self.route(x, aligned)
         out = moe_combine(x, ids, weights, self.experts)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x).to(out.dtype)
         return out.to(x.dtype)
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each token's experts and weights (`ops.moe.naive.route`)."""
+    def route(self, x: torch.Tensor, aligned: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's experts and weights (`ops.moe.naive.route`); `aligned`: the router GEMM an aligned engine
+        runs."""
         c = self.config
-        return route(x, *self._selection_inputs(), c.routed_scaling_factor, c.norm_topk_prob)
+        return route(x, *self._selection_inputs(), c.routed_scaling_factor, c.norm_topk_prob, aligned)
 
     def selection_margin(self, x: torch.Tensor) -> torch.Tensor:
         """How far each token's expert choice is from changing (`ops.moe.naive.selection_margin`)."""
@@ -183,7 +189,7 @@ class LinearAttention(nn.Module):
             ctx.cos, ctx.sin, c.rms_norm_eps, silu=c.linear_silu, use_triton=ctx.use_triton,
         )  # fmt: skip
         rates = decay_rates(c, self.layer_idx, dtype=q.dtype, device=a.device)
-        if ctx.served_prompt_lengths is not None:  # v as the engine passes it: widening in the kernel is exact
+        if ctx.aligned:  # v as the engine passes it: widening in the kernel is exact
             o = linear_attention_as_served(
                 q, k, v, rates, self.head_dim**-0.5, ctx.cu_seqlens, ctx.served_prompt_lengths
             )  # fmt: skip
@@ -216,7 +222,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext, dtype: torch.dtype) -> torch.Tensor:
         h = h + self.attention(self.input_layernorm(h, out_dtype=dtype), ctx).to(h.dtype)
-        return h + self.mlp(self.post_attention_layernorm(h, out_dtype=dtype)).to(h.dtype)
+        x = self.post_attention_layernorm(h, out_dtype=dtype)
+        return h + (self.mlp(x, ctx.aligned) if isinstance(self.mlp, MoE) else self.mlp(x)).to(h.dtype)
 
 
 def _weight(norm: RMSNorm | None) -> torch.Tensor | None:

@@ -334,19 +334,27 @@ def test_bad_dtypes_and_configs_are_named(random_tiny, tmp_path):
 def test_aligned_token_logprobs_decode_the_generated_tokens_as_an_engine_does(monkeypatch):
     """aligned=True runs the linear layers as an aligned engine (prompt prefilled, generated tokens decoded): the
     same function as the default to rounding, other bits (the switch does something), gradients flowing; the
-    linear layers get the prompt lengths (a wrong one is named)."""
+    linear layers get the prompt lengths (a wrong one is named), and each MoE layer routes through the engine's
+    batch-invariant router GEMM."""
     from common_kernels.model import layers
+    from common_kernels.ops.moe import router_gemm
 
     model = tiny_model(dtype=torch.float32, seed=7, use_triton=True)
     ids = torch.randint(3, 64, (21,))
     offsets, prompts = [0, 6, 21], [1, 9]
-    seen = []
+    seen, routed = [], []
     real = layers.linear_attention_as_served
     monkeypatch.setattr(layers, "linear_attention_as_served", lambda *a: seen.append(a[5:]) or real(*a))
+    real_router = router_gemm._launch_invariant
+    monkeypatch.setattr(router_gemm, "_launch_invariant", lambda *a: routed.append(1) or real_router(*a))
     default = model.token_logprobs(ids, cu_seqlens=offsets)
+    assert routed == []
     aligned = model.token_logprobs(ids, cu_seqlens=offsets, aligned=True, prompt_lengths=prompts)
-    linear_layers = sum(not model.config.is_softmax_layer(i) for i in range(model.config.num_hidden_layers))
-    assert seen == [(offsets, prompts)] * linear_layers
+    layer_kinds = [
+        (model.config.is_softmax_layer(i), model.config.is_moe_layer(i)) for i in range(len(model.model.layers))
+    ]
+    assert seen == [(offsets, prompts)] * sum(not softmax for softmax, _ in layer_kinds)
+    assert len(routed) == sum(moe for _, moe in layer_kinds) > 0
     assert_rel_rms("aligned logprobs", default.double(), aligned, 1e-5)
     assert not torch.equal(default, aligned)
     model.zero_grad()
