@@ -18,7 +18,7 @@
 #   faults       the vLLM engine under faults: preemption, aborts, chunk boundaries                (~6 min)
 #   decode-2000  the 2,000-step fp32 greedy decode against the shim (a fault test of its own call)      (~2 min)
 #   prefix       pytest -m gpu: vLLM prefix caching with the linear state, cache on vs off (PYTEST_K picks) (~8 min)
-#   aligned      pytest -m gpu: aligned mode, a request's bits alone = in a batch of 64 (issue 15)   (not yet run)
+#   aligned      pytest -m gpu: aligned mode, a request's bits alone = in a batch of 64 (issue 15)   (~3 min)
 #   aligned-probe  probe_aligned: where aligned mode's batch invariance breaks, first prompt / generated position
 #                per request (PROBE_ARGS, e.g. "--eager --dtype bfloat16")                            (~2 min)
 #   tp2          the tensor-parallel-2 engine test (needs 2 GPUs)                         (~4 min)

@@ -31,6 +31,14 @@ def served(outputs) -> list[tuple[list[int], list[float], list[float]]]:
     ]
 
 
+def mixed_prompts() -> list[list[int]]:
+    """64 prompts of the tiny vocabulary: 1, 2, 63, 64, 65 and 300 tokens (around the 64-token segment grid), then
+    58 random lengths up to 300."""
+    rng = random.Random(31)
+    lengths = [1, 2, 63, 64, 65, 300] + [rng.randint(1, 300) for _ in range(58)]
+    return [[rng.randrange(3, 64) for _ in range(n)] for n in lengths]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("checkpoint")
@@ -42,9 +50,7 @@ def main() -> None:
         raise SystemExit("probe_aligned: set RING_LINEAR_ALIGNED=1 (and VLLM_BATCH_INVARIANT=1)")
     from vllm import LLM, SamplingParams, TokensPrompt
 
-    rng = random.Random(31)
-    lengths = [1, 2, 63, 64, 65, 300] + [rng.randint(1, 300) for _ in range(58)]
-    prompts = [[rng.randrange(3, 64) for _ in range(n)] for n in lengths]
+    prompts = mixed_prompts()
     llm = LLM(
         model=args.checkpoint,
         dtype=args.dtype,

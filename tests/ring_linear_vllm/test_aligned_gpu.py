@@ -7,7 +7,6 @@ prefix caching), CUDA graphs on.
 from __future__ import annotations
 
 import os
-import random
 
 import pytest
 
@@ -15,37 +14,23 @@ pytest.importorskip("vllm")
 
 from vllm_runs import free, generate, make_llm  # noqa: E402
 
+from benchmarks.probe_aligned import mixed_prompts, served  # noqa: E402
+
 pytestmark = pytest.mark.gpu
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-
-
-def _logprobs(outputs) -> list[tuple[list[int], list[float], list[float]]]:
-    """Each request's generated ids, their logprobs and its prompt logprobs (after the first token)."""
-    return [
-        (
-            list(o.outputs[0].token_ids),
-            [next(iter(d.values())).logprob for d in o.outputs[0].logprobs],
-            [next(iter(d.values())).logprob for d in o.prompt_logprobs[1:]],
-        )
-        for o in outputs
-    ]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_request_gets_the_same_bits_alone_and_in_a_batch_of_64(tiny_trained, monkeypatch, dtype):
     monkeypatch.setenv("RING_LINEAR_ALIGNED", "1")
     monkeypatch.setenv("VLLM_BATCH_INVARIANT", "1")
-    rng = random.Random(31)
-    prompts = [
-        [rng.randrange(3, 64) for _ in range(n)]
-        for n in [1, 2, 63, 64, 65, 300] + [rng.randint(1, 300) for _ in range(58)]
-    ]
+    prompts = mixed_prompts()
     llm = make_llm(
         tiny_trained, dtype=dtype, enable_chunked_prefill=False, max_num_batched_tokens=512, enforce_eager=False
     )
     try:
-        batch = _logprobs(generate(llm, prompts, 16, logprobs=0, prompt_logprobs=0))
-        alone = [_logprobs(generate(llm, [p], 16, logprobs=0, prompt_logprobs=0))[0] for p in prompts[::7]]
+        batch = served(generate(llm, prompts, 16, logprobs=0, prompt_logprobs=0))
+        alone = [served(generate(llm, [p], 16, logprobs=0, prompt_logprobs=0))[0] for p in prompts[::7]]
     finally:
         free(llm)
     unequal = sum(a != b for a, b in zip(alone, batch[::7], strict=True))
@@ -54,7 +39,7 @@ def test_a_request_gets_the_same_bits_alone_and_in_a_batch_of_64(tiny_trained, m
     assert unequal == 0
 
 
-def report_gap_to_the_shim(checkpoint, dtype: str, prompts, served) -> None:
+def report_gap_to_the_shim(checkpoint, dtype: str, prompts, outputs) -> None:
     """Issue 15's measurement, printed (the shim's GEMMs, MoE and softmax attention are not yet the engine's, so
     no bitwise claim is made here): the shim's `token_logprobs(aligned=True)` on each prompt + its generated
     tokens against the engine's logprobs of the same tokens."""
@@ -63,14 +48,14 @@ def report_gap_to_the_shim(checkpoint, dtype: str, prompts, served) -> None:
     from common_kernels import RingLinearForCausalLM
 
     shim = RingLinearForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype), device="cuda").eval()
-    sequences = [prompt + tokens for prompt, (tokens, _, _) in zip(prompts, served, strict=True)]
+    sequences = [prompt + tokens for prompt, (tokens, _, _) in zip(prompts, outputs, strict=True)]
     offsets = [0, *torch.tensor([len(s) for s in sequences]).cumsum(0).tolist()]
     ids = torch.tensor([t for s in sequences for t in s], device="cuda")
     with torch.no_grad():
         logprobs = shim.token_logprobs(
             ids, cu_seqlens=offsets, aligned=True, prompt_lengths=[len(p) for p in prompts]
         ).cpu()
-    engine = torch.tensor([x for (_, sampled, prompt_lp) in served for x in [0.0, *prompt_lp, *sampled]])
+    engine = torch.tensor([x for (_, sampled, prompt_lp) in outputs for x in [0.0, *prompt_lp, *sampled]])
     mine = torch.cat([logprobs[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)])
     gap = (mine.double() - engine.double()).abs()
     print(
