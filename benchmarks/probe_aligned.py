@@ -31,6 +31,18 @@ def served(outputs) -> list[tuple[list[int], list[float], list[float]]]:
     ]
 
 
+def where_they_differ(alone, together) -> str | None:
+    """For one request's (tokens, logprobs, prompt logprobs) alone and in the batch: None if the same bits, else
+    where they first differ."""
+    tokens, sampled, prompt = together
+    prompt_at = first_difference(alone[2], prompt)
+    sampled_at = first_difference(alone[1], sampled) if alone[0] == tokens else first_difference(alone[0], tokens)
+    if prompt_at is None and sampled_at is None:
+        return None
+    moved = "" if alone[0] == tokens else " (tokens differ)"
+    return f"first prompt difference at {prompt_at}, first generated difference at {sampled_at}{moved}"
+
+
 def mixed_prompts() -> list[list[int]]:
     """64 prompts of the tiny vocabulary: 1, 2, 63, 64, 65 and 300 tokens (around the 64-token segment grid), then
     58 random lengths up to 300."""
@@ -72,18 +84,10 @@ def main() -> None:
     print(f"{args.dtype}, {'eager' if args.eager else 'compiled + CUDA graphs'}:")
     unequal = 0
     for index in range(0, len(prompts), args.every):
-        alone = run([prompts[index]])[0]
-        tokens, sampled, prompt = together[index]
-        prompt_at = first_difference(alone[2], prompt)
-        sampled_at = first_difference(alone[1], sampled) if alone[0] == tokens else first_difference(alone[0], tokens)
-        if prompt_at is None and sampled_at is None:
-            continue
-        unequal += 1
-        print(
-            f"  request {index} ({len(prompts[index])} prompt tokens): first prompt difference at "
-            f"{prompt_at}, first generated difference at {sampled_at}"
-            + ("" if alone[0] == tokens else " (tokens differ)")
-        )
+        where = where_they_differ(run([prompts[index]])[0], together[index])
+        if where is not None:
+            unequal += 1
+            print(f"  request {index} ({len(prompts[index])} prompt tokens): {where}")
     print(f"  {unequal} of {len(range(0, len(prompts), args.every))} requests differ alone vs in the batch")
 
 

@@ -14,7 +14,7 @@ pytest.importorskip("vllm")
 
 from vllm_runs import free, generate, make_llm  # noqa: E402
 
-from benchmarks.probe_aligned import mixed_prompts, served  # noqa: E402
+from benchmarks.probe_aligned import mixed_prompts, served, where_they_differ  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
@@ -33,8 +33,12 @@ def test_a_request_gets_the_same_bits_alone_and_in_a_batch_of_64(tiny_trained, m
         alone = [served(generate(llm, [p], 16, logprobs=0, prompt_logprobs=0))[0] for p in prompts[::7]]
     finally:
         free(llm)
-    unequal = sum(a != b for a, b in zip(alone, batch[::7], strict=True))
+    differences = [where_they_differ(a, b) for a, b in zip(alone, batch[::7], strict=True)]
+    unequal = sum(d is not None for d in differences)
     print(f"\n[{dtype}] aligned mode: {unequal} of {len(alone)} requests differ alone vs in the batch (bitwise)")
+    for index, where in zip(range(0, len(prompts), 7), differences, strict=True):
+        if where is not None:
+            print(f"  request {index} ({len(prompts[index])} prompt tokens): {where}")
     report_gap_to_the_shim(tiny_trained, dtype, prompts, batch)
     assert unequal == 0
 
