@@ -37,6 +37,7 @@ from vllm.sequence import IntermediateTensors
 
 from common_kernels.config import RingLinearConfig
 from common_kernels.model.layers import RMSNorm
+from common_kernels.ops.rope.fused import qk_norm_rope_packed
 from common_kernels.ops.rope.naive import qk_norm_rope, rotary_cos_sin, rotary_inv_freq
 from common_kernels.precision import RESIDUAL_DTYPE, ROPE_DTYPE, ROUTER_DTYPE
 from common_kernels.serving import RouterGate, aligned_mode, load_checkpoint_tensors, place_tensor
@@ -118,7 +119,7 @@ class RingSoftmaxAttention(nn.Module):
         tp_size = get_tensor_model_parallel_world_size()
         H, Hkv, d, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.hidden_size
         quant_config = vllm_config.quant_config
-        self.eps = config.rms_norm_eps
+        self.eps, self.aligned = config.rms_norm_eps, aligned_mode()
         self.num_heads, self.num_kv_heads, self.head_dim = H // tp_size, max(1, Hkv // tp_size), d
         self.query_key_value = QKVParallelLinear(
             D, d, H, Hkv, bias=False, quant_config=quant_config, prefix=f"{prefix}.query_key_value"
@@ -142,15 +143,15 @@ class RingSoftmaxAttention(nn.Module):
         T, d = a.shape[0], self.head_dim
         qkv, _ = self.query_key_value(a)
         q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
-        q, k = qk_norm_rope(
-            q.view(T, self.num_heads, d),
-            k.view(T, self.num_kv_heads, d),
-            norm_weight(self.query_layernorm),
-            norm_weight(self.key_layernorm),
-            cos,
-            sin,
-            self.eps,
-        )
+        weights = norm_weight(self.query_layernorm), norm_weight(self.key_layernorm)
+        if self.aligned:  # the shim's kernel (one launch over q and k), not the compiler's
+            heads = qkv.view(T, self.num_heads + 2 * self.num_kv_heads, d)[:, : self.num_heads + self.num_kv_heads]
+            qk = qk_norm_rope_packed(heads, self.num_heads, *weights, cos, sin, self.eps, qkv.dtype)
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        else:
+            q, k = qk_norm_rope(
+                q.view(T, self.num_heads, d), k.view(T, self.num_kv_heads, d), *weights, cos, sin, self.eps
+            )
         o = self.attn(q.reshape(T, -1), k.reshape(T, -1), v)
         out, _ = self.dense(o)
         return out
@@ -164,6 +165,7 @@ class RingDecoderLayer(nn.Module):
         layer_idx = extract_layer_index(prefix)
         D, eps, quant_config = config.hidden_size, config.rms_norm_eps, vllm_config.quant_config
         self.dtype = vllm_config.model_config.dtype
+        self.aligned = aligned_mode()  # the norms through aligned mode's kernel, as the shim runs them
         self.is_linear = not config.is_softmax_layer(layer_idx)
         self.input_layernorm = RMSNorm(D, eps)
         self.attention = (
@@ -179,9 +181,9 @@ class RingDecoderLayer(nn.Module):
         )
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        a = self.input_layernorm(h, out_dtype=self.dtype)
+        a = self.input_layernorm(h, self.dtype, self.aligned)
         h = h + self.attention(a, cos, sin).to(h.dtype)
-        return h + self.mlp(self.post_attention_layernorm(h, out_dtype=self.dtype)).to(h.dtype)
+        return h + self.mlp(self.post_attention_layernorm(h, self.dtype, self.aligned)).to(h.dtype)
 
 
 @support_torch_compile(
@@ -192,6 +194,7 @@ class RingLinearModel(nn.Module):
         super().__init__()
         config: RingLinearConfig = vllm_config.model_config.hf_config
         self.config, self.dtype = config, vllm_config.model_config.dtype
+        self.aligned = aligned_mode()
         pp = get_pp_group()
         if pp.is_first_rank or (config.tie_word_embeddings and pp.is_last_rank):
             self.word_embeddings = VocabParallelEmbedding(
@@ -231,7 +234,7 @@ class RingLinearModel(nn.Module):
             h = layer(h, cos, sin)
         if not get_pp_group().is_last_rank:
             return IntermediateTensors({"hidden_states": h})
-        return self.norm(h, out_dtype=self.dtype)
+        return self.norm(h, self.dtype, self.aligned)
 
 
 class RingLinearForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsPP):

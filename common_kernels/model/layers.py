@@ -18,6 +18,7 @@ from ..ops.linear_attn.backward import linear_attention_varlen_triton
 from ..ops.linear_attn.naive import linear_attention_varlen
 from ..ops.moe.naive import moe_combine, route, selection_margin, swiglu_mlp
 from ..ops.norm.naive import rms_norm
+from ..ops.norm.rms import rms_norm_aligned
 from ..ops.packing import equal_length_groups
 from ..ops.rope.fused import qk_norm_rope_triton
 from ..ops.rope.naive import qk_norm_rope
@@ -53,8 +54,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size, **factory))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps, out_dtype)
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None, aligned: bool = False) -> torch.Tensor:
+        """`aligned`: aligned mode's kernel (`ops.norm.rms`), which an aligned engine runs too."""
+        return (rms_norm_aligned if aligned else rms_norm)(x, self.weight, self.eps, out_dtype)
 
 
 class MLP(nn.Module):
@@ -221,8 +223,8 @@ class DecoderLayer(nn.Module):
         )
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext, dtype: torch.dtype) -> torch.Tensor:
-        h = h + self.attention(self.input_layernorm(h, out_dtype=dtype), ctx).to(h.dtype)
-        x = self.post_attention_layernorm(h, out_dtype=dtype)
+        h = h + self.attention(self.input_layernorm(h, dtype, ctx.aligned), ctx).to(h.dtype)
+        x = self.post_attention_layernorm(h, dtype, ctx.aligned)
         return h + (self.mlp(x, ctx.aligned) if isinstance(self.mlp, MoE) else self.mlp(x)).to(h.dtype)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 pytest.importorskip("vllm")
 
@@ -103,3 +104,45 @@ def test_default_mode_keeps_the_plain_router_and_vllms_attention_choice(vllm_too
     assert cfg.attention_config.backend is None
     gates = _gates(vllm_tools.build_model(cfg))
     assert gates and not any(gate.invariant for gate in gates)
+
+
+def test_aligned_mode_norms_and_softmax_qk_run_the_shims_kernels(vllm_tools, tiny_dir, aligned_env, monkeypatch):
+    """The RMSNorms through aligned mode's kernel, and a softmax layer's q and k through the shim's qk-norm/RoPE
+    kernel (one launch over both), bit for bit what the shim's Triton path gives on the same projection."""
+    from common_kernels.model import layers as shim_layers
+    from common_kernels.ops.rope.fused import qk_norm_rope_triton
+    from common_kernels.ops.rope.naive import rotary_cos_sin
+
+    cfg = vllm_tools.engine_config(tiny_dir, enable_chunked_prefill=False)
+    model = vllm_tools.build_model(cfg)
+    assert model.model.aligned and all(layer.aligned for layer in model.model.layers)
+    normed = []
+    monkeypatch.setattr(shim_layers, "rms_norm_aligned", lambda *a: normed.append(1) or shim_layers.rms_norm(*a))
+    layer = next(layer for layer in model.model.layers if not layer.is_linear)
+    softmax = layer.attention
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():  # constructed, not loaded: give the weights this test reads some values
+        for weight in [layer.input_layernorm.weight, *softmax.parameters()]:
+            weight.copy_(torch.randn(weight.shape, generator=generator) * 0.3 + (weight.dim() == 1))
+    seen = {}
+    monkeypatch.setattr(softmax.attn, "forward", lambda q, k, v: seen.update(q=q, k=k) or torch.zeros_like(q))
+    T, H, Hkv, d = 5, softmax.num_heads, softmax.num_kv_heads, softmax.head_dim
+    a = torch.randn(T, model.config.hidden_size, generator=torch.Generator().manual_seed(12))
+    cos, sin = rotary_cos_sin(torch.arange(T), model.model.inv_freq, model.model.rope_scaling, torch.float32)
+    with vllm_tools.single_rank(cfg), torch.no_grad():
+        layer.input_layernorm(a, a.dtype, layer.aligned)
+        softmax(a, cos, sin)
+        qkv, _ = softmax.query_key_value(a)
+    assert normed == [1]
+    q, k, _ = qkv.split([H * d, Hkv * d, Hkv * d], dim=-1)
+    weights = softmax.query_layernorm.weight, softmax.key_layernorm.weight
+    want_q, want_k = qk_norm_rope_triton(q.view(T, H, d), k.view(T, Hkv, d), *weights, cos, sin, softmax.eps)
+    assert torch.equal(seen["q"].reshape(T, H, d), want_q) and torch.equal(seen["k"].reshape(T, Hkv, d), want_k)
+
+
+def test_without_aligned_mode_the_engine_keeps_the_compiled_norms(vllm_tools, tiny_dir, monkeypatch):
+    monkeypatch.delenv("RING_LINEAR_ALIGNED", raising=False)
+    monkeypatch.delenv("VLLM_BATCH_INVARIANT", raising=False)
+    model = vllm_tools.build_model(vllm_tools.engine_config(tiny_dir))
+    assert not model.model.aligned and not any(layer.aligned for layer in model.model.layers)
+    assert not any(layer.attention.aligned for layer in model.model.layers if not layer.is_linear)

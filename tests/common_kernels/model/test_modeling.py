@@ -334,8 +334,8 @@ def test_bad_dtypes_and_configs_are_named(random_tiny, tmp_path):
 def test_aligned_token_logprobs_decode_the_generated_tokens_as_an_engine_does(monkeypatch):
     """aligned=True runs the linear layers as an aligned engine (prompt prefilled, generated tokens decoded): the
     same function as the default to rounding, other bits (the switch does something), gradients flowing; the
-    linear layers get the prompt lengths (a wrong one is named), and each MoE layer routes through the engine's
-    batch-invariant router GEMM."""
+    linear layers get the prompt lengths (a wrong one is named), each MoE layer routes through the engine's
+    batch-invariant router GEMM and every RMSNorm runs aligned mode's kernel."""
     from common_kernels.model import layers
     from common_kernels.ops.moe import router_gemm
 
@@ -347,14 +347,18 @@ def test_aligned_token_logprobs_decode_the_generated_tokens_as_an_engine_does(mo
     monkeypatch.setattr(layers, "linear_attention_as_served", lambda *a: seen.append(a[5:]) or real(*a))
     real_router = router_gemm._launch_invariant
     monkeypatch.setattr(router_gemm, "_launch_invariant", lambda *a: routed.append(1) or real_router(*a))
+    normed = []
+    real_norm = layers.rms_norm_aligned
+    monkeypatch.setattr(layers, "rms_norm_aligned", lambda *a: normed.append(1) or real_norm(*a))
     default = model.token_logprobs(ids, cu_seqlens=offsets)
-    assert routed == []
+    assert routed == [] and normed == []
     aligned = model.token_logprobs(ids, cu_seqlens=offsets, aligned=True, prompt_lengths=prompts)
     layer_kinds = [
         (model.config.is_softmax_layer(i), model.config.is_moe_layer(i)) for i in range(len(model.model.layers))
     ]
     assert seen == [(offsets, prompts)] * sum(not softmax for softmax, _ in layer_kinds)
     assert len(routed) == sum(moe for _, moe in layer_kinds) > 0
+    assert len(normed) == 2 * len(layer_kinds) + 1  # two per layer and the final norm
     assert_rel_rms("aligned logprobs", default.double(), aligned, 1e-5)
     assert not torch.equal(default, aligned)
     model.zero_grad()

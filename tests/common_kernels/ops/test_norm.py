@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from common_kernels.ops.norm.naive import group_rms_norm_gate, rms_norm
-from common_kernels.testing import assert_rel_rms
+from common_kernels.testing import assert_rel_rms, kernel_tolerance
 
 
 def test_rms_norm_matches_formula_in_float64():
@@ -123,3 +123,61 @@ def test_fused_group_norm_gate_rows_are_batch_invariant(T):
             assert torch.equal(
                 group_rms_norm_gate_triton(x[t : t + 1], g[t : t + 1], w, 2, 1e-6, torch.bfloat16)[0], batch[t]
             )
+
+
+# ----- aligned mode's RMSNorm kernel (`ops.norm.rms`): the reference's contract, a row's bits independent of the batch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("rows,D", [(0, 64), (1, 64), (3, 24), (17, 96)])
+@pytest.mark.parametrize(
+    "x_dtype,out_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, None)]
+)
+def test_aligned_rms_norm_matches_the_reference(rows, D, x_dtype, out_dtype):
+    """Ragged row counts (none, one, fewer and more than a tile), widths that are not a power of two, the fp32
+    residual normalised into bf16; against float64, within the two roundings of the output dtype the contract
+    makes (the normalised value, then the product), each a kernel's bf16 rounding (`kernel_tolerance`)."""
+    from common_kernels.ops.norm import rms_norm_aligned
+
+    g = torch.Generator().manual_seed(rows + D)
+    x = (torch.randn(rows, D, generator=g) * 3).to(x_dtype)
+    w = (1 + 0.1 * torch.randn(D, generator=g)).to(x_dtype)
+    got = rms_norm_aligned(x.to(DEVICE), w.to(DEVICE), 1e-6, out_dtype).cpu()
+    want_dtype = out_dtype or x_dtype
+    assert got.dtype == want_dtype and got.shape == (rows, D)
+    if rows:
+        reference = rms_norm(x.double(), w.double(), 1e-6)
+        bound = 2e-7 if want_dtype == torch.float32 else 2 * kernel_tolerance(torch.bfloat16)
+        assert_rel_rms("aligned rms_norm", reference, got, bound)
+
+
+def test_aligned_rms_norm_of_a_row_does_not_depend_on_the_batch():
+    from common_kernels.ops.norm import rms_norm_aligned
+
+    g = torch.Generator().manual_seed(9)
+    x, w = torch.randn(37, 96, generator=g).to(DEVICE), torch.randn(96, generator=g).to(DEVICE)
+    alone = rms_norm_aligned(x[20:21], w, 1e-6, torch.bfloat16)
+    for rows in [slice(20, 21), slice(19, 22), slice(0, 37), slice(20, 37), slice(15, 21)]:
+        assert torch.equal(rms_norm_aligned(x[rows], w, 1e-6, torch.bfloat16)[20 - rows.start], alone[0]), rows
+
+
+def test_aligned_rms_norm_takes_the_reference_gradient_and_keeps_leading_dims():
+    from common_kernels.ops.norm import rms_norm_aligned
+
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(2, 5, 24, generator=g, requires_grad=True)
+    w = torch.randn(24, generator=g, requires_grad=True)
+    dy = torch.randn(2, 5, 24, generator=g)
+    (rms_norm_aligned(x, w, 1e-6) * dy).sum().backward()
+    x2, w2 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    (rms_norm(x2, w2, 1e-6) * dy.double()).sum().backward()
+    assert_rel_rms("dx", x2.grad, x.grad, 1e-6)
+    assert_rel_rms("dw", w2.grad, w.grad, 1e-6)
+
+
+def test_aligned_rms_norm_refuses_a_weight_of_another_width():
+    from common_kernels.ops.norm.rms import rms_norm_aligned_forward
+
+    with pytest.raises(ValueError, match=r"x \(3, 24\).*weight \(16,\)"):
+        rms_norm_aligned_forward(torch.randn(3, 24), torch.randn(16), 1e-6, torch.float32)
