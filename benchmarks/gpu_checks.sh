@@ -46,6 +46,8 @@
 #   serve-twin-sgl  the same for the twin, SGLang's native BailingMoeV2ForCausalLM (~8 min, 3 workloads)
 #   sgl-engine   pytest -m gpu: the SGLang adapter's engine tests (SGLang 0.5.17 staged in /tmp/gpu-site-sgl; PYTEST_K picks;
 #                run it in its own call: it replaces vLLM's site on PYTHONPATH)                  (untimed)
+#   vllm-diff    vllm_layer_diff: per-module engine outputs against the shim, one prompt, bit for bit (DIFF_ARGS, e.g.
+#                "--aligned --dtype bfloat16": where aligned mode's bitwise claim breaks)                (~1 min)
 #   sgl-diff     sglang_layer_diff: per-module engine outputs against the shim, one prompt (SGLang staged) (~2 min)
 set -uo pipefail
 
@@ -112,6 +114,8 @@ for step in "$@"; do
     serve-report) python3 -m benchmarks.bench_serve report "${SERVE_OUT:-$out/serve}" | tee "$out/serve-report.md" ;;
     sgl-engine) run sgl-engine 570 "${SGLANG_ENV[@]}" CUDA_VISIBLE_DEVICES=0 \
       python3 -m pytest -q -s -m gpu tests/ring_linear_sglang/test_engine_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} ;;
+    vllm-diff) run vllm-diff 240 env CUDA_VISIBLE_DEVICES=0 python3 -m benchmarks.vllm_layer_diff \
+      "${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}" ${DIFF_ARGS:-} ;;
     sgl-diff) run sgl-diff 300 "${SGLANG_ENV[@]}" CUDA_VISIBLE_DEVICES=0 \
       python3 -m benchmarks.sglang_layer_diff "${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}" --save "$out/sgl-diff.pt" ;;
     profile)  # PROFILE_CASES picks, e.g. "ring-linear:4096x2 softmax-twin:decode" (default: all six)

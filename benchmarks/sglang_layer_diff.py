@@ -15,26 +15,7 @@ from pathlib import Path
 
 import torch
 
-
-def shim_outputs(shim: torch.nn.Module, prompt: list[int], device: str = "cuda") -> dict[str, torch.Tensor]:
-    """Every shim module's output for the prompt, by module name (the checkpoint's names)."""
-    outputs: dict[str, torch.Tensor] = {}
-
-    def record(name: str, out) -> None:  # returns None: a hook's return value would replace the module's output
-        if isinstance(out, torch.Tensor):
-            outputs.setdefault(name, out.detach().float().cpu())
-
-    hooks = [
-        module.register_forward_hook(lambda _m, _args, out, name=name: record(name, out))
-        for name, module in shim.named_modules()
-    ]
-    try:
-        with torch.no_grad():
-            shim(torch.tensor([prompt], device=device))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return outputs
+from benchmarks.layer_diff import compare, shim_outputs
 
 
 def engine_outputs(checkpoint: str, prompt: list[int], dtype: str, dump_dir: Path) -> dict[str, torch.Tensor]:
@@ -60,19 +41,6 @@ def engine_outputs(checkpoint: str, prompt: list[int], dtype: str, dump_dir: Pat
                 if isinstance(t, (torch.Tensor, list))
             }
     raise RuntimeError(f"no dumped pass under {dump_dir} holds the prompt's prefill")
-
-
-def compare(engine: dict[str, torch.Tensor], shim: dict[str, torch.Tensor]) -> list[tuple[str, float, float]]:
-    """(name, max abs difference, max abs shim value) for each module both dumped with the same element count,
-    in the engine's (forward) order."""
-    rows = []
-    for name, got in engine.items():
-        want = shim.get(name)
-        if isinstance(got, list):
-            continue
-        if want is not None and want.numel() == got.numel():
-            rows.append((name, (got.reshape(-1) - want.reshape(-1)).abs().max().item(), want.abs().max().item()))
-    return rows
 
 
 def local_checks(engine: dict, shim: torch.nn.Module, device: str = "cuda") -> list[tuple[str, float, float]]:

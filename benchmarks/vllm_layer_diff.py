@@ -1,0 +1,76 @@
+"""Where the vLLM engine and the training shim part ways, module by module: one prompt through an in-process
+`vllm.LLM` (eager, so forward hooks see every module) and the same prompt through the shim, each module's output
+compared by name, bit for bit. With `--aligned` both run aligned mode (`RING_LINEAR_ALIGNED=1`, the shim's
+`token_logprobs(aligned=True)`): the first module that is not `equal` is where aligned mode's bitwise claim breaks.
+Run on the GPU machine with vLLM staged and the plugin's entry point installed (`gpu_checks.sh vllm-diff`):
+
+    python -m benchmarks.vllm_layer_diff CHECKPOINT [--length 8] [--dtype float32] [--aligned]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+
+import torch
+
+from benchmarks.layer_diff import compare, shim_outputs
+
+ENGINE_OUTPUTS: dict[str, torch.Tensor] = {}  # filled by the hooks, in this process (the engine runs in it)
+
+
+def record_first_forward(model: torch.nn.Module) -> int:
+    """Hook every module of the engine's model to keep its first output from now on (a tuple's first tensor);
+    returns how many modules were hooked."""
+
+    def record(name: str, out) -> None:
+        out = out[0] if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor) else out
+        if isinstance(out, torch.Tensor):
+            ENGINE_OUTPUTS.setdefault(name, out.detach().float().cpu())
+
+    modules = list(model.named_modules())
+    for name, module in modules:
+        module.register_forward_hook(lambda _m, _args, out, name=name: record(name, out))
+    return len(modules)
+
+
+def engine_outputs(checkpoint: str, prompt: list[int], dtype: str) -> dict[str, torch.Tensor]:
+    """The engine's module outputs for the prompt's prefill step."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: its hooks write here
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # `apply_model` hands vLLM a function
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    llm = LLM(
+        model=checkpoint, dtype=dtype, max_model_len=max(512, 2 * len(prompt)), gpu_memory_utilization=0.25, seed=0,
+        skip_tokenizer_init=True, enforce_eager=True, enable_chunked_prefill=False, enable_prefix_caching=False,
+    )  # fmt: skip
+    llm.apply_model(record_first_forward)
+    llm.generate([TokensPrompt(prompt_token_ids=prompt)], SamplingParams(temperature=0.0, max_tokens=1))
+    return dict(ENGINE_OUTPUTS)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("checkpoint")
+    parser.add_argument("--length", type=int, default=8)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--aligned", action="store_true", help="both sides in aligned mode")
+    args = parser.parse_args()
+    if args.aligned:
+        os.environ.update({"RING_LINEAR_ALIGNED": "1", "VLLM_BATCH_INVARIANT": "1"})
+    from common_kernels import RingLinearForCausalLM
+
+    # the shim first: the engine's start-up must not change what the reference computes
+    model = RingLinearForCausalLM.from_pretrained(args.checkpoint, dtype=getattr(torch, args.dtype), device="cuda")
+    prompt = [random.Random(0).randrange(3, model.config.vocab_size) for _ in range(args.length)]
+    shim = shim_outputs(model, prompt, aligned=args.aligned)
+    engine = engine_outputs(args.checkpoint, prompt, args.dtype)
+    print(f"modules: engine {len(engine)}, shim {len(shim)}; compared in the engine's forward order:")
+    for name, diff, scale in compare(engine, shim):
+        print(f"{'equal' if diff == 0 else f'{diff:.3e}':>10} (of {scale:9.3e})  {name}")
+    print("engine only:", sorted(set(engine) - set(shim)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""The vLLM layer-diff tool's CPU half: the shim's dump in aligned mode, and the engine-side hooks that keep each
+module's first output (a tuple's first tensor)."""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks import layer_diff, vllm_layer_diff
+
+
+def test_the_aligned_shim_dump_runs_the_aligned_path():
+    from common_kernels import RingLinearForCausalLM, tiny_config
+
+    model = RingLinearForCausalLM(tiny_config(), dtype=torch.float32, use_triton=True)
+    model.init_weights(generator=torch.Generator().manual_seed(1))
+    prompt = [3, 5, 7, 11, 2, 9]
+    default = layer_diff.shim_outputs(model, prompt, device="cpu")
+    aligned = layer_diff.shim_outputs(model, prompt, device="cpu", aligned=True)
+    assert set(aligned) >= {"model.layers.0", "model.layers.0.mlp", "model.norm"}
+    rows = layer_diff.compare(aligned, default)
+    assert rows and any(diff > 0 for _, diff, _ in rows)  # other kernels, other bits
+    assert all(diff < 1e-3 * max(scale, 1.0) for _, diff, scale in rows)  # the same function
+
+
+def test_the_engine_hooks_keep_each_modules_first_output():
+    class Pair(torch.nn.Module):
+        def forward(self, x):
+            return x * 2, None
+
+    model = torch.nn.Sequential(torch.nn.Identity(), Pair())
+    vllm_layer_diff.ENGINE_OUTPUTS.clear()
+    assert vllm_layer_diff.record_first_forward(model) == 3
+    model(torch.ones(2))
+    model(torch.zeros(2))
+    outputs = vllm_layer_diff.ENGINE_OUTPUTS
+    assert torch.equal(outputs["1"], torch.full((2,), 2.0)) and torch.equal(outputs["0"], torch.ones(2))
+    assert torch.equal(outputs[""], torch.full((2,), 2.0))  # the model's own output: the tuple's first tensor
