@@ -81,6 +81,7 @@ def rms_norm_aligned(
     out_dtype = out_dtype or x.dtype
     if x.dtype == torch.float64:
         return rms_norm(x, weight, eps, out_dtype)
+    x = x.contiguous()
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _AlignedRMSNorm.apply(x, weight, eps, out_dtype)
-    return rms_norm_aligned_forward(x.contiguous(), weight, eps, out_dtype)
+    return rms_norm_aligned_forward(x, weight, eps, out_dtype)

@@ -166,7 +166,7 @@ def test_aligned_rms_norm_takes_the_reference_gradient_and_keeps_leading_dims():
     from common_kernels.ops.norm import rms_norm_aligned
 
     g = torch.Generator().manual_seed(10)
-    x = torch.randn(2, 5, 24, generator=g, requires_grad=True)
+    x = torch.randn(5, 2, 24, generator=g).transpose(0, 1).requires_grad_()  # not contiguous
     w = torch.randn(24, generator=g, requires_grad=True)
     dy = torch.randn(2, 5, 24, generator=g)
     (rms_norm_aligned(x, w, 1e-6) * dy).sum().backward()
