@@ -117,11 +117,9 @@ class _InvariantRouterLogits(torch.autograd.Function):
 def router_logits(x: torch.Tensor, weight: torch.Tensor, invariant: bool = False) -> torch.Tensor:
     """`x @ weight.T` in fp32 (float64 for float64 inputs), `x` `[T, D]`, `weight` `[E, D]`; `invariant`: aligned
     mode's batch-invariant GEMM (fp32 and bf16 inputs; float64 has nothing to align with)."""
-    if invariant and x.dtype != torch.float64:
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-            return _InvariantRouterLogits.apply(x, weight)
-        return invariant_router_logits(x, weight)
     differentiable = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if invariant and x.dtype != torch.float64:
+        return _InvariantRouterLogits.apply(x, weight) if differentiable else invariant_router_logits(x, weight)
     if (
         ROUTER_PRODUCTS == "bf16x3"
         and x.dtype == torch.bfloat16
