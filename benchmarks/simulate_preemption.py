@@ -1,7 +1,8 @@
 """How often vLLM preempts on a given pool, without a GPU: vLLM's own scheduler and KV-cache manager driven with
-fake model outputs (one token per finished prefill or decode), for the tiny checkpoint's cache layout (2 softmax
-layers, 4 linear layers, fp32). This is how the forced-preemption GPU test picks `num_gpu_blocks_override`: vLLM
-admits a request only when its whole prompt fits, so a pool that holds one request at a time never preempts.
+fake model outputs (one token per finished prefill or decode), for the checkpoint's cache layout (its softmax
+layers' KV, its linear layers' state, fp32). This is how the forced-preemption GPU test picks
+`num_gpu_blocks_override`: vLLM admits a request only when its whole prompt fits, so a pool that holds one
+request at a time never preempts.
 
 python -m benchmarks.simulate_preemption runs/tiny/trained --blocks 40 150 --max-tokens 96   (vLLM 0.26, CPU)
 """
@@ -30,6 +31,8 @@ def simulate(checkpoint: str, blocks: int, lengths: list[int], max_tokens: int, 
     from vllm.v1.request import Request
     from vllm.v1.structured_output import StructuredOutputManager
 
+    from common_kernels.serving import linear_state_shape
+
     config = EngineArgs(
         model=checkpoint,
         dtype="float32",
@@ -41,15 +44,21 @@ def simulate(checkpoint: str, blocks: int, lengths: list[int], max_tokens: int, 
         enforce_eager=True,
     ).create_engine_config()
     config.scheduler_config.disable_hybrid_kv_cache_manager = False  # as on the GPU
-    cache = config.cache_config
-    attention = FullAttentionSpec(block_size=cache.block_size, num_kv_heads=2, head_size=16, dtype=torch.float32)
+    cache, model = config.cache_config, config.model_config.hf_config
+    attention = FullAttentionSpec(
+        block_size=cache.block_size,
+        num_kv_heads=model.num_key_value_heads,
+        head_size=model.head_dim,
+        dtype=torch.float32,
+    )
     state = MambaSpec(
         block_size=cache.mamba_block_size or 512,
-        shapes=((4, 16, 16),),
+        shapes=(linear_state_shape(model, 1),),
         dtypes=(torch.float32,),
         mamba_cache_mode=cache.mamba_cache_mode,
     )
-    specs = {f"layer{i}": attention if i in (2, 5) else state for i in range(6)}
+    layers = range(model.num_hidden_layers)
+    specs = {f"layer{i}": attention if model.is_softmax_layer(i) else state for i in layers}
     kv_cache = generate_scheduler_kv_cache_config(get_kv_cache_configs(config, [specs], [10**10]))
     cache.num_gpu_blocks = kv_cache.num_blocks
     cache.block_size = min(group.kv_cache_spec.block_size for group in kv_cache.kv_cache_groups)
