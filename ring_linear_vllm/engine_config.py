@@ -76,6 +76,7 @@ class RingLinearEngineConfig(VerifyAndUpdateConfig):
         check_prefix_caching(vllm_config)
         check_batch_invariance()
         if aligned_mode():
+            check_aligned_layout(vllm_config)
             choose_invariant_attention(vllm_config, config.head_dim)
 
 
@@ -111,6 +112,24 @@ def check_prefix_caching(vllm_config) -> None:
             "prefill does not write): use --mamba-cache-mode align"
         )
     logger.warning("ring-linear: prefix caching on for %s in 'align' mode (%s=1)", architecture, PREFIX_CACHING_OPT_IN)
+
+
+def check_aligned_layout(vllm_config) -> None:
+    """Aligned mode computes each MoE layer as the trainer does (`ops.moe.aligned`): all experts on one rank, in
+    unquantized weights. Tensor or expert parallelism would split the experts' sums across ranks and add them in
+    another order; quantized experts are not the trainer's weights."""
+    parallel = vllm_config.parallel_config
+    refused = [
+        (parallel.tensor_parallel_size > 1, f"--tensor-parallel-size {parallel.tensor_parallel_size}"),
+        (getattr(parallel, "enable_expert_parallel", False), "--enable-expert-parallel"),
+        (vllm_config.model_config.quantization is not None, f"--quantization {vllm_config.model_config.quantization}"),
+    ]
+    for is_set, flag in refused:
+        if is_set:
+            raise ValueError(
+                f"ring-linear: {ALIGNED_MODE_SWITCH}=1 serves each MoE layer unsharded and unquantized, as the trainer "
+                f"computes it: drop {flag}, or {ALIGNED_MODE_SWITCH}"
+            )
 
 
 def choose_invariant_attention(vllm_config, head_dim: int) -> None:

@@ -37,12 +37,13 @@ from vllm.sequence import IntermediateTensors
 
 from common_kernels.config import RingLinearConfig
 from common_kernels.model.layers import RMSNorm
+from common_kernels.ops.moe.aligned import aligned_moe
 from common_kernels.ops.rope.fused import qk_norm_rope_packed
 from common_kernels.ops.rope.naive import qk_norm_rope, rotary_cos_sin, rotary_inv_freq
 from common_kernels.precision import RESIDUAL_DTYPE, ROPE_DTYPE, ROUTER_DTYPE
 from common_kernels.serving import RouterGate, aligned_mode, load_checkpoint_tensors, place_tensor
 
-from .compat import fused_moe
+from .compat import attribute_path, fused_moe, fused_moe_weight_paths
 from .engine_config import state_dtypes, state_shapes
 from .linear_attention import (
     NormWeight,
@@ -75,7 +76,10 @@ class RingMLP(nn.Module):
 class RingMoE(nn.Module):
     def __init__(self, config: RingLinearConfig, quant_config, prefix: str) -> None:
         super().__init__()
-        self.gate = RouterGate(config, invariant=aligned_mode())  # cuBLAS's choice of kernel follows the batch
+        self.aligned = aligned_mode()
+        self.gate = RouterGate(config, invariant=self.aligned)  # cuBLAS's choice of kernel follows the batch
+        c = config
+        self.routing = (c.num_experts_per_tok, c.n_group, c.topk_group, c.routed_scaling_factor, c.norm_topk_prob)
         self.shared_experts = (
             RingMLP(
                 config,
@@ -106,9 +110,21 @@ class RingMoE(nn.Module):
             routed_scaling_factor=config.routed_scaling_factor,
             apply_routed_scale_to_output=True,
         )
+        self.expert_weight_paths = fused_moe_weight_paths(self.experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.aligned:  # the shim's MoE steps as one op, in place of vLLM's fused MoE and top-k
+            return aligned_moe(x, self.gate.weight, self.gate.expert_bias, *self._aligned_weights(), *self.routing)
         return self.experts(hidden_states=x, router_logits=self.gate(x))
+
+    def _aligned_weights(self) -> tuple[torch.Tensor | None, ...]:
+        """The routed experts' `[E, 2I, D]` and `[E, D, I]` weights as vLLM's unquantized MoE holds them (gate rows,
+        then up rows), and the shared expert's as one more expert (or None)."""
+        w13, w2 = (attribute_path(self.experts, path) for path in self.expert_weight_paths)
+        shared = self.shared_experts
+        if shared is None:
+            return w13, w2, None, None
+        return w13, w2, shared.gate_up_proj.weight[None], shared.down_proj.weight[None]
 
 
 class RingSoftmaxAttention(nn.Module):

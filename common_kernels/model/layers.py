@@ -16,6 +16,7 @@ from ..ops.attention.naive import causal_gqa_attention
 from ..ops.linear_attn.aligned import linear_attention_as_served
 from ..ops.linear_attn.backward import linear_attention_varlen_triton
 from ..ops.linear_attn.naive import linear_attention_varlen
+from ..ops.moe.aligned import every_token, expert_outputs
 from ..ops.moe.naive import moe_combine, route, selection_margin, swiglu_mlp
 from ..ops.norm.naive import rms_norm
 from ..ops.norm.rms import rms_norm_aligned
@@ -73,22 +74,27 @@ class MLP(nn.Module):
 
 
 class ExpertGate(nn.Module):
-    """Router weight `[E, D]` (model dtype, used in fp32) and the selection bias `[E]`, always fp32."""
+    """Router weight `[E, D]` and selection bias `[E]`, both fp32 whatever the model dtype (float64 in a float64
+    model): logits in fp32 from an fp32 weight, as the engines hold it (`serving.RouterGate`), since near-ties
+    decide which experts run and a bf16 copy of an fp32 checkpoint's weight would choose others."""
 
     def __init__(self, config: RingLinearConfig, **factory) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, **factory))
-        bias_dtype = torch.float64 if factory.get("dtype") == torch.float64 else torch.float32
+        dtype = torch.float64 if factory.get("dtype") == torch.float64 else torch.float32
+        device = factory.get("device")
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, dtype=dtype, device=device))
         self.register_buffer(
             "expert_bias",
-            torch.zeros(config.num_experts, dtype=bias_dtype, device=factory.get("device")),
+            torch.zeros(config.num_experts, dtype=dtype, device=device),
             persistent=config.moe_router_enable_expert_bias,
         )
 
     def _apply(self, fn, recurse=True):
-        # `model.to(bfloat16)` must not round the selection bias: near-ties decide which experts run.
-        bias = self.expert_bias
+        # `model.to(bfloat16)` must round neither: keep fp32 (or float64), follow the device
+        weight, bias = self.weight.data, self.expert_bias
         super()._apply(fn, recurse)
+        if self.weight.dtype not in (torch.float32, torch.float64):
+            self.weight.data = weight.to(device=self.weight.device)
         if self.expert_bias.is_floating_point() and self.expert_bias.dtype not in (torch.float32, torch.float64):
             self.expert_bias = bias.to(device=self.expert_bias.device)
         return self
@@ -109,7 +115,13 @@ class MoE(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, aligned: bool = False) -> torch.Tensor:
+        """`aligned`: the steps of an aligned engine's MoE (`ops.moe.aligned.aligned_moe`), with autograd."""
         ids, weights = self.route(x, aligned)
+        if aligned:
+            out = expert_outputs(x, ids, weights, *_expert_weights(self.experts))
+            if self.shared_experts is not None:
+                out = out + expert_outputs(x, *every_token(x), *_expert_weights([self.shared_experts]))
+            return out.to(x.dtype)
         out = moe_combine(x, ids, weights, self.experts)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x).to(out.dtype)
@@ -129,6 +141,11 @@ class MoE(nn.Module):
         c = self.config
         bias = self.gate.expert_bias if c.moe_router_enable_expert_bias else None
         return self.gate.weight, bias, c.num_experts_per_tok, c.n_group, c.topk_group
+
+
+def _expert_weights(experts) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """The experts' gate, up and down weights, each as a list in expert order."""
+    return tuple([getattr(m, name).weight for m in experts] for name in ("gate_proj", "up_proj", "down_proj"))
 
 
 class SoftmaxAttention(nn.Module):

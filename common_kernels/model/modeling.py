@@ -251,9 +251,10 @@ class RingLinearForCausalLM(nn.Module):
         aligned: compute the linear layers as an engine in aligned mode (`RING_LINEAR_ALIGNED=1`) does: each
             sequence's first `prompt_lengths[n]` tokens prefilled, the generated rest decoded token by token, with
             the engine's kernels, whatever the batch (`common_kernels.ops.linear_attn.aligned`); the RMSNorms and
-            the MoE router through the batch-invariant kernels an aligned engine runs (`ops.norm.rms`,
-            `ops.moe.router_gemm`). The projections, experts and softmax attention are not yet matched to an
-            engine's kernels, so logprobs are not yet bitwise an engine's. Needs the Triton kernels.
+            the MoE layers (router, routed and shared experts) through the batch-invariant kernels an aligned
+            engine runs (`ops.norm.rms`, `ops.moe.aligned`). The projections, softmax attention and LM head are
+            not yet matched to an engine's kernels, so logprobs are not yet bitwise an engine's. Needs the Triton
+            kernels.
         """
         if not (is_integer(chunk_size) and chunk_size > 0):
             raise InvalidInputError(f"chunk_size must be a positive integer, got {chunk_size!r}")

@@ -146,3 +146,37 @@ def test_without_aligned_mode_the_engine_keeps_the_compiled_norms(vllm_tools, ti
     model = vllm_tools.build_model(vllm_tools.engine_config(tiny_dir))
     assert not model.model.aligned and not any(layer.aligned for layer in model.model.layers)
     assert not any(layer.attention.aligned for layer in model.model.layers if not layer.is_linear)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_aligned_moe_layer_equals_the_shims_bit_for_bit(vllm_tools, tiny_dir, aligned_env, dtype):
+    """An MoE layer (router, routed experts, shared expert) on the engine's loaded weights against the shim's
+    `MoE.forward(aligned=True)` on the checkpoint: the same bits, in fp32 and bf16."""
+    from common_kernels import RingLinearForCausalLM
+
+    cfg = vllm_tools.engine_config(tiny_dir, enable_chunked_prefill=False, dtype=str(dtype).removeprefix("torch."))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # as vLLM's loader builds a model: parameters in the serving dtype
+    try:
+        model = vllm_tools.build_model(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    shim = RingLinearForCausalLM.from_pretrained(tiny_dir).to(dtype)
+    index = next(i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "gate"))
+    engine_moe, shim_moe = model.model.layers[index].mlp, shim.model.layers[index].mlp
+    assert engine_moe.aligned and shim_moe.gate.weight.dtype == torch.float32
+    x = torch.randn(37, model.config.hidden_size, generator=torch.Generator().manual_seed(13)).to(dtype)
+    with vllm_tools.single_rank(cfg), torch.no_grad():
+        model.load_weights(shim.state_dict().items())
+        engine = engine_moe(x.to(engine_moe.gate.weight.device)).cpu()
+        alone = engine_moe(x[20:21].to(engine_moe.gate.weight.device)).cpu()
+    with torch.no_grad():
+        want = shim_moe(x, aligned=True)
+    assert engine.dtype == dtype and torch.equal(engine, want)
+    assert torch.equal(alone[0], engine[20])
+
+
+@pytest.mark.parametrize("flag", [{"tensor_parallel_size": 2}, {"enable_expert_parallel": True}])
+def test_aligned_mode_refuses_sharded_experts(vllm_tools, tiny_dir, aligned_env, flag):
+    with pytest.raises(ValueError, match="RING_LINEAR_ALIGNED=1 serves each MoE layer unsharded and unquantized"):
+        vllm_tools.engine_config(tiny_dir, enable_chunked_prefill=False, **flag)

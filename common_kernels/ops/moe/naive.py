@@ -45,7 +45,7 @@ def route(
        scores, the `topk_group` best groups stay, the rest are masked to -inf;
     4. the `num_experts_per_tok` best experts by selection score, ties to the lower index;
     5. weights are the unbiased `p` of those experts, divided by their sum (+1e-20) when
-       `norm_topk_prob`, times `routed_scaling_factor`.
+       `norm_topk_prob` (summed in slot order), times `routed_scaling_factor`.
 
     Args:
         hidden: `[T, D]`; gate_weight: `[E, D]`; expert_bias: `[E]` or None.
@@ -56,8 +56,11 @@ def route(
     scores, _, masked = _selection(hidden, gate_weight, expert_bias, n_group, topk_group, invariant_router)
     topk_ids = _stable_topk_indices(masked, num_experts_per_tok)
     weights = scores.gather(1, topk_ids)
-    if norm_topk_prob:
-        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    if norm_topk_prob:  # summed in slot order: torch's own reduction picks its layout by the number of rows
+        total = weights[:, :1]
+        for slot in range(1, weights.shape[1]):
+            total = total + weights[:, slot : slot + 1]
+        weights = weights / (total + 1e-20)
     return topk_ids, weights * routed_scaling_factor
 
 
@@ -132,5 +135,5 @@ def moe_combine(
     per_slot = x.new_zeros((T * k, x.shape[-1]))
     if rows:
         per_slot = per_slot.index_copy(0, torch.cat(rows), torch.cat(outputs))
-    weighted = per_slot.reshape(T, k, -1).to(topk_weights.dtype) * topk_weights[..., None]
+    weighted = per_slot.reshape(T, k, x.shape[-1]).to(topk_weights.dtype) * topk_weights[..., None]
     return weighted.sum(1)

@@ -1,0 +1,242 @@
+"""Aligned mode's experts, beside `naive.moe_combine` (same contract): a token's SwiGLU experts through fixed-tile
+Triton GEMMs and its slots summed in order, so its MoE output is the same bits in any batch, and the engine and the
+shim, which both call this module, compute the same bits.
+
+A fused MoE (vLLM's, SGLang's) picks its tiles by the number of tokens and sums the slots in its own kernel; the
+shim runs each expert as cuBLAS GEMMs whose kernel follows the expert's token count. Neither is batch-invariant,
+nor the other's bits. Here:
+
+1. the (token, slot) pairs are grouped by expert into blocks of `BLOCK_M` rows, padded, on the device (no host
+   sync, so a CUDA graph captures it);
+2. one kernel computes `silu(x W_gate^T) * (x W_up^T)` per pair: the two products rounded to the activation
+   dtype (as two `F.linear` calls would), the SwiGLU in fp32, rounded to the activation dtype;
+3. a second computes `act W_down^T` in fp32, not rounded;
+4. a token's output is `sum_slot weight * y` in slot order, in fp32.
+
+Every GEMM walks its reduction in `BLOCK_K` steps with fixed tiles, so a row's sums never depend on its block. The
+shared expert runs the same way, as one expert every token picks with weight 1. Forward only; under autograd the
+gradient is `naive.moe_combine`'s (aligned mode's rule: the backward may be the standard one). The tiles are small
+and not tuned: aligned mode buys equality, not speed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ..linear_attn.triton_utils import INTERPRET
+from .naive import moe_combine, route, swiglu_mlp
+
+BLOCK_M, BLOCK_N, BLOCK_K = 16, 64, 32  # fixed: a row's reduction order never depends on the batch
+
+
+@triton.jit(do_not_specialize=["num_experts", "K", "N", "top_k"])
+def _expert_gemm_kernel(
+    a, w, out, pair_of_row, expert_of_block, num_experts, K, N, top_k, up_offset,
+    stride_a, stride_we, stride_wn, stride_out,
+    GATHER: tl.constexpr, SWIGLU: tl.constexpr, IEEE: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One `[BLOCK_M, BLOCK_N]` tile of one expert's rows. `GATHER`: row r reads activation row
+    `pair_of_row[r] // top_k` (a token), else row r itself. `SWIGLU`: also the up product (weight rows from
+    `up_offset`), and the tile stores `silu(gate) * up`."""
+    block = tl.program_id(0)
+    expert = tl.load(expert_of_block + block)
+    if expert >= num_experts:  # a block past the last expert's rows
+        return
+    rows = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    pairs = tl.load(pair_of_row + rows)
+    live = pairs >= 0
+    src = (pairs // top_k) if GATHER else rows
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    w_e = w + expert.to(tl.int64) * stride_we
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        b_a = tl.load(a + src[:, None] * stride_a + ks[None, :], mask=live[:, None] & (ks < K)[None, :], other=0.0)
+        m_w = (ks < K)[:, None] & (cols < N)[None, :]
+        b_w = tl.load(w_e + cols[None, :] * stride_wn + ks[:, None], mask=m_w, other=0.0)
+        if INTERPRET:  # the interpreter multiplies 16-bit dot operands as raw bits (`triton_utils`)
+            b_a, b_w = b_a.to(tl.float32), b_w.to(tl.float32)
+        acc = tl.dot(b_a, b_w, acc, input_precision="ieee") if IEEE or INTERPRET else tl.dot(b_a, b_w, acc)
+        if SWIGLU:
+            b_u = tl.load(w_e + (cols[None, :] + up_offset) * stride_wn + ks[:, None], mask=m_w, other=0.0)
+            if INTERPRET:
+                b_u = b_u.to(tl.float32)
+            acc_up = tl.dot(b_a, b_u, acc_up, input_precision="ieee") if IEEE or INTERPRET else tl.dot(b_a, b_u, acc_up)
+    dt = out.dtype.element_ty
+    if SWIGLU:
+        gate = acc.to(dt).to(tl.float32)
+        acc = gate / (1.0 + tl.exp(-gate)) * acc_up.to(dt).to(tl.float32)
+    tl.store(out + rows[:, None] * stride_out + cols[None, :], acc.to(dt), mask=live[:, None] & (cols < N)[None, :])
+
+
+def expert_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int = BLOCK_M):
+    """The pairs grouped by expert, on the device: `pair_of_row` `[R]` (the pair `token * k + slot` in each padded
+    row, -1 for padding), `expert_of_block` `[R / block_m]` (`num_experts` past the last expert's rows) and
+    `row_of_pair` `[T * k]`. `R` depends on `T * k` and `num_experts` only, so a CUDA graph can capture it."""
+    device, P = topk_ids.device, topk_ids.numel()
+    flat = topk_ids.reshape(-1).long()
+    sorted_experts, order = torch.sort(flat, stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = padded.cumsum(0)
+    first_row, first_pair = padded_end - padded, counts.cumsum(0) - counts
+    row_of_sorted = first_row[sorted_experts] + torch.arange(P, device=device) - first_pair[sorted_experts]
+    capacity = triton.cdiv(P + min(P, num_experts) * (block_m - 1), block_m) * block_m
+    pair_of_row = torch.full((capacity,), -1, dtype=torch.int64, device=device).index_copy_(0, row_of_sorted, order)
+    row_of_pair = torch.empty(P, dtype=torch.int64, device=device).index_copy_(0, order, row_of_sorted)
+    block_starts = torch.arange(0, capacity, block_m, device=device)
+    expert_of_block = torch.searchsorted(padded_end, block_starts, right=True)
+    return pair_of_row, expert_of_block, row_of_pair
+
+
+def _check(x, w13, w2, topk_ids, topk_weights) -> None:
+    T, D = x.shape
+    E, I = w13.shape[0], w2.shape[-1]
+    problems = []
+    if w13.shape != (E, 2 * I, D) or w2.shape != (E, D, I):
+        problems.append(f"w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} must be [E, 2I, D], [E, D, I] with D={D}")
+    if topk_ids.shape != topk_weights.shape or topk_ids.dim() != 2 or topk_ids.shape[0] != T:
+        problems.append(f"topk_ids {tuple(topk_ids.shape)}, topk_weights {tuple(topk_weights.shape)}: both [{T}, k]")
+    if not (x.dtype == w13.dtype == w2.dtype) or x.dtype not in (torch.float32, torch.bfloat16):
+        problems.append(f"x {x.dtype}, w13 {w13.dtype}, w2 {w2.dtype} must share one dtype, float32 or bfloat16")
+    if problems:
+        raise ValueError("aligned experts: " + "; ".join(problems))
+
+
+@torch.library.custom_op("ring_linear::aligned_expert_outputs", mutates_args=())
+def aligned_expert_outputs(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+) -> torch.Tensor:
+    """`sum_slot topk_weights[t, slot] * expert[topk_ids[t, slot]](x[t])` in fp32 `[T, D]`: `x` `[T, D]`, `w13`
+    `[E, 2I, D]` (gate rows, then up rows), `w2` `[E, D, I]`, `topk_ids`/`topk_weights` `[T, k]`. A custom op, so a
+    compiled engine graph calls it as one opaque computation."""
+    _check(x, w13, w2, topk_ids, topk_weights)
+    (T, D), (E, two_i, _), k = x.shape, w13.shape, topk_ids.shape[1]
+    x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
+    pair_of_row, expert_of_block, row_of_pair = expert_blocks(topk_ids, E)
+    R, I, ieee = pair_of_row.numel(), two_i // 2, x.dtype == torch.float32
+    act = torch.empty((R, I), dtype=x.dtype, device=x.device)
+    y = torch.empty((R, D), dtype=torch.float32, device=x.device)
+    if R:
+        _expert_gemm_kernel[(R // BLOCK_M, triton.cdiv(I, BLOCK_N))](
+            x, w13, act, pair_of_row, expert_of_block, E, D, I, k, I,
+            x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
+            True, True, ieee, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+        _expert_gemm_kernel[(R // BLOCK_M, triton.cdiv(D, BLOCK_N))](
+            act, w2, y, pair_of_row, expert_of_block, E, I, D, k, 0,
+            act.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
+            False, False, ieee, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+    rows = row_of_pair.view(T, k)
+    out = torch.zeros((T, D), dtype=torch.float32, device=x.device)
+    for slot in range(k):  # in slot order, one rounding per step
+        out = out + y[rows[:, slot]] * topk_weights[:, slot, None].float()
+    return out
+
+
+@aligned_expert_outputs.register_fake
+def _(x, w13, w2, topk_ids, topk_weights):
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+def stack_experts(
+    gate: Sequence[torch.Tensor], up: Sequence[torch.Tensor], down: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-expert `[I, D]` gate and up and `[D, I]` down weights as the engines hold them: `w13` `[E, 2I, D]` and
+    `w2` `[E, D, I]`."""
+    return torch.cat([torch.stack(list(gate)), torch.stack(list(up))], dim=1), torch.stack(list(down))
+
+
+class _AlignedExperts(torch.autograd.Function):
+    """The aligned forward from per-expert weights (stacked for the kernel, not kept), `moe_combine`'s gradients."""
+
+    @staticmethod
+    def forward(ctx, x, topk_ids, topk_weights, num_experts, *weights):
+        ctx.num_experts = num_experts
+        ctx.save_for_backward(x, topk_ids, topk_weights, *weights)
+        w13, w2 = stack_experts(
+            weights[:num_experts], weights[num_experts : 2 * num_experts], weights[2 * num_experts :]
+        )
+        return aligned_expert_outputs(x, w13, w2, topk_ids, topk_weights)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, topk_ids, topk_weights, *weights = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        E = ctx.num_experts
+        # x, topk_weights and the weights, each differentiable where its gradient is asked for
+        leaves = [
+            t.detach().requires_grad_(need)
+            for t, need in zip([x, topk_weights, *weights], [needs[0], needs[2], *needs[4:]], strict=True)
+        ]
+        x_, w_, params = leaves[0], leaves[1], leaves[2:]
+        with torch.enable_grad():
+            experts = [lambda h, e=e: swiglu_mlp(h, params[e], params[E + e], params[2 * E + e]) for e in range(E)]
+            out = moe_combine(x_, topk_ids, w_, experts)
+            wanted = [t for t in leaves if t.requires_grad]
+            found = iter(torch.autograd.grad(out, wanted, dy, allow_unused=True))
+        grads = [next(found) if t.requires_grad else None for t in leaves]
+        return grads[0], None, grads[1], None, *grads[2:]
+
+
+def expert_outputs(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    gate: Sequence[torch.Tensor],
+    up: Sequence[torch.Tensor],
+    down: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """`aligned_expert_outputs` from per-expert weights (the shim's modules), differentiable: fp32 `[T, D]`."""
+    weights = [*gate, *up, *down]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, topk_weights, *weights)):
+        return _AlignedExperts.apply(x, topk_ids, topk_weights, len(gate), *weights)
+    return aligned_expert_outputs(x, *stack_experts(gate, up, down), topk_ids, topk_weights)
+
+
+def every_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared expert's routing: expert 0 for every token, weight 1 (`y * 1` and `0 + y` are exact)."""
+    T = x.shape[0]
+    return (
+        torch.zeros((T, 1), dtype=torch.int64, device=x.device),
+        torch.ones((T, 1), dtype=torch.float32, device=x.device),
+    )
+
+
+@torch.library.custom_op("ring_linear::aligned_moe", mutates_args=())
+def aligned_moe(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    expert_bias: torch.Tensor | None,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    shared_w13: torch.Tensor | None,
+    shared_w2: torch.Tensor | None,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    routed_scaling_factor: float,
+    norm_topk_prob: bool,
+) -> torch.Tensor:
+    """An aligned engine's MoE layer, in `x`'s dtype: `naive.route` through the batch-invariant router GEMM, the
+    routed experts, plus the shared expert (`shared_w13` `[1, 2I_s, D]`, `shared_w2` `[1, D, I_s]`, or None), summed
+    in fp32. The shim's `MoE.forward(aligned=True)` runs these same steps with autograd."""
+    ids, weights = route(
+        x, gate_weight, expert_bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob, True
+    )
+    out = aligned_expert_outputs(x, w13, w2, ids, weights)
+    if shared_w13 is not None and shared_w2 is not None:
+        out = out + aligned_expert_outputs(x, shared_w13, shared_w2, *every_token(x))
+    return out.to(x.dtype)
+
+
+@aligned_moe.register_fake
+def _(x, gate_weight, expert_bias, w13, w2, shared_w13, shared_w2, *_args):
+    return torch.empty_like(x)

@@ -1,0 +1,142 @@
+"""Aligned mode's experts (`ops.moe.aligned`): against float64, a token's bits alone and in any batch, the shim's
+steps equal to the engine's op bit for bit, and the standard gradient."""
+
+import pytest
+import torch
+
+from common_kernels.ops.moe.aligned import (
+    aligned_expert_outputs,
+    aligned_moe,
+    every_token,
+    expert_blocks,
+    expert_outputs,
+    stack_experts,
+)
+from common_kernels.ops.moe.naive import moe_combine, route, swiglu_mlp
+from common_kernels.testing import assert_rel_rms
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_experts(E, D, I, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    gate, up, down = (
+        [(torch.randn(*shape, generator=g) * 0.2).to(dtype) for _ in range(E)] for shape in [(I, D), (I, D), (D, I)]
+    )
+    return gate, up, down
+
+
+def reference(x, ids, weights, gate, up, down):
+    """`naive.moe_combine` in float64."""
+    experts = [
+        lambda h, e=e: swiglu_mlp(h, gate[e].double(), up[e].double(), down[e].double()) for e in range(len(gate))
+    ]
+    return moe_combine(x.double(), ids, weights.double(), experts)
+
+
+def random_routing(T, E, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = (
+        torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+        if T
+        else torch.zeros(0, k, dtype=torch.long)
+    )
+    return ids, torch.rand(T, k, generator=g) + 0.1
+
+
+def run(x, ids, weights, gate, up, down):
+    with torch.no_grad():
+        w13, w2 = stack_experts([t.to(DEVICE) for t in gate], [t.to(DEVICE) for t in up], [t.to(DEVICE) for t in down])
+        return aligned_expert_outputs(x.to(DEVICE), w13, w2, ids.to(DEVICE), weights.to(DEVICE)).cpu()
+
+
+@pytest.mark.parametrize("T,E,k,D,I", [(0, 4, 2, 32, 16), (1, 4, 2, 32, 16), (19, 8, 2, 40, 24), (37, 6, 3, 72, 80)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_aligned_experts_match_float64(T, E, k, D, I, dtype):
+    """No tokens, one token, ragged counts per expert (some unused), hidden and expert widths that are not whole
+    tiles, more than one block for an expert."""
+    gate, up, down = make_experts(E, D, I, dtype, seed=T + E)
+    x = torch.randn(T, D).to(dtype)
+    ids, weights = random_routing(T, E, k, seed=T)
+    out = run(x, ids, weights, gate, up, down)
+    assert out.dtype == torch.float32 and out.shape == (T, D)
+    # fp32: exact products; bf16: the gate, up and SwiGLU values are rounded to bf16 (as F.linear's would be)
+    assert_rel_rms(
+        "aligned experts", reference(x, ids, weights, gate, up, down), out, 1e-6 if dtype == torch.float32 else 2e-2
+    )
+
+
+def test_every_pair_lands_in_a_block_of_its_own_expert():
+    ids = torch.tensor([[3, 0], [3, 1], [0, 3], [3, 2], [3, 0]])
+    pair_of_row, expert_of_block, row_of_pair = expert_blocks(ids, num_experts=5, block_m=2)
+    assert pair_of_row.numel() % 2 == 0 and expert_of_block.numel() == pair_of_row.numel() // 2
+    flat = ids.reshape(-1)
+    for pair, row in enumerate(row_of_pair.tolist()):
+        assert pair_of_row[row] == pair and expert_of_block[row // 2] == flat[pair]
+    assert sorted(p for p in pair_of_row.tolist() if p >= 0) == list(range(flat.numel()))
+    assert (expert_of_block[(pair_of_row.view(-1, 2) < 0).all(1)] == 5).all()  # blocks with no pair: past the end
+
+
+def test_a_tokens_experts_do_not_depend_on_the_batch():
+    """A token alone, first, last or in the middle of a batch, with other tokens on its experts or not: same bits."""
+    E, D, I, k = 6, 48, 40, 2
+    gate, up, down = make_experts(E, D, I, torch.bfloat16, seed=3)
+    x = torch.randn(90, D).bfloat16()
+    ids, weights = random_routing(90, E, k, seed=4)
+    alone = run(x[40:41], ids[40:41], weights[40:41], gate, up, down)
+    for rows in [slice(40, 41), slice(0, 90), slice(40, 90), slice(23, 58), slice(39, 41)]:
+        together = run(x[rows], ids[rows], weights[rows], gate, up, down)
+        assert torch.equal(together[40 - rows.start], alone[0]), rows
+
+
+def test_the_shims_steps_equal_the_engines_op_bit_for_bit():
+    """`MoE.forward(aligned=True)`'s sequence (route, routed experts, shared expert, with autograd on) against
+    the engine's `aligned_moe` on stacked weights."""
+    E, D, I, Is, k = 8, 32, 16, 24, 2
+    g = torch.Generator().manual_seed(5)
+    gate, up, down = make_experts(E, D, I, torch.bfloat16, seed=6)
+    shared = make_experts(1, D, Is, torch.bfloat16, seed=7)
+    gate_w, bias = torch.randn(E, D, generator=g) * 0.2, torch.randn(E, generator=g) * 0.1
+    x = torch.randn(21, D, generator=g).bfloat16()
+    params = [t.clone().requires_grad_() for t in (*gate, *up, *down)]
+    ids, w = route(x, gate_w.requires_grad_(), bias, k, 4, 2, 2.5, True, True)
+    shim = expert_outputs(x, ids, w, params[:E], params[E : 2 * E], params[2 * E :])
+    shim = (shim + expert_outputs(x, *every_token(x), *shared)).to(x.dtype)
+    with torch.no_grad():
+        engine = aligned_moe(
+            x, gate_w.detach(), bias, *stack_experts(gate, up, down), *stack_experts(*shared), k, 4, 2, 2.5, True
+        )
+    assert shim.requires_grad and torch.equal(shim.detach(), engine)
+
+
+def test_aligned_experts_take_the_standard_gradient():
+    E, D, I, k, T = 4, 24, 16, 2, 11
+    gate, up, down = make_experts(E, D, I, torch.float32, seed=8)
+    x = torch.randn(T, D, requires_grad=True)
+    ids, weights = random_routing(T, E, k, seed=9)
+    weights.requires_grad_()
+    params = [t.clone().requires_grad_() for t in (*gate, *up, *down)]
+    dy = torch.randn(T, D)
+    leaves = [x, weights, *params]
+    got = torch.autograd.grad(
+        (expert_outputs(x, ids, weights, params[:E], params[E : 2 * E], params[2 * E :]) * dy).sum(), leaves
+    )
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    rx, rw, rp = ref_leaves[0], ref_leaves[1], ref_leaves[2:]
+    want = torch.autograd.grad(
+        (reference(rx, ids, rw, rp[:E], rp[E : 2 * E], rp[2 * E :]) * dy.double()).sum(), ref_leaves
+    )
+    for n, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert_rel_rms(f"gradient {n}", b, a, 1e-5)
+
+
+def test_aligned_experts_refuse_mismatched_inputs():
+    x = torch.randn(3, 8)
+    w13, w2 = torch.randn(2, 8, 8), torch.randn(2, 8, 4)
+    ids, weights = torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1)
+    with pytest.raises(ValueError, match=r"w13 \(2, 8, 8\) and w2 \(2, 8, 3\) must be \[E, 2I, D\], \[E, D, I\]"):
+        aligned_expert_outputs(x, w13, torch.randn(2, 8, 3), ids, weights)
+    with pytest.raises(ValueError, match=r"topk_ids \(3, 1\), topk_weights \(3, 2\): both \[3, k\]"):
+        aligned_expert_outputs(x, w13, w2, ids, torch.ones(3, 2))
+    with pytest.raises(ValueError, match="must share one dtype"):
+        aligned_expert_outputs(x.bfloat16(), w13, w2, ids, weights)
