@@ -8,7 +8,10 @@ Models (`--model`, one server each, prefix caching off unless the name says cach
 - `softmax-twin-cached`: the twin with vLLM's default prefix caching, whose warm pass re-sends the same
   prompts (the figure Ring-linear's caching must reach);
 - `ring-linear-cached`: ours with vLLM's hybrid prefix caching ("align" mode, opted in by
-  `RING_LINEAR_PREFIX_CACHING=1` in the server's environment until its GPU tests pass).
+  `RING_LINEAR_PREFIX_CACHING=1` in the server's environment until its GPU tests pass);
+- `ring-linear-aligned`: ours in aligned mode (`RING_LINEAR_ALIGNED=1`, which brings vLLM's batch invariance;
+  chunked prefill off, as aligned mode needs), reported against `ring-linear`: what bitwise rollouts cost
+  (issue 15's target: at most 1.35x slower).
 
 The `prefix-*` workloads (vLLM's `prefix_repetition` dataset: prompts that share a few long prefixes) are for
 the cached pair.
@@ -45,10 +48,11 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from common_kernels.serving import ALIGNED_MODE_SWITCH
 from ring_linear_vllm import PREFIX_CACHING_OPT_IN
 
 RELEASED_CONFIG = Path(__file__).parents[1] / "tests" / "data" / "ring-mini-linear-2.0.config.json"
-MODELS = ("ring-linear", "softmax-twin", "ring-linear-cached", "softmax-twin-cached")
+MODELS = ("ring-linear", "softmax-twin", "ring-linear-cached", "softmax-twin-cached", "ring-linear-aligned")
 ENGINES = ("vllm", "sglang")
 PASSES = ("cold", "warm")
 METRICS = ("output_throughput", "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms")
@@ -174,13 +178,17 @@ def serve_command(
     command = [*VLLM_CLI, "serve", str(directory), "--tokenizer", str(tokenizer), "--load-format", "dummy"]
     command += ["--port", str(port)]
     command += ["--max-model-len", str(max_model_len), "--gpu-memory-utilization", "0.9", *quantize]
+    if model.endswith("-aligned"):  # aligned mode prefills each prompt in one step
+        command.append("--no-enable-chunked-prefill")
     # hybrid models get no prefix caching unless asked for (vLLM 0.26)
     return [*command, "--enable-prefix-caching"] if cached else [*command, "--no-enable-prefix-caching"]
 
 
 def server_env(model: str, env: dict[str, str]) -> dict[str, str]:
-    """The server's environment: the cached ring-linear server opts in to the plugin's prefix caching."""
-    return env | {PREFIX_CACHING_OPT_IN: "1"} if model == "ring-linear-cached" else env
+    """The server's environment: the cached ring-linear server opts in to the plugin's prefix caching, the aligned
+    one to aligned mode."""
+    switch = {"ring-linear-cached": PREFIX_CACHING_OPT_IN, "ring-linear-aligned": ALIGNED_MODE_SWITCH}.get(model)
+    return env | {switch: "1"} if switch else env
 
 
 def client_command(
@@ -507,8 +515,12 @@ def report_table(results: dict, baseline: str = "softmax-twin", model: str = "ri
 
 def pairs(labels: set[str]) -> list[tuple[str, str]]:
     """(model, baseline) pairs among the runs: every ring-linear run against the twin of the same variant and
-    engine, and each SGLang run against the same run on vLLM."""
+    engine, each SGLang run against the same run on vLLM, and each aligned run against the default one."""
     found = []
+    aligned = "ring-linear-aligned"
+    for name in sorted(labels):
+        if name.startswith(aligned) and "ring-linear" + name[len(aligned) :] in labels:
+            found.append((name, "ring-linear" + name[len(aligned) :]))
     for name in sorted(labels):
         if name.startswith("ring-linear") and "softmax-twin" + name[len("ring-linear") :] in labels:
             found.append((name, "softmax-twin" + name[len("ring-linear") :]))

@@ -31,6 +31,8 @@
 #   serve-twin-cached  the twin with prefix caching (its warm pass hits the cache)          (~7 min)
 #   serve-ring-cached  ring-linear with prefix caching (SERVE_WORKLOADS="prefix-4k prefix-32k", then the twin's
 #                same; issue 13)                                          (~4 min with those two; both: ~8.5 min)
+#   serve-ring-aligned  ring-linear in aligned mode (chunked prefill off); the report sets it against serve-ring's runs
+#                in the same SERVE_OUT: SERVE_WORKLOADS="chat reasoning" for both (issue 15's cost)    (untimed)
 #   serve-report the ratio table of the serve steps' results (SERVE_OUT, default OUTDIR/serve)
 #                (SERVE_WORKLOADS picks workloads, else bench_serve's four, which take longer than one 10-minute
 #                device call; SERVE_PASSES=cold runs the cold pass alone; SERVE_SIZE=flash, SERVE_LAYERS=N and
@@ -101,7 +103,7 @@ for step in "$@"; do
       --prefill 4096 16384 --decode --json "$out/e2e-prefill.json" ;;
     example) run example 240 env CUDA_VISIBLE_DEVICES=0 RING_LINEAR_PREFIX_CACHING=1 python3 examples/vllm_rollout_logprobs.py \
       "${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}" ;;
-    serve-ring | serve-twin | serve-ring-cached | serve-twin-cached | serve-ring-sgl | serve-twin-sgl)
+    serve-ring | serve-twin | serve-ring-cached | serve-twin-cached | serve-ring-aligned | serve-ring-sgl | serve-twin-sgl)
       model=${step#serve-}; engine=(--engine vllm); prefix=()
       if [[ $model == *-sgl ]]; then model=${model%-sgl}; engine=(--engine sglang); prefix=("${SGLANG_ENV[@]}"); fi
       model=${model/ring/ring-linear}; model=${model/twin/softmax-twin}

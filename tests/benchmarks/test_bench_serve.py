@@ -286,8 +286,11 @@ def test_every_ring_linear_run_is_paired_with_the_twin_of_its_variant_and_engine
     labels = {
         "ring-linear", "softmax-twin", "ring-linear-cached", "softmax-twin-cached", "ring-linear.sglang",
         "softmax-twin.sglang", "ring-linear-flash-fp8", "softmax-twin-flash-fp8", "ring-linear-flash",
+        "ring-linear-aligned", "ring-linear-aligned-flash",
     }  # fmt: skip
     assert set(bench_serve.pairs(labels)) == {
+        ("ring-linear-aligned", "ring-linear"),
+        ("ring-linear-aligned-flash", "ring-linear-flash"),
         ("ring-linear", "softmax-twin"),
         ("ring-linear-cached", "softmax-twin-cached"),
         ("ring-linear.sglang", "softmax-twin.sglang"),
@@ -307,3 +310,13 @@ def test_the_servers_memory_lines_are_kept():
     )
     lines = bench_serve.memory_lines(log)
     assert len(lines) == 3 and lines[2] == "Maximum concurrency for 33,024 tokens per request: 37.4x"
+
+
+def test_the_aligned_server_runs_aligned_mode_without_chunked_prefill():
+    command = bench_serve.serve_command("ring-linear-aligned", Path("m"), Path("t"), 8000, 4352)
+    assert "--no-enable-chunked-prefill" in command and "--no-enable-prefix-caching" in command
+    assert "--no-enable-chunked-prefill" not in bench_serve.serve_command(
+        "ring-linear", Path("m"), Path("t"), 8000, 4352
+    )
+    assert bench_serve.server_env("ring-linear-aligned", {})["RING_LINEAR_ALIGNED"] == "1"
+    assert bench_serve.server_env("ring-linear", {}) == {}
