@@ -10,7 +10,7 @@ nor the other's bits. Here:
    sync, so a CUDA graph captures it);
 2. one kernel computes `silu(x W_gate^T) * (x W_up^T)` per pair: the two products rounded to the activation
    dtype (as two `F.linear` calls would), the SwiGLU in fp32, rounded to the activation dtype;
-3. a second computes `act W_down^T` in fp32, not rounded;
+3. a second computes `act W_down^T` in fp32, not rounded, into each pair's own row (no padding kept);
 4. a token's output is `sum_slot weight * y` in slot order, in fp32.
 
 Every GEMM walks its reduction in `BLOCK_K` steps with fixed tiles, so a row's sums never depend on its block. The
@@ -30,7 +30,9 @@ import triton.language as tl
 from ..linear_attn.triton_utils import INTERPRET
 from .naive import moe_combine, route, swiglu_mlp
 
-BLOCK_M, BLOCK_N, BLOCK_K = 16, 64, 32  # fixed: a row's reduction order never depends on the batch
+# Fixed, so a row's reduction order never depends on the batch. An expert's weights are read once per block of its
+# rows: 64-row blocks read them once for up to 64 tokens (a prefill), and a decode's few rows per expert pad one block.
+BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
 
 
 @triton.jit(do_not_specialize=["num_experts", "K", "N", "top_k"])
@@ -40,9 +42,9 @@ def _expert_gemm_kernel(
     GATHER: tl.constexpr, SWIGLU: tl.constexpr, IEEE: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """One `[BLOCK_M, BLOCK_N]` tile of one expert's rows. `GATHER`: row r reads activation row
-    `pair_of_row[r] // top_k` (a token), else row r itself. `SWIGLU`: also the up product (weight rows from
-    `up_offset`), and the tile stores `silu(gate) * up`."""
+    """One `[BLOCK_M, BLOCK_N]` tile of one expert's rows. `GATHER` (the first GEMM): padded row r reads token
+    `pair_of_row[r] // top_k` and writes row r; else (the second) it reads row r and writes pair `pair_of_row[r]`.
+    `SWIGLU`: also the up product (weight rows from `up_offset`), and the tile stores `silu(gate) * up`."""
     block = tl.program_id(0)
     expert = tl.load(expert_of_block + block)
     if expert >= num_experts:  # a block past the last expert's rows
@@ -51,6 +53,7 @@ def _expert_gemm_kernel(
     pairs = tl.load(pair_of_row + rows)
     live = pairs >= 0
     src = (pairs // top_k) if GATHER else rows
+    dst = rows if GATHER else pairs
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     w_e = w + expert.to(tl.int64) * stride_we
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -72,13 +75,15 @@ def _expert_gemm_kernel(
     if SWIGLU:
         gate = acc.to(dt).to(tl.float32)
         acc = gate / (1.0 + tl.exp(-gate)) * acc_up.to(dt).to(tl.float32)
-    tl.store(out + rows[:, None] * stride_out + cols[None, :], acc.to(dt), mask=live[:, None] & (cols < N)[None, :])
+    tl.store(out + dst[:, None] * stride_out + cols[None, :], acc.to(dt), mask=live[:, None] & (cols < N)[None, :])
 
 
-def expert_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int = BLOCK_M):
+def expert_blocks(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int = BLOCK_M
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The pairs grouped by expert, on the device: `pair_of_row` `[R]` (the pair `token * k + slot` in each padded
-    row, -1 for padding), `expert_of_block` `[R / block_m]` (`num_experts` past the last expert's rows) and
-    `row_of_pair` `[T * k]`. `R` depends on `T * k` and `num_experts` only, so a CUDA graph can capture it."""
+    row, -1 for padding) and `expert_of_block` `[R / block_m]` (`num_experts` past the last expert's rows). `R`
+    depends on `T * k` and `num_experts` only, so a CUDA graph can capture it."""
     device, P = topk_ids.device, topk_ids.numel()
     flat = topk_ids.reshape(-1).long()
     sorted_experts, order = torch.sort(flat, stable=True)
@@ -89,10 +94,8 @@ def expert_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int = BLOCK
     row_of_sorted = first_row[sorted_experts] + torch.arange(P, device=device) - first_pair[sorted_experts]
     capacity = triton.cdiv(P + min(P, num_experts) * (block_m - 1), block_m) * block_m
     pair_of_row = torch.full((capacity,), -1, dtype=torch.int64, device=device).index_copy_(0, row_of_sorted, order)
-    row_of_pair = torch.empty(P, dtype=torch.int64, device=device).index_copy_(0, order, row_of_sorted)
     block_starts = torch.arange(0, capacity, block_m, device=device)
-    expert_of_block = torch.searchsorted(padded_end, block_starts, right=True)
-    return pair_of_row, expert_of_block, row_of_pair
+    return pair_of_row, torch.searchsorted(padded_end, block_starts, right=True)
 
 
 def _check(x, w13, w2, topk_ids, topk_weights) -> None:
@@ -119,10 +122,10 @@ def aligned_expert_outputs(
     _check(x, w13, w2, topk_ids, topk_weights)
     (T, D), (E, two_i, _), k = x.shape, w13.shape, topk_ids.shape[1]
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
-    pair_of_row, expert_of_block, row_of_pair = expert_blocks(topk_ids, E)
+    pair_of_row, expert_of_block = expert_blocks(topk_ids, E)
     R, I, ieee = pair_of_row.numel(), two_i // 2, x.dtype == torch.float32
     act = torch.empty((R, I), dtype=x.dtype, device=x.device)
-    y = torch.empty((R, D), dtype=torch.float32, device=x.device)
+    y = torch.empty((T * k, D), dtype=torch.float32, device=x.device)
     if R:
         _expert_gemm_kernel[(R // BLOCK_M, triton.cdiv(I, BLOCK_N))](
             x, w13, act, pair_of_row, expert_of_block, E, D, I, k, I,
@@ -134,10 +137,10 @@ def aligned_expert_outputs(
             act.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
             False, False, ieee, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
-    rows = row_of_pair.view(T, k)
+    per_slot = y.view(T, k, D)
     out = torch.zeros((T, D), dtype=torch.float32, device=x.device)
     for slot in range(k):  # in slot order, one rounding per step
-        out = out + y[rows[:, slot]] * topk_weights[:, slot, None].float()
+        out = out + per_slot[:, slot] * topk_weights[:, slot, None].float()
     return out
 
 
