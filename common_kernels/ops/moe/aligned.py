@@ -122,7 +122,7 @@ def aligned_expert_outputs(
     _check(x, w13, w2, topk_ids, topk_weights)
     (T, D), (E, two_i, _), k = x.shape, w13.shape, topk_ids.shape[1]
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
-    pair_of_row, expert_of_block = expert_blocks(topk_ids, E)
+    pair_of_row, expert_of_block = expert_blocks(topk_ids, E, BLOCK_M)
     R, I, ieee = pair_of_row.numel(), two_i // 2, x.dtype == torch.float32
     act = torch.empty((R, I), dtype=x.dtype, device=x.device)
     y = torch.empty((T * k, D), dtype=torch.float32, device=x.device)

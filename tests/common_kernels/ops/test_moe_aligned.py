@@ -50,7 +50,9 @@ def run(x, ids, weights, gate, up, down):
         return aligned_expert_outputs(x.to(DEVICE), w13, w2, ids.to(DEVICE), weights.to(DEVICE)).cpu()
 
 
-@pytest.mark.parametrize("T,E,k,D,I", [(0, 4, 2, 32, 16), (1, 4, 2, 32, 16), (19, 8, 2, 40, 24), (37, 6, 3, 72, 80), (150, 3, 2, 40, 24)])
+@pytest.mark.parametrize(
+    "T,E,k,D,I", [(0, 4, 2, 32, 16), (1, 4, 2, 32, 16), (19, 8, 2, 40, 24), (37, 6, 3, 72, 80), (150, 3, 2, 40, 24)]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_aligned_experts_match_float64(T, E, k, D, I, dtype):
     """No tokens, one token, ragged counts per expert (some unused), hidden and expert widths that are not whole
