@@ -180,3 +180,21 @@ def test_aligned_moe_layer_equals_the_shims_bit_for_bit(vllm_tools, tiny_dir, al
 def test_aligned_mode_refuses_sharded_experts(vllm_tools, tiny_dir, aligned_env, flag):
     with pytest.raises(ValueError, match="RING_LINEAR_ALIGNED=1 serves each MoE layer unsharded and unquantized"):
         vllm_tools.engine_config(tiny_dir, enable_chunked_prefill=False, **flag)
+
+
+def test_aligned_moe_layer_traces_under_torch_compile(vllm_tools, tiny_dir, aligned_env):
+    """vLLM compiles the model: the aligned MoE layer must trace (custom ops' fake shapes, the weight lookup) with
+    a dynamic token count, and give eager's bits."""
+    cfg = vllm_tools.engine_config(tiny_dir, enable_chunked_prefill=False)
+    model = vllm_tools.build_model(cfg)
+    index = next(i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "gate"))
+    moe = model.model.layers[index].mlp
+    with torch.no_grad():
+        for name, param in moe.named_parameters():
+            param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * 0.2)
+    compiled = torch.compile(moe, backend="aot_eager", dynamic=True, fullgraph=True)
+    with vllm_tools.single_rank(cfg), torch.no_grad():
+        for tokens in (3, 17):
+            x = torch.randn(tokens, model.config.hidden_size, generator=torch.Generator().manual_seed(tokens))
+            x = x.to(moe.gate.weight.device)
+            assert torch.equal(compiled(x), moe(x))
