@@ -25,19 +25,12 @@ def fused_moe(**kwargs: Any) -> torch.nn.Module:
 
 def fused_moe_weight_paths(layer: torch.nn.Module) -> tuple[str, str]:
     """Where vLLM's fused MoE layer keeps the routed experts' `w13_weight` and `w2_weight`, as attribute paths from
-    `layer` (on the layer itself, or on the runner it returns, by release). Read with `attribute_path`."""
+    `layer` (on the layer itself, or on the runner it returns, by release), for `layer.get_parameter`."""
     names = [name for name, _ in layer.named_parameters()]
     paths = [next((n for n in names if n.rsplit(".", 1)[-1] == leaf), None) for leaf in ("w13_weight", "w2_weight")]
     if None in paths:
         raise RuntimeError(f"ring-linear: vLLM's fused MoE layer has no w13_weight/w2_weight parameters ({names})")
     return paths[0], paths[1]
-
-
-def attribute_path(module: torch.nn.Module, path: str) -> Any:
-    """`module.a.b.c` for `path` "a.b.c" (plain attribute reads, which torch.compile traces)."""
-    for name in path.split("."):
-        module = getattr(module, name)
-    return module
 
 
 LINEAR_ATTENTION_OP = "ring_linear_attention"  # registered as torch.ops.vllm.ring_linear_attention

@@ -43,7 +43,7 @@ from common_kernels.ops.rope.naive import qk_norm_rope, rotary_cos_sin, rotary_i
 from common_kernels.precision import RESIDUAL_DTYPE, ROPE_DTYPE, ROUTER_DTYPE
 from common_kernels.serving import RouterGate, aligned_mode, load_checkpoint_tensors, place_tensor
 
-from .compat import attribute_path, fused_moe, fused_moe_weight_paths
+from .compat import fused_moe, fused_moe_weight_paths
 from .engine_config import state_dtypes, state_shapes
 from .linear_attention import (
     NormWeight,
@@ -120,7 +120,7 @@ class RingMoE(nn.Module):
     def _aligned_weights(self) -> tuple[torch.Tensor | None, ...]:
         """The routed experts' `[E, 2I, D]` and `[E, D, I]` weights as vLLM's unquantized MoE holds them (gate rows,
         then up rows), and the shared expert's as one more expert (or None)."""
-        w13, w2 = (attribute_path(self.experts, path) for path in self.expert_weight_paths)
+        w13, w2 = (self.experts.get_parameter(path) for path in self.expert_weight_paths)
         shared = self.shared_experts
         if shared is None:
             return w13, w2, None, None
