@@ -517,13 +517,10 @@ def pairs(labels: set[str]) -> list[tuple[str, str]]:
     """(model, baseline) pairs among the runs: every ring-linear run against the twin of the same variant and
     engine, each SGLang run against the same run on vLLM, and each aligned run against the default one."""
     found = []
-    aligned = "ring-linear-aligned"
-    for name in sorted(labels):
-        if name.startswith(aligned) and "ring-linear" + name[len(aligned) :] in labels:
-            found.append((name, "ring-linear" + name[len(aligned) :]))
-    for name in sorted(labels):
-        if name.startswith("ring-linear") and "softmax-twin" + name[len("ring-linear") :] in labels:
-            found.append((name, "softmax-twin" + name[len("ring-linear") :]))
+    for model, baseline in (("ring-linear-aligned", "ring-linear"), ("ring-linear", "softmax-twin")):
+        for name in sorted(labels):
+            if name.startswith(model) and baseline + name[len(model) :] in labels:
+                found.append((name, baseline + name[len(model) :]))
     for name in sorted(labels):
         if name.startswith("ring-linear") and name.endswith(".sglang") and name.removesuffix(".sglang") in labels:
             found.append((name, name.removesuffix(".sglang")))
