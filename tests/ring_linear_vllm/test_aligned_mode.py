@@ -152,15 +152,13 @@ def test_without_aligned_mode_the_engine_keeps_the_compiled_norms(vllm_tools, ti
 def test_aligned_moe_layer_equals_the_shims_bit_for_bit(vllm_tools, tiny_dir, aligned_env, dtype):
     """An MoE layer (router, routed experts, shared expert) on the engine's loaded weights against the shim's
     `MoE.forward(aligned=True)` on the checkpoint: the same bits, in fp32 and bf16."""
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
     from common_kernels import RingLinearForCausalLM
 
     cfg = vllm_tools.engine_config(tiny_dir, enable_chunked_prefill=False, dtype=str(dtype).removeprefix("torch."))
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # as vLLM's loader builds a model: parameters in the serving dtype
-    try:
+    with set_default_torch_dtype(dtype):  # as vLLM's loader builds a model: parameters in the serving dtype
         model = vllm_tools.build_model(cfg)
-    finally:
-        torch.set_default_dtype(default)
     shim = RingLinearForCausalLM.from_pretrained(tiny_dir).to(dtype)
     index = next(i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "gate"))
     engine_moe, shim_moe = model.model.layers[index].mlp, shim.model.layers[index].mlp
