@@ -54,7 +54,7 @@ from ring_linear_vllm import PREFIX_CACHING_OPT_IN
 RELEASED_CONFIG = Path(__file__).parents[1] / "tests" / "data" / "ring-mini-linear-2.0.config.json"
 MODELS = ("ring-linear", "softmax-twin", "ring-linear-cached", "softmax-twin-cached", "ring-linear-aligned")
 ENGINES = ("vllm", "sglang")
-PASSES = ("cold", "warm")
+PASSES = ("cold", "warm", "warm2")  # warm2: a third pass, for a trend across passes
 METRICS = ("output_throughput", "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms")
 HIGHER_IS_BETTER = {"output_throughput"}
 VLLM_CLI = (sys.executable, "-m", "vllm.entrypoints.cli.main")  # `vllm`, also where only the package is on the path
@@ -189,6 +189,52 @@ def server_env(model: str, env: dict[str, str]) -> dict[str, str]:
     one to aligned mode."""
     switch = {"ring-linear-cached": PREFIX_CACHING_OPT_IN, "ring-linear-aligned": ALIGNED_MODE_SWITCH}.get(model)
     return env | {switch: "1"} if switch else env
+
+
+PROCESS_PROBE = Path(__file__).parent / "process_probe"  # its sitecustomize samples every server process
+
+
+def probe_env(env: dict[str, str], folder: Path) -> dict[str, str]:
+    """The server's environment with the host probe on (`process_probe/sitecustomize.py`) writing into `folder`."""
+    path = os.pathsep.join(filter(None, (str(PROCESS_PROBE), env.get("PYTHONPATH"))))
+    return env | {"PYTHONPATH": path, "RING_LINEAR_PROCESS_PROBE": str(folder)}
+
+
+def process_lines(folder: Path, start: float, end: float, min_cpu_s: float = 1.0) -> list[str]:
+    """Per server process, what a pass between wall times `start` and `end` cost on the host: CPU seconds, garbage
+    collection (ms per generation), resident memory and its change (the probe's last samples before each time; a
+    process started during the pass counts from its first sample)."""
+    lines = []
+    for path in sorted(folder.glob("*.jsonl")):
+        samples = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        before = [s for s in samples if s["t"] <= start] or samples[:1]
+        after = [s for s in samples if s["t"] <= end]
+        if not before or not after or after[-1]["cpu_s"] - before[-1]["cpu_s"] < min_cpu_s:
+            continue
+        a, b = before[-1], after[-1]
+        gc_ms = "/".join(f"{y - x:.0f}" for x, y in zip(a["gc_ms"], b["gc_ms"], strict=True))
+        runs = "/".join(f"{y - x}" for x, y in zip(a["gc_collections"], b["gc_collections"], strict=True))
+        lines.append(
+            f"{b['cmd'][:40]} (pid {path.stem}): CPU {b['cpu_s'] - a['cpu_s']:.1f} s over {b['t'] - a['t']:.0f} s, "
+            f"GC {gc_ms} ms in {runs} collections (gen 0/1/2), RSS {b['rss_mib']:.0f} MiB "
+            f"({b['rss_mib'] - a['rss_mib']:+.0f})"
+        )
+    return lines
+
+
+def token_gaps(result: dict) -> str | None:
+    """The distribution of the gaps between a request's streamed tokens over one pass (the client's detailed
+    result): an even slowdown moves the median, stalls (a host pause, a long prefill step) move the tail."""
+    gaps = sorted(g for request in result.get("itls") or [] for g in request)
+    if not gaps:
+        return None
+    median = gaps[len(gaps) // 2]
+    stalled = sum(g for g in gaps if g > 5 * median) / sum(gaps)
+    quantile = lambda q: gaps[min(len(gaps) - 1, int(q * len(gaps)))]  # noqa: E731
+    return (
+        f"token gaps (ms): median {1e3 * median:.2f}, p90 {1e3 * quantile(0.9):.2f}, p99 {1e3 * quantile(0.99):.2f}, "
+        f"max {1e3 * gaps[-1]:.1f}; {stalled:.1%} of the decode time in gaps over 5x the median"
+    )
 
 
 def client_command(
@@ -415,12 +461,16 @@ def run(args: argparse.Namespace) -> None:
     long_context = {"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1", "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"}
     env = os.environ | long_context | {"PYTHONUNBUFFERED": "1"}
     log_path = out / f"server-{name_of_run}.log"
+    probe = out / f"probe-{name_of_run}"
+    server_environment = server_env(args.model, env)
+    if args.probe:
+        server_environment = probe_env(server_environment, probe)
     with open(log_path, "w") as log:
         server = subprocess.Popen(
             serve_command(args.model, directory, tokenizer, args.port, max_len, args.engine, args.quantization),
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=server_env(args.model, env), start_new_session=True,
+            env=server_environment, start_new_session=True,
         )  # fmt: skip
         summary = {"model": name_of_run, "workloads": [w.name for w in workloads]}
         try:
@@ -433,6 +483,9 @@ def run(args: argparse.Namespace) -> None:
                     name = f"{name_of_run}__{w.name}__{pass_name}.json"
                     started = time.monotonic()
                     client = client_command(w, directory, tokenizer, args.port, out, name, args.engine)
+                    if args.detailed:
+                        client.append("--output-details" if args.engine == "sglang" else "--save-detailed")
+                    wall_start = time.time()
                     before = server_counters(args.port)
                     with GpuMemorySampler() as memory:
                         subprocess.run(client, check=True, env=client_env(args.engine, env))
@@ -451,6 +504,13 @@ def run(args: argparse.Namespace) -> None:
                     )
                     if memory.samples:
                         print(f"  GPU memory used (MiB): {memory.describe()}", flush=True)
+                    gaps = token_gaps(result)
+                    if gaps:
+                        print(f"  {gaps}", flush=True)
+                    if args.probe:
+                        time.sleep(2 * 2.0)  # the probe's next samples, past the pass's end
+                        for line in process_lines(probe, wall_start, time.time()):
+                            print(f"  host: {line}", flush=True)
                     if result.get("failed"):
                         print(f"  why requests failed: {rejection(args.port, str(directory), w)}", flush=True)
         finally:
@@ -553,7 +613,13 @@ def main(argv: list[str] | None = None) -> None:
         "--engine", choices=ENGINES, default="vllm", help="the engine serving and benchmarking the model"
     )
     run_parser.add_argument(
-        "--passes", nargs="+", choices=PASSES, default=list(PASSES), help="cold alone where time is short"
+        "--passes", nargs="+", choices=PASSES, default=["cold", "warm"], help="cold alone where time is short"
+    )
+    run_parser.add_argument(
+        "--probe", action="store_true", help="sample each server process's CPU, GC and memory per pass"
+    )
+    run_parser.add_argument(
+        "--detailed", action="store_true", help="the client saves every token's time: print their distribution"
     )
     run_parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(SPEED_WORKLOADS))
     run_parser.add_argument("--size", choices=SIZES, default="mini", help="Ring-mini or Ring-flash shapes")

@@ -36,7 +36,9 @@
 #   serve-report the ratio table of the serve steps' results (SERVE_OUT, default OUTDIR/serve)
 #                (SERVE_WORKLOADS picks workloads, else bench_serve's four, which take longer than one 10-minute
 #                device call; SERVE_PASSES=cold runs the cold pass alone; SERVE_SIZE=flash, SERVE_LAYERS=N and
-#                SERVE_QUANT=fp8 pick Ring-flash, its depth and FP8, for ring-linear and twin alike; issue 17)
+#                SERVE_QUANT=fp8 pick Ring-flash, its depth and FP8, for ring-linear and twin alike; issue 17;
+#                SERVE_PASSES="cold warm warm2" runs a third pass; SERVE_FLAGS="--probe --detailed" samples each server
+#                process's CPU, GC and memory per pass and prints the token-gap distribution: why a pass slows)
 #   soak         bench_serve's soak: concurrency 128 for 5 minutes or more, failed requests and GPU memory    (~7 min)
 #   profile      compiled 4K and 128K prefill and 64 x 4K decode-step profiles, ring-linear and the twin (~9 min;
 #                PROFILE_CASES picks; RING_LINEAR_ROUTER_PRODUCTS=bf16x3 times the tensor-core router GEMM)
@@ -112,7 +114,7 @@ for step in "$@"; do
       run "$step" 580 "${prefix[@]}" python3 -m benchmarks.bench_serve run --model "$model" "${engine[@]}" \
         --out "${SERVE_OUT:-$out/serve}" ${SERVE_WORKLOADS:+--workloads $SERVE_WORKLOADS} \
         ${SERVE_PASSES:+--passes $SERVE_PASSES} ${SERVE_SIZE:+--size $SERVE_SIZE} \
-        ${SERVE_LAYERS:+--layers $SERVE_LAYERS} ${SERVE_QUANT:+--quantization $SERVE_QUANT} ;;
+        ${SERVE_LAYERS:+--layers $SERVE_LAYERS} ${SERVE_QUANT:+--quantization $SERVE_QUANT} ${SERVE_FLAGS:-} ;;
     soak) run soak 590 python3 -m benchmarks.bench_serve run --model ring-linear --out "${SERVE_OUT:-$out/serve}" \
       --workloads soak ;;
     serve-report) python3 -m benchmarks.bench_serve report "${SERVE_OUT:-$out/serve}" | tee "$out/serve-report.md" ;;

@@ -320,3 +320,31 @@ def test_the_aligned_server_runs_aligned_mode_without_chunked_prefill():
     )
     assert bench_serve.server_env("ring-linear-aligned", {})["RING_LINEAR_ALIGNED"] == "1"
     assert bench_serve.server_env("ring-linear", {}) == {}
+
+
+def test_the_host_probe_samples_a_python_process_and_a_pass_reads_its_deltas(tmp_path):
+    """The probe (the server's sitecustomize) writes a line per period with CPU, GC and memory; a pass's line is
+    the difference across it, and a process that did nothing during the pass is left out."""
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "probe"
+    env = bench_serve.probe_env(dict(os.environ), folder)
+    busy = "import gc, time\nend = time.time() + 3.5\nwhile time.time() < end:\n    gc.collect(0)\n"
+    start = time.time()
+    subprocess.run([sys.executable, "-c", busy], env=env, check=True, timeout=60)
+    (path,) = folder.glob("*.jsonl")
+    samples = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(samples) >= 2 and samples[-1]["cpu_s"] > samples[0]["cpu_s"] and samples[-1]["gc_ms"][0] > 0
+    (line,) = bench_serve.process_lines(folder, start, time.time(), min_cpu_s=0.5)
+    assert f"pid {path.stem}" in line and "collections (gen 0/1/2)" in line
+    assert bench_serve.process_lines(folder, start, time.time(), min_cpu_s=60) == []
+
+
+def test_token_gaps_separate_an_even_slowdown_from_stalls():
+    even = bench_serve.token_gaps({"itls": [[0.01] * 100, [0.01] * 100]})
+    stalled = bench_serve.token_gaps({"itls": [[0.01] * 99 + [1.0], [0.01] * 100]})
+    assert "median 10.00" in even and "0.0% of the decode time" in even
+    assert "median 10.00" in stalled and "max 1000.0" in stalled and "33.4% of the decode time" in stalled
+    assert bench_serve.token_gaps({"mean_tpot_ms": 1.0}) is None
