@@ -478,7 +478,7 @@ def run(args: argparse.Namespace) -> None:
             print(f"{name_of_run}: ready in {summary['startup_s']} s", flush=True)
             for pass_name in args.passes:
                 for w in workloads:
-                    if pass_name == "warm" and not w.warm_pass:
+                    if pass_name != "cold" and not w.warm_pass:
                         continue
                     name = f"{name_of_run}__{w.name}__{pass_name}.json"
                     started = time.monotonic()
