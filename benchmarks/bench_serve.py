@@ -7,8 +7,7 @@ Models (`--model`, one server each, prefix caching off unless the name says cach
   architecture swapped), `--no-enable-prefix-caching`;
 - `softmax-twin-cached`: the twin with vLLM's default prefix caching, whose warm pass re-sends the same
   prompts (the figure Ring-linear's caching must reach);
-- `ring-linear-cached`: ours with vLLM's hybrid prefix caching ("align" mode, opted in by
-  `RING_LINEAR_PREFIX_CACHING=1` in the server's environment until its GPU tests pass);
+- `ring-linear-cached`: ours with vLLM's hybrid prefix caching ("align" mode);
 - `ring-linear-aligned`: ours in aligned mode (`RING_LINEAR_ALIGNED=1`, which brings vLLM's batch invariance;
   chunked prefill off, as aligned mode needs), reported against `ring-linear`: what bitwise rollouts cost
   (issue 15's target: at most 1.35x slower).
@@ -49,7 +48,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common_kernels.serving import ALIGNED_MODE_SWITCH
-from ring_linear_vllm import PREFIX_CACHING_OPT_IN
 
 RELEASED_CONFIG = Path(__file__).parents[1] / "tests" / "data" / "ring-mini-linear-2.0.config.json"
 MODELS = ("ring-linear", "softmax-twin", "ring-linear-cached", "softmax-twin-cached", "ring-linear-aligned")
@@ -185,10 +183,8 @@ def serve_command(
 
 
 def server_env(model: str, env: dict[str, str]) -> dict[str, str]:
-    """The server's environment: the cached ring-linear server opts in to the plugin's prefix caching, the aligned
-    one to aligned mode."""
-    switch = {"ring-linear-cached": PREFIX_CACHING_OPT_IN, "ring-linear-aligned": ALIGNED_MODE_SWITCH}.get(model)
-    return env | {switch: "1"} if switch else env
+    """The server's environment: the aligned server runs aligned mode."""
+    return env | {ALIGNED_MODE_SWITCH: "1"} if model == "ring-linear-aligned" else env
 
 
 PROCESS_PROBE = Path(__file__).parent / "process_probe"  # its sitecustomize samples every server process

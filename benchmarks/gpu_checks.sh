@@ -105,7 +105,7 @@ for step in "$@"; do
     sweep) run sweep 540 python3 -m benchmarks.sweep_linear_attn ;;
     e2e-prefill) run e2e-prefill 540 python3 -m benchmarks.bench_vllm_e2e --variants ring-linear softmax-twin \
       --prefill 4096 16384 --decode --json "$out/e2e-prefill.json" ;;
-    example) run example 240 env CUDA_VISIBLE_DEVICES=0 RING_LINEAR_PREFIX_CACHING=1 python3 examples/vllm_rollout_logprobs.py \
+    example) run example 240 env CUDA_VISIBLE_DEVICES=0 python3 examples/vllm_rollout_logprobs.py \
       "${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}" ;;
     serve-ring | serve-twin | serve-ring-cached | serve-twin-cached | serve-ring-aligned | serve-ring-sgl | serve-twin-sgl)
       model=${step#serve-}; engine=(--engine vllm); prefix=()

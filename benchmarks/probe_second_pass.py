@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--output", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=64, help="max_num_seqs")
     parser.add_argument("--passes", type=int, default=3)
-    parser.add_argument("--prefix-caching", action="store_true", help="ring-linear needs RING_LINEAR_PREFIX_CACHING=1")
+    parser.add_argument("--prefix-caching", action="store_true", help="vLLM's hybrid 'align' mode for ring-linear")
     args = parser.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: its allocator is ours to read
     import torch

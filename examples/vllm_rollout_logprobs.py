@@ -1,12 +1,12 @@
 """Roll out with vLLM, then recompute the same token logprobs with the training shim (what an RL trainer does).
 
     pip install "ring-linear[vllm]"
-    RING_LINEAR_PREFIX_CACHING=1 python examples/vllm_rollout_logprobs.py runs/tiny/trained   # or Ring-mini-linear-2.0
+    python examples/vllm_rollout_logprobs.py runs/tiny/trained   # or Ring-mini-linear-2.0
 
 Each prompt is sampled n = 8 times (`SamplingParams(n=8)`), as GRPO-style trainers do, and every completion's
 sampled-token logprobs are compared with the shim's `token_logprobs` over prompt + completion: both run the same
 linear-attention kernels with an fp32 state and an fp32 LM head, so they agree to rounding. With vLLM's prefix
-caching on (the plugin's opt-in `RING_LINEAR_PREFIX_CACHING=1` until its GPU tests pass) the script prints how
+caching on (the script asks for it; vLLM 0.26 leaves it off for hybrid models by default) the script prints how
 many prompt tokens came from the cache in each of two rounds over the same prompts. The same calls are exercised by
 tests/ring_linear_vllm/test_engine_gpu.py.
 """

@@ -12,11 +12,8 @@ import os
 from common_kernels.config import ARCHITECTURES  # the released checkpoints' name and the authors' aliases
 
 MODEL_CLASS = "ring_linear_vllm.model:RingLinearForCausalLM"  # lazy: no CUDA, no model import at registration
-# Set to 1, turns on vLLM's hybrid prefix caching for our models, which stays off until its GPU tests
-# (tests/ring_linear_vllm/test_prefix_caching_gpu.py) have passed; then it becomes the default and this goes.
-PREFIX_CACHING_OPT_IN = "RING_LINEAR_PREFIX_CACHING"
 
-__all__ = ["ARCHITECTURES", "MODEL_CLASS", "PREFIX_CACHING_OPT_IN", "register"]
+__all__ = ["ARCHITECTURES", "MODEL_CLASS", "register"]
 
 
 def register() -> None:

@@ -15,14 +15,14 @@ from common_kernels.serving import (
     ALIGNED_MODE_SWITCH,
     aligned_mode,
     check_serving_settings,
-    env_flag,
     linear_state_dtype,
     linear_state_shape,
 )
-from ring_linear_vllm import PREFIX_CACHING_OPT_IN
 from ring_linear_vllm.compat import attention_backend, check_kv_cache_write_width, splitting_op_name
 
 logger = init_logger(__name__)
+# the opt-in that kept prefix caching off until its GPU tests passed (run P); a user who still sets it is told
+RETIRED_PREFIX_CACHING_SWITCH = "RING_LINEAR_PREFIX_CACHING"
 BATCH_INVARIANT = "VLLM_BATCH_INVARIANT"  # vLLM's switch (`vllm.envs`)
 
 
@@ -42,7 +42,7 @@ def state_dtypes(cache_config) -> tuple[torch.dtype]:
 class RingLinearEngineConfig(VerifyAndUpdateConfig):
     """Refuse what cannot run (a TP size the heads or norm groups cannot split, or that would hang vLLM's
     KV-cache write; speculative decoding; disaggregated prefill; a state dtype other than fp32/bf16), default the
-    LM head to fp32, and keep hybrid prefix caching off unless opted in (`check_prefix_caching`)."""
+    LM head to fp32, and serve hybrid prefix caching where it is exact (`check_prefix_caching`)."""
 
     @classmethod
     def verify_and_update_config(cls, vllm_config) -> None:
@@ -80,24 +80,25 @@ class RingLinearEngineConfig(VerifyAndUpdateConfig):
             choose_invariant_attention(vllm_config, config.head_dim)
 
 
-def opted_in_to_prefix_caching() -> bool:
-    """`RING_LINEAR_PREFIX_CACHING` (parsed as every switch is: `common_kernels.serving.env_flag`)."""
-    return env_flag(PREFIX_CACHING_OPT_IN)
-
-
 def check_prefix_caching(vllm_config) -> None:
-    """Prefix caching stays off (one warning) unless `RING_LINEAR_PREFIX_CACHING=1`; then vLLM's "align" mode
-    serves it, which needs chunked prefill (refused here, naming the flag, instead of vLLM's bare assert)."""
+    """vLLM's hybrid prefix caching ("align" mode: the linear state cached at each block's end, equal to caching off
+    on the GPU: `tests/ring_linear_vllm/test_prefix_caching_gpu.py`) wherever it is exact. It needs chunked prefill
+    (refused here, naming the flag, instead of vLLM's bare assert) and cannot run 'all' mode; aligned mode keeps it
+    off with one warning, since a hit would start a prompt mid-way where the trainer starts from its first token."""
+    if os.environ.get(RETIRED_PREFIX_CACHING_SWITCH) is not None:
+        logger.warning(
+            "ring-linear: %s is no longer read: prefix caching follows vLLM's --enable-prefix-caching / "
+            "--no-enable-prefix-caching",
+            RETIRED_PREFIX_CACHING_SWITCH,
+        )
     cache_config = vllm_config.cache_config
     if not cache_config.enable_prefix_caching:
         return
-    architecture = vllm_config.model_config.architecture
-    if not opted_in_to_prefix_caching():
+    if aligned_mode():
         logger.warning(
-            "ring-linear: prefix caching is turned off for %s: hybrid 'align' mode is not yet verified exact for "
-            "the linear-attention state on a GPU (%s=1 turns it on)",
-            architecture,
-            PREFIX_CACHING_OPT_IN,
+            "ring-linear: prefix caching is turned off in aligned mode (%s=1): a cache hit would start a prompt "
+            "mid-way, where the trainer computes it from its first token",
+            ALIGNED_MODE_SWITCH,
         )
         cache_config.enable_prefix_caching = False
         return
@@ -111,7 +112,6 @@ def check_prefix_caching(vllm_config) -> None:
             "ring-linear: --mamba-cache-mode all is not supported (it needs the state at every block, which the "
             "prefill does not write): use --mamba-cache-mode align"
         )
-    logger.warning("ring-linear: prefix caching on for %s in 'align' mode (%s=1)", architecture, PREFIX_CACHING_OPT_IN)
 
 
 def check_aligned_layout(vllm_config) -> None:

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from benchmarks import bench_serve
-from ring_linear_vllm import PREFIX_CACHING_OPT_IN
 
 
 def test_the_word_tokenizer_round_trips_every_id(tmp_path):
@@ -230,11 +229,10 @@ def test_prefix_workloads_use_vllms_prefix_repetition_dataset_and_only_on_vllm()
         bench_serve.client_command(workload, Path("m"), Path("t"), 8000, Path("o"), "x.json", engine="sglang")
 
 
-def test_the_cached_ring_linear_server_asks_for_prefix_caching_and_opts_in():
+def test_the_cached_ring_linear_server_asks_for_prefix_caching():
     command = bench_serve.serve_command("ring-linear-cached", Path("m"), Path("t"), 8000, 4352)
     assert "--enable-prefix-caching" in command and "--no-enable-prefix-caching" not in command
-    assert bench_serve.server_env("ring-linear-cached", {})[PREFIX_CACHING_OPT_IN] == "1"
-    assert PREFIX_CACHING_OPT_IN not in bench_serve.server_env("ring-linear", {})
+    assert bench_serve.server_env("ring-linear-cached", {}) == {}
 
 
 def test_each_pass_reads_hits_steps_and_preemptions_from_vllms_prometheus_counters():

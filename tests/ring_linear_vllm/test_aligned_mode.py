@@ -58,6 +58,12 @@ def _builder(vllm_tools, tiny_dir, **engine_kwargs):
         )
 
 
+def test_aligned_mode_keeps_prefix_caching_off_with_a_warning(vllm_tools, tiny_dir, aligned_env, caplog):
+    cfg = vllm_tools.engine_config(tiny_dir, enable_prefix_caching=True, enable_chunked_prefill=False)
+    assert not cfg.cache_config.enable_prefix_caching
+    assert "prefix caching is turned off in aligned mode" in caplog.text
+
+
 def test_aligned_mode_refuses_chunked_prefill(vllm_tools, tiny_dir, aligned_env):
     with pytest.raises(ValueError, match="each prompt prefilled in one step.*pass --no-enable-chunked-prefill"):
         _builder(vllm_tools, tiny_dir, enable_chunked_prefill=True)

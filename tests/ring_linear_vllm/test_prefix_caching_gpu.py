@@ -5,8 +5,8 @@ In align mode vLLM keeps the linear state at block boundaries only where a prefi
 crossed one, and copies the cached state into the request's own slot before the step (`preprocess_mamba`); our
 kernels then resume from that slot. Each workload runs in waves (a wave starts when the previous one finished,
 so its blocks are cached) on one engine with caching on and one with caching off; the hits each wave got are
-printed and, where the workload must hit, asserted. Prefix caching is opt-in until these pass
-(`RING_LINEAR_PREFIX_CACHING`, `ring_linear_vllm.engine_config`).
+printed and, where the workload must hit, asserted. These passing on the GPU (RESULTS.md, run P) is what let
+prefix caching follow vLLM's own setting (`ring_linear_vllm.engine_config.check_prefix_caching`).
 """
 
 from __future__ import annotations
@@ -31,18 +31,13 @@ from vllm_runs import (  # noqa: E402
     tokens_and_logprobs,
 )
 
-from ring_linear_vllm import PREFIX_CACHING_OPT_IN  # noqa: E402
-
 pytestmark = pytest.mark.gpu
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 
 @pytest.fixture(autouse=True)
-def _prefix_caching_opted_in(monkeypatch, exact_fp32_products):
-    """The opt-in, read where the engine config is made (this process), for these tests only: set at import, it
-    would reach every test collected after this module (vLLM 0.33 turns prefix caching on by default). Exact
-    products too, for the comparisons of a request split two ways."""
-    monkeypatch.setenv(PREFIX_CACHING_OPT_IN, "1")
+def _exact_products(exact_fp32_products):
+    """Exact fp32 products in our kernels: a request split two ways then differs only in its summation order."""
 
 
 # A wave: the prompts to send, made from the previous wave's outputs (token ids per request) in the same engine.

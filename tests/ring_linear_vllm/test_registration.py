@@ -120,52 +120,36 @@ def test_mamba_ssm_cache_dtype_is_honoured_and_float16_is_refused_at_start_up(vl
             vllm_tools.engine_config(released_dir, dtype="bfloat16", **{flag: "float16"})
 
 
-def test_prefix_caching_is_turned_off_unless_opted_in(vllm_tools, released_dir, monkeypatch):
-    monkeypatch.delenv("RING_LINEAR_PREFIX_CACHING", raising=False)
-    cfg = vllm_tools.engine_config(released_dir, dtype="bfloat16", enable_prefix_caching=True)
-    assert not cfg.cache_config.enable_prefix_caching
-    assert cfg.cache_config.mamba_cache_mode == "none"
-
-
-def test_opted_in_prefix_caching_runs_in_align_mode_with_the_state_cached_per_block(
-    vllm_tools, released_dir, monkeypatch
-):
-    monkeypatch.setenv("RING_LINEAR_PREFIX_CACHING", "1")
+def test_prefix_caching_runs_in_align_mode_with_the_state_cached_per_block(vllm_tools, released_dir, monkeypatch):
+    monkeypatch.delenv("RING_LINEAR_ALIGNED", raising=False)
     cfg = vllm_tools.engine_config(released_dir, dtype="bfloat16", enable_prefix_caching=True)
     assert cfg.cache_config.enable_prefix_caching
     assert cfg.cache_config.mamba_cache_mode == "align"
     assert cfg.cache_config.mamba_block_size == cfg.cache_config.block_size
-
-
-def test_the_prefix_caching_opt_in_reads_the_usual_spellings_and_refuses_others(vllm_tools, released_dir, monkeypatch):
-    for on in ("1", "true", "YES", " on "):
-        monkeypatch.setenv("RING_LINEAR_PREFIX_CACHING", on)
-        assert vllm_tools.engine_config(
-            released_dir, dtype="bfloat16", enable_prefix_caching=True
-        ).cache_config.enable_prefix_caching
-    monkeypatch.setenv("RING_LINEAR_PREFIX_CACHING", "off")
     assert not vllm_tools.engine_config(
-        released_dir, dtype="bfloat16", enable_prefix_caching=True
+        released_dir, dtype="bfloat16", enable_prefix_caching=False
     ).cache_config.enable_prefix_caching
-    monkeypatch.setenv("RING_LINEAR_PREFIX_CACHING", "maybe")
-    with pytest.raises(ValueError, match="RING_LINEAR_PREFIX_CACHING='maybe' is not understood: set it to 1 or 0"):
-        vllm_tools.engine_config(released_dir, dtype="bfloat16", enable_prefix_caching=True)
 
 
-def test_opted_in_prefix_caching_refuses_the_all_mode_it_cannot_serve(vllm_tools, released_dir, monkeypatch):
+def test_the_retired_prefix_caching_switch_is_named_in_a_warning_and_changes_nothing(
+    vllm_tools, released_dir, monkeypatch, caplog
+):
+    monkeypatch.setenv("RING_LINEAR_PREFIX_CACHING", "0")
+    cfg = vllm_tools.engine_config(released_dir, dtype="bfloat16", enable_prefix_caching=True)
+    assert cfg.cache_config.enable_prefix_caching
+    assert "RING_LINEAR_PREFIX_CACHING is no longer read" in caplog.text
+
+
+def test_prefix_caching_refuses_the_all_mode_it_cannot_serve(vllm_tools, released_dir):
     import vllm
 
     if not vllm.__version__.startswith("0.26"):
         pytest.skip("vLLM 0.33 has no 'all' mode")
-    monkeypatch.setenv("RING_LINEAR_PREFIX_CACHING", "1")
     with pytest.raises(ValueError, match="--mamba-cache-mode all is not supported.*use --mamba-cache-mode align"):
         vllm_tools.engine_config(released_dir, dtype="bfloat16", enable_prefix_caching=True, mamba_cache_mode="all")
 
 
-def test_opted_in_prefix_caching_without_chunked_prefill_is_refused_naming_the_flag(
-    vllm_tools, released_dir, monkeypatch
-):
-    monkeypatch.setenv("RING_LINEAR_PREFIX_CACHING", "1")
+def test_prefix_caching_without_chunked_prefill_is_refused_naming_the_flag(vllm_tools, released_dir):
     with pytest.raises(ValueError, match="prefix caching needs chunked prefill.*--no-enable-chunked-prefill"):
         vllm_tools.engine_config(
             released_dir, dtype="bfloat16", enable_prefix_caching=True, enable_chunked_prefill=False
