@@ -36,13 +36,6 @@ def fused_moe_weight_paths(layer: torch.nn.Module) -> tuple[str, str]:
 LINEAR_ATTENTION_OP = "ring_linear_attention"  # registered as torch.ops.vllm.ring_linear_attention
 
 
-def attention_backend(name: str) -> Any:
-    """vLLM's attention backend `name` (e.g. TRITON_ATTN) as its attention config holds it."""
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum
-
-    return AttentionBackendEnum[name]
-
-
 def splitting_op_name() -> str:
     return f"vllm::{LINEAR_ATTENTION_OP}"
 

@@ -18,7 +18,7 @@ from common_kernels.serving import (
     linear_state_dtype,
     linear_state_shape,
 )
-from ring_linear_vllm.compat import attention_backend, check_kv_cache_write_width, splitting_op_name
+from ring_linear_vllm.compat import check_kv_cache_write_width, splitting_op_name
 
 logger = init_logger(__name__)
 # the opt-in that kept prefix caching off until its GPU tests passed (run P); a user who still sets it is told
@@ -77,7 +77,7 @@ class RingLinearEngineConfig(VerifyAndUpdateConfig):
         check_batch_invariance()
         if aligned_mode():
             check_aligned_layout(vllm_config)
-            choose_invariant_attention(vllm_config, config.head_dim)
+            note_attention_backend(vllm_config)
 
 
 def check_prefix_caching(vllm_config) -> None:
@@ -115,34 +115,36 @@ def check_prefix_caching(vllm_config) -> None:
 
 
 def check_aligned_layout(vllm_config) -> None:
-    """Aligned mode computes each MoE layer as the trainer does (`ops.moe.aligned`): all experts on one rank, in
-    unquantized weights. Tensor or expert parallelism would split the experts' sums across ranks and add them in
-    another order; quantized experts are not the trainer's weights."""
+    """Aligned mode computes each layer as the trainer does (`ops.moe.aligned`, `ops.attention.aligned`): all experts
+    on one rank, in unquantized weights, over a KV cache in the model dtype. Tensor or expert parallelism would split
+    the sums across ranks and add them in another order; quantized weights or KV are not the trainer's values."""
     parallel = vllm_config.parallel_config
     refused = [
         (parallel.tensor_parallel_size > 1, f"--tensor-parallel-size {parallel.tensor_parallel_size}"),
         (getattr(parallel, "enable_expert_parallel", False), "--enable-expert-parallel"),
         (vllm_config.model_config.quantization is not None, f"--quantization {vllm_config.model_config.quantization}"),
+        (vllm_config.cache_config.cache_dtype != "auto", f"--kv-cache-dtype {vllm_config.cache_config.cache_dtype}"),
     ]
     for is_set, flag in refused:
         if is_set:
             raise ValueError(
-                f"ring-linear: {ALIGNED_MODE_SWITCH}=1 serves each MoE layer unsharded and unquantized, as the trainer "
+                f"ring-linear: {ALIGNED_MODE_SWITCH}=1 serves each layer unsharded and unquantized, as the trainer "
                 f"computes it: drop {flag}, or {ALIGNED_MODE_SWITCH}"
             )
 
 
-def choose_invariant_attention(vllm_config, head_dim: int) -> None:
-    """Aligned mode's softmax attention, unless the user chose a backend: one that batch-invariant mode runs as
-    the same kernel in prefill, decode and mixed steps. On a GPU (run N) aligned requests kept their prompt
-    logprobs in a batch but not their decodes; FlashAttention 3, the bf16 default on Hopper, picks its GQA packing
-    and paged-KV loads by the step's longest query, so a decode beside other prompts' prefills runs another kernel
-    than alone. vLLM's Triton backend (head sizes from 32) and FlexAttention (any, slower) do not."""
-    attention = vllm_config.attention_config
-    if attention.backend is None:
-        name = "TRITON_ATTN" if head_dim >= 32 else "FLEX_ATTENTION"
-        attention.backend = attention_backend(name)
-        logger.info("ring-linear: aligned mode serves softmax attention with vLLM's %s backend", name)
+def note_attention_backend(vllm_config) -> None:
+    """Aligned mode runs softmax attention through its own kernel on vLLM's Triton KV-cache layout
+    (`aligned_attention`), the shim's: FlashAttention 3 picks its kernel by the step's longest query (run N), and
+    no backend of vLLM's computes the shim's bits. A backend the user chose is named as not used."""
+    chosen = vllm_config.attention_config.backend
+    if chosen is not None:
+        logger.warning(
+            "ring-linear: aligned mode (%s=1) runs softmax attention through its own kernel: --attention-backend %s "
+            "is not used for this model's layers",
+            ALIGNED_MODE_SWITCH,
+            chosen.name,
+        )
 
 
 def check_batch_invariance() -> None:

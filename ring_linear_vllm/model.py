@@ -38,6 +38,7 @@ from vllm.sequence import IntermediateTensors
 from common_kernels.config import RingLinearConfig
 from common_kernels.model.layers import RMSNorm
 from common_kernels.ops.moe.aligned import aligned_moe
+from common_kernels.ops.moe.router_gemm import router_logits
 from common_kernels.ops.rope.fused import qk_norm_rope_packed
 from common_kernels.ops.rope.naive import qk_norm_rope, rotary_cos_sin, rotary_inv_freq
 from common_kernels.precision import RESIDUAL_DTYPE, ROPE_DTYPE, ROUTER_DTYPE
@@ -127,6 +128,12 @@ class RingMoE(nn.Module):
         return w13, w2, shared.gate_up_proj.weight[None], shared.down_proj.weight[None]
 
 
+def aligned_attention_backend() -> type:
+    from .aligned_attention import RingAlignedAttentionBackend  # vLLM's Triton backend, imported in aligned mode only
+
+    return RingAlignedAttentionBackend
+
+
 class RingSoftmaxAttention(nn.Module):
     """`attention.*` of a softmax layer: GQA with qk-RMSNorm and partial RoPE, vLLM's paged attention."""
 
@@ -153,6 +160,7 @@ class RingSoftmaxAttention(nn.Module):
             cache_config=vllm_config.cache_config,
             quant_config=quant_config,
             prefix=f"{prefix}.attn",
+            attn_backend=aligned_attention_backend() if self.aligned else None,
         )
 
     def forward(self, a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -262,7 +270,7 @@ class RingLinearForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsPP):
         if not isinstance(config, RingLinearConfig):
             raise TypeError(f"ring-linear: expected a RingLinearConfig, got {type(config).__name__}")
         config.check_tensor_parallel(vllm_config.parallel_config.tensor_parallel_size)
-        self.config, self.quant_config = config, vllm_config.quant_config
+        self.config, self.quant_config, self.aligned = config, vllm_config.quant_config, aligned_mode()
         self.model = RingLinearModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         if get_pp_group().is_last_rank:
             self.lm_head = (
@@ -292,6 +300,8 @@ class RingLinearForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsPP):
         return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        if self.aligned:  # the shim's fixed-tile GEMM (`RingLinearForCausalLM.logits`), not cuBLAS's per-batch choice
+            return router_logits(hidden_states, self.lm_head.weight, invariant=True)[:, : self.config.vocab_size]
         return self.logits_processor(self.lm_head, hidden_states)
 
     def make_empty_intermediate_tensors(

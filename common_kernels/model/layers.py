@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..config import RingLinearConfig
+from ..ops.attention.aligned import causal_attention_aligned
 from ..ops.attention.naive import causal_gqa_attention
 from ..ops.linear_attn.aligned import linear_attention_as_served
 from ..ops.linear_attn.backward import linear_attention_varlen_triton
@@ -169,7 +170,10 @@ class SoftmaxAttention(nn.Module):
             q, k, _weight(self.query_layernorm), _weight(self.key_layernorm), ctx.cos, ctx.sin, self.eps
         )
         scale = self.head_dim**-0.5
-        if ctx.cache is None:  # sequences of equal length run as one batch
+        if ctx.aligned and ctx.cache is None:  # the aligned engine's kernel (`ops.attention.aligned`)
+            max_len = max((e - s for s, e in ctx.sequences()), default=0)
+            o = causal_attention_aligned(q, k, v, ctx.cu_seqlens_device, scale, max_len)
+        elif ctx.cache is None:  # sequences of equal length run as one batch
             o = torch.empty_like(q)
             for length, members, rows in equal_length_groups(ctx.cu_seqlens, q.device):
                 batch = [x[rows].reshape(len(members), length, *x.shape[1:]) for x in (q, k, v)]

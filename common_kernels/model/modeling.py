@@ -18,11 +18,13 @@ from torch import nn
 from ..config import RingLinearConfig, is_integer, is_real
 from ..errors import InvalidInputError
 from ..ops.linear_attn.aligned import served_split
+from ..ops.moe.router_gemm import router_logits
 from ..ops.packing import is_partition
 from ..ops.rope.naive import rotary_cos_sin, rotary_inv_freq
 from ..precision import LOGITS_DTYPE, RESIDUAL_DTYPE, ROPE_DTYPE, compute_dtype
 from .cache import RingLinearCache
 from .checkpoint import atomic_directory, check_checkpoint, load_weights, read_config, save_weights
+from .engine_invariance import use_engine_invariance
 from .layers import DecoderLayer, ForwardContext, RMSNorm
 
 
@@ -226,9 +228,12 @@ class RingLinearForCausalLM(nn.Module):
         hidden, _, _, restore = self._hidden(input_ids, position_ids, cu_seqlens, attention_mask, cache, inputs_embeds)
         return restore(self.logits(hidden))
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM head with fp32 accumulation (bf16 hidden and weight upcast exactly, fp32 GEMM)."""
+    def logits(self, hidden: torch.Tensor, aligned: bool = False) -> torch.Tensor:
+        """LM head with fp32 accumulation (bf16 hidden and weight upcast exactly, fp32 GEMM); `aligned`: aligned
+        mode's fixed-tile GEMM (the router's, `ops.moe.router_gemm`), which an aligned engine runs too."""
         weight = self.model.word_embeddings.weight if self.lm_head is None else self.lm_head.weight
+        if aligned:
+            return router_logits(hidden, weight, invariant=True)
         dtype = compute_dtype(LOGITS_DTYPE, hidden.dtype)
         return F.linear(hidden.to(dtype), weight.to(dtype))
 
@@ -251,9 +256,10 @@ class RingLinearForCausalLM(nn.Module):
         aligned: compute the linear layers as an engine in aligned mode (`RING_LINEAR_ALIGNED=1`) does: each
             sequence's first `prompt_lengths[n]` tokens prefilled, the generated rest decoded token by token, with
             the engine's kernels, whatever the batch (`common_kernels.ops.linear_attn.aligned`); the RMSNorms and
-            the MoE layers (router, routed and shared experts) through the batch-invariant kernels an aligned
-            engine runs (`ops.norm.rms`, `ops.moe.aligned`). The projections, softmax attention and LM head are
-            not yet matched to an engine's kernels, so logprobs are not yet bitwise an engine's. Needs the Triton
+            the MoE layers (router, routed and shared experts) and softmax attention through the batch-invariant
+            kernels an aligned engine runs (`ops.norm.rms`, `ops.moe.aligned`, `ops.attention.aligned`), the LM
+            head through the aligned fixed-tile GEMM, and, on a GPU with vLLM installed, the projections and
+            log-softmax under vLLM's batch-invariant settings (`engine_invariance`: process-wide). Needs the Triton
             kernels.
         """
         if not (is_integer(chunk_size) and chunk_size > 0):
@@ -263,6 +269,8 @@ class RingLinearForCausalLM(nn.Module):
                 "aligned=True needs prompt_lengths (each sequence's prompt, the rest was generated) and the Triton "
                 "kernels (use_triton not False)"
             )
+        if aligned and self.model.word_embeddings.weight.is_cuda:
+            use_engine_invariance()
         hidden, packed_ids, offsets, restore = self._hidden(
             input_ids, position_ids, cu_seqlens, attention_mask, None, None,
             served_prompt_lengths=list(prompt_lengths) if aligned else None,
@@ -276,7 +284,7 @@ class RingLinearForCausalLM(nn.Module):
         pieces = []
         for start in range(0, T, chunk_size):
             rows = source[start : start + chunk_size]
-            logp = torch.log_softmax(self.logits(hidden[rows]), dim=-1)
+            logp = torch.log_softmax(self.logits(hidden[rows], aligned), dim=-1)
             pieces.append(logp.gather(1, packed_ids[start : start + chunk_size, None])[:, 0])
         out = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
         out = torch.where(predicted, out, torch.zeros_like(out))

@@ -89,18 +89,62 @@ def _gates(model) -> list:
     return [layer.mlp.gate for layer in model.model.layers if hasattr(layer.mlp, "gate")]
 
 
-def test_aligned_mode_routes_with_the_invariant_gemm_and_one_attention_kernel(vllm_tools, tiny_dir, aligned_env):
-    """cuBLAS's router GEMM and FlashAttention 3 choose kernels by the batch; aligned mode takes neither (the tiny
-    model's 16-wide heads are below the Triton backend's 32: FlexAttention)."""
-    cfg = vllm_tools.engine_config(tiny_dir, enable_chunked_prefill=False)
-    assert cfg.attention_config.backend.name == "FLEX_ATTENTION"
-    gates = _gates(vllm_tools.build_model(cfg))
+def _softmax_attention(model) -> list:
+    return [layer.attention.attn for layer in model.model.layers if hasattr(layer.attention, "attn")]
+
+
+def test_aligned_mode_routes_with_the_invariant_gemm_and_attends_with_the_shims_kernel(
+    vllm_tools, tiny_dir, aligned_env
+):
+    """cuBLAS's router GEMM and FlashAttention 3 choose kernels by the batch; aligned mode takes neither."""
+    from ring_linear_vllm.aligned_attention import RingAlignedAttentionBackend, RingAlignedAttentionImpl
+
+    model = vllm_tools.build_model(vllm_tools.engine_config(tiny_dir, enable_chunked_prefill=False))
+    gates, attention = _gates(model), _softmax_attention(model)
     assert gates and all(gate.invariant for gate in gates)
+    assert attention and all(a.attn_backend is RingAlignedAttentionBackend for a in attention)
+    assert all(isinstance(a.impl, RingAlignedAttentionImpl) for a in attention)
 
 
-def test_aligned_mode_leaves_a_chosen_attention_backend_alone(vllm_tools, tiny_dir, aligned_env):
+def test_aligned_mode_names_a_chosen_attention_backend_as_unused(vllm_tools, tiny_dir, aligned_env, caplog):
     cfg = vllm_tools.engine_config(tiny_dir, enable_chunked_prefill=False, attention_backend="TRITON_ATTN")
-    assert cfg.attention_config.backend.name == "TRITON_ATTN"
+    assert "--attention-backend TRITON_ATTN is not used" in caplog.text
+    from ring_linear_vllm.aligned_attention import RingAlignedAttentionBackend
+
+    assert all(a.attn_backend is RingAlignedAttentionBackend for a in _softmax_attention(vllm_tools.build_model(cfg)))
+
+
+def test_the_engines_aligned_attention_over_its_paged_cache_is_the_shims_bit_for_bit(vllm_tools, tiny_dir, aligned_env):
+    """The engine layer's forward on vLLM's Triton KV-cache layout (pages shuffled; a step of two decodes and one
+    prefill after a cached prefix) against the shim's call on the packed sequences."""
+    from types import SimpleNamespace
+
+    from common_kernels.ops.attention.aligned import causal_attention_aligned
+
+    cfg = vllm_tools.engine_config(tiny_dir, enable_chunked_prefill=False)
+    attn = _softmax_attention(vllm_tools.build_model(cfg))[0]
+    impl, H, Hkv, d, page = attn.impl, attn.num_heads, attn.num_kv_heads, attn.head_size, 16
+    lengths, new = [5, 40, 23], [1, 1, 7]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(sum(lengths), h, d, generator=g) for h in (H, Hkv, Hkv))
+    cu = torch.tensor([0, 5, 45, 68])
+    kv_cache = torch.randn(attn.attn_backend.get_kv_cache_shape(12, page, Hkv, d), generator=g)
+    key_cache, value_cache = kv_cache.transpose(1, 2).split(d, dim=-1)
+    table = torch.tensor([[7, 0, 0], [2, 11, 4], [9, 1, 0]], dtype=torch.int32)
+    for s, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)):
+        for p in range(a, b):
+            key_cache[table[s, (p - a) // page], (p - a) % page] = k[p]
+            value_cache[table[s, (p - a) // page], (p - a) % page] = v[p]
+    rows = torch.cat([torch.arange(e - n, e) for e, n in zip(cu[1:].tolist(), new, strict=True)])
+    metadata = SimpleNamespace(
+        num_actual_tokens=len(rows), query_start_loc=torch.tensor([0, 1, 2, 9], dtype=torch.int32),
+        seq_lens=torch.tensor(lengths, dtype=torch.int32), block_table=table, max_query_len=7,
+    )  # fmt: skip
+    output = torch.zeros(len(rows) + 3, H * d)  # an engine's padded buffer
+    impl.forward(attn, q[rows].reshape(len(rows), -1), None, None, kv_cache, metadata, output)
+    want = causal_attention_aligned(q, k, v, cu, impl.scale, max(lengths))[rows]
+    assert torch.equal(output[: len(rows)].view(-1, H, d), want)
+    assert (output[len(rows) :] == 0).all()
 
 
 def test_default_mode_keeps_the_plain_router_and_vllms_attention_choice(vllm_tools, tiny_dir, monkeypatch):
@@ -108,8 +152,12 @@ def test_default_mode_keeps_the_plain_router_and_vllms_attention_choice(vllm_too
     monkeypatch.delenv("VLLM_BATCH_INVARIANT", raising=False)
     cfg = vllm_tools.engine_config(tiny_dir)
     assert cfg.attention_config.backend is None
-    gates = _gates(vllm_tools.build_model(cfg))
+    model = vllm_tools.build_model(cfg)
+    gates = _gates(model)
     assert gates and not any(gate.invariant for gate in gates)
+    from ring_linear_vllm.aligned_attention import RingAlignedAttentionBackend
+
+    assert not any(a.attn_backend is RingAlignedAttentionBackend for a in _softmax_attention(model))
 
 
 def test_aligned_mode_norms_and_softmax_qk_run_the_shims_kernels(vllm_tools, tiny_dir, aligned_env, monkeypatch):
@@ -180,9 +228,11 @@ def test_aligned_moe_layer_equals_the_shims_bit_for_bit(vllm_tools, tiny_dir, al
     assert torch.equal(alone[0], engine[20])
 
 
-@pytest.mark.parametrize("flag", [{"tensor_parallel_size": 2}, {"enable_expert_parallel": True}])
-def test_aligned_mode_refuses_sharded_experts(vllm_tools, tiny_dir, aligned_env, flag):
-    with pytest.raises(ValueError, match="RING_LINEAR_ALIGNED=1 serves each MoE layer unsharded and unquantized"):
+@pytest.mark.parametrize(
+    "flag", [{"tensor_parallel_size": 2}, {"enable_expert_parallel": True}, {"kv_cache_dtype": "fp8"}]
+)
+def test_aligned_mode_refuses_sharded_experts_and_a_quantized_kv_cache(vllm_tools, tiny_dir, aligned_env, flag):
+    with pytest.raises(ValueError, match="RING_LINEAR_ALIGNED=1 serves each layer unsharded and unquantized"):
         vllm_tools.engine_config(tiny_dir, enable_chunked_prefill=False, **flag)
 
 
@@ -202,3 +252,19 @@ def test_aligned_moe_layer_traces_under_torch_compile(vllm_tools, tiny_dir, alig
             x = torch.randn(tokens, model.config.hidden_size, generator=torch.Generator().manual_seed(tokens))
             x = x.to(moe.gate.weight.device)
             assert torch.equal(compiled(x), moe(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_aligned_lm_head_is_the_shims_fixed_tile_gemm(vllm_tools, tiny_dir, aligned_env, dtype):
+    """The engine's logits in aligned mode: the shim's `logits(aligned=True)`, bit for bit, cut to the vocabulary."""
+    from common_kernels.ops.moe.router_gemm import router_logits
+
+    cfg = vllm_tools.engine_config(tiny_dir, enable_chunked_prefill=False, dtype=str(dtype).removeprefix("torch."))
+    model = vllm_tools.build_model(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(3)))
+        h = torch.randn(9, model.config.hidden_size, generator=torch.Generator().manual_seed(4)).to(dtype)
+        logits = model.compute_logits(h)
+        want = router_logits(h, model.lm_head.weight[: model.config.vocab_size], invariant=True)
+    assert logits.shape == (9, model.config.vocab_size) and logits.dtype == torch.float32
+    assert torch.equal(logits, want)

@@ -335,7 +335,8 @@ def test_aligned_token_logprobs_decode_the_generated_tokens_as_an_engine_does(mo
     """aligned=True runs the linear layers as an aligned engine (prompt prefilled, generated tokens decoded): the
     same function as the default to rounding, other bits (the switch does something), gradients flowing; the
     linear layers get the prompt lengths (a wrong one is named), each MoE layer routes through the engine's
-    batch-invariant router GEMM and every RMSNorm runs aligned mode's kernel."""
+    batch-invariant router GEMM, which also computes the LM head, every softmax layer attends with aligned mode's
+    kernel and every RMSNorm runs aligned mode's."""
     from common_kernels.model import layers
     from common_kernels.ops.moe import router_gemm
 
@@ -347,17 +348,21 @@ def test_aligned_token_logprobs_decode_the_generated_tokens_as_an_engine_does(mo
     monkeypatch.setattr(layers, "linear_attention_as_served", lambda *a: seen.append(a[5:]) or real(*a))
     real_router = router_gemm._launch_invariant
     monkeypatch.setattr(router_gemm, "_launch_invariant", lambda *a: routed.append(1) or real_router(*a))
+    attended = []
+    real_attention = layers.causal_attention_aligned
+    monkeypatch.setattr(layers, "causal_attention_aligned", lambda *a: attended.append(1) or real_attention(*a))
     normed = []
     real_norm = layers.rms_norm_aligned
     monkeypatch.setattr(layers, "rms_norm_aligned", lambda *a: normed.append(1) or real_norm(*a))
     default = model.token_logprobs(ids, cu_seqlens=offsets)
-    assert routed == [] and normed == []
+    assert routed == [] and normed == [] and attended == []
     aligned = model.token_logprobs(ids, cu_seqlens=offsets, aligned=True, prompt_lengths=prompts)
     layer_kinds = [
         (model.config.is_softmax_layer(i), model.config.is_moe_layer(i)) for i in range(len(model.model.layers))
     ]
     assert seen == [(offsets, prompts)] * sum(not softmax for softmax, _ in layer_kinds)
-    assert len(routed) == sum(moe for _, moe in layer_kinds) > 0
+    assert len(routed) == sum(moe for _, moe in layer_kinds) + 1 > 1  # and one LM-head chunk
+    assert len(attended) == sum(softmax for softmax, _ in layer_kinds) > 0
     assert len(normed) == 2 * len(layer_kinds) + 1  # two per layer and the final norm
     assert_rel_rms("aligned logprobs", default.double(), aligned, 1e-5)
     assert not torch.equal(default, aligned)

@@ -1,0 +1,190 @@
+"""Aligned mode's softmax attention, beside `naive.causal_gqa_attention` (same math): one Triton kernel that the
+engine runs over its paged KV cache and the shim over its packed K/V, so a query's output is the same bits in a
+prefill, in a decode step and in any batch.
+
+A query row's result depends only on its own position and the keys before it:
+
+- keys are walked in `BLOCK_N` tiles at fixed absolute positions (0, BLOCK_N, ...), the online softmax updated
+  tile by tile in that order;
+- the rows of a query tile share its `tl.dot` instructions but not their sums (a product's row reads only its
+  own query row), and the tiles fixed here fix the instructions;
+- a tile past a row's own position (its query tile reaches further) is all `-inf` for that row: it adds exact
+  zeros and rescales by `exp(0) = 1`, a no-op in floating point.
+
+So the engine, which prefills a prompt's queries together and decodes each later one alone over pages, and the
+shim, which computes every position of the sequence at once from contiguous K/V, compute the same bits. fp32
+inputs multiply as `RING_LINEAR_FP32_DOT` says (`triton_utils.dot_precision`), shared by both sides. Forward only;
+under autograd the gradient is the naive attention's (aligned mode's rule: the backward may be the standard one).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..linear_attn.triton_utils import INTERPRET, dot_precision
+from .naive import causal_gqa_attention
+
+# Fixed, so a row's reduction order never depends on the batch or on how many rows its query tile holds.
+BLOCK_M, BLOCK_N = 16, 64
+
+
+@triton.jit(do_not_specialize=["tiles_per_seq", "scale"])
+def _aligned_attention_kernel(
+    q, k, v, o, cu_seqlens_q, seq_lens, kv_start, block_table, tiles_per_seq, scale,
+    stride_qt, stride_qh, stride_kp, stride_kr, stride_kh, stride_vp, stride_vr, stride_vh, stride_ot, stride_oh,
+    stride_bt,
+    GROUP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr, DOT: tl.constexpr,
+    INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Query rows `[i*BLOCK_M, (i+1)*BLOCK_M)` of sequence `s` for one query head. `PAGED`: key `p` of `s` is row
+    `p % PAGE` of page `block_table[s, p // PAGE]`; else row `kv_start[s] + p` (contiguous packed K/V)."""
+    s = tl.program_id(0) // tiles_per_seq
+    first = (tl.program_id(0) % tiles_per_seq) * BLOCK_M
+    h = tl.program_id(1)
+    q_start = tl.load(cu_seqlens_q + s).to(tl.int64)
+    q_len = tl.load(cu_seqlens_q + s + 1).to(tl.int64) - q_start
+    if first >= q_len:  # past this sequence's queries (a shorter one, or graph padding)
+        return
+    kv_len = tl.load(seq_lens + s).to(tl.int64)
+    rows = first + tl.arange(0, BLOCK_M)
+    live = rows < q_len
+    position = kv_len - q_len + rows  # each query's absolute position: it sees keys 0..position
+    d = tl.arange(0, D)
+    b_q = tl.load(q + (q_start + rows)[:, None] * stride_qt + h * stride_qh + d[None, :], mask=live[:, None], other=0.0)
+    kv_h = h // GROUP
+    if not PAGED:
+        base = tl.load(kv_start + s).to(tl.int64)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    last = kv_len - q_len + tl.minimum(first + BLOCK_M, q_len) - 1  # the tile's furthest query position
+    for start in range(0, last + 1, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        in_seq = keys < kv_len
+        if PAGED:
+            page = tl.load(block_table + s * stride_bt + keys // PAGE, mask=in_seq, other=0).to(tl.int64)
+            k_rows, v_rows = page * stride_kp + (keys % PAGE) * stride_kr, page * stride_vp + (keys % PAGE) * stride_vr
+        else:
+            k_rows, v_rows = (base + keys) * stride_kr, (base + keys) * stride_vr
+        b_k = tl.load(k + k_rows[:, None] + kv_h * stride_kh + d[None, :], mask=in_seq[:, None], other=0.0)
+        b_v = tl.load(v + v_rows[:, None] + kv_h * stride_vh + d[None, :], mask=in_seq[:, None], other=0.0)
+        b_qk = b_q
+        if INTERPRET:  # the interpreter multiplies 16-bit dot operands as raw bits (`triton_utils`)
+            b_qk, b_k, b_v = b_q.to(tl.float32), b_k.to(tl.float32), b_v.to(tl.float32)
+        scores = tl.dot(b_qk, tl.trans(b_k), input_precision=DOT) * scale
+        seen = (keys[None, :] <= position[:, None]) & in_seq[None, :]
+        scores = tl.where(seen, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        p = tl.exp(scores - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        b_p = p.to(v.dtype.element_ty)  # the probabilities in the values' dtype, as a 16-bit MMA takes them
+        if INTERPRET:
+            b_p = b_p.to(tl.float32)
+        acc = tl.dot(b_p, b_v, acc * alpha[:, None], input_precision=DOT)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(o + (q_start + rows)[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(o.dtype.element_ty),
+             mask=live[:, None])  # fmt: skip
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_dims: int) -> tuple[int, int, int]:
+    if q.dim() != 3 or k.dim() != kv_dims or v.shape != k.shape or k.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"aligned attention: q must be [T, Hq, d] and k, v one shape ending in [Hkv, d] ({kv_dims} dims); got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    T, Hq, D = q.shape
+    Hkv = k.shape[-2]
+    if Hq % Hkv or D < 16 or D & (D - 1):
+        raise ValueError(f"aligned attention: {Hq} query heads over {Hkv} KV heads of width {D} (a power of 2 >= 16)")
+    if q.dtype != k.dtype or v.dtype != k.dtype or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"aligned attention: q, k, v must share one of fp32/bf16/fp16; got {q.dtype}, {k.dtype}")
+    if any(t.stride(-1) != 1 for t in (q, k, v)):
+        raise ValueError("aligned attention: q, k, v need unit stride on their last dim")
+    return T, Hq, Hkv
+
+
+def paged_attention_aligned(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    scale: float,
+    max_query_len: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal GQA attention of each sequence's new queries over its paged keys (an engine's step).
+
+    Args:
+        q: `[T, Hq, d]`, the sequences' new tokens packed by `cu_seqlens_q` `[B+1]`; a sequence's queries are the
+            last of its `seq_lens[s]` positions (its keys, these tokens' included, are already in the cache).
+        key_cache, value_cache: `[pages, page_size, Hkv, d]` (any page/row/head strides).
+        block_table: `[B, >= pages per sequence]` page ids.
+        max_query_len: the longest sequence's new tokens (host int: sizes the grid, so a CUDA graph fixes it).
+        out: `[>= T, Hq, d]` to write into; rows past `T` are left alone.
+    """
+    _check(q, key_cache, value_cache, 4)
+    return _launch(q, key_cache, value_cache, cu_seqlens_q, seq_lens, None, block_table, scale, max_query_len, out)
+
+
+def causal_attention_aligned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                             scale: float, max_seqlen: int) -> torch.Tensor:  # fmt: skip
+    """The same kernel over packed `[T, H, d]` q/k/v of whole sequences (`cu_seqlens` `[N+1]`, device): the shim's
+    forward. Differentiable: the backward is `naive.causal_gqa_attention`'s."""
+    _check(q, k, v, 3)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return _AlignedAttention.apply(q, k, v, cu_seqlens, scale, max_seqlen)
+    return _packed(q, k, v, cu_seqlens, scale, max_seqlen)
+
+
+def _packed(q, k, v, cu_seqlens, scale, max_seqlen):
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    return _launch(q, k[None], v[None], cu_seqlens, lengths, cu_seqlens[:-1], None, scale, max_seqlen, None)
+
+
+def _launch(q, k, v, cu_seqlens_q, seq_lens, kv_start, block_table, scale, max_query_len, out):
+    T, Hq, D = q.shape
+    page_size, Hkv = k.shape[1], k.shape[2]
+    B = cu_seqlens_q.shape[0] - 1
+    out = torch.empty_like(q) if out is None else out
+    tiles_per_seq = triton.cdiv(max(max_query_len, 1), BLOCK_M)
+    if B == 0 or T == 0:
+        return out
+    paged = block_table is not None
+    dummy = cu_seqlens_q  # the unused pointer of the other addressing
+    grid = (B * tiles_per_seq, Hq)
+    _aligned_attention_kernel[grid](
+        q, k, v, out, cu_seqlens_q, seq_lens, dummy if paged else kv_start, block_table if paged else dummy,
+        tiles_per_seq, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), block_table.stride(0) if paged else 0,
+        GROUP=Hq // Hkv, D=D, PAGE=page_size if paged else 1, PAGED=paged, DOT=dot_precision(q),
+        INTERPRET=INTERPRET, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+    )  # fmt: skip
+    return out
+
+
+class _AlignedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, scale, max_seqlen):
+        ctx.save_for_backward(q, k, v, cu_seqlens)
+        ctx.scale = scale
+        return _packed(q, k, v, cu_seqlens, scale, max_seqlen)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, cu_seqlens = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            bounds = cu_seqlens.tolist()
+            outputs = [
+                causal_gqa_attention(*(t[a:b] for t in leaves), ctx.scale)
+                for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+            ]
+            grads = torch.autograd.grad(torch.cat(outputs), leaves, grad_out)
+        return *grads, None, None, None

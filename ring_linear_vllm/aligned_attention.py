@@ -1,0 +1,60 @@
+"""Aligned mode's softmax attention in vLLM: its Triton backend (KV-cache layout, cache writes, metadata) with our
+kernel in place of `unified_attention`, the one the shim runs too (`common_kernels.ops.attention.aligned`), so a
+request's attention output is the shim's bits whether it was prefilled, decoded, alone or in a batch."""
+
+from __future__ import annotations
+
+import torch
+from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend, TritonAttentionImpl
+
+from common_kernels.ops.attention.aligned import paged_attention_aligned
+
+
+class RingAlignedAttentionImpl(TritonAttentionImpl):
+    def forward(
+        self,
+        layer: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("ring-linear: aligned attention does not quantize its output")
+        if attn_metadata is None:  # the profiling run
+            return output.fill_(0)
+        if kv_cache.dim() != 4 or kv_cache.shape[-1] != 2 * self.head_size:
+            raise RuntimeError(
+                f"ring-linear: vLLM's Triton KV cache is no longer [blocks, kv_heads, block_size, 2 x head_size] "
+                f"(got {tuple(kv_cache.shape)}); this vLLM version is not supported in aligned mode"
+            )
+        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        n = attn_metadata.num_actual_tokens
+        paged_attention_aligned(
+            query[:n].view(n, self.num_heads, self.head_size),
+            key_cache,
+            value_cache,
+            attn_metadata.query_start_loc,
+            attn_metadata.seq_lens,
+            attn_metadata.block_table,
+            self.scale,
+            attn_metadata.max_query_len,
+            out=output.view(-1, self.num_heads, self.head_size),
+        )
+        return output
+
+
+class RingAlignedAttentionBackend(TritonAttentionBackend):
+    """vLLM's Triton backend (and its name, which vLLM looks up in its backend enum) with our kernel."""
+
+    @staticmethod
+    def get_impl_cls() -> type[RingAlignedAttentionImpl]:
+        return RingAlignedAttentionImpl
+
+    @classmethod
+    def supports_head_size(cls, head_size: int) -> bool:
+        return head_size >= 16 and head_size & (head_size - 1) == 0
