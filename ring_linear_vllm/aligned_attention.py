@@ -25,14 +25,10 @@ class RingAlignedAttentionImpl(TritonAttentionImpl):
     ) -> torch.Tensor:
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("ring-linear: aligned attention does not quantize its output")
-        if attn_metadata is None:  # the profiling run
+        if attn_metadata is None:  # the profiling run: compile the kernel now, not at a user's first request
+            self._warm_up(query)
             return output.fill_(0)
-        if kv_cache.dim() != 4 or kv_cache.shape[-1] != 2 * self.head_size:
-            raise RuntimeError(
-                f"ring-linear: vLLM's Triton KV cache is no longer [blocks, kv_heads, block_size, 2 x head_size] "
-                f"(got {tuple(kv_cache.shape)}); this vLLM version is not supported in aligned mode"
-            )
-        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        key_cache, value_cache = self._key_value_caches(kv_cache)
         n = attn_metadata.num_actual_tokens
         paged_attention_aligned(
             query[:n].view(n, self.num_heads, self.head_size),
@@ -46,6 +42,28 @@ class RingAlignedAttentionImpl(TritonAttentionImpl):
             out=output.view(-1, self.num_heads, self.head_size),
         )
         return output
+
+    def _key_value_caches(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[pages, page_size, kv_heads, head_size]` views of the backend's `[pages, kv_heads, page_size, 2 x
+        head_size]` cache."""
+        if kv_cache.dim() != 4 or kv_cache.shape[-1] != 2 * self.head_size:
+            raise RuntimeError(
+                f"ring-linear: vLLM's Triton KV cache is no longer [blocks, kv_heads, block_size, 2 x head_size] "
+                f"(got {tuple(kv_cache.shape)}); this vLLM version is not supported in aligned mode"
+            )
+        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        return key_cache, value_cache
+
+    def _warm_up(self, query: torch.Tensor) -> None:
+        """One query over a one-page cache of this layer's layout and dtype (the kernel's only serving variant)."""
+        device, ints = query.device, {"dtype": torch.int32, "device": query.device}
+        shape = RingAlignedAttentionBackend.get_kv_cache_shape(1, 16, self.num_kv_heads, self.head_size)
+        key_cache, value_cache = self._key_value_caches(torch.zeros(shape, dtype=query.dtype, device=device))
+        q = torch.zeros((1, self.num_heads, self.head_size), dtype=query.dtype, device=device)
+        one = torch.tensor([0, 1], **ints)
+        paged_attention_aligned(
+            q, key_cache, value_cache, one, one[1:], torch.zeros((1, 1), **ints), self.scale, 1, out=q.clone()
+        )
 
 
 class RingAlignedAttentionBackend(TritonAttentionBackend):

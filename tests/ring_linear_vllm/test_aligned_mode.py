@@ -268,3 +268,22 @@ def test_aligned_lm_head_is_the_shims_fixed_tile_gemm(vllm_tools, tiny_dir, alig
         want = router_logits(h, model.lm_head.weight[: model.config.vocab_size], invariant=True)
     assert logits.shape == (9, model.config.vocab_size) and logits.dtype == torch.float32
     assert torch.equal(logits, want)
+
+
+def test_the_profiling_forward_runs_the_aligned_attention_kernel_once(vllm_tools, tiny_dir, aligned_env, monkeypatch):
+    """vLLM's profiling run has no metadata: the layer launches its kernel on a one-page cache of its own layout,
+    so the serving variant is compiled before the first request, and returns zeros."""
+    from ring_linear_vllm import aligned_attention
+
+    launches = []
+    real = aligned_attention.paged_attention_aligned
+    monkeypatch.setattr(
+        aligned_attention, "paged_attention_aligned", lambda *a, **k: launches.append(1) or real(*a, **k)
+    )
+    attn = _softmax_attention(vllm_tools.build_model(vllm_tools.engine_config(tiny_dir, enable_chunked_prefill=False)))[
+        0
+    ]
+    output = torch.ones(3, attn.num_heads * attn.head_size)
+    query = torch.randn(3, attn.num_heads * attn.head_size)
+    assert attn.impl.forward(attn, query, None, None, torch.tensor([]), None, output) is output
+    assert launches == [1] and (output == 0).all()

@@ -30,16 +30,18 @@ from .naive import causal_gqa_attention
 BLOCK_M, BLOCK_N = 16, 64
 
 
-@triton.jit(do_not_specialize=["tiles_per_seq", "scale"])
+# the batch's and the cache's sizes are plain arguments: one compiled variant per dtype and addressing, which an
+# engine compiles at start-up whatever its block size (`RingAlignedAttentionImpl`'s profiling forward)
+@triton.jit(do_not_specialize=["tiles_per_seq", "scale", "page", "stride_bt"])
 def _aligned_attention_kernel(
-    q, k, v, o, cu_seqlens_q, seq_lens, kv_start, block_table, tiles_per_seq, scale,
+    q, k, v, o, cu_seqlens_q, seq_lens, kv_start, block_table, tiles_per_seq, scale, page,
     stride_qt, stride_qh, stride_kp, stride_kr, stride_kh, stride_vp, stride_vr, stride_vh, stride_ot, stride_oh,
     stride_bt,
-    GROUP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr, DOT: tl.constexpr,
+    GROUP: tl.constexpr, D: tl.constexpr, PAGED: tl.constexpr, DOT: tl.constexpr,
     INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Query rows `[i*BLOCK_M, (i+1)*BLOCK_M)` of sequence `s` for one query head. `PAGED`: key `p` of `s` is row
-    `p % PAGE` of page `block_table[s, p // PAGE]`; else row `kv_start[s] + p` (contiguous packed K/V)."""
+    `p % page` of page `block_table[s, p // page]`; else row `kv_start[s] + p` (contiguous packed K/V)."""
     s = tl.program_id(0) // tiles_per_seq
     first = (tl.program_id(0) % tiles_per_seq) * BLOCK_M
     h = tl.program_id(1)
@@ -64,8 +66,8 @@ def _aligned_attention_kernel(
         keys = start + tl.arange(0, BLOCK_N)
         in_seq = keys < kv_len
         if PAGED:
-            page = tl.load(block_table + s * stride_bt + keys // PAGE, mask=in_seq, other=0).to(tl.int64)
-            k_rows, v_rows = page * stride_kp + (keys % PAGE) * stride_kr, page * stride_vp + (keys % PAGE) * stride_vr
+            pid = tl.load(block_table + s * stride_bt + keys // page, mask=in_seq, other=0).to(tl.int64)
+            k_rows, v_rows = pid * stride_kp + (keys % page) * stride_kr, pid * stride_vp + (keys % page) * stride_vr
         else:
             k_rows, v_rows = (base + keys) * stride_kr, (base + keys) * stride_vr
         b_k = tl.load(k + k_rows[:, None] + kv_h * stride_kh + d[None, :], mask=in_seq[:, None], other=0.0)
@@ -160,10 +162,10 @@ def _launch(q, k, v, cu_seqlens_q, seq_lens, kv_start, block_table, scale, max_q
     grid = (B * tiles_per_seq, Hq)
     _aligned_attention_kernel[grid](
         q, k, v, out, cu_seqlens_q, seq_lens, dummy if paged else kv_start, block_table if paged else dummy,
-        tiles_per_seq, scale,
+        tiles_per_seq, scale, page_size,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), block_table.stride(0) if paged else 0,
-        GROUP=Hq // Hkv, D=D, PAGE=page_size if paged else 1, PAGED=paged, DOT=dot_precision(q),
+        GROUP=Hq // Hkv, D=D, PAGED=paged, DOT=dot_precision(q),
         INTERPRET=INTERPRET, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
     )  # fmt: skip
     return out
