@@ -18,7 +18,7 @@ import torch
 
 from common_kernels import RingLinearForCausalLM
 from common_kernels.model import linear_math
-from common_kernels.ops.linear_attn import triton_utils
+from common_kernels.ops import triton_settings
 
 SETTINGS = ("tf32", "tf32x3", "ieee", "bf16-qkv")
 
@@ -31,16 +31,16 @@ def logprob_gap(reference: torch.Tensor, got: torch.Tensor) -> tuple[float, floa
 
 def run_setting(model: RingLinearForCausalLM, ids: torch.Tensor, setting: str) -> torch.Tensor:
     """The model's token logprobs of `ids` under one product setting (restored afterwards)."""
-    saved = triton_utils.FP32_DOT_PRECISION, linear_math.LINEAR_ATTN_DTYPE
+    saved = triton_settings.FP32_DOT_PRECISION, linear_math.LINEAR_ATTN_DTYPE
     try:
         if setting == "bf16-qkv":
             linear_math.LINEAR_ATTN_DTYPE = torch.bfloat16
         else:
-            triton_utils.FP32_DOT_PRECISION = setting
+            triton_settings.FP32_DOT_PRECISION = setting
         with torch.no_grad():
             return model.token_logprobs(ids)
     finally:
-        triton_utils.FP32_DOT_PRECISION, linear_math.LINEAR_ATTN_DTYPE = saved
+        triton_settings.FP32_DOT_PRECISION, linear_math.LINEAR_ATTN_DTYPE = saved
 
 
 def main() -> None:

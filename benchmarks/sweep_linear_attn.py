@@ -14,7 +14,7 @@ import triton
 from common_kernels import decay_rates, preset_config
 from common_kernels.ops.linear_attn.decode import linear_attention_decode
 from common_kernels.ops.linear_attn.prefill import _segment_size, linear_attention_prefill
-from common_kernels.ops.linear_attn.triton_utils import sm_count
+from common_kernels.ops.triton_settings import sm_count
 
 from .bench_linear_attn import D, bench, fused_qkv, prefill_inputs
 

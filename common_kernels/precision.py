@@ -8,7 +8,7 @@ runs everything in float64 (these dtypes are then raised to float64 by `compute_
 - linear-attention q/k/v and output: fp32 from the QKV GEMM on, through qk-norm, RoPE, the
   recurrence, the group norm and the gate (as the authors' engine). On a GPU the Triton kernels
   multiply these fp32 operands on TF32 tensor cores unless `RING_LINEAR_FP32_DOT` says otherwise
-  (`common_kernels/ops/linear_attn/triton_utils.py`).
+  (`common_kernels/ops/triton_settings.py`).
 - RMSNorm (all): fp32 statistics, cast back to the activation dtype, then times the weight
   (the HF Ling-2.0 order).
 - RoPE: cos/sin and the rotation in fp32, the result cast back.

@@ -56,12 +56,12 @@ def kernel_tolerance(dtype: torch.dtype) -> float:
     relative error 2.8e-3 against 1.4e-3 measured), so on the CPU it is doubled. fp32 inputs through `tl.dot`:
     the interpreter multiplies exactly; a GPU runs the products `RING_LINEAR_FP32_DOT` chooses, TF32 by default
     (10-bit mantissa operands: about 5e-4 relative error)."""
-    from common_kernels.ops.linear_attn import triton_utils
+    from common_kernels.ops import triton_settings
 
     on_gpu = torch.cuda.is_available()
     if dtype == torch.bfloat16:
         return 3e-3 if on_gpu else 6e-3
-    return 2e-3 if on_gpu and triton_utils.FP32_DOT_PRECISION == "tf32" else 1e-5
+    return 2e-3 if on_gpu and triton_settings.FP32_DOT_PRECISION == "tf32" else 1e-5
 
 
 def pool_reference(q, k, v, rate, scale, cu_seqlens, pool, slots, fresh) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import torch
+import vllm
 from vllm import platforms
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
@@ -23,6 +24,8 @@ from ring_linear_vllm.compat import check_kv_cache_write_width, splitting_op_nam
 logger = init_logger(__name__)
 # the opt-in that kept prefix caching off until its GPU tests passed (run P); a user who still sets it is told
 RETIRED_PREFIX_CACHING_SWITCH = "RING_LINEAR_PREFIX_CACHING"
+# the vLLM minor version whose hybrid prefix caching passed our GPU tests (test_prefix_caching_gpu.py)
+PREFIX_CACHING_VERIFIED_ON = "0.26."
 BATCH_INVARIANT = "VLLM_BATCH_INVARIANT"  # vLLM's switch (`vllm.envs`)
 
 
@@ -82,7 +85,8 @@ class RingLinearEngineConfig(VerifyAndUpdateConfig):
 
 def check_prefix_caching(vllm_config) -> None:
     """vLLM's hybrid prefix caching ("align" mode: the linear state cached at each block's end, equal to caching off
-    on the GPU: `tests/ring_linear_vllm/test_prefix_caching_gpu.py`) wherever it is exact. It needs chunked prefill
+    on the GPU: `tests/ring_linear_vllm/test_prefix_caching_gpu.py`, on vLLM 0.26; other versions keep it off with
+    a warning until the tests have run on them) wherever it is exact. It needs chunked prefill
     (refused here, naming the flag, instead of vLLM's bare assert) and cannot run 'all' mode; aligned mode keeps it
     off with one warning, since a hit would start a prompt mid-way where the trainer starts from its first token."""
     if os.environ.get(RETIRED_PREFIX_CACHING_SWITCH) is not None:
@@ -93,6 +97,15 @@ def check_prefix_caching(vllm_config) -> None:
         )
     cache_config = vllm_config.cache_config
     if not cache_config.enable_prefix_caching:
+        return
+    if not vllm.__version__.startswith(PREFIX_CACHING_VERIFIED_ON):
+        logger.warning(
+            "ring-linear: prefix caching is turned off: hybrid 'align' mode is verified exact on vLLM %sx only, and "
+            "this is vLLM %s (vLLM 0.33 turns it on by default)",
+            PREFIX_CACHING_VERIFIED_ON,
+            vllm.__version__,
+        )
+        cache_config.enable_prefix_caching = False
         return
     if aligned_mode():
         logger.warning(

@@ -7,7 +7,7 @@ import torch
 
 from benchmarks.precision_sweep import logprob_gap, run_setting
 from common_kernels.model import linear_math
-from common_kernels.ops.linear_attn import triton_utils
+from common_kernels.ops import triton_settings
 
 
 def test_the_gap_is_the_max_and_mean_absolute_difference():
@@ -19,11 +19,11 @@ def test_each_setting_is_on_during_its_call_and_restored_after():
 
     class Model:
         def token_logprobs(self, ids):
-            seen.append((triton_utils.FP32_DOT_PRECISION, linear_math.LINEAR_ATTN_DTYPE))
+            seen.append((triton_settings.FP32_DOT_PRECISION, linear_math.LINEAR_ATTN_DTYPE))
             return ids.float()
 
-    before = triton_utils.FP32_DOT_PRECISION, linear_math.LINEAR_ATTN_DTYPE
+    before = triton_settings.FP32_DOT_PRECISION, linear_math.LINEAR_ATTN_DTYPE
     for setting in ("ieee", "bf16-qkv"):
         run_setting(Model(), torch.zeros(2), setting)
     assert seen == [("ieee", before[1]), (before[0], torch.bfloat16)]
-    assert before == (triton_utils.FP32_DOT_PRECISION, linear_math.LINEAR_ATTN_DTYPE)
+    assert before == (triton_settings.FP32_DOT_PRECISION, linear_math.LINEAR_ATTN_DTYPE)

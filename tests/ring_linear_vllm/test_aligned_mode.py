@@ -58,7 +58,10 @@ def _builder(vllm_tools, tiny_dir, **engine_kwargs):
         )
 
 
-def test_aligned_mode_keeps_prefix_caching_off_with_a_warning(vllm_tools, tiny_dir, aligned_env, caplog):
+def test_aligned_mode_keeps_prefix_caching_off_with_a_warning(vllm_tools, tiny_dir, aligned_env, caplog, monkeypatch):
+    from ring_linear_vllm import engine_config
+
+    monkeypatch.setattr(engine_config.vllm, "__version__", "0.26.0")  # where caching is served
     cfg = vllm_tools.engine_config(tiny_dir, enable_prefix_caching=True, enable_chunked_prefill=False)
     assert not cfg.cache_config.enable_prefix_caching
     assert "prefix caching is turned off in aligned mode" in caplog.text

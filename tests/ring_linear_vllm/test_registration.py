@@ -121,6 +121,10 @@ def test_mamba_ssm_cache_dtype_is_honoured_and_float16_is_refused_at_start_up(vl
 
 
 def test_prefix_caching_runs_in_align_mode_with_the_state_cached_per_block(vllm_tools, released_dir, monkeypatch):
+    import vllm
+
+    if not vllm.__version__.startswith("0.26."):
+        pytest.skip("verified on vLLM 0.26 only: other versions keep it off (the next test)")
     monkeypatch.delenv("RING_LINEAR_ALIGNED", raising=False)
     cfg = vllm_tools.engine_config(released_dir, dtype="bfloat16", enable_prefix_caching=True)
     assert cfg.cache_config.enable_prefix_caching
@@ -131,9 +135,23 @@ def test_prefix_caching_runs_in_align_mode_with_the_state_cached_per_block(vllm_
     ).cache_config.enable_prefix_caching
 
 
+def test_prefix_caching_stays_off_with_a_warning_on_a_vllm_it_is_not_verified_on(
+    vllm_tools, released_dir, monkeypatch, caplog
+):
+    from ring_linear_vllm import engine_config
+
+    monkeypatch.setattr(engine_config.vllm, "__version__", "0.33.0")
+    cfg = vllm_tools.engine_config(released_dir, dtype="bfloat16", enable_prefix_caching=True)
+    assert not cfg.cache_config.enable_prefix_caching
+    assert "verified exact on vLLM 0.26.x only, and this is vLLM 0.33.0" in caplog.text
+
+
 def test_the_retired_prefix_caching_switch_is_named_in_a_warning_and_changes_nothing(
     vllm_tools, released_dir, monkeypatch, caplog
 ):
+    from ring_linear_vllm import engine_config
+
+    monkeypatch.setattr(engine_config.vllm, "__version__", "0.26.0")  # where caching is served
     monkeypatch.setenv("RING_LINEAR_PREFIX_CACHING", "0")
     cfg = vllm_tools.engine_config(released_dir, dtype="bfloat16", enable_prefix_caching=True)
     assert cfg.cache_config.enable_prefix_caching
@@ -149,7 +167,10 @@ def test_prefix_caching_refuses_the_all_mode_it_cannot_serve(vllm_tools, release
         vllm_tools.engine_config(released_dir, dtype="bfloat16", enable_prefix_caching=True, mamba_cache_mode="all")
 
 
-def test_prefix_caching_without_chunked_prefill_is_refused_naming_the_flag(vllm_tools, released_dir):
+def test_prefix_caching_without_chunked_prefill_is_refused_naming_the_flag(vllm_tools, released_dir, monkeypatch):
+    from ring_linear_vllm import engine_config
+
+    monkeypatch.setattr(engine_config.vllm, "__version__", "0.26.0")  # where caching is served
     with pytest.raises(ValueError, match="prefix caching needs chunked prefill.*--no-enable-chunked-prefill"):
         vllm_tools.engine_config(
             released_dir, dtype="bfloat16", enable_prefix_caching=True, enable_chunked_prefill=False

@@ -13,8 +13,9 @@ A query row's result depends only on its own position and the keys before it:
 
 So the engine, which prefills a prompt's queries together and decodes each later one alone over pages, and the
 shim, which computes every position of the sequence at once from contiguous K/V, compute the same bits. fp32
-inputs multiply as `RING_LINEAR_FP32_DOT` says (`triton_utils.dot_precision`), shared by both sides. Forward only;
-under autograd the gradient is the naive attention's (aligned mode's rule: the backward may be the standard one).
+inputs multiply as `RING_LINEAR_FP32_DOT` says (`ops.triton_settings.dot_precision`), shared by both sides.
+Forward only; under autograd the gradient is the naive attention's (aligned mode's rule: the backward may be the
+standard one).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..linear_attn.triton_utils import INTERPRET, dot_precision
+from ..triton_settings import INTERPRET, dot_precision
 from .naive import causal_gqa_attention
 
 # Fixed, so a row's reduction order never depends on the batch or on how many rows its query tile holds.
@@ -73,7 +74,7 @@ def _aligned_attention_kernel(
         b_k = tl.load(k + k_rows[:, None] + kv_h * stride_kh + d[None, :], mask=in_seq[:, None], other=0.0)
         b_v = tl.load(v + v_rows[:, None] + kv_h * stride_vh + d[None, :], mask=in_seq[:, None], other=0.0)
         b_qk = b_q
-        if INTERPRET:  # the interpreter multiplies 16-bit dot operands as raw bits (`triton_utils`)
+        if INTERPRET:  # the interpreter multiplies 16-bit dot operands as raw bits (`ops.triton_settings`)
             b_qk, b_k, b_v = b_q.to(tl.float32), b_k.to(tl.float32), b_v.to(tl.float32)
         scores = tl.dot(b_qk, tl.trans(b_k), input_precision=DOT) * scale
         seen = (keys[None, :] <= position[:, None]) & in_seq[None, :]

@@ -22,16 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..triton_settings import INTERPRET, dot_precision
 from .prefill import CHUNK, SegmentPlan, _forward, plan_prefill, scan_launch
-from .triton_utils import (
-    INTERPRET,
-    check_qkv,
-    chunk_decays,
-    chunk_state_update,
-    dot_precision,
-    segment_grid,
-    segment_program,
-)
+from .triton_utils import check_qkv, chunk_decays, chunk_state_update, segment_grid, segment_program
 
 
 @triton.jit

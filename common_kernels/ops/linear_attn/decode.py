@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import check_pool, check_qkv, sm_count
+from ..triton_settings import sm_count
+from .triton_utils import check_pool, check_qkv
 
 # (sequence, head) pairs per SM from which 64-column V-tiles fill the GPU: 256 pairs on an H200's 132 SMs (sweep)
 WIDE_TILE_MIN_ROWS_PER_SM = 256 / 132

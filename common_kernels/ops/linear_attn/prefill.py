@@ -30,17 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import (
-    INTERPRET,
-    check_pool,
-    check_qkv,
-    chunk_decays,
-    chunk_state_update,
-    dot_precision,
-    segment_grid,
-    segment_program,
-    sm_count,
-)
+from ..triton_settings import INTERPRET, dot_precision, sm_count
+from .triton_utils import check_pool, check_qkv, chunk_decays, chunk_state_update, segment_grid, segment_program
 
 CHUNK = 64
 PROGRAMS_PER_SM = 2  # the best of the sweep on an H200 (RESULTS.md)

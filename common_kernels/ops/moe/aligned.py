@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..linear_attn.triton_utils import INTERPRET
+from ..triton_settings import INTERPRET
 from .naive import moe_combine, route, swiglu_mlp
 
 # Fixed, so a row's reduction order never depends on the batch. An expert's weights are read once per block of its
@@ -63,7 +63,7 @@ def _expert_gemm_kernel(
         b_a = tl.load(a + src[:, None] * stride_a + ks[None, :], mask=live[:, None] & (ks < K)[None, :], other=0.0)
         m_w = (ks < K)[:, None] & (cols < N)[None, :]
         b_w = tl.load(w_e + cols[None, :] * stride_wn + ks[:, None], mask=m_w, other=0.0)
-        if INTERPRET:  # the interpreter multiplies 16-bit dot operands as raw bits (`triton_utils`)
+        if INTERPRET:  # the interpreter multiplies 16-bit dot operands as raw bits (`ops.triton_settings`)
             b_a, b_w = b_a.to(tl.float32), b_w.to(tl.float32)
         acc = tl.dot(b_a, b_w, acc, input_precision="ieee") if IEEE or INTERPRET else tl.dot(b_a, b_w, acc)
         if SWIGLU:

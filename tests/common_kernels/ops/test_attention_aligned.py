@@ -140,9 +140,9 @@ def test_bad_inputs_are_refused_naming_the_problem(change, message):
 def test_ring_mini_shapes_on_the_gpu_decode_equals_prefill_bitwise(dtype, products, tol, monkeypatch):
     """Ring-mini's softmax layers (16 query heads over 4 KV heads of 128) with a 512-token page, on real MMAs:
     float64-close, and a decode step's rows equal to the prefill's bit for bit."""
-    from common_kernels.ops.linear_attn import triton_utils
+    from common_kernels.ops import triton_settings
 
-    monkeypatch.setattr(triton_utils, "FP32_DOT_PRECISION", products)
+    monkeypatch.setattr(triton_settings, "FP32_DOT_PRECISION", products)
     lengths = [1, 300, 777, 64, 1025]
     q, k, v, cu = packed(lengths, Hq=16, Hkv=4, D=128, dtype=dtype, device="cuda")
     full = causal_attention_aligned(q, k, v, cu, 128**-0.5, max(lengths))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common_kernels import decay_rates, preset_config
-from common_kernels.ops.linear_attn import triton_utils
+from common_kernels.ops import triton_settings
 from common_kernels.ops.linear_attn.decode import linear_attention_decode
 from common_kernels.ops.linear_attn.naive import linear_attention_recurrent, linear_attention_varlen
 from common_kernels.ops.linear_attn.prefill import linear_attention_prefill, plan_prefill
@@ -229,7 +229,7 @@ def test_prefill_real_shape_bf16(lengths, layer):
 
 def test_an_unknown_fp32_dot_setting_is_refused_with_the_choices():
     env = {**os.environ, "RING_LINEAR_FP32_DOT": "fp64"}
-    code = "import common_kernels.ops.linear_attn.triton_utils"
+    code = "import common_kernels.ops.triton_settings"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode != 0
     assert "RING_LINEAR_FP32_DOT='fp64'" in out.stderr and "tf32, tf32x3, ieee" in out.stderr
@@ -239,7 +239,7 @@ def test_an_unknown_fp32_dot_setting_is_refused_with_the_choices():
 @pytest.mark.parametrize("precision,tol", [("tf32", 2e-3), ("tf32x3", 2e-5), ("ieee", 2e-5)])
 def test_prefill_fp32_products_on_a_gpu(precision, tol, monkeypatch):
     """fp32 q/k/v at the real head size: TF32 within 2e-3 of float64, the 3xTF32 and exact products within 2e-5."""
-    monkeypatch.setattr(triton_utils, "FP32_DOT_PRECISION", precision)
+    monkeypatch.setattr(triton_settings, "FP32_DOT_PRECISION", precision)
     H, d, lengths = 16, 128, [1000, 1, 0, 700]
     cu = ragged_offsets(lengths).to(DEVICE)
     q, k, v = fused_qkv(int(cu[-1]), H, d, d, torch.float32)
@@ -339,11 +339,11 @@ def test_launch_heuristics_ask_the_device_for_its_sm_count(monkeypatch):
     per SM, of the device they run on: asked, not assumed (an H200 has 132)."""
     from types import SimpleNamespace
 
-    from common_kernels.ops.linear_attn import prefill, triton_utils
+    from common_kernels.ops.linear_attn import prefill
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=66))
-    assert triton_utils.sm_count.__wrapped__(torch.device("cuda", 0)) == 66
-    assert prefill.target_programs(torch.device("cpu")) == 2 * triton_utils.CPU_SM_COUNT
+    assert triton_settings.sm_count.__wrapped__(torch.device("cuda", 0)) == 66
+    assert prefill.target_programs(torch.device("cpu")) == 2 * triton_settings.CPU_SM_COUNT
     # 32K tokens x 16 heads x 2 V-tiles over 264 programs: 4,096-token segments; over half as many, twice as long
     assert prefill._segment_size(32768, 16, 2, 64, 264) == 4096
     assert prefill._segment_size(32768, 16, 2, 64, 132) == 8192
