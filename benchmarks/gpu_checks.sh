@@ -46,6 +46,9 @@
 #   second-pass  probe_second_pass: one engine, the same 128 x 4K/256 requests 3 times, ring-linear and the twin:
 #                wall, kernel time and allocator counters per pass (why the served warm pass is slower) (untimed;
 #                SECOND_PASS_VARIANTS picks)
+#   mixed-step   probe_mixed_step: 64 decodes alone vs beside a 512-token prefill, wall and GPU time per step,
+#                ring-linear and the twin (why the served warm pass decodes slower; MIXED_STEP_ARGS, e.g.
+#                "--joins 2 --suffix 256")                                                     (untimed, ~2 x 3 min)
 #   serve-ring-sgl  bench_serve on SGLang: ring-linear through launch_server (SGLang staged, own call)    (~7 min, 3 workloads)
 #   serve-twin-sgl  the same for the twin, SGLang's native BailingMoeV2ForCausalLM (~8 min, 3 workloads)
 #   sgl-engine   pytest -m gpu: the SGLang adapter's engine tests (SGLang 0.5.17 staged in /tmp/gpu-site-sgl; PYTEST_K picks;
@@ -138,6 +141,10 @@ for step in "$@"; do
         fi
       done ;;
     precision) run precision 300 python3 -m benchmarks.precision_sweep "${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}" ;;
+    mixed-step)  # decode-only steps against the same decodes beside a short prefill: wall and kernel time per step
+      for variant in ${MIXED_STEP_VARIANTS:-ring-linear softmax-twin}; do
+        run "mixed-step-$variant" 280 python3 -m benchmarks.probe_mixed_step --variant "$variant" ${MIXED_STEP_ARGS:-}
+      done ;;
     second-pass)  # one in-process engine, the same requests three times: host, GPU and allocator per pass
       for variant in ${SECOND_PASS_VARIANTS:-ring-linear softmax-twin}; do
         run "second-pass-$variant" 280 python3 -m benchmarks.probe_second_pass --variant "$variant"
