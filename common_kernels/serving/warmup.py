@@ -2,16 +2,16 @@
 prefill's largest scratch once, so the engine's memory profile counts it.
 
 The kernels take every batch-dependent integer as an unspecialised argument, so the variants are few: the
-prefill (one per q/k/v dtype pair), and the decode with narrow and wide V-tiles (small and large batches).
-Engines call `warm_up_linear_attention` from their profiling forward (no batch metadata yet); a request
-never waits for a Triton compile.
+prefill (one per q/k/v dtype pair, and its one-launch form where that is on), and the decode with narrow and
+wide V-tiles (small and large batches). Engines call `warm_up_linear_attention` from their profiling forward (no
+batch metadata yet); a request never waits for a Triton compile.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..ops.linear_attn import linear_attention_decode, linear_attention_prefill
+from ..ops.linear_attn import linear_attention_decode, linear_attention_prefill, plan_prefill, prefill
 from ..ops.linear_attn.aligned import aligned_plan
 from ..ops.linear_attn.decode import wide_tile_min_rows
 
@@ -46,6 +46,10 @@ def warm_up_linear_attention(
         slots = torch.full((N,), -1, dtype=slot_dtype, device=device)
         plan = aligned_plan(cu_seqlens, T, H, V) if aligned else None
         linear_attention_prefill(q, k, v, decay_rate, scale, cu_seqlens, scratch_pool, slots, out=out, plan=plan)
+        if not aligned and prefill.ONE_LAUNCH_MAX_TOKENS > 0:  # the one-launch variant of short steps too
+            one = cu_seqlens[:2].clamp(max=1)
+            plan = plan_prefill(one, 1, H, V, max_seqlen=1)
+            linear_attention_prefill(q[:1], k[:1], v[:1], decay_rate, scale, one, scratch_pool, slots[:1], plan=plan)
     key = (q.dtype, v.dtype, state_dtype, slot_dtype, H, K, V, device)
     if key in _warmed:
         return

@@ -11,6 +11,10 @@ Because the decay is a scalar per head, segment states combine exactly:
 3. `_segment_forward_kernel`: per (segment, head, V-tile), the chunked forward from its start state
    (reads q, k, v, writes o); the last segment of a sequence writes the final state into the pool.
 
+A step whose sequences are all short (`max_seqlen <= ONE_LAUNCH_MAX_TOKENS`, an engine's mixed step: decodes
+beside a new request's suffix) can skip kernels 1 and 2: each sequence is one segment that kernel 3 starts from
+the pool (`plan_prefill`'s one-launch plan). Off by default until timed on a GPU (`RING_LINEAR_ONE_LAUNCH_MAX_TOKENS`).
+
 Inside a chunk of `BT` tokens only non-negative powers of `lam` appear (no inverse-decay factors).
 q/k/v may be strided views of the fused QKV output. The running state stays fp32; every matrix product
 takes operands in the input dtype with fp32 accumulation, so for bf16 inputs the state enters `q S` as a
@@ -24,6 +28,7 @@ compiled variant of each kernel serves every batch: an engine compiles them once
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +39,8 @@ from ..triton_settings import INTERPRET, dot_precision, sm_count
 from .triton_utils import check_pool, check_qkv, chunk_decays, chunk_state_update, segment_grid, segment_program
 
 CHUNK = 64
+# the longest sequence a one-launch plan takes (0: never); a setting to time, read when a plan is made
+ONE_LAUNCH_MAX_TOKENS = int(os.environ.get("RING_LINEAR_ONE_LAUNCH_MAX_TOKENS", "0"))
 PROGRAMS_PER_SM = 2  # the best of the sweep on an H200 (RESULTS.md)
 
 
@@ -133,22 +140,32 @@ def _segment_scan_kernel(
             tl.store(p_pool, b_s.to(pool.dtype.element_ty))
 
 
-@triton.jit(do_not_specialize=["N", "SEG"], do_not_specialize_on_alignment=["slots"])
+@triton.jit(do_not_specialize=["N", "SEG"], do_not_specialize_on_alignment=["slots", "fresh"])
 def _segment_forward_kernel(
-    q, k, v, o, pool, start, cu_seqlens, seg_seq, seg_idx, nseg, slots, rate, scale,
+    q, k, v, o, pool, start, cu_seqlens, seg_seq, seg_idx, nseg, slots, fresh, rate, scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     stride_pp, stride_ph,
     N, SEG, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BV: tl.constexpr, F32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
+    ONE_LAUNCH: tl.constexpr,
 ):  # fmt: skip
+    """ONE_LAUNCH: every sequence is one segment (`plan_prefill`'s one-launch plan, empty ones included): the
+    program starts from the pool (or zero) and writes the final state, with no delta or scan launch before it."""
     i_s, i_v, i_h, i_n, i_j, bos, eos, b_rate = segment_program(seg_seq, seg_idx, cu_seqlens, rate, N, SEG, V // BV)
     if i_n >= N:
         return
     o_k = tl.arange(0, K)
     o_v = i_v * BV + tl.arange(0, BV)
     o_t, q_decay, intra = chunk_decays(b_rate, BT)
-    state_offset = ((i_s * H + i_h) * K + o_k[:, None]).to(tl.int64) * V + o_v[None, :]
-    b_s = tl.load(start + state_offset)  # [K, BV] fp32
+    slot = tl.load(slots + i_n).to(tl.int64)
+    p_pool = pool + slot * stride_pp + i_h * stride_ph + o_k[:, None] * V + o_v[None, :]
+    if ONE_LAUNCH:
+        b_s = tl.zeros([K, BV], dtype=tl.float32)
+        if (slot >= 0) and (tl.load(fresh + i_n) == 0):
+            b_s = tl.load(p_pool).to(tl.float32)
+    else:
+        state_offset = ((i_s * H + i_h) * K + o_k[:, None]).to(tl.int64) * V + o_v[None, :]
+        b_s = tl.load(start + state_offset)  # [K, BV] fp32
     for t0 in range(bos, eos, BT):
         rows = t0 + o_t
         m_t = rows < eos
@@ -167,10 +184,11 @@ def _segment_forward_kernel(
         tl.store(p_o, (b_o * scale).to(o.dtype.element_ty), mask=m_t[:, None])
         c = tl.minimum(eos - t0, BT).to(tl.float32)
         b_s = chunk_state_update(b_s, b_k, b_v, m_t, c, b_rate, o_t, DOT_PRECISION)
-    if not ALIGNED:  # (aligned: the scan writes the final state)
-        slot = tl.load(slots + i_n).to(tl.int64)
+    if ONE_LAUNCH:
+        if slot >= 0:
+            tl.store(p_pool, b_s.to(pool.dtype.element_ty))
+    elif not ALIGNED:  # noqa: SIM102 (a constexpr test; aligned: the scan writes the final state)
         if (i_j == tl.load(nseg + i_n) - 1) and (slot >= 0):
-            p_pool = pool + slot * stride_pp + i_h * stride_ph + o_k[:, None] * V + o_v[None, :]
             tl.store(p_pool, b_s.to(pool.dtype.element_ty))
 
 
@@ -290,6 +308,8 @@ def plan_prefill(
         if segment_size < 16 or segment_size & (segment_size - 1):
             raise ValueError(f"plan_prefill: aligned segment_size {segment_size} must be a power of two >= 16")
         chunk_size = min(chunk_size, segment_size)
+    if not aligned and segment_size is None and max_seqlen is not None and max_seqlen <= ONE_LAUNCH_MAX_TOKENS:
+        return one_launch_plan(cu_seqlens, total_tokens, max(chunk_size, 1 << max(max_seqlen - 1, 0).bit_length()))
     NV = head_dim_v // _block_v(head_dim_v, block_v)
     dominant = max_seqlen is not None and 2 * max_seqlen > total_tokens
     programs = target_programs(cu_seqlens.device)
@@ -310,6 +330,15 @@ class SegmentPlan:
     seg_seq: torch.Tensor  # [max_segs] int32 sequence of each slot (N = unused)
     seg_idx: torch.Tensor  # [max_segs] int32 segment index within its sequence
     aligned: bool = False  # batch-invariant arithmetic (`plan_prefill(aligned=True)`)
+    one_launch: bool = False  # one segment per sequence, empty ones too: the forward alone (`one_launch_plan`)
+
+
+def one_launch_plan(cu_seqlens: torch.Tensor, total_tokens: int, seg: int) -> SegmentPlan:
+    """Program slot n = sequence n, whose tokens all fit in one `seg`-token segment (the caller knows they do)."""
+    N = cu_seqlens.numel() - 1
+    index = torch.arange(N, dtype=torch.int32, device=cu_seqlens.device)
+    ones = torch.ones_like(index)
+    return SegmentPlan(seg, total_tokens, N, ones, index, index, torch.zeros_like(index), one_launch=True)
 
 
 def plan_segments(cu_seqlens: torch.Tensor, total_tokens: int, seg: int, aligned: bool = False) -> SegmentPlan:
@@ -328,16 +357,21 @@ def plan_segments(cu_seqlens: torch.Tensor, total_tokens: int, seg: int, aligned
 def _forward(
     q, k, v, decay_rate, scale, cu_seqlens, state_pool, slots, fresh, plan, BT, BV, num_warps, num_stages, o=None
 ):
-    """The three launches; returns o and every segment's start state `[max_segs, H, K, V]` (for backward)."""
+    """The three launches (one for a one-launch plan); returns o and every segment's start state
+    `[max_segs, H, K, V]` (for backward; None for a one-launch plan, which backward never makes)."""
     T, H, K = q.shape
     V = v.shape[-1]
     N = cu_seqlens.numel() - 1
     NV, SEG, max_segs = V // BV, plan.seg, plan.max_segs
     if o is None:
         o = torch.empty((T, H, V), dtype=q.dtype, device=q.device)
+    rate = decay_rate.to(device=q.device, dtype=torch.float32).contiguous()
+    if plan.one_launch:
+        _launch_forward(q, k, v, o, state_pool, o, cu_seqlens, plan, slots, fresh, rate, scale, BT, BV, num_warps,
+                        num_stages)  # fmt: skip
+        return o, None
     start = torch.empty((max_segs, H, K, V), dtype=torch.float32, device=q.device)
     delta = torch.empty_like(start)
-    rate = decay_rate.to(device=q.device, dtype=torch.float32).contiguous()
     _segment_delta_kernel[segment_grid(max_segs, H, NV)](
         k, v, delta, cu_seqlens, plan.seg_seq, plan.seg_idx, plan.nseg, rate,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -349,10 +383,19 @@ def _forward(
         state_pool.stride(0), state_pool.stride(1), SEG,
         H, K, V, BE, plan.aligned, num_warps=4,
     )  # fmt: skip
-    _segment_forward_kernel[segment_grid(max_segs, H, NV)](
-        q, k, v, o, state_pool, start, cu_seqlens, plan.seg_seq, plan.seg_idx, plan.nseg, slots, rate, scale,
+    _launch_forward(q, k, v, o, state_pool, start, cu_seqlens, plan, slots, fresh, rate, scale, BT, BV, num_warps,
+                    num_stages)  # fmt: skip
+    return o, start
+
+
+def _launch_forward(q, k, v, o, state_pool, start, cu_seqlens, plan, slots, fresh, rate, scale, BT, BV, num_warps,
+                    num_stages):  # fmt: skip
+    T, H, K = q.shape
+    V, N = v.shape[-1], cu_seqlens.numel() - 1
+    _segment_forward_kernel[segment_grid(plan.max_segs, H, V // BV)](
+        q, k, v, o, state_pool, start, cu_seqlens, plan.seg_seq, plan.seg_idx, plan.nseg, slots, fresh, rate, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
         state_pool.stride(0), state_pool.stride(1),
-        N, SEG, H, K, V, BT, BV, INTERPRET, dot_precision(q), plan.aligned, num_warps=num_warps, num_stages=num_stages,
+        N, plan.seg, H, K, V, BT, BV, INTERPRET, dot_precision(q), plan.aligned, plan.one_launch,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    return o, start

@@ -352,3 +352,48 @@ def test_launch_heuristics_ask_the_device_for_its_sm_count(monkeypatch):
     assert decode.wide_tile_min_rows(torch.device("cpu")) == 256  # the H200 sweep's figure
     monkeypatch.setattr(decode, "sm_count", lambda device: 66)
     assert decode.wide_tile_min_rows(torch.device("cuda", 0)) == 128
+
+
+ONE_LAUNCH_CASES = [([37, 0, 1, 80, 16], 2, 16, 32, 16), ([0, 0], 2, 16, 16, 16), ([15, 17, 64, 65, 1], 2, 16, 16, 16)]
+
+
+class NotLaunched:
+    def __getitem__(self, grid):
+        raise AssertionError("a one-launch plan ran the delta or scan kernel")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("lengths,H,K,V,chunk", ONE_LAUNCH_CASES, ids=[str(c[0]) for c in ONE_LAUNCH_CASES])
+def test_a_one_launch_prefill_matches_float64_and_the_three_launches_bit_for_bit(
+    lengths, H, K, V, chunk, dtype, monkeypatch
+):
+    """Short sequences (an engine's mixed step) in the forward kernel alone, each from its pool slot (stale, fresh,
+    padded, empty): float64-close, and the same bits as the three launches cutting each into one segment."""
+    from common_kernels.ops.linear_attn import prefill
+
+    assert plan_prefill(ragged_offsets(lengths).to(DEVICE), sum(lengths), H, V, max_seqlen=1).one_launch is False
+    monkeypatch.setattr(prefill, "ONE_LAUNCH_MAX_TOKENS", max(lengths))
+    cu = ragged_offsets(lengths).to(DEVICE)
+    T = int(cu[-1])
+    q, k, v = fused_qkv(T, H, K, V, dtype)
+    rate = rates_for(H, "mixed").to(DEVICE)
+    plan = plan_prefill(cu, T, H, V, chunk, block_v=16, max_seqlen=max(lengths))
+    assert plan.one_launch and plan.max_segs == len(lengths) and plan.seg >= max(lengths)
+    with monkeypatch.context() as patch:
+        patch.setattr(prefill, "_segment_delta_kernel", NotLaunched())
+        patch.setattr(prefill, "_segment_scan_kernel", NotLaunched())
+        check_prefill_on_a_stale_pool(
+            lambda pool, slots, fresh: linear_attention_prefill(
+                q, k, v, rate, K**-0.5, cu, pool, slots, fresh, chunk_size=chunk, block_v=16, plan=plan
+            ),
+            q, k, v, rate, K**-0.5, cu, spare=2,
+        )  # fmt: skip
+    pool = torch.randn(len(lengths) + 1, H, K, V, device=DEVICE)
+    slots = torch.arange(len(lengths), device=DEVICE)
+    fresh = (torch.arange(len(lengths), device=DEVICE) % 2).to(torch.int8)
+    one, three = pool.clone(), pool.clone()
+    o1 = linear_attention_prefill(q, k, v, rate, 0.3, cu, one, slots, fresh, chunk_size=chunk, block_v=16, plan=plan)
+    o3 = linear_attention_prefill(
+        q, k, v, rate, 0.3, cu, three, slots, fresh, chunk_size=chunk, block_v=16, segment_size=plan.seg
+    )
+    assert torch.equal(o1, o3) and torch.equal(one, three)

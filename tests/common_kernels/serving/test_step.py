@@ -123,3 +123,19 @@ def test_warm_up_runs_the_profiling_rows_as_fresh_sequences_and_the_decode_varia
 def test_warm_up_handles_empty_and_single_token_profiles(rows):
     q, k, v = _qkv(rows, seed=5)
     warm_up_linear_attention(q, k, v, RATES, SCALE, torch.float32, max_num_seqs=8)
+
+
+def test_warm_up_compiles_the_one_launch_prefill_only_where_it_is_on(monkeypatch):
+    from common_kernels.ops.linear_attn import prefill
+
+    plans = []
+    real = warmup_module.linear_attention_prefill
+    monkeypatch.setattr(
+        warmup_module, "linear_attention_prefill", lambda *a, **kw: plans.append(kw.get("plan")) or real(*a, **kw)
+    )
+    q, k, v = _qkv(10, seed=6)
+    warm_up_linear_attention(q, k, v, RATES, SCALE, torch.float32, max_num_seqs=3)
+    assert [p is not None and p.one_launch for p in plans] == [False]
+    monkeypatch.setattr(prefill, "ONE_LAUNCH_MAX_TOKENS", 512)
+    warm_up_linear_attention(q, k, v, RATES, SCALE, torch.float32, max_num_seqs=3)
+    assert [p is not None and p.one_launch for p in plans] == [False, False, True]
