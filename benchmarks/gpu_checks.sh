@@ -48,7 +48,8 @@
 #                SECOND_PASS_VARIANTS picks)
 #   mixed-step   probe_mixed_step: 64 decodes alone vs beside a 512-token prefill, wall and GPU time per step,
 #                ring-linear and the twin (why the served warm pass decodes slower; MIXED_STEP_ARGS, e.g.
-#                "--joins 2 --suffix 256")                                                     (untimed, ~2 x 3 min)
+#                "--joins 2 --suffix 256"; RING_LINEAR_ONE_LAUNCH_MAX_TOKENS=1024 in front times the one-launch
+#                prefill)                                                                       (untimed, ~2 x 3 min)
 #   serve-ring-sgl  bench_serve on SGLang: ring-linear through launch_server (SGLang staged, own call)    (~7 min, 3 workloads)
 #   serve-twin-sgl  the same for the twin, SGLang's native BailingMoeV2ForCausalLM (~8 min, 3 workloads)
 #   sgl-engine   pytest -m gpu: the SGLang adapter's engine tests (SGLang 0.5.17 staged in /tmp/gpu-site-sgl; PYTEST_K picks;
