@@ -18,7 +18,9 @@
 #   faults       the vLLM engine under faults: preemption, aborts, chunk boundaries                (~6 min)
 #   decode-2000  the 2,000-step fp32 greedy decode against the shim (a fault test of its own call)      (~2 min)
 #   prefix       pytest -m gpu: vLLM prefix caching with the linear state, cache on vs off (PYTEST_K picks) (~8 min)
-#   aligned      pytest -m gpu: aligned mode, a request's bits alone = in a batch of 64 (issue 15)   (~3 min)
+#   aligned      pytest -m gpu: aligned mode, tiny model fp32 and bf16: a request's bits alone = in a batch of 64,
+#                and every served logprob = the aligned shim's (issue 15)                              (~3 min)
+#   aligned-mini the same on a random Ring-mini of one layer group (5 layers), bf16                  (untimed)
 #   aligned-probe  probe_aligned: where aligned mode's batch invariance breaks, first prompt / generated position
 #                per request (PROBE_ARGS, e.g. "--eager --dtype bfloat16")                            (~2 min)
 #   tp2          the tensor-parallel-2 engine test (needs 2 GPUs)                         (~4 min)
@@ -101,7 +103,9 @@ for step in "$@"; do
     prefix) run prefix 570 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -m gpu \
       tests/ring_linear_vllm/test_prefix_caching_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} ;;
     aligned) run aligned 540 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -m gpu \
-      tests/ring_linear_vllm/test_aligned_gpu.py ;;
+      tests/ring_linear_vllm/test_aligned_gpu.py -k "not ring_mini" ;;
+    aligned-mini) run aligned-mini 570 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -m gpu \
+      tests/ring_linear_vllm/test_aligned_gpu.py -k ring_mini ;;
     aligned-probe) run aligned-probe 240 env CUDA_VISIBLE_DEVICES=0 RING_LINEAR_ALIGNED=1 VLLM_BATCH_INVARIANT=1 \
       python3 -m benchmarks.probe_aligned "${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}" ${PROBE_ARGS:-} ;;
     tp2) run tp2 420 python3 -m pytest -q -s -m gpu tests/ring_linear_vllm/test_engine_gpu.py -k tensor_parallel ;;

@@ -22,11 +22,44 @@ os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_request_gets_the_same_bits_alone_and_in_a_batch_of_64(tiny_trained, monkeypatch, dtype):
+    check_aligned_serving(tiny_trained, dtype, monkeypatch)
+
+
+def test_ring_mini_shapes_one_layer_group_bf16(ring_mini_one_group, monkeypatch):
+    """Ring-mini's shapes (16 heads of 128, 256 experts, top-8 of 8 groups, a 157K vocabulary) with random weights,
+    cut to one layer group: a dense layer, three linear MoE layers and a softmax MoE layer."""
+    check_aligned_serving(ring_mini_one_group, "bfloat16", monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def ring_mini_one_group(tmp_path_factory):
+    """A random Ring-mini checkpoint of `layer_group_size` layers, written by the shim (bf16), so the shim and the
+    engine read the same weights."""
+    import json
+
+    import torch
+    from vllm_runs import RELEASED_CONFIG
+
+    from common_kernels import RingLinearForCausalLM
+    from common_kernels.config import RingLinearConfig
+
+    fields = json.loads(RELEASED_CONFIG.read_text())
+    config = RingLinearConfig(**{**fields, "num_hidden_layers": fields["layer_group_size"]})
+    model = RingLinearForCausalLM(config)
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    path = tmp_path_factory.mktemp("ring-mini-one-group")
+    model.to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def check_aligned_serving(checkpoint, dtype: str, monkeypatch) -> None:
+    """64 mixed-length requests in one engine (CUDA graphs, torch.compile), every 7th again alone: the same bits
+    alone and in the batch, and every prompt and sampled-token logprob equal to the aligned shim's."""
     monkeypatch.setenv("RING_LINEAR_ALIGNED", "1")
     monkeypatch.setenv("VLLM_BATCH_INVARIANT", "1")
     prompts = mixed_prompts()
     llm = make_llm(
-        tiny_trained, dtype=dtype, enable_chunked_prefill=False, max_num_batched_tokens=512, enforce_eager=False
+        checkpoint, dtype=dtype, enable_chunked_prefill=False, max_num_batched_tokens=512, enforce_eager=False
     )
     try:
         batch = served(generate(llm, prompts, 16, logprobs=0, prompt_logprobs=0))
@@ -39,7 +72,7 @@ def test_a_request_gets_the_same_bits_alone_and_in_a_batch_of_64(tiny_trained, m
     for index, where in zip(range(0, len(prompts), 7), differences, strict=True):
         if where is not None:
             print(f"  request {index} ({len(prompts[index])} prompt tokens): {where}")
-    shim_unequal = gap_to_the_shim(tiny_trained, dtype, prompts, batch)
+    shim_unequal = gap_to_the_shim(checkpoint, dtype, prompts, batch)
     assert unequal == 0
     assert shim_unequal == 0, f"{shim_unequal} token logprobs of the aligned shim differ from the engine's"
 
