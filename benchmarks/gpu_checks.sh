@@ -44,6 +44,8 @@
 #   soak         bench_serve's soak: concurrency 128 for 5 minutes or more, failed requests and GPU memory    (~7 min)
 #   profile      compiled 4K and 128K prefill and 64 x 4K decode-step profiles, ring-linear and the twin (~9 min;
 #                PROFILE_CASES picks; RING_LINEAR_ROUTER_PRODUCTS=bf16x3 times the tensor-core router GEMM)
+#   default-gap  default_gap: default mode's shim-vs-engine logprob gap (mean/p99/max) and the share of tokens
+#                routed to other experts, fp32 and bf16, tiny trained checkpoint (issue 15 item 2)   (untimed)
 #   precision    precision_sweep: tf32 / tf32x3 / ieee / bf16 products vs float64 logprobs, 1K-32K (issue 15) (untimed)
 #   second-pass  probe_second_pass: one engine, the same 128 x 4K/256 requests 3 times, ring-linear and the twin:
 #                wall, kernel time and allocator counters per pass (why the served warm pass is slower) (untimed;
@@ -145,6 +147,8 @@ for step in "$@"; do
             --length "${length%x*}" --prompts "$([[ $length == *x* ]] && echo "${length#*x}" || echo 1)" --compiled
         fi
       done ;;
+    default-gap) run default-gap 400 env CUDA_VISIBLE_DEVICES=0 python3 -m benchmarks.default_gap \
+      "${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}" ;;
     precision) run precision 300 python3 -m benchmarks.precision_sweep "${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}" ;;
     mixed-step)  # decode-only steps against the same decodes beside a short prefill: wall and kernel time per step
       for variant in ${MIXED_STEP_VARIANTS:-ring-linear softmax-twin}; do
