@@ -37,7 +37,7 @@ from vllm.sequence import IntermediateTensors
 
 from common_kernels.config import RingLinearConfig
 from common_kernels.model.layers import RMSNorm
-from common_kernels.ops.moe.aligned import aligned_moe
+from common_kernels.ops.moe.aligned import aligned_dense_mlp, aligned_moe
 from common_kernels.ops.moe.router_gemm import router_logits
 from common_kernels.ops.rope.fused import qk_norm_rope_packed
 from common_kernels.ops.rope.naive import qk_norm_rope, rotary_cos_sin, rotary_inv_freq
@@ -67,8 +67,11 @@ class RingMLP(nn.Module):
             width, D, bias=False, quant_config=quant_config, reduce_results=reduce_results, prefix=f"{prefix}.down_proj"
         )
         self.act_fn = SiluAndMul()
+        self.aligned = aligned_mode()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.aligned:  # the shim's kernel: compiled, SiluAndMul would round silu(gate) * up once, eager twice
+            return aligned_dense_mlp(x, self.gate_up_proj.weight, self.down_proj.weight)
         x, _ = self.gate_up_proj(x)
         x, _ = self.down_proj(self.act_fn(x))
         return x

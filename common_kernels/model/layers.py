@@ -70,7 +70,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False, **factory)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False, **factory)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, aligned: bool = False) -> torch.Tensor:
+        """`aligned`: as one expert every token picks (`ops.moe.aligned`), the kernel an aligned engine's dense layer
+        runs: a compiled engine would otherwise fuse `silu(gate) * up` with one rounding where eager rounds twice."""
+        if aligned:
+            weights = [self.gate_proj.weight], [self.up_proj.weight], [self.down_proj.weight]
+            return expert_outputs(x, *every_token(x), *weights).to(x.dtype)
         return swiglu_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
 
 
@@ -246,7 +251,7 @@ class DecoderLayer(nn.Module):
     def forward(self, h: torch.Tensor, ctx: ForwardContext, dtype: torch.dtype) -> torch.Tensor:
         h = h + self.attention(self.input_layernorm(h, dtype, ctx.aligned), ctx).to(h.dtype)
         x = self.post_attention_layernorm(h, dtype, ctx.aligned)
-        return h + (self.mlp(x, ctx.aligned) if isinstance(self.mlp, MoE) else self.mlp(x)).to(h.dtype)
+        return h + self.mlp(x, ctx.aligned).to(h.dtype)
 
 
 def _weight(norm: RMSNorm | None) -> torch.Tensor | None:

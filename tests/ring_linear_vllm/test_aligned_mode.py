@@ -205,10 +205,11 @@ def test_without_aligned_mode_the_engine_keeps_the_compiled_norms(vllm_tools, ti
     assert not any(layer.attention.aligned for layer in model.model.layers if not layer.is_linear)
 
 
+@pytest.mark.parametrize("kind", ["moe", "dense"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_aligned_moe_layer_equals_the_shims_bit_for_bit(vllm_tools, tiny_dir, aligned_env, dtype):
-    """An MoE layer (router, routed experts, shared expert) on the engine's loaded weights against the shim's
-    `MoE.forward(aligned=True)` on the checkpoint: the same bits, in fp32 and bf16."""
+def test_aligned_mlp_layers_equal_the_shims_bit_for_bit(vllm_tools, tiny_dir, aligned_env, dtype, kind):
+    """An MoE layer (router, routed experts, shared expert) and a dense SwiGLU layer on the engine's loaded weights
+    against the shim's `forward(aligned=True)` on the checkpoint: the same bits, in fp32 and bf16."""
     from vllm.utils.torch_utils import set_default_torch_dtype
 
     from common_kernels import RingLinearForCausalLM
@@ -217,16 +218,17 @@ def test_aligned_moe_layer_equals_the_shims_bit_for_bit(vllm_tools, tiny_dir, al
     with set_default_torch_dtype(dtype):  # as vLLM's loader builds a model: parameters in the serving dtype
         model = vllm_tools.build_model(cfg)
     shim = RingLinearForCausalLM.from_pretrained(tiny_dir).to(dtype)
-    index = next(i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "gate"))
-    engine_moe, shim_moe = model.model.layers[index].mlp, shim.model.layers[index].mlp
-    assert engine_moe.aligned and shim_moe.gate.weight.dtype == torch.float32
+    index = next(i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "gate") == (kind == "moe"))
+    engine_mlp, shim_mlp = model.model.layers[index].mlp, shim.model.layers[index].mlp
+    assert engine_mlp.aligned and (kind == "dense" or shim_mlp.gate.weight.dtype == torch.float32)
     x = torch.randn(37, model.config.hidden_size, generator=torch.Generator().manual_seed(13)).to(dtype)
+    device = next(engine_mlp.parameters()).device
     with vllm_tools.single_rank(cfg), torch.no_grad():
         model.load_weights(shim.state_dict().items())
-        engine = engine_moe(x.to(engine_moe.gate.weight.device)).cpu()
-        alone = engine_moe(x[20:21].to(engine_moe.gate.weight.device)).cpu()
+        engine = engine_mlp(x.to(device)).cpu()
+        alone = engine_mlp(x[20:21].to(device)).cpu()
     with torch.no_grad():
-        want = shim_moe(x, aligned=True)
+        want = shim_mlp(x, aligned=True)
     assert engine.dtype == dtype and torch.equal(engine, want)
     assert torch.equal(alone[0], engine[20])
 

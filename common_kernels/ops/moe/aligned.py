@@ -213,6 +213,13 @@ def every_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
+def aligned_dense_mlp(x: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
+    """An engine's dense SwiGLU layer in aligned mode, in `x`'s dtype: `gate_up_weight` `[2I, D]` (gate rows, then up
+    rows, as the engines merge them), `down_weight` `[D, I]`, run as one expert every token picks, as the shim's
+    `MLP.forward(aligned=True)` does."""
+    return aligned_expert_outputs(x, gate_up_weight[None], down_weight[None], *every_token(x)).to(x.dtype)
+
+
 @torch.library.custom_op("ring_linear::aligned_moe", mutates_args=())
 def aligned_moe(
     x: torch.Tensor,
