@@ -15,7 +15,14 @@ from sglang.srt.layers.attention.hybrid_linear_attn_backend import MambaAttnBack
 from sglang.srt.runtime_context import get_parallel
 
 from common_kernels.ops.linear_attn import linear_attention_decode
-from common_kernels.serving import LinearAttentionStep, build_step, rank_decay_rates, warm_up_linear_attention
+from common_kernels.ops.linear_attn.aligned import aligned_decode_block_v
+from common_kernels.serving import (
+    LinearAttentionStep,
+    aligned_mode,
+    build_step,
+    rank_decay_rates,
+    warm_up_linear_attention,
+)
 
 
 class RingLinearAttnBackend(MambaAttnBackendBase):
@@ -31,6 +38,8 @@ class RingLinearAttnBackend(MambaAttnBackendBase):
             layer: rank_decay_rates(config, layer, tp_size, tp_rank, self.device) for layer in config.linear_layer_ids
         }
         self.step: LinearAttentionStep | None = None
+        self.aligned = aligned_mode()  # aligned prefill plans and a fixed decode tile (`ops.linear_attn.aligned`)
+        self.decode_block_v = aligned_decode_block_v(self.head_dim) if self.aligned else None
         self._warm_up(model_runner)
 
     def _warm_up(self, model_runner) -> None:
@@ -41,7 +50,9 @@ class RingLinearAttnBackend(MambaAttnBackendBase):
         state_dtype = self.req_to_token_pool.mamba2_layer_cache(min(self.decay_rates)).temporal.dtype
         slot_dtype = self.req_to_token_pool.req_index_to_mamba_index_mapping.dtype
         rates = next(iter(self.decay_rates.values()))
-        warm_up_linear_attention(q, q, v, rates, self.scale, state_dtype, max_num_seqs=4, slot_dtype=slot_dtype)
+        warm_up_linear_attention(
+            q, q, v, rates, self.scale, state_dtype, max_num_seqs=4, slot_dtype=slot_dtype, aligned=self.aligned
+        )
 
     def init_forward_metadata(self, forward_batch) -> None:
         """The slots (base class), and for an extend batch the step every linear layer of this forward runs."""
@@ -75,6 +86,7 @@ class RingLinearAttnBackend(MambaAttnBackendBase):
             head_dim_v=self.head_dim,
             max_query_len=max(forward_batch.extend_seq_lens_cpu),
             query_start_loc_host=_host_offsets(forward_batch.extend_seq_lens_cpu),
+            aligned=self.aligned,
         )
 
     def _state_pool(self, layer_id: int) -> torch.Tensor:
@@ -101,8 +113,9 @@ class RingLinearAttnBackend(MambaAttnBackendBase):
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         slots = self.forward_metadata.mamba_cache_indices[: q.shape[0]]
         out = linear_attention_decode(
-            q, k, v, self.decay_rates[layer_id], self.scale, self._state_pool(layer_id), slots
-        )
+            q, k, v, self.decay_rates[layer_id], self.scale, self._state_pool(layer_id), slots,
+            block_v=self.decode_block_v,
+        )  # fmt: skip
         return out.view(q.shape[0], -1)
 
 

@@ -33,10 +33,19 @@ from torch import nn
 from common_kernels.config import RingLinearConfig
 from common_kernels.model.layers import RMSNorm
 from common_kernels.model.linear_math import gate_output, prepare_qkv
+from common_kernels.ops.moe.aligned import aligned_dense_mlp, aligned_moe
+from common_kernels.ops.rope.fused import qk_norm_rope_packed
 from common_kernels.ops.rope.naive import qk_norm_rope, rotary_cos_sin, rotary_inv_freq
 from common_kernels.precision import LOGITS_DTYPE, RESIDUAL_DTYPE, ROPE_DTYPE
-from common_kernels.serving import RouterGate, check_serving_settings, load_checkpoint_tensors, place_tensor
+from common_kernels.serving import (
+    RouterGate,
+    aligned_mode,
+    check_serving_settings,
+    load_checkpoint_tensors,
+    place_tensor,
+)
 
+from . import aligned
 from .compat import bind_top_k, top_k
 
 
@@ -74,8 +83,11 @@ class RingMLP(nn.Module):
             width, D, bias=False, quant_config=quant_config, reduce_results=reduce_results, prefix=f"{prefix}.down_proj"
         )
         self.act_fn = SiluAndMul()
+        self.aligned = aligned_mode()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.aligned:  # the shim's kernel (`MLP.forward(aligned=True)`), not SGLang's fused silu-and-mul
+            return aligned_dense_mlp(x, self.gate_up_proj.weight, self.down_proj.weight)
         x, _ = self.gate_up_proj(x)
         x, _ = self.down_proj(self.act_fn(x))
         return x
@@ -87,7 +99,10 @@ class RingMoE(nn.Module):
 
     def __init__(self, config: RingLinearConfig, layer_id: int, quant_config, prefix: str) -> None:
         super().__init__()
-        self.gate = RouterGate(config)
+        self.aligned = aligned_mode()
+        self.gate = RouterGate(config, invariant=self.aligned)
+        c = config
+        self.routing = (c.num_experts_per_tok, c.n_group, c.topk_group, c.routed_scaling_factor, c.norm_topk_prob)
         grouped = config.n_group is not None and config.topk_group is not None
         self.topk = top_k(
             layer_id,
@@ -124,6 +139,13 @@ class RingMoE(nn.Module):
         self.tp_size = get_parallel().tp_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.aligned:  # the shim's MoE steps as one op (one rank: aligned mode refuses TP and EP)
+            shared = self.shared_experts
+            shared_weights = (
+                (None, None) if shared is None else (shared.gate_up_proj.weight[None], shared.down_proj.weight[None])
+            )
+            w13, w2 = self.experts.w13_weight, self.experts.w2_weight
+            return aligned_moe(x, self.gate.weight, self.gate.expert_bias, w13, w2, *shared_weights, *self.routing)
         # shared experts first: SGLang's GPU MoE runner writes the routed result over its input (inplace=True)
         shared = None if self.shared_experts is None else self.shared_experts(x)
         out = self.experts(x, self.topk(x, self.gate(x)))
@@ -152,15 +174,20 @@ class RingSoftmaxAttention(nn.Module):
             H * d, D, bias=False, quant_config=quant_config, reduce_results=True, prefix=f"{prefix}.dense"
         )
         self.attn = RadixAttention(self.num_heads, d, d**-0.5, num_kv_heads=self.num_kv_heads, layer_id=layer_id)
+        self.aligned = aligned_mode()
 
     def forward(self, a, cos, sin, forward_batch) -> torch.Tensor:
         T, d = a.shape[0], self.head_dim
         qkv, _ = self.query_key_value(a)
         q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
-        q, k = qk_norm_rope(
-            q.view(T, self.num_heads, d), k.view(T, self.num_kv_heads, d),
-            _weight(self.query_layernorm), _weight(self.key_layernorm), cos, sin, self.eps,
-        )  # fmt: skip
+        weights = _weight(self.query_layernorm), _weight(self.key_layernorm)
+        if self.aligned:  # the shim's qk-norm/RoPE and attention kernels (`ring_linear_sglang.aligned`)
+            heads = qkv.view(T, self.num_heads + 2 * self.num_kv_heads, d)[:, : self.num_heads + self.num_kv_heads]
+            qk = qk_norm_rope_packed(heads, self.num_heads, *weights, cos, sin, self.eps, qkv.dtype)
+            o = aligned.attend(self.attn, qk[:, : self.num_heads], qk[:, self.num_heads :], v, forward_batch)
+            out, _ = self.dense(o)
+            return out
+        q, k = qk_norm_rope(q.view(T, self.num_heads, d), k.view(T, self.num_kv_heads, d), *weights, cos, sin, self.eps)
         o = self.attn(q.reshape(T, -1), k.reshape(T, -1), v, forward_batch)
         out, _ = self.dense(o)
         return out
@@ -208,7 +235,7 @@ class RingDecoderLayer(nn.Module):
     def __init__(self, config: RingLinearConfig, layer_id: int, quant_config, dtype: torch.dtype, prefix: str) -> None:
         super().__init__()
         D, eps = config.hidden_size, config.rms_norm_eps
-        self.dtype = dtype
+        self.dtype, self.aligned = dtype, aligned_mode()  # aligned: the norms through the shim's kernel
         attention = RingSoftmaxAttention if config.is_softmax_layer(layer_id) else RingLinearAttention
         self.input_layernorm = RMSNorm(D, eps)
         self.attention = attention(config, layer_id, quant_config, prefix=f"{prefix}.attention")
@@ -220,8 +247,9 @@ class RingDecoderLayer(nn.Module):
         )
 
     def forward(self, h, cos, sin, forward_batch) -> torch.Tensor:
-        h = h + self.attention(self.input_layernorm(h, out_dtype=self.dtype), cos, sin, forward_batch).to(h.dtype)
-        return h + self.mlp(self.post_attention_layernorm(h, out_dtype=self.dtype)).to(h.dtype)
+        a = self.input_layernorm(h, self.dtype, self.aligned)
+        h = h + self.attention(a, cos, sin, forward_batch).to(h.dtype)
+        return h + self.mlp(self.post_attention_layernorm(h, self.dtype, self.aligned)).to(h.dtype)
 
 
 class RingLinearModel(nn.Module):
@@ -236,6 +264,7 @@ class RingLinearModel(nn.Module):
             for l in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.aligned = aligned_mode()
         inv_freq, self.rope_scaling = rotary_inv_freq(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
@@ -244,7 +273,7 @@ class RingLinearModel(nn.Module):
         cos, sin = rotary_cos_sin(positions, self.inv_freq, self.rope_scaling, ROPE_DTYPE)
         for layer in self.layers:
             h = layer(h, cos, sin, forward_batch)
-        return self.norm(h, out_dtype=self.dtype)
+        return self.norm(h, self.dtype, self.aligned)
 
 
 class RingLinearForCausalLM(nn.Module):
@@ -261,12 +290,16 @@ class RingLinearForCausalLM(nn.Module):
             else ParallelLMHead(config.vocab_size, config.hidden_size, params_dtype=LOGITS_DTYPE, prefix="lm_head")
         )
         self.logits_processor = LogitsProcessor(config)
+        self.aligned = aligned_mode()
+        self.aligned_lm_head = aligned.AlignedLMHead(self.lm_head)  # used in aligned mode only
         # inference only: SGLang captures its decode graphs outside no_grad, and its fused-MoE reduction
         # (`torch.sum(..., out=)`) refuses inputs that require grad; our own norm/router weights default to it
         self.requires_grad_(False)
 
     def forward(self, input_ids, positions, forward_batch, inputs_embeds=None, pp_proxy_tensors=None):
         hidden = self.model(input_ids, positions, forward_batch, inputs_embeds)
+        if self.aligned:  # the shim's LM head GEMM on the model-dtype hidden states (`logits(aligned=True)`)
+            return self.logits_processor(input_ids, hidden, self.aligned_lm_head, forward_batch)
         return self.logits_processor(input_ids, hidden.to(LOGITS_DTYPE), self.lm_head, forward_batch)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -37,8 +37,27 @@ def check_server_args(server_args: Any, hf_config: Any) -> dict:
         )
     linear_state_dtype(getattr(server_args, "mamba_ssm_dtype", None), "--mamba-ssm-dtype")
     if aligned_mode():
-        raise ValueError(
-            f"ring-linear: {ALIGNED_MODE_SWITCH}=1 (aligned mode) is built for vLLM so far; SGLang's "
-            f"deterministic inference is not wired to it yet: unset it, or serve with vLLM"
-        )
+        check_aligned_settings(server_args)
     return {}
+
+
+def check_aligned_settings(server_args: Any) -> None:
+    """Aligned mode computes every layer as the trainer does: SGLang's batch-invariant ops for the projections and
+    log-softmax (`--enable-deterministic-inference`), each prompt in one step (a chunk or a radix-cache hit would
+    start it mid-way), all experts on one rank in unquantized weights over a KV cache in the model dtype."""
+    chunk = getattr(server_args, "chunked_prefill_size", None)
+    needed = [
+        (not getattr(server_args, "enable_deterministic_inference", False), "add --enable-deterministic-inference"),
+        (chunk is not None and chunk > 0, f"pass --chunked-prefill-size -1 (not {chunk})"),
+        (not getattr(server_args, "disable_radix_cache", False), "add --disable-radix-cache"),
+        (getattr(server_args, "tp_size", 1) > 1, f"drop --tp-size {getattr(server_args, 'tp_size', 1)}"),
+        (getattr(server_args, "ep_size", 1) > 1, f"drop --ep-size {getattr(server_args, 'ep_size', 1)}"),
+        (getattr(server_args, "quantization", None) is not None, f"drop --quantization {server_args.quantization}"),
+        (getattr(server_args, "kv_cache_dtype", "auto") not in ("auto", None), "drop --kv-cache-dtype"),
+    ]
+    fixes = [fix for is_needed, fix in needed if is_needed]
+    if fixes:
+        raise ValueError(
+            f"ring-linear: {ALIGNED_MODE_SWITCH}=1 (aligned mode) on SGLang needs: {'; '.join(fixes)} (or unset "
+            f"{ALIGNED_MODE_SWITCH})"
+        )

@@ -37,7 +37,7 @@ from vllm.sequence import IntermediateTensors
 
 from common_kernels.config import RingLinearConfig
 from common_kernels.model.layers import RMSNorm
-from common_kernels.ops.moe.aligned import aligned_dense_mlp, aligned_moe
+from common_kernels.ops.moe.aligned import aligned_dense_mlp, aligned_moe, engine_moe_weights
 from common_kernels.ops.moe.router_gemm import router_logits
 from common_kernels.ops.rope.fused import qk_norm_rope_packed
 from common_kernels.ops.rope.naive import qk_norm_rope, rotary_cos_sin, rotary_inv_freq
@@ -122,13 +122,8 @@ class RingMoE(nn.Module):
         return self.experts(hidden_states=x, router_logits=self.gate(x))
 
     def _aligned_weights(self) -> tuple[torch.Tensor | None, ...]:
-        """The routed experts' `[E, 2I, D]` and `[E, D, I]` weights as vLLM's unquantized MoE holds them (gate rows,
-        then up rows), and the shared expert's as one more expert (or None)."""
         w13, w2 = (self.experts.get_parameter(path) for path in self.expert_weight_paths)
-        shared = self.shared_experts
-        if shared is None:
-            return w13, w2, None, None
-        return w13, w2, shared.gate_up_proj.weight[None], shared.down_proj.weight[None]
+        return engine_moe_weights(w13, w2, self.shared_experts)
 
 
 def aligned_attention_backend() -> type:

@@ -1,35 +1,54 @@
-"""Aligned scoring in a trainer's process: the GEMM and log-softmax settings an aligned vLLM engine runs under.
+"""Aligned scoring in a trainer's process: the GEMM and log-softmax settings an aligned engine runs under.
 
-Aligned mode turns on vLLM's batch invariance (`VLLM_BATCH_INVARIANT=1`). On Hopper that sets cuBLAS to one kernel
-per shape (no split-K workspace, no reduced-precision reductions, exact fp32 products) and replaces torch's
-log-softmax with vLLM's row kernel. The shim's projections and log-softmax give the engine's bits only under the
-same settings, so aligned scoring on a GPU turns them on in this process when vLLM is installed (once; they stay on,
-process-wide) and warns once where it is not. cuBLAS reads its workspace setting when it first runs, so a trainer
-that multiplied on the GPU before should call this first (`RingLinearForCausalLM.token_logprobs(aligned=True)`
-calls it on each use)."""
+Aligned mode runs each engine under its own batch invariance: vLLM's `VLLM_BATCH_INVARIANT=1` (on Hopper, cuBLAS
+set to one kernel per shape, no reduced-precision reductions, exact fp32 products, and its row kernel for
+log-softmax) or SGLang's `--enable-deterministic-inference` (its persistent GEMM for `mm`/`addmm` and its own
+log-softmax kernel). The shim's projections and log-softmax give that engine's bits only under the same settings,
+so aligned scoring on a GPU turns them on in this process (once; they stay on, process-wide) when the engine is
+installed, and warns once where it is not. The two engines' settings replace the same torch operators, so one
+process aligns with one engine. cuBLAS reads its workspace setting when it first runs, so a trainer that multiplied
+on the GPU before should call this first (`RingLinearForCausalLM.token_logprobs(aligned=True)` calls it on each use).
+"""
 
 from __future__ import annotations
 
 import os
 import warnings
 
-_state = {"on": None}
+from ..errors import InvalidInputError
+
+ENGINES = ("vllm", "sglang")
+_state: dict[str, str | None] = {"engine": None}
 
 
-def use_engine_invariance() -> bool:
-    """Turn on vLLM's batch-invariant settings in this process; False (with one warning) without vLLM."""
-    if _state["on"] is None:
-        try:
-            from vllm.model_executor.layers import batch_invariant
-        except ImportError:
-            warnings.warn(
-                "ring-linear: aligned scoring without vLLM installed uses torch's cuBLAS choices and log-softmax, not "
-                "the aligned engine's: logprobs will be close to the engine's, not bitwise (pip install vllm)",
-                stacklevel=3,
+def use_engine_invariance(engine: str = "vllm") -> bool:
+    """Turn on `engine`'s batch-invariant settings in this process; False (with one warning) without the engine."""
+    if engine not in ENGINES:
+        raise InvalidInputError(f"engine {engine!r}: aligned scoring matches one of {', '.join(ENGINES)}")
+    if _state["engine"] is not None:
+        if _state["engine"] not in (engine, "none"):
+            raise InvalidInputError(
+                f"engine {engine!r}: this process already runs {_state['engine']}'s batch-invariant operators (they "
+                "replace the same torch operators); score against one engine per process"
             )
-            _state["on"] = False
-            return False
-        os.environ["VLLM_BATCH_INVARIANT"] = "1"
-        batch_invariant.init_batch_invariance()
-        _state["on"] = True
-    return _state["on"]
+        return _state["engine"] == engine
+    try:
+        if engine == "vllm":
+            from vllm.model_executor.layers import batch_invariant
+
+            os.environ["VLLM_BATCH_INVARIANT"] = "1"
+            batch_invariant.init_batch_invariance()
+        else:
+            from sglang.srt.batch_invariant_ops.batch_invariant_ops import enable_batch_invariant_mode
+
+            enable_batch_invariant_mode()
+    except ImportError:
+        warnings.warn(
+            f"ring-linear: aligned scoring without {engine} installed uses torch's cuBLAS choices and log-softmax, not "
+            f"the aligned engine's: logprobs will be close to the engine's, not bitwise (pip install {engine})",
+            stacklevel=3,
+        )
+        _state["engine"] = "none"
+        return False
+    _state["engine"] = engine
+    return True

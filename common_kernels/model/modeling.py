@@ -246,6 +246,7 @@ class RingLinearForCausalLM(nn.Module):
         chunk_size: int = 1024,
         aligned: bool = False,
         prompt_lengths: Sequence[int] | None = None,
+        engine: str = "vllm",
     ) -> torch.Tensor:
         """`log p(x_t | x_<t)` of every token, in fp32, shaped like `input_ids`.
 
@@ -258,9 +259,9 @@ class RingLinearForCausalLM(nn.Module):
             the engine's kernels, whatever the batch (`common_kernels.ops.linear_attn.aligned`); the RMSNorms and
             the MoE layers (router, routed and shared experts) and softmax attention through the batch-invariant
             kernels an aligned engine runs (`ops.norm.rms`, `ops.moe.aligned`, `ops.attention.aligned`), the LM
-            head through the aligned fixed-tile GEMM, and, on a GPU with vLLM installed, the projections and
-            log-softmax under vLLM's batch-invariant settings (`engine_invariance`: process-wide). Needs the Triton
-            kernels.
+            head through the aligned fixed-tile GEMM, and, on a GPU with the engine installed, the projections and
+            log-softmax under `engine`'s batch-invariant settings ("vllm" or "sglang"; `engine_invariance`:
+            process-wide). Needs the Triton kernels.
         """
         if not (is_integer(chunk_size) and chunk_size > 0):
             raise InvalidInputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
@@ -270,7 +271,7 @@ class RingLinearForCausalLM(nn.Module):
                 "kernels (use_triton not False)"
             )
         if aligned and self.model.word_embeddings.weight.is_cuda:
-            use_engine_invariance()
+            use_engine_invariance(engine)
         hidden, packed_ids, offsets, restore = self._hidden(
             input_ids, position_ids, cu_seqlens, attention_mask, None, None,
             served_prompt_lengths=list(prompt_lengths) if aligned else None,

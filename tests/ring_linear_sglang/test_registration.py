@@ -165,14 +165,28 @@ def test_the_launcher_refuses_tp_3_before_any_worker_starts(sglang_registered, r
     assert settings.disable_overlap_schedule
 
 
-def test_aligned_mode_is_refused_until_it_is_wired_to_sglang(sglang_registered, released_dir, monkeypatch):
+def test_aligned_mode_needs_deterministic_inference_whole_prompts_and_one_rank(
+    sglang_registered, released_dir, monkeypatch
+):
     from sglang.srt.utils.hf_transformers.config import get_config
 
     from ring_linear_sglang.settings import check_server_args
 
     config = get_config(str(released_dir), trust_remote_code=False)
+    aligned = {"enable_deterministic_inference": True, "chunked_prefill_size": -1, "disable_radix_cache": True}
     monkeypatch.setenv("RING_LINEAR_ALIGNED", "1")
-    with pytest.raises(ValueError, match="RING_LINEAR_ALIGNED=1 .* is built for vLLM so far"):
-        check_server_args(_args(), config)
+    assert check_server_args(_args(**aligned), config) == {}
+    with pytest.raises(ValueError, match="needs: add --enable-deterministic-inference; pass --chunked-prefill-size -1"):
+        check_server_args(_args(chunked_prefill_size=8192), config)
+    refusals = {
+        "add --disable-radix-cache": {"disable_radix_cache": False},
+        "drop --tp-size 2": {"tp_size": 2},
+        "drop --ep-size 2": {"ep_size": 2},
+        "drop --quantization fp8": {"quantization": "fp8"},
+        "drop --kv-cache-dtype": {"kv_cache_dtype": "fp8_e4m3"},
+    }
+    for message, change in refusals.items():
+        with pytest.raises(ValueError, match=message):
+            check_server_args(_args(**(aligned | change)), config)
     monkeypatch.setenv("RING_LINEAR_ALIGNED", "0")
     assert check_server_args(_args(), config) == {}

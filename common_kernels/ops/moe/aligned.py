@@ -213,6 +213,17 @@ def every_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
+def engine_moe_weights(
+    w13: torch.Tensor, w2: torch.Tensor, shared_experts: torch.nn.Module | None
+) -> tuple[torch.Tensor | None, ...]:
+    """What `aligned_moe` takes from an engine's MoE layer: the routed experts' `[E, 2I, D]` and `[E, D, I]` weights
+    (gate rows, then up rows, as both engines' unquantized MoE hold them), and the shared expert's merged
+    `gate_up_proj` and `down_proj` as one more expert (or None, None)."""
+    if shared_experts is None:
+        return w13, w2, None, None
+    return w13, w2, shared_experts.gate_up_proj.weight[None], shared_experts.down_proj.weight[None]
+
+
 def aligned_dense_mlp(x: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
     """An engine's dense SwiGLU layer in aligned mode, in `x`'s dtype: `gate_up_weight` `[2I, D]` (gate rows, then up
     rows, as the engines merge them), `down_weight` `[D, I]`, run as one expert every token picks, as the shim's
