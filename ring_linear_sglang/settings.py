@@ -46,13 +46,15 @@ def check_aligned_settings(server_args: Any) -> None:
     log-softmax (`--enable-deterministic-inference`), each prompt in one step (a chunk or a radix-cache hit would
     start it mid-way), all experts on one rank in unquantized weights over a KV cache in the model dtype."""
     chunk = getattr(server_args, "chunked_prefill_size", None)
+    tp, ep = getattr(server_args, "tp_size", 1), getattr(server_args, "ep_size", 1)
+    quantization = getattr(server_args, "quantization", None)
     needed = [
         (not getattr(server_args, "enable_deterministic_inference", False), "add --enable-deterministic-inference"),
         (chunk is not None and chunk > 0, f"pass --chunked-prefill-size -1 (not {chunk})"),
         (not getattr(server_args, "disable_radix_cache", False), "add --disable-radix-cache"),
-        (getattr(server_args, "tp_size", 1) > 1, f"drop --tp-size {getattr(server_args, 'tp_size', 1)}"),
-        (getattr(server_args, "ep_size", 1) > 1, f"drop --ep-size {getattr(server_args, 'ep_size', 1)}"),
-        (getattr(server_args, "quantization", None) is not None, f"drop --quantization {server_args.quantization}"),
+        (tp > 1, f"drop --tp-size {tp}"),
+        (ep > 1, f"drop --ep-size {ep}"),
+        (quantization is not None, f"drop --quantization {quantization}"),
         (getattr(server_args, "kv_cache_dtype", "auto") not in ("auto", None), "drop --kv-cache-dtype"),
     ]
     fixes = [fix for is_needed, fix in needed if is_needed]

@@ -57,7 +57,7 @@ class RingAlignedAttentionImpl(TritonAttentionImpl):
     def _warm_up(self, query: torch.Tensor) -> None:
         """One query over a one-page cache of this layer's layout and dtype (the kernel's only serving variant)."""
         device, ints = query.device, {"dtype": torch.int32, "device": query.device}
-        shape = RingAlignedAttentionBackend.get_kv_cache_shape(1, 16, self.num_kv_heads, self.head_size)
+        shape = (1, self.num_kv_heads, 16, 2 * self.head_size)  # the backend's logical layout (0.26 and 0.33)
         key_cache, value_cache = self._key_value_caches(torch.zeros(shape, dtype=query.dtype, device=device))
         q = torch.zeros((1, self.num_heads, self.head_size), dtype=query.dtype, device=device)
         one = torch.tensor([0, 1], **ints)

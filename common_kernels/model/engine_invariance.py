@@ -34,10 +34,8 @@ def use_engine_invariance(engine: str = "vllm") -> bool:
         return _state["engine"] == engine
     try:
         if engine == "vllm":
-            from vllm.model_executor.layers import batch_invariant
-
             os.environ["VLLM_BATCH_INVARIANT"] = "1"
-            batch_invariant.init_batch_invariance()
+            _vllm_batch_invariance().init_batch_invariance()
         else:
             from sglang.srt.batch_invariant_ops.batch_invariant_ops import enable_batch_invariant_mode
 
@@ -52,3 +50,12 @@ def use_engine_invariance(engine: str = "vllm") -> bool:
         return False
     _state["engine"] = engine
     return True
+
+
+def _vllm_batch_invariance():
+    """vLLM's batch-invariance module: `model_executor.layers` in 0.26, `model_executor.determinism` by 0.33."""
+    try:
+        from vllm.model_executor.determinism import batch_invariant
+    except ImportError:
+        from vllm.model_executor.layers import batch_invariant
+    return batch_invariant

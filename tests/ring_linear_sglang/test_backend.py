@@ -49,11 +49,19 @@ def _inputs(kit, case, runner, seed):
 
 def _run_and_check(kit, mock_backend, case, seed: int, fresh: list[bool]) -> None:
     """Run `case` through the backend (extend or decode, as SGLang routes it) and hold every request's output and
-    final state to the float64 recurrence from its slot's state (or zero); slots of no request stay untouched."""
+    final state to the float64 recurrence from its slot's state (or zero); slots of no request stay untouched. In
+    aligned mode (`RING_LINEAR_ALIGNED=1`) an extend runs the aligned plan and a decode the fixed V-tile."""
+    from common_kernels.ops.linear_attn.aligned import aligned_decode_block_v
+    from common_kernels.serving import aligned_mode
+
     runner, backend = _backend(mock_backend, case)
     batch, q, k, v, pool, slots = _inputs(kit, case, runner, seed)
     before = pool.clone()
     backend.init_forward_metadata(batch)
+    if case.forward_mode.is_decode():
+        assert backend.decode_block_v == (aligned_decode_block_v(HEAD_DIM) if aligned_mode() else None)
+    else:
+        assert backend.step.aligned == aligned_mode() == backend.step.prefill_plan.aligned
     T = case.num_input_tokens
     forward = backend.forward_decode if case.forward_mode.is_decode() else backend.forward_extend
     out = forward(q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1), SimpleNamespace(layer_id=0), batch)
@@ -71,7 +79,11 @@ def _run_and_check(kit, mock_backend, case, seed: int, fresh: list[bool]) -> Non
     assert torch.equal(pool[others], before[others])
 
 
-def test_an_extend_batch_is_one_varlen_prefill_from_each_slot(kit, mock_backend, sglang_registered):
+@pytest.mark.parametrize("aligned", ["0", "1"])
+def test_an_extend_batch_is_one_varlen_prefill_from_each_slot(
+    kit, mock_backend, sglang_registered, aligned, monkeypatch
+):
+    monkeypatch.setenv("RING_LINEAR_ALIGNED", aligned)
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
     case = kit.LightningAttentionCase(
@@ -81,7 +93,9 @@ def test_an_extend_batch_is_one_varlen_prefill_from_each_slot(kit, mock_backend,
     _run_and_check(kit, mock_backend, case, seed=1, fresh=[True, False, False])
 
 
-def test_a_decode_batch_advances_every_slot_in_place(kit, mock_backend, sglang_registered):
+@pytest.mark.parametrize("aligned", ["0", "1"])
+def test_a_decode_batch_advances_every_slot_in_place(kit, mock_backend, sglang_registered, aligned, monkeypatch):
+    monkeypatch.setenv("RING_LINEAR_ALIGNED", aligned)
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
     case = kit.LightningAttentionCase(
