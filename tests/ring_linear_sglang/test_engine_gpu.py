@@ -156,3 +156,44 @@ def test_launch_server_answers_an_openai_completion_with_logprobs(tiny_trained, 
     choice = openai_completion(cmd, str(tiny_trained))
     print("\n[SGLang] server reply:", choice["text"], choice["logprobs"])
     assert choice["text"] and len(choice["logprobs"]["token_logprobs"]) == 4
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_aligned_mode_alone_equals_in_a_batch_and_the_shim_bit_for_bit(tiny_trained, monkeypatch, dtype):
+    """Issue 15 on SGLang: with `RING_LINEAR_ALIGNED=1` and deterministic inference, 64 mixed-length requests (CUDA
+    graphs on), every 7th again alone: the same bits alone and in the batch, and every prompt and greedy
+    sampled-token logprob equal to the shim's `token_logprobs(aligned=True, engine="sglang")`."""
+    from benchmarks.probe_aligned import mixed_prompts
+
+    monkeypatch.setenv("RING_LINEAR_ALIGNED", "1")
+    prompts = mixed_prompts()
+    aligned = {"enable_deterministic_inference": True, "chunked_prefill_size": -1, "disable_radix_cache": True}
+    engine = make_engine(tiny_trained, dtype=dtype, **aligned)
+    try:
+        batch = generate(engine, prompts, 16, return_logprob=True, logprob_start_len=0)
+        alone = [generate(engine, [p], 16, return_logprob=True, logprob_start_len=0)[0] for p in prompts[::7]]
+    finally:
+        engine.shutdown()
+
+    def served(out) -> list[float]:
+        meta = out["meta_info"]
+        return [e[0] for e in meta["input_token_logprobs"][1:]] + [e[0] for e in meta["output_token_logprobs"]]
+
+    unequal_alone = sum(served(a) != served(b) for a, b in zip(alone, batch[::7], strict=True))
+    shim = RingLinearForCausalLM.from_pretrained(tiny_trained, dtype=getattr(torch, dtype), device="cuda").eval()
+    sequences = [p + list(o["output_ids"]) for p, o in zip(prompts, batch, strict=True)]
+    offsets = [0, *torch.tensor([len(s) for s in sequences]).cumsum(0).tolist()]
+    ids = torch.tensor([t for s in sequences for t in s], device="cuda")
+    with torch.no_grad():
+        mine = shim.token_logprobs(
+            ids, cu_seqlens=offsets, aligned=True, prompt_lengths=[len(p) for p in prompts], engine="sglang"
+        ).cpu()
+    want = torch.cat([mine[a + 1 : b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)])
+    got = torch.tensor([x for o in batch for x in served(o)])
+    gap = (want.double() - got.double()).abs()
+    print(
+        f"\n[SGLang {dtype} aligned] {unequal_alone} of {len(alone)} requests differ alone vs in the batch; shim vs "
+        f"engine over {gap.numel()} logprobs: unequal {(gap > 0).sum().item()}, max {gap.max():.2e}"
+    )
+    assert unequal_alone == 0
+    assert (gap > 0).sum().item() == 0
