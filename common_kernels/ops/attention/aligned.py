@@ -88,7 +88,7 @@ def _aligned_attention_kernel(
             b_p = b_p.to(tl.float32)
         acc = tl.dot(b_p, b_v, acc * alpha[:, None], input_precision=DOT)
         m_i = m_new
-    out = acc / l_i[:, None]
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no keys (a CUDA graph's padding rows): 0 / 1, zeros
     tl.store(o + (q_start + rows)[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(o.dtype.element_ty),
              mask=live[:, None])  # fmt: skip
 

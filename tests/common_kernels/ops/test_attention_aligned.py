@@ -86,6 +86,11 @@ def test_a_decode_step_and_a_mixed_step_give_each_query_the_bits_of_the_prefill(
         torch.tensor([*lengths[:3], 0], dtype=torch.int32), torch.cat([table[:3], table[:1]]), 0.25, 1,
     )  # fmt: skip
     assert torch.equal(decodes, full[rows[:3]])
+    ints = {"dtype": torch.int32}
+    padded = paged_attention_aligned(  # a graph's padding request: one query row, no keys (seq_len 0): zeros
+        q[rows[:2]], kc, vc, torch.tensor([0, 1, 2], **ints), torch.tensor([lengths[0], 0], **ints), table[:2], 0.25, 1
+    )
+    assert torch.equal(padded[0], full[rows[0]]) and torch.equal(padded[1], torch.zeros_like(padded[1]))
 
 
 def test_a_sequence_alone_equals_the_same_sequence_in_a_batch():
