@@ -56,7 +56,8 @@
 #                prefill)                                                                       (untimed, ~2 x 3 min)
 #   serve-ring-sgl  bench_serve on SGLang: ring-linear through launch_server (SGLang staged, own call)    (~7 min, 3 workloads)
 #   serve-twin-sgl  the same for the twin, SGLang's native BailingMoeV2ForCausalLM (~8 min, 3 workloads)
-#   sgl-engine   pytest -m gpu: the SGLang adapter's engine tests (SGLang 0.5.17 staged in /tmp/gpu-site-sgl; PYTEST_K picks;
+#   sgl-engine   pytest -m gpu: the SGLang adapter's engine tests (SGLang 0.5.17 staged in /tmp/gpu-site-sgl; PYTEST_K picks,
+#                e.g. PYTEST_K=aligned for aligned mode on SGLang;
 #                run it in its own call: it replaces vLLM's site on PYTHONPATH)                  (untimed)
 #   aligned-moe  bench_aligned_moe: aligned mode's MoE experts vs vLLM's fused_experts at Ring-mini shapes, 1-16K tokens
 #                (ALIGNED_MOE_TILES, e.g. "64,64,32 16,64,32 64,128,64", tries tile sets; issue 15's cost)    (untimed)
