@@ -504,8 +504,9 @@ def run(args: argparse.Namespace) -> None:
                     if gaps:
                         print(f"  {gaps}", flush=True)
                     if args.probe:
-                        time.sleep(2 * 2.0)  # the probe's next samples, past the pass's end
-                        for line in process_lines(probe, wall_start, time.time()):
+                        wall_end = time.time()
+                        time.sleep(2 * 2.0)  # the probe's samples past the pass's end are written
+                        for line in process_lines(probe, wall_start, wall_end):
                             print(f"  host: {line}", flush=True)
                     if result.get("failed"):
                         print(f"  why requests failed: {rejection(args.port, str(directory), w)}", flush=True)

@@ -85,11 +85,11 @@ def measure(checkpoint: str, dtype: str) -> str:
         mine_lp.append(mine[a + 1 : b])
         routed = o.outputs[0].routed_experts
         if routed is not None:
-            routed = torch.as_tensor(routed)
+            routed = torch.as_tensor(routed).long()  # uint8 / uint16 as vLLM returns it
             if routed.shape[1] != len(moe_layers):  # one row per layer: keep the MoE layers
                 routed = routed[:, moe_layers]
             T = min(routed.shape[0], b - a)
-            mismatched.append(expert_mismatch(routed[:T].long(), shim_ids[a : a + T].long()) * T)
+            mismatched.append(expert_mismatch(routed[:T], shim_ids[a : a + T].long()) * T)
             routed_tokens += T
     stats = gap_stats(torch.cat(mine_lp), torch.tensor(engine_lp))
     experts = f"{sum(mismatched) / routed_tokens:.2%}" if routed_tokens else "not returned"

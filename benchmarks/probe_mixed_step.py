@@ -26,7 +26,7 @@ import random
 import statistics
 import time
 
-from benchmarks.bench_vllm_e2e import VARIANTS, dummy_llm, random_prompts
+from benchmarks.bench_vllm_e2e import dummy_llm, random_prompts
 from benchmarks.profile_vllm_prefill import kernel_times_us
 
 
@@ -44,7 +44,7 @@ def timed_steps(engine, steps: int, joins_per_step: int, suffix_prompts, params_
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variant", choices=VARIANTS, default="ring-linear")
+    parser.add_argument("--variant", choices=("ring-linear", "softmax-twin"), default="ring-linear")
     parser.add_argument("--decodes", type=int, default=64, help="requests decoding throughout")
     parser.add_argument("--context", type=int, default=4096, help="their prompt length")
     parser.add_argument("--joins", type=int, default=1, help="new requests per mixed step")
@@ -63,6 +63,7 @@ def main() -> None:
         max_num_batched_tokens=max(8192, args.joins * args.suffix + args.decodes),
         enable_prefix_caching=False,
         gpu_memory_utilization=0.8,
+        async_scheduling=False,  # one step() = one scheduled and executed batch, so each wall time is one step's
     )
     engine = llm.llm_engine
     rng = random.Random(0)

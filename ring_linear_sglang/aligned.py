@@ -26,16 +26,16 @@ def attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f
     pool = get_token_to_kv_pool()
     pool.set_kv_buffer(attn, forward_batch.out_cache_loc, k.view(-1, Hkv, d), v.view(-1, Hkv, d))
     key_cache, value_cache = pool.get_key_buffer(attn.layer_id), pool.get_value_buffer(attn.layer_id)
-    table = get_req_to_token_pool().req_to_token[forward_batch.req_pool_indices]
-    batch = forward_batch.req_pool_indices.shape[0]
+    rows = forward_batch.req_pool_indices  # each request's row of `req_to_token`, read in the kernel (no gather)
+    batch = rows.shape[0]
     if forward_batch.forward_mode.is_decode_or_idle():
         cu_seqlens_q, max_query_len = torch.arange(batch + 1, dtype=torch.int32, device=q.device), 1
     else:
         cu_seqlens_q = F.pad(forward_batch.extend_seq_lens.cumsum(0), (1, 0)).to(torch.int32)
         max_query_len = max(forward_batch.extend_seq_lens_cpu, default=0)
     out = paged_attention_aligned(
-        q.view(-1, Hq, d), key_cache[:, None], value_cache[:, None], cu_seqlens_q, forward_batch.seq_lens, table,
-        attn.scaling, max_query_len,
+        q.view(-1, Hq, d), key_cache[:, None], value_cache[:, None], cu_seqlens_q, forward_batch.seq_lens,
+        get_req_to_token_pool().req_to_token, attn.scaling, max_query_len, table_rows=rows,
     )  # fmt: skip
     return out.view(-1, Hq * d)
 

@@ -44,10 +44,13 @@ def check_server_args(server_args: Any, hf_config: Any) -> dict:
 def check_aligned_settings(server_args: Any) -> None:
     """Aligned mode computes every layer as the trainer does: SGLang's batch-invariant ops for the projections and
     log-softmax (`--enable-deterministic-inference`), each prompt in one step (a chunk or a radix-cache hit would
-    start it mid-way), all experts on one rank in unquantized weights over a KV cache in the model dtype."""
+    start it mid-way), no prefill CUDA graph (it would replay the aligned attention with its capture batch's
+    metadata), all experts on one rank in unquantized weights in the Triton runner's layout, and a KV cache in the
+    model dtype."""
     chunk = getattr(server_args, "chunked_prefill_size", None)
     tp, ep = getattr(server_args, "tp_size", 1), getattr(server_args, "ep_size", 1)
     quantization = getattr(server_args, "quantization", None)
+    moe_backend = getattr(server_args, "moe_runner_backend", None) or "auto"
     needed = [
         (not getattr(server_args, "enable_deterministic_inference", False), "add --enable-deterministic-inference"),
         (chunk is not None and chunk > 0, f"pass --chunked-prefill-size -1 (not {chunk})"),
@@ -56,6 +59,10 @@ def check_aligned_settings(server_args: Any) -> None:
         (ep > 1, f"drop --ep-size {ep}"),
         (quantization is not None, f"drop --quantization {quantization}"),
         (getattr(server_args, "kv_cache_dtype", "auto") not in ("auto", None), "drop --kv-cache-dtype"),
+        # a prefill CUDA graph would capture the aligned attention with its capture batch's metadata
+        (not getattr(server_args, "disable_prefill_cuda_graph", True), "add --disable-prefill-cuda-graph"),
+        # the aligned MoE reads w13 as [gate; up], the Triton runner's layout (others store [up; gate] or transpose)
+        (moe_backend not in ("auto", "triton"), f"use --moe-runner-backend triton (not {moe_backend})"),
     ]
     fixes = [fix for is_needed, fix in needed if is_needed]
     if fixes:

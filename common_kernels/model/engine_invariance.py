@@ -23,8 +23,7 @@ _state: dict[str, str | None] = {"engine": None}
 
 def use_engine_invariance(engine: str = "vllm") -> bool:
     """Turn on `engine`'s batch-invariant settings in this process; False (with one warning) without the engine."""
-    if engine not in ENGINES:
-        raise InvalidInputError(f"engine {engine!r}: aligned scoring matches one of {', '.join(ENGINES)}")
+    check_engine(engine)
     if _state["engine"] is not None:
         if _state["engine"] not in (engine, "none"):
             raise InvalidInputError(
@@ -34,8 +33,7 @@ def use_engine_invariance(engine: str = "vllm") -> bool:
         return _state["engine"] == engine
     try:
         if engine == "vllm":
-            os.environ["VLLM_BATCH_INVARIANT"] = "1"
-            _vllm_batch_invariance().init_batch_invariance()
+            _init_vllm_batch_invariance()
         else:
             from sglang.srt.batch_invariant_ops.batch_invariant_ops import enable_batch_invariant_mode
 
@@ -50,6 +48,26 @@ def use_engine_invariance(engine: str = "vllm") -> bool:
         return False
     _state["engine"] = engine
     return True
+
+
+def check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise InvalidInputError(f"engine {engine!r}: aligned scoring matches one of {', '.join(ENGINES)}")
+
+
+def _init_vllm_batch_invariance() -> None:
+    """vLLM's `init_batch_invariance`, which acts only under `VLLM_BATCH_INVARIANT=1`: set for the call and put back,
+    so an engine this process starts later is not put in batch-invariant mode by it (the cuBLAS settings vLLM
+    writes stay: cuBLAS reads them)."""
+    previous = os.environ.get("VLLM_BATCH_INVARIANT")
+    os.environ["VLLM_BATCH_INVARIANT"] = "1"
+    try:
+        _vllm_batch_invariance().init_batch_invariance()
+    finally:
+        if previous is None:
+            os.environ.pop("VLLM_BATCH_INVARIANT", None)
+        else:
+            os.environ["VLLM_BATCH_INVARIANT"] = previous
 
 
 def _vllm_batch_invariance():

@@ -24,7 +24,7 @@ from ..ops.rope.naive import rotary_cos_sin, rotary_inv_freq
 from ..precision import LOGITS_DTYPE, RESIDUAL_DTYPE, ROPE_DTYPE, compute_dtype
 from .cache import RingLinearCache
 from .checkpoint import atomic_directory, check_checkpoint, load_weights, read_config, save_weights
-from .engine_invariance import use_engine_invariance
+from .engine_invariance import check_engine, use_engine_invariance
 from .layers import DecoderLayer, ForwardContext, RMSNorm
 
 
@@ -270,6 +270,8 @@ class RingLinearForCausalLM(nn.Module):
                 "aligned=True needs prompt_lengths (each sequence's prompt, the rest was generated) and the Triton "
                 "kernels (use_triton not False)"
             )
+        if aligned:
+            check_engine(engine)
         if aligned and self.model.word_embeddings.weight.is_cuda:
             use_engine_invariance(engine)
         hidden, packed_ids, offsets, restore = self._hidden(

@@ -167,7 +167,10 @@ def test_aligned_mode_alone_equals_in_a_batch_and_the_shim_bit_for_bit(tiny_trai
 
     monkeypatch.setenv("RING_LINEAR_ALIGNED", "1")
     prompts = mixed_prompts()
-    aligned = {"enable_deterministic_inference": True, "chunked_prefill_size": -1, "disable_radix_cache": True}
+    aligned = {
+        "enable_deterministic_inference": True, "chunked_prefill_size": -1, "disable_radix_cache": True,
+        "disable_prefill_cuda_graph": True,
+    }  # fmt: skip
     engine = make_engine(tiny_trained, dtype=dtype, **aligned)
     try:
         batch = generate(engine, prompts, 16, return_logprob=True, logprob_start_len=0)

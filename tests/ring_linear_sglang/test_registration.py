@@ -173,7 +173,10 @@ def test_aligned_mode_needs_deterministic_inference_whole_prompts_and_one_rank(
     from ring_linear_sglang.settings import check_server_args
 
     config = get_config(str(released_dir), trust_remote_code=False)
-    aligned = {"enable_deterministic_inference": True, "chunked_prefill_size": -1, "disable_radix_cache": True}
+    aligned = {
+        "enable_deterministic_inference": True, "chunked_prefill_size": -1, "disable_radix_cache": True,
+        "disable_prefill_cuda_graph": True, "moe_runner_backend": "auto",
+    }  # fmt: skip
     monkeypatch.setenv("RING_LINEAR_ALIGNED", "1")
     assert check_server_args(_args(**aligned), config) == {}
     with pytest.raises(ValueError, match="needs: add --enable-deterministic-inference; pass --chunked-prefill-size -1"):
@@ -184,6 +187,8 @@ def test_aligned_mode_needs_deterministic_inference_whole_prompts_and_one_rank(
         "drop --ep-size 2": {"ep_size": 2},
         "drop --quantization fp8": {"quantization": "fp8"},
         "drop --kv-cache-dtype": {"kv_cache_dtype": "fp8_e4m3"},
+        "add --disable-prefill-cuda-graph": {"disable_prefill_cuda_graph": False},
+        "use --moe-runner-backend triton \\(not flashinfer_trtllm\\)": {"moe_runner_backend": "flashinfer_trtllm"},
     }
     for message, change in refusals.items():
         with pytest.raises(ValueError, match=message):

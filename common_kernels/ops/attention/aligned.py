@@ -35,14 +35,15 @@ BLOCK_M, BLOCK_N = 16, 64
 # engine compiles at start-up whatever its block size (`RingAlignedAttentionImpl`'s profiling forward)
 @triton.jit(do_not_specialize=["tiles_per_seq", "scale", "page", "stride_bt"])
 def _aligned_attention_kernel(
-    q, k, v, o, cu_seqlens_q, seq_lens, kv_start, block_table, tiles_per_seq, scale, page,
+    q, k, v, o, cu_seqlens_q, seq_lens, kv_start, block_table, table_rows, tiles_per_seq, scale, page,
     stride_qt, stride_qh, stride_kp, stride_kr, stride_kh, stride_vp, stride_vr, stride_vh, stride_ot, stride_oh,
     stride_bt,
-    GROUP: tl.constexpr, D: tl.constexpr, PAGED: tl.constexpr, DOT: tl.constexpr,
+    GROUP: tl.constexpr, D: tl.constexpr, PAGED: tl.constexpr, ROW_INDEX: tl.constexpr, DOT: tl.constexpr,
     INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Query rows `[i*BLOCK_M, (i+1)*BLOCK_M)` of sequence `s` for one query head. `PAGED`: key `p` of `s` is row
-    `p % page` of page `block_table[s, p // page]`; else row `kv_start[s] + p` (contiguous packed K/V)."""
+    `p % page` of page `block_table[r, p // page]`, `r = table_rows[s]` (`ROW_INDEX`) or `s`; else row
+    `kv_start[s] + p` (contiguous packed K/V)."""
     s = tl.program_id(0) // tiles_per_seq
     first = (tl.program_id(0) % tiles_per_seq) * BLOCK_M
     h = tl.program_id(1)
@@ -57,7 +58,9 @@ def _aligned_attention_kernel(
     d = tl.arange(0, D)
     b_q = tl.load(q + (q_start + rows)[:, None] * stride_qt + h * stride_qh + d[None, :], mask=live[:, None], other=0.0)
     kv_h = h // GROUP
-    if not PAGED:
+    if PAGED:
+        table = block_table + (tl.load(table_rows + s) if ROW_INDEX else s).to(tl.int64) * stride_bt
+    else:
         base = tl.load(kv_start + s).to(tl.int64)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -67,7 +70,7 @@ def _aligned_attention_kernel(
         keys = start + tl.arange(0, BLOCK_N)
         in_seq = keys < kv_len
         if PAGED:
-            pid = tl.load(block_table + s * stride_bt + keys // page, mask=in_seq, other=0).to(tl.int64)
+            pid = tl.load(table + keys // page, mask=in_seq, other=0).to(tl.int64)
             k_rows, v_rows = pid * stride_kp + (keys % page) * stride_kr, pid * stride_vp + (keys % page) * stride_vr
         else:
             k_rows, v_rows = (base + keys) * stride_kr, (base + keys) * stride_vr
@@ -120,6 +123,7 @@ def paged_attention_aligned(
     scale: float,
     max_query_len: int,
     out: torch.Tensor | None = None,
+    table_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal GQA attention of each sequence's new queries over its paged keys (an engine's step).
 
@@ -127,12 +131,15 @@ def paged_attention_aligned(
         q: `[T, Hq, d]`, the sequences' new tokens packed by `cu_seqlens_q` `[B+1]`; a sequence's queries are the
             last of its `seq_lens[s]` positions (its keys, these tokens' included, are already in the cache).
         key_cache, value_cache: `[pages, page_size, Hkv, d]` (any page/row/head strides).
-        block_table: `[B, >= pages per sequence]` page ids.
+        block_table: `[B, >= pages per sequence]` page ids; with `table_rows` `[B]`, sequence s reads row
+            `table_rows[s]` of a larger table (SGLang's `req_to_token` and its request indices, not gathered).
         max_query_len: the longest sequence's new tokens (host int: sizes the grid, so a CUDA graph fixes it).
         out: `[>= T, Hq, d]` to write into; rows past `T` are left alone.
     """
     _check(q, key_cache, value_cache, 4)
-    return _launch(q, key_cache, value_cache, cu_seqlens_q, seq_lens, None, block_table, scale, max_query_len, out)
+    return _launch(
+        q, key_cache, value_cache, cu_seqlens_q, seq_lens, None, block_table, scale, max_query_len, out, table_rows
+    )
 
 
 def causal_attention_aligned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -150,7 +157,7 @@ def _packed(q, k, v, cu_seqlens, scale, max_seqlen):
     return _launch(q, k[None], v[None], cu_seqlens, lengths, cu_seqlens[:-1], None, scale, max_seqlen, None)
 
 
-def _launch(q, k, v, cu_seqlens_q, seq_lens, kv_start, block_table, scale, max_query_len, out):
+def _launch(q, k, v, cu_seqlens_q, seq_lens, kv_start, block_table, scale, max_query_len, out, table_rows=None):
     T, Hq, D = q.shape
     page_size, Hkv = k.shape[1], k.shape[2]
     B = cu_seqlens_q.shape[0] - 1
@@ -163,10 +170,10 @@ def _launch(q, k, v, cu_seqlens_q, seq_lens, kv_start, block_table, scale, max_q
     grid = (B * tiles_per_seq, Hq)
     _aligned_attention_kernel[grid](
         q, k, v, out, cu_seqlens_q, seq_lens, dummy if paged else kv_start, block_table if paged else dummy,
-        tiles_per_seq, scale, page_size,
+        dummy if table_rows is None else table_rows, tiles_per_seq, scale, page_size,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), block_table.stride(0) if paged else 0,
-        GROUP=Hq // Hkv, D=D, PAGED=paged, DOT=dot_precision(q),
+        GROUP=Hq // Hkv, D=D, PAGED=paged, ROW_INDEX=table_rows is not None, DOT=dot_precision(q),
         INTERPRET=INTERPRET, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
     )  # fmt: skip
     return out

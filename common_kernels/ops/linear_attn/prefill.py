@@ -157,12 +157,11 @@ def _segment_forward_kernel(
     o_k = tl.arange(0, K)
     o_v = i_v * BV + tl.arange(0, BV)
     o_t, q_decay, intra = chunk_decays(b_rate, BT)
-    slot = tl.load(slots + i_n).to(tl.int64)
-    p_pool = pool + slot * stride_pp + i_h * stride_ph + o_k[:, None] * V + o_v[None, :]
     if ONE_LAUNCH:
+        slot = tl.load(slots + i_n).to(tl.int64)
         b_s = tl.zeros([K, BV], dtype=tl.float32)
         if (slot >= 0) and (tl.load(fresh + i_n) == 0):
-            b_s = tl.load(p_pool).to(tl.float32)
+            b_s = tl.load(pool + slot * stride_pp + i_h * stride_ph + o_k[:, None] * V + o_v[None, :]).to(tl.float32)
     else:
         state_offset = ((i_s * H + i_h) * K + o_k[:, None]).to(tl.int64) * V + o_v[None, :]
         b_s = tl.load(start + state_offset)  # [K, BV] fp32
@@ -184,6 +183,9 @@ def _segment_forward_kernel(
         tl.store(p_o, (b_o * scale).to(o.dtype.element_ty), mask=m_t[:, None])
         c = tl.minimum(eos - t0, BT).to(tl.float32)
         b_s = chunk_state_update(b_s, b_k, b_v, m_t, c, b_rate, o_t, DOT_PRECISION)
+    if not ONE_LAUNCH:  # (the slot is read here, after the loop, so it is not kept live through it)
+        slot = tl.load(slots + i_n).to(tl.int64)
+    p_pool = pool + slot * stride_pp + i_h * stride_ph + o_k[:, None] * V + o_v[None, :]
     if ONE_LAUNCH:
         if slot >= 0:
             tl.store(p_pool, b_s.to(pool.dtype.element_ty))

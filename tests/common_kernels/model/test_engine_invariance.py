@@ -37,3 +37,26 @@ def test_a_missing_engine_warns_once_and_a_second_engine_is_refused(fresh_state,
     engine_invariance._state["engine"] = "vllm"
     with pytest.raises(InvalidInputError, match="already runs vllm's batch-invariant operators"):
         engine_invariance.use_engine_invariance("sglang")
+
+
+def test_vllms_switch_is_set_only_while_vllm_initialises(fresh_state, monkeypatch):
+    """An engine this process starts later must not inherit batch-invariant mode from a scoring call."""
+    import os
+    from types import SimpleNamespace
+
+    seen = []
+    fake = SimpleNamespace(init_batch_invariance=lambda: seen.append(os.environ.get("VLLM_BATCH_INVARIANT")))
+    monkeypatch.setattr(engine_invariance, "_vllm_batch_invariance", lambda: fake)
+    monkeypatch.delenv("VLLM_BATCH_INVARIANT", raising=False)
+    assert engine_invariance.use_engine_invariance("vllm") is True
+    assert seen == ["1"] and "VLLM_BATCH_INVARIANT" not in os.environ
+
+
+def test_aligned_scoring_names_an_unknown_engine_on_the_cpu_too():
+    import torch
+
+    from common_kernels import RingLinearForCausalLM, tiny_config
+
+    model = RingLinearForCausalLM(tiny_config())
+    with pytest.raises(InvalidInputError, match="engine 'sglng'"):
+        model.token_logprobs(torch.tensor([1, 2, 3]), aligned=True, prompt_lengths=[2], engine="sglng")

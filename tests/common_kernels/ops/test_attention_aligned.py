@@ -64,6 +64,12 @@ def test_paged_prefill_equals_packed_bit_for_bit():
     seq_lens = (cu[1:] - cu[:-1]).to(torch.int32)
     paged = paged_attention_aligned(q, kc, vc, cu, seq_lens, table, 0.25, max(LENGTHS))
     assert torch.equal(paged, causal_attention_aligned(q, k, v, cu, 0.25, max(LENGTHS)))
+    # the rows of a larger table picked per sequence (SGLang's req_to_token and request indices), others garbage
+    big = torch.randint(0, kc.shape[0], (3 * len(LENGTHS), table.shape[1]), dtype=torch.int32)
+    rows = torch.randperm(big.shape[0])[: len(LENGTHS)]
+    big[rows] = table
+    picked = paged_attention_aligned(q, kc, vc, cu, seq_lens, big, 0.25, max(LENGTHS), table_rows=rows)
+    assert torch.equal(picked, paged)
 
 
 def test_a_decode_step_and_a_mixed_step_give_each_query_the_bits_of_the_prefill():
