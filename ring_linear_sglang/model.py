@@ -33,8 +33,8 @@ from torch import nn
 from common_kernels.config import RingLinearConfig
 from common_kernels.model.layers import RMSNorm
 from common_kernels.model.linear_math import gate_output, prepare_qkv
-from common_kernels.ops.moe.aligned import aligned_dense_mlp, aligned_moe
-from common_kernels.ops.rope.fused import qk_norm_rope_packed
+from common_kernels.ops.moe.aligned import aligned_dense_mlp, aligned_moe, engine_moe_weights
+from common_kernels.ops.rope.fused import gqa_qk_norm_rope
 from common_kernels.ops.rope.naive import qk_norm_rope, rotary_cos_sin, rotary_inv_freq
 from common_kernels.precision import LOGITS_DTYPE, RESIDUAL_DTYPE, ROPE_DTYPE
 from common_kernels.serving import (
@@ -101,8 +101,6 @@ class RingMoE(nn.Module):
         super().__init__()
         self.aligned = aligned_mode()
         self.gate = RouterGate(config, invariant=self.aligned)
-        c = config
-        self.routing = (c.num_experts_per_tok, c.n_group, c.topk_group, c.routed_scaling_factor, c.norm_topk_prob)
         grouped = config.n_group is not None and config.topk_group is not None
         self.topk = top_k(
             layer_id,
@@ -140,12 +138,8 @@ class RingMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.aligned:  # the shim's MoE steps as one op (one rank: aligned mode refuses TP and EP)
-            shared = self.shared_experts
-            shared_weights = (
-                (None, None) if shared is None else (shared.gate_up_proj.weight[None], shared.down_proj.weight[None])
-            )
-            w13, w2 = self.experts.w13_weight, self.experts.w2_weight
-            return aligned_moe(x, self.gate.weight, self.gate.expert_bias, w13, w2, *shared_weights, *self.routing)
+            weights = engine_moe_weights(self.experts.w13_weight, self.experts.w2_weight, self.shared_experts)
+            return aligned_moe(x, self.gate.weight, self.gate.expert_bias, *weights, *self.gate.routing)
         # shared experts first: SGLang's GPU MoE runner writes the routed result over its input (inplace=True)
         shared = None if self.shared_experts is None else self.shared_experts(x)
         out = self.experts(x, self.topk(x, self.gate(x)))
@@ -182,9 +176,8 @@ class RingSoftmaxAttention(nn.Module):
         q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
         weights = _weight(self.query_layernorm), _weight(self.key_layernorm)
         if self.aligned:  # the shim's qk-norm/RoPE and attention kernels (`ring_linear_sglang.aligned`)
-            heads = qkv.view(T, self.num_heads + 2 * self.num_kv_heads, d)[:, : self.num_heads + self.num_kv_heads]
-            qk = qk_norm_rope_packed(heads, self.num_heads, *weights, cos, sin, self.eps, qkv.dtype)
-            o = aligned.attend(self.attn, qk[:, : self.num_heads], qk[:, self.num_heads :], v, forward_batch)
+            q, k = gqa_qk_norm_rope(qkv, self.num_heads, self.num_kv_heads, *weights, cos, sin, self.eps)
+            o = aligned.attend(self.attn, q, k, v, forward_batch)
             out, _ = self.dense(o)
             return out
         q, k = qk_norm_rope(q.view(T, self.num_heads, d), k.view(T, self.num_kv_heads, d), *weights, cos, sin, self.eps)
@@ -291,7 +284,7 @@ class RingLinearForCausalLM(nn.Module):
         )
         self.logits_processor = LogitsProcessor(config)
         self.aligned = aligned_mode()
-        self.aligned_lm_head = aligned.AlignedLMHead(self.lm_head)  # used in aligned mode only
+        self.aligned_lm_head = aligned.AlignedLMHead(self.lm_head) if self.aligned else None
         # inference only: SGLang captures its decode graphs outside no_grad, and its fused-MoE reduction
         # (`torch.sum(..., out=)`) refuses inputs that require grad; our own norm/router weights default to it
         self.requires_grad_(False)

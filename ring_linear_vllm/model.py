@@ -39,7 +39,7 @@ from common_kernels.config import RingLinearConfig
 from common_kernels.model.layers import RMSNorm
 from common_kernels.ops.moe.aligned import aligned_dense_mlp, aligned_moe, engine_moe_weights
 from common_kernels.ops.moe.router_gemm import router_logits
-from common_kernels.ops.rope.fused import qk_norm_rope_packed
+from common_kernels.ops.rope.fused import gqa_qk_norm_rope
 from common_kernels.ops.rope.naive import qk_norm_rope, rotary_cos_sin, rotary_inv_freq
 from common_kernels.precision import RESIDUAL_DTYPE, ROPE_DTYPE, ROUTER_DTYPE
 from common_kernels.serving import RouterGate, aligned_mode, load_checkpoint_tensors, place_tensor
@@ -82,8 +82,6 @@ class RingMoE(nn.Module):
         super().__init__()
         self.aligned = aligned_mode()
         self.gate = RouterGate(config, invariant=self.aligned)  # cuBLAS's choice of kernel follows the batch
-        c = config
-        self.routing = (c.num_experts_per_tok, c.n_group, c.topk_group, c.routed_scaling_factor, c.norm_topk_prob)
         self.shared_experts = (
             RingMLP(
                 config,
@@ -118,7 +116,7 @@ class RingMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.aligned:  # the shim's MoE steps as one op, in place of vLLM's fused MoE and top-k
-            return aligned_moe(x, self.gate.weight, self.gate.expert_bias, *self._aligned_weights(), *self.routing)
+            return aligned_moe(x, self.gate.weight, self.gate.expert_bias, *self._aligned_weights(), *self.gate.routing)
         return self.experts(hidden_states=x, router_logits=self.gate(x))
 
     def _aligned_weights(self) -> tuple[torch.Tensor | None, ...]:
@@ -167,9 +165,7 @@ class RingSoftmaxAttention(nn.Module):
         q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
         weights = norm_weight(self.query_layernorm), norm_weight(self.key_layernorm)
         if self.aligned:  # the shim's kernel (one launch over q and k), not the compiler's
-            heads = qkv.view(T, self.num_heads + 2 * self.num_kv_heads, d)[:, : self.num_heads + self.num_kv_heads]
-            qk = qk_norm_rope_packed(heads, self.num_heads, *weights, cos, sin, self.eps, qkv.dtype)
-            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+            q, k = gqa_qk_norm_rope(qkv, self.num_heads, self.num_kv_heads, *weights, cos, sin, self.eps)
         else:
             q, k = qk_norm_rope(
                 q.view(T, self.num_heads, d), k.view(T, self.num_kv_heads, d), *weights, cos, sin, self.eps

@@ -272,8 +272,8 @@ class RingLinearForCausalLM(nn.Module):
             )
         if aligned:
             check_engine(engine)
-        if aligned and self.model.word_embeddings.weight.is_cuda:
-            use_engine_invariance(engine)
+            if self.model.word_embeddings.weight.is_cuda:
+                use_engine_invariance(engine)
         hidden, packed_ids, offsets, restore = self._hidden(
             input_ids, position_ids, cu_seqlens, attention_mask, None, None,
             served_prompt_lengths=list(prompt_lengths) if aligned else None,

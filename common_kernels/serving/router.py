@@ -18,6 +18,8 @@ class RouterGate(nn.Module):
     def __init__(self, config: RingLinearConfig, invariant: bool = False) -> None:
         super().__init__()
         self.invariant = invariant
+        c = config  # the top-k settings, in the order `ops.moe.aligned.aligned_moe` takes them
+        self.routing = (c.num_experts_per_tok, c.n_group, c.topk_group, c.routed_scaling_factor, c.norm_topk_prob)
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, dtype=ROUTER_DTYPE))
         self.expert_bias = (
             nn.Parameter(torch.zeros(config.num_experts, dtype=ROUTER_DTYPE))

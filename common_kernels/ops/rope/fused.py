@@ -202,6 +202,25 @@ def qk_norm_rope_packed(
     return y
 
 
+def gqa_qk_norm_rope(
+    qkv: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q `[T, Hq, d]` and k `[T, Hkv, d]` of a softmax layer's fused QKV output `[T, (Hq + 2 Hkv) * d]`, normed and
+    rotated in one launch (`qk_norm_rope_packed`), in the QKV dtype: what the shim computes, which an aligned engine
+    runs in place of its compiler's kernels."""
+    T, heads = qkv.shape[0], num_heads + num_kv_heads
+    qk = qk_norm_rope_packed(qkv.view(T, heads + num_kv_heads, -1)[:, :heads], num_heads, q_weight, k_weight, cos,
+                             sin, eps, qkv.dtype)  # fmt: skip
+    return qk[:, :num_heads], qk[:, num_heads:]
+
+
 @qk_norm_rope_packed.register_fake
 def _(qk, num_q_heads, q_weight, k_weight, cos, sin, eps, out_dtype):
     return qk.new_empty(qk.shape, dtype=out_dtype)
