@@ -57,7 +57,7 @@ def shim_routing(shim, ids: torch.Tensor, offsets: list[int]) -> tuple[torch.Ten
 def measure(checkpoint: str, dtype: str) -> str:
     from vllm import LLM, SamplingParams, TokensPrompt
 
-    from benchmarks.probe_aligned import mixed_prompts
+    from benchmarks.probe_aligned import mixed_prompts, packed
     from common_kernels import RingLinearForCausalLM
 
     prompts = mixed_prompts()
@@ -72,9 +72,7 @@ def measure(checkpoint: str, dtype: str) -> str:
     torch.cuda.empty_cache()
 
     shim = RingLinearForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype), device="cuda").eval()
-    sequences = [p + list(o.outputs[0].token_ids) for p, o in zip(prompts, outputs, strict=True)]
-    offsets = [0, *torch.tensor([len(s) for s in sequences]).cumsum(0).tolist()]
-    ids = torch.tensor([t for s in sequences for t in s], device="cuda")
+    ids, offsets = packed([p + list(o.outputs[0].token_ids) for p, o in zip(prompts, outputs, strict=True)])
     mine, shim_ids = shim_routing(shim, ids, offsets)
     engine_lp, mine_lp, mismatched, routed_tokens = [], [], [], 0
     moe_layers = [i for i in range(shim.config.num_hidden_layers) if shim.config.is_moe_layer(i)]

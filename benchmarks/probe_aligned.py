@@ -14,6 +14,15 @@ import os
 import random
 
 
+def packed(sequences: list[list[int]], device: str = "cuda"):
+    """Token sequences (each prompt + what the engine generated) as the shim takes them: `[T]` ids on `device` and
+    host offsets `[N+1]`."""
+    import torch
+
+    offsets = [0, *torch.tensor([len(s) for s in sequences], dtype=torch.long).cumsum(0).tolist()]
+    return torch.tensor([t for s in sequences for t in s], device=device), offsets
+
+
 def first_difference(a: list, b: list) -> int | None:
     """The first index where two lists of logprobs (or token ids) differ bitwise, or None."""
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)

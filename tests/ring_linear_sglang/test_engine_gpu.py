@@ -163,7 +163,7 @@ def test_aligned_mode_alone_equals_in_a_batch_and_the_shim_bit_for_bit(tiny_trai
     """Issue 15 on SGLang: with `RING_LINEAR_ALIGNED=1` and deterministic inference, 64 mixed-length requests (CUDA
     graphs on), every 7th again alone: the same bits alone and in the batch, and every prompt and greedy
     sampled-token logprob equal to the shim's `token_logprobs(aligned=True, engine="sglang")`."""
-    from benchmarks.probe_aligned import mixed_prompts
+    from benchmarks.probe_aligned import mixed_prompts, packed
 
     monkeypatch.setenv("RING_LINEAR_ALIGNED", "1")
     prompts = mixed_prompts()
@@ -184,9 +184,7 @@ def test_aligned_mode_alone_equals_in_a_batch_and_the_shim_bit_for_bit(tiny_trai
 
     unequal_alone = sum(served(a) != served(b) for a, b in zip(alone, batch[::7], strict=True))
     shim = RingLinearForCausalLM.from_pretrained(tiny_trained, dtype=getattr(torch, dtype), device="cuda").eval()
-    sequences = [p + list(o["output_ids"]) for p, o in zip(prompts, batch, strict=True)]
-    offsets = [0, *torch.tensor([len(s) for s in sequences]).cumsum(0).tolist()]
-    ids = torch.tensor([t for s in sequences for t in s], device="cuda")
+    ids, offsets = packed([p + list(o["output_ids"]) for p, o in zip(prompts, batch, strict=True)])
     with torch.no_grad():
         mine = shim.token_logprobs(
             ids, cu_seqlens=offsets, aligned=True, prompt_lengths=[len(p) for p in prompts], engine="sglang"

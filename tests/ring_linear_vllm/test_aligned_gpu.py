@@ -14,7 +14,7 @@ pytest.importorskip("vllm")
 
 from vllm_runs import free, generate, make_llm  # noqa: E402
 
-from benchmarks.probe_aligned import mixed_prompts, served, where_they_differ  # noqa: E402
+from benchmarks.probe_aligned import mixed_prompts, packed, served, where_they_differ  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
@@ -85,9 +85,7 @@ def gap_to_the_shim(checkpoint, dtype: str, prompts, outputs) -> int:
     from common_kernels import RingLinearForCausalLM
 
     shim = RingLinearForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype), device="cuda").eval()
-    sequences = [prompt + tokens for prompt, (tokens, _, _) in zip(prompts, outputs, strict=True)]
-    offsets = [0, *torch.tensor([len(s) for s in sequences]).cumsum(0).tolist()]
-    ids = torch.tensor([t for s in sequences for t in s], device="cuda")
+    ids, offsets = packed([prompt + tokens for prompt, (tokens, _, _) in zip(prompts, outputs, strict=True)])
     with torch.no_grad():
         logprobs = shim.token_logprobs(
             ids, cu_seqlens=offsets, aligned=True, prompt_lengths=[len(p) for p in prompts]
