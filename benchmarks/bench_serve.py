@@ -9,7 +9,7 @@ Models (`--model`, one server each, prefix caching off unless the name says cach
   prompts (the figure Ring-linear's caching must reach);
 - `ring-linear-cached`: ours with vLLM's hybrid prefix caching ("align" mode);
 - `ring-linear-aligned`: ours in aligned mode (`RING_LINEAR_ALIGNED=1`, which brings vLLM's batch invariance;
-  chunked prefill off, as aligned mode needs), reported against `ring-linear`: what bitwise rollouts cost
+  otherwise the same flags), reported against `ring-linear`: what bitwise rollouts cost
   (issue 15's target: at most 1.35x slower).
 
 The `prefix-*` workloads (vLLM's `prefix_repetition` dataset: prompts that share a few long prefixes) are for
@@ -176,8 +176,6 @@ def serve_command(
     command = [*VLLM_CLI, "serve", str(directory), "--tokenizer", str(tokenizer), "--load-format", "dummy"]
     command += ["--port", str(port)]
     command += ["--max-model-len", str(max_model_len), "--gpu-memory-utilization", "0.9", *quantize]
-    if model.endswith("-aligned"):  # aligned mode prefills each prompt in one step
-        command.append("--no-enable-chunked-prefill")
     # hybrid models get no prefix caching unless asked for (vLLM 0.26)
     return [*command, "--enable-prefix-caching"] if cached else [*command, "--no-enable-prefix-caching"]
 

@@ -80,18 +80,14 @@ def compile_report(fn, dtype: str, constexprs: dict, num_warps: int, num_stages:
 def kernels(block_v: int, block_k: int, chunk: int = prefill.CHUNK, seg: int = 1024) -> list[tuple[str, object, dict]]:
     # F32_DOT is the interpreter's upcast only; a GPU build multiplies fp32 operands as TF32 (the default)
     shape = {"H": 16, "K": 128, "V": 128, "BT": chunk, "SEG": seg, "F32_DOT": False, "DOT_PRECISION": "tf32"}
-    shape |= {"ALIGNED": False}  # (prefill only) the batch-invariant variants follow as "... aligned"
     tiles_v, tiles_k = shape | {"BV": block_v}, shape | {"BK": block_k}
-    aligned, one_launch = {"ALIGNED": True}, {"ONE_LAUNCH": True}
+    one_launch = {"ONE_LAUNCH": True}
     forward = tiles_v | {"ONE_LAUNCH": False}
     return [
         ("prefill delta", prefill._segment_delta_kernel, tiles_v),
         ("prefill scan", prefill._segment_scan_kernel, shape | {"BE": prefill.SCAN_BLOCK}),
         ("prefill forward", prefill._segment_forward_kernel, forward),
         ("prefill forward one-launch", prefill._segment_forward_kernel, forward | one_launch),
-        ("prefill delta aligned", prefill._segment_delta_kernel, tiles_v | aligned),
-        ("prefill scan aligned", prefill._segment_scan_kernel, shape | {"BE": prefill.SCAN_BLOCK} | aligned),
-        ("prefill forward aligned", prefill._segment_forward_kernel, forward | aligned),
         ("backward dstate", backward._segment_dstate_kernel, tiles_v),
         ("backward dscan", backward._segment_dscan_kernel, shape | {"BE": prefill.SCAN_BLOCK, "HAS_DFINAL": True}),
         ("backward dq", backward._segment_dq_kernel, tiles_k),

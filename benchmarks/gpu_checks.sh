@@ -18,8 +18,8 @@
 #   faults       the vLLM engine under faults: preemption, aborts, chunk boundaries                (~6 min)
 #   decode-2000  the 2,000-step fp32 greedy decode against the shim (a fault test of its own call)      (~2 min)
 #   prefix       pytest -m gpu: vLLM prefix caching with the linear state, cache on vs off (PYTEST_K picks) (~8 min)
-#   aligned      pytest -m gpu: aligned mode, tiny model fp32 and bf16: a request's bits alone = in a batch of 64,
-#                and every served logprob = the aligned shim's (issue 15)                              (~3 min)
+#   aligned      pytest -m gpu: aligned mode, tiny model fp32 and bf16, chunked prefill and prefix caching on: a
+#                request's bits alone = in a batch of 64 = resent through the cache = the aligned shim's (issue 15) (~4 min)
 #   aligned-mini the same on a random Ring-mini of one layer group (5 layers), bf16                  (untimed)
 #   aligned-probe  probe_aligned: where aligned mode's batch invariance breaks, first prompt / generated position
 #                per request (PROBE_ARGS, e.g. "--eager --dtype bfloat16")                            (~2 min)
@@ -33,8 +33,8 @@
 #   serve-twin-cached  the twin with prefix caching (its warm pass hits the cache)          (~7 min)
 #   serve-ring-cached  ring-linear with prefix caching (SERVE_WORKLOADS="prefix-4k prefix-32k", then the twin's
 #                same; issue 13)                                          (~4 min with those two; both: ~8.5 min)
-#   serve-ring-aligned  ring-linear in aligned mode (chunked prefill off); the report sets it against serve-ring's runs
-#                in the same SERVE_OUT: SERVE_WORKLOADS="chat reasoning" for both (issue 15's cost)    (untimed)
+#   serve-ring-aligned  ring-linear in aligned mode (otherwise the same flags); the report sets it against
+#                serve-ring's runs in the same SERVE_OUT: SERVE_WORKLOADS="chat reasoning" for both (issue 15's cost)    (untimed)
 #   serve-report the ratio table of the serve steps' results (SERVE_OUT, default OUTDIR/serve)
 #                (SERVE_WORKLOADS picks workloads, else bench_serve's four, which take longer than one 10-minute
 #                device call; SERVE_PASSES=cold runs the cold pass alone; SERVE_SIZE=flash, SERVE_LAYERS=N and

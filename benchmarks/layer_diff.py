@@ -25,7 +25,7 @@ def shim_outputs(
         with torch.no_grad():
             ids = torch.tensor([prompt], device=device)
             if aligned:
-                shim.token_logprobs(ids[0], cu_seqlens=[0, len(prompt)], aligned=True, prompt_lengths=[len(prompt)])
+                shim.token_logprobs(ids[0], cu_seqlens=[0, len(prompt)], aligned=True)
             else:
                 shim(ids)
     finally:

@@ -81,8 +81,7 @@ def main() -> None:
         seed=0,
         skip_tokenizer_init=True,
         enforce_eager=args.eager,
-        enable_chunked_prefill=False,
-        max_num_batched_tokens=512,
+        max_num_batched_tokens=128,  # chunked prefill splits the longer prompts
     )
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=0, prompt_logprobs=0)
 

@@ -15,7 +15,7 @@ from sglang.srt.layers.attention.hybrid_linear_attn_backend import MambaAttnBack
 from sglang.srt.runtime_context import get_parallel
 
 from common_kernels.ops.linear_attn import linear_attention_decode
-from common_kernels.ops.linear_attn.aligned import aligned_decode_block_v
+from common_kernels.ops.linear_attn.aligned import aligned_block_v
 from common_kernels.serving import (
     LinearAttentionStep,
     aligned_mode,
@@ -38,8 +38,8 @@ class RingLinearAttnBackend(MambaAttnBackendBase):
             layer: rank_decay_rates(config, layer, tp_size, tp_rank, self.device) for layer in config.linear_layer_ids
         }
         self.step: LinearAttentionStep | None = None
-        self.aligned = aligned_mode()  # aligned prefill plans and a fixed decode tile (`ops.linear_attn.aligned`)
-        self.decode_block_v = aligned_decode_block_v(self.head_dim) if self.aligned else None
+        self.aligned = aligned_mode()  # every token through the state one by one (`ops.linear_attn.aligned`)
+        self.decode_block_v = aligned_block_v(self.head_dim) if self.aligned else None
         self._warm_up(model_runner)
 
     def _warm_up(self, model_runner) -> None:
@@ -112,8 +112,10 @@ class RingLinearAttnBackend(MambaAttnBackendBase):
         layer_id = layer.layer_id if layer is not None else kwargs["layer_id"]
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         slots = self.forward_metadata.mamba_cache_indices[: q.shape[0]]
+        # aligned: flags (none fresh: SGLang extends a new prompt) so the decode is the aligned prefill's variant
+        fresh = torch.zeros(q.shape[0], dtype=torch.int8, device=q.device) if self.aligned else None
         out = linear_attention_decode(
-            q, k, v, self.decay_rates[layer_id], self.scale, self._state_pool(layer_id), slots,
+            q, k, v, self.decay_rates[layer_id], self.scale, self._state_pool(layer_id), slots, fresh=fresh,
             block_v=self.decode_block_v,
         )  # fmt: skip
         return out.view(q.shape[0], -1)

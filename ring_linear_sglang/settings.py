@@ -43,10 +43,10 @@ def check_server_args(server_args: Any, hf_config: Any) -> dict:
 
 def check_aligned_settings(server_args: Any) -> None:
     """Aligned mode computes every layer as the trainer does: SGLang's batch-invariant ops for the projections and
-    log-softmax (`--enable-deterministic-inference`), each prompt in one step (a chunk or a radix-cache hit would
-    start it mid-way), no prefill CUDA graph (it would replay the aligned attention with its capture batch's
-    metadata), all experts on one rank in unquantized weights in the Triton runner's layout, and a KV cache in the
-    model dtype."""
+    log-softmax (`--enable-deterministic-inference`), each prompt in one step (vLLM serves aligned mode with
+    chunked prefill and prefix caching; on SGLang neither has run on a GPU yet), no prefill CUDA graph (it would
+    replay the aligned attention with its capture batch's metadata), all experts on one rank in unquantized
+    weights in the Triton runner's layout, and a KV cache in the model dtype."""
     chunk = getattr(server_args, "chunked_prefill_size", None)
     tp, ep = getattr(server_args, "tp_size", 1), getattr(server_args, "ep_size", 1)
     quantization = getattr(server_args, "quantization", None)

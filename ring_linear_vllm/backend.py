@@ -14,7 +14,7 @@ from vllm.v1.attention.backends.linear_attn import (
     BailingLinearAttentionMetadataBuilder,
 )
 
-from common_kernels.serving import ALIGNED_MODE_SWITCH, LinearAttentionStep, aligned_mode, build_step
+from common_kernels.serving import LinearAttentionStep, aligned_mode, build_step
 
 
 @dataclass
@@ -31,8 +31,6 @@ class RingLinearMetadataBuilder(BailingLinearAttentionMetadataBuilder):
         # persistent, so a captured decode graph reads this step's flags
         self.decode_fresh_buffer = torch.zeros(self.decode_cudagraph_max_bs, dtype=torch.int8, device=device)
         self.aligned = aligned_mode()
-        if self.aligned:
-            check_chunks_on_the_aligned_grid(vllm_config)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False, **kwargs) -> RingLinearMetadata:
         base = super().build(common_prefix_len, common_attn_metadata, fast_build, **kwargs)
@@ -70,17 +68,6 @@ class RingLinearMetadataBuilder(BailingLinearAttentionMetadataBuilder):
         mode = self.compilation_config.cudagraph_mode
         full = mode is not None and mode.has_full_cudagraphs()
         return full and base.num_prefills == 0 and 0 < base.num_decodes <= self.decode_cudagraph_max_bs
-
-
-def check_chunks_on_the_aligned_grid(vllm_config) -> None:
-    """Aligned mode needs each prompt prefilled in one step: a trainer cannot know where chunked prefill (or a
-    prefix-cache hit) would have stopped it, and a one-token last chunk runs as a decode."""
-    if vllm_config.scheduler_config.enable_chunked_prefill:
-        raise ValueError(
-            f"ring-linear: {ALIGNED_MODE_SWITCH}=1 needs each prompt prefilled in one step, and chunked prefill "
-            f"would stop some anywhere: pass --no-enable-chunked-prefill (with --max-num-batched-tokens at least "
-            f"--max-model-len)"
-        )
 
 
 def _host_offsets(common_attn_metadata) -> list[int] | None:

@@ -87,8 +87,8 @@ def check_prefix_caching(vllm_config) -> None:
     """vLLM's hybrid prefix caching ("align" mode: the linear state cached at each block's end, equal to caching off
     on the GPU: `tests/ring_linear_vllm/test_prefix_caching_gpu.py`, on vLLM 0.26; other versions keep it off with
     a warning until the tests have run on them) wherever it is exact. It needs chunked prefill
-    (refused here, naming the flag, instead of vLLM's bare assert) and cannot run 'all' mode; aligned mode keeps it
-    off with one warning, since a hit would start a prompt mid-way where the trainer starts from its first token."""
+    (refused here, naming the flag, instead of vLLM's bare assert) and cannot run 'all' mode. Aligned mode caches
+    too: a hit resumes each token's own arithmetic (`ops.linear_attn.aligned`), so the trainer's bits still hold."""
     if os.environ.get(RETIRED_PREFIX_CACHING_SWITCH) is not None:
         logger.warning(
             "ring-linear: %s is no longer read: prefix caching follows vLLM's --enable-prefix-caching / "
@@ -104,14 +104,6 @@ def check_prefix_caching(vllm_config) -> None:
             "this is vLLM %s (vLLM 0.33 turns it on by default)",
             PREFIX_CACHING_VERIFIED_ON,
             vllm.__version__,
-        )
-        cache_config.enable_prefix_caching = False
-        return
-    if aligned_mode():
-        logger.warning(
-            "ring-linear: prefix caching is turned off in aligned mode (%s=1): a cache hit would start a prompt "
-            "mid-way, where the trainer computes it from its first token",
-            ALIGNED_MODE_SWITCH,
         )
         cache_config.enable_prefix_caching = False
         return

@@ -39,12 +39,7 @@ class ForwardContext:
     sin: torch.Tensor
     cache: RingLinearCache | None
     use_triton: bool = False  # qk-norm/RoPE, linear attention and norm/gate through the Triton kernels
-    served_prompt_lengths: list[int] | None = None  # aligned mode: linear attention as an aligned engine serves it
-
-    @property
-    def aligned(self) -> bool:
-        """Aligned mode (`RingLinearForCausalLM.token_logprobs(aligned=True)`)."""
-        return self.served_prompt_lengths is not None
+    aligned: bool = False  # aligned mode (`RingLinearForCausalLM.token_logprobs(aligned=True)`)
 
     def sequences(self):
         return zip(self.cu_seqlens[:-1], self.cu_seqlens[1:], strict=False)
@@ -218,9 +213,7 @@ class LinearAttention(nn.Module):
         )  # fmt: skip
         rates = decay_rates(c, self.layer_idx, dtype=q.dtype, device=a.device)
         if ctx.aligned:  # v as the engine passes it: widening in the kernel is exact
-            o = linear_attention_as_served(
-                q, k, v, rates, self.head_dim**-0.5, ctx.cu_seqlens, ctx.served_prompt_lengths
-            )  # fmt: skip
+            o = linear_attention_as_served(q, k, v, rates, self.head_dim**-0.5, ctx.cu_seqlens)
         else:
             initial = None if ctx.cache is None else ctx.cache.linear_states[self.layer_idx]
             attention = linear_attention_varlen_triton if ctx.use_triton else linear_attention_varlen

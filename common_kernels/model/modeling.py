@@ -9,7 +9,6 @@ sequences, so pad tokens never enter the linear state and positions restart at e
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +16,6 @@ from torch import nn
 
 from ..config import RingLinearConfig, is_integer, is_real
 from ..errors import InvalidInputError
-from ..ops.linear_attn.aligned import served_split
 from ..ops.moe.router_gemm import router_logits
 from ..ops.packing import is_partition
 from ..ops.rope.naive import rotary_cos_sin, rotary_inv_freq
@@ -51,10 +49,10 @@ class RingLinearModel(nn.Module):
         cu_seqlens: list[int],
         cache: RingLinearCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        served_prompt_lengths: list[int] | None = None,
+        aligned: bool = False,
     ) -> torch.Tensor:
         """Packed tokens `[T]` (or embeddings `[T, D]`) -> final-norm hidden states `[T, D]` (model dtype).
-        `served_prompt_lengths`: aligned mode (`RingLinearForCausalLM.token_logprobs` says what it covers)."""
+        `aligned`: aligned mode (`RingLinearForCausalLM.token_logprobs` says what it covers)."""
         dtype = self.dtype
         h = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         h = h.to(compute_dtype(RESIDUAL_DTYPE, dtype))
@@ -70,7 +68,7 @@ class RingLinearModel(nn.Module):
             sin=sin,
             cache=cache,
             use_triton=use_triton,
-            served_prompt_lengths=served_prompt_lengths,
+            aligned=aligned,
         )
         for layer in self.layers:
             h = layer(h, ctx, dtype)
@@ -245,7 +243,6 @@ class RingLinearForCausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         chunk_size: int = 1024,
         aligned: bool = False,
-        prompt_lengths: Sequence[int] | None = None,
         engine: str = "vllm",
     ) -> torch.Tensor:
         """`log p(x_t | x_<t)` of every token, in fp32, shaped like `input_ids`.
@@ -254,9 +251,9 @@ class RingLinearForCausalLM(nn.Module):
         and log-softmax run `chunk_size` tokens at a time, so `[T, V]` logits are never held at once.
         Differentiable.
 
-        aligned: compute the linear layers as an engine in aligned mode (`RING_LINEAR_ALIGNED=1`) does: each
-            sequence's first `prompt_lengths[n]` tokens prefilled, the generated rest decoded token by token, with
-            the engine's kernels, whatever the batch (`common_kernels.ops.linear_attn.aligned`); the RMSNorms and
+        aligned: compute each token as an engine in aligned mode (`RING_LINEAR_ALIGNED=1`) does, the same bits
+            whatever the batch and however the engine split the sequence into prefill chunks and decodes: the linear
+            layers token by token with the engine's kernel (`common_kernels.ops.linear_attn.aligned`), the RMSNorms,
             the MoE layers (router, routed and shared experts) and softmax attention through the batch-invariant
             kernels an aligned engine runs (`ops.norm.rms`, `ops.moe.aligned`, `ops.attention.aligned`), the LM
             head through the aligned fixed-tile GEMM, and, on a GPU with the engine installed, the projections and
@@ -265,18 +262,14 @@ class RingLinearForCausalLM(nn.Module):
         """
         if not (is_integer(chunk_size) and chunk_size > 0):
             raise InvalidInputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-        if aligned and (prompt_lengths is None or self.model.use_triton is False):
-            raise InvalidInputError(
-                "aligned=True needs prompt_lengths (each sequence's prompt, the rest was generated) and the Triton "
-                "kernels (use_triton not False)"
-            )
+        if aligned and self.model.use_triton is False:
+            raise InvalidInputError("aligned=True runs the engine's Triton kernels: leave use_triton unset (or True)")
         if aligned:
             check_engine(engine)
             if self.model.word_embeddings.weight.is_cuda:
                 use_engine_invariance(engine)
         hidden, packed_ids, offsets, restore = self._hidden(
-            input_ids, position_ids, cu_seqlens, attention_mask, None, None,
-            served_prompt_lengths=list(prompt_lengths) if aligned else None,
+            input_ids, position_ids, cu_seqlens, attention_mask, None, None, aligned=aligned
         )  # fmt: skip
         T = hidden.shape[0]
         predicted = torch.ones(T, dtype=torch.bool, device=hidden.device)
@@ -293,9 +286,7 @@ class RingLinearForCausalLM(nn.Module):
         out = torch.where(predicted, out, torch.zeros_like(out))
         return restore(out[:, None])[..., 0]
 
-    def _hidden(
-        self, input_ids, position_ids, cu_seqlens, attention_mask, cache, inputs_embeds, served_prompt_lengths=None
-    ):
+    def _hidden(self, input_ids, position_ids, cu_seqlens, attention_mask, cache, inputs_embeds, aligned=False):
         """Pack the input and run the decoder: hidden `[T, D]`, packed ids, offsets, and a re-padding function."""
         source = input_ids if input_ids is not None else inputs_embeds
         if source is None:
@@ -326,12 +317,7 @@ class RingLinearForCausalLM(nn.Module):
         if offsets[-1] == 0:  # nothing to run (empty input, or every row masked out)
             hidden = torch.zeros(0, self.config.hidden_size, dtype=self.dtype, device=source.device)
             return hidden, ids, offsets, restore
-        if served_prompt_lengths is not None:
-            try:
-                served_split(offsets, served_prompt_lengths)
-            except ValueError as error:
-                raise InvalidInputError(str(error)) from None
-        hidden = self.model(ids, positions.to(source.device), offsets, cache, embeds, served_prompt_lengths)
+        hidden = self.model(ids, positions.to(source.device), offsets, cache, embeds, aligned)
         return hidden, ids, offsets, restore
 
     # ----- generation -------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ops.linear_attn import SegmentPlan, linear_attention_decode, linear_attention_prefill, plan_prefill
-from ..ops.linear_attn.aligned import aligned_decode_block_v, aligned_plan
+from ..ops.linear_attn.aligned import aligned_block_v, linear_attention_aligned
 
 
 @dataclass
@@ -33,8 +33,8 @@ class LinearAttentionStep:
     prefill_cu_seqlens: torch.Tensor | None = None  # [P+1] int32 offsets into the prefill rows, from 0
     prefill_slots: torch.Tensor | None = None  # [P] int pool slots
     prefill_fresh: torch.Tensor | None = None  # [P] int8, 1 = the first chunk of a request (zero state)
-    prefill_plan: SegmentPlan | None = None  # segment tables (they carry the segment length)
-    aligned: bool = False  # aligned mode: an aligned prefill plan and a fixed decode tile (`ops.linear_attn.aligned`)
+    prefill_plan: SegmentPlan | None = None  # segment tables (they carry the segment length); None in aligned mode
+    aligned: bool = False  # aligned mode: every token through the state one by one (`ops.linear_attn.aligned`)
 
     @property
     def num_tokens(self) -> int:
@@ -55,13 +55,18 @@ class LinearAttentionStep:
         padded = 0
         if self.decode_slots is not None and self.decode_slots.shape[0] > 0:
             padded = self.decode_slots.shape[0]
-            block_v = aligned_decode_block_v(v.shape[-1]) if self.aligned else None
+            block_v = aligned_block_v(v.shape[-1]) if self.aligned else None
             linear_attention_decode(
                 q[:padded], k[:padded], v[:padded], decay_rate, scale, state_pool, self.decode_slots,
                 fresh=self.decode_fresh, out=out[:padded], block_v=block_v,
             )  # fmt: skip
         out[padded:nd].zero_()
-        if self.num_prefill_tokens > 0:
+        if self.num_prefill_tokens > 0 and self.aligned:
+            linear_attention_aligned(
+                q[nd:nt], k[nd:nt], v[nd:nt], decay_rate, scale, self.prefill_cu_seqlens, state_pool,
+                self.prefill_slots, self.prefill_fresh, out=out[nd:nt],
+            )  # fmt: skip
+        elif self.num_prefill_tokens > 0:
             linear_attention_prefill(
                 q[nd:nt], k[nd:nt], v[nd:nt], decay_rate, scale, self.prefill_cu_seqlens, state_pool,
                 self.prefill_slots, self.prefill_fresh, plan=self.prefill_plan, out=out[nd:nt],
@@ -98,8 +103,8 @@ def build_step(
             prefill offsets reuse one segment plan (vLLM builds a step per KV-cache group).
         decode_fresh_buffer: a persistent `[>= B]` int8 buffer to write the decode flags into, where a
             captured decode graph reads them from a fixed address.
-        aligned: aligned mode (`RING_LINEAR_ALIGNED`): each request's result independent of the batch, equal to
-            `linear_attention_as_served` when the engine prefills each prompt in one step.
+        aligned: aligned mode (`RING_LINEAR_ALIGNED`): each request's result independent of the batch and of where
+            its prefill was split, equal to `linear_attention_as_served`.
     """
     R = num_decodes + num_prefills
     query_lens = query_start_loc[1 : R + 1] - query_start_loc[:R]
@@ -120,28 +125,25 @@ def build_step(
         step.prefill_cu_seqlens = (starts - starts[0]).to(torch.int32)
         step.prefill_slots = prefill_slots
         step.prefill_fresh = is_fresh[num_decodes:R]
-        host = None if query_start_loc_host is None else tuple(query_start_loc_host[num_decodes : R + 1])
-        step.prefill_plan = _shared_plan(
-            host, step.prefill_cu_seqlens, num_prefill_tokens, num_heads, head_dim_v, max_query_len, aligned
-        )
+        if not aligned:
+            host = None if query_start_loc_host is None else tuple(query_start_loc_host[num_decodes : R + 1])
+            step.prefill_plan = _shared_plan(
+                host, step.prefill_cu_seqlens, num_prefill_tokens, num_heads, head_dim_v, max_query_len
+            )
     return step
 
 
 _last_plan: tuple[tuple, SegmentPlan] | None = None
 
 
-def _shared_plan(host_starts, cu_seqlens, total_tokens, num_heads, head_dim_v, max_seqlen, aligned) -> SegmentPlan:
+def _shared_plan(host_starts, cu_seqlens, total_tokens, num_heads, head_dim_v, max_seqlen) -> SegmentPlan:
     """`plan_prefill`, reused while the prefill offsets stay the same: the plan is a pure function of them,
     so a repeat (the step's next KV-cache group) takes the tables already on the device."""
     global _last_plan
-    key = host_starts and (host_starts, total_tokens, num_heads, head_dim_v, max_seqlen, cu_seqlens.device, aligned)
+    key = host_starts and (host_starts, total_tokens, num_heads, head_dim_v, max_seqlen, cu_seqlens.device)
     if key is not None and _last_plan is not None and _last_plan[0] == key:
         return _last_plan[1]
-    plan = (
-        aligned_plan(cu_seqlens, total_tokens, num_heads, head_dim_v)
-        if aligned
-        else plan_prefill(cu_seqlens, total_tokens, num_heads, head_dim_v, max_seqlen=max_seqlen)
-    )
+    plan = plan_prefill(cu_seqlens, total_tokens, num_heads, head_dim_v, max_seqlen=max_seqlen)
     if key is not None:
         _last_plan = (key, plan)
     return plan

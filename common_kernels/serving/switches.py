@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 # Aligned mode (`common_kernels.ops.linear_attn.aligned`): the engine computes each request the way the shim's
-# `token_logprobs(..., prompt_lengths=...)` does, whatever the batch.
+# `token_logprobs(..., aligned=True)` does, whatever the batch and however its prefill was split.
 ALIGNED_MODE_SWITCH = "RING_LINEAR_ALIGNED"
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.linear_attn import linear_attention_decode, linear_attention_prefill, plan_prefill, prefill
-from ..ops.linear_attn.aligned import aligned_plan
+from ..ops.linear_attn.aligned import linear_attention_aligned
 from ..ops.linear_attn.decode import wide_tile_min_rows
 
 _warmed: set[tuple] = set()
@@ -35,7 +35,7 @@ def warm_up_linear_attention(
     and, once per process and shape, the decode's variants. Nothing touches a state pool: every slot is -1.
     The prefill's output goes to `out` when given (the profiling forward's result), else it is dropped.
     `slot_dtype` is the engine's slot-index dtype (pointer types are part of a compiled variant). `aligned`: the
-    engine serves in aligned mode, whose prefill is its own variant (the decode's tile is one of the two above)."""
+    engine serves in aligned mode, whose prefill is the decode's narrow-tile variant run over whole sequences."""
     T, H, K = q.shape
     V = v.shape[-1]
     device = q.device
@@ -44,8 +44,11 @@ def warm_up_linear_attention(
         N = max(1, min(max_num_seqs, T))
         cu_seqlens = torch.div(torch.arange(N + 1, device=device) * T, N, rounding_mode="floor").to(torch.int32)
         slots = torch.full((N,), -1, dtype=slot_dtype, device=device)
-        plan = aligned_plan(cu_seqlens, T, H, V) if aligned else None
-        linear_attention_prefill(q, k, v, decay_rate, scale, cu_seqlens, scratch_pool, slots, out=out, plan=plan)
+        if aligned:
+            fresh = torch.ones(N, dtype=torch.int8, device=device)
+            linear_attention_aligned(q, k, v, decay_rate, scale, cu_seqlens, scratch_pool, slots, fresh, out=out)
+        else:
+            linear_attention_prefill(q, k, v, decay_rate, scale, cu_seqlens, scratch_pool, slots, out=out)
         if not aligned and prefill.ONE_LAUNCH_MAX_TOKENS > 0:  # the one-launch variant of short steps too
             one = cu_seqlens[:2].clamp(max=1)
             plan = plan_prefill(one, 1, H, V, max_seqlen=1)

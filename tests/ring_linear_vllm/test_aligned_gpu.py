@@ -1,7 +1,7 @@
 """Aligned mode on a GPU (vLLM 0.26): with `RING_LINEAR_ALIGNED=1` (which brings `VLLM_BATCH_INVARIANT=1`) a
 request's prompt and sampled-token logprobs are bit for bit the same alone and inside a batch of 64 mixed-length
-requests; the default mode is held to no such thing. Chunked prefill is off (aligned mode's requirement without
-prefix caching), CUDA graphs on.
+requests, resent through the prefix cache, and equal to the aligned shim's; chunked prefill (a small token budget,
+so prompts split mid-way), prefix caching and CUDA graphs on.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def test_a_request_gets_the_same_bits_alone_and_in_a_batch_of_64(tiny_trained, m
 def test_ring_mini_shapes_one_layer_group_bf16(ring_mini_one_group, monkeypatch):
     """Ring-mini's shapes (16 heads of 128, 256 experts, top-8 of 8 groups, a 157K vocabulary) with random weights,
     cut to one layer group: a dense layer, three linear MoE layers and a softmax MoE layer."""
-    check_aligned_serving(ring_mini_one_group, "bfloat16", monkeypatch)
+    check_aligned_serving(ring_mini_one_group, "bfloat16", monkeypatch, budget=512, must_hit=False)
 
 
 @pytest.fixture(scope="module")
@@ -52,18 +52,24 @@ def ring_mini_one_group(tmp_path_factory):
     return path
 
 
-def check_aligned_serving(checkpoint, dtype: str, monkeypatch) -> None:
-    """64 mixed-length requests in one engine (CUDA graphs, torch.compile), every 7th again alone: the same bits
-    alone and in the batch, and every prompt and sampled-token logprob equal to the aligned shim's."""
+def check_aligned_serving(checkpoint, dtype: str, monkeypatch, budget: int = 128, must_hit: bool = True) -> None:
+    """64 mixed-length requests in one engine (CUDA graphs, torch.compile, chunked prefill over `budget`-token
+    steps: vLLM's align mode needs one block at least; prefix caching), every 7th again alone, then again without
+    prompt logprobs so that it reads the prefix cache (vLLM recomputes a prompt whose logprobs are asked for): the
+    same bits each time, and every prompt and sampled-token logprob equal to the aligned shim's. `must_hit`: the
+    prompts span cache blocks (the tiny model's blocks are small; Ring-mini's 512-token blocks are longer than
+    these prompts)."""
     monkeypatch.setenv("RING_LINEAR_ALIGNED", "1")
     monkeypatch.setenv("VLLM_BATCH_INVARIANT", "1")
     prompts = mixed_prompts()
     llm = make_llm(
-        checkpoint, dtype=dtype, enable_chunked_prefill=False, max_num_batched_tokens=512, enforce_eager=False
-    )
+        checkpoint, dtype=dtype, enable_chunked_prefill=True, enable_prefix_caching=True,
+        max_num_batched_tokens=budget, enforce_eager=False,
+    )  # fmt: skip
     try:
         batch = served(generate(llm, prompts, 16, logprobs=0, prompt_logprobs=0))
         alone = [served(generate(llm, [p], 16, logprobs=0, prompt_logprobs=0))[0] for p in prompts[::7]]
+        resent = [generate(llm, [p], 16, logprobs=0)[0] for p in prompts[::7]]
     finally:
         free(llm)
     differences = [where_they_differ(a, b) for a, b in zip(alone, batch[::7], strict=True)]
@@ -72,8 +78,16 @@ def check_aligned_serving(checkpoint, dtype: str, monkeypatch) -> None:
     for index, where in zip(range(0, len(prompts), 7), differences, strict=True):
         if where is not None:
             print(f"  request {index} ({len(prompts[index])} prompt tokens): {where}")
+    hits = [o.num_cached_tokens or 0 for o in resent]
+    cached = [
+        (list(o.outputs[0].token_ids), [next(iter(d.values())).logprob for d in o.outputs[0].logprobs]) for o in resent
+    ]
+    cache_unequal = sum(c != b[:2] for c, b in zip(cached, batch[::7], strict=True))
+    print(f"[{dtype}] resent through the prefix cache: hits (tokens) {hits}; {cache_unequal} differ from the batch")
     shim_unequal = gap_to_the_shim(checkpoint, dtype, prompts, batch)
     assert unequal == 0
+    assert not must_hit or any(hits), "no resent request hit the prefix cache"
+    assert cache_unequal == 0
     assert shim_unequal == 0, f"{shim_unequal} token logprobs of the aligned shim differ from the engine's"
 
 
@@ -87,9 +101,7 @@ def gap_to_the_shim(checkpoint, dtype: str, prompts, outputs) -> int:
     shim = RingLinearForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype), device="cuda").eval()
     ids, offsets = packed([prompt + tokens for prompt, (tokens, _, _) in zip(prompts, outputs, strict=True)])
     with torch.no_grad():
-        logprobs = shim.token_logprobs(
-            ids, cu_seqlens=offsets, aligned=True, prompt_lengths=[len(p) for p in prompts]
-        ).cpu()
+        logprobs = shim.token_logprobs(ids, cu_seqlens=offsets, aligned=True).cpu()
     engine = torch.tensor([x for (_, sampled, prompt_lp) in outputs for x in [0.0, *prompt_lp, *sampled]])
     mine = torch.cat([logprobs[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)])
     gap = (mine.double() - engine.double()).abs()

@@ -1,6 +1,6 @@
 """Aligned mode's switches in vLLM (CPU): `RING_LINEAR_ALIGNED=1` brings vLLM's batch invariance, is refused with a
-vLLM whose batch invariance was turned off (and the reverse), needs each prompt in one step, and makes every
-step's linear attention aligned. Bitwise equality itself needs a GPU (`common_kernels` tests it on the kernels)."""
+vLLM whose batch invariance was turned off (and the reverse), keeps chunked prefill and prefix caching, and makes
+every step's linear attention aligned. Bitwise equality itself needs a GPU (`common_kernels` tests the kernels)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ import pytest
 import torch
 
 pytest.importorskip("vllm")
-
-from common_kernels.ops.linear_attn.aligned import ALIGNED_SEGMENT  # noqa: E402
 
 
 @pytest.fixture
@@ -58,25 +56,21 @@ def _builder(vllm_tools, tiny_dir, **engine_kwargs):
         )
 
 
-def test_aligned_mode_keeps_prefix_caching_off_with_a_warning(vllm_tools, tiny_dir, aligned_env, caplog, monkeypatch):
+def test_aligned_mode_keeps_chunked_prefill_and_prefix_caching(vllm_tools, tiny_dir, aligned_env, caplog, monkeypatch):
+    """A token's bits do not depend on where a chunk or a cache hit split its prompt, so neither is turned off."""
     from ring_linear_vllm import engine_config
 
     monkeypatch.setattr(engine_config.vllm, "__version__", "0.26.0")  # where caching is served
-    cfg = vllm_tools.engine_config(tiny_dir, enable_prefix_caching=True, enable_chunked_prefill=False)
-    assert not cfg.cache_config.enable_prefix_caching
-    assert "prefix caching is turned off in aligned mode" in caplog.text
-
-
-def test_aligned_mode_refuses_chunked_prefill(vllm_tools, tiny_dir, aligned_env):
-    with pytest.raises(ValueError, match="each prompt prefilled in one step.*pass --no-enable-chunked-prefill"):
-        _builder(vllm_tools, tiny_dir, enable_chunked_prefill=True)
+    cfg = vllm_tools.engine_config(tiny_dir, enable_prefix_caching=True, enable_chunked_prefill=True)
+    assert cfg.cache_config.enable_prefix_caching and cfg.scheduler_config.enable_chunked_prefill
+    assert "turned off" not in caplog.text
 
 
 def test_aligned_mode_runs_every_step_aligned_and_declares_batch_invariance(vllm_tools, tiny_dir, aligned_env):
-    backend, builder = _builder(vllm_tools, tiny_dir, enable_chunked_prefill=False)
+    backend, builder = _builder(vllm_tools, tiny_dir, enable_chunked_prefill=True)
     assert backend.supports_batch_invariance()
     meta = builder.build(0, vllm_tools.common_metadata([1, 7, 6], [10, 7, 20], [5, 3, 0], builder.device))
-    assert meta.step.aligned and meta.step.prefill_plan.aligned and meta.step.prefill_plan.seg == ALIGNED_SEGMENT
+    assert meta.step.aligned and meta.step.prefill_plan is None  # token by token: no segment plan
 
 
 def test_without_aligned_mode_the_steps_are_the_default_ones(vllm_tools, tiny_dir, monkeypatch):
@@ -85,7 +79,7 @@ def test_without_aligned_mode_the_steps_are_the_default_ones(vllm_tools, tiny_di
     backend, builder = _builder(vllm_tools, tiny_dir)
     assert not backend.supports_batch_invariance()
     meta = builder.build(0, vllm_tools.common_metadata([1, 7, 6], [10, 7, 20], [5, 3, 0], builder.device))
-    assert not meta.step.aligned and not meta.step.prefill_plan.aligned
+    assert not meta.step.aligned and meta.step.prefill_plan is not None
 
 
 def _gates(model) -> list:

@@ -1,14 +1,12 @@
-"""Aligned mode's linear attention: what an engine in aligned mode computes for a request, as one call a trainer
-can make.
+"""Aligned mode's linear attention: every token through its sequence's state one at a time, prompt and generated
+tokens alike, with one fixed V-tile, so a token's bits depend on nothing but its sequence.
 
-An aligned engine prefills a request's prompt with the aligned prefill (`plan_prefill(aligned=True)` on the
-`ALIGNED_SEGMENT` grid: the same bits alone or in any batch, in one pass or in chunks stopped on the grid), then
-decodes each generated token in its own step with a fixed V-tile (`ALIGNED_DECODE_BLOCK_V`; the default picks the
-tile from the batch size, and the tile sets the order of the output's sum). A one-token prompt is a decode from
-a zero state (vLLM schedules it as one; SGLang would prefill it, and refuses aligned mode for now).
-`linear_attention_as_served` does the same: the prompts through the aligned prefill, the generated tokens of each
-sequence through the decode kernel in one launch, which runs them through the state in order with the arithmetic
-of that many steps.
+The engines' default prefill cuts a step's prompts into segments sized by the batch and sums segment states in an
+order set by where a chunk starts: a trainer could not know either. Run token by token instead, a token's result
+is the same whether the engine prefilled it in one step or in chunks stopped anywhere (chunked prefill, a
+prefix-cache hit), decoded it, or served it alone or in any batch; and it is what the shim computes over the whole
+sequence in one launch (`linear_attention_as_served`). Prefill and decode are one compiled kernel
+(`decode._decode_kernel`, varlen or fixed-length by a runtime argument).
 """
 
 from __future__ import annotations
@@ -19,72 +17,53 @@ import torch
 
 from .backward import linear_attention_varlen_triton
 from .decode import linear_attention_decode
-from .prefill import SegmentPlan, linear_attention_prefill, plan_prefill
 
-ALIGNED_SEGMENT = 64  # divides vLLM's align-mode blocks (512 tokens on Ring-mini), where its prefill chunks stop
-ALIGNED_DECODE_BLOCK_V = 64
-
-
-def aligned_decode_block_v(head_dim_v: int) -> int:
-    """The decode's V-tile in aligned mode, whatever the batch."""
-    return min(ALIGNED_DECODE_BLOCK_V, head_dim_v)
+ALIGNED_BLOCK_V = 16  # aligned mode's one V-tile: the tile sets the output sum's order; 16 columns keep 8 programs
+# per head busy on a single long prompt
 
 
-def aligned_plan(cu_seqlens: torch.Tensor, total_tokens: int, num_heads: int, head_dim_v: int) -> SegmentPlan:
-    """Aligned mode's prefill plan: `ALIGNED_SEGMENT` segments from each sequence's first token, whatever the batch."""
-    return plan_prefill(cu_seqlens, total_tokens, num_heads, head_dim_v, segment_size=ALIGNED_SEGMENT, aligned=True)
+def aligned_block_v(head_dim_v: int) -> int:
+    """The V-tile of aligned mode's kernel, whatever the batch."""
+    return min(ALIGNED_BLOCK_V, head_dim_v)
 
 
-def served_split(offsets: Sequence[int], prompt_lengths: Sequence[int]) -> list[tuple[int, int, int]]:
-    """Each sequence's `(start, first decoded row, end)`: rows before the second are prefilled, the rest decoded.
-
-    Raises ValueError naming the sequence when a prompt length is not in `[1, sequence length]`."""
-    if len(prompt_lengths) != len(offsets) - 1:
-        raise ValueError(f"prompt_lengths has {len(prompt_lengths)} entries for {len(offsets) - 1} sequences")
-    split = []
-    for n, (start, end, prompt) in enumerate(zip(offsets[:-1], offsets[1:], prompt_lengths, strict=True)):
-        if not 1 <= prompt <= end - start:
-            raise ValueError(f"prompt_lengths[{n}] = {prompt}: a prompt holds 1 to {end - start} tokens (its sequence)")
-        split.append((start, start if prompt == 1 else start + prompt, end))
-    return split
-
-
-def _as_served(q, k, v, decay_rate, scale, offsets, prompt_lengths) -> torch.Tensor:
-    T, H, _ = q.shape
-    V = v.shape[-1]
-    split = served_split(offsets, prompt_lengths)
-    out = torch.zeros((T, H, V), dtype=q.dtype, device=q.device)
-    pool = torch.zeros((len(split), H, q.shape[-1], V), dtype=torch.float32, device=q.device)
-    prefilled = [(n, a, b) for n, (a, b, _) in enumerate(split) if b > a]
-    if prefilled:
-        rows = torch.cat([torch.arange(a, b, device=q.device) for _, a, b in prefilled])
-        lengths = torch.tensor([0] + [b - a for _, a, b in prefilled], device=q.device)
-        cu = lengths.cumsum(0).to(torch.int32)
-        slots = torch.tensor([n for n, _, _ in prefilled], dtype=torch.int32, device=q.device)
-        plan = aligned_plan(cu, rows.numel(), H, V)
-        out[rows] = linear_attention_prefill(
-            q[rows], k[rows], v[rows], decay_rate, scale, cu, pool, slots, plan=plan
-        )  # fmt: skip
-    for n, (start, first, end) in enumerate(split):
-        if end > first:
-            slot = torch.tensor([n], dtype=torch.int32, device=q.device)
-            fresh = torch.tensor([int(first == start)], dtype=torch.int8, device=q.device)
-            out[first:end] = linear_attention_decode(
-                q[first:end], k[first:end], v[first:end], decay_rate, scale, pool, slot, tokens_per_seq=end - first,
-                fresh=fresh, block_v=aligned_decode_block_v(V),
-            )  # fmt: skip
-    return out
+def linear_attention_aligned(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    decay_rate: torch.Tensor,
+    scale: float,
+    cu_seqlens: torch.Tensor,
+    state_pool: torch.Tensor,
+    slots: torch.Tensor,
+    fresh: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Aligned mode's prefill: each sequence's rows `cu_seqlens[b] .. cu_seqlens[b+1] - 1` through its state in
+    `state_pool[slots[b]]` token by token (`fresh[b]` nonzero: from zero), in place; `linear_attention_decode`'s
+    contract otherwise. Its decode is `linear_attention_decode(..., block_v=aligned_block_v(V))` with `fresh`
+    flags (the same compiled variant: pass `fresh` here too)."""
+    return linear_attention_decode(
+        q, k, v, decay_rate, scale, state_pool, slots, fresh=fresh, out=out, block_v=aligned_block_v(v.shape[-1]),
+        cu_seqlens=cu_seqlens,
+    )  # fmt: skip
 
 
 class _AsServed(torch.autograd.Function):
-    """Forward: as served. Backward: the gradient of the standard varlen prefill (the same function of q, k, v up
-    to rounding), recomputed."""
+    """Forward: as an aligned engine serves it. Backward: the gradient of the standard varlen prefill (the same
+    function of q, k, v up to rounding), recomputed."""
 
     @staticmethod
-    def forward(ctx, q, k, v, decay_rate, scale, offsets, prompt_lengths):
+    def forward(ctx, q, k, v, decay_rate, scale, offsets):
         ctx.save_for_backward(q, k, v, decay_rate)
         ctx.scale, ctx.offsets = scale, offsets
-        return _as_served(q, k, v, decay_rate, scale, offsets, prompt_lengths)
+        T, H, K = q.shape
+        N = len(offsets) - 1
+        pool = torch.zeros((N, H, K, v.shape[-1]), dtype=torch.float32, device=q.device)
+        cu = torch.tensor(offsets, dtype=torch.int32, device=q.device)
+        slots = torch.arange(N, dtype=torch.int32, device=q.device)
+        fresh = torch.ones(N, dtype=torch.int8, device=q.device)  # the engine's flags, so its compiled variant
+        return linear_attention_aligned(q, k, v, decay_rate, scale, cu, pool, slots, fresh)
 
     @staticmethod
     def backward(ctx, do):
@@ -94,7 +73,7 @@ class _AsServed(torch.autograd.Function):
         with torch.enable_grad():
             o, _ = linear_attention_varlen_triton(*leaves, decay_rate, ctx.scale, cu)
             dq, dk, dv = torch.autograd.grad(o, leaves, do)
-        return dq, dk, dv.to(v.dtype), None, None, None, None
+        return dq, dk, dv.to(v.dtype), None, None, None
 
 
 def linear_attention_as_served(
@@ -104,17 +83,19 @@ def linear_attention_as_served(
     decay_rate: torch.Tensor,
     scale: float,
     offsets: Sequence[int],
-    prompt_lengths: Sequence[int],
 ) -> torch.Tensor:
-    """Packed sequences computed as an aligned engine computes them: each sequence's first `prompt_lengths[n]`
-    tokens prefilled, the rest decoded one by one, every sequence from a zero state.
+    """Packed sequences computed as an aligned engine computes them, each from a zero state: the same bits as the
+    engine's, however it split the sequence into prefill chunks and decode steps.
 
     Args:
         q, k: `[T, H, K]`; v: `[T, H, V]`, as the engine's layer makes them (same dtypes, same values).
         decay_rate: `[H]`; scale: multiplies q.
-        offsets: `[N+1]` host offsets of the sequences; prompt_lengths: `[N]`, each in `[1, sequence length]`.
+        offsets: `[N+1]` host offsets of the sequences, from 0 to T.
 
     Returns:
         o `[T, H, V]` in the dtype of q; differentiable (the backward is the standard prefill's).
     """
-    return _AsServed.apply(q, k, v, decay_rate, scale, list(offsets), list(prompt_lengths))
+    offsets = list(offsets)
+    if not offsets or offsets[0] != 0 or offsets[-1] != q.shape[0] or any(map(int.__gt__, offsets, offsets[1:])):
+        raise ValueError(f"linear_attention_as_served: offsets must rise from 0 to {q.shape[0]} (the rows of q)")
+    return _AsServed.apply(q, k, v, decay_rate, scale, offsets)

@@ -63,40 +63,27 @@ def _segment_delta_kernel(
     k, v, delta, cu_seqlens, seg_seq, seg_idx, nseg, rate,
     stride_kt, stride_kh, stride_vt, stride_vh,
     N, SEG, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BV: tl.constexpr, F32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
+    BT: tl.constexpr, BV: tl.constexpr, F32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     i_s, i_v, i_h, i_n, i_j, bos, eos, b_rate = segment_program(seg_seq, seg_idx, cu_seqlens, rate, N, SEG, V // BV)
     if i_n >= N:
         return
-    if not ALIGNED:  # noqa: SIM102 (a constexpr test: the runtime one is compiled out)
-        if i_j == tl.load(nseg + i_n) - 1:  # the last segment's end state is the final state: kernel 3 writes it
-            return
+    if i_j == tl.load(nseg + i_n) - 1:  # the last segment's end state is the final state: kernel 3 writes it
+        return
     o_k = tl.arange(0, K)
     o_v = i_v * BV + tl.arange(0, BV)
     o_t = tl.arange(0, BT)
     b_s = tl.zeros([K, BV], dtype=tl.float32)
-    if ALIGNED:  # every segment, the last (maybe partial) one too, in the forward's chunk arithmetic
-        for t0 in range(bos, eos, BT):
-            rows = t0 + o_t
-            m_t = rows < eos
-            b_k = tl.load(k + rows[:, None] * stride_kt + i_h * stride_kh + o_k[None, :], mask=m_t[:, None], other=0.0)
-            b_v = tl.load(v + rows[:, None] * stride_vt + i_h * stride_vh + o_v[None, :], mask=m_t[:, None], other=0.0)
-            b_v = b_v.to(k.dtype.element_ty)
-            if F32_DOT:
-                b_k, b_v = b_k.to(tl.float32), b_v.to(tl.float32)
-            c = tl.minimum(eos - t0, BT).to(tl.float32)
-            b_s = chunk_state_update(b_s, b_k, b_v, m_t, c, b_rate, o_t, DOT_PRECISION)
-    else:
-        k_decay = tl.exp(-b_rate * (BT - 1 - o_t).to(tl.float32))  # [BT]
-        chunk_decay = tl.exp(-b_rate * BT)
-        for c in range(0, SEG // BT):
-            rows = bos + c * BT + o_t
-            b_k = tl.load(k + rows[:, None] * stride_kt + i_h * stride_kh + o_k[None, :])
-            b_v = tl.load(v + rows[:, None] * stride_vt + i_h * stride_vh + o_v[None, :]).to(k.dtype.element_ty)
-            if F32_DOT:
-                b_k, b_v = b_k.to(tl.float32), b_v.to(tl.float32)
-            b_kd = (b_k * k_decay[:, None]).to(b_v.dtype)
-            b_s = b_s * chunk_decay + tl.dot(tl.trans(b_kd), b_v, input_precision=DOT_PRECISION)
+    k_decay = tl.exp(-b_rate * (BT - 1 - o_t).to(tl.float32))  # [BT]
+    chunk_decay = tl.exp(-b_rate * BT)
+    for c in range(0, SEG // BT):
+        rows = bos + c * BT + o_t
+        b_k = tl.load(k + rows[:, None] * stride_kt + i_h * stride_kh + o_k[None, :])
+        b_v = tl.load(v + rows[:, None] * stride_vt + i_h * stride_vh + o_v[None, :]).to(k.dtype.element_ty)
+        if F32_DOT:
+            b_k, b_v = b_k.to(tl.float32), b_v.to(tl.float32)
+        b_kd = (b_k * k_decay[:, None]).to(b_v.dtype)
+        b_s = b_s * chunk_decay + tl.dot(tl.trans(b_kd), b_v, input_precision=DOT_PRECISION)
     tl.store(delta + ((i_s * H + i_h) * K + o_k[:, None]).to(tl.int64) * V + o_v[None, :], b_s)
 
 
@@ -104,12 +91,10 @@ def _segment_delta_kernel(
 def _segment_scan_kernel(
     pool, start, delta, slots, fresh, nseg, seg_first, rate, cu_seqlens,
     stride_pp, stride_ph, SEG,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BE: tl.constexpr, ALIGNED: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BE: tl.constexpr,
 ):  # fmt: skip
     """Per (sequence, head, block of BE state elements): the scan is elementwise over the [K, V] state, so it
-    splits into as many programs as fill the GPU; each walks its sequence's segments in order. ALIGNED: the
-    last segment has a delta too, and the scan writes the final state (`lam^len S + dS`, as at every segment
-    boundary)."""
+    splits into as many programs as fill the GPU; each walks its sequence's segments in order."""
     i_n, i_h, i_e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_e = i_e * BE + tl.arange(0, BE)  # flat offsets into one contiguous [K, V] state
     slot = tl.load(slots + i_n).to(tl.int64)
@@ -124,20 +109,16 @@ def _segment_scan_kernel(
     length = tl.load(cu_seqlens + i_n + 1) - tl.load(cu_seqlens + i_n)
     first = tl.load(seg_first + i_n)
     offset = (first * H + i_h).to(tl.int64) * (K * V) + o_e  # int64: advances by H * K * V per segment
-    # one delta ahead, so each load's latency overlaps the previous segment's store; without ALIGNED the last
-    # segment's delta slot is never written (kernel 3 produces its end state), so its load is masked off
-    n_deltas = n_seg if ALIGNED else n_seg - 1
+    # one delta ahead, so each load's latency overlaps the previous segment's store; the last segment's delta
+    # slot is never written (kernel 3 produces its end state), so its load is masked off
+    n_deltas = n_seg - 1
     b_next = tl.load(delta + offset, mask=n_deltas > 0, other=0.0)
     for j in range(0, n_seg):
         b_delta = b_next
         b_next = tl.load(delta + offset + H * K * V, mask=j + 1 < n_deltas, other=0.0)
         tl.store(start + offset, b_s)
-        # lam^len of the segment: SEG but for a partial last one, whose end state only ALIGNED keeps
         b_s = b_s * tl.exp(-b_rate * tl.minimum(SEG, length - j * SEG).to(tl.float32)) + b_delta
         offset += H * K * V
-    if ALIGNED:  # noqa: SIM102 (a constexpr test: the runtime one is compiled out)
-        if (n_seg > 0) and (slot >= 0):
-            tl.store(p_pool, b_s.to(pool.dtype.element_ty))
 
 
 @triton.jit(do_not_specialize=["N", "SEG"], do_not_specialize_on_alignment=["slots", "fresh"])
@@ -146,8 +127,7 @@ def _segment_forward_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     stride_pp, stride_ph,
     N, SEG, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BV: tl.constexpr, F32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
-    ONE_LAUNCH: tl.constexpr,
+    BT: tl.constexpr, BV: tl.constexpr, F32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ONE_LAUNCH: tl.constexpr,
 ):  # fmt: skip
     """ONE_LAUNCH: every sequence is one segment (`plan_prefill`'s one-launch plan, empty ones included): the
     program starts from the pool (or zero) and writes the final state, with no delta or scan launch before it."""
@@ -189,9 +169,8 @@ def _segment_forward_kernel(
     if ONE_LAUNCH:
         if slot >= 0:
             tl.store(p_pool, b_s.to(pool.dtype.element_ty))
-    elif not ALIGNED:  # noqa: SIM102 (a constexpr test; aligned: the scan writes the final state)
-        if (i_j == tl.load(nseg + i_n) - 1) and (slot >= 0):
-            tl.store(p_pool, b_s.to(pool.dtype.element_ty))
+    elif (i_j == tl.load(nseg + i_n) - 1) and (slot >= 0):  # the final state: the last segment's program
+        tl.store(p_pool, b_s.to(pool.dtype.element_ty))
 
 
 def _segment_size(T: int, H: int, NV: int, chunk: int, programs: int) -> int:
@@ -218,7 +197,6 @@ def linear_attention_prefill(
     max_seqlen: int | None = None,
     plan: SegmentPlan | None = None,
     out: torch.Tensor | None = None,
-    aligned: bool = False,
 ) -> torch.Tensor:
     """Prefill packed sequences, reading and writing their states in `state_pool` in place.
 
@@ -244,8 +222,6 @@ def linear_attention_prefill(
             same batch (an engine step): built once instead of in every layer. It replaces segment_size
             and max_seqlen.
         out: optional output `[T, H, V]` (unit last stride) to write into, e.g. rows of an engine's buffer.
-        aligned: batch-invariant arithmetic on `segment_size` segments (`plan_prefill` says what it
-            guarantees); an aligned `plan` implies it.
 
     Returns:
         o `[T, H, V]` in the dtype of q (or `out`).
@@ -266,10 +242,10 @@ def linear_attention_prefill(
     if N == 0:
         return out
     if plan is None:
-        plan = plan_prefill(cu_seqlens, T, H, V, chunk_size, block_v, segment_size, max_seqlen, aligned)
+        plan = plan_prefill(cu_seqlens, T, H, V, chunk_size, block_v, segment_size, max_seqlen)
     elif plan.total_tokens != T:
         raise ValueError(f"linear_attention_prefill: the plan was made for {plan.total_tokens} tokens, q has {T}")
-    BV, BT = _block_v(V, block_v), min(chunk_size, plan.seg) if plan.aligned else chunk_size
+    BV, BT = _block_v(V, block_v), chunk_size
     _check_segment(plan.seg, BT)
     _forward(q, k, v, decay_rate, scale, cu_seqlens, state_pool, slots, fresh, plan, BT, BV, num_warps, num_stages, out)
     return out
@@ -293,31 +269,17 @@ def plan_prefill(
     block_v: int | None = None,
     segment_size: int | None = None,
     max_seqlen: int | None = None,
-    aligned: bool = False,
 ) -> SegmentPlan:
     """The segment tables `linear_attention_prefill` would build for this batch (same arguments), so that an
-    engine step builds them once for all its linear layers; about ten small device ops, no host sync.
-
-    aligned: batch-invariant arithmetic (aligned mode). Every sequence is cut into `segment_size` segments
-    from its first token whatever the batch, and every segment's end state, the final one too, is combined
-    the same way (`lam^len S + dS`, `dS` from zero in the forward's chunk arithmetic). A sequence's outputs and
-    final state are then bit for bit the same alone or in any batch, and the same whether a previous step
-    stopped it at a multiple of `segment_size` (through the pool) or not: an engine keeps its chunked-prefill
-    splits on that grid (vLLM's align-mode blocks). The chunk is `min(chunk_size, segment_size)`."""
-    if aligned:
-        if segment_size is None:
-            raise ValueError("plan_prefill: aligned=True needs segment_size (the caller's grid of positions)")
-        if segment_size < 16 or segment_size & (segment_size - 1):
-            raise ValueError(f"plan_prefill: aligned segment_size {segment_size} must be a power of two >= 16")
-        chunk_size = min(chunk_size, segment_size)
-    if not aligned and segment_size is None and max_seqlen is not None and max_seqlen <= ONE_LAUNCH_MAX_TOKENS:
+    engine step builds them once for all its linear layers; about ten small device ops, no host sync."""
+    if segment_size is None and max_seqlen is not None and max_seqlen <= ONE_LAUNCH_MAX_TOKENS:
         return one_launch_plan(cu_seqlens, total_tokens, max(chunk_size, 1 << max(max_seqlen - 1, 0).bit_length()))
     NV = head_dim_v // _block_v(head_dim_v, block_v)
     dominant = max_seqlen is not None and 2 * max_seqlen > total_tokens
     programs = target_programs(cu_seqlens.device)
     seg = segment_size or _segment_size(max_seqlen if dominant else total_tokens, num_heads, NV, chunk_size, programs)
     _check_segment(seg, chunk_size)
-    return plan_segments(cu_seqlens, total_tokens, seg, aligned)
+    return plan_segments(cu_seqlens, total_tokens, seg)
 
 
 @dataclass
@@ -331,7 +293,6 @@ class SegmentPlan:
     seg_first: torch.Tensor  # [N] int32 index of each sequence's first segment
     seg_seq: torch.Tensor  # [max_segs] int32 sequence of each slot (N = unused)
     seg_idx: torch.Tensor  # [max_segs] int32 segment index within its sequence
-    aligned: bool = False  # batch-invariant arithmetic (`plan_prefill(aligned=True)`)
     one_launch: bool = False  # one segment per sequence, empty ones too: the forward alone (`one_launch_plan`)
 
 
@@ -343,7 +304,7 @@ def one_launch_plan(cu_seqlens: torch.Tensor, total_tokens: int, seg: int) -> Se
     return SegmentPlan(seg, total_tokens, N, ones, index, index, torch.zeros_like(index), one_launch=True)
 
 
-def plan_segments(cu_seqlens: torch.Tensor, total_tokens: int, seg: int, aligned: bool = False) -> SegmentPlan:
+def plan_segments(cu_seqlens: torch.Tensor, total_tokens: int, seg: int) -> SegmentPlan:
     N = cu_seqlens.numel() - 1
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     nseg = ((lengths + seg - 1) // seg).to(torch.int32)
@@ -353,7 +314,7 @@ def plan_segments(cu_seqlens: torch.Tensor, total_tokens: int, seg: int, aligned
     seg_ids = torch.arange(max_segs, device=cu_seqlens.device)
     seg_seq = torch.searchsorted(seg_end, seg_ids, right=True).to(torch.int32)
     seg_idx = (seg_ids - seg_first[seg_seq.clamp(max=N - 1).long()]).to(torch.int32)
-    return SegmentPlan(seg, total_tokens, max_segs, nseg, seg_first, seg_seq, seg_idx, aligned)
+    return SegmentPlan(seg, total_tokens, max_segs, nseg, seg_first, seg_seq, seg_idx)
 
 
 def _forward(
@@ -377,13 +338,13 @@ def _forward(
     _segment_delta_kernel[segment_grid(max_segs, H, NV)](
         k, v, delta, cu_seqlens, plan.seg_seq, plan.seg_idx, plan.nseg, rate,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        N, SEG, H, K, V, BT, BV, INTERPRET, dot_precision(q), plan.aligned, num_warps=num_warps, num_stages=num_stages,
+        N, SEG, H, K, V, BT, BV, INTERPRET, dot_precision(q), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     scan_grid, BE = scan_launch(N, H, K, V)
     _segment_scan_kernel[scan_grid](
         state_pool, start, delta, slots, fresh, plan.nseg, plan.seg_first, rate, cu_seqlens,
         state_pool.stride(0), state_pool.stride(1), SEG,
-        H, K, V, BE, plan.aligned, num_warps=4,
+        H, K, V, BE, num_warps=4,
     )  # fmt: skip
     _launch_forward(q, k, v, o, state_pool, start, cu_seqlens, plan, slots, fresh, rate, scale, BT, BV, num_warps,
                     num_stages)  # fmt: skip
@@ -398,6 +359,6 @@ def _launch_forward(q, k, v, o, state_pool, start, cu_seqlens, plan, slots, fres
         q, k, v, o, state_pool, start, cu_seqlens, plan.seg_seq, plan.seg_idx, plan.nseg, slots, fresh, rate, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
         state_pool.stride(0), state_pool.stride(1),
-        N, plan.seg, H, K, V, BT, BV, INTERPRET, dot_precision(q), plan.aligned, plan.one_launch,
+        N, plan.seg, H, K, V, BT, BV, INTERPRET, dot_precision(q), plan.one_launch,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip

@@ -59,4 +59,4 @@ def test_aligned_scoring_names_an_unknown_engine_on_the_cpu_too():
 
     model = RingLinearForCausalLM(tiny_config())
     with pytest.raises(InvalidInputError, match="engine 'sglng'"):
-        model.token_logprobs(torch.tensor([1, 2, 3]), aligned=True, prompt_lengths=[2], engine="sglng")
+        model.token_logprobs(torch.tensor([1, 2, 3]), aligned=True, engine="sglng")

@@ -342,10 +342,10 @@ def test_aligned_token_logprobs_decode_the_generated_tokens_as_an_engine_does(mo
 
     model = tiny_model(dtype=torch.float32, seed=7, use_triton=True)
     ids = torch.randint(3, 64, (21,))
-    offsets, prompts = [0, 6, 21], [1, 9]
+    offsets = [0, 6, 21]
     seen, routed = [], []
     real = layers.linear_attention_as_served
-    monkeypatch.setattr(layers, "linear_attention_as_served", lambda *a: seen.append(a[5:]) or real(*a))
+    monkeypatch.setattr(layers, "linear_attention_as_served", lambda *a: seen.append(a[5]) or real(*a))
     real_router = router_gemm._launch_invariant
     monkeypatch.setattr(router_gemm, "_launch_invariant", lambda *a: routed.append(1) or real_router(*a))
     attended = []
@@ -356,11 +356,11 @@ def test_aligned_token_logprobs_decode_the_generated_tokens_as_an_engine_does(mo
     monkeypatch.setattr(layers, "rms_norm_aligned", lambda *a: normed.append(1) or real_norm(*a))
     default = model.token_logprobs(ids, cu_seqlens=offsets)
     assert routed == [] and normed == [] and attended == []
-    aligned = model.token_logprobs(ids, cu_seqlens=offsets, aligned=True, prompt_lengths=prompts)
+    aligned = model.token_logprobs(ids, cu_seqlens=offsets, aligned=True)
     layer_kinds = [
         (model.config.is_softmax_layer(i), model.config.is_moe_layer(i)) for i in range(len(model.model.layers))
     ]
-    assert seen == [(offsets, prompts)] * sum(not softmax for softmax, _ in layer_kinds)
+    assert seen == [offsets] * sum(not softmax for softmax, _ in layer_kinds)
     assert len(routed) == sum(moe for _, moe in layer_kinds) + 1 > 1  # and one LM-head chunk
     assert len(attended) == sum(softmax for softmax, _ in layer_kinds) > 0
     assert len(normed) == 2 * len(layer_kinds) + 1  # two per layer and the final norm
@@ -373,15 +373,9 @@ def test_aligned_token_logprobs_decode_the_generated_tokens_as_an_engine_does(mo
     assert trained and not missing, f"no finite gradient for {missing}"  # softmax attention, dense MLP, LM head too
 
 
-@pytest.mark.parametrize(
-    "kwargs,message",
-    [({"aligned": True}, "aligned=True needs prompt_lengths"),
-     ({"aligned": True, "prompt_lengths": [0, 3]}, r"prompt_lengths\[0\] = 0"),
-     ({"aligned": True, "prompt_lengths": [2]}, "1 entries for 2 sequences")],
-)  # fmt: skip
-def test_aligned_token_logprobs_refuse_missing_or_wrong_prompt_lengths(kwargs, message):
+def test_aligned_token_logprobs_refuse_the_reference_kernels_naming_the_fix():
     from common_kernels.errors import InvalidInputError
 
-    model = tiny_model(dtype=torch.float32, use_triton=True)
-    with pytest.raises(InvalidInputError, match=message):
-        model.token_logprobs(torch.randint(3, 64, (10,)), cu_seqlens=[0, 4, 10], **kwargs)
+    model = tiny_model(dtype=torch.float32, use_triton=False)
+    with pytest.raises(InvalidInputError, match=r"aligned=True runs the engine's Triton kernels: leave use_triton"):
+        model.token_logprobs(torch.randint(3, 64, (10,)), cu_seqlens=[0, 4, 10], aligned=True)

@@ -1,15 +1,19 @@
-"""Aligned (batch-invariant) prefill: right against float64, and bit for bit the same for a sequence alone or in
-any batch, in one pass or split on the segment grid (CPU: TRITON_INTERPRET; GPU: the same shapes)."""
+"""Aligned mode's linear attention (token by token, one fixed V-tile): right against float64 on ragged batches
+(empty and one-token sequences, non-zero initial states, fresh and padded slots), and bit for bit the same for a
+sequence alone or in any batch, in one pass or split anywhere, prefilled or decoded (CPU: TRITON_INTERPRET; GPU:
+the same shapes, `-m gpu`)."""
 
 import pytest
 import torch
 
-from common_kernels.ops.linear_attn.prefill import linear_attention_prefill, plan_prefill
-from common_kernels.testing import check_prefill_on_a_stale_pool, ragged_offsets
+from common_kernels.ops.linear_attn.aligned import aligned_block_v, linear_attention_aligned
+from common_kernels.ops.linear_attn.decode import linear_attention_decode
+from common_kernels.testing import assert_rel_rms, kernel_tolerance, pool_reference, ragged_offsets
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-H, K, V, SEG, CHUNK = 2, 16, 32, 32, 16
+H, K, V = 2, 16, 32
 SCALE = K**-0.5
+RATE = torch.tensor([0.05, 0.6], device=DEVICE)
 
 
 def qkv(T: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -17,44 +21,57 @@ def qkv(T: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tens
     return tuple(torch.randn(T, H, d, generator=g).to(DEVICE, dtype) for d in (K, K, V))
 
 
-RATE = torch.tensor([0.05, 0.6], device=DEVICE)
-
-
-def prefill(q, k, v, lengths, pool, slots, fresh, aligned=True, segment_size=SEG):
-    """The kernel on packed sequences of `lengths`; returns the output, updating `pool` in place."""
-    cu = ragged_offsets(lengths).to(DEVICE)
-    slots = torch.tensor(slots, device=DEVICE)
-    fresh = torch.tensor(fresh, dtype=torch.int8, device=DEVICE)
-    return linear_attention_prefill(
-        q, k, v, RATE, SCALE, cu, pool, slots, fresh, chunk_size=CHUNK, segment_size=segment_size,
-        block_v=16, aligned=aligned,
+def aligned(q, k, v, lengths, pool, slots, fresh) -> torch.Tensor:
+    """The kernel on packed sequences of `lengths` (host lists for slots and flags); updates `pool` in place."""
+    return linear_attention_aligned(
+        q, k, v, RATE, SCALE, ragged_offsets(lengths).to(DEVICE, torch.int32), pool,
+        torch.tensor(slots, dtype=torch.int32, device=DEVICE), torch.tensor(fresh, dtype=torch.int8, device=DEVICE),
     )  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("lengths", [[37, 0, 1, 80, 16], [32, 64, 33], [1], [0, 0]], ids=str)
-def test_aligned_prefill_matches_float64_reference(lengths, dtype):
+@pytest.mark.parametrize("lengths", [[37, 0, 1, 80, 16], [32, 64, 33], [1], [0, 0], [5, 1, 1, 9]], ids=str)
+def test_matches_float64_on_a_stale_pool_with_fresh_and_padded_slots(lengths, dtype):
+    """Every other sequence fresh (its slot NaN: never read), the last of three or more padding (slot -1: zero
+    output, pool untouched), the rest continuing a random state; slots not in the batch unchanged."""
+    N = len(lengths)
     q, k, v = qkv(sum(lengths), dtype, 1)
+    pool = torch.randn(N + 2, H, K, V, device=DEVICE)
+    slots = torch.randperm(N + 2, generator=torch.Generator().manual_seed(N))[:N].tolist()
+    fresh = [int(n % 2 == 0) for n in range(N)]
+    for slot, new in zip(slots, fresh, strict=True):
+        if new:
+            pool[slot] = float("nan")
+    if N > 2:
+        slots[-1] = -1
+    updated = pool.clone()
+    o = aligned(q, k, v, lengths, updated, slots, fresh)
     cu = ragged_offsets(lengths).to(DEVICE)
-    check_prefill_on_a_stale_pool(
-        lambda pool, slots, fresh: linear_attention_prefill(
-            q, k, v, RATE, SCALE, cu, pool, slots, fresh, chunk_size=CHUNK, segment_size=SEG, block_v=16,
-            aligned=True,
-        ),
-        q, k, v, RATE, SCALE, cu,
-    )  # fmt: skip
+    o_ref, s_ref = pool_reference(q, k, v, RATE, SCALE, cu, pool, torch.tensor(slots), torch.tensor(fresh))
+    padded = torch.zeros(sum(lengths), dtype=torch.bool, device=DEVICE)
+    for n, slot in enumerate(slots):
+        if slot < 0:
+            padded[cu[n] : cu[n + 1]] = True
+    assert o.dtype == q.dtype
+    assert not o[padded].any(), "a padded sequence's rows must be zero"
+    assert_rel_rms("o", o_ref[~padded], o[~padded], kernel_tolerance(q.dtype))
+    for n, slot in enumerate(slots):
+        if slot >= 0:
+            assert_rel_rms(f"state[{n}]", s_ref[n], updated[slot], kernel_tolerance(torch.float32))
+    others = [p for p in range(N + 2) if p not in slots]
+    assert torch.equal(updated[others].nan_to_num(), pool[others].nan_to_num())
 
 
-def one_sequence_in(batch_lengths: list[int], index: int, x, dtype, initial, aligned=True, segment_size=SEG):
+def one_sequence_in(others: list[int], index: int, x, dtype, initial) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequence `x` (q, k, v) at position `index` among random others: its output rows and final state."""
-    lengths = list(batch_lengths)
+    lengths = list(others)
     lengths.insert(index, x[0].shape[0])
-    parts = [qkv(n, dtype, 10 + i) for i, n in enumerate(batch_lengths)]
+    parts = [qkv(n, dtype, 10 + i) for i, n in enumerate(others)]
     parts.insert(index, x)
     q, k, v = (torch.cat([p[j] for p in parts]) for j in range(3))
     pool = torch.randn(len(lengths), H, K, V, device=DEVICE)
     pool[index] = initial
-    o = prefill(q, k, v, lengths, pool, list(range(len(lengths))), [0] * len(lengths), aligned, segment_size)
+    o = aligned(q, k, v, lengths, pool, list(range(len(lengths))), [0] * len(lengths))
     start = sum(lengths[:index])
     return o[start : start + lengths[index]], pool[index]
 
@@ -68,45 +85,110 @@ def test_a_sequence_gives_the_same_bits_alone_and_in_any_batch(dtype):
         o, state = one_sequence_in(others, index, x, dtype, initial)
         assert torch.equal(o, alone[0]), f"output differs beside {others}"
         assert torch.equal(state, alone[1]), f"final state differs beside {others}"
-    # the default mode sizes segments from the whole batch (`_segment_size`): a sequence cut into other segments
-    # gets other bits, so the same check fails there (it could not pass by itself)
-    default_alone = one_sequence_in([], 0, x, dtype, initial, aligned=False, segment_size=32)
-    default_batched = one_sequence_in([300], 1, x, dtype, initial, aligned=False, segment_size=64)
-    assert not torch.equal(default_alone[1], default_batched[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("split", [SEG, 2 * SEG, 4 * SEG])
-def test_a_split_on_the_segment_grid_gives_the_bits_of_one_pass(split, dtype):
-    """A chunked prefill that stops at a multiple of the segment and resumes from the pool equals one pass."""
+@pytest.mark.parametrize("splits", [[1], [37], [64, 65], [13, 14, 100, 149]], ids=str)
+def test_a_sequence_split_anywhere_gives_the_bits_of_one_pass(splits, dtype):
+    """Chunks resumed from the pool (a chunked prefill, a prefix-cache hit), a one-token chunk among them."""
     q, k, v = qkv(150, dtype, 3)
     initial = torch.randn(1, H, K, V, device=DEVICE)
-
     whole, pieces = initial.clone(), initial.clone()
-    o_whole = prefill(q, k, v, [150], whole, [0], [0])
-    o_first = prefill(q[:split], k[:split], v[:split], [split], pieces, [0], [0])
-    o_rest = prefill(q[split:], k[split:], v[split:], [150 - split], pieces, [0], [0])
-    assert torch.equal(torch.cat([o_first, o_rest]), o_whole)
+    o_whole = aligned(q, k, v, [150], whole, [0], [0])
+    bounds = [0, *splits, 150]
+    o_pieces = [
+        aligned(q[a:b], k[a:b], v[a:b], [b - a], pieces, [0], [0]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+    assert torch.equal(torch.cat(o_pieces), o_whole)
     assert torch.equal(pieces, whole)
 
 
-def test_aligned_mode_needs_the_callers_segment_grid():
-    with pytest.raises(ValueError, match="aligned=True needs segment_size"):
-        plan_prefill(ragged_offsets([10]).to(DEVICE), 10, H, V, aligned=True)
-    for bad in (8, 24, 48):
-        with pytest.raises(ValueError, match=f"aligned segment_size {bad} must be a power of two >= 16"):
-            plan_prefill(ragged_offsets([10]).to(DEVICE), 10, H, V, segment_size=bad, aligned=True)
-    plan = plan_prefill(ragged_offsets([10]).to(DEVICE), 10, H, V, segment_size=16, aligned=True)
-    assert plan.aligned and plan.seg == 16  # the chunk follows the segment down (64 -> 16)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_decoding_each_token_gives_the_bits_of_the_prefill(dtype):
+    """Aligned mode's decode (`linear_attention_decode` with its tile and flags) is the prefill's arithmetic: a
+    prompt prefilled equals the same tokens decoded one step at a time, the first from a zero state."""
+    q, k, v = qkv(40, dtype, 4)
+    prefilled, decoded = torch.zeros(2, 1, H, K, V, device=DEVICE)
+    o_prefill = aligned(q, k, v, [40], prefilled, [0], [1])
+    slot = torch.tensor([0], dtype=torch.int32, device=DEVICE)
+    o_decode = torch.cat(
+        [
+            linear_attention_decode(
+                q[t : t + 1],
+                k[t : t + 1],
+                v[t : t + 1],
+                RATE,
+                SCALE,
+                decoded,
+                slot,
+                fresh=torch.tensor([int(t == 0)], dtype=torch.int8, device=DEVICE),
+                block_v=aligned_block_v(V),
+            )  # fmt: skip
+            for t in range(40)
+        ]
+    )
+    assert torch.equal(o_decode, o_prefill)
+    assert torch.equal(decoded, prefilled)
 
 
-def test_without_aligned_mode_the_same_split_changes_the_bits():
-    """The control of the test above: the default mode carries a step's final state in the forward's chunk
-    order, not the scan's, so a split two segments in gives other bits (the equality above is not free)."""
-    q, k, v = qkv(150, torch.float32, 3)
-    whole = torch.randn(1, H, K, V, device=DEVICE)
-    pieces = whole.clone()
-    prefill(q, k, v, [150], whole, [0], [0], aligned=False)
-    prefill(q[: 2 * SEG], k[: 2 * SEG], v[: 2 * SEG], [2 * SEG], pieces, [0], [0], aligned=False)
-    prefill(q[2 * SEG :], k[2 * SEG :], v[2 * SEG :], [150 - 2 * SEG], pieces, [0], [0], aligned=False)
-    assert not torch.equal(pieces, whole)
+def test_the_varlen_form_refuses_offsets_of_the_wrong_type():
+    q, k, v = qkv(4, torch.float32, 5)
+    pool = torch.zeros(1, H, K, V, device=DEVICE)
+    slots = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match=r"cu_seqlens must be \[B\+1\] int32 offsets, got torch.int64"):
+        linear_attention_aligned(q, k, v, RATE, SCALE, ragged_offsets([4]).to(DEVICE), pool, slots)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("v_dtype", [torch.float32, torch.bfloat16], ids=["v-fp32", "v-bf16"])
+def test_ring_mini_shapes_one_set_of_bits_however_the_engine_runs_a_sequence(v_dtype):
+    """Ring-mini's heads (16 of 128, fp32 q/k as the engines pass them) on the GPU: within float64's bound, and one
+    sequence's bits the same in one pass, split at 1, 333 and 999 tokens, with its last 8 tokens decoded, and
+    beside others in a batch (one compiled variant, prefill and decode)."""
+    from common_kernels.ops.linear_attn.naive import linear_attention_varlen
+
+    heads, d, lengths = 16, 128, [1000, 1, 0, 517, 64]
+    g = torch.Generator().manual_seed(6)
+    q, k = (torch.randn(sum(lengths), heads, d, generator=g).to(DEVICE) for _ in range(2))
+    v = torch.randn(sum(lengths), heads, d, generator=g).to(DEVICE, v_dtype)
+    rate = torch.linspace(0.01, 0.9, heads, device=DEVICE)
+    scale = d**-0.5
+
+    def run(rows: slice, pool, fresh: int) -> torch.Tensor:
+        cu = torch.tensor([0, rows.stop - rows.start], dtype=torch.int32, device=DEVICE)
+        slots, flags = torch.zeros(1, dtype=torch.int32, device=DEVICE), torch.tensor([fresh], device=DEVICE)
+        return linear_attention_aligned(q[rows], k[rows], v[rows], rate, scale, cu, pool, slots, flags.to(torch.int8))
+
+    cu = ragged_offsets(lengths).to(DEVICE, torch.int32)
+    batch_pool = torch.zeros(len(lengths), heads, d, d, device=DEVICE)
+    slots = torch.arange(len(lengths), dtype=torch.int32, device=DEVICE)
+    fresh = torch.ones(len(lengths), dtype=torch.int8, device=DEVICE)
+    batched = linear_attention_aligned(q, k, v, rate, scale, cu, batch_pool, slots, fresh)
+    want, _ = linear_attention_varlen(q.double(), k.double(), v.double(), rate.double(), scale, cu.long())
+    assert_rel_rms("o", want, batched, 1e-5)
+
+    whole = torch.zeros(1, heads, d, d, device=DEVICE)
+    o_whole = run(slice(0, 1000), whole, 1)
+    assert torch.equal(o_whole, batched[:1000]) and torch.equal(whole[0], batch_pool[0])
+    pieces = torch.zeros_like(whole)
+    bounds = [0, 1, 333, 999, 1000]
+    o_pieces = [run(slice(a, b), pieces, int(a == 0)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    assert torch.equal(torch.cat(o_pieces), o_whole) and torch.equal(pieces, whole)
+    decoded = torch.zeros_like(whole)
+    rows = [run(slice(0, 992), decoded, 1)]
+    slot = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    for t in range(992, 1000):
+        rows.append(
+            linear_attention_decode(
+                q[t : t + 1],
+                k[t : t + 1],
+                v[t : t + 1],
+                rate,
+                scale,
+                decoded,
+                slot,
+                fresh=torch.zeros(1, dtype=torch.int8, device=DEVICE),
+                block_v=aligned_block_v(d),
+            )  # fmt: skip
+        )
+    assert torch.equal(torch.cat(rows), o_whole) and torch.equal(decoded, whole)

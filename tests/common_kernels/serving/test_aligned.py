@@ -1,6 +1,6 @@
-"""Aligned mode's linear attention: requests served over engine steps (chunked prefills on the segment grid, mixed
-with other requests' decodes and CUDA-graph padding) give, bit for bit, what `linear_attention_as_served` gives
-for them, alone or together; and the environment switch is parsed strictly.
+"""Aligned mode's linear attention: requests served over engine steps (prefill chunks stopped anywhere, a prompt's
+last token run as a decode, beside other requests' decodes and CUDA-graph padding) give, bit for bit, what
+`linear_attention_as_served` gives for them, alone or together; and the environment switch is parsed strictly.
 
 Small shapes on the Triton interpreter (CPU); the same code runs on a GPU.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common_kernels.ops.linear_attn.aligned import ALIGNED_SEGMENT, linear_attention_as_served, served_split
+from common_kernels.ops.linear_attn.aligned import aligned_block_v, linear_attention_as_served
 from common_kernels.ops.linear_attn.naive import linear_attention_recurrent
 from common_kernels.serving import ALIGNED_MODE_SWITCH, aligned_mode, build_step
 from common_kernels.testing import assert_rel_rms
@@ -22,13 +22,16 @@ SCALE = K**-0.5
 
 # request -> (prompt length, generated tokens fed back, pool slot)
 REQUESTS = {"A": (150, 4, 3), "B": (1, 3, 0), "C": (70, 2, 5)}
-# each step: decodes first (request, position), then prefill chunks (request, start, end); chunks stop on the grid
+# each step: decodes first (request, position), then prefill chunks (request, start, end). Chunks stop anywhere (37,
+# 120: off any grid), C's last prompt token (69) runs as a one-token decode as vLLM schedules it, and B's one-token
+# prompt is a decode from a zero state.
 STEPS = [
-    ([], [("A", 0, 2 * ALIGNED_SEGMENT), ("C", 0, 70)]),
-    ([("C", 70), ("B", 0)], [("A", 2 * ALIGNED_SEGMENT, 150)]),
-    ([("A", 150), ("B", 1), ("C", 71)], []),
-    ([("A", 151), ("B", 2)], []),
-    ([("A", 152), ("B", 3)], []),
+    ([], [("A", 0, 37), ("C", 0, 69)]),
+    ([("C", 69), ("B", 0)], [("A", 37, 120)]),
+    ([("C", 70), ("B", 1)], [("A", 120, 150)]),
+    ([("A", 150), ("B", 2), ("C", 71)], []),
+    ([("A", 151), ("B", 3)], []),
+    ([("A", 152)], []),
     ([("A", 153)], []),
 ]
 
@@ -79,7 +82,7 @@ def as_served(names: list[str]) -> dict[str, torch.Tensor]:
     q, k, v = (torch.cat([p[i] for p in parts]) for i in range(3))
     lengths = [sum(REQUESTS[name][:2]) for name in names]
     offsets = [0, *torch.tensor(lengths).cumsum(0).tolist()]
-    o = linear_attention_as_served(q, k, v, RATES, SCALE, offsets, [REQUESTS[name][0] for name in names])
+    o = linear_attention_as_served(q, k, v, RATES, SCALE, offsets)
     return {name: o[offsets[i] : offsets[i + 1]] for i, name in enumerate(names)}
 
 
@@ -95,35 +98,44 @@ def test_served_requests_equal_the_trainers_call_bit_for_bit_alone_and_together(
     assert_rel_rms("request A", want, served["A"], 1e-5)
 
 
+def test_without_aligned_mode_the_same_steps_give_other_bits():
+    """The control of the test above: the default prefill (segments and chunk products) rounds differently from
+    the token-by-token walk, so the equality above is not free."""
+    served, alone = serve(aligned=False), as_served(list(REQUESTS))
+    assert not all(torch.equal(served[name], alone[name]) for name in REQUESTS)
+
+
 @pytest.mark.parametrize("aligned", [True, False])
-def test_the_switch_sets_the_segment_grid_and_the_decode_tile(monkeypatch, aligned):
-    """What aligned mode changes in a step, checked directly (the interpreter's exact products give the two modes
-    the same bits on these shapes, so the bit test above cannot tell them apart on a CPU): the default sizes
-    segments from the step's batch (here for a device of two programs, so they outgrow the grid, as an 8K-token
-    step's do on an H200) and the decode tile from the batch size; aligned mode fixes both."""
-    from common_kernels.ops.linear_attn import prefill
+def test_the_switch_picks_the_token_by_token_prefill_and_the_fixed_decode_tile(monkeypatch, aligned):
+    """What aligned mode changes in a step, checked directly: its prefill is the aligned kernel with no segment
+    plan, and its decode tile does not follow the batch size."""
     from common_kernels.serving import step as step_module
 
-    monkeypatch.setattr(prefill, "target_programs", lambda device: 2)
-    tiles = []
+    calls, tiles = [], []
+    for name in ("linear_attention_aligned", "linear_attention_prefill"):
+        real = getattr(step_module, name)
+        monkeypatch.setattr(
+            step_module, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw)
+        )
     real_decode = step_module.linear_attention_decode
     monkeypatch.setattr(
         step_module, "linear_attention_decode", lambda *a, **kw: tiles.append(kw["block_v"]) or real_decode(*a, **kw)
     )
     serve(aligned)
-    plan = build_step(
+    step = build_step(
         torch.tensor([0, 1, 151], dtype=torch.int32, device=DEVICE), torch.tensor([9, 150], device=DEVICE), 1, 1,
         1, 150, torch.tensor([0], device=DEVICE), torch.tensor([1], device=DEVICE), H, K, 150, aligned=aligned,
-    ).prefill_plan  # fmt: skip
-    assert plan.aligned is aligned and (plan.seg == ALIGNED_SEGMENT) is aligned
-    assert tiles and all(tile == (K if aligned else None) for tile in tiles)
+    )  # fmt: skip
+    assert (step.prefill_plan is None) is aligned
+    assert set(calls) == {"linear_attention_aligned" if aligned else "linear_attention_prefill"}
+    assert tiles and all(tile == (aligned_block_v(K) if aligned else None) for tile in tiles)
 
 
 @pytest.mark.parametrize("v_dtype", [torch.float32, torch.bfloat16])
 def test_the_trainers_call_is_differentiable_with_the_standard_gradient(v_dtype):
     q, k, v = request_qkv("C")
     q, k, v = q.float().requires_grad_(), k.float().requires_grad_(), v.to(v_dtype).requires_grad_()
-    o = linear_attention_as_served(q, k, v, RATES, SCALE, [0, 72], [70])
+    o = linear_attention_as_served(q, k, v, RATES, SCALE, [0, 72])
     do = torch.randn_like(o)
     grads = torch.autograd.grad(o, (q, k, v), do)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
@@ -133,15 +145,11 @@ def test_the_trainers_call_is_differentiable_with_the_standard_gradient(v_dtype)
         assert_rel_rms(f"d{name}", want, got, 1e-5 if v_dtype == torch.float32 or name != "v" else 1e-2)
 
 
-@pytest.mark.parametrize("prompts,message", [([0], r"prompt_lengths\[0\] = 0"), ([5], r"prompt_lengths\[0\] = 5"),
-                                             ([1, 1], "2 entries for 1 sequences")])  # fmt: skip
-def test_prompt_lengths_out_of_range_are_refused_naming_the_sequence(prompts, message):
-    with pytest.raises(ValueError, match=message):
-        served_split([0, 4], prompts)
-
-
-def test_a_one_token_prompt_is_decoded_from_zero_like_the_engine_schedules_it():
-    assert served_split([0, 4, 9], [1, 3]) == [(0, 0, 4), (4, 7, 9)]
+@pytest.mark.parametrize("offsets", [[0, 40], [1, 72], [0, 50, 40, 72], []], ids=str)
+def test_offsets_that_do_not_cover_the_rows_are_refused(offsets):
+    q, k, v = request_qkv("C")
+    with pytest.raises(ValueError, match="offsets must rise from 0 to 72"):
+        linear_attention_as_served(q, k, v, RATES, SCALE, offsets)
 
 
 @pytest.mark.parametrize("value,want", [("1", True), ("on", True), ("0", False), ("", False), ("off", False)])
@@ -156,17 +164,20 @@ def test_the_aligned_switch_refuses_anything_else_naming_itself(monkeypatch):
         aligned_mode()
 
 
-def test_warm_up_in_aligned_mode_compiles_the_aligned_prefill(monkeypatch):
-    """A served request must not wait for a compile: aligned mode's prefill is its own variant."""
+def test_warm_up_in_aligned_mode_runs_the_aligned_prefill(monkeypatch):
+    """A served request must not wait for a compile: warm-up runs the prefill the mode serves with (aligned: the
+    decode's narrow-tile variant over whole sequences, with the engine's flag type)."""
     from common_kernels.serving import warm_up_linear_attention
     from common_kernels.serving import warmup as warmup_module
 
-    plans = []
-    real_prefill = warmup_module.linear_attention_prefill
-    monkeypatch.setattr(
-        warmup_module, "linear_attention_prefill", lambda *a, **kw: plans.append(kw["plan"]) or real_prefill(*a, **kw)
-    )
+    calls = []
+    for name in ("linear_attention_aligned", "linear_attention_prefill"):
+        real = getattr(warmup_module, name)
+        monkeypatch.setattr(
+            warmup_module, name, lambda *a, _real=real, _name=name, **kw: calls.append((_name, a)) or _real(*a, **kw)
+        )
     q, k, v = request_qkv("C")
     for aligned in (True, False):
         warm_up_linear_attention(q, k, v, RATES, SCALE, torch.float32, max_num_seqs=3, aligned=aligned)
-    assert plans[0].aligned and plans[0].seg == ALIGNED_SEGMENT and plans[1] is None
+    assert [name for name, _ in calls] == ["linear_attention_aligned", "linear_attention_prefill"]
+    assert calls[0][1][8].dtype == torch.int8  # the fresh flags the engines pass
