@@ -40,7 +40,7 @@ from common_kernels.model.layers import RMSNorm
 from common_kernels.ops.moe.aligned import aligned_dense_mlp, aligned_moe, engine_moe_weights
 from common_kernels.ops.moe.router_gemm import router_logits
 from common_kernels.ops.rope.fused import gqa_qk_norm_rope
-from common_kernels.ops.rope.naive import qk_norm_rope, rotary_cos_sin, rotary_inv_freq
+from common_kernels.ops.rope.naive import qk_norm_rope, rotary_inv_freq, rotary_table
 from common_kernels.precision import RESIDUAL_DTYPE, ROPE_DTYPE, ROUTER_DTYPE
 from common_kernels.serving import RouterGate, aligned_mode, load_checkpoint_tensors, place_tensor
 
@@ -229,8 +229,12 @@ class RingLinearModel(nn.Module):
             prefix=f"{prefix}.layers",
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if pp.is_last_rank else PPMissingLayer()
-        inv_freq, self.rope_scaling = rotary_inv_freq(config)
-        self.register_buffer("inv_freq", inv_freq.to(torch.get_default_device()), persistent=False)
+        inv_freq, rope_scaling = rotary_inv_freq(config)
+        cos, sin = rotary_table(
+            vllm_config.model_config.max_model_len, inv_freq, rope_scaling, ROPE_DTYPE, torch.get_default_device()
+        )
+        self.register_buffer("rope_cos", cos, persistent=False)  # indexed in the graph, never recomputed there
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.word_embeddings(input_ids)
@@ -247,7 +251,7 @@ class RingLinearModel(nn.Module):
             h = h.to(RESIDUAL_DTYPE)
         else:
             h = intermediate_tensors["hidden_states"]
-        cos, sin = rotary_cos_sin(positions, self.inv_freq, self.rope_scaling, ROPE_DTYPE)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         for layer in islice(self.layers, self.start_layer, self.end_layer):
             h = layer(h, cos, sin)
         if not get_pp_group().is_last_rank:

@@ -175,8 +175,6 @@ def mixed_step_output(model_dir, layer_ids: tuple[int, ...] = (MIXED_LAYER,), **
     from vllm.forward_context import set_forward_context
 
     from common_kernels import RingLinearForCausalLM
-    from common_kernels.ops.rope.naive import rotary_cos_sin
-    from common_kernels.precision import ROPE_DTYPE
 
     layer_forward = group.pop("layer_forward", None)
 
@@ -200,7 +198,7 @@ def mixed_step_output(model_dir, layer_ids: tuple[int, ...] = (MIXED_LAYER,), **
             query_lens = [b - a for _, a, b in step]
             slots = [SLOTS[n] for n, _, _ in step]
             metadata = builder.build(0, common_metadata(query_lens, seq_lens, slots, device))
-            cos, sin = rotary_cos_sin(positions, model.model.inv_freq, model.model.rope_scaling, ROPE_DTYPE)
+            cos, sin = model.model.rope_cos[positions], model.model.rope_sin[positions]
             with set_forward_context({layer.prefix: metadata for layer in layers}, cfg):
                 outputs = [(layer_forward or type(layer).forward)(layer, rows, cos, sin) for layer in layers]
     return torch.stack(outputs).cpu()

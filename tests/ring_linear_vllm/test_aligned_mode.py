@@ -162,7 +162,6 @@ def test_aligned_mode_norms_and_softmax_qk_run_the_shims_kernels(vllm_tools, tin
     kernel (one launch over both), bit for bit what the shim's Triton path gives on the same projection."""
     from common_kernels.model import layers as shim_layers
     from common_kernels.ops.rope.fused import qk_norm_rope_triton
-    from common_kernels.ops.rope.naive import rotary_cos_sin
 
     cfg = vllm_tools.engine_config(tiny_dir, enable_chunked_prefill=False)
     model = vllm_tools.build_model(cfg)
@@ -179,7 +178,7 @@ def test_aligned_mode_norms_and_softmax_qk_run_the_shims_kernels(vllm_tools, tin
     monkeypatch.setattr(softmax.attn, "forward", lambda q, k, v: seen.update(q=q, k=k) or torch.zeros_like(q))
     T, H, Hkv, d = 5, softmax.num_heads, softmax.num_kv_heads, softmax.head_dim
     a = torch.randn(T, model.config.hidden_size, generator=torch.Generator().manual_seed(12))
-    cos, sin = rotary_cos_sin(torch.arange(T), model.model.inv_freq, model.model.rope_scaling, torch.float32)
+    cos, sin = model.model.rope_cos[:T], model.model.rope_sin[:T]
     with vllm_tools.single_rank(cfg), torch.no_grad():
         layer.input_layernorm(a, a.dtype, layer.aligned)
         softmax(a, cos, sin)

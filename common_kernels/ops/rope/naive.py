@@ -32,6 +32,15 @@ def rotary_cos_sin(
     return angles.cos() * scaling, angles.sin() * scaling
 
 
+def rotary_table(
+    max_positions: int, inv_freq: torch.Tensor, scaling: float, dtype: torch.dtype, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rotary_cos_sin` of positions `0 .. max_positions - 1`, computed now, for an engine to index by position.
+    Indexing copies these values, so the engine's cos/sin are the bits the shim's `rotary_cos_sin` computes; a
+    compiler that generated its own cos and sin (approximations of its choosing) would give other bits."""
+    return rotary_cos_sin(torch.arange(max_positions, device=device), inv_freq, scaling, dtype)
+
+
 def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first `2*cos.shape[-1]` dims of each head, NeoX style; the rest pass through.
 

@@ -155,3 +155,13 @@ def test_packed_qk_norm_rope_tiles_rows_and_is_batch_invariant(T):
             qkv[t : t + 1, : Hq + Hk], Hq, wq, wk, cos[t : t + 1], sin[t : t + 1], 1e-6, torch.float32
         )
         assert torch.equal(alone[0], out[t])
+
+
+def test_the_engines_rotary_table_holds_the_bits_the_shim_computes_at_each_position():
+    from common_kernels.ops.rope.naive import rotary_table
+
+    inv_freq, scaling = rotary_inv_freq(tiny_config())
+    cos, sin = rotary_table(300, inv_freq, scaling, torch.float32)
+    positions = torch.tensor([0, 7, 299, 64, 7])
+    want_cos, want_sin = rotary_cos_sin(positions, inv_freq, scaling, torch.float32)
+    assert torch.equal(cos[positions], want_cos) and torch.equal(sin[positions], want_sin)
