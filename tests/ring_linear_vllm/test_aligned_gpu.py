@@ -25,6 +25,12 @@ def test_a_request_gets_the_same_bits_alone_and_in_a_batch_of_64(tiny_trained, m
     check_aligned_serving(tiny_trained, dtype, monkeypatch)
 
 
+def test_eager_fp32(tiny_trained, monkeypatch):
+    """The same with no torch.compile and no CUDA graphs (`enforce_eager`), which also tells a difference the
+    compiler makes from one the kernels make."""
+    check_aligned_serving(tiny_trained, "float32", monkeypatch, eager=True)
+
+
 def test_ring_mini_shapes_one_layer_group_bf16(ring_mini_one_group, monkeypatch):
     """Ring-mini's shapes (16 heads of 128, 256 experts, top-8 of 8 groups, a 157K vocabulary) with random weights,
     cut to one layer group: a dense layer, three linear MoE layers and a softmax MoE layer."""
@@ -52,7 +58,9 @@ def ring_mini_one_group(tmp_path_factory):
     return path
 
 
-def check_aligned_serving(checkpoint, dtype: str, monkeypatch, budget: int = 128, must_hit: bool = True) -> None:
+def check_aligned_serving(
+    checkpoint, dtype: str, monkeypatch, budget: int = 128, must_hit: bool = True, eager: bool = False
+) -> None:
     """64 mixed-length requests in one engine (CUDA graphs, torch.compile, chunked prefill over `budget`-token
     steps: vLLM's align mode needs one block at least; prefix caching), every 7th again alone, then again without
     prompt logprobs so that it reads the prefix cache (vLLM recomputes a prompt whose logprobs are asked for): the
@@ -64,7 +72,7 @@ def check_aligned_serving(checkpoint, dtype: str, monkeypatch, budget: int = 128
     prompts = mixed_prompts()
     llm = make_llm(
         checkpoint, dtype=dtype, enable_chunked_prefill=True, enable_prefix_caching=True,
-        max_num_batched_tokens=budget, enforce_eager=False,
+        max_num_batched_tokens=budget, enforce_eager=eager,
     )  # fmt: skip
     try:
         batch = served(generate(llm, prompts, 16, logprobs=0, prompt_logprobs=0))
