@@ -15,7 +15,7 @@ from sglang.srt.layers.attention.hybrid_linear_attn_backend import MambaAttnBack
 from sglang.srt.runtime_context import get_parallel
 
 from common_kernels.ops.linear_attn import linear_attention_decode
-from common_kernels.ops.linear_attn.aligned import aligned_block_v
+from common_kernels.ops.linear_attn.aligned import linear_attention_aligned_decode
 from common_kernels.serving import (
     LinearAttentionStep,
     aligned_mode,
@@ -39,7 +39,6 @@ class RingLinearAttnBackend(MambaAttnBackendBase):
         }
         self.step: LinearAttentionStep | None = None
         self.aligned = aligned_mode()  # every token through the state one by one (`ops.linear_attn.aligned`)
-        self.decode_block_v = aligned_block_v(self.head_dim) if self.aligned else None
         self._warm_up(model_runner)
 
     def _warm_up(self, model_runner) -> None:
@@ -112,12 +111,11 @@ class RingLinearAttnBackend(MambaAttnBackendBase):
         layer_id = layer.layer_id if layer is not None else kwargs["layer_id"]
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         slots = self.forward_metadata.mamba_cache_indices[: q.shape[0]]
-        # aligned: flags (none fresh: SGLang extends a new prompt) so the decode is the aligned prefill's variant
-        fresh = torch.zeros(q.shape[0], dtype=torch.int8, device=q.device) if self.aligned else None
-        out = linear_attention_decode(
-            q, k, v, self.decay_rates[layer_id], self.scale, self._state_pool(layer_id), slots, fresh=fresh,
-            block_v=self.decode_block_v,
-        )  # fmt: skip
+        rows = (q, k, v, self.decay_rates[layer_id], self.scale, self._state_pool(layer_id), slots)
+        if self.aligned:  # no decode starts fresh: SGLang extends a new prompt, however short
+            out = linear_attention_aligned_decode(*rows, torch.zeros(q.shape[0], dtype=torch.int8, device=q.device))
+        else:
+            out = linear_attention_decode(*rows)
         return out.view(q.shape[0], -1)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ops.linear_attn import SegmentPlan, linear_attention_decode, linear_attention_prefill, plan_prefill
-from ..ops.linear_attn.aligned import aligned_block_v, linear_attention_aligned
+from ..ops.linear_attn.aligned import linear_attention_aligned, linear_attention_aligned_decode
 
 
 @dataclass
@@ -55,11 +55,11 @@ class LinearAttentionStep:
         padded = 0
         if self.decode_slots is not None and self.decode_slots.shape[0] > 0:
             padded = self.decode_slots.shape[0]
-            block_v = aligned_block_v(v.shape[-1]) if self.aligned else None
-            linear_attention_decode(
-                q[:padded], k[:padded], v[:padded], decay_rate, scale, state_pool, self.decode_slots,
-                fresh=self.decode_fresh, out=out[:padded], block_v=block_v,
-            )  # fmt: skip
+            rows = (q[:padded], k[:padded], v[:padded], decay_rate, scale, state_pool, self.decode_slots)
+            if self.aligned:
+                linear_attention_aligned_decode(*rows, self.decode_fresh, out=out[:padded])
+            else:
+                linear_attention_decode(*rows, fresh=self.decode_fresh, out=out[:padded])
         out[padded:nd].zero_()
         if self.num_prefill_tokens > 0 and self.aligned:
             linear_attention_aligned(

@@ -35,7 +35,8 @@ def warm_up_linear_attention(
     and, once per process and shape, the decode's variants. Nothing touches a state pool: every slot is -1.
     The prefill's output goes to `out` when given (the profiling forward's result), else it is dropped.
     `slot_dtype` is the engine's slot-index dtype (pointer types are part of a compiled variant). `aligned`: the
-    engine serves in aligned mode, whose prefill is the decode's narrow-tile variant run over whole sequences."""
+    engine serves in aligned mode, whose prefill and decode are one variant of its own kernel (`ops.linear_attn.
+    aligned`). The default decode is compiled with and without flags (vLLM passes them, SGLang does not)."""
     T, H, K = q.shape
     V = v.shape[-1]
     device = q.device
@@ -59,9 +60,9 @@ def warm_up_linear_attention(
     for batch in (1, -(-wide_tile_min_rows(q.device) // H)):  # narrow and wide V-tiles
         rows = torch.zeros((batch, 3, H, max(K, V)), dtype=q.dtype, device=device)
         slots = torch.full((batch,), -1, dtype=slot_dtype, device=device)
-        fresh = torch.zeros(batch, dtype=torch.int8, device=device)
         decode_v = rows[:, 2, :, :V].to(v.dtype)
-        linear_attention_decode(
-            rows[:, 0, :, :K], rows[:, 1, :, :K], decode_v, decay_rate, scale, scratch_pool, slots, fresh=fresh
-        )
+        for fresh in (torch.zeros(batch, dtype=torch.int8, device=device), None):
+            linear_attention_decode(
+                rows[:, 0, :, :K], rows[:, 1, :, :K], decode_v, decay_rate, scale, scratch_pool, slots, fresh=fresh
+            )
     _warmed.add(key)

@@ -50,18 +50,14 @@ def _inputs(kit, case, runner, seed):
 def _run_and_check(kit, mock_backend, case, seed: int, fresh: list[bool]) -> None:
     """Run `case` through the backend (extend or decode, as SGLang routes it) and hold every request's output and
     final state to the float64 recurrence from its slot's state (or zero); slots of no request stay untouched. In
-    aligned mode (`RING_LINEAR_ALIGNED=1`) an extend runs token by token (no segment plan) and a decode the fixed
-    V-tile."""
-    from common_kernels.ops.linear_attn.aligned import aligned_block_v
+    aligned mode (`RING_LINEAR_ALIGNED=1`) an extend runs token by token (no segment plan)."""
     from common_kernels.serving import aligned_mode
 
     runner, backend = _backend(mock_backend, case)
     batch, q, k, v, pool, slots = _inputs(kit, case, runner, seed)
     before = pool.clone()
     backend.init_forward_metadata(batch)
-    if case.forward_mode.is_decode():
-        assert backend.decode_block_v == (aligned_block_v(HEAD_DIM) if aligned_mode() else None)
-    else:
+    if not case.forward_mode.is_decode():
         assert backend.step.aligned == aligned_mode() == (backend.step.prefill_plan is None)
     T = case.num_input_tokens
     forward = backend.forward_decode if case.forward_mode.is_decode() else backend.forward_extend

@@ -1,11 +1,11 @@
 """In-place decode of scalar-decay linear attention on an indexed fp32 state pool (Triton).
 
-One program per (sequence, head, V-tile) loads its `[K, BV]` fp32 state tile once, runs the sequence's tokens
-through it in registers one at a time (1 for plain decode, 1+k for speculative verification or short
-continuations, any number in varlen form: aligned mode's prefill), and stores it back. Rows whose slot is `-1`
-are padding: the state pool is not touched and their outputs are zero. No allocation depends on the data and the
-grid depends only on the batch size, so one compiled kernel serves every batch size and CUDA graphs can capture
-it.
+One program per (sequence, head, V-tile) loads its `[K, BV]` fp32 state tile once, runs the
+sequence's `tokens_per_seq` tokens through it in registers (1 for plain decode, 1+k for speculative
+verification or short continuations), and stores it back. Rows whose slot is `-1` are padding: the
+state pool is not touched and their outputs are zero. No allocation depends on the data and the grid
+depends only on the batch size, so one compiled kernel serves every batch size and CUDA graphs can
+capture it.
 """
 
 from __future__ import annotations
@@ -26,27 +26,21 @@ def wide_tile_min_rows(device: torch.device) -> int:
     return round(WIDE_TILE_MIN_ROWS_PER_SM * sm_count(device))
 
 
-@triton.jit(do_not_specialize=["T_SEQ", "VARLEN"], do_not_specialize_on_alignment=["cu_seqlens", "slots", "fresh"])
+@triton.jit(do_not_specialize_on_alignment=["slots", "fresh"])
 def _decode_kernel(
-    q, k, v, o, pool, slots, fresh, cu_seqlens, rate, scale,
+    q, k, v, o, pool, slots, fresh, rate, scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    stride_pp, stride_ph, T_SEQ, VARLEN,
+    stride_pp, stride_ph, T_SEQ,
     K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, HAS_FRESH: tl.constexpr,
 ):  # fmt: skip
-    # VARLEN and T_SEQ are runtime values, so fixed-length decodes and varlen runs share one compiled variant
     i_b, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_k = tl.arange(0, K)
     o_v = i_v * BV + tl.arange(0, BV)
     slot = tl.load(slots + i_b).to(tl.int64)
-    if VARLEN != 0:
-        bos = tl.load(cu_seqlens + i_b).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_b + 1).to(tl.int64)
-    else:
-        bos = i_b.to(tl.int64) * T_SEQ
-        eos = bos + T_SEQ
+    row0 = i_b.to(tl.int64) * T_SEQ
     if slot < 0:
-        for row in range(bos, eos):
-            tl.store(o + row * stride_ot + i_h * stride_oh + o_v, tl.zeros([BV], dtype=o.dtype.element_ty))
+        for t in range(0, T_SEQ):
+            tl.store(o + (row0 + t) * stride_ot + i_h * stride_oh + o_v, tl.zeros([BV], dtype=o.dtype.element_ty))
         return
     p_s = pool + slot * stride_pp + i_h * stride_ph + o_k[:, None] * V + o_v[None, :]
     b_s = tl.load(p_s).to(tl.float32)  # [K, BV]; a bf16 pool is widened, the math stays fp32
@@ -54,32 +48,15 @@ def _decode_kernel(
         if tl.load(fresh + i_b) != 0:  # a new sequence: its slot may hold a finished request's state
             b_s = tl.zeros([K, BV], dtype=tl.float32)
     lam = tl.exp(-tl.load(rate + i_h).to(tl.float32))
-    # each token's q/k/v are loaded one iteration ahead, so their latency hides behind the previous token's math
-    more = bos < eos
-    b_q = tl.load(q + bos * stride_qt + i_h * stride_qh + o_k, mask=more & (o_k < K), other=0.0).to(tl.float32)
-    b_k = tl.load(k + bos * stride_kt + i_h * stride_kh + o_k, mask=more & (o_k < K), other=0.0).to(tl.float32)
-    b_v = tl.load(v + bos * stride_vt + i_h * stride_vh + o_v, mask=more & (o_v < V), other=0.0).to(tl.float32)
-    for row in range(bos, eos):
-        more = row + 1 < eos
-        n_q = tl.load(q + (row + 1) * stride_qt + i_h * stride_qh + o_k, mask=more & (o_k < K), other=0.0)
-        n_k = tl.load(k + (row + 1) * stride_kt + i_h * stride_kh + o_k, mask=more & (o_k < K), other=0.0)
-        n_v = tl.load(v + (row + 1) * stride_vt + i_h * stride_vh + o_v, mask=more & (o_v < V), other=0.0)
+    for t in range(0, T_SEQ):
+        row = row0 + t
+        b_q = tl.load(q + row * stride_qt + i_h * stride_qh + o_k).to(tl.float32)
+        b_k = tl.load(k + row * stride_kt + i_h * stride_kh + o_k).to(tl.float32)
+        b_v = tl.load(v + row * stride_vt + i_h * stride_vh + o_v).to(tl.float32)
         b_s = b_s * lam + b_k[:, None] * b_v[None, :]
         b_o = tl.sum(b_q[:, None] * b_s, axis=0) * scale
         tl.store(o + row * stride_ot + i_h * stride_oh + o_v, b_o.to(o.dtype.element_ty))
-        b_q, b_k, b_v = n_q.to(tl.float32), n_k.to(tl.float32), n_v.to(tl.float32)
     tl.store(p_s, b_s.to(pool.dtype.element_ty))
-
-
-_no_offsets: dict[torch.device, torch.Tensor] = {}
-
-
-def _unused_offsets(device: torch.device) -> torch.Tensor:
-    """The int32 tensor a fixed-length decode passes for `cu_seqlens` (never read), one per device, so the launch
-    has the varlen form's argument types and shares its compiled variant."""
-    if device not in _no_offsets:
-        _no_offsets[device] = torch.zeros(1, dtype=torch.int32, device=device)
-    return _no_offsets[device]
 
 
 def linear_attention_decode(
@@ -95,10 +72,8 @@ def linear_attention_decode(
     out: torch.Tensor | None = None,
     block_v: int | None = None,
     num_warps: int = 2,
-    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Advance B sequences by `tokens_per_seq` tokens each (or by their `cu_seqlens` rows), updating `state_pool`
-    in place, one token at a time.
+    """Advance B sequences by `tokens_per_seq` tokens each, updating `state_pool` in place.
 
     Args:
         q, k: `[B * tokens_per_seq, H, K]`; v: `[B * tokens_per_seq, H, V]` (sequence b owns rows
@@ -112,26 +87,15 @@ def linear_attention_decode(
         out: optional preallocated output `[B * tokens_per_seq, H, V]` (for CUDA graphs).
         block_v, num_warps: V-tile width and warps; by default 16-column tiles while there are few
             (sequence, head) pairs, so small batches still spread over the SMs, else 64 (H200 sweep).
-        cu_seqlens: optional `[B+1]` int32 device offsets from 0 to T: sequence b owns rows
-            `cu_seqlens[b] .. cu_seqlens[b+1] - 1` (any lengths, 0 included; `tokens_per_seq` is then unused). The
-            same compiled kernel as the fixed-length form: a token's arithmetic is the same either way.
 
     Returns:
-        o `[T, H, V]` in the dtype of q (or `out`).
+        o `[B * tokens_per_seq, H, V]` in the dtype of q (or `out`).
     """
     T, H, K, V = check_qkv("linear_attention_decode", q, k, v, narrow_v=True)
     check_pool("linear_attention_decode", state_pool, H, K, V)
-    if cu_seqlens is not None:
-        if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1 or cu_seqlens.dtype != torch.int32:
-            raise ValueError(
-                f"linear_attention_decode: cu_seqlens must be [B+1] int32 offsets, got {cu_seqlens.dtype} "
-                f"{tuple(cu_seqlens.shape)}"
-            )
-        B, tokens_per_seq = cu_seqlens.shape[0] - 1, 0
-    elif tokens_per_seq < 1 or T % tokens_per_seq:
+    if tokens_per_seq < 1 or T % tokens_per_seq:
         raise ValueError(f"linear_attention_decode: {T} rows do not split into sequences of {tokens_per_seq} tokens")
-    else:
-        B = T // tokens_per_seq
+    B = T // tokens_per_seq
     if slots.shape != (B,):
         raise ValueError(f"linear_attention_decode: slots must be [{B}], got {tuple(slots.shape)}")
     if fresh is not None and fresh.shape != (B,):
@@ -143,13 +107,11 @@ def linear_attention_decode(
     BV = min(block_v or (64 if rows >= min_rows else 16), V)
     if B == 0:
         return o
-    varlen = cu_seqlens is not None
     _decode_kernel[(B, H, V // BV)](
         q, k, v, o, state_pool, slots, slots if fresh is None else fresh,
-        cu_seqlens if varlen else _unused_offsets(q.device),
         decay_rate.to(device=q.device, dtype=torch.float32).contiguous(), scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
-        state_pool.stride(0), state_pool.stride(1), tokens_per_seq, int(varlen),
+        state_pool.stride(0), state_pool.stride(1), tokens_per_seq,
         K, V, BV, fresh is not None, num_warps=num_warps,
     )  # fmt: skip
     return o

@@ -6,8 +6,7 @@ the same shapes, `-m gpu`)."""
 import pytest
 import torch
 
-from common_kernels.ops.linear_attn.aligned import aligned_block_v, linear_attention_aligned
-from common_kernels.ops.linear_attn.decode import linear_attention_decode
+from common_kernels.ops.linear_attn.aligned import linear_attention_aligned, linear_attention_aligned_decode
 from common_kernels.testing import assert_rel_rms, kernel_tolerance, pool_reference, ragged_offsets
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -105,7 +104,7 @@ def test_a_sequence_split_anywhere_gives_the_bits_of_one_pass(splits, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_decoding_each_token_gives_the_bits_of_the_prefill(dtype):
-    """Aligned mode's decode (`linear_attention_decode` with its tile and flags) is the prefill's arithmetic: a
+    """Aligned mode's decode (`linear_attention_aligned_decode`) is the prefill's arithmetic: a
     prompt prefilled equals the same tokens decoded one step at a time, the first from a zero state."""
     q, k, v = qkv(40, dtype, 4)
     prefilled, decoded = torch.zeros(2, 1, H, K, V, device=DEVICE)
@@ -113,7 +112,7 @@ def test_decoding_each_token_gives_the_bits_of_the_prefill(dtype):
     slot = torch.tensor([0], dtype=torch.int32, device=DEVICE)
     o_decode = torch.cat(
         [
-            linear_attention_decode(
+            linear_attention_aligned_decode(
                 q[t : t + 1],
                 k[t : t + 1],
                 v[t : t + 1],
@@ -121,8 +120,7 @@ def test_decoding_each_token_gives_the_bits_of_the_prefill(dtype):
                 SCALE,
                 decoded,
                 slot,
-                fresh=torch.tensor([int(t == 0)], dtype=torch.int8, device=DEVICE),
-                block_v=aligned_block_v(V),
+                torch.tensor([int(t == 0)], dtype=torch.int8, device=DEVICE),
             )  # fmt: skip
             for t in range(40)
         ]
@@ -136,7 +134,9 @@ def test_the_varlen_form_refuses_offsets_of_the_wrong_type():
     pool = torch.zeros(1, H, K, V, device=DEVICE)
     slots = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match=r"cu_seqlens must be \[B\+1\] int32 offsets, got torch.int64"):
-        linear_attention_aligned(q, k, v, RATE, SCALE, ragged_offsets([4]).to(DEVICE), pool, slots)
+        linear_attention_aligned(
+            q, k, v, RATE, SCALE, ragged_offsets([4]).to(DEVICE), pool, slots, slots.to(torch.int8)
+        )
 
 
 @pytest.mark.gpu
@@ -179,7 +179,7 @@ def test_ring_mini_shapes_one_set_of_bits_however_the_engine_runs_a_sequence(v_d
     slot = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     for t in range(992, 1000):
         rows.append(
-            linear_attention_decode(
+            linear_attention_aligned_decode(
                 q[t : t + 1],
                 k[t : t + 1],
                 v[t : t + 1],
@@ -187,8 +187,7 @@ def test_ring_mini_shapes_one_set_of_bits_however_the_engine_runs_a_sequence(v_d
                 scale,
                 decoded,
                 slot,
-                fresh=torch.zeros(1, dtype=torch.int8, device=DEVICE),
-                block_v=aligned_block_v(d),
+                torch.zeros(1, dtype=torch.int8, device=DEVICE),
             )  # fmt: skip
         )
     assert torch.equal(torch.cat(rows), o_whole) and torch.equal(decoded, whole)

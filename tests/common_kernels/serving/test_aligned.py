@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common_kernels.ops.linear_attn.aligned import aligned_block_v, linear_attention_as_served
+from common_kernels.ops.linear_attn.aligned import linear_attention_as_served
 from common_kernels.ops.linear_attn.naive import linear_attention_recurrent
 from common_kernels.serving import ALIGNED_MODE_SWITCH, aligned_mode, build_step
 from common_kernels.testing import assert_rel_rms
@@ -106,29 +106,26 @@ def test_without_aligned_mode_the_same_steps_give_other_bits():
 
 
 @pytest.mark.parametrize("aligned", [True, False])
-def test_the_switch_picks_the_token_by_token_prefill_and_the_fixed_decode_tile(monkeypatch, aligned):
-    """What aligned mode changes in a step, checked directly: its prefill is the aligned kernel with no segment
-    plan, and its decode tile does not follow the batch size."""
+def test_the_switch_picks_the_aligned_kernel_for_prefill_and_decode(monkeypatch, aligned):
+    """What aligned mode changes in a step, checked directly: its prefill and its decode are the aligned kernel's,
+    with no segment plan."""
     from common_kernels.serving import step as step_module
 
-    calls, tiles = [], []
-    for name in ("linear_attention_aligned", "linear_attention_prefill"):
+    calls = []
+    names = ("linear_attention_aligned", "linear_attention_aligned_decode", "linear_attention_prefill",
+             "linear_attention_decode")  # fmt: skip
+    for name in names:
         real = getattr(step_module, name)
         monkeypatch.setattr(
             step_module, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw)
         )
-    real_decode = step_module.linear_attention_decode
-    monkeypatch.setattr(
-        step_module, "linear_attention_decode", lambda *a, **kw: tiles.append(kw["block_v"]) or real_decode(*a, **kw)
-    )
     serve(aligned)
     step = build_step(
         torch.tensor([0, 1, 151], dtype=torch.int32, device=DEVICE), torch.tensor([9, 150], device=DEVICE), 1, 1,
         1, 150, torch.tensor([0], device=DEVICE), torch.tensor([1], device=DEVICE), H, K, 150, aligned=aligned,
     )  # fmt: skip
     assert (step.prefill_plan is None) is aligned
-    assert set(calls) == {"linear_attention_aligned" if aligned else "linear_attention_prefill"}
-    assert tiles and all(tile == (aligned_block_v(K) if aligned else None) for tile in tiles)
+    assert set(calls) == set(names[:2] if aligned else names[2:])
 
 
 @pytest.mark.parametrize("v_dtype", [torch.float32, torch.bfloat16])

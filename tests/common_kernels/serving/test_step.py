@@ -107,16 +107,20 @@ def test_warm_up_runs_the_profiling_rows_as_fresh_sequences_and_the_decode_varia
     real_decode = warmup_module.linear_attention_decode
     monkeypatch.setattr(warmup_module, "_warmed", set())
     monkeypatch.setattr(
-        warmup_module, "linear_attention_decode", lambda *a, **kw: calls.append(a[0].shape[0]) or real_decode(*a, **kw)
+        warmup_module,
+        "linear_attention_decode",
+        lambda *a, **kw: calls.append((a[0].shape[0], kw["fresh"] is not None)) or real_decode(*a, **kw),
     )
     q, k, v = _qkv(10, seed=4)
     out = torch.full((10, H, K), float("nan"), device=DEVICE)
     warm_up_linear_attention(q, k, v, RATES, SCALE, torch.float32, max_num_seqs=3, out=out)
     for a, b in ((0, 3), (3, 6), (6, 10)):  # three sequences from zero states
         assert_rel_rms("warm-up prefill", _reference(q[a:b], k[a:b], v[a:b], None)[0], out[a:b], 1e-5)
-    assert calls == [1, 128]  # narrow and wide V-tiles: 1 and 256 / H rows
+    # narrow and wide V-tiles (1 and 256 / H rows), each with flags (vLLM) and without (SGLang)
+    variants = [(1, True), (1, False), (128, True), (128, False)]
+    assert calls == variants
     warm_up_linear_attention(q, k, v, RATES, SCALE, torch.float32, max_num_seqs=3)
-    assert calls == [1, 128]  # compiled once per process and shape
+    assert calls == variants  # compiled once per process and shape
 
 
 @pytest.mark.parametrize("rows", [0, 1])
