@@ -43,7 +43,8 @@
 #                process's CPU, GC and memory per pass and prints the token-gap distribution: why a pass slows)
 #   soak         bench_serve's soak: concurrency 128 for 5 minutes or more, failed requests and GPU memory    (~7 min)
 #   profile      compiled 4K and 128K prefill and 64 x 4K decode-step profiles, ring-linear and the twin (~9 min;
-#                PROFILE_CASES picks; RING_LINEAR_ROUTER_PRODUCTS=bf16x3 times the tensor-core router GEMM)
+#                PROFILE_CASES picks; RING_LINEAR_ROUTER_PRODUCTS=bf16x3 times the tensor-core router GEMM;
+#                RING_LINEAR_ALIGNED=1 VLLM_BATCH_INVARIANT=1 in front profiles aligned mode: where its decode goes)
 #   default-gap  default_gap: default mode's shim-vs-engine logprob gap (mean/p99/max) and the share of tokens
 #                routed to other experts, fp32 and bf16, tiny trained checkpoint (issue 15 item 2)   (untimed)
 #   precision    precision_sweep: tf32 / tf32x3 / ieee / bf16 products vs float64 logprobs, 1K-32K (issue 15) (untimed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import RingLinearConfig
@@ -26,6 +27,7 @@ from ..ops.rope.fused import qk_norm_rope_triton
 from ..ops.rope.naive import qk_norm_rope
 from ..slopes import decay_rates
 from .cache import RingLinearCache
+from .engine_invariance import engine_linear
 from .linear_math import gate_output, prepare_qkv
 
 
@@ -149,6 +151,16 @@ def _expert_weights(experts) -> tuple[list[torch.Tensor], list[torch.Tensor], li
     return tuple([getattr(m, name).weight for m in experts] for name in ("gate_proj", "up_proj", "down_proj"))
 
 
+class Projection(nn.Linear):
+    """A bias-free `nn.Linear` whose aligned forward is the aligned engine's projection GEMM (`engine_linear`)."""
+
+    def __init__(self, in_features: int, out_features: int, **factory) -> None:
+        super().__init__(in_features, out_features, bias=False, **factory)
+
+    def forward(self, x: torch.Tensor, aligned: bool = False) -> torch.Tensor:
+        return engine_linear(x, self.weight) if aligned else F.linear(x, self.weight)
+
+
 class SoftmaxAttention(nn.Module):
     """GQA causal attention with qk-norm and partial RoPE; K/V cached after norm and RoPE."""
 
@@ -157,14 +169,14 @@ class SoftmaxAttention(nn.Module):
         H, Hkv, d, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.hidden_size
         self.layer_idx, self.num_heads, self.num_kv_heads, self.head_dim = layer_idx, H, Hkv, d
         self.eps = config.rms_norm_eps
-        self.query_key_value = nn.Linear(D, (H + 2 * Hkv) * d, bias=False, **factory)
+        self.query_key_value = Projection(D, (H + 2 * Hkv) * d, **factory)
         self.query_layernorm = RMSNorm(d, config.rms_norm_eps, **factory) if config.use_qk_norm else None
         self.key_layernorm = RMSNorm(d, config.rms_norm_eps, **factory) if config.use_qk_norm else None
-        self.dense = nn.Linear(H * d, D, bias=False, **factory)
+        self.dense = Projection(H * d, D, **factory)
 
     def forward(self, a: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         T = a.shape[0]
-        qkv = self.query_key_value(a).reshape(T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        qkv = self.query_key_value(a, ctx.aligned).reshape(T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         q, k, v = qkv.split((self.num_heads, self.num_kv_heads, self.num_kv_heads), dim=1)
         q, k = (qk_norm_rope_triton if ctx.use_triton else qk_norm_rope)(
             q, k, _weight(self.query_layernorm), _weight(self.key_layernorm), ctx.cos, ctx.sin, self.eps
@@ -184,7 +196,7 @@ class SoftmaxAttention(nn.Module):
                 k_all, v_all = ctx.cache.append_kv(self.layer_idx, n, k[s:e], v[s:e])
                 outputs.append(causal_gqa_attention(q[s:e], k_all, v_all, scale))
             o = torch.cat(outputs) if outputs else q
-        return self.dense(o.reshape(T, -1))
+        return self.dense(o.reshape(T, -1), ctx.aligned)
 
 
 class LinearAttention(nn.Module):
@@ -198,18 +210,19 @@ class LinearAttention(nn.Module):
         super().__init__()
         H, d, D = config.num_attention_heads, config.head_dim, config.hidden_size
         self.config, self.layer_idx, self.num_heads, self.head_dim = config, layer_idx, H, d
-        self.query_key_value = nn.Linear(D, 3 * H * d, bias=False, **factory)
+        self.query_key_value = Projection(D, 3 * H * d, **factory)
         self.query_layernorm = RMSNorm(d, config.rms_norm_eps, **factory) if config.use_qk_norm else None
         self.key_layernorm = RMSNorm(d, config.rms_norm_eps, **factory) if config.use_qk_norm else None
-        self.g_proj = nn.Linear(D, H * d, bias=False, **factory)
+        self.g_proj = Projection(D, H * d, **factory)
         self.g_norm = RMSNorm(H * d, config.rms_norm_eps, **factory)
-        self.dense = nn.Linear(H * d, D, bias=False, **factory)
+        self.dense = Projection(H * d, D, **factory)
 
     def forward(self, a: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         T, c = a.shape[0], self.config
         q, k, v = prepare_qkv(
-            self.query_key_value(a), self.num_heads, _weight(self.query_layernorm), _weight(self.key_layernorm),
-            ctx.cos, ctx.sin, c.rms_norm_eps, silu=c.linear_silu, use_triton=ctx.use_triton,
+            self.query_key_value(a, ctx.aligned), self.num_heads, _weight(self.query_layernorm),
+            _weight(self.key_layernorm), ctx.cos, ctx.sin, c.rms_norm_eps, silu=c.linear_silu,
+            use_triton=ctx.use_triton,
         )  # fmt: skip
         rates = decay_rates(c, self.layer_idx, dtype=q.dtype, device=a.device)
         if ctx.aligned:  # v as the engine passes it: widening in the kernel is exact
@@ -221,10 +234,10 @@ class LinearAttention(nn.Module):
             if ctx.cache is not None:
                 ctx.cache.linear_states[self.layer_idx] = final
         y = gate_output(
-            o.reshape(T, -1), self.g_proj(a), self.g_norm.weight, c.group_norm_size, c.rms_norm_eps, a.dtype,
-            use_triton=ctx.use_triton,
+            o.reshape(T, -1), self.g_proj(a, ctx.aligned), self.g_norm.weight, c.group_norm_size, c.rms_norm_eps,
+            a.dtype, use_triton=ctx.use_triton,
         )  # fmt: skip
-        return self.dense(y)
+        return self.dense(y, ctx.aligned)
 
 
 class DecoderLayer(nn.Module):
