@@ -19,7 +19,7 @@
 #   decode-2000  the 2,000-step fp32 greedy decode against the shim (a fault test of its own call)      (~2 min)
 #   prefix       pytest -m gpu: vLLM prefix caching with the linear state, cache on vs off (PYTEST_K picks) (~8 min)
 #   aligned      pytest -m gpu: aligned mode, tiny model fp32 and bf16, chunked prefill and prefix caching on: a
-#                request's bits alone = in a batch of 64 = resent through the cache = the aligned shim's (issue 15) (~4 min)
+#                request's bits alone = in a batch of 64 = resent through the cache = the aligned shim's; an eager fp32 case (~5 min)
 #   aligned-mini the same on a random Ring-mini of one layer group (5 layers), bf16                  (untimed)
 #   aligned-probe  probe_aligned: where aligned mode's batch invariance breaks, first prompt / generated position
 #                per request (PROBE_ARGS, e.g. "--eager --dtype bfloat16")                            (~2 min)

@@ -102,6 +102,18 @@ def test_a_sequence_split_anywhere_gives_the_bits_of_one_pass(splits, dtype):
     assert torch.equal(pieces, whole)
 
 
+def decode_each(q, k, v, rate, scale, pool, rows, fresh_first: bool = False) -> torch.Tensor:
+    """`rows` of one sequence (slot 0 of `pool`) through aligned mode's decode, one step each."""
+    slot = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    out = []
+    for n, t in enumerate(rows):
+        fresh = torch.tensor([int(fresh_first and n == 0)], dtype=torch.int8, device=DEVICE)
+        out.append(
+            linear_attention_aligned_decode(q[t : t + 1], k[t : t + 1], v[t : t + 1], rate, scale, pool, slot, fresh)
+        )
+    return torch.cat(out)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_decoding_each_token_gives_the_bits_of_the_prefill(dtype):
     """Aligned mode's decode (`linear_attention_aligned_decode`) is the prefill's arithmetic: a
@@ -109,22 +121,7 @@ def test_decoding_each_token_gives_the_bits_of_the_prefill(dtype):
     q, k, v = qkv(40, dtype, 4)
     prefilled, decoded = torch.zeros(2, 1, H, K, V, device=DEVICE)
     o_prefill = aligned(q, k, v, [40], prefilled, [0], [1])
-    slot = torch.tensor([0], dtype=torch.int32, device=DEVICE)
-    o_decode = torch.cat(
-        [
-            linear_attention_aligned_decode(
-                q[t : t + 1],
-                k[t : t + 1],
-                v[t : t + 1],
-                RATE,
-                SCALE,
-                decoded,
-                slot,
-                torch.tensor([int(t == 0)], dtype=torch.int8, device=DEVICE),
-            )  # fmt: skip
-            for t in range(40)
-        ]
-    )
+    o_decode = decode_each(q, k, v, RATE, SCALE, decoded, range(40), fresh_first=True)
     assert torch.equal(o_decode, o_prefill)
     assert torch.equal(decoded, prefilled)
 
@@ -175,19 +172,5 @@ def test_ring_mini_shapes_one_set_of_bits_however_the_engine_runs_a_sequence(v_d
     o_pieces = [run(slice(a, b), pieces, int(a == 0)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     assert torch.equal(torch.cat(o_pieces), o_whole) and torch.equal(pieces, whole)
     decoded = torch.zeros_like(whole)
-    rows = [run(slice(0, 992), decoded, 1)]
-    slot = torch.zeros(1, dtype=torch.int32, device=DEVICE)
-    for t in range(992, 1000):
-        rows.append(
-            linear_attention_aligned_decode(
-                q[t : t + 1],
-                k[t : t + 1],
-                v[t : t + 1],
-                rate,
-                scale,
-                decoded,
-                slot,
-                torch.zeros(1, dtype=torch.int8, device=DEVICE),
-            )  # fmt: skip
-        )
+    rows = [run(slice(0, 992), decoded, 1), decode_each(q, k, v, rate, scale, decoded, range(992, 1000))]
     assert torch.equal(torch.cat(rows), o_whole) and torch.equal(decoded, whole)
