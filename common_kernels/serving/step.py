@@ -61,16 +61,13 @@ class LinearAttentionStep:
             else:
                 linear_attention_decode(*rows, fresh=self.decode_fresh, out=out[:padded])
         out[padded:nd].zero_()
-        if self.num_prefill_tokens > 0 and self.aligned:
-            linear_attention_aligned(
-                q[nd:nt], k[nd:nt], v[nd:nt], decay_rate, scale, self.prefill_cu_seqlens, state_pool,
-                self.prefill_slots, self.prefill_fresh, out=out[nd:nt],
-            )  # fmt: skip
-        elif self.num_prefill_tokens > 0:
-            linear_attention_prefill(
-                q[nd:nt], k[nd:nt], v[nd:nt], decay_rate, scale, self.prefill_cu_seqlens, state_pool,
-                self.prefill_slots, self.prefill_fresh, plan=self.prefill_plan, out=out[nd:nt],
-            )  # fmt: skip
+        if self.num_prefill_tokens > 0:
+            rows = (q[nd:nt], k[nd:nt], v[nd:nt], decay_rate, scale, self.prefill_cu_seqlens, state_pool,
+                    self.prefill_slots, self.prefill_fresh)  # fmt: skip
+            if self.aligned:
+                linear_attention_aligned(*rows, out=out[nd:nt])
+            else:
+                linear_attention_prefill(*rows, plan=self.prefill_plan, out=out[nd:nt])
         out[nt:].zero_()
 
 

@@ -36,7 +36,8 @@ def warm_up_linear_attention(
     The prefill's output goes to `out` when given (the profiling forward's result), else it is dropped.
     `slot_dtype` is the engine's slot-index dtype (pointer types are part of a compiled variant). `aligned`: the
     engine serves in aligned mode, whose prefill and decode are one variant of its own kernel (`ops.linear_attn.
-    aligned`). The default decode is compiled with and without flags (vLLM passes them, SGLang does not)."""
+    aligned`), and nothing else is compiled. The default decode is compiled with and without flags (vLLM passes
+    them, SGLang does not)."""
     T, H, K = q.shape
     V = v.shape[-1]
     device = q.device
@@ -54,6 +55,8 @@ def warm_up_linear_attention(
             one = cu_seqlens[:2].clamp(max=1)
             plan = plan_prefill(one, 1, H, V, max_seqlen=1)
             linear_attention_prefill(q[:1], k[:1], v[:1], decay_rate, scale, one, scratch_pool, slots[:1], plan=plan)
+    if aligned:  # its decode is the prefill's compiled variant; the default decode never runs
+        return
     key = (q.dtype, v.dtype, state_dtype, slot_dtype, H, K, V, device)
     if key in _warmed:
         return

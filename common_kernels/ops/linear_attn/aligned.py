@@ -18,30 +18,25 @@ import triton
 import triton.language as tl
 
 from .backward import linear_attention_varlen_triton
-from .triton_utils import check_pool, check_qkv
+from .triton_utils import check_pool, check_qkv, output_rows
 
 ALIGNED_BLOCK_V = 16  # aligned mode's one V-tile: the tile sets the output sum's order; 16 columns keep 8 programs
 # per head busy on a single long prompt
 
 
-def aligned_block_v(head_dim_v: int) -> int:
-    """The V-tile of aligned mode's kernel, whatever the batch."""
-    return min(ALIGNED_BLOCK_V, head_dim_v)
-
-
 # Every batch-dependent integer is a runtime value and no row pointer is specialised on its alignment, so the
 # prefill (varlen) and the decode (one token per sequence) of every step run one compiled variant.
 @triton.jit(
-    do_not_specialize=["T_SEQ", "VARLEN"],
+    do_not_specialize=["VARLEN"],
     do_not_specialize_on_alignment=["q", "k", "v", "o", "slots", "fresh", "cu_seqlens"],
 )
 def _aligned_kernel(
     q, k, v, o, pool, slots, fresh, cu_seqlens, rate, scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    stride_pp, stride_ph, T_SEQ, VARLEN,
+    stride_pp, stride_ph, VARLEN,
     K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
-    """One program per (sequence, head, V-tile): the sequence's rows (`cu_seqlens` when VARLEN, else T_SEQ each)
+    """One program per (sequence, head, V-tile): the sequence's rows (`cu_seqlens` when VARLEN, else row i_b)
     through its `[K, BV]` fp32 state tile one token at a time. Slot -1: padding, zero output, pool untouched."""
     i_b, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_k = tl.arange(0, K)
@@ -51,8 +46,8 @@ def _aligned_kernel(
         bos = tl.load(cu_seqlens + i_b).to(tl.int64)
         eos = tl.load(cu_seqlens + i_b + 1).to(tl.int64)
     else:
-        bos = i_b.to(tl.int64) * T_SEQ
-        eos = bos + T_SEQ
+        bos = i_b.to(tl.int64)
+        eos = bos + 1
     if slot < 0:
         for row in range(bos, eos):
             tl.store(o + row * stride_ot + i_h * stride_oh + o_v, tl.zeros([BV], dtype=o.dtype.element_ty))
@@ -104,18 +99,16 @@ def _launch(name, q, k, v, decay_rate, scale, state_pool, slots, fresh, out, cu_
     for tensor, label in ((slots, "slots"), (fresh, "fresh")):
         if tensor.shape != (B,):
             raise ValueError(f"{name}: {label} must be [{B}] (one per sequence), got {tuple(tensor.shape)}")
-    o = torch.empty((T, H, V), dtype=q.dtype, device=q.device) if out is None else out
-    if o.shape != (T, H, V) or o.stride(-1) != 1:
-        raise ValueError(f"{name}: out must be [{T}, {H}, {V}] with unit last stride")
+    o = output_rows(name, out, q, V)
     if B == 0:
         return o
-    BV = aligned_block_v(V)
+    BV = min(ALIGNED_BLOCK_V, V)
     varlen = cu_seqlens is not None
     _aligned_kernel[(B, H, V // BV)](
         q, k, v, o, state_pool, slots, fresh, cu_seqlens if varlen else _unused_offsets(q.device),
         decay_rate.to(device=q.device, dtype=torch.float32).contiguous(), scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
-        state_pool.stride(0), state_pool.stride(1), 1, int(varlen),
+        state_pool.stride(0), state_pool.stride(1), int(varlen),
         K, V, BV, num_warps=2,
     )  # fmt: skip
     return o

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ..triton_settings import sm_count
-from .triton_utils import check_pool, check_qkv
+from .triton_utils import check_pool, check_qkv, output_rows
 
 # (sequence, head) pairs per SM from which 64-column V-tiles fill the GPU: 256 pairs on an H200's 132 SMs (sweep)
 WIDE_TILE_MIN_ROWS_PER_SM = 256 / 132
@@ -100,9 +100,7 @@ def linear_attention_decode(
         raise ValueError(f"linear_attention_decode: slots must be [{B}], got {tuple(slots.shape)}")
     if fresh is not None and fresh.shape != (B,):
         raise ValueError(f"linear_attention_decode: fresh must be [{B}], got {tuple(fresh.shape)}")
-    o = torch.empty((T, H, V), dtype=q.dtype, device=q.device) if out is None else out
-    if o.shape != (T, H, V) or o.stride(-1) != 1:
-        raise ValueError(f"linear_attention_decode: out must be [{T}, {H}, {V}] with unit last stride")
+    o = output_rows("linear_attention_decode", out, q, V)
     min_rows, rows = wide_tile_min_rows(q.device), B * H
     BV = min(block_v or (64 if rows >= min_rows else 16), V)
     if B == 0:

@@ -36,7 +36,15 @@ import triton
 import triton.language as tl
 
 from ..triton_settings import INTERPRET, dot_precision, sm_count
-from .triton_utils import check_pool, check_qkv, chunk_decays, chunk_state_update, segment_grid, segment_program
+from .triton_utils import (
+    check_pool,
+    check_qkv,
+    chunk_decays,
+    chunk_state_update,
+    output_rows,
+    segment_grid,
+    segment_program,
+)
 
 CHUNK = 64
 # the longest sequence a one-launch plan takes (0: never); a setting to time, read when a plan is made
@@ -235,10 +243,7 @@ def linear_attention_prefill(
         fresh = torch.ones(N, dtype=torch.int8, device=q.device)
     elif fresh.shape != (N,):
         raise ValueError(f"linear_attention_prefill: fresh must be [{N}], got {tuple(fresh.shape)}")
-    if out is None:
-        out = torch.empty((T, H, V), dtype=q.dtype, device=q.device)
-    elif out.shape != (T, H, V) or out.stride(-1) != 1:
-        raise ValueError(f"linear_attention_prefill: out must be [{T}, {H}, {V}] with unit last stride")
+    out = output_rows("linear_attention_prefill", out, q, V)
     if N == 0:
         return out
     if plan is None:

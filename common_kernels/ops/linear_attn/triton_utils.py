@@ -48,6 +48,16 @@ def check_pool(name: str, state_pool: torch.Tensor, H: int, K: int, V: int) -> N
         raise ValueError(f"{name}: each state_pool[p, h] must be a contiguous [K, V] matrix")
 
 
+def output_rows(name: str, out: torch.Tensor | None, q: torch.Tensor, V: int) -> torch.Tensor:
+    """The kernel's output `[T, H, V]` in q's dtype: `out` when the caller passes one (checked), else a new tensor."""
+    T, H = q.shape[:2]
+    if out is None:
+        return torch.empty((T, H, V), dtype=q.dtype, device=q.device)
+    if out.shape != (T, H, V) or out.stride(-1) != 1:
+        raise ValueError(f"{name}: out must be [{T}, {H}, {V}] with unit last stride")
+    return out
+
+
 @triton.jit
 def segment_and_tile(NT: tl.constexpr):
     """(segment, tile) of a program on a `segment_grid`: the NT tile programs of one segment and head are

@@ -162,11 +162,18 @@ def test_the_aligned_switch_refuses_anything_else_naming_itself(monkeypatch):
 
 
 def test_warm_up_in_aligned_mode_runs_the_aligned_prefill(monkeypatch):
-    """A served request must not wait for a compile: warm-up runs the prefill the mode serves with (aligned: the
-    decode's narrow-tile variant over whole sequences, with the engine's flag type)."""
+    """A served request must not wait for a compile: warm-up runs the prefill the mode serves with (aligned: its
+    own kernel, with the engine's flag type, whose decode is the same compiled variant), and the default decode's
+    variants only in default mode (aligned mode never runs them)."""
     from common_kernels.serving import warm_up_linear_attention
     from common_kernels.serving import warmup as warmup_module
 
+    monkeypatch.setattr(warmup_module, "_warmed", set())
+    decodes = []
+    real_decode = warmup_module.linear_attention_decode
+    monkeypatch.setattr(
+        warmup_module, "linear_attention_decode", lambda *a, **kw: decodes.append(1) or real_decode(*a, **kw)
+    )
     calls = []
     for name in ("linear_attention_aligned", "linear_attention_prefill"):
         real = getattr(warmup_module, name)
@@ -174,7 +181,9 @@ def test_warm_up_in_aligned_mode_runs_the_aligned_prefill(monkeypatch):
             warmup_module, name, lambda *a, _real=real, _name=name, **kw: calls.append((_name, a)) or _real(*a, **kw)
         )
     q, k, v = request_qkv("C")
-    for aligned in (True, False):
-        warm_up_linear_attention(q, k, v, RATES, SCALE, torch.float32, max_num_seqs=3, aligned=aligned)
+    warm_up_linear_attention(q, k, v, RATES, SCALE, torch.float32, max_num_seqs=3, aligned=True)
+    assert decodes == []
+    warm_up_linear_attention(q, k, v, RATES, SCALE, torch.float32, max_num_seqs=3, aligned=False)
+    assert len(decodes) == 4  # narrow and wide tiles, with and without flags
     assert [name for name, _ in calls] == ["linear_attention_aligned", "linear_attention_prefill"]
     assert calls[0][1][8].dtype == torch.int8  # the fresh flags the engines pass
