@@ -63,7 +63,8 @@
 #   aligned-moe  bench_aligned_moe: aligned mode's MoE experts vs vLLM's fused_experts at Ring-mini shapes, 1-16K tokens
 #                (ALIGNED_MOE_TILES, e.g. "64,64,32 16,64,32 64,128,64", tries tile sets; issue 15's cost)    (untimed)
 #   vllm-diff    vllm_layer_diff: per-module engine outputs against the shim, one prompt, bit for bit (DIFF_ARGS, e.g.
-#                "--aligned --dtype bfloat16": where aligned mode's bitwise claim breaks)                (~1 min)
+#                "--aligned --dtype bfloat16 --internals": where aligned mode's bitwise claim breaks; --internals adds
+#                the first linear layer's steps; DIFF_CHECKPOINT=ring-mini diffs a random Ring-mini layer group)   (~1.5 min)
 #   sgl-diff     sglang_layer_diff: per-module engine outputs against the shim, one prompt (SGLang staged) (~2 min)
 set -uo pipefail
 
@@ -133,8 +134,12 @@ for step in "$@"; do
     sgl-engine) run sgl-engine 570 "${SGLANG_ENV[@]}" CUDA_VISIBLE_DEVICES=0 \
       python3 -m pytest -q -s -m gpu tests/ring_linear_sglang/test_engine_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} ;;
     aligned-moe) run aligned-moe 400 python3 -m benchmarks.bench_aligned_moe ${ALIGNED_MOE_TILES:+--tiles $ALIGNED_MOE_TILES} ;;
-    vllm-diff) run vllm-diff 240 env CUDA_VISIBLE_DEVICES=0 python3 -m benchmarks.vllm_layer_diff \
-      "${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}" ${DIFF_ARGS:-} ;;
+    vllm-diff)
+      checkpoint=${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}
+      if [[ ${DIFF_CHECKPOINT:-} == ring-mini ]]; then
+        checkpoint=/tmp/ring-mini-group; [[ -d $checkpoint ]] || python3 -m benchmarks.random_checkpoint "$checkpoint"
+      fi
+      run vllm-diff 240 env CUDA_VISIBLE_DEVICES=0 python3 -m benchmarks.vllm_layer_diff "$checkpoint" ${DIFF_ARGS:-} ;;
     sgl-diff) run sgl-diff 300 "${SGLANG_ENV[@]}" CUDA_VISIBLE_DEVICES=0 \
       python3 -m benchmarks.sglang_layer_diff "${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}" --save "$out/sgl-diff.pt" ;;
     profile)  # PROFILE_CASES picks, e.g. "ring-linear:4096x2 softmax-twin:decode" (default: all six)

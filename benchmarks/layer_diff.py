@@ -3,6 +3,9 @@ one prompt, and the comparison of two such dumps by module name."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+
 import torch
 
 
@@ -32,6 +35,36 @@ def shim_outputs(
         for hook in hooks:
             hook.remove()
     return outputs
+
+
+@contextlib.contextmanager
+def record_internals(steps: dict[str, tuple[str, str]], enabled: bool = True):
+    """Wrap each `steps` function (label -> (module, name)) so that its first call's tensor arguments and results
+    are kept as `step:<label>.in<i>` / `step:<label>.out<i>` (fp32, on the CPU); the functions are put back on
+    exit. Yields the dict it fills."""
+    recorded: dict[str, torch.Tensor] = {}
+    originals = []
+    for label, (module_name, function_name) in steps.items() if enabled else ():
+        module = importlib.import_module(module_name)
+        original = getattr(module, function_name)
+        originals.append((module, function_name, original))
+
+        def wrapper(*args, _label=label, _original=original, **kwargs):
+            result = _original(*args, **kwargs)
+            if f"step:{_label}.out0" not in recorded:
+                outputs = result if isinstance(result, tuple) else (result,)
+                for kind, values in (("in", args), ("out", outputs)):
+                    for i, value in enumerate(values):
+                        if isinstance(value, torch.Tensor):
+                            recorded[f"step:{_label}.{kind}{i}"] = value.detach().float().cpu()
+            return result
+
+        setattr(module, function_name, wrapper)
+    try:
+        yield recorded
+    finally:
+        for module, function_name, original in originals:
+            setattr(module, function_name, original)
 
 
 def compare(engine: dict[str, torch.Tensor], shim: dict[str, torch.Tensor]) -> list[tuple[str, float, float]]:

@@ -4,7 +4,10 @@ compared by name, bit for bit. With `--aligned` both run aligned mode (`RING_LIN
 `token_logprobs(aligned=True)`): the first module that is not `equal` is where aligned mode's bitwise claim breaks.
 Run on the GPU machine with vLLM staged and the plugin's entry point installed (`gpu_checks.sh vllm-diff`):
 
-    python -m benchmarks.vllm_layer_diff CHECKPOINT [--length 8] [--dtype float32] [--aligned]
+    python -m benchmarks.vllm_layer_diff CHECKPOINT [--length 8] [--dtype float32] [--aligned] [--internals]
+
+`--internals` also compares, inside the first linear-attention layer, what its steps hand each other (q, k, v,
+the attention output, the gate, the input of `dense`): a module's output names the layer, these name the step.
 """
 
 from __future__ import annotations
@@ -15,8 +18,20 @@ import random
 
 import torch
 
-from benchmarks.layer_diff import compare, shim_outputs
+from benchmarks.layer_diff import compare, record_internals, shim_outputs
 
+# where each side calls the linear layer's steps (module, function name), for `--internals`; the aligned
+# attention is recorded under one name on both sides (the engine writes its `out`, the shim returns it)
+SHIM_STEPS = {
+    "prepare_qkv": ("common_kernels.model.layers", "prepare_qkv"),
+    "attention": ("common_kernels.model.layers", "linear_attention_as_served"),
+    "gate_output": ("common_kernels.model.layers", "gate_output"),
+}
+ENGINE_STEPS = {
+    "prepare_qkv": ("ring_linear_vllm.linear_attention", "prepare_qkv"),
+    "attention": ("common_kernels.serving.step", "linear_attention_aligned"),
+    "gate_output": ("ring_linear_vllm.linear_attention", "gate_output"),
+}
 ENGINE_OUTPUTS: dict[str, torch.Tensor] = {}  # filled by the hooks, in this process (the engine runs in it)
 
 
@@ -35,8 +50,9 @@ def record_first_forward(model: torch.nn.Module) -> int:
     return len(modules)
 
 
-def engine_outputs(checkpoint: str, prompt: list[int], dtype: str) -> dict[str, torch.Tensor]:
-    """The engine's module outputs for the prompt's prefill step."""
+def engine_outputs(checkpoint: str, prompt: list[int], dtype: str, internals: bool) -> dict[str, torch.Tensor]:
+    """The engine's module outputs for the prompt's prefill step (and, with `internals`, its first linear layer's
+    steps, recorded from after start-up, whose warm-up runs the same functions)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: its hooks write here
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # `apply_model` hands vLLM a function
     from vllm import LLM, SamplingParams, TokensPrompt
@@ -46,8 +62,9 @@ def engine_outputs(checkpoint: str, prompt: list[int], dtype: str) -> dict[str, 
         skip_tokenizer_init=True, enforce_eager=True, enable_chunked_prefill=False, enable_prefix_caching=False,
     )  # fmt: skip
     llm.apply_model(record_first_forward)
-    llm.generate([TokensPrompt(prompt_token_ids=prompt)], SamplingParams(temperature=0.0, max_tokens=1))
-    return dict(ENGINE_OUTPUTS)
+    with record_internals(ENGINE_STEPS, enabled=internals) as steps:
+        llm.generate([TokensPrompt(prompt_token_ids=prompt)], SamplingParams(temperature=0.0, max_tokens=1))
+    return {**steps, **ENGINE_OUTPUTS}
 
 
 def main() -> None:
@@ -56,6 +73,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=8)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--aligned", action="store_true", help="both sides in aligned mode")
+    parser.add_argument("--internals", action="store_true", help="the first linear layer's steps too")
     args = parser.parse_args()
     if args.aligned:
         os.environ.update({"RING_LINEAR_ALIGNED": "1", "VLLM_BATCH_INVARIANT": "1"})
@@ -64,8 +82,10 @@ def main() -> None:
     # the shim first: the engine's start-up must not change what the reference computes
     model = RingLinearForCausalLM.from_pretrained(args.checkpoint, dtype=getattr(torch, args.dtype), device="cuda")
     prompt = [random.Random(0).randrange(3, model.config.vocab_size) for _ in range(args.length)]
-    shim = shim_outputs(model, prompt, aligned=args.aligned)
-    engine = engine_outputs(args.checkpoint, prompt, args.dtype)
+    with record_internals(SHIM_STEPS, enabled=args.internals) as shim_steps:
+        shim = shim_outputs(model, prompt, aligned=args.aligned)
+    shim.update(shim_steps)
+    engine = engine_outputs(args.checkpoint, prompt, args.dtype, args.internals)
     print(f"modules: engine {len(engine)}, shim {len(shim)}; compared in the engine's forward order:")
     for name, diff, scale in compare(engine, shim):
         print(f"{'equal' if diff == 0 else f'{diff:.3e}':>10} (of {scale:9.3e})  {name}")

@@ -39,6 +39,7 @@ class RingLinearAttnBackend(MambaAttnBackendBase):
         }
         self.step: LinearAttentionStep | None = None
         self.aligned = aligned_mode()  # every token through the state one by one (`ops.linear_attn.aligned`)
+        self._not_fresh = torch.zeros(0, dtype=torch.int8, device=self.device)  # aligned decode's flags, grown once
         self._warm_up(model_runner)
 
     def _warm_up(self, model_runner) -> None:
@@ -113,10 +114,17 @@ class RingLinearAttnBackend(MambaAttnBackendBase):
         slots = self.forward_metadata.mamba_cache_indices[: q.shape[0]]
         rows = (q, k, v, self.decay_rates[layer_id], self.scale, self._state_pool(layer_id), slots)
         if self.aligned:  # no decode starts fresh: SGLang extends a new prompt, however short
-            out = linear_attention_aligned_decode(*rows, torch.zeros(q.shape[0], dtype=torch.int8, device=q.device))
+            out = linear_attention_aligned_decode(*rows, self._decode_flags(q.shape[0]))
         else:
             out = linear_attention_decode(*rows)
         return out.view(q.shape[0], -1)
+
+    def _decode_flags(self, rows: int) -> torch.Tensor:
+        """`rows` zero "fresh" flags, sliced from one buffer that every layer and step shares (SGLang captures its
+        largest decode graph first, so the buffer is grown there, not per layer and step)."""
+        if self._not_fresh.shape[0] < rows:
+            self._not_fresh = torch.zeros(rows, dtype=torch.int8, device=self.device)
+        return self._not_fresh[:rows]
 
 
 def _host_offsets(extend_seq_lens_cpu) -> list[int]:

@@ -46,7 +46,7 @@ def check_aligned_settings(server_args: Any) -> None:
     log-softmax (`--enable-deterministic-inference`), each prompt in one step (vLLM serves aligned mode with
     chunked prefill and prefix caching; on SGLang neither has run on a GPU yet), no prefill CUDA graph (it would
     replay the aligned attention with its capture batch's metadata), all experts on one rank in unquantized
-    weights in the Triton runner's layout, and a KV cache in the model dtype."""
+    weights in the Triton runner's layout, a KV cache in the model dtype, and no torch.compile."""
     chunk = getattr(server_args, "chunked_prefill_size", None)
     tp, ep = getattr(server_args, "tp_size", 1), getattr(server_args, "ep_size", 1)
     quantization = getattr(server_args, "quantization", None)
@@ -59,6 +59,9 @@ def check_aligned_settings(server_args: Any) -> None:
         (ep > 1, f"drop --ep-size {ep}"),
         (quantization is not None, f"drop --quantization {quantization}"),
         (getattr(server_args, "kv_cache_dtype", "auto") not in ("auto", None), "drop --kv-cache-dtype"),
+        # inductor computes the bf16 glue between our kernels in other bits than the shim's eager forward (found on
+        # vLLM, which aligned mode therefore traces without inductor; SGLang has no such middle setting)
+        (getattr(server_args, "enable_torch_compile", False), "drop --enable-torch-compile"),
         # a prefill CUDA graph would capture the aligned attention with its capture batch's metadata
         (not getattr(server_args, "disable_prefill_cuda_graph", True), "add --disable-prefill-cuda-graph"),
         # the aligned MoE reads w13 as [gate; up], the Triton runner's layout (others store [up; gate] or transpose)

@@ -81,6 +81,7 @@ class RingLinearEngineConfig(VerifyAndUpdateConfig):
         if aligned_mode():
             check_aligned_layout(vllm_config)
             note_attention_backend(vllm_config)
+            compile_without_inductor(vllm_config)
 
 
 def check_prefix_caching(vllm_config) -> None:
@@ -136,6 +137,20 @@ def check_aligned_layout(vllm_config) -> None:
                 f"ring-linear: {ALIGNED_MODE_SWITCH}=1 serves each layer unsharded and unquantized, as the trainer "
                 f"computes it: drop {flag}, or {ALIGNED_MODE_SWITCH}"
             )
+
+
+def compile_without_inductor(vllm_config) -> None:
+    """Aligned mode: vLLM still traces the model into its piecewise CUDA graphs, but runs the traced ops as they are
+    (`backend="eager"`) instead of inductor's generated kernels, which compute the bf16 glue between our kernels in
+    other bits than the shim's eager forward does (fp32 matches either way: RESULTS, run S). Aligned mode's layers
+    are our own kernels, so inductor has little left to fuse there."""
+    compilation = vllm_config.compilation_config
+    if compilation.backend != "eager":
+        logger.info(
+            "ring-linear: aligned mode compiles with backend 'eager' (CUDA graphs kept, no inductor), was %r",
+            compilation.backend,
+        )
+        compilation.backend = "eager"
 
 
 def note_attention_backend(vllm_config) -> None:

@@ -35,3 +35,22 @@ def test_the_engine_hooks_keep_each_modules_first_output():
     outputs = vllm_layer_diff.ENGINE_OUTPUTS
     assert torch.equal(outputs["1"], torch.full((2,), 2.0)) and torch.equal(outputs["0"], torch.ones(2))
     assert torch.equal(outputs[""], torch.full((2,), 2.0))  # the model's own output: the tuple's first tensor
+
+
+def test_internals_keep_each_steps_first_call_and_put_the_functions_back():
+    from common_kernels import RingLinearForCausalLM, tiny_config
+    from common_kernels.model import layers
+
+    model = RingLinearForCausalLM(tiny_config(), dtype=torch.float32, use_triton=True)
+    model.init_weights(generator=torch.Generator().manual_seed(1))
+    original = layers.prepare_qkv
+    with layer_diff.record_internals(vllm_layer_diff.SHIM_STEPS) as steps:
+        layer_diff.shim_outputs(model, [3, 5, 7, 11], device="cpu", aligned=True)
+    assert layers.prepare_qkv is original
+    q, o = steps["step:prepare_qkv.out0"], steps["step:attention.out0"]
+    H, d = model.config.num_attention_heads, model.config.head_dim
+    assert q.shape == o.shape == (4, H, d)
+    assert steps["step:gate_output.in0"].reshape(4, H, d).equal(o)  # the attention output is the gate's input
+    with layer_diff.record_internals(vllm_layer_diff.SHIM_STEPS, enabled=False) as nothing:
+        layer_diff.shim_outputs(model, [3, 5], device="cpu", aligned=True)
+    assert nothing == {}

@@ -100,3 +100,18 @@ def test_a_decode_batch_advances_every_slot_in_place(kit, mock_backend, sglang_r
         prefix_lens=(5, 2, 9),
     )  # fmt: skip
     _run_and_check(kit, mock_backend, case, seed=2, fresh=[False, False, False])
+
+
+def test_aligned_decode_flags_come_from_one_buffer(sglang_registered):
+    """Every layer and step of an aligned decode reads its zero "fresh" flags from one buffer, grown only when a
+    larger batch arrives (SGLang captures its largest graph first), not allocated per layer."""
+    from ring_linear_sglang.backend import RingLinearAttnBackend
+
+    backend = object.__new__(RingLinearAttnBackend)
+    backend.device = torch.device("cpu")
+    backend._not_fresh = torch.zeros(0, dtype=torch.int8)
+    large = backend._decode_flags(8)
+    small = backend._decode_flags(3)
+    assert large.shape == (8,) and small.shape == (3,) and not large.any()
+    assert small.data_ptr() == large.data_ptr()  # a slice of the same buffer
+    assert backend._decode_flags(16).shape == (16,)

@@ -188,6 +188,7 @@ def test_aligned_mode_needs_deterministic_inference_whole_prompts_and_one_rank(
         "drop --quantization fp8": {"quantization": "fp8"},
         "drop --kv-cache-dtype": {"kv_cache_dtype": "fp8_e4m3"},
         "add --disable-prefill-cuda-graph": {"disable_prefill_cuda_graph": False},
+        "drop --enable-torch-compile": {"enable_torch_compile": True},
         "use --moe-runner-backend triton \\(not flashinfer_trtllm\\)": {"moe_runner_backend": "flashinfer_trtllm"},
     }
     for message, change in refusals.items():

@@ -25,10 +25,11 @@ def test_a_request_gets_the_same_bits_alone_and_in_a_batch_of_64(tiny_trained, m
     check_aligned_serving(tiny_trained, dtype, monkeypatch)
 
 
-def test_eager_fp32(tiny_trained, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_eager(tiny_trained, monkeypatch, dtype):
     """The same with no torch.compile and no CUDA graphs (`enforce_eager`), which also tells a difference the
     compiler makes from one the kernels make."""
-    check_aligned_serving(tiny_trained, "float32", monkeypatch, eager=True)
+    check_aligned_serving(tiny_trained, dtype, monkeypatch, eager=True)
 
 
 def test_ring_mini_shapes_one_layer_group_bf16(ring_mini_one_group, monkeypatch):
@@ -41,27 +42,15 @@ def test_ring_mini_shapes_one_layer_group_bf16(ring_mini_one_group, monkeypatch)
 def ring_mini_one_group(tmp_path_factory):
     """A random Ring-mini checkpoint of `layer_group_size` layers, written by the shim (bf16), so the shim and the
     engine read the same weights."""
-    import json
+    from benchmarks.random_checkpoint import write_random_checkpoint
 
-    import torch
-    from vllm_runs import RELEASED_CONFIG
-
-    from common_kernels import RingLinearForCausalLM
-    from common_kernels.config import RingLinearConfig
-
-    fields = json.loads(RELEASED_CONFIG.read_text())
-    config = RingLinearConfig(**{**fields, "num_hidden_layers": fields["layer_group_size"]})
-    model = RingLinearForCausalLM(config)
-    model.init_weights(generator=torch.Generator().manual_seed(0))
-    path = tmp_path_factory.mktemp("ring-mini-one-group")
-    model.to(torch.bfloat16).save_pretrained(path)
-    return path
+    return write_random_checkpoint(tmp_path_factory.mktemp("ring-mini-one-group"))
 
 
 def check_aligned_serving(
     checkpoint, dtype: str, monkeypatch, budget: int = 128, must_hit: bool = True, eager: bool = False
 ) -> None:
-    """64 mixed-length requests in one engine (CUDA graphs, torch.compile, chunked prefill over `budget`-token
+    """64 mixed-length requests in one engine (CUDA graphs, traced without inductor, chunked prefill over `budget`-token
     steps: vLLM's align mode needs one block at least; prefix caching), every 7th again alone, then again without
     prompt logprobs so that it reads the prefix cache (vLLM recomputes a prompt whose logprobs are asked for): the
     same bits each time, and every prompt and sampled-token logprob equal to the aligned shim's. `must_hit`: the
@@ -113,6 +102,13 @@ def gap_to_the_shim(checkpoint, dtype: str, prompts, outputs) -> int:
     engine = torch.tensor([x for (_, sampled, prompt_lp) in outputs for x in [0.0, *prompt_lp, *sampled]])
     mine = torch.cat([logprobs[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)])
     gap = (mine.double() - engine.double()).abs()
+    first = [
+        (i, len(prompt), int((gap[a:b] > 0).nonzero()[0]))
+        for i, (prompt, a, b) in enumerate(zip(prompts, offsets[:-1], offsets[1:], strict=True))
+        if (gap[a:b] > 0).any()
+    ]
+    if first:
+        print(f"[{dtype}] first unequal position (request, prompt length, position): {first[:8]}")
     print(
         f"[{dtype}] aligned shim vs engine over {gap.numel()} tokens: unequal {(gap > 0).sum().item()}, "
         f"mean {gap.mean():.2e}, p99 {gap.quantile(0.99):.2e}, max {gap.max():.2e}"

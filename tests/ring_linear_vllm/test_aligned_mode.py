@@ -66,6 +66,20 @@ def test_aligned_mode_keeps_chunked_prefill_and_prefix_caching(vllm_tools, tiny_
     assert "turned off" not in caplog.text
 
 
+def test_aligned_mode_traces_without_inductor(vllm_tools, tiny_dir, aligned_env):
+    """The graph is traced and split for CUDA graphs as before, its ops run as the shim runs them (no inductor
+    kernels), and vLLM's own custom ops then take their CUDA forms, as in eager mode."""
+    cfg = vllm_tools.engine_config(tiny_dir, enforce_eager=False)
+    assert cfg.compilation_config.backend == "eager"
+    assert "all" in cfg.compilation_config.custom_ops
+
+
+def test_default_mode_compiles_with_inductor(vllm_tools, tiny_dir, monkeypatch):
+    monkeypatch.delenv("RING_LINEAR_ALIGNED", raising=False)
+    monkeypatch.delenv("VLLM_BATCH_INVARIANT", raising=False)
+    assert vllm_tools.engine_config(tiny_dir, enforce_eager=False).compilation_config.backend == "inductor"
+
+
 def test_aligned_mode_runs_every_step_aligned_and_declares_batch_invariance(vllm_tools, tiny_dir, aligned_env):
     backend, builder = _builder(vllm_tools, tiny_dir, enable_chunked_prefill=True)
     assert backend.supports_batch_invariance()
