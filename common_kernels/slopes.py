@@ -59,5 +59,5 @@ def decay_rates(
     Computed in float64 and then cast, so float32 and float64 runs start from the same numbers.
     """
     factor = layer_decay_factor(layer_idx, config.num_hidden_layers, config.linear_decay_convention)
-    slopes = torch.tensor(alibi_slopes(config.num_attention_heads), dtype=torch.float64)
+    slopes = torch.tensor(alibi_slopes(config.num_attention_heads), dtype=torch.float64, device="cpu")
     return (slopes * factor).to(dtype=dtype, device=device)

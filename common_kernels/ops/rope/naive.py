@@ -17,11 +17,15 @@ def rotary_inv_freq(config: RingLinearConfig) -> tuple[torch.Tensor, float]:
     attention factor scales cos and sin.
     """
     rope = config.rope_settings()
-    if rope.kind == "yarn":
-        inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")
-        return inv_freq.float(), float(attention_scaling)
-    exponents = torch.arange(0, rope.rotary_dim, 2, dtype=torch.int64).float() / rope.rotary_dim
-    return 1.0 / (rope.theta**exponents), 1.0
+    # on the CPU whatever the default device: the engines build the model under their GPU's device context, and a
+    # GPU's pow need not round as the CPU's, where the shim computes these (one bit off in one frequency would part
+    # the engine's q and k from the shim's)
+    with torch.device("cpu"):
+        if rope.kind == "yarn":
+            inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")
+            return inv_freq.float(), float(attention_scaling)
+        exponents = torch.arange(0, rope.rotary_dim, 2, dtype=torch.int64).float() / rope.rotary_dim
+        return 1.0 / (rope.theta**exponents), 1.0
 
 
 def rotary_cos_sin(

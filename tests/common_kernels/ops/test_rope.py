@@ -165,3 +165,26 @@ def test_the_engines_rotary_table_holds_the_bits_the_shim_computes_at_each_posit
     positions = torch.tensor([0, 7, 299, 64, 7])
     want_cos, want_sin = rotary_cos_sin(positions, inv_freq, scaling, torch.float32)
     assert torch.equal(cos[positions], want_cos) and torch.equal(sin[positions], want_sin)
+
+
+YARN_4X = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 131072}
+
+
+@pytest.mark.parametrize("rope_scaling", [None, YARN_4X])
+def test_inverse_frequencies_are_computed_on_the_cpu_under_any_default_device(rope_scaling):
+    """The engines build their models under a GPU device context; the frequencies must still come from the CPU's
+    arithmetic, the shim's (the meta device stands in for the GPU here: it would compute nothing)."""
+    config = preset_config("ring-mini-linear-2.0", rope_scaling=rope_scaling, max_position_embeddings=524288)
+    want, _ = rotary_inv_freq(config)
+    with torch.device("meta"):
+        got, _ = rotary_inv_freq(config)
+    assert got.device.type == "cpu" and torch.equal(got, want)
+
+
+def test_decay_rates_are_computed_on_the_cpu_under_any_default_device():
+    from common_kernels.slopes import decay_rates
+
+    config = preset_config("ring-mini-linear-2.0")
+    with torch.device("meta"):
+        got = decay_rates(config, 3)
+    assert got.device.type == "cpu" and torch.equal(got, decay_rates(config, 3))
