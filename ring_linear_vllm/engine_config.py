@@ -141,9 +141,9 @@ def check_aligned_layout(vllm_config) -> None:
 
 def compile_without_inductor(vllm_config) -> None:
     """Aligned mode: vLLM still traces the model into its piecewise CUDA graphs, but runs the traced ops as they are
-    (`backend="eager"`) instead of inductor's generated kernels, which compute the bf16 glue between our kernels in
-    other bits than the shim's eager forward does (fp32 matches either way: RESULTS, run S). Aligned mode's layers
-    are our own kernels, so inductor has little left to fuse there."""
+    (`backend="eager"`) instead of inductor's generated kernels, with which a bf16 model's bits left the shim's eager
+    forward (fp32 matched either way; measured in `benchmarks/RESULTS.md`). Aligned mode's layers are our own
+    kernels, so inductor has little left to fuse there."""
     compilation = vllm_config.compilation_config
     if compilation.backend != "eager":
         logger.info(
