@@ -258,8 +258,9 @@ class RingLinearModel(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.aligned = aligned_mode()
-        inv_freq, self.rope_scaling = rotary_inv_freq(config)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        inv_freq, self.rope_scaling = rotary_inv_freq(config)  # computed on the CPU, as the shim's
+        # held where SGLang builds the model (its device context), so no step copies it from the host
+        self.register_buffer("inv_freq", inv_freq.to(torch.get_default_device()), persistent=False)
 
     def forward(self, input_ids, positions, forward_batch, inputs_embeds=None) -> torch.Tensor:
         h = (self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds).to(RESIDUAL_DTYPE)

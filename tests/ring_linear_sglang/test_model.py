@@ -142,3 +142,16 @@ def test_a_one_token_prompt_gives_the_shims_logprobs(sglang_world, tiny_dir):
             got = torch.log_softmax(hidden.float() @ model.lm_head.weight.float().T, -1)[0]
             want = torch.log_softmax(shim(ids[None]).float()[0, -1], -1)
         assert (got - want).abs().max() < 1e-5, f"token {token}: max {(got - want).abs().max():.2e}"
+
+
+def test_the_rope_frequencies_are_held_on_the_device_the_model_is_built_on(sglang_world, tiny_dir):
+    """SGLang builds the model under its GPU's device context (the meta device stands in here) and never moves it:
+    the frequencies, computed on the CPU as the shim computes them, must be held there, or every step (and CUDA
+    graph capture) would copy them from the host."""
+    from ring_linear_sglang.config import RingLinearSGLangConfig
+    from ring_linear_sglang.model import RingLinearForCausalLM
+
+    config = RingLinearSGLangConfig.from_pretrained(tiny_dir)
+    with torch.device("meta"):
+        model = RingLinearForCausalLM(config=config)
+    assert model.model.inv_freq.device.type == "meta"
