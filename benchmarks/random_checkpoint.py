@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from common_kernels import RingLinearForCausalLM
+from common_kernels.config import RingLinearConfigError
 from common_kernels.presets import PRESETS, preset_config
 
 
@@ -27,7 +28,7 @@ def write_random_checkpoint(
     """Write the checkpoint (config and weights, `dtype`) to `path`; `layers` defaults to one layer group;
     `overrides`: other config fields (a test's smaller widths)."""
     group = overrides.get("layer_group_size", preset_config(preset).layer_group_size)
-    config = preset_config(preset, num_hidden_layers=layers or group, **overrides)
+    config = preset_config(preset, num_hidden_layers=group if layers is None else layers, **overrides)
     model = RingLinearForCausalLM(config)
     model.init_weights(generator=torch.Generator().manual_seed(seed))
     model.to(dtype).save_pretrained(path)
@@ -41,7 +42,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="default: one layer group")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = parser.parse_args()
-    print(write_random_checkpoint(args.out, args.preset, args.layers, getattr(torch, args.dtype)))
+    try:
+        print(write_random_checkpoint(args.out, args.preset, args.layers, getattr(torch, args.dtype)))
+    except RingLinearConfigError as error:  # e.g. fewer layers than one group: one line naming the field
+        parser.error(str(error))
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from benchmarks.random_checkpoint import write_random_checkpoint
 from common_kernels import RingLinearForCausalLM
+from common_kernels.config import RingLinearConfigError
 from common_kernels.presets import preset_config
 
 
@@ -17,3 +19,8 @@ def test_a_ring_mini_layer_group_round_trips_through_the_shim(tmp_path):
     assert model.config.num_hidden_layers == 2  # one group
     assert (model.config.head_dim, model.config.num_experts) == (mini.head_dim, mini.num_experts)
     assert model.dtype == torch.bfloat16
+
+
+def test_a_depth_the_config_refuses_is_named_not_replaced(tmp_path):
+    with pytest.raises(RingLinearConfigError, match="num_hidden_layers=0"):
+        write_random_checkpoint(tmp_path / "none", layers=0)
