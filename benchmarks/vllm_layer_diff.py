@@ -75,6 +75,8 @@ def main() -> None:
     parser.add_argument("--aligned", action="store_true", help="both sides in aligned mode")
     parser.add_argument("--internals", action="store_true", help="the first linear layer's steps too")
     args = parser.parse_args()
+    if args.internals and not args.aligned:  # the steps it records are aligned mode's
+        parser.error("--internals compares aligned mode's steps: add --aligned")
     if args.aligned:
         os.environ.update({"RING_LINEAR_ALIGNED": "1", "VLLM_BATCH_INVARIANT": "1"})
     from common_kernels import RingLinearForCausalLM

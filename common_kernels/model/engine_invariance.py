@@ -67,9 +67,7 @@ class _VllmLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight):
         ctx.save_for_backward(x, weight)
-        module = _vllm_batch_invariance()
-        linear = getattr(module, "linear_batch_invariant", None)
-        return linear(x, weight) if linear is not None else module.matmul_batch_invariant(x, weight.t())
+        return _vllm_batch_invariance().linear_batch_invariant(x, weight)
 
     @staticmethod
     def backward(ctx, grad):
