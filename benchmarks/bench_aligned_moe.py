@@ -1,12 +1,16 @@
-"""Aligned mode's MoE experts against vLLM's fused MoE in one process on one GPU, at Ring-mini's shapes in bf16:
-what bitwise rollouts cost per MoE layer, and which fixed tiles to ship (`--tiles` tries several; aligned mode
-keeps one set for every batch, so the choice is a trade between decode and prefill).
+"""Aligned mode's MoE experts and router GEMM against vLLM's fused MoE and cuBLAS in one process on one GPU, at
+Ring-mini's shapes: what bitwise rollouts cost per MoE layer, and which tiles to ship.
 
-    python -m benchmarks.bench_aligned_moe [--tokens 1 64 512 4096 16384] [--tiles 64,64,32 16,64,32 64,128,64]
+    python -m benchmarks.bench_aligned_moe [--tokens 1 64 512 4096 16384] [--tiles 64,64,32 16,64,128,4,3]
+        [--router-tiles 16,64,32 16,16,64]
 
-Timing: `triton.testing.do_bench` (median, eager: both sides include their host-side set-up). The ratio is vLLM's
-time over ours (below 1: ours is slower). Each output is also compared with vLLM's (relative RMS): the two round
-differently, so they agree to bf16 accuracy, not bit for bit.
+`--tiles` (BLOCK_M,BLOCK_N,BLOCK_K[,warps,stages]) and `--router-tiles` (BLOCK_T,BLOCK_E,BLOCK_D) force one set
+for every batch. Aligned mode may pick tiles by batch size only where a tile's shape does not change a row's bits,
+so each row also says whether its output is bit-equal to the first set's on the same inputs.
+
+Timing: `triton.testing.do_bench` (median, eager: both sides include their host-side set-up). The ratio is the
+baseline's time over ours (below 1: ours is slower). The experts are also compared with vLLM's (relative RMS): the
+two round differently, so they agree to bf16 accuracy, not bit for bit.
 """
 
 from __future__ import annotations
@@ -17,19 +21,21 @@ import sys
 import torch
 import triton
 
-from common_kernels.ops.moe import aligned
+from common_kernels.ops.moe import aligned, router_gemm
 from common_kernels.testing import rel_rms_error
 
 RING_MINI = {"experts": 256, "top_k": 8, "hidden": 2048, "intermediate": 512}
 
 
-def parse_tiles(text: str) -> tuple[int, int, int]:
-    """ "BLOCK_M,BLOCK_N,BLOCK_K", each a power of two of at least 16 (what `tl.dot` takes)."""
+def parse_tiles(text: str) -> tuple[int, ...]:
+    """ "A,B,C" block sizes, each a power of two of at least 16 (what `tl.dot` takes), optionally ",warps,stages"."""
     parts = text.split(",")
-    if len(parts) != 3 or not all(p.isdigit() and int(p) >= 16 and int(p) & (int(p) - 1) == 0 for p in parts):
-        raise argparse.ArgumentTypeError(f"--tiles {text!r}: give BLOCK_M,BLOCK_N,BLOCK_K, powers of two >= 16")
-    m, n, k = (int(p) for p in parts)
-    return m, n, k
+    blocks_ok = all(p.isdigit() and int(p) >= 16 and int(p) & (int(p) - 1) == 0 for p in parts[:3])
+    if len(parts) not in (3, 5) or not blocks_ok or not all(p.isdigit() and int(p) > 0 for p in parts[3:]):
+        raise argparse.ArgumentTypeError(
+            f"--tiles {text!r}: give BLOCK_M,BLOCK_N,BLOCK_K (powers of two >= 16), optionally then warps,stages"
+        )
+    return tuple(int(p) for p in parts)
 
 
 def inputs(tokens: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -44,12 +50,32 @@ def inputs(tokens: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
     }
 
 
-def ours(t: dict[str, torch.Tensor], tiles: tuple[int, int, int]):
+def ours(t: dict[str, torch.Tensor], tiles: tuple[int, ...]):
     def call() -> torch.Tensor:
-        aligned.BLOCK_M, aligned.BLOCK_N, aligned.BLOCK_K = tiles
+        aligned.DECODE_TILES = aligned.PREFILL_TILES = aligned.ExpertTiles(*tiles)
         return aligned.aligned_expert_outputs(t["x"], t["w13"], t["w2"], t["ids"], t["weights"])
 
     return call
+
+
+def router_rows(tokens: int, tile_sets: list[tuple[int, ...]], generator: torch.Generator) -> None:
+    """The invariant router GEMM (2,048 -> 256, fp32 weight) per tile set against cuBLAS's fp32 GEMM."""
+    x = torch.randn(tokens, RING_MINI["hidden"], generator=generator).bfloat16().cuda()
+    w = (torch.randn(RING_MINI["experts"], RING_MINI["hidden"], generator=generator) * 0.02).cuda()
+    plain_ms = triton.testing.do_bench(lambda: torch.nn.functional.linear(x.float(), w), return_mode="median")
+    print(f"| {tokens} | router, cuBLAS fp32 | {plain_ms:.3f} | | |")
+    first = None
+    for tiles in tile_sets:
+        router_gemm.DECODE_ROUTER_TILES = router_gemm.PREFILL_ROUTER_TILES = tiles
+
+        def call() -> torch.Tensor:
+            return router_gemm.invariant_router_logits(x, w)
+
+        ms = triton.testing.do_bench(call, return_mode="median")
+        got = call()
+        first = got if first is None else first
+        equal = torch.equal(got, first)
+        print(f"| {tokens} | router {tiles} | {ms:.3f} | {plain_ms / ms:.2f} | bits = first: {equal} |", flush=True)
 
 
 def vllms(t: dict[str, torch.Tensor]):
@@ -64,16 +90,23 @@ def vllms(t: dict[str, torch.Tensor]):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 512, 4096, 16384])
+    parser.add_argument("--tiles", type=parse_tiles, nargs="+", default=[aligned.PREFILL_TILES, aligned.DECODE_TILES])
     parser.add_argument(
-        "--tiles", type=parse_tiles, nargs="+", default=[(aligned.BLOCK_M, aligned.BLOCK_N, aligned.BLOCK_K)]
+        "--router-tiles",
+        type=parse_tiles,
+        nargs="+",
+        default=[router_gemm.PREFILL_ROUTER_TILES, router_gemm.DECODE_ROUTER_TILES],
     )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_aligned_moe: needs a CUDA GPU")
-    shipped = (aligned.BLOCK_M, aligned.BLOCK_N, aligned.BLOCK_K)
-    print(f"{torch.cuda.get_device_name()}; Ring-mini experts {RING_MINI}; shipped tiles {shipped}")
-    print("| tokens | provider | ms | vLLM / ours | rel. RMS vs vLLM |")
-    print("|---:|---|---:|---:|---:|")
+    shipped = (aligned.DECODE_TILES, aligned.PREFILL_TILES)
+    shipped_router = (router_gemm.DECODE_ROUTER_TILES, router_gemm.PREFILL_ROUTER_TILES)
+    print(f"{torch.cuda.get_device_name()}; Ring-mini experts {RING_MINI}")
+    print(f"shipped experts: decode {shipped[0]}, prefill {shipped[1]}")
+    print(f"shipped router: decode {shipped_router[0]}, prefill {shipped_router[1]}")
+    print("| tokens | provider | ms | baseline / ours | rel. RMS vs vLLM; bits = first set |")
+    print("|---:|---|---:|---:|---|")
     try:
         for tokens in args.tokens:
             t = inputs(tokens, torch.Generator().manual_seed(tokens))
@@ -81,14 +114,20 @@ def main(argv: list[str] | None = None) -> None:
             their_ms = triton.testing.do_bench(theirs, return_mode="median") if theirs else None
             if theirs:
                 print(f"| {tokens} | vLLM fused_experts | {their_ms:.3f} | | |")
+            first = None
             for tiles in args.tiles:
                 call = ours(t, tiles)
                 ms = triton.testing.do_bench(call, return_mode="median")
+                got = call()
+                first = got if first is None else first
                 ratio = f"{their_ms / ms:.2f}" if theirs else "no vLLM"
-                err = f"{rel_rms_error(theirs().float(), call()):.1e}" if theirs else ""
-                print(f"| {tokens} | aligned {tiles} | {ms:.3f} | {ratio} | {err} |", flush=True)
+                err = f"{rel_rms_error(theirs().float(), got):.1e}" if theirs else ""
+                equal = torch.equal(got, first)
+                print(f"| {tokens} | aligned {tiles} | {ms:.3f} | {ratio} | {err}; bits = first: {equal} |", flush=True)
+            router_rows(tokens, args.router_tiles, torch.Generator().manual_seed(tokens + 1))
     finally:
-        aligned.BLOCK_M, aligned.BLOCK_N, aligned.BLOCK_K = shipped
+        aligned.DECODE_TILES, aligned.PREFILL_TILES = shipped
+        router_gemm.DECODE_ROUTER_TILES, router_gemm.PREFILL_ROUTER_TILES = shipped_router
 
 
 if __name__ == "__main__":

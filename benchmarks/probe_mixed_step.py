@@ -50,6 +50,10 @@ def main() -> None:
     parser.add_argument("--joins", type=int, default=1, help="new requests per mixed step")
     parser.add_argument("--suffix", type=int, default=512, help="each new request's prompt length")
     parser.add_argument("--steps", type=int, default=40, help="steps timed per kind")
+    parser.add_argument(
+        "--host-profile", type=int, default=0, metavar="N",
+        help="also run cProfile over the decode steps and print the N functions with the most own time",
+    )  # fmt: skip
     args = parser.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: its steps are ours to time
     import torch
@@ -91,6 +95,22 @@ def main() -> None:
     print("| step | wall ms (median) | GPU kernel ms | wall - kernel |\n|---|---:|---:|---:|")
     for kind, wall, kernel in rows:
         print(f"| {kind} | {wall:.2f} | {kernel:.2f} | {wall - kernel:+.2f} |")
+    if args.host_profile:
+        print_host_profile(engine, args.steps, suffixes, once, args.host_profile)
+
+
+def print_host_profile(engine, steps: int, suffix_prompts, params_once, top: int) -> None:
+    """Where a decode step's host time goes (the engine core runs in this process): cProfile's top functions."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    timed_steps(engine, steps, 0, suffix_prompts, params_once)
+    profiler.disable()
+    print(f"\nhost profile of {steps} decode steps, by own time:")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
+    pstats.Stats(profiler).sort_stats("cumulative").print_stats(top)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ A query row's result depends only on its own position and the keys before it:
 - a tile past a row's own position (its query tile reaches further) is all `-inf` for that row: it adds exact
   zeros and rescales by `exp(0) = 1`, a no-op in floating point.
 
+A tile's rows are query rows times the query heads of one KV head (`heads_per_tile`), so a decode step, one
+query row per sequence, reads each KV head's keys once instead of once per query head.
+
 So the engine, which prefills a prompt's queries together and decodes each later one alone over pages, and the
 shim, which computes every position of the sequence at once from contiguous K/V, compute the same bits. fp32
 inputs multiply as `RING_LINEAR_FP32_DOT` says (`ops.triton_settings.dot_precision`), shared by both sides.
@@ -38,26 +41,29 @@ def _aligned_attention_kernel(
     q, k, v, o, cu_seqlens_q, seq_lens, kv_start, block_table, table_rows, tiles_per_seq, scale, page,
     stride_qt, stride_qh, stride_kp, stride_kr, stride_kh, stride_vp, stride_vr, stride_vh, stride_ot, stride_oh,
     stride_bt,
-    GROUP: tl.constexpr, D: tl.constexpr, PAGED: tl.constexpr, ROW_INDEX: tl.constexpr, DOT: tl.constexpr,
-    INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr, HEADS: tl.constexpr, D: tl.constexpr, PAGED: tl.constexpr, ROW_INDEX: tl.constexpr,
+    DOT: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Query rows `[i*BLOCK_M, (i+1)*BLOCK_M)` of sequence `s` for one query head. `PAGED`: key `p` of `s` is row
-    `p % page` of page `block_table[r, p // page]`, `r = table_rows[s]` (`ROW_INDEX`) or `s`; else row
-    `kv_start[s] + p` (contiguous packed K/V)."""
+    """`BLOCK_M // HEADS` query rows of sequence `s` times `HEADS` query heads of one KV head (row `r`: query row
+    `r // HEADS`, head `r % HEADS` of the program's heads). `PAGED`: key `p` of `s` is row `p % page` of page
+    `block_table[r, p // page]`, `r = table_rows[s]` (`ROW_INDEX`) or `s`; else row `kv_start[s] + p` (contiguous
+    packed K/V)."""
     s = tl.program_id(0) // tiles_per_seq
-    first = (tl.program_id(0) % tiles_per_seq) * BLOCK_M
-    h = tl.program_id(1)
+    first = (tl.program_id(0) % tiles_per_seq) * (BLOCK_M // HEADS)
     q_start = tl.load(cu_seqlens_q + s).to(tl.int64)
     q_len = tl.load(cu_seqlens_q + s + 1).to(tl.int64) - q_start
     if first >= q_len:  # past this sequence's queries (a shorter one, or graph padding)
         return
     kv_len = tl.load(seq_lens + s).to(tl.int64)
-    rows = first + tl.arange(0, BLOCK_M)
+    tile_rows = tl.arange(0, BLOCK_M)
+    rows = first + tile_rows // HEADS
+    heads = tl.program_id(1) * HEADS + tile_rows % HEADS
     live = rows < q_len
     position = kv_len - q_len + rows  # each query's absolute position: it sees keys 0..position
     d = tl.arange(0, D)
-    b_q = tl.load(q + (q_start + rows)[:, None] * stride_qt + h * stride_qh + d[None, :], mask=live[:, None], other=0.0)
-    kv_h = h // GROUP
+    q_rows = (q_start + rows) * stride_qt + heads * stride_qh
+    b_q = tl.load(q + q_rows[:, None] + d[None, :], mask=live[:, None], other=0.0)
+    kv_h = tl.program_id(1) * HEADS // GROUP
     if PAGED:
         table = block_table + (tl.load(table_rows + s) if ROW_INDEX else s).to(tl.int64) * stride_bt
     else:
@@ -65,7 +71,7 @@ def _aligned_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    last = kv_len - q_len + tl.minimum(first + BLOCK_M, q_len) - 1  # the tile's furthest query position
+    last = kv_len - q_len + tl.minimum(first + BLOCK_M // HEADS, q_len) - 1  # the tile's furthest query position
     for start in range(0, last + 1, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         in_seq = keys < kv_len
@@ -92,8 +98,13 @@ def _aligned_attention_kernel(
         acc = tl.dot(b_p, b_v, acc * alpha[:, None], input_precision=DOT)
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no keys (a CUDA graph's padding rows): 0 / 1, zeros
-    tl.store(o + (q_start + rows)[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(o.dtype.element_ty),
-             mask=live[:, None])  # fmt: skip
+    o_rows = (q_start + rows) * stride_ot + heads * stride_oh
+    tl.store(o + o_rows[:, None] + d[None, :], out.to(o.dtype.element_ty), mask=live[:, None])
+
+
+def heads_per_tile(group: int) -> int:
+    """How many query heads of one KV head share a tile: the whole group when it divides `BLOCK_M`, else one."""
+    return group if BLOCK_M % group == 0 else 1
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_dims: int) -> tuple[int, int, int]:
@@ -162,18 +173,19 @@ def _launch(q, k, v, cu_seqlens_q, seq_lens, kv_start, block_table, scale, max_q
     page_size, Hkv = k.shape[1], k.shape[2]
     B = cu_seqlens_q.shape[0] - 1
     out = torch.empty_like(q) if out is None else out
-    tiles_per_seq = triton.cdiv(max(max_query_len, 1), BLOCK_M)
+    heads = heads_per_tile(Hq // Hkv)
+    tiles_per_seq = triton.cdiv(max(max_query_len, 1), BLOCK_M // heads)
     if B == 0 or T == 0:
         return out
     paged = block_table is not None
     dummy = cu_seqlens_q  # the unused pointer of the other addressing
-    grid = (B * tiles_per_seq, Hq)
+    grid = (B * tiles_per_seq, Hq // heads)
     _aligned_attention_kernel[grid](
         q, k, v, out, cu_seqlens_q, seq_lens, dummy if paged else kv_start, block_table if paged else dummy,
         dummy if table_rows is None else table_rows, tiles_per_seq, scale, page_size,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), block_table.stride(0) if paged else 0,
-        GROUP=Hq // Hkv, D=D, PAGED=paged, ROW_INDEX=table_rows is not None, DOT=dot_precision(q),
+        GROUP=Hq // Hkv, HEADS=heads, D=D, PAGED=paged, ROW_INDEX=table_rows is not None, DOT=dot_precision(q),
         INTERPRET=INTERPRET, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
     )  # fmt: skip
     return out

@@ -13,15 +13,18 @@ nor the other's bits. Here:
 3. a second computes `act W_down^T` in fp32, not rounded, into each pair's own row (no padding kept);
 4. a token's output is `sum_slot weight * y` in slot order, in fp32.
 
-Every GEMM walks its reduction in `BLOCK_K` steps with fixed tiles, so a row's sums never depend on its block. The
-shared expert runs the same way, as one expert every token picks with weight 1. Forward only; under autograd the
-gradient is `naive.moe_combine`'s (aligned mode's rule: the backward may be the standard one). The tiles are small
-and not tuned: aligned mode buys equality, not speed.
+Every GEMM walks its reduction in order, `BLOCK_K` at a time, so a row's sums never depend on its block. The tiles
+follow the batch's size (`expert_tiles`: narrow blocks for a decode's few rows per expert, wide ones for a prefill);
+that is batch-invariant only because a tile's products accumulate in the same order whatever its shape, which the
+GPU tests check from 1 to 4,096 tokens. The shared expert runs the same way, as one expert every token picks with
+weight 1. Forward only; under autograd the gradient is `naive.moe_combine`'s (aligned mode's rule: the backward may
+be the standard one).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import triton
@@ -30,9 +33,29 @@ import triton.language as tl
 from ..triton_settings import INTERPRET
 from .naive import moe_combine, route, swiglu_mlp
 
-# Fixed, so a row's reduction order never depends on the batch. An expert's weights are read once per block of its
-# rows: 64-row blocks read them once for up to 64 tokens (a prefill), and a decode's few rows per expert pad one block.
-BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
+
+class ExpertTiles(NamedTuple):
+    """The expert GEMMs' launch: `[block_m, block_n]` output tiles walking the reduction `block_k` at a time."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# An expert's weights are read once per block of its rows: a prefill's 128-row blocks read them once for up to 128
+# tokens, while a decode has one or two rows per expert, so its blocks are narrow (the fastest of the sets timed at
+# each size, RESULTS.md run T).
+PREFILL_TILES = ExpertTiles(128, 128, 64, num_warps=8)
+DECODE_TILES = ExpertTiles(16, 128, 64)
+DECODE_MAX_TOKENS = 256
+
+
+def expert_tiles(num_tokens: int) -> ExpertTiles:
+    """The tiles for a batch of `num_tokens` tokens (`DECODE_TILES` up to `DECODE_MAX_TOKENS`). Triton's CPU
+    interpreter multiplies a tile with numpy, in its own order, so there one tile set serves every batch."""
+    return DECODE_TILES if num_tokens <= DECODE_MAX_TOKENS and not INTERPRET else PREFILL_TILES
 
 
 @triton.jit(do_not_specialize=["num_experts", "K", "N", "top_k"])
@@ -78,9 +101,7 @@ def _expert_gemm_kernel(
     tl.store(out + dst[:, None] * stride_out + cols[None, :], acc.to(dt), mask=live[:, None] & (cols < N)[None, :])
 
 
-def expert_blocks(
-    topk_ids: torch.Tensor, num_experts: int, block_m: int = BLOCK_M
-) -> tuple[torch.Tensor, torch.Tensor]:
+def expert_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The pairs grouped by expert, on the device: `pair_of_row` `[R]` (the pair `token * k + slot` in each padded
     row, -1 for padding) and `expert_of_block` `[R / block_m]` (`num_experts` past the last expert's rows). `R`
     depends on `T * k` and `num_experts` only, so a CUDA graph can capture it."""
@@ -122,20 +143,23 @@ def aligned_expert_outputs(
     _check(x, w13, w2, topk_ids, topk_weights)
     (T, D), (E, two_i, _), k = x.shape, w13.shape, topk_ids.shape[1]
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
-    pair_of_row, expert_of_block = expert_blocks(topk_ids, E, BLOCK_M)
+    tiles = expert_tiles(T)
+    bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
+    pair_of_row, expert_of_block = expert_blocks(topk_ids, E, bm)
     R, I, ieee = pair_of_row.numel(), two_i // 2, x.dtype == torch.float32
     act = torch.empty((R, I), dtype=x.dtype, device=x.device)
     y = torch.empty((T * k, D), dtype=torch.float32, device=x.device)
+    launch = {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
     if R:
-        _expert_gemm_kernel[(R // BLOCK_M, triton.cdiv(I, BLOCK_N))](
+        _expert_gemm_kernel[(R // bm, triton.cdiv(I, bn))](
             x, w13, act, pair_of_row, expert_of_block, E, D, I, k, I,
             x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
-            True, True, ieee, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K,
+            True, True, ieee, INTERPRET, bm, bn, bk, **launch,
         )  # fmt: skip
-        _expert_gemm_kernel[(R // BLOCK_M, triton.cdiv(D, BLOCK_N))](
+        _expert_gemm_kernel[(R // bm, triton.cdiv(D, bn))](
             act, w2, y, pair_of_row, expert_of_block, E, I, D, k, 0,
             act.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
-            False, False, ieee, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K,
+            False, False, ieee, INTERPRET, bm, bn, bk, **launch,
         )  # fmt: skip
     per_slot = y.view(T, k, D)
     out = torch.zeros((T, D), dtype=torch.float32, device=x.device)

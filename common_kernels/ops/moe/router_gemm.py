@@ -9,7 +9,7 @@
   without autograd (serving, no-grad scoring); fp32 activations and training take the fp32 GEMM. Opt-in until
   its GPU timing and logprob check have run.
 
-Aligned mode (`router_logits(..., invariant=True)`) takes neither: a Triton GEMM with fixed tiles and exact fp32
+Aligned mode (`router_logits(..., invariant=True)`) takes neither: a Triton GEMM with exact fp32
 products, so a token's logits are the same bits whatever the batch around it. cuBLAS picks its kernel by the
 number of rows (a GEMV for one decode row, split-K or not for more), and vLLM's batch-invariant mode replaces no
 plain GEMM on Hopper, so the router would otherwise change a request's experts with its batch.
@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ...precision import ROUTER_DTYPE, compute_dtype
+from ..triton_settings import INTERPRET
 
 ROUTER_PRODUCT_CHOICES = ("fp32", "bf16x3")
 ROUTER_PRODUCTS = os.environ.get("RING_LINEAR_ROUTER_PRODUCTS", "fp32")
@@ -43,14 +44,30 @@ def split_bf16x3(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([high, middle, low])
 
 
-# aligned mode's tiles: fixed, so each logit sums its products in the same order for any number of rows
-INVARIANT_BLOCK_T, INVARIANT_BLOCK_E, INVARIANT_BLOCK_D = 16, 64, 32
+# Aligned mode's tiles `(BLOCK_T, BLOCK_E, BLOCK_D)`. An fp32 weight (the router's) multiplies exactly as Triton's FMA
+# dot: one fused multiply-add chain per logit, over the hidden dim in order, whatever the tile. So those tiles may
+# follow the batch: narrow for a decode's few rows (more programs), wide for a prefill (each weight tile read by more
+# rows). A 16-bit weight with 16-bit hidden states (an aligned LM head) multiplies on the tensor cores instead: the
+# products are exact in fp32 either way, and the tensor cores read a 157K-row vocabulary about 100x faster.
+DECODE_ROUTER_TILES, PREFILL_ROUTER_TILES = (16, 16, 64), (16, 64, 32)
+DECODE_MAX_ROWS = 128
+TENSOR_CORE_TILES = (64, 128, 64)
+
+
+def invariant_router_tiles(num_rows: int, tensor_cores: bool = False) -> tuple[int, int, int]:
+    """The tiles for `num_rows` rows: `TENSOR_CORE_TILES` for 16-bit operands, else `DECODE_ROUTER_TILES` up to
+    `DECODE_MAX_ROWS`. Triton's CPU interpreter multiplies a tile with numpy, in its own order, so there one tile
+    set serves every batch."""
+    if tensor_cores:
+        return TENSOR_CORE_TILES
+    return DECODE_ROUTER_TILES if num_rows <= DECODE_MAX_ROWS and not INTERPRET else PREFILL_ROUTER_TILES
 
 
 @triton.jit(do_not_specialize=["T"])
 def _invariant_router_kernel(
     x, w, y, T, D, E, stride_x, stride_w, stride_y,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, TENSOR_CORES: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):  # fmt: skip
     """A `[BLOCK_T, BLOCK_E]` tile of logits per program, the hidden dim walked in order in `BLOCK_D` steps."""
     rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
@@ -60,9 +77,12 @@ def _invariant_router_kernel(
         cols = start + tl.arange(0, BLOCK_D)
         m_x = (rows < T)[:, None] & (cols < D)[None, :]
         m_w = (cols < D)[:, None] & (experts < E)[None, :]
-        b_x = tl.load(x + rows[:, None] * stride_x + cols[None, :], mask=m_x, other=0.0).to(tl.float32)
-        b_w = tl.load(w + experts[None, :] * stride_w + cols[:, None], mask=m_w, other=0.0).to(tl.float32)
-        acc = tl.dot(b_x, b_w, acc, input_precision="ieee")
+        b_x = tl.load(x + rows[:, None] * stride_x + cols[None, :], mask=m_x, other=0.0)
+        b_w = tl.load(w + experts[None, :] * stride_w + cols[:, None], mask=m_w, other=0.0)
+        if TENSOR_CORES and not INTERPRET:
+            acc = tl.dot(b_x, b_w, acc)
+        else:  # the interpreter multiplies 16-bit dot operands as raw bits (`ops.triton_settings`): widen them
+            acc = tl.dot(b_x.to(tl.float32), b_w.to(tl.float32), acc, input_precision="ieee")
     m_y = (rows < T)[:, None] & (experts < E)[None, :]
     tl.store(y + rows[:, None] * stride_y + experts[None, :], acc, mask=m_y)
 
@@ -77,18 +97,19 @@ def _launch_invariant(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     (T, D), E = x.shape, weight.shape[0]
     y = torch.empty((T, E), dtype=torch.float32, device=x.device)
     if T > 0:
-        grid = (triton.cdiv(T, INVARIANT_BLOCK_T), triton.cdiv(E, INVARIANT_BLOCK_E))
-        _invariant_router_kernel[grid](
-            x, weight, y, T, D, E, x.stride(0), weight.stride(0), y.stride(0),
-            INVARIANT_BLOCK_T, INVARIANT_BLOCK_E, INVARIANT_BLOCK_D,
+        tensor_cores = x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+        block_t, block_e, block_d = invariant_router_tiles(T, tensor_cores)
+        _invariant_router_kernel[(triton.cdiv(T, block_t), triton.cdiv(E, block_e))](
+            x, weight, y, T, D, E, x.stride(0), weight.stride(0), y.stride(0), block_t, block_e, block_d,
+            tensor_cores, INTERPRET,
         )  # fmt: skip
     return y
 
 
 @torch.library.custom_op("ring_linear::invariant_router_logits", mutates_args=())
 def invariant_router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`x @ weight.T` in fp32 with aligned mode's fixed tiles (forward only): `x` `[T, D]` fp32 or bf16, `weight`
-    `[E, D]`. A custom op, so a compiled engine graph calls it as one opaque kernel."""
+    """`x @ weight.T` in fp32 with exact products, the same bits for a row in any batch (forward only): `x` `[T, D]`
+    fp32 or bf16, `weight` `[E, D]`. A custom op, so a compiled engine graph calls it as one opaque kernel."""
     return _launch_invariant(x, weight)
 
 

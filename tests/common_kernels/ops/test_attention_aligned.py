@@ -51,8 +51,9 @@ def paged_cache(k, v, cu, page=16, extra_pages=3, seed=1):
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-6), (torch.bfloat16, 2e-2)])
-def test_packed_sequences_match_float64(dtype, tol):
-    q, k, v, cu = packed(LENGTHS, dtype=dtype)
+@pytest.mark.parametrize("Hq, Hkv", [(4, 2), (6, 2), (4, 4)])  # a tile of 2 heads; groups of 3 and 1: one head a tile
+def test_packed_sequences_match_float64(dtype, tol, Hq, Hkv):
+    q, k, v, cu = packed(LENGTHS, Hq=Hq, Hkv=Hkv, dtype=dtype)
     got = causal_attention_aligned(q, k, v, cu, 0.25, max(LENGTHS))
     assert got.dtype == dtype and got.shape == q.shape
     assert (got.double() - reference(q, k, v, cu, 0.25)).abs().max() <= tol

@@ -165,14 +165,17 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize("T,D,E", [(0, 64, 8), (1, 64, 8), (17, 40, 72), (33, 96, 256)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_invariant_router_logits_match_float64(T, D, E, dtype):
+@pytest.mark.parametrize(
+    "dtype, weight_dtype",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)],
+)  # the router (fp32 weight), and an aligned LM head (bf16 weight: the tensor-core path on a GPU)
+def test_invariant_router_logits_match_float64(T, D, E, dtype, weight_dtype):
     """Ragged rows, a hidden size that is not a whole number of tiles, experts beyond one tile, no rows at all."""
     from common_kernels.ops.moe.router_gemm import router_logits
 
     g = torch.Generator().manual_seed(T + D + E)
     x = torch.randn(T, D, generator=g).to(dtype)
-    w = torch.randn(E, D, generator=g) * 0.05
+    w = (torch.randn(E, D, generator=g) * 0.05).to(weight_dtype)
     with torch.no_grad():
         logits = router_logits(x.to(DEVICE), w.to(DEVICE), invariant=True).cpu()
     assert logits.dtype == torch.float32 and logits.shape == (T, E)
@@ -236,3 +239,21 @@ def test_invariant_router_logits_on_a_gpu_are_batch_invariant_at_ring_mini_size(
         reference = x[:64].double() @ w.double().t()
         assert_rel_rms("invariant router logits", reference, router_logits(x[:64], w, invariant=True), 1e-6)
     print(f"\ncuBLAS fp32 router GEMM: row 0 changed bits at {plain_moved or 'no'} row counts")  # noqa: T201
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_an_aligned_lm_head_on_the_tensor_cores_is_batch_invariant():
+    """A bf16 LM head (2,048 -> 32,768 of Ring-mini's 157,184 rows) through the same op: row 0's bits for 1 to 8,192
+    rows, and fp32 accuracy (exact products, fp32 sums) against float64."""
+    from common_kernels.ops.moe.router_gemm import router_logits
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(8192, 2048, generator=g).bfloat16().cuda()
+    w = (torch.randn(32768, 2048, generator=g) * 0.02).bfloat16().cuda()
+    with torch.no_grad():
+        alone = router_logits(x[:1], w, invariant=True)
+        for rows in [2, 17, 64, 129, 300, 8192]:
+            assert torch.equal(router_logits(x[:rows], w, invariant=True)[0], alone[0]), rows
+        reference = x[:64].double() @ w.double().t()
+        assert_rel_rms("aligned LM head logits", reference, router_logits(x[:64], w, invariant=True), 1e-6)
