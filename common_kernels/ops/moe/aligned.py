@@ -105,7 +105,19 @@ def expert_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tup
     """The pairs grouped by expert, on the device: `pair_of_row` `[R]` (the pair `token * k + slot` in each padded
     row, -1 for padding) and `expert_of_block` `[R / block_m]` (`num_experts` past the last expert's rows). `R`
     depends on `T * k` and `num_experts` only, so a CUDA graph can capture it."""
+    if num_experts != 1:
+        return _sorted_blocks(topk_ids, num_experts, block_m)
+    # a shared expert or a dense layer: the pairs in order, the layout the sort would give, without it
+    P = topk_ids.numel()
+    rows = torch.arange(triton.cdiv(P + min(P, 1) * (block_m - 1), block_m) * block_m, device=topk_ids.device)
+    return torch.where(rows < P, rows, -1), (rows[::block_m] >= triton.cdiv(P, block_m) * block_m).long()
+
+
+def _sorted_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`expert_blocks` for any number of experts: the pairs sorted by expert (stable), each expert's padded."""
     device, P = topk_ids.device, topk_ids.numel()
+    capacity = triton.cdiv(P + min(P, num_experts) * (block_m - 1), block_m) * block_m
+    block_starts = torch.arange(0, capacity, block_m, device=device)
     flat = topk_ids.reshape(-1).long()
     sorted_experts, order = torch.sort(flat, stable=True)
     counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(0, flat, torch.ones_like(flat))
@@ -113,9 +125,7 @@ def expert_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tup
     padded_end = padded.cumsum(0)
     first_row, first_pair = padded_end - padded, counts.cumsum(0) - counts
     row_of_sorted = first_row[sorted_experts] + torch.arange(P, device=device) - first_pair[sorted_experts]
-    capacity = triton.cdiv(P + min(P, num_experts) * (block_m - 1), block_m) * block_m
     pair_of_row = torch.full((capacity,), -1, dtype=torch.int64, device=device).index_copy_(0, row_of_sorted, order)
-    block_starts = torch.arange(0, capacity, block_m, device=device)
     return pair_of_row, torch.searchsorted(padded_end, block_starts, right=True)
 
 

@@ -80,6 +80,17 @@ def test_every_pair_lands_once_in_a_block_of_its_own_expert():
     assert (expert_of_block[~live.view(-1, 2).any(1)] == 5).all()  # blocks with no pair: past the end
 
 
+@pytest.mark.parametrize("T", [0, 1, 15, 16, 17, 64, 130])
+@pytest.mark.parametrize("block_m", [16, 128])
+def test_one_experts_blocks_skip_the_sort_and_equal_the_sorted_layout(T, block_m):
+    """The shared expert's layout (one expert, no sort) is the sorted path's, entry for entry."""
+    from common_kernels.ops.moe.aligned import _sorted_blocks
+
+    ids = torch.zeros(T, 1, dtype=torch.long)
+    for fast, general in zip(expert_blocks(ids, 1, block_m), _sorted_blocks(ids, 1, block_m), strict=True):
+        assert fast.dtype == general.dtype and torch.equal(fast, general)
+
+
 def test_a_tokens_experts_do_not_depend_on_the_batch():
     """A token alone, first, last or in the middle of a batch, with other tokens on its experts or not: same bits."""
     E, D, I, k = 3, 48, 40, 2  # 200 tokens: about 130 rows per expert, three blocks each
