@@ -63,11 +63,13 @@ def _expert_gemm_kernel(
     a, w, out, pair_of_row, expert_of_block, num_experts, K, N, top_k, up_offset,
     stride_a, stride_we, stride_wn, stride_out,
     GATHER: tl.constexpr, SWIGLU: tl.constexpr, IEEE: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
 ):  # fmt: skip
     """One `[BLOCK_M, BLOCK_N]` tile of one expert's rows. `GATHER` (the first GEMM): padded row r reads token
     `pair_of_row[r] // top_k` and writes row r; else (the second) it reads row r and writes pair `pair_of_row[r]`.
-    `SWIGLU`: also the up product (weight rows from `up_offset`), and the tile stores `silu(gate) * up`."""
+    `SWIGLU`: also the up product (weight rows from `up_offset`), and the tile stores `silu(gate) * up`.
+    `EVEN_K` / `EVEN_N`: the reduction / the columns are whole tiles, so the loads need no masks (a padding row
+    reads row 0, and a row's products never involve another row's, so its result is simply not stored)."""
     block = tl.program_id(0)
     expert = tl.load(expert_of_block + block)
     if expert >= num_experts:  # a block past the last expert's rows
@@ -75,7 +77,7 @@ def _expert_gemm_kernel(
     rows = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     pairs = tl.load(pair_of_row + rows)
     live = pairs >= 0
-    src = (pairs // top_k) if GATHER else rows
+    src = tl.where(live, (pairs // top_k) if GATHER else rows, 0)
     dst = rows if GATHER else pairs
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     w_e = w + expert.to(tl.int64) * stride_we
@@ -83,14 +85,17 @@ def _expert_gemm_kernel(
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for start in range(0, K, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
-        b_a = tl.load(a + src[:, None] * stride_a + ks[None, :], mask=live[:, None] & (ks < K)[None, :], other=0.0)
+        a_tile = a + src[:, None] * stride_a + ks[None, :]
+        w_tile = w_e + cols[None, :] * stride_wn + ks[:, None]
         m_w = (ks < K)[:, None] & (cols < N)[None, :]
-        b_w = tl.load(w_e + cols[None, :] * stride_wn + ks[:, None], mask=m_w, other=0.0)
+        b_a = tl.load(a_tile) if EVEN_K else tl.load(a_tile, mask=(ks < K)[None, :], other=0.0)
+        b_w = tl.load(w_tile) if EVEN_K and EVEN_N else tl.load(w_tile, mask=m_w, other=0.0)
         if INTERPRET:  # the interpreter multiplies 16-bit dot operands as raw bits (`ops.triton_settings`)
             b_a, b_w = b_a.to(tl.float32), b_w.to(tl.float32)
         acc = tl.dot(b_a, b_w, acc, input_precision="ieee") if IEEE or INTERPRET else tl.dot(b_a, b_w, acc)
         if SWIGLU:
-            b_u = tl.load(w_e + (cols[None, :] + up_offset) * stride_wn + ks[:, None], mask=m_w, other=0.0)
+            u_tile = w_tile + up_offset * stride_wn
+            b_u = tl.load(u_tile) if EVEN_K and EVEN_N else tl.load(u_tile, mask=m_w, other=0.0)
             if INTERPRET:
                 b_u = b_u.to(tl.float32)
             acc_up = tl.dot(b_a, b_u, acc_up, input_precision="ieee") if IEEE or INTERPRET else tl.dot(b_a, b_u, acc_up)
@@ -164,12 +169,12 @@ def aligned_expert_outputs(
         _expert_gemm_kernel[(R // bm, triton.cdiv(I, bn))](
             x, w13, act, pair_of_row, expert_of_block, E, D, I, k, I,
             x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
-            True, True, ieee, INTERPRET, bm, bn, bk, **launch,
+            True, True, ieee, INTERPRET, bm, bn, bk, D % bk == 0, I % bn == 0, **launch,
         )  # fmt: skip
         _expert_gemm_kernel[(R // bm, triton.cdiv(D, bn))](
             act, w2, y, pair_of_row, expert_of_block, E, I, D, k, 0,
             act.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
-            False, False, ieee, INTERPRET, bm, bn, bk, **launch,
+            False, False, ieee, INTERPRET, bm, bn, bk, I % bk == 0, D % bn == 0, **launch,
         )  # fmt: skip
     per_slot = y.view(T, k, D)
     out = torch.zeros((T, D), dtype=torch.float32, device=x.device)

@@ -51,12 +51,14 @@ def run(x, ids, weights, gate, up, down):
 
 
 @pytest.mark.parametrize(
-    "T,E,k,D,I", [(0, 4, 2, 32, 16), (1, 4, 2, 32, 16), (19, 8, 2, 40, 24), (37, 6, 3, 72, 80), (150, 3, 2, 40, 24)]
-)
+    "T,E,k,D,I",
+    [(0, 4, 2, 32, 16), (1, 4, 2, 32, 16), (19, 8, 2, 40, 24), (37, 6, 3, 72, 80), (150, 3, 2, 40, 24),
+     (20, 4, 2, 128, 128), (9, 3, 2, 128, 64)],  # whole tiles (unmasked loads), and whole tiles in one GEMM only
+)  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_aligned_experts_match_float64(T, E, k, D, I, dtype):
-    """No tokens, one token, ragged counts per expert (some unused), hidden and expert widths that are not whole
-    tiles, an expert's rows over more than one block (150 tokens)."""
+    """No tokens, one token, ragged counts per expert (some unused), hidden and expert widths that are or are not
+    whole tiles, an expert's rows over more than one block (150 tokens)."""
     gate, up, down = make_experts(E, D, I, dtype, seed=T + E)
     x = torch.randn(T, D).to(dtype)
     ids, weights = random_routing(T, E, k, seed=T)
