@@ -55,6 +55,8 @@
 #                ring-linear and the twin (why the served warm pass decodes slower; MIXED_STEP_ARGS, e.g.
 #                "--joins 2 --suffix 256"; RING_LINEAR_ONE_LAUNCH_MAX_TOKENS=1024 in front times the one-launch
 #                prefill)                                                                       (untimed, ~2 x 3 min)
+#   scheduler    probe_scheduler: vLLM's scheduler alone (no GPU needed), host ms per step, ring-linear and the twin,
+#                caching off and on, three passes of the same prompts (this machine's CPU is the served one)     (~3 min)
 #   serve-ring-sgl  bench_serve on SGLang: ring-linear through launch_server (SGLang staged, own call)    (~7 min, 3 workloads)
 #   serve-twin-sgl  the same for the twin, SGLang's native BailingMoeV2ForCausalLM (~8 min, 3 workloads)
 #   sgl-engine   pytest -m gpu: the SGLang adapter's engine tests (SGLang 0.5.17 staged in /tmp/gpu-site-sgl; PYTEST_K picks,
@@ -160,6 +162,11 @@ for step in "$@"; do
     mixed-step)  # decode-only steps against the same decodes beside a short prefill: wall and kernel time per step
       for variant in ${MIXED_STEP_VARIANTS:-ring-linear softmax-twin}; do
         run "mixed-step-$variant" 280 python3 -m benchmarks.probe_mixed_step --variant "$variant" ${MIXED_STEP_ARGS:-}
+      done ;;
+    scheduler)  # the host side of a served step: vLLM's scheduler on the real layer specs, a stand-in runner
+      for layout in ring-linear softmax-twin; do
+        run "scheduler-$layout" 200 python3 -m benchmarks.probe_scheduler --layout "$layout"
+        run "scheduler-$layout-cached" 200 python3 -m benchmarks.probe_scheduler --layout "$layout" --prefix-caching
       done ;;
     second-pass)  # one in-process engine, the same requests three times: host, GPU and allocator per pass
       for variant in ${SECOND_PASS_VARIANTS:-ring-linear softmax-twin}; do

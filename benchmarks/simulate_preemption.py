@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
-from pathlib import Path
 
 
 def simulate(checkpoint: str, blocks: int, lengths: list[int], max_tokens: int, budget: int) -> tuple[int, int, int]:
@@ -104,10 +102,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--budget", type=int, default=256, help="max_num_batched_tokens")
     args = parser.parse_args()
-    sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "ring_linear_vllm"))
-    from conftest import _install_cpu_platform  # the test suite's CPU platform for vLLM's CUDA wheel
+    from ring_linear_vllm.testing import install_cpu_platform  # vLLM's CUDA wheel on a CPU
 
-    _install_cpu_platform()
+    install_cpu_platform()
     from vllm.plugins import load_general_plugins
 
     load_general_plugins()

@@ -1,9 +1,7 @@
 """Fixtures for the vLLM adapter tests (they need `pip install -e .[vllm]`; CI runs them in a second venv).
 
-Without a GPU, vLLM's PyPI (CUDA) wheel detects no platform (0.26: "Device string must not be empty") and
-its stock CPU platform needs the `+cpu` build's ops. `vllm_env` then installs a minimal CPU platform that
-only answers what config creation and model construction ask; no forward pass runs on it. With a GPU the
-real platform is used and models are built on the GPU.
+Without a GPU, `vllm_env` installs a minimal CPU platform (`ring_linear_vllm.testing`); no forward pass runs on it.
+With a GPU the real platform is used and models are built on the GPU.
 """
 
 from __future__ import annotations
@@ -17,6 +15,7 @@ import pytest
 import torch
 
 from common_kernels import RingLinearConfig, RingLinearForCausalLM, tiny_config
+from ring_linear_vllm.testing import install_cpu_platform
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 # the GPU tests import the runs they share (vllm_runs.py) by name; importlib import mode leaves this folder off
@@ -25,39 +24,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _install_cpu_platform() -> None:
-    import vllm.platforms as platforms
-    from vllm.platforms.interface import Platform, PlatformEnum
-
-    class CpuTestPlatform(Platform):
-        _enum = PlatformEnum.OOT
-        device_name = "cpu"
-        device_type = "cpu"
-        dispatch_key = "CPU"
-        dist_backend = "gloo"
-        supported_dtypes = [torch.bfloat16, torch.float16, torch.float32]
-
-        @classmethod
-        def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None) -> str:
-            return "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackend"
-
-        @classmethod
-        def num_compute_units(cls, device_id: int = 0) -> int:
-            return 1
-
-        @classmethod
-        def is_pin_memory_available(cls) -> bool:
-            return False
-
-    platforms.current_platform = CpuTestPlatform()
-
-
 @pytest.fixture(scope="session")
 def vllm_env():
     """vLLM imported, a platform in place, and the plugins loaded as every vLLM process loads them."""
     pytest.importorskip("vllm")
     if DEVICE == "cpu":
-        _install_cpu_platform()
+        install_cpu_platform()
     from vllm.plugins import load_general_plugins
 
     load_general_plugins()

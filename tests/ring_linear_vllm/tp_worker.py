@@ -12,8 +12,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import conftest  # noqa: E402  (the helpers, imported by path: this is a script, not a test module)
 
+from ring_linear_vllm.testing import install_cpu_platform  # noqa: E402
+
 mode, model_dir, rank, port, out = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-conftest._install_cpu_platform()
+install_cpu_platform()
 from vllm.plugins import load_general_plugins  # noqa: E402
 
 load_general_plugins()

@@ -1,0 +1,196 @@
+"""vLLM's scheduler alone, on the CPU: host time per engine step for Ring-mini's KV-cache layout against its softmax
+twin's, pass after pass (issues 11 and 13).
+
+On the GPU a served Ring-mini decode step spends more host time than the twin's (RESULTS.md run T: 3.4-3.9 against
+1.9 ms a synchronous step), most of it in vLLM's KV-cache bookkeeping, which runs once per request per KV-cache group:
+vLLM groups Ring-mini's 4 softmax and 16 linear layers into 1 + 4 groups, the twin's 20 softmax layers into one. And
+a served second pass decodes slower than the first (runs K, M, P). The scheduler is plain Python that needs no GPU,
+so this probe runs vLLM's own `Scheduler` on the real layers' KV-cache specs with a stand-in model runner (every
+scheduled request that finishes its prompt samples one token) and times `schedule()` plus `update_from_output()` per
+step, for each pass of the same prompts, the way `vllm bench serve` sends them: `--concurrency` requests in flight,
+the next one admitted as one finishes.
+
+    python -m benchmarks.probe_scheduler --layout ring-linear --prefix-caching
+    python -m benchmarks.probe_scheduler --layout softmax-twin --prefix-caching
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+# Ring-mini's per-rank shapes: 16 query heads, 4 KV heads of 128 in the softmax layers; a 16 x 128 x 128 fp32 state
+# per linear layer. Which layers are which does not matter to the scheduler, only how many of each.
+SOFTMAX_LAYERS = {"ring-linear": 4, "softmax-twin": 20}
+LINEAR_LAYERS = {"ring-linear": 16, "softmax-twin": 0}
+KV_HEADS, HEAD_DIM, LINEAR_HEADS = 4, 128, 16
+GIB = 1 << 30
+
+
+def scheduler_for(layout: str, prefix_caching: bool, max_model_len: int, max_num_seqs: int, kv_memory_gib: float):
+    """vLLM's scheduler with the layout's KV-cache groups, built as the engine core builds it."""
+    import torch
+    from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
+    from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_configs, resolve_kv_cache_block_sizes
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    hybrid = LINEAR_LAYERS[layout] > 0
+    # vLLM's choice for Ring-mini: softmax blocks of 512 tokens, one page = one layer's 1 MiB state; the twin: 16
+    block_size = 512 if hybrid else 16
+    model_dir = Path(tempfile.mkdtemp(prefix="probe-scheduler-"))
+    (model_dir / "config.json").write_text(json.dumps(_stand_in_config(max_model_len)))
+    model_config = ModelConfig(model=str(model_dir), max_model_len=max_model_len, skip_tokenizer_init=True)
+    cache_config = CacheConfig(block_size=block_size, enable_prefix_caching=prefix_caching)
+    if hybrid:
+        cache_config.mamba_cache_mode = "align" if prefix_caching else "none"
+        cache_config.mamba_block_size = block_size if prefix_caching else max_model_len
+    scheduler_config = SchedulerConfig(
+        max_num_seqs=max_num_seqs, max_num_batched_tokens=8192, max_model_len=max_model_len,
+        enable_chunked_prefill=True, is_encoder_decoder=False,
+    )  # fmt: skip
+    vllm_config = VllmConfig(model_config=model_config, cache_config=cache_config, scheduler_config=scheduler_config)
+    specs = {
+        f"model.layers.{i}.attention": FullAttentionSpec(
+            block_size=block_size, num_kv_heads=KV_HEADS, head_size=HEAD_DIM, dtype=torch.bfloat16
+        )
+        for i in range(SOFTMAX_LAYERS[layout])
+    }
+    for i in range(LINEAR_LAYERS[layout]):
+        specs[f"model.layers.{SOFTMAX_LAYERS[layout] + i}.linear_attention"] = MambaSpec(
+            block_size=cache_config.mamba_block_size, shapes=((LINEAR_HEADS, HEAD_DIM, HEAD_DIM),),
+            dtypes=(torch.float32,), mamba_type=MambaAttentionBackendEnum.LINEAR,
+            mamba_cache_mode=cache_config.mamba_cache_mode,
+        )  # fmt: skip
+    (kv_cache_config,) = get_kv_cache_configs(vllm_config, [specs], [int(kv_memory_gib * GIB)])
+    cache_config.num_gpu_blocks = kv_cache_config.num_blocks
+    scheduler_block_size, hash_block_size = resolve_kv_cache_block_sizes(kv_cache_config, vllm_config)
+    scheduler = Scheduler(
+        vllm_config=vllm_config, kv_cache_config=kv_cache_config,
+        structured_output_manager=StructuredOutputManager(vllm_config),
+        block_size=scheduler_block_size, hash_block_size=hash_block_size,
+    )  # fmt: skip
+    return scheduler, kv_cache_config, hash_block_size
+
+
+def _stand_in_config(max_model_len: int) -> dict:
+    """A tiny Llama's config: the scheduler reads only the model's length limits from it."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "num_hidden_layers": 2, "vocab_size": 157184,
+        "max_position_embeddings": max_model_len, "torch_dtype": "bfloat16",
+    }  # fmt: skip
+
+
+def block_hasher(hash_block_size: int | None):
+    """What the engine core hands each request when prefix caching is on."""
+    from vllm.utils.hashing import get_hash_fn_by_name
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+
+    if hash_block_size is None:
+        return None
+    hash_fn = get_hash_fn_by_name("sha256")
+    init_none_hash(hash_fn)
+    return get_request_block_hasher(hash_block_size, hash_fn)
+
+
+def run_pass(scheduler, prompts: list[list[int]], output_len: int, concurrency: int, hasher, tag: str) -> dict:
+    """Serve `prompts` with `concurrency` in flight; host seconds of each step's schedule + update."""
+    from vllm import SamplingParams
+    from vllm.v1.outputs import ModelRunnerOutput
+    from vllm.v1.request import Request
+
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True)
+    waiting = iter(enumerate(prompts))
+    in_flight, finished, step_seconds, hit_tokens = 0, 0, [], 0
+
+    def admit() -> None:
+        nonlocal in_flight
+        for i, prompt in waiting:
+            request = Request(f"{tag}-{i}", list(prompt), params, None, block_hasher=hasher)
+            request.eos_token_id = None
+            scheduler.add_request(request)
+            in_flight += 1
+            if in_flight >= concurrency:
+                return
+
+    admit()
+    while finished < len(prompts):
+        start = time.perf_counter()
+        output = scheduler.schedule()
+        hit_tokens += sum(r.num_computed_tokens for r in output.scheduled_new_reqs)
+        req_ids = list(output.num_scheduled_tokens)
+        sampled = []
+        for req_id in req_ids:
+            request = scheduler.requests[req_id]
+            done_prompt = request.num_computed_tokens + output.num_scheduled_tokens[req_id] >= request.num_tokens
+            sampled.append([7] if done_prompt else [])
+        runner_output = ModelRunnerOutput(
+            req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)}, sampled_token_ids=sampled
+        )
+        outputs = scheduler.update_from_output(output, runner_output)
+        step_seconds.append(time.perf_counter() - start)
+        done = sum(
+            1 for engine_outputs in outputs.values() for o in engine_outputs.outputs if o.finish_reason is not None
+        )
+        finished += done
+        in_flight -= done
+        if done:
+            admit()
+    return {
+        "steps": len(step_seconds),
+        "median_ms": 1e3 * statistics.median(step_seconds),
+        "mean_ms": 1e3 * statistics.fmean(step_seconds),
+        "hit_tokens": hit_tokens,
+        "prompt_tokens": sum(len(p) for p in prompts),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layout", choices=sorted(SOFTMAX_LAYERS), default="ring-linear")
+    parser.add_argument("--prefix-caching", action="store_true")
+    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--input-len", type=int, default=4096)
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--kv-memory-gib", type=float, default=90.0, help="KV cache memory (an H200 after weights)")
+    args = parser.parse_args()
+
+    import random
+
+    import torch
+
+    if not torch.cuda.is_available():  # the scheduler needs no GPU, only a platform for vLLM's config checks
+        from ring_linear_vllm.testing import install_cpu_platform
+
+        install_cpu_platform()
+    max_model_len = args.input_len + args.output_len + 64
+    scheduler, kv_cache_config, hash_block_size = scheduler_for(
+        args.layout, args.prefix_caching, max_model_len, args.concurrency, args.kv_memory_gib
+    )
+    hasher = block_hasher(hash_block_size if args.prefix_caching else None)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1000, 150000) for _ in range(args.input_len)] for _ in range(args.prompts)]
+    groups = [type(g.kv_cache_spec).__name__ for g in kv_cache_config.kv_cache_groups]
+    print(
+        f"{args.layout}: {len(groups)} KV-cache groups ({', '.join(groups)}), {kv_cache_config.num_blocks} blocks, "
+        f"prefix caching {'on' if args.prefix_caching else 'off'}; {args.prompts} prompts of {args.input_len} + "
+        f"{args.output_len} out, {args.concurrency} in flight\n"
+    )
+    print("| pass | steps | host ms per step, median | mean | prompt tokens hit |\n|---|---:|---:|---:|---:|")
+    for p in range(args.passes):
+        result = run_pass(scheduler, prompts, args.output_len, args.concurrency, hasher, f"pass{p}")
+        hit = f"{result['hit_tokens'] / result['prompt_tokens']:.1%}"
+        print(f"| {p + 1} | {result['steps']} | {result['median_ms']:.3f} | {result['mean_ms']:.3f} | {hit} |")
+
+
+if __name__ == "__main__":
+    main()
