@@ -108,7 +108,7 @@ def run_pass(scheduler, prompts: list[list[int]], output_len: int, concurrency: 
 
     params = SamplingParams(max_tokens=output_len, ignore_eos=True)
     waiting = iter(enumerate(prompts))
-    in_flight, finished, step_seconds, hit_tokens = 0, 0, [], 0
+    in_flight, finished, step_seconds, hit_tokens, batch_sizes = 0, 0, [], 0, []
 
     def admit() -> None:
         nonlocal in_flight
@@ -126,6 +126,7 @@ def run_pass(scheduler, prompts: list[list[int]], output_len: int, concurrency: 
         output = scheduler.schedule()
         hit_tokens += sum(r.num_computed_tokens for r in output.scheduled_new_reqs)
         req_ids = list(output.num_scheduled_tokens)
+        batch_sizes.append(len(req_ids))
         sampled = []
         for req_id in req_ids:
             request = scheduler.requests[req_id]
@@ -148,6 +149,7 @@ def run_pass(scheduler, prompts: list[list[int]], output_len: int, concurrency: 
         "median_ms": 1e3 * statistics.median(step_seconds),
         "mean_ms": 1e3 * statistics.fmean(step_seconds),
         "hit_tokens": hit_tokens,
+        "mean_batch": statistics.fmean(batch_sizes),
         "prompt_tokens": sum(len(p) for p in prompts),
     }
 
@@ -185,11 +187,14 @@ def main() -> None:
         f"prefix caching {'on' if args.prefix_caching else 'off'}; {args.prompts} prompts of {args.input_len} + "
         f"{args.output_len} out, {args.concurrency} in flight\n"
     )
-    print("| pass | steps | host ms per step, median | mean | prompt tokens hit |\n|---|---:|---:|---:|---:|")
+    print(
+        "| pass | steps | requests per step, mean | host ms per step, median | mean | prompt tokens hit |\n"
+        "|---|---:|---:|---:|---:|---:|"
+    )
     for p in range(args.passes):
-        result = run_pass(scheduler, prompts, args.output_len, args.concurrency, hasher, f"pass{p}")
-        hit = f"{result['hit_tokens'] / result['prompt_tokens']:.1%}"
-        print(f"| {p + 1} | {result['steps']} | {result['median_ms']:.3f} | {result['mean_ms']:.3f} | {hit} |")
+        r = run_pass(scheduler, prompts, args.output_len, args.concurrency, hasher, f"pass{p}")
+        hit = f"{r['hit_tokens'] / r['prompt_tokens']:.1%}"
+        print(f"| {p + 1} | {r['steps']} | {r['mean_batch']:.1f} | {r['median_ms']:.3f} | {r['mean_ms']:.3f} | {hit} |")
 
 
 if __name__ == "__main__":
