@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.scheduler_stand_in import build_scheduler, stand_in_output
+
 # Ring-mini's per-rank shapes: 16 query heads, 4 KV heads of 128 in the softmax layers; a 16 x 128 x 128 fp32 state
 # per linear layer. Which layers are which does not matter to the scheduler, only how many of each.
 SOFTMAX_LAYERS = {"ring-linear": 4, "softmax-twin": 20}
@@ -36,10 +38,7 @@ def scheduler_for(layout: str, prefix_caching: bool, max_model_len: int, max_num
     import torch
     from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
     from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
-    from vllm.v1.core.kv_cache_utils import get_kv_cache_configs, resolve_kv_cache_block_sizes
-    from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec
-    from vllm.v1.structured_output import StructuredOutputManager
 
     hybrid = LINEAR_LAYERS[layout] > 0
     # vLLM's choice for Ring-mini: softmax blocks of 512 tokens, one page = one layer's 1 MiB state; the twin: 16
@@ -68,15 +67,7 @@ def scheduler_for(layout: str, prefix_caching: bool, max_model_len: int, max_num
             dtypes=(torch.float32,), mamba_type=MambaAttentionBackendEnum.LINEAR,
             mamba_cache_mode=cache_config.mamba_cache_mode,
         )  # fmt: skip
-    (kv_cache_config,) = get_kv_cache_configs(vllm_config, [specs], [int(kv_memory_gib * GIB)])
-    cache_config.num_gpu_blocks = kv_cache_config.num_blocks
-    scheduler_block_size, hash_block_size = resolve_kv_cache_block_sizes(kv_cache_config, vllm_config)
-    scheduler = Scheduler(
-        vllm_config=vllm_config, kv_cache_config=kv_cache_config,
-        structured_output_manager=StructuredOutputManager(vllm_config),
-        block_size=scheduler_block_size, hash_block_size=hash_block_size,
-    )  # fmt: skip
-    return scheduler, kv_cache_config, hash_block_size
+    return build_scheduler(vllm_config, specs, int(kv_memory_gib * GIB))
 
 
 def _stand_in_config(max_model_len: int) -> dict:
@@ -103,7 +94,6 @@ def block_hasher(hash_block_size: int | None):
 def run_pass(scheduler, prompts: list[list[int]], output_len: int, concurrency: int, hasher, tag: str) -> dict:
     """Serve `prompts` with `concurrency` in flight; host seconds of each step's schedule + update."""
     from vllm import SamplingParams
-    from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.request import Request
 
     params = SamplingParams(max_tokens=output_len, ignore_eos=True)
@@ -125,17 +115,8 @@ def run_pass(scheduler, prompts: list[list[int]], output_len: int, concurrency: 
         start = time.perf_counter()
         output = scheduler.schedule()
         hit_tokens += sum(r.num_computed_tokens for r in output.scheduled_new_reqs)
-        req_ids = list(output.num_scheduled_tokens)
-        batch_sizes.append(len(req_ids))
-        sampled = []
-        for req_id in req_ids:
-            request = scheduler.requests[req_id]
-            done_prompt = request.num_computed_tokens + output.num_scheduled_tokens[req_id] >= request.num_tokens
-            sampled.append([7] if done_prompt else [])
-        runner_output = ModelRunnerOutput(
-            req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)}, sampled_token_ids=sampled
-        )
-        outputs = scheduler.update_from_output(output, runner_output)
+        batch_sizes.append(len(output.num_scheduled_tokens))
+        outputs = scheduler.update_from_output(output, stand_in_output(scheduler, output, token=7))
         step_seconds.append(time.perf_counter() - start)
         done = sum(
             1 for engine_outputs in outputs.values() for o in engine_outputs.outputs if o.finish_reason is not None

@@ -18,17 +18,10 @@ def simulate(checkpoint: str, blocks: int, lengths: list[int], max_tokens: int, 
     import torch
     from vllm.engine.arg_utils import EngineArgs
     from vllm.sampling_params import SamplingParams
-    from vllm.v1.core.kv_cache_utils import (
-        generate_scheduler_kv_cache_config,
-        get_kv_cache_configs,
-        resolve_kv_cache_block_sizes,
-    )
-    from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec
-    from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.request import Request
-    from vllm.v1.structured_output import StructuredOutputManager
 
+    from benchmarks.scheduler_stand_in import build_scheduler, stand_in_output
     from common_kernels.serving import linear_state_shape
 
     config = EngineArgs(
@@ -57,13 +50,7 @@ def simulate(checkpoint: str, blocks: int, lengths: list[int], max_tokens: int, 
     )
     layers = range(model.num_hidden_layers)
     specs = {f"layer{i}": attention if model.is_softmax_layer(i) else state for i in layers}
-    kv_cache = generate_scheduler_kv_cache_config(get_kv_cache_configs(config, [specs], [10**10]))
-    cache.num_gpu_blocks = kv_cache.num_blocks
-    cache.block_size = min(group.kv_cache_spec.block_size for group in kv_cache.kv_cache_groups)
-    block_size, hash_block_size = resolve_kv_cache_block_sizes(kv_cache, config)
-    scheduler = Scheduler(
-        config, kv_cache, StructuredOutputManager(config), block_size=block_size, hash_block_size=hash_block_size
-    )
+    scheduler, _, _ = build_scheduler(config, specs, 10**10)
     preempted = []
     preempt = scheduler._preempt_request
     scheduler._preempt_request = lambda request, when: (preempted.append(request.request_id), preempt(request, when))
@@ -77,21 +64,7 @@ def simulate(checkpoint: str, blocks: int, lengths: list[int], max_tokens: int, 
         step = scheduler.schedule()
         steps += 1
         most_running = max(most_running, len(scheduler.running))
-        ids = list(step.num_scheduled_tokens)
-        sampled = []
-        for request_id in ids:
-            request = scheduler.requests[request_id]
-            caught_up = request.num_computed_tokens + step.num_scheduled_tokens[request_id] >= request.num_tokens
-            sampled.append([5] if caught_up else [])
-        output = ModelRunnerOutput(
-            req_ids=ids,
-            req_id_to_index={request_id: k for k, request_id in enumerate(ids)},
-            sampled_token_ids=sampled,
-            logprobs=None,
-            prompt_logprobs_dict={},
-            pooler_output=[],
-        )
-        scheduler.update_from_output(step, output)
+        scheduler.update_from_output(step, stand_in_output(scheduler, step, token=5))
     return steps, len(preempted), most_running
 
 
