@@ -114,14 +114,19 @@ def expert_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tup
         return _sorted_blocks(topk_ids, num_experts, block_m)
     # a shared expert or a dense layer: the pairs in order, the layout the sort would give, without it
     P = topk_ids.numel()
-    rows = torch.arange(triton.cdiv(P + min(P, 1) * (block_m - 1), block_m) * block_m, device=topk_ids.device)
+    rows = torch.arange(_padded_rows(P, 1, block_m), device=topk_ids.device)
     return torch.where(rows < P, rows, -1), (rows[::block_m] >= triton.cdiv(P, block_m) * block_m).long()
+
+
+def _padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """Rows enough for `num_pairs` pairs whatever their experts: each used expert pads at most `block_m - 1`."""
+    return triton.cdiv(num_pairs + min(num_pairs, num_experts) * (block_m - 1), block_m) * block_m
 
 
 def _sorted_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`expert_blocks` for any number of experts: the pairs sorted by expert (stable), each expert's padded."""
     device, P = topk_ids.device, topk_ids.numel()
-    capacity = triton.cdiv(P + min(P, num_experts) * (block_m - 1), block_m) * block_m
+    capacity = _padded_rows(P, num_experts, block_m)
     block_starts = torch.arange(0, capacity, block_m, device=device)
     flat = topk_ids.reshape(-1).long()
     sorted_experts, order = torch.sort(flat, stable=True)
