@@ -2,7 +2,7 @@
 Ring-mini's shapes: what bitwise rollouts cost per MoE layer, and which tiles to ship.
 
     python -m benchmarks.bench_aligned_moe [--tokens 1 64 512 4096 16384] [--tiles 64,64,32 16,64,128,4,3]
-        [--router-tiles 16,64,32 16,16,64]
+        [--router-tiles 64,64,64 64,32,64]
 
 `--tiles` (BLOCK_M,BLOCK_N,BLOCK_K[,warps,stages]) and `--router-tiles` (BLOCK_T,BLOCK_E,BLOCK_D) force one set
 for every batch. Aligned mode may pick tiles by batch size only where a tile's shape does not change a row's bits,
@@ -59,14 +59,15 @@ def ours(t: dict[str, torch.Tensor], tiles: tuple[int, ...]):
 
 
 def router_rows(tokens: int, tile_sets: list[tuple[int, ...]], generator: torch.Generator) -> None:
-    """The invariant router GEMM (2,048 -> 256, fp32 weight) per tile set against cuBLAS's fp32 GEMM."""
+    """The invariant router GEMM (2,048 -> 256, bf16 activations, fp32 weight: the split-weight tensor-core path) per
+    tile set against cuBLAS's fp32 GEMM."""
     x = torch.randn(tokens, RING_MINI["hidden"], generator=generator).bfloat16().cuda()
     w = (torch.randn(RING_MINI["experts"], RING_MINI["hidden"], generator=generator) * 0.02).cuda()
     plain_ms = triton.testing.do_bench(lambda: torch.nn.functional.linear(x.float(), w), return_mode="median")
     print(f"| {tokens} | router, cuBLAS fp32 | {plain_ms:.3f} | | |")
     first = None
     for tiles in tile_sets:
-        router_gemm.DECODE_ROUTER_TILES = router_gemm.PREFILL_ROUTER_TILES = tiles
+        router_gemm.SPLIT_WEIGHT_TILES = tiles  # bf16 activations, fp32 weight: the split-weight path
 
         def call() -> torch.Tensor:
             return router_gemm.invariant_router_logits(x, w)
@@ -95,16 +96,16 @@ def main(argv: list[str] | None = None) -> None:
         "--router-tiles",
         type=parse_tiles,
         nargs="+",
-        default=[router_gemm.PREFILL_ROUTER_TILES, router_gemm.DECODE_ROUTER_TILES],
+        default=[router_gemm.SPLIT_WEIGHT_TILES],
     )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_aligned_moe: needs a CUDA GPU")
     shipped = (aligned.DECODE_TILES, aligned.PREFILL_TILES)
-    shipped_router = (router_gemm.DECODE_ROUTER_TILES, router_gemm.PREFILL_ROUTER_TILES)
+    shipped_router = router_gemm.SPLIT_WEIGHT_TILES
     print(f"{torch.cuda.get_device_name()}; Ring-mini experts {RING_MINI}")
     print(f"shipped experts: decode {shipped[0]}, prefill {shipped[1]}")
-    print(f"shipped router: decode {shipped_router[0]}, prefill {shipped_router[1]}")
+    print(f"shipped router (bf16 activations, fp32 weight): {shipped_router}")
     print("| tokens | provider | ms | baseline / ours | rel. RMS vs vLLM; bits = first set |")
     print("|---:|---|---:|---:|---|")
     try:
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
             router_rows(tokens, args.router_tiles, torch.Generator().manual_seed(tokens + 1))
     finally:
         aligned.DECODE_TILES, aligned.PREFILL_TILES = shipped
-        router_gemm.DECODE_ROUTER_TILES, router_gemm.PREFILL_ROUTER_TILES = shipped_router
+        router_gemm.SPLIT_WEIGHT_TILES = shipped_router
 
 
 if __name__ == "__main__":

@@ -15,6 +15,11 @@ Models (`--model`, one server each, prefix caching off unless the name says cach
 The `prefix-*` workloads (vLLM's `prefix_repetition` dataset: prompts that share a few long prefixes) are for
 the cached pair.
 
+Routing (`--routing`): vLLM's dummy weights give every MoE layer the same expert bias, which sends every token to
+the same 8 or 9 experts; `spread` (the default on vLLM) zeroes that bias after the fill, so the MoE layers read as
+many experts as a trained model's do (`server_hooks/spread_routing.py`). Runs with `--routing dummy` carry
+`-dummy-routing` in their names and pair only with each other.
+
 Each workload runs twice: a cold pass (every workload in turn, right after the server starts: the first time
 the server sees that shape) and then a warm pass over the same prompts. Server and client share a word-level
 tokenizer (`t0` .. `t{V-1}`, whitespace split), which round-trips every id, as the random dataset needs.
@@ -112,11 +117,15 @@ def model_config(size: str = "mini", layers: int | None = None) -> dict:
     return config
 
 
-def variant(size: str = "mini", layers: int | None = None, quantization: str | None = None) -> str:
-    """The suffix that names a model variant in files and tables: '' for Ring-mini at full depth unquantized."""
+def variant(
+    size: str = "mini", layers: int | None = None, quantization: str | None = None, routing: str = "spread"
+) -> str:
+    """The suffix that names a model variant in files and tables: '' for Ring-mini at full depth unquantized with
+    spread routing."""
     parts = [] if size == "mini" else [size]
     parts += [f"{layers}l"] if layers is not None else []
     parts += [quantization] if quantization else []
+    parts += ["dummy-routing"] if routing == "dummy" else []
     return "".join(f"-{part}" for part in parts)
 
 
@@ -185,13 +194,36 @@ def server_env(model: str, env: dict[str, str]) -> dict[str, str]:
     return env | {ALIGNED_MODE_SWITCH: "1"} if model == "ring-linear-aligned" else env
 
 
-PROCESS_PROBE = Path(__file__).parent / "process_probe"  # its sitecustomize samples every server process
+SERVER_HOOKS = Path(__file__).parent / "server_hooks"  # its sitecustomize runs in every server process
+
+
+def hooks_env(env: dict[str, str], switches: dict[str, str]) -> dict[str, str]:
+    """The server's environment with `server_hooks` on its path and the hooks' `switches` set."""
+    path = env.get("PYTHONPATH", "")
+    if str(SERVER_HOOKS) not in path.split(os.pathsep):
+        path = os.pathsep.join(filter(None, (str(SERVER_HOOKS), path)))
+    return env | {"PYTHONPATH": path} | switches
 
 
 def probe_env(env: dict[str, str], folder: Path) -> dict[str, str]:
-    """The server's environment with the host probe on (`process_probe/sitecustomize.py`) writing into `folder`."""
-    path = os.pathsep.join(filter(None, (str(PROCESS_PROBE), env.get("PYTHONPATH"))))
-    return env | {"PYTHONPATH": path, "RING_LINEAR_PROCESS_PROBE": str(folder)}
+    """The server's environment with the host probe on (`server_hooks/process_probe.py`) writing into `folder`."""
+    return hooks_env(env, {"RING_LINEAR_PROCESS_PROBE": str(folder)})
+
+
+ROUTINGS = ("spread", "dummy")
+
+
+def routing_env(env: dict[str, str], routing: str, engine: str) -> dict[str, str]:
+    """`spread`: vLLM's dummy fill with the routers' selection bias zeroed (`server_hooks/spread_routing.py`), so
+    tokens spread over the experts as a trained model's do; `dummy`: the fill as vLLM makes it, which routes every
+    token to the same 8 or 9 experts (every run before 2026-11-30's run V)."""
+    if routing == "dummy":
+        return env
+    if engine != "vllm":
+        raise SystemExit(
+            f"bench_serve: --routing spread patches vLLM's dummy loader only; pass --routing dummy on {engine}"
+        )
+    return hooks_env(env, {"RING_LINEAR_SPREAD_ROUTING": "1"})
 
 
 def process_lines(folder: Path, start: float, end: float, min_cpu_s: float = 1.0) -> list[str]:
@@ -444,7 +476,8 @@ def run(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name_of_run = label(args.model, args.engine, variant(args.size, args.layers, args.quantization))
+    routing = args.routing or ("spread" if args.engine == "vllm" else "dummy")
+    name_of_run = label(args.model, args.engine, variant(args.size, args.layers, args.quantization, routing))
     config = model_config(args.size, args.layers)
     directory = write_model_dir(args.model, out / f"model-{name_of_run}", args.engine, config)
     tokenizer = write_word_tokenizer(json.loads(RELEASED_CONFIG.read_text())["vocab_size"], out / "tokenizer")
@@ -456,7 +489,7 @@ def run(args: argparse.Namespace) -> None:
     env = os.environ | long_context | {"PYTHONUNBUFFERED": "1"}
     log_path = out / f"server-{name_of_run}.log"
     probe = out / f"probe-{name_of_run}"
-    server_environment = server_env(args.model, env)
+    server_environment = routing_env(server_env(args.model, env), routing, args.engine)
     if args.probe:
         server_environment = probe_env(server_environment, probe)
     with open(log_path, "w") as log:
@@ -466,7 +499,7 @@ def run(args: argparse.Namespace) -> None:
             stderr=subprocess.STDOUT,
             env=server_environment, start_new_session=True,
         )  # fmt: skip
-        summary = {"model": name_of_run, "workloads": [w.name for w in workloads]}
+        summary = {"model": name_of_run, "workloads": [w.name for w in workloads], "routing": routing}
         try:
             summary["startup_s"] = round(wait_ready(args.port, server, args.startup_timeout), 1)
             print(f"{name_of_run}: ready in {summary['startup_s']} s", flush=True)
@@ -592,8 +625,8 @@ def report(args: argparse.Namespace) -> None:
         summary = json.loads(path.read_text())
         compiles = summary.get("live_compiles", "not monitored")
         print(
-            f"\n{summary['model']}: ready in {summary.get('startup_s')} s; kernels compiled during inference: "
-            f"{compiles or 'none'}"
+            f"\n{summary['model']}: ready in {summary.get('startup_s')} s; routing {summary.get('routing', 'dummy')}; "
+            f"kernels compiled during inference: {compiles or 'none'}"
         )
         for line in summary.get("memory_lines", []):
             print(f"  {line}")
@@ -620,6 +653,12 @@ def main(argv: list[str] | None = None) -> None:
     run_parser.add_argument("--size", choices=SIZES, default="mini", help="Ring-mini or Ring-flash shapes")
     run_parser.add_argument("--layers", type=int, help="serve this many layers (a multiple of the layer group)")
     run_parser.add_argument("--quantization", choices=["fp8"], help="the engine's online quantization")
+    run_parser.add_argument(
+        "--routing",
+        choices=ROUTINGS,
+        help="spread (vLLM's default here): zero the dummy routers' bias so tokens spread over the experts; dummy: "
+        "vLLM's fill as is (every token on the same experts; SGLang's default here)",
+    )
     run_parser.add_argument("--out", default="serve-results")
     run_parser.add_argument("--port", type=int, default=8765)
     run_parser.add_argument("--startup-timeout", type=float, default=900)

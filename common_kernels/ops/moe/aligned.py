@@ -11,7 +11,7 @@ nor the other's bits. Here:
 2. one kernel computes `silu(x W_gate^T) * (x W_up^T)` per pair: the two products rounded to the activation
    dtype (as two `F.linear` calls would), the SwiGLU in fp32, rounded to the activation dtype;
 3. a second computes `act W_down^T` in fp32, not rounded, into each pair's own row (no padding kept);
-4. a token's output is `sum_slot weight * y` in slot order, in fp32.
+4. a token's output is `sum_slot weight * y` in slot order, in fp32, in one launch (`combine_slots`).
 
 Every GEMM walks its reduction in order, `BLOCK_K` at a time, so a row's sums never depend on its block. The tiles
 follow the batch's size (`expert_tiles`: narrow blocks for a decode's few rows per expert, wide ones for a prefill);
@@ -65,12 +65,14 @@ def _expert_gemm_kernel(
     GATHER: tl.constexpr, SWIGLU: tl.constexpr, IEEE: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
 ):  # fmt: skip
-    """One `[BLOCK_M, BLOCK_N]` tile of one expert's rows. `GATHER` (the first GEMM): padded row r reads token
+    """One `[BLOCK_M, BLOCK_N]` tile of one expert's rows, a block's column tiles launched one after another (so a
+    block's rows, and across an expert's blocks its weight tiles, are read again while in L2). `GATHER` (the first GEMM): padded row r reads token
     `pair_of_row[r] // top_k` and writes row r; else (the second) it reads row r and writes pair `pair_of_row[r]`.
     `SWIGLU`: also the up product (weight rows from `up_offset`), and the tile stores `silu(gate) * up`.
     `EVEN_K` / `EVEN_N`: the reduction / the columns are whole tiles, so the loads need no masks (a padding row
     reads row 0, and a row's products never involve another row's, so its result is simply not stored)."""
-    block = tl.program_id(0)
+    num_col_tiles = tl.cdiv(N, BLOCK_N)
+    block, col_tile = tl.program_id(0) // num_col_tiles, tl.program_id(0) % num_col_tiles
     expert = tl.load(expert_of_block + block)
     if expert >= num_experts:  # a block past the last expert's rows
         return
@@ -79,7 +81,7 @@ def _expert_gemm_kernel(
     live = pairs >= 0
     src = tl.where(live, (pairs // top_k) if GATHER else rows, 0)
     dst = rows if GATHER else pairs
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     w_e = w + expert.to(tl.int64) * stride_we
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -171,20 +173,46 @@ def aligned_expert_outputs(
     y = torch.empty((T * k, D), dtype=torch.float32, device=x.device)
     launch = {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
     if R:
-        _expert_gemm_kernel[(R // bm, triton.cdiv(I, bn))](
+        _expert_gemm_kernel[(R // bm * triton.cdiv(I, bn),)](
             x, w13, act, pair_of_row, expert_of_block, E, D, I, k, I,
             x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
             True, True, ieee, INTERPRET, bm, bn, bk, D % bk == 0, I % bn == 0, **launch,
         )  # fmt: skip
-        _expert_gemm_kernel[(R // bm, triton.cdiv(D, bn))](
+        _expert_gemm_kernel[(R // bm * triton.cdiv(D, bn),)](
             act, w2, y, pair_of_row, expert_of_block, E, I, D, k, 0,
             act.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
             False, False, ieee, INTERPRET, bm, bn, bk, I % bk == 0, D % bn == 0, **launch,
         )  # fmt: skip
-    per_slot = y.view(T, k, D)
-    out = torch.zeros((T, D), dtype=torch.float32, device=x.device)
-    for slot in range(k):  # in slot order, one rounding per step
-        out = out + per_slot[:, slot] * topk_weights[:, slot, None].float()
+    return combine_slots(y.view(T, k, D), topk_weights)
+
+
+@triton.jit
+def _combine_slots_kernel(y, weights, out, D, k, BLOCK_D: tl.constexpr):
+    """One token's `[BLOCK_D]` columns: `acc += y[slot] * weight[slot]`, slot by slot, in fp32."""
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    live = cols < D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for slot in range(k):
+        weight = tl.load(weights + token * k + slot).to(tl.float32)
+        acc += tl.load(y + (token * k + slot) * D + cols, mask=live, other=0.0) * weight
+    tl.store(out + token * D + cols, acc, mask=live)
+
+
+COMBINE_BLOCK_D = 512
+
+
+def combine_slots(per_slot: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """`sum_slot topk_weights[t, slot] * per_slot[t, slot]` in fp32 `[T, D]`, summed in slot order: one launch
+    (the per-slot torch loop was two launches a slot). A token's sum involves its own rows only, so it is the same
+    bits in any batch; the engine and the shim both call it, so whether the compiler fuses each step's multiply
+    and add does not part them."""
+    T, k, D = per_slot.shape
+    out = torch.empty((T, D), dtype=torch.float32, device=per_slot.device)
+    if T and D:
+        _combine_slots_kernel[(T, triton.cdiv(D, COMBINE_BLOCK_D))](
+            per_slot.contiguous(), topk_weights.contiguous(), out, D, k, BLOCK_D=COMBINE_BLOCK_D
+        )
     return out
 
 

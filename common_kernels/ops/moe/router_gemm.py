@@ -9,10 +9,13 @@
   without autograd (serving, no-grad scoring); fp32 activations and training take the fp32 GEMM. Opt-in until
   its GPU timing and logprob check have run.
 
-Aligned mode (`router_logits(..., invariant=True)`) takes neither: a Triton GEMM with exact fp32
-products, so a token's logits are the same bits whatever the batch around it. cuBLAS picks its kernel by the
-number of rows (a GEMV for one decode row, split-K or not for more), and vLLM's batch-invariant mode replaces no
-plain GEMM on Hopper, so the router would otherwise change a request's experts with its batch.
+Aligned mode (`router_logits(..., invariant=True)`) takes neither: a Triton GEMM with exact products whose tiles
+never change a row's sums, so a token's logits are the same bits whatever the batch around it. cuBLAS picks its
+kernel by the number of rows (a GEMV for one decode row, split-K or not for more), and vLLM's batch-invariant mode
+replaces no plain GEMM on Hopper, so the router would otherwise change a request's experts with its batch. With bf16
+activations it splits the fp32 weight as `bf16x3` does, in registers, and runs the three parts on the tensor cores
+(fp32 sums; the FMA chains it used before cost 5.8x cuBLAS at a prefill, RESULTS.md run T); with fp32 activations
+it multiplies on FMA chains.
 """
 
 from __future__ import annotations
@@ -44,20 +47,24 @@ def split_bf16x3(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([high, middle, low])
 
 
-# Aligned mode's tiles `(BLOCK_T, BLOCK_E, BLOCK_D)`. An fp32 weight (the router's) multiplies exactly as Triton's FMA
-# dot: one fused multiply-add chain per logit, over the hidden dim in order, whatever the tile. So those tiles may
-# follow the batch: narrow for a decode's few rows (more programs), wide for a prefill (each weight tile read by more
-# rows). A 16-bit weight with 16-bit hidden states (an aligned LM head) multiplies on the tensor cores instead: the
-# products are exact in fp32 either way, and the tensor cores read a 157K-row vocabulary about 100x faster.
+# Aligned mode's tiles `(BLOCK_T, BLOCK_E, BLOCK_D)`. fp32 activations with the fp32 weight multiply exactly as
+# Triton's FMA dot: one fused multiply-add chain per logit, over the hidden dim in order, whatever the tile. So those
+# tiles may follow the batch: narrow for a decode's few rows (more programs), wide for a prefill (each weight tile
+# read by more rows). bf16 activations multiply on the tensor cores: a 16-bit weight (an aligned LM head) as it is,
+# the fp32 router weight as three bf16 parts (three accumulators, so a quarter-width tile); the products are exact in
+# fp32 either way, and one tile set serves every batch.
 DECODE_ROUTER_TILES, PREFILL_ROUTER_TILES = (16, 16, 64), (16, 64, 32)
 DECODE_MAX_ROWS = 128
 TENSOR_CORE_TILES = (64, 128, 64)
+SPLIT_WEIGHT_TILES = (64, 64, 64)
 
 
-def invariant_router_tiles(num_rows: int, tensor_cores: bool = False) -> tuple[int, int, int]:
-    """The tiles for `num_rows` rows: `TENSOR_CORE_TILES` for 16-bit operands, else `DECODE_ROUTER_TILES` up to
-    `DECODE_MAX_ROWS`. Triton's CPU interpreter multiplies a tile with numpy, in its own order, so there one tile
-    set serves every batch."""
+def invariant_router_tiles(num_rows: int, tensor_cores: bool = False, split_weight: bool = False) -> tuple[int, ...]:
+    """The tiles for `num_rows` rows: `SPLIT_WEIGHT_TILES` for bf16 activations with an fp32 weight,
+    `TENSOR_CORE_TILES` for 16-bit operands, else `DECODE_ROUTER_TILES` up to `DECODE_MAX_ROWS`. Triton's CPU
+    interpreter multiplies a tile with numpy, in its own order, so there one tile set serves every batch."""
+    if split_weight:
+        return SPLIT_WEIGHT_TILES
     if tensor_cores:
         return TENSOR_CORE_TILES
     return DECODE_ROUTER_TILES if num_rows <= DECODE_MAX_ROWS and not INTERPRET else PREFILL_ROUTER_TILES
@@ -67,22 +74,42 @@ def invariant_router_tiles(num_rows: int, tensor_cores: bool = False) -> tuple[i
 def _invariant_router_kernel(
     x, w, y, T, D, E, stride_x, stride_w, stride_y,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, TENSOR_CORES: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    SPLIT_WEIGHT: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    """A `[BLOCK_T, BLOCK_E]` tile of logits per program, the hidden dim walked in order in `BLOCK_D` steps."""
+    """A `[BLOCK_T, BLOCK_E]` tile of logits per program, the hidden dim walked in order in `BLOCK_D` steps.
+    `SPLIT_WEIGHT` (bf16 `x`, fp32 `w`): `w = hi + mid + lo` in bf16 parts (`split_bf16x3`'s rounding), one tensor-core
+    product chain per part, the parts' logits summed small first."""
     rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     experts = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+    acc_mid = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+    acc_lo = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
     for start in range(0, D, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D)
         m_x = (rows < T)[:, None] & (cols < D)[None, :]
         m_w = (cols < D)[:, None] & (experts < E)[None, :]
         b_x = tl.load(x + rows[:, None] * stride_x + cols[None, :], mask=m_x, other=0.0)
         b_w = tl.load(w + experts[None, :] * stride_w + cols[:, None], mask=m_w, other=0.0)
-        if TENSOR_CORES and not INTERPRET:
+        if SPLIT_WEIGHT:
+            w_hi = b_w.to(tl.bfloat16)
+            rest = b_w - w_hi.to(tl.float32)
+            w_mid = rest.to(tl.bfloat16)
+            w_lo = (rest - w_mid.to(tl.float32)).to(tl.bfloat16)
+            if INTERPRET:  # the interpreter multiplies 16-bit dot operands as raw bits: widen them (exactly)
+                x32 = b_x.to(tl.float32)
+                acc = tl.dot(x32, w_hi.to(tl.float32), acc, input_precision="ieee")
+                acc_mid = tl.dot(x32, w_mid.to(tl.float32), acc_mid, input_precision="ieee")
+                acc_lo = tl.dot(x32, w_lo.to(tl.float32), acc_lo, input_precision="ieee")
+            else:
+                acc = tl.dot(b_x, w_hi, acc)
+                acc_mid = tl.dot(b_x, w_mid, acc_mid)
+                acc_lo = tl.dot(b_x, w_lo, acc_lo)
+        elif TENSOR_CORES and not INTERPRET:
             acc = tl.dot(b_x, b_w, acc)
         else:  # the interpreter multiplies 16-bit dot operands as raw bits (`ops.triton_settings`): widen them
             acc = tl.dot(b_x.to(tl.float32), b_w.to(tl.float32), acc, input_precision="ieee")
+    if SPLIT_WEIGHT:
+        acc = (acc_lo + acc_mid) + acc
     m_y = (rows < T)[:, None] & (experts < E)[None, :]
     tl.store(y + rows[:, None] * stride_y + experts[None, :], acc, mask=m_y)
 
@@ -98,10 +125,11 @@ def _launch_invariant(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     y = torch.empty((T, E), dtype=torch.float32, device=x.device)
     if T > 0:
         tensor_cores = x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
-        block_t, block_e, block_d = invariant_router_tiles(T, tensor_cores)
+        split_weight = x.dtype == torch.bfloat16 and weight.dtype == torch.float32
+        block_t, block_e, block_d = invariant_router_tiles(T, tensor_cores, split_weight)
         _invariant_router_kernel[(triton.cdiv(T, block_t), triton.cdiv(E, block_e))](
             x, weight, y, T, D, E, x.stride(0), weight.stride(0), y.stride(0), block_t, block_e, block_d,
-            tensor_cores, INTERPRET,
+            tensor_cores, split_weight, INTERPRET,
         )  # fmt: skip
     return y
 

@@ -7,6 +7,7 @@ import torch
 from common_kernels.ops.moe.aligned import (
     aligned_expert_outputs,
     aligned_moe,
+    combine_slots,
     every_token,
     expert_blocks,
     expert_outputs,
@@ -103,6 +104,20 @@ def test_a_tokens_experts_do_not_depend_on_the_batch():
     for rows in [slice(40, 41), slice(0, 200), slice(40, 200), slice(23, 58), slice(39, 41)]:
         together = run(x[rows], ids[rows], weights[rows], gate, up, down)
         assert torch.equal(together[40 - rows.start], alone[0]), rows
+
+
+@pytest.mark.parametrize("T,k,D", [(0, 8, 64), (1, 1, 1), (5, 8, 513), (37, 3, 1030)])
+def test_combine_slots_sums_each_tokens_slots_and_nothing_else(T, k, D):
+    """Against float64, ragged widths past one tile; a token's bits alone equal its bits in the batch."""
+    g = torch.Generator().manual_seed(T + k + D)
+    y = torch.randn(T, k, D, generator=g).to(DEVICE)
+    w = torch.rand(T, k, generator=g).to(DEVICE)
+    out = combine_slots(y, w)
+    assert out.shape == (T, D) and out.dtype == torch.float32
+    expected = (y.double() * w.double()[..., None]).sum(1)
+    assert torch.allclose(out.double(), expected, rtol=1e-6, atol=1e-6)
+    for t in range(min(T, 3)):
+        assert torch.equal(combine_slots(y[t : t + 1], w[t : t + 1])[0], out[t])
 
 
 def test_the_shims_steps_equal_the_engines_op_bit_for_bit():

@@ -1,5 +1,5 @@
-"""A host-side probe for every Python process of a served engine (API server, engine core, workers), put on the
-server's PYTHONPATH by `bench_serve run --probe`: where `RING_LINEAR_PROCESS_PROBE` names a folder, each process
+"""A host-side probe for every Python process of a served engine (API server, engine core, workers), started by
+`sitecustomize` under `bench_serve run --probe`: where `RING_LINEAR_PROCESS_PROBE` names a folder, each process
 appends a JSON line every 2 s to `<folder>/<pid>.jsonl` with its resident memory, CPU time and the time Python's
 garbage collector spent per generation. A served pass that slows down without its GPU work changing (RESULTS.md,
 runs K and M) shows here as host time: more CPU per step, longer collections, or growing memory."""

@@ -1,0 +1,12 @@
+"""Hooks for every Python process of a benchmarked engine (API server, engine core, workers): `bench_serve` puts
+this folder on the server's PYTHONPATH, and each hook runs only where its environment variable asks for it."""
+
+import os
+
+if os.environ.get("RING_LINEAR_PROCESS_PROBE"):
+    import process_probe  # noqa: F401  (samples this process from import on)
+
+if os.environ.get("RING_LINEAR_SPREAD_ROUTING") == "1":
+    import spread_routing
+
+    spread_routing.install()

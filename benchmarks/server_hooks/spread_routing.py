@@ -1,0 +1,70 @@
+"""Dummy weights that route like a trained model.
+
+vLLM's dummy loader fills every parameter and persistent buffer with uniform values in [-1e-3, 1e-3], seeded per
+tensor by one fixed seed, so every MoE layer of Ring-mini (and of its softmax twin) gets the same `expert_bias`,
+and that bias outweighs the router's scores: the same 8 or 9 of 256 experts serve every token in every layer
+(`tests/benchmarks/test_spread_routing.py` counts them). A served benchmark on such weights times MoE layers that
+read 9 experts, where a trained model's tokens spread over most of them. With the bias zeroed after the dummy
+fill, each token's own scores choose, and a batch of 64 tokens reaches about 220 experts, as uniform routing does.
+
+`install()` patches vLLM's dummy loader when it is imported (a meta-path hook, so importing this costs nothing
+and vLLM is not imported early); `bench_serve --routing spread` turns it on in every server process.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+
+DUMMY_LOADER = "vllm.model_executor.model_loader.dummy_loader"
+BIAS_NAME = "expert_bias"  # the router's selection bias: ours (`gate.expert_bias`) and vLLM's Bailing twin's
+
+
+def zero_expert_bias(model) -> int:
+    """Zero every parameter or buffer named `expert_bias` in `model`; how many there were."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    found = [t for name, t in tensors if name.rsplit(".", 1)[-1] == BIAS_NAME]
+    for tensor in found:
+        tensor.data.zero_()
+    return len(found)
+
+
+def patch(dummy_loader) -> None:
+    """Make `dummy_loader.initialize_dummy_weights` zero the selection biases after its uniform fill."""
+    original = getattr(dummy_loader, "initialize_dummy_weights", None)
+    if original is None:
+        print("spread_routing: vLLM's dummy loader has no initialize_dummy_weights; routing left as the dummy "
+              "fill makes it (every token on the same experts)", file=sys.stderr)  # fmt: skip
+        return
+
+    def initialize_then_spread(model, *args, **kwargs):
+        original(model, *args, **kwargs)
+        zero_expert_bias(model)
+
+    dummy_loader.initialize_dummy_weights = initialize_then_spread
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != DUMMY_LOADER:
+            return None
+        sys.meta_path.remove(self)  # find the real module, then patch it once it has run
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            exec_module = spec.loader.exec_module
+
+            def exec_and_patch(module):
+                exec_module(module)
+                patch(module)
+
+            spec.loader.exec_module = exec_and_patch
+        return spec
+
+
+def install() -> None:
+    """Patch vLLM's dummy loader now if it is imported, else when it is."""
+    if DUMMY_LOADER in sys.modules:
+        patch(sys.modules[DUMMY_LOADER])
+    elif not any(isinstance(finder, _PatchOnImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _PatchOnImport())
