@@ -1,12 +1,13 @@
 """Aligned mode's MoE experts and router GEMM against vLLM's fused MoE and cuBLAS in one process on one GPU, at
 Ring-mini's shapes: what bitwise rollouts cost per MoE layer, and which tiles to ship.
 
-    python -m benchmarks.bench_aligned_moe [--tokens 1 64 512 4096 16384] [--tiles 64,64,32 16,64,128,4,3]
+    python -m benchmarks.bench_aligned_moe [--tokens 1 64 512 4096 16384] [--tiles 64,64,32 16,64,128,4,3,1]
         [--router-tiles 64,64,64 64,32,64]
 
-`--tiles` (BLOCK_M,BLOCK_N,BLOCK_K[,warps,stages]) and `--router-tiles` (BLOCK_T,BLOCK_E,BLOCK_D) force one set
-for every batch. Aligned mode may pick tiles by batch size only where a tile's shape does not change a row's bits,
-so each row also says whether its output is bit-equal to the first set's on the same inputs.
+`--tiles` (BLOCK_M,BLOCK_N,BLOCK_K[,warps,stages[,swap]]; swap 1 multiplies the transposed tiles) and
+`--router-tiles` (BLOCK_T,BLOCK_E,BLOCK_D) force one set for every batch. Aligned mode may pick tiles by batch size
+only where a tile's shape does not change a row's bits, so each row also says whether its output is bit-equal to the
+first set's on the same inputs.
 
 Timing: `triton.testing.do_bench` (median, eager: both sides include their host-side set-up). The ratio is the
 baseline's time over ours (below 1: ours is slower). The experts are also compared with vLLM's (relative RMS): the
@@ -28,14 +29,17 @@ RING_MINI = {"experts": 256, "top_k": 8, "hidden": 2048, "intermediate": 512}
 
 
 def parse_tiles(text: str) -> tuple[int, ...]:
-    """ "A,B,C" block sizes, each a power of two of at least 16 (what `tl.dot` takes), optionally ",warps,stages"."""
+    """ "A,B,C" block sizes, each a power of two of at least 16 (what `tl.dot` takes), optionally ",warps,stages"
+    and then ",swap" (0 or 1)."""
     parts = text.split(",")
     blocks_ok = all(p.isdigit() and int(p) >= 16 and int(p) & (int(p) - 1) == 0 for p in parts[:3])
-    if len(parts) not in (3, 5) or not blocks_ok or not all(p.isdigit() and int(p) > 0 for p in parts[3:]):
+    launch_ok = all(p.isdigit() and int(p) > 0 for p in parts[3:5]) and all(p in ("0", "1") for p in parts[5:])
+    if len(parts) not in (3, 5, 6) or not blocks_ok or not launch_ok:
         raise argparse.ArgumentTypeError(
-            f"--tiles {text!r}: give BLOCK_M,BLOCK_N,BLOCK_K (powers of two >= 16), optionally then warps,stages"
+            f"--tiles {text!r}: give BLOCK_M,BLOCK_N,BLOCK_K (powers of two >= 16), optionally then warps,stages "
+            "and then swap (0 or 1)"
         )
-    return tuple(int(p) for p in parts)
+    return tuple(int(p) for p in parts[:5]) + tuple(p == "1" for p in parts[5:])
 
 
 def inputs(tokens: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -52,7 +56,7 @@ def inputs(tokens: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
 
 def ours(t: dict[str, torch.Tensor], tiles: tuple[int, ...]):
     def call() -> torch.Tensor:
-        aligned.DECODE_TILES = aligned.PREFILL_TILES = aligned.ExpertTiles(*tiles)
+        aligned.TILE_SCHEDULE = ((None, aligned.ExpertTiles(*tiles)),)
         return aligned.aligned_expert_outputs(t["x"], t["w13"], t["w2"], t["ids"], t["weights"])
 
     return call
@@ -91,7 +95,7 @@ def vllms(t: dict[str, torch.Tensor]):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 512, 4096, 16384])
-    parser.add_argument("--tiles", type=parse_tiles, nargs="+", default=[aligned.PREFILL_TILES, aligned.DECODE_TILES])
+    parser.add_argument("--tiles", type=parse_tiles, nargs="+", default=[tiles for _, tiles in aligned.TILE_SCHEDULE])
     parser.add_argument(
         "--router-tiles",
         type=parse_tiles,
@@ -101,10 +105,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_aligned_moe: needs a CUDA GPU")
-    shipped = (aligned.DECODE_TILES, aligned.PREFILL_TILES)
+    shipped = aligned.TILE_SCHEDULE
     shipped_router = router_gemm.SPLIT_WEIGHT_TILES
     print(f"{torch.cuda.get_device_name()}; Ring-mini experts {RING_MINI}")
-    print(f"shipped experts: decode {shipped[0]}, prefill {shipped[1]}")
+    print("shipped experts: " + ", ".join(f"up to {most or 'any'} tokens {tiles}" for most, tiles in shipped))
     print(f"shipped router (bf16 activations, fp32 weight): {shipped_router}")
     print("| tokens | provider | ms | baseline / ours | rel. RMS vs vLLM; bits = first set |")
     print("|---:|---|---:|---:|---|")
@@ -127,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"| {tokens} | aligned {tiles} | {ms:.3f} | {ratio} | {err}; bits = first: {equal} |", flush=True)
             router_rows(tokens, args.router_tiles, torch.Generator().manual_seed(tokens + 1))
     finally:
-        aligned.DECODE_TILES, aligned.PREFILL_TILES = shipped
+        aligned.TILE_SCHEDULE = shipped
         router_gemm.SPLIT_WEIGHT_TILES = shipped_router
 
 

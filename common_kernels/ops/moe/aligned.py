@@ -35,27 +35,53 @@ from .naive import moe_combine, route, swiglu_mlp
 
 
 class ExpertTiles(NamedTuple):
-    """The expert GEMMs' launch: `[block_m, block_n]` output tiles walking the reduction `block_k` at a time."""
+    """The expert GEMMs' launch: `[block_m, block_n]` output tiles walking the reduction `block_k` at a time.
+    `swap_ab`: multiply the transposed tile (weights as the left operand), so a narrow block of rows still fills the
+    tensor cores' 64-row side (vLLM's fused MoE does this on Hopper below 64 rows)."""
 
     block_m: int
     block_n: int
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
+    swap_ab: bool = False
 
 
-# An expert's weights are read once per block of its rows: a prefill's 128-row blocks read them once for up to 128
-# tokens, while a decode has one or two rows per expert, so its blocks are narrow (the fastest of the sets timed at
-# each size, RESULTS.md run T).
-PREFILL_TILES = ExpertTiles(128, 128, 64, num_warps=8)
-DECODE_TILES = ExpertTiles(16, 128, 64)
-DECODE_MAX_TOKENS = 256
+# An expert's weights are read once per block of its rows: a decode has one or two rows per expert, so its blocks
+# are narrow; a long prefill's 128-row blocks read them once for up to 128 tokens. `(most tokens, tiles)`, the
+# fastest set timed at 1, 64, 512, 4,096 and 16,384 tokens (RESULTS.md run V; the boundaries between those sizes are
+# not measured). Every set gave the same bits at every size on an H200.
+TILE_SCHEDULE: tuple[tuple[int | None, ExpertTiles], ...] = (
+    (1024, ExpertTiles(16, 128, 64)),
+    (8192, ExpertTiles(64, 128, 64, num_stages=4)),
+    (None, ExpertTiles(128, 128, 64, num_warps=8)),
+)
 
 
 def expert_tiles(num_tokens: int) -> ExpertTiles:
-    """The tiles for a batch of `num_tokens` tokens (`DECODE_TILES` up to `DECODE_MAX_TOKENS`). Triton's CPU
-    interpreter multiplies a tile with numpy, in its own order, so there one tile set serves every batch."""
-    return DECODE_TILES if num_tokens <= DECODE_MAX_TOKENS and not INTERPRET else PREFILL_TILES
+    """The tiles for a batch of `num_tokens` tokens (`TILE_SCHEDULE`). Triton's CPU interpreter multiplies a tile
+    with numpy, in its own order, so there the last set serves every batch."""
+    if INTERPRET:
+        return TILE_SCHEDULE[-1][1]
+    return next(tiles for most, tiles in TILE_SCHEDULE if most is None or num_tokens <= most)
+
+
+@triton.jit
+def _load(pointers, mask, WHOLE: tl.constexpr):
+    """A tile's load, masked unless it is `WHOLE`."""
+    return tl.load(pointers) if WHOLE else tl.load(pointers, mask=mask, other=0.0)
+
+
+@triton.jit
+def _accumulate(b_a, b_w, acc, SWAP_AB: tl.constexpr, IEEE: tl.constexpr, INTERPRET: tl.constexpr):
+    """`acc += b_a @ b_w`, or with `SWAP_AB` (operands loaded transposed) `acc += b_w @ b_a`."""
+    if INTERPRET:  # the interpreter multiplies 16-bit dot operands as raw bits (`ops.triton_settings`)
+        b_a, b_w = b_a.to(tl.float32), b_w.to(tl.float32)
+    if SWAP_AB:
+        left, right = b_w, b_a
+    else:
+        left, right = b_a, b_w
+    return tl.dot(left, right, acc, input_precision="ieee") if IEEE or INTERPRET else tl.dot(left, right, acc)
 
 
 @triton.jit(do_not_specialize=["num_experts", "K", "N", "top_k"])
@@ -64,13 +90,16 @@ def _expert_gemm_kernel(
     stride_a, stride_we, stride_wn, stride_out,
     GATHER: tl.constexpr, SWIGLU: tl.constexpr, IEEE: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    SWAP_AB: tl.constexpr,
 ):  # fmt: skip
     """One `[BLOCK_M, BLOCK_N]` tile of one expert's rows, a block's column tiles launched one after another (so a
-    block's rows, and across an expert's blocks its weight tiles, are read again while in L2). `GATHER` (the first GEMM): padded row r reads token
-    `pair_of_row[r] // top_k` and writes row r; else (the second) it reads row r and writes pair `pair_of_row[r]`.
+    block's rows, and across an expert's blocks its weight tiles, are read again while in L2). `GATHER` (the first
+    GEMM): padded row r reads token `pair_of_row[r] // top_k` and writes row r; else (the second) it reads row r
+    and writes pair `pair_of_row[r]`.
     `SWIGLU`: also the up product (weight rows from `up_offset`), and the tile stores `silu(gate) * up`.
     `EVEN_K` / `EVEN_N`: the reduction / the columns are whole tiles, so the loads need no masks (a padding row
-    reads row 0, and a row's products never involve another row's, so its result is simply not stored)."""
+    reads row 0, and a row's products never involve another row's, so its result is simply not stored).
+    `SWAP_AB`: the tiles are loaded and multiplied transposed, `[BLOCK_N, BLOCK_M]`, and turned back at the end."""
     num_col_tiles = tl.cdiv(N, BLOCK_N)
     block, col_tile = tl.program_id(0) // num_col_tiles, tl.program_id(0) % num_col_tiles
     expert = tl.load(expert_of_block + block)
@@ -83,24 +112,28 @@ def _expert_gemm_kernel(
     dst = rows if GATHER else pairs
     cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     w_e = w + expert.to(tl.int64) * stride_we
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for start in range(0, K, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
-        a_tile = a + src[:, None] * stride_a + ks[None, :]
-        w_tile = w_e + cols[None, :] * stride_wn + ks[:, None]
-        m_w = (ks < K)[:, None] & (cols < N)[None, :]
-        b_a = tl.load(a_tile) if EVEN_K else tl.load(a_tile, mask=(ks < K)[None, :], other=0.0)
-        b_w = tl.load(w_tile) if EVEN_K and EVEN_N else tl.load(w_tile, mask=m_w, other=0.0)
-        if INTERPRET:  # the interpreter multiplies 16-bit dot operands as raw bits (`ops.triton_settings`)
-            b_a, b_w = b_a.to(tl.float32), b_w.to(tl.float32)
-        acc = tl.dot(b_a, b_w, acc, input_precision="ieee") if IEEE or INTERPRET else tl.dot(b_a, b_w, acc)
+        if SWAP_AB:
+            b_a = _load(a + src[None, :] * stride_a + ks[:, None], (ks < K)[:, None], EVEN_K)
+            w_tile = w_e + cols[:, None] * stride_wn + ks[None, :]
+            m_w = (cols < N)[:, None] & (ks < K)[None, :]
+        else:
+            b_a = _load(a + src[:, None] * stride_a + ks[None, :], (ks < K)[None, :], EVEN_K)
+            w_tile = w_e + cols[None, :] * stride_wn + ks[:, None]
+            m_w = (ks < K)[:, None] & (cols < N)[None, :]
+        acc = _accumulate(b_a, _load(w_tile, m_w, EVEN_K and EVEN_N), acc, SWAP_AB, IEEE, INTERPRET)
         if SWIGLU:
-            u_tile = w_tile + up_offset * stride_wn
-            b_u = tl.load(u_tile) if EVEN_K and EVEN_N else tl.load(u_tile, mask=m_w, other=0.0)
-            if INTERPRET:
-                b_u = b_u.to(tl.float32)
-            acc_up = tl.dot(b_a, b_u, acc_up, input_precision="ieee") if IEEE or INTERPRET else tl.dot(b_a, b_u, acc_up)
+            b_u = _load(w_tile + up_offset * stride_wn, m_w, EVEN_K and EVEN_N)
+            acc_up = _accumulate(b_a, b_u, acc_up, SWAP_AB, IEEE, INTERPRET)
+    if SWAP_AB:
+        acc, acc_up = tl.trans(acc), tl.trans(acc_up)
     dt = out.dtype.element_ty
     if SWIGLU:
         gate = acc.to(dt).to(tl.float32)
@@ -176,12 +209,12 @@ def aligned_expert_outputs(
         _expert_gemm_kernel[(R // bm * triton.cdiv(I, bn),)](
             x, w13, act, pair_of_row, expert_of_block, E, D, I, k, I,
             x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
-            True, True, ieee, INTERPRET, bm, bn, bk, D % bk == 0, I % bn == 0, **launch,
+            True, True, ieee, INTERPRET, bm, bn, bk, D % bk == 0, I % bn == 0, tiles.swap_ab, **launch,
         )  # fmt: skip
         _expert_gemm_kernel[(R // bm * triton.cdiv(D, bn),)](
             act, w2, y, pair_of_row, expert_of_block, E, I, D, k, 0,
             act.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
-            False, False, ieee, INTERPRET, bm, bn, bk, I % bk == 0, D % bn == 0, **launch,
+            False, False, ieee, INTERPRET, bm, bn, bk, I % bk == 0, D % bn == 0, tiles.swap_ab, **launch,
         )  # fmt: skip
     return combine_slots(y.view(T, k, D), topk_weights)
 

@@ -4,6 +4,7 @@ steps equal to the engine's op bit for bit, and the standard gradient."""
 import pytest
 import torch
 
+from common_kernels.ops.moe import aligned
 from common_kernels.ops.moe.aligned import (
     aligned_expert_outputs,
     aligned_moe,
@@ -57,9 +58,12 @@ def run(x, ids, weights, gate, up, down):
      (20, 4, 2, 128, 128), (9, 3, 2, 128, 64)],  # whole tiles (unmasked loads), and whole tiles in one GEMM only
 )  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_aligned_experts_match_float64(T, E, k, D, I, dtype):
+@pytest.mark.parametrize("swap_ab", [False, True], ids=["tiles", "transposed tiles"])
+def test_aligned_experts_match_float64(T, E, k, D, I, dtype, swap_ab, monkeypatch):
     """No tokens, one token, ragged counts per expert (some unused), hidden and expert widths that are or are not
-    whole tiles, an expert's rows over more than one block (150 tokens)."""
+    whole tiles, an expert's rows over more than one block (150 tokens); the tiles as they are and transposed."""
+    if swap_ab:
+        monkeypatch.setattr(aligned, "TILE_SCHEDULE", ((None, aligned.ExpertTiles(16, 64, 64, swap_ab=True)),))
     gate, up, down = make_experts(E, D, I, dtype, seed=T + E)
     x = torch.randn(T, D).to(dtype)
     ids, weights = random_routing(T, E, k, seed=T)
@@ -177,16 +181,16 @@ def test_aligned_experts_refuse_mismatched_inputs():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_aligned_experts_on_a_gpu_are_batch_invariant_at_ring_mini_size():
     """Ring-mini's experts (256 of 2,048 -> 512, 8 per token) in bf16 on the tensor cores: token 0's bits for 1 to
-    4,096 tokens, and its accuracy against float64."""
+    12,000 tokens (every set of `TILE_SCHEDULE`, each side of its boundaries), and its accuracy against float64."""
     E, D, I, k = 256, 2048, 512, 8
     g = torch.Generator().manual_seed(10)
     w13 = (torch.randn(E, 2 * I, D, generator=g) * 0.02).bfloat16().cuda()
     w2 = (torch.randn(E, D, I, generator=g) * 0.02).bfloat16().cuda()
-    x = torch.randn(4096, D, generator=g).bfloat16().cuda()
-    ids, weights = (t.cuda() for t in random_routing(4096, E, k, seed=11))
+    x = torch.randn(12000, D, generator=g).bfloat16().cuda()
+    ids, weights = (t.cuda() for t in random_routing(12000, E, k, seed=11))
     with torch.no_grad():
         alone = aligned_expert_outputs(x[:1], w13, w2, ids[:1], weights[:1])
-        for rows in [2, 17, 300, 4096]:
+        for rows in [2, 17, 300, 1024, 1025, 4096, 8192, 8193, 12000]:
             got = aligned_expert_outputs(x[:rows], w13, w2, ids[:rows], weights[:rows])
             assert torch.equal(got[0], alone[0]), rows
     gate, up = w13[:, :I].cpu(), w13[:, I:].cpu()
