@@ -16,9 +16,9 @@ nor the other's bits. Here:
 Every GEMM walks its reduction in order, `BLOCK_K` at a time, so a row's sums never depend on its block. The tiles
 follow the batch's size (`expert_tiles`: narrow blocks for a decode's few rows per expert, wide ones for a prefill);
 that is batch-invariant only because a tile's products accumulate in the same order whatever its shape, which the
-GPU tests check from 1 to 4,096 tokens. The shared expert runs the same way, as one expert every token picks with
-weight 1. Forward only; under autograd the gradient is `naive.moe_combine`'s (aligned mode's rule: the backward may
-be the standard one).
+GPU tests check from 1 to 12,000 tokens (and `bench_aligned_moe` for every tile set it times). The shared expert
+runs the same way, as one expert every token picks with weight 1. Forward only; under autograd the gradient is
+`naive.moe_combine`'s (aligned mode's rule: the backward may be the standard one).
 """
 
 from __future__ import annotations
