@@ -62,6 +62,35 @@ def ours(t: dict[str, torch.Tensor], tiles: tuple[int, ...]):
     return call
 
 
+def shared_expert_rows(tokens: int, tile_sets: list[tuple[int, ...]], generator: torch.Generator) -> None:
+    """The shared expert (one SwiGLU expert every token takes, 2,048 -> 512) per tile set against cuBLAS's bf16
+    GEMMs, as default mode runs it: a decode's few rows make few tiles, so its launch is not the routed experts'."""
+    D, I = RING_MINI["hidden"], RING_MINI["intermediate"]
+    x = torch.randn(tokens, D, generator=generator).bfloat16().cuda()
+    w13 = (torch.randn(1, 2 * I, D, generator=generator) * 0.02).bfloat16().cuda()
+    w2 = (torch.randn(1, D, I, generator=generator) * 0.02).bfloat16().cuda()
+    ids, weights = aligned.every_token(x)
+
+    def plain() -> torch.Tensor:
+        gate, up = torch.nn.functional.linear(x, w13[0]).chunk(2, dim=-1)
+        return torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w2[0])
+
+    plain_ms = triton.testing.do_bench(plain, return_mode="median")
+    print(f"| {tokens} | shared expert, cuBLAS bf16 | {plain_ms:.3f} | | |")
+    first = None
+    for tiles in tile_sets:
+        aligned.TILE_SCHEDULE = ((None, aligned.ExpertTiles(*tiles)),)
+
+        def call() -> torch.Tensor:
+            return aligned.aligned_expert_outputs(x, w13, w2, ids, weights)
+
+        ms = triton.testing.do_bench(call, return_mode="median")
+        got = call()
+        first = got if first is None else first
+        equal = torch.equal(got, first)
+        print(f"| {tokens} | shared {tiles} | {ms:.3f} | {plain_ms / ms:.2f} | bits = first: {equal} |", flush=True)
+
+
 def router_rows(tokens: int, tile_sets: list[tuple[int, ...]], generator: torch.Generator) -> None:
     """The invariant router GEMM (2,048 -> 256, bf16 activations, fp32 weight: the split-weight tensor-core path) per
     tile set against cuBLAS's fp32 GEMM."""
@@ -129,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
                 err = f"{rel_rms_error(theirs().float(), got):.1e}" if theirs else ""
                 equal = torch.equal(got, first)
                 print(f"| {tokens} | aligned {tiles} | {ms:.3f} | {ratio} | {err}; bits = first: {equal} |", flush=True)
+            shared_expert_rows(tokens, args.tiles, torch.Generator().manual_seed(tokens + 2))
             router_rows(tokens, args.router_tiles, torch.Generator().manual_seed(tokens + 1))
     finally:
         aligned.TILE_SCHEDULE = shipped
