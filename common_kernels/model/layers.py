@@ -20,6 +20,7 @@ from ..ops.linear_attn.backward import linear_attention_varlen_triton
 from ..ops.linear_attn.naive import linear_attention_varlen
 from ..ops.moe.aligned import every_token, expert_outputs
 from ..ops.moe.naive import moe_combine, route, selection_margin, swiglu_mlp
+from ..ops.moe.select import aligned_route
 from ..ops.norm.naive import rms_norm
 from ..ops.norm.rms import rms_norm_aligned
 from ..ops.packing import equal_length_groups
@@ -131,10 +132,12 @@ class MoE(nn.Module):
         return out.to(x.dtype)
 
     def route(self, x: torch.Tensor, aligned: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each token's experts and weights (`ops.moe.naive.route`); `aligned`: the router GEMM an aligned engine
-        runs."""
+        """Each token's experts and weights (`ops.moe.naive.route`); `aligned`: as an aligned engine chooses them
+        (`ops.moe.select.aligned_route`)."""
         c = self.config
-        return route(x, *self._selection_inputs(), c.routed_scaling_factor, c.norm_topk_prob, aligned)
+        return (aligned_route if aligned else route)(
+            x, *self._selection_inputs(), c.routed_scaling_factor, c.norm_topk_prob
+        )
 
     def selection_margin(self, x: torch.Tensor) -> torch.Tensor:
         """How far each token's expert choice is from changing (`ops.moe.naive.selection_margin`)."""

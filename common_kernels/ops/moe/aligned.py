@@ -7,7 +7,7 @@ shim runs each expert as cuBLAS GEMMs whose kernel follows the expert's token co
 nor the other's bits. Here:
 
 1. the (token, slot) pairs are grouped by expert into blocks of `BLOCK_M` rows, padded, on the device (no host
-   sync, so a CUDA graph captures it);
+   sync, so a CUDA graph captures it; a decode step's in one launch);
 2. one kernel computes `silu(x W_gate^T) * (x W_up^T)` per pair: the two products rounded to the activation
    dtype (as two `F.linear` calls would), the SwiGLU in fp32, rounded to the activation dtype;
 3. a second computes `act W_down^T` in fp32, not rounded, into each pair's own row (no padding kept);
@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 
 from ..triton_settings import INTERPRET
-from .naive import moe_combine, route, swiglu_mlp
+from .naive import moe_combine, swiglu_mlp
+from .select import aligned_route
 
 
 class ExpertTiles(NamedTuple):
@@ -146,6 +147,8 @@ def expert_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tup
     row, -1 for padding) and `expert_of_block` `[R / block_m]` (`num_experts` past the last expert's rows). `R`
     depends on `T * k` and `num_experts` only, so a CUDA graph can capture it."""
     if num_experts != 1:
+        if topk_ids.numel() <= ONE_LAUNCH_MAX_PAIRS:
+            return _one_launch_blocks(topk_ids, num_experts, block_m)
         return _sorted_blocks(topk_ids, num_experts, block_m)
     # a shared expert or a dense layer: the pairs in order, the layout the sort would give, without it
     P = topk_ids.numel()
@@ -156,6 +159,59 @@ def expert_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tup
 def _padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
     """Rows enough for `num_pairs` pairs whatever their experts: each used expert pads at most `block_m - 1`."""
     return triton.cdiv(num_pairs + min(num_pairs, num_experts) * (block_m - 1), block_m) * block_m
+
+
+# Up to this many (token, slot) pairs (a decode step's), one program lays the blocks out in one launch; above it the
+# torch ops below (about 20 launches, little beside a prefill's GEMMs) do. Both give the same layout.
+ONE_LAUNCH_MAX_PAIRS = 2048
+_LAYOUT_CHUNK = 64
+
+
+@triton.jit
+def _block_layout_kernel(
+    topk_ids, pair_of_row, expert_of_block, P, num_experts, capacity,
+    BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+):  # fmt: skip
+    """`_sorted_blocks` in one program: count each expert's pairs, pad each count to `BLOCK_M`, place the pairs in
+    order (a pair's row: its expert's first row + the pairs of that expert before it), then name each block's
+    expert. The pass over the pairs runs `CHUNK` at a time, so the order is the stable sort's."""
+    lanes = tl.arange(0, CHUNK)
+    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for start in range(0, P, CHUNK):
+        live = start + lanes < P
+        ids = tl.load(topk_ids + start + lanes, mask=live, other=0).to(tl.int32)
+        counts += tl.histogram(ids, BLOCK_E, mask=live)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    for start in range(0, capacity, CHUNK):  # every row padding until a pair lands in it
+        tl.store(pair_of_row + start + lanes, tl.full([CHUNK], -1, tl.int64), mask=start + lanes < capacity)
+    tl.debug_barrier()
+    placed = ends - padded  # each expert's next free row
+    for start in range(0, P, CHUNK):
+        live = start + lanes < P
+        ids = tl.load(topk_ids + start + lanes, mask=live, other=0).to(tl.int32)
+        earlier_same = (ids[:, None] == ids[None, :]) & (lanes[None, :] < lanes[:, None]) & live[None, :]
+        row = tl.gather(placed, ids, 0) + tl.sum(earlier_same.to(tl.int32), axis=1)
+        tl.store(pair_of_row + row, (start + lanes).to(tl.int64), mask=live)
+        placed += tl.histogram(ids, BLOCK_E, mask=live)
+    experts = tl.arange(0, BLOCK_E)
+    for start in range(0, capacity // BLOCK_M, CHUNK):  # a block's expert: how many experts end at or before it
+        first_rows = (start + lanes) * BLOCK_M
+        ended = (ends[None, :] <= first_rows[:, None]) & (experts[None, :] < num_experts)
+        expert = tl.sum(ended.to(tl.int64), axis=1)
+        tl.store(expert_of_block + start + lanes, expert, mask=start + lanes < capacity // BLOCK_M)
+
+
+def _one_launch_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    P = topk_ids.numel()
+    capacity = _padded_rows(P, num_experts, block_m)
+    pair_of_row = torch.empty(capacity, dtype=torch.int64, device=topk_ids.device)
+    expert_of_block = torch.empty(capacity // block_m, dtype=torch.int64, device=topk_ids.device)
+    _block_layout_kernel[(1,)](
+        topk_ids.reshape(-1).contiguous(), pair_of_row, expert_of_block, P, num_experts, capacity,
+        triton.next_power_of_2(num_experts), block_m, _LAYOUT_CHUNK,
+    )  # fmt: skip
+    return pair_of_row, expert_of_block
 
 
 def _sorted_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -351,11 +407,12 @@ def aligned_moe(
     routed_scaling_factor: float,
     norm_topk_prob: bool,
 ) -> torch.Tensor:
-    """An aligned engine's MoE layer, in `x`'s dtype: `naive.route` through the batch-invariant router GEMM, the
-    routed experts, plus the shared expert (`shared_w13` `[1, 2I_s, D]`, `shared_w2` `[1, D, I_s]`, or None), summed
-    in fp32. The shim's `MoE.forward(aligned=True)` runs these same steps with autograd."""
-    ids, weights = route(
-        x, gate_weight, expert_bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob, True
+    """An aligned engine's MoE layer, in `x`'s dtype: `select.aligned_route` (the batch-invariant router GEMM and
+    the one-launch selection), the routed experts, plus the shared expert (`shared_w13` `[1, 2I_s, D]`,
+    `shared_w2` `[1, D, I_s]`, or None), summed in fp32. The shim's `MoE.forward(aligned=True)` runs these same
+    steps with autograd."""
+    ids, weights = aligned_route(
+        x, gate_weight, expert_bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob
     )
     out = aligned_expert_outputs(x, w13, w2, ids, weights)
     if shared_w13 is not None and shared_w2 is not None:

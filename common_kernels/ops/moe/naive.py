@@ -34,10 +34,8 @@ def route(
     topk_group: int,
     routed_scaling_factor: float,
     norm_topk_prob: bool,
-    invariant_router: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Choose experts and their weights for each token (`invariant_router`: step 1 through aligned mode's
-    batch-invariant GEMM, `router_gemm.router_logits`).
+    """Choose experts and their weights for each token (aligned mode's: `select.aligned_route`).
 
     1. logits `z = x W_r^T` in fp32 (both operands upcast; never rounded to bf16), scores `p = sigmoid(z)`;
     2. selection scores `p + expert_bias` (the bias only chooses, it never weights);
@@ -53,7 +51,7 @@ def route(
     Returns:
         expert ids `[T, k]` (int64) and weights `[T, k]` (fp32, float64 for float64 input).
     """
-    scores, _, masked = _selection(hidden, gate_weight, expert_bias, n_group, topk_group, invariant_router)
+    scores, _, masked = _selection(hidden, gate_weight, expert_bias, n_group, topk_group)
     topk_ids = _stable_topk_indices(masked, num_experts_per_tok)
     weights = scores.gather(1, topk_ids)
     if norm_topk_prob:  # summed in slot order: torch's own reduction picks its layout by the number of rows
@@ -96,12 +94,11 @@ def _selection(
     expert_bias: torch.Tensor | None,
     n_group: int,
     topk_group: int,
-    invariant_router: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`route`'s steps 1-3: scores `p` `[T, E]`, group scores `[T, n_group]`, and the selection scores with the
     dropped groups at -inf `[T, E]`."""
     dtype = compute_dtype(ROUTER_DTYPE, hidden.dtype)
-    scores = torch.sigmoid(router_logits(hidden, gate_weight, invariant=invariant_router))
+    scores = torch.sigmoid(router_logits(hidden, gate_weight))
     choice = scores if expert_bias is None else scores + expert_bias.to(dtype)
     T, E = choice.shape
     grouped = choice.reshape(T, n_group, E // n_group)

@@ -14,7 +14,8 @@ from common_kernels.ops.moe.aligned import (
     expert_outputs,
     stack_experts,
 )
-from common_kernels.ops.moe.naive import moe_combine, route, swiglu_mlp
+from common_kernels.ops.moe.naive import moe_combine, swiglu_mlp
+from common_kernels.ops.moe.select import aligned_route
 from common_kernels.testing import assert_rel_rms
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -87,6 +88,19 @@ def test_every_pair_lands_once_in_a_block_of_its_own_expert():
     assert (expert_of_block[~live.view(-1, 2).any(1)] == 5).all()  # blocks with no pair: past the end
 
 
+@pytest.mark.parametrize(
+    "T,E,k,block_m", [(1, 8, 2, 16), (37, 6, 3, 16), (64, 256, 8, 16), (200, 3, 2, 128), (256, 256, 8, 16)]
+)  # a decode step of Ring-mini's 64 tokens, and 256 tokens: 2,048 pairs, the one-launch path's last size
+def test_a_decode_steps_blocks_in_one_launch_equal_the_sorted_layout(T, E, k, block_m):
+    """The one-program layout (up to `ONE_LAUNCH_MAX_PAIRS` pairs) is the sorted path's, entry for entry."""
+    from common_kernels.ops.moe.aligned import ONE_LAUNCH_MAX_PAIRS, _sorted_blocks
+
+    assert T * k <= ONE_LAUNCH_MAX_PAIRS
+    ids, _ = random_routing(T, E, k, seed=T + E)
+    for one_launch, sorted_ in zip(expert_blocks(ids, E, block_m), _sorted_blocks(ids, E, block_m), strict=True):
+        assert one_launch.dtype == sorted_.dtype and torch.equal(one_launch, sorted_)
+
+
 @pytest.mark.parametrize("T", [0, 1, 15, 16, 17, 64, 130])
 @pytest.mark.parametrize("block_m", [16, 128])
 def test_one_experts_blocks_skip_the_sort_and_equal_the_sorted_layout(T, block_m):
@@ -134,7 +148,7 @@ def test_the_shims_steps_equal_the_engines_op_bit_for_bit():
     gate_w, bias = torch.randn(E, D, generator=g) * 0.2, torch.randn(E, generator=g) * 0.1
     x = torch.randn(21, D, generator=g).bfloat16()
     params = [t.clone().requires_grad_() for t in (*gate, *up, *down)]
-    ids, w = route(x, gate_w.requires_grad_(), bias, k, 4, 2, 2.5, True, True)
+    ids, w = aligned_route(x, gate_w.requires_grad_(), bias, k, 4, 2, 2.5, True)
     shim = expert_outputs(x, ids, w, params[:E], params[E : 2 * E], params[2 * E :])
     shim = (shim + expert_outputs(x, *every_token(x), *shared)).to(x.dtype)
     with torch.no_grad():
@@ -196,3 +210,15 @@ def test_aligned_experts_on_a_gpu_are_batch_invariant_at_ring_mini_size():
     gate, up = w13[:, :I].cpu(), w13[:, I:].cpu()
     want = reference(x[:16].cpu(), ids[:16].cpu(), weights[:16].cpu(), gate, up, w2.cpu())
     assert_rel_rms("aligned experts at Ring-mini size", want, got[:16].cpu(), 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("T", [1, 64, 256])
+def test_a_decode_steps_blocks_in_one_launch_on_a_gpu_equal_the_sorted_layout(T):
+    """The one-program layout compiled for the GPU, at Ring-mini's routing (256 experts, 8 per token, decode tiles)."""
+    from common_kernels.ops.moe.aligned import _sorted_blocks
+
+    ids = random_routing(T, 256, 8, seed=T)[0].cuda()
+    for one_launch, sorted_ in zip(expert_blocks(ids, 256, 16), _sorted_blocks(ids, 256, 16), strict=True):
+        assert torch.equal(one_launch, sorted_)
