@@ -51,7 +51,7 @@ def split_bf16x3(weight: torch.Tensor) -> torch.Tensor:
 # Triton's FMA dot: one fused multiply-add chain per logit, over the hidden dim in order, whatever the tile. So those
 # tiles may follow the batch: narrow for a decode's few rows (more programs), wide for a prefill (each weight tile
 # read by more rows). bf16 activations multiply on the tensor cores: a 16-bit weight (an aligned LM head) as it is,
-# the fp32 router weight as three bf16 parts (three accumulators, so a quarter-width tile); the products are exact in
+# the fp32 router weight as three bf16 parts (three accumulators, so a narrower tile); the products are exact in
 # fp32 either way, and one tile set serves every batch.
 DECODE_ROUTER_TILES, PREFILL_ROUTER_TILES = (16, 16, 64), (16, 64, 32)
 DECODE_MAX_ROWS = 128
