@@ -65,6 +65,8 @@
 #   aligned-moe  bench_aligned_moe: aligned mode's MoE experts vs vLLM's fused_experts at Ring-mini shapes, 1-16K tokens
 #                (ALIGNED_MOE_TILES, e.g. "64,64,32 16,64,32,4,3,1 64,128,64", tries tile sets, a sixth field 1 for
 #                transposed tiles; ALIGNED_MOE_ARGS, e.g. "--tokens 64 512 --router-tiles 64,64,64 16,32,64"; issue 15's cost) (~2 min)
+#   aligned-la   bench_aligned_linear_attn: aligned mode's linear attention, token by token and in windows (not wired),
+#                against the default prefill and decode at Ring-mini's heads (issue 15's prefill cost)          (~1 min)
 #   vllm-diff    vllm_layer_diff: per-module engine outputs against the shim, one prompt, bit for bit (DIFF_ARGS, e.g.
 #                "--aligned --dtype bfloat16 --internals": where aligned mode's bitwise claim breaks; --internals adds
 #                the first linear layer's steps; DIFF_CHECKPOINT=ring-mini diffs a random Ring-mini layer group)   (~1.5 min)
@@ -143,6 +145,7 @@ for step in "$@"; do
     serve-report) python3 -m benchmarks.bench_serve report "${SERVE_OUT:-$out/serve}" | tee "$out/serve-report.md" ;;
     sgl-engine) run sgl-engine 570 "${SGLANG_ENV[@]}" CUDA_VISIBLE_DEVICES=0 \
       python3 -m pytest -q -s -m gpu tests/ring_linear_sglang/test_engine_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} ;;
+    aligned-la) run aligned-la 300 python3 -m benchmarks.bench_aligned_linear_attn ;;
     aligned-moe) run aligned-moe 400 python3 -m benchmarks.bench_aligned_moe ${ALIGNED_MOE_TILES:+--tiles $ALIGNED_MOE_TILES} \
       ${ALIGNED_MOE_ARGS:-} ;;
     vllm-diff)

@@ -1,0 +1,109 @@
+"""Aligned mode's linear attention, token by token (`ops.linear_attn.aligned`, what aligned mode runs) and in
+windows on the absolute grid (`ops.linear_attn.windowed`, not yet wired), against the default prefill and decode
+kernels, in one process on one GPU at Ring-mini's heads (16 of 128; fp32 q/k, bf16 v, as the engines pass them):
+what aligned mode's prefill costs and what the window form would buy.
+
+    python -m benchmarks.bench_aligned_linear_attn [--prefill 1x8192 2x4096 64x256] [--decode 64]
+
+Timing: `triton.testing.do_bench` (median; each call includes its launch). Ratios are the default kernel's time over
+the aligned one's (below 1: aligned is slower).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import triton
+
+from common_kernels.ops.linear_attn.aligned import linear_attention_aligned, linear_attention_aligned_decode
+from common_kernels.ops.linear_attn.decode import linear_attention_decode
+from common_kernels.ops.linear_attn.prefill import linear_attention_prefill
+from common_kernels.ops.linear_attn.windowed import WINDOW, linear_attention_windowed
+
+HEADS, DIM = 16, 128
+DEVICE = "cuda"
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    """ "BxL": B sequences of L tokens."""
+    parts = text.split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"--prefill {text!r}: give BxL, e.g. 2x4096")
+    return int(parts[0]), int(parts[1])
+
+
+def tensors(tokens: int, sequences: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(tokens)
+    return {
+        "q": (torch.randn(tokens, HEADS, DIM, generator=g) * 0.1).to(DEVICE),
+        "k": (torch.randn(tokens, HEADS, DIM, generator=g) * 0.1).to(DEVICE),
+        "v": torch.randn(tokens, HEADS, DIM, generator=g).bfloat16().to(DEVICE),
+        "rate": torch.linspace(0.01, 0.8, HEADS).to(DEVICE),
+        "pool": torch.zeros(sequences, HEADS, DIM, DIM, device=DEVICE),
+        "window_k": torch.zeros(sequences, HEADS, WINDOW, DIM, device=DEVICE),
+        "window_v": torch.zeros(sequences, HEADS, WINDOW, DIM, device=DEVICE),
+        "slots": torch.arange(sequences, device=DEVICE),
+    }
+
+
+def prefill_row(sequences: int, length: int) -> None:
+    t = tensors(sequences * length, sequences)
+    cu = torch.arange(0, (sequences + 1) * length, length, dtype=torch.int32, device=DEVICE)
+    fresh = torch.ones(sequences, dtype=torch.int8, device=DEVICE)
+    starts = torch.zeros(sequences, dtype=torch.long, device=DEVICE)
+    qkv = (t["q"], t["k"], t["v"], t["rate"], DIM**-0.5)
+    calls = {
+        "default prefill": lambda: linear_attention_prefill(*qkv, cu, t["pool"], t["slots"], fresh),
+        "aligned, token by token": lambda: linear_attention_aligned(*qkv, cu, t["pool"], t["slots"], fresh),
+        "aligned, windows": lambda: linear_attention_windowed(
+            *qkv, cu, starts, t["pool"], t["window_k"], t["window_v"], t["slots"], fresh
+        ),
+    }
+    report(f"prefill {sequences}x{length}", calls)
+
+
+def decode_row(sequences: int) -> None:
+    """One token per sequence at position `WINDOW * 62 + 31` (mid-window, as most decode steps are)."""
+    t = tensors(sequences, sequences)
+    fresh = torch.zeros(sequences, dtype=torch.int8, device=DEVICE)
+    cu = torch.arange(sequences + 1, dtype=torch.int32, device=DEVICE)
+    starts = torch.full((sequences,), WINDOW * 62 + 31, dtype=torch.long, device=DEVICE)
+    qkv = (t["q"], t["k"], t["v"], t["rate"], DIM**-0.5)
+    calls = {
+        "default decode": lambda: linear_attention_decode(*qkv, t["pool"], t["slots"], fresh=fresh),
+        "aligned, token by token": lambda: linear_attention_aligned_decode(*qkv, t["pool"], t["slots"], fresh),
+        "aligned, windows": lambda: linear_attention_windowed(
+            *qkv, cu, starts, t["pool"], t["window_k"], t["window_v"], t["slots"], fresh
+        ),
+    }
+    report(f"decode {sequences} sequences", calls)
+
+
+def report(case: str, calls: dict) -> None:
+    baseline = None
+    for name, call in calls.items():
+        ms = triton.testing.do_bench(call, return_mode="median")
+        baseline = baseline or ms
+        print(f"| {case} | {name} | {ms:.3f} | {baseline / ms:.2f} |", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prefill", type=parse_shape, nargs="+", default=[(1, 8192), (2, 4096), (64, 256)])
+    parser.add_argument("--decode", type=int, nargs="+", default=[64])
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_aligned_linear_attn: needs a CUDA GPU")
+    print(f"{torch.cuda.get_device_name()}; {HEADS} heads of {DIM}, fp32 q/k, bf16 v")
+    print("| case | kernel | ms | default / this |")
+    print("|---|---|---:|---:|")
+    for sequences, length in args.prefill:
+        prefill_row(sequences, length)
+    for sequences in args.decode:
+        decode_row(sequences)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,153 @@
+"""Linear attention in windows of `WINDOW` tokens on a grid of absolute positions, beside the token-by-token
+`aligned` kernel (same contract plus each sequence's start position and a window buffer): a token's bits still
+depend on nothing but its sequence, and a long prompt runs `WINDOW` tokens per step instead of one.
+
+The state of a sequence is the fp32 state `S` at the last multiple of `WINDOW` it has passed and the keys and values
+of the tokens since (the window buffer). Every token's output is the chunked form of its window, `lam^(i+1) q S +
+sum_{j <= i} lam^(i-j) (q . k_j) v_j` over the window's rows, computed on the same `[WINDOW, ...]` tiles whether
+the window's other tokens arrived in this call (a prefill), in earlier calls (decode steps, a prefill split anywhere)
+or not yet: a row's products never involve another row's query, and a key or value not yet seen is a zero that the
+causal mask multiplies by zero. A window is folded into `S` (`lam^C S + sum_j lam^(C-1-j) k_j^T v_j`) by the call
+that holds its last token, from the same tile in every case. So one sequence gives the same bits prefilled in one
+call, split at any token, or decoded one token a step; and an engine's prefix cache, which stores states at block
+boundaries (multiples of `WINDOW`), resumes with an empty buffer.
+
+Not yet wired into either engine (aligned mode runs `aligned.py`); the engines' state specs would carry the buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_utils import check_pool, check_qkv, chunk_decays, chunk_state_update, output_rows
+
+WINDOW = 64  # the grid: a divisor of every engine block size that can cache a state (vLLM's 512-token blocks)
+WINDOWED_BLOCK_V = 32
+WINDOWED_DOT_PRECISION = "tf32x3"  # fp32 q/k/v: three TF32 products, fp32-accurate; the tiles make it deterministic
+
+
+@triton.jit(do_not_specialize=["position"])
+def _windowed_kernel(
+    q, k, v, o, pool, window_k, window_v, slots, fresh, starts, cu_seqlens, rate, scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_pp, stride_ph, stride_wkp, stride_wkh, stride_wvp, stride_wvh,
+    K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One program per (sequence, head, V-tile): the sequence's rows, window by window on the absolute grid."""
+    i_b, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_k = tl.arange(0, K)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_t = tl.arange(0, C)
+    bos = tl.load(cu_seqlens + i_b).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_b + 1).to(tl.int64)
+    slot = tl.load(slots + i_b).to(tl.int64)
+    if slot < 0:  # padding: zero output, pool and buffer untouched
+        for row in range(bos, eos):
+            tl.store(o + row * stride_ot + i_h * stride_oh + o_v, tl.zeros([BV], dtype=o.dtype.element_ty))
+        return
+    p_s = pool + slot * stride_pp + i_h * stride_ph + o_k[:, None] * V + o_v[None, :]
+    b_s = tl.load(p_s).to(tl.float32)
+    position = tl.load(starts + i_b).to(tl.int64)  # the absolute position of row `bos`
+    if tl.load(fresh + i_b) != 0:
+        b_s = tl.zeros([K, BV], dtype=tl.float32)
+    b_rate = tl.load(rate + i_h).to(tl.float32)
+    _, q_decay, intra = chunk_decays(b_rate, C)
+    p_wk = window_k + slot * stride_wkp + i_h * stride_wkh + o_t[:, None] * K + o_k[None, :]
+    p_wv = window_v + slot * stride_wvp + i_h * stride_wvh + o_t[:, None] * V + o_v[None, :]
+    end = position + (eos - bos)
+    for base in range(position - position % C, end, C):
+        at = base + o_t  # the window's absolute positions
+        buffered = at < position
+        new = (at >= position) & (at < end)
+        rows = bos + (at - position)
+        fresh_k = tl.load(k + rows[:, None] * stride_kt + i_h * stride_kh + o_k[None, :], mask=new[:, None], other=0.0)
+        fresh_v = tl.load(v + rows[:, None] * stride_vt + i_h * stride_vh + o_v[None, :], mask=new[:, None], other=0.0)
+        b_k = tl.where(buffered[:, None], tl.load(p_wk, mask=buffered[:, None], other=0.0), fresh_k.to(tl.float32))
+        b_v = tl.where(buffered[:, None], tl.load(p_wv, mask=buffered[:, None], other=0.0), fresh_v.to(tl.float32))
+        b_q = tl.load(q + rows[:, None] * stride_qt + i_h * stride_qh + o_k[None, :], mask=new[:, None], other=0.0)
+        b_q = b_q.to(tl.float32)
+        b_o = tl.dot(b_q, b_s, input_precision=DOT_PRECISION) * q_decay[:, None]
+        b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * intra
+        b_o = (b_o + tl.dot(b_qk, b_v, input_precision=DOT_PRECISION)) * scale
+        tl.store(o + rows[:, None] * stride_ot + i_h * stride_oh + o_v[None, :], b_o.to(o.dtype.element_ty),
+                 mask=new[:, None])  # fmt: skip
+        if base + C <= end:  # this call holds the window's last token: fold the window into S
+            b_s = chunk_state_update(b_s, b_k, b_v, o_t < C, C, b_rate, o_t, DOT_PRECISION)
+        else:  # the window goes on in a later call: keep its new tokens
+            tl.store(p_wk, b_k, mask=new[:, None])
+            tl.store(p_wv, b_v, mask=new[:, None])
+    tl.store(p_s, b_s.to(pool.dtype.element_ty))
+
+
+def check_window_buffers(name: str, window_k: torch.Tensor, window_v: torch.Tensor, pool: torch.Tensor) -> None:
+    P, H, K, V = pool.shape
+    for buffer, label, width in ((window_k, "window_k", K), (window_v, "window_v", V)):
+        if tuple(buffer.shape) != (P, H, WINDOW, width) or buffer.dtype != torch.float32:
+            raise ValueError(
+                f"{name}: {label} must be float32 [{P}, {H}, {WINDOW}, {width}] (the state pool's slots and heads, "
+                f"{WINDOW} buffered tokens), got {buffer.dtype} {tuple(buffer.shape)}"
+            )
+        if buffer.stride(-1) != 1 or buffer.stride(-2) != width:
+            raise ValueError(f"{name}: each {label}[p, h] must be a contiguous [{WINDOW}, {width}] matrix")
+
+
+def linear_attention_windowed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    decay_rate: torch.Tensor,
+    scale: float,
+    cu_seqlens: torch.Tensor,
+    starts: torch.Tensor,
+    state_pool: torch.Tensor,
+    window_k: torch.Tensor,
+    window_v: torch.Tensor,
+    slots: torch.Tensor,
+    fresh: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Each sequence's rows `cu_seqlens[b] .. cu_seqlens[b+1] - 1`, at absolute positions from `starts[b]`, through
+    its state and window buffer in slot `slots[b]`, in place.
+
+    Args:
+        q, k: `[T, H, K]`; v: `[T, H, V]` (v may be 16-bit beside fp32 q/k), any token/head strides.
+        decay_rate: `[H]`; scale: multiplies q.
+        cu_seqlens: `[B+1]` int32 device offsets from 0 to T (empty sequences allowed).
+        starts: `[B]` int, each sequence's position before this call (its tokens so far).
+        state_pool: `[P, H, K, V]` fp32, the state at the last multiple of `WINDOW` before `starts[b]`.
+        window_k, window_v: `[P, H, WINDOW, K]` / `[P, H, WINDOW, V]` fp32, the keys and values since then (the
+            first `starts[b] % WINDOW` rows are read; this call's tokens of an unfinished window are written).
+        slots: `[B]` int, -1 = padding (zero output, pools untouched); fresh: `[B]` int8, nonzero = a new sequence
+            (a zero state; its start must be 0).
+
+    Returns:
+        o `[T, H, V]` in the dtype of q (or `out`): the same bits however the sequence's tokens were split into calls.
+    """
+    name = "linear_attention_windowed"
+    T, H, K, V = check_qkv(name, q, k, v, narrow_v=True)
+    check_pool(name, state_pool, H, K, V)
+    if state_pool.dtype != torch.float32:
+        raise ValueError(f"{name}: state_pool must be float32 (the window form keeps no bf16 state), got bf16")
+    check_window_buffers(name, window_k, window_v, state_pool)
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1 or cu_seqlens.dtype != torch.int32:
+        raise ValueError(
+            f"{name}: cu_seqlens must be [B+1] int32 offsets, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+        )
+    B = cu_seqlens.shape[0] - 1
+    for tensor, label in ((starts, "starts"), (slots, "slots"), (fresh, "fresh")):
+        if tensor.shape != (B,):
+            raise ValueError(f"{name}: {label} must be [{B}] (one per sequence), got {tuple(tensor.shape)}")
+    o = output_rows(name, out, q, V)
+    if B == 0:
+        return o
+    BV = min(WINDOWED_BLOCK_V, V)
+    _windowed_kernel[(B, H, V // BV)](
+        q, k, v, o, state_pool, window_k, window_v, slots, fresh, starts, cu_seqlens,
+        decay_rate.to(device=q.device, dtype=torch.float32).contiguous(), scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+        state_pool.stride(0), state_pool.stride(1), window_k.stride(0), window_k.stride(1), window_v.stride(0),
+        window_v.stride(1), K, V, BV, WINDOW, WINDOWED_DOT_PRECISION,
+    )  # fmt: skip
+    return o
