@@ -1,8 +1,9 @@
-"""Compile the linear-attention kernels for Hopper (sm_90a) on a machine without a GPU, and report what
-ptxas and Triton's pipeliner made of them: registers, spill bytes, shared memory, and whether the chunk
-loop's loads became asynchronous copies (software pipelining).
+"""Compile the linear-attention kernels (or, with `--aligned`, aligned mode's MoE, router, selection and window
+kernels) for Hopper (sm_90a) on a machine without a GPU, and report what ptxas and Triton's pipeliner made of them:
+registers, spill bytes, shared memory, and whether the chunk loop's loads became asynchronous copies (software
+pipelining). A kernel that fails to compile for the GPU fails here, before any device time is spent on it.
 
-    python -m benchmarks.compile_report [--dtype bf16 fp32] [--warps 4 8] [--block-v 64] [--chunk 64]
+    python -m benchmarks.compile_report [--dtype bf16 fp32] [--warps 4 8] [--block-v 64] [--chunk 64] [--aligned]
 
 A spill or an unpipelined loop is a reason to measure, not a measurement: timings come from
 `bench_linear_attn` on a GPU. The kernels are compiled as the launches specialise them: pointers and
@@ -22,18 +23,21 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from common_kernels.ops.linear_attn import backward, prefill
+from common_kernels.ops.linear_attn import backward, prefill, windowed
+from common_kernels.ops.moe import aligned, router_gemm, select
 
 STATE_POINTERS = {"pool", "start", "delta", "dstate", "gfut", "d_initial", "d_final", "rate"}
 INDEX_POINTERS = {"cu_seqlens", "seg_seq", "seg_idx", "nseg", "seg_first", "slots"}
 INPUT_POINTERS = {"q", "k", "v", "o", "do", "dq", "dout"}
 
 
-def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict, dict]:
+def _signature(fn, dtype: str, constexprs: dict, given: dict) -> tuple[dict, dict, dict]:
     names = list(inspect.signature(fn.fn).parameters)
     types, hints = {}, {}
     for i, name in enumerate(names):
-        if name in constexprs:
+        if name in given:
+            types[name] = given[name]
+        elif name in constexprs:
             types[name] = "constexpr"
         elif name in INPUT_POINTERS:
             types[name] = f"*{dtype}"
@@ -55,9 +59,12 @@ def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict, dict]:
     return types, {(names.index(n),): v for n, v in constexprs.items() if n in names}, hints
 
 
-def compile_report(fn, dtype: str, constexprs: dict, num_warps: int, num_stages: int = 2) -> dict:
-    """Registers, spills and shared memory of `fn` compiled for sm_90a, and its pipelined-load count."""
-    types, consts, hints = _signature(fn, dtype, constexprs)
+def compile_report(
+    fn, dtype: str, constexprs: dict, num_warps: int, num_stages: int = 2, types: dict | None = None
+) -> dict:
+    """Registers, spills and shared memory of `fn` compiled for sm_90a, and its pipelined-load count. `types`: the
+    parameters' types where the guess by name (the linear-attention kernels' names) does not fit."""
+    types, consts, hints = _signature(fn, dtype, constexprs, types or {})
     kernel = triton.compile(
         ASTSource(fn=fn, signature=types, constexprs=consts, attrs=hints),
         target=GPUTarget("cuda", 90, 32),
@@ -96,6 +103,45 @@ def kernels(block_v: int, block_k: int, chunk: int = prefill.CHUNK, seg: int = 1
     ]
 
 
+def aligned_kernels() -> list[tuple[str, object, dict, dict, int, int]]:
+    """(name, kernel, parameter types, constexprs, warps, stages) of aligned mode's kernels at Ring-mini's shapes,
+    in the launches' tile sets (the experts' decode and prefill sets, and the transposed decode set)."""
+    moe = {"a": "*bf16", "w": "*bf16", "out": "*bf16", "pair_of_row": "*i64", "expert_of_block": "*i64"}
+    gemm = {"GATHER": True, "SWIGLU": True, "IEEE": False, "INTERPRET": False, "EVEN_K": True, "EVEN_N": True}
+    found = []
+    for tiles in [aligned.ExpertTiles(16, 128, 64, swap_ab=True)] + [t for _, t in aligned.TILE_SCHEDULE]:
+        blocks = {
+            "BLOCK_M": tiles.block_m,
+            "BLOCK_N": tiles.block_n,
+            "BLOCK_K": tiles.block_k,
+            "SWAP_AB": tiles.swap_ab,
+        }
+        name = "experts " + "x".join(map(str, tiles[:3])) + (" swapped" if tiles.swap_ab else "")
+        found.append((name, aligned._expert_gemm_kernel, moe, gemm | blocks, tiles.num_warps, tiles.num_stages))
+    router = {"x": "*bf16", "w": "*fp32", "y": "*fp32"}
+    split = dict(zip(("BLOCK_T", "BLOCK_E", "BLOCK_D"), router_gemm.SPLIT_WEIGHT_TILES, strict=True))
+    flags = {"TENSOR_CORES": False, "SPLIT_WEIGHT": True, "INTERPRET": False}
+    window = {
+        "q": "*fp32", "k": "*fp32", "v": "*bf16", "o": "*fp32", "pool": "*fp32", "window_k": "*fp32",
+        "window_v": "*fp32", "slots": "*i64", "fresh": "*i8", "starts": "*i64", "cu_seqlens": "*i32",
+        "rate": "*fp32", "scale": "fp32",
+    }  # fmt: skip
+    window_shape = {"K": 128, "V": 128, "BV": windowed.WINDOWED_BLOCK_V, "C": windowed.WINDOW}
+    selection = {"logits": "*fp32", "bias": "*fp32", "ids": "*i64", "weights": "*fp32", "scale": "fp32", "k": "i32"}
+    return found + [
+        ("router, split weight", router_gemm._invariant_router_kernel, router, split | flags, 4, 3),
+        ("expert selection", select._select_experts_kernel, selection,
+         {"HAS_BIAS": True, "NORMALISE": True, "BLOCK_E": 256, "BLOCK_G": 8, "BLOCK_K": 8}, 4, 1),
+        ("expert blocks, one launch", aligned._block_layout_kernel,
+         {"topk_ids": "*i64", "pair_of_row": "*i64", "expert_of_block": "*i64"},
+         {"BLOCK_E": 256, "BLOCK_M": 16, "CHUNK": aligned._LAYOUT_CHUNK}, 4, 1),
+        ("slot sum", aligned._combine_slots_kernel, {"y": "*fp32", "weights": "*fp32", "out": "*fp32", "k": "i32"},
+         {"BLOCK_D": aligned.COMBINE_BLOCK_D}, 4, 1),
+        ("linear attention, windows", windowed._windowed_kernel, window,
+         window_shape | {"DOT_PRECISION": windowed.WINDOWED_DOT_PRECISION}, 4, 1),
+    ]  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp16", "fp32"])
@@ -103,8 +149,18 @@ def main() -> None:
     parser.add_argument("--block-v", type=int, default=64)
     parser.add_argument("--block-k", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=prefill.CHUNK)
+    parser.add_argument("--aligned", action="store_true", help="aligned mode's kernels instead")
     args = parser.parse_args()
-    print(f"{'kernel':<18} {'dtype':<5} {'warps':>5} {'regs':>5} {'spill B':>8} {'smem B':>7} {'async loads':>11}")
+    width = 26 if args.aligned else 18
+    print(f"{'kernel':<{width}} {'dtype':<5} {'warps':>5} {'regs':>5} {'spill B':>8} {'smem B':>7} {'async loads':>11}")
+    if args.aligned:
+        for name, fn, types, constexprs, warps, stages in aligned_kernels():
+            r = compile_report(fn, "bf16", constexprs, warps, stages, types)
+            print(
+                f"{name:<{width}} {'-':<5} {warps:>5} {r['registers']:>5} {r['spill_stores']:>8} "
+                f"{r['shared_bytes']:>7} {r['async_loads']:>11}"
+            )
+        return
     for dtype in args.dtype:
         for warps in args.warps:
             for name, fn, constexprs in kernels(args.block_v, args.block_k, args.chunk):
