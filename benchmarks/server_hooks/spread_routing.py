@@ -7,8 +7,9 @@ and that bias outweighs the router's scores: the same 8 or 9 of 256 experts serv
 read 9 experts, where a trained model's tokens spread over most of them. With the bias zeroed after the dummy
 fill, each token's own scores choose, and a batch of 64 tokens reaches about 220 experts, as uniform routing does.
 
-`install()` patches vLLM's dummy loader when it is imported (a meta-path hook, so importing this costs nothing
-and vLLM is not imported early); `bench_serve --routing spread` turns it on in every server process.
+`install()` patches vLLM's dummy loader (its fill functions of 0.26 and of 0.33) when it is imported (a meta-path
+hook, so importing this costs nothing and vLLM is not imported early); `bench_serve --routing spread` turns it on in
+every server process.
 """
 
 from __future__ import annotations
@@ -31,18 +32,28 @@ def zero_expert_bias(model) -> int:
 
 
 def patch(dummy_loader) -> None:
-    """Make `dummy_loader.initialize_dummy_weights` zero the selection biases after its uniform fill."""
-    original = getattr(dummy_loader, "initialize_dummy_weights", None)
-    if original is None:
-        print("spread_routing: vLLM's dummy loader has no initialize_dummy_weights; routing left as the dummy "
-              "fill makes it (every token on the same experts)", file=sys.stderr)  # fmt: skip
-        return
+    """Make vLLM's dummy fill leave the selection biases at zero: vLLM 0.26 fills a module's state dict at a time
+    (`initialize_dummy_weights`), 0.33 one named tensor at a time (`initialize_single_dummy_weight(..., name=)`)."""
+    whole = getattr(dummy_loader, "initialize_dummy_weights", None)
+    single = getattr(dummy_loader, "initialize_single_dummy_weight", None)
+    if whole is not None:
 
-    def initialize_then_spread(model, *args, **kwargs):
-        original(model, *args, **kwargs)
-        zero_expert_bias(model)
+        def initialize_then_spread(model, *args, **kwargs):
+            whole(model, *args, **kwargs)
+            zero_expert_bias(model)
 
-    dummy_loader.initialize_dummy_weights = initialize_then_spread
+        dummy_loader.initialize_dummy_weights = initialize_then_spread
+    if single is not None:
+
+        def initialize_one_then_spread(tensor, *args, **kwargs):
+            single(tensor, *args, **kwargs)
+            if kwargs.get("name", "").rsplit(".", 1)[-1] == BIAS_NAME:
+                tensor.data.zero_()
+
+        dummy_loader.initialize_single_dummy_weight = initialize_one_then_spread
+    if whole is None and single is None:
+        print("spread_routing: vLLM's dummy loader has neither fill function this hook knows; routing is left as "
+              "the dummy fill makes it (every token on the same experts)", file=sys.stderr)  # fmt: skip
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):

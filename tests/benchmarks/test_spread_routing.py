@@ -39,3 +39,29 @@ def test_spread_routing_names_its_runs_and_refuses_sglang():
     assert bench_serve.routing_env({}, "dummy", "sglang") == {}
     with pytest.raises(SystemExit, match="--routing dummy"):
         bench_serve.routing_env({}, "spread", "sglang")
+
+
+def test_the_hook_patches_both_fill_functions_vllm_has_had():
+    """vLLM 0.26 fills a module's state dict at a time, 0.33 one named tensor at a time: both leave the selection bias
+    at zero and every other tensor filled (a stand-in module; vLLM's own loader: the vLLM venvs' hook test)."""
+    import types
+
+    from benchmarks.server_hooks import spread_routing
+
+    def fill(tensor, low=-1e-3, high=1e-3, seed=1234, name=""):
+        tensor.uniform_(low, high, generator=torch.Generator().manual_seed(seed))
+
+    def fill_module(model, model_config=None):
+        for tensor in model.state_dict().values():
+            fill(tensor)
+
+    loader = types.SimpleNamespace(initialize_dummy_weights=fill_module, initialize_single_dummy_weight=fill)
+    spread_routing.patch(loader)
+    gate = torch.nn.Linear(4, 8)
+    gate.register_buffer("expert_bias", torch.zeros(8))
+    loader.initialize_dummy_weights(gate, None)
+    assert not gate.expert_bias.any() and gate.weight.abs().max() > 0
+    bias, weight = torch.zeros(8), torch.zeros(8)
+    loader.initialize_single_dummy_weight(bias, name="expert_bias")
+    loader.initialize_single_dummy_weight(weight, name="weight")
+    assert not bias.any() and weight.abs().max() > 0

@@ -14,7 +14,8 @@ pytest.importorskip("vllm")  # the hook patches vLLM's own dummy loader
 
 CHECK = """
 import torch
-from vllm.model_executor.model_loader import dummy_loader
+from vllm.config.load import LoadConfig
+from vllm.model_executor.model_loader.dummy_loader import DummyModelLoader
 
 class Gate(torch.nn.Module):
     def __init__(self):
@@ -24,7 +25,7 @@ class Gate(torch.nn.Module):
 
 model = torch.nn.ModuleDict({"gate": Gate(), "twin_gate": torch.nn.Linear(4, 8)})
 model.twin_gate.expert_bias = torch.nn.Parameter(torch.zeros(8))
-dummy_loader.initialize_dummy_weights(model, None)
+DummyModelLoader(LoadConfig(load_format="dummy")).load_weights(model, None)
 assert model.gate.weight.abs().max() > 0 and model.twin_gate.weight.abs().max() > 0
 print("biases", float(model.gate.expert_bias.abs().max()), float(model.twin_gate.expert_bias.abs().max()))
 """
