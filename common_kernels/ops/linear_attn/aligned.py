@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .backward import linear_attention_varlen_triton
-from .triton_utils import check_pool, check_qkv, output_rows
+from .triton_utils import check_pool, check_qkv, check_sequences, output_rows
 
 ALIGNED_BLOCK_V = 16  # aligned mode's one V-tile: the tile sets the output sum's order; 16 columns keep 8 programs
 # per head busy on a single long prompt
@@ -88,17 +88,7 @@ def _unused_offsets(device: torch.device) -> torch.Tensor:
 def _launch(name, q, k, v, decay_rate, scale, state_pool, slots, fresh, out, cu_seqlens) -> torch.Tensor:
     T, H, K, V = check_qkv(name, q, k, v, narrow_v=True)
     check_pool(name, state_pool, H, K, V)
-    if cu_seqlens is None:
-        B = T
-    elif cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1 or cu_seqlens.dtype != torch.int32:
-        raise ValueError(
-            f"{name}: cu_seqlens must be [B+1] int32 offsets, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
-        )
-    else:
-        B = cu_seqlens.shape[0] - 1
-    for tensor, label in ((slots, "slots"), (fresh, "fresh")):
-        if tensor.shape != (B,):
-            raise ValueError(f"{name}: {label} must be [{B}] (one per sequence), got {tuple(tensor.shape)}")
+    B = check_sequences(name, cu_seqlens, T, slots=slots, fresh=fresh)
     o = output_rows(name, out, q, V)
     if B == 0:
         return o

@@ -48,6 +48,23 @@ def check_pool(name: str, state_pool: torch.Tensor, H: int, K: int, V: int) -> N
         raise ValueError(f"{name}: each state_pool[p, h] must be a contiguous [K, V] matrix")
 
 
+def check_sequences(name: str, cu_seqlens: torch.Tensor | None, num_rows: int, **per_sequence: torch.Tensor) -> int:
+    """The number of sequences B: `cu_seqlens` `[B+1]` int32 offsets, or one row each (`num_rows`) without it; each
+    of `per_sequence` (slots, flags, start positions) must be `[B]`."""
+    if cu_seqlens is None:
+        B = num_rows
+    elif cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1 or cu_seqlens.dtype != torch.int32:
+        raise ValueError(
+            f"{name}: cu_seqlens must be [B+1] int32 offsets, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+        )
+    else:
+        B = cu_seqlens.shape[0] - 1
+    for label, tensor in per_sequence.items():
+        if tensor.shape != (B,):
+            raise ValueError(f"{name}: {label} must be [{B}] (one per sequence), got {tuple(tensor.shape)}")
+    return B
+
+
 def output_rows(name: str, out: torch.Tensor | None, q: torch.Tensor, V: int) -> torch.Tensor:
     """The kernel's output `[T, H, V]` in q's dtype: `out` when the caller passes one (checked), else a new tensor."""
     T, H = q.shape[:2]

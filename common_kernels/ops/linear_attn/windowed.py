@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import check_pool, check_qkv, chunk_decays, chunk_state_update, output_rows
+from .triton_utils import check_pool, check_qkv, check_sequences, chunk_decays, chunk_state_update, output_rows
 
 WINDOW = 64  # the grid: a divisor of every engine block size that can cache a state (vLLM's 512-token blocks)
 WINDOWED_BLOCK_V = 32
@@ -131,14 +131,7 @@ def linear_attention_windowed(
     if state_pool.dtype != torch.float32:
         raise ValueError(f"{name}: state_pool must be float32 (the window form keeps no bf16 state), got bf16")
     check_window_buffers(name, window_k, window_v, state_pool)
-    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1 or cu_seqlens.dtype != torch.int32:
-        raise ValueError(
-            f"{name}: cu_seqlens must be [B+1] int32 offsets, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
-        )
-    B = cu_seqlens.shape[0] - 1
-    for tensor, label in ((starts, "starts"), (slots, "slots"), (fresh, "fresh")):
-        if tensor.shape != (B,):
-            raise ValueError(f"{name}: {label} must be [{B}] (one per sequence), got {tuple(tensor.shape)}")
+    B = check_sequences(name, cu_seqlens, T, starts=starts, slots=slots, fresh=fresh)
     o = output_rows(name, out, q, V)
     if B == 0:
         return o
