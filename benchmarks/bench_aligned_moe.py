@@ -17,7 +17,9 @@ two round differently, so they agree to bf16 accuracy, not bit for bit.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+from collections.abc import Callable
 
 import torch
 import triton
@@ -54,12 +56,34 @@ def inputs(tokens: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
     }
 
 
-def ours(t: dict[str, torch.Tensor], tiles: tuple[int, ...]):
-    def call() -> torch.Tensor:
-        aligned.TILE_SCHEDULE = ((None, aligned.ExpertTiles(*tiles)),)
-        return aligned.aligned_expert_outputs(t["x"], t["w13"], t["w2"], t["ids"], t["weights"])
+def use_expert_tiles(tiles: tuple[int, ...]) -> None:
+    aligned.TILE_SCHEDULE = ((None, aligned.ExpertTiles(*tiles)),)
 
-    return call
+
+def use_router_tiles(tiles: tuple[int, ...]) -> None:
+    router_gemm.SPLIT_WEIGHT_TILES = tiles  # bf16 activations, fp32 weight: the split-weight path
+
+
+def tile_set_rows(
+    tokens: int,
+    label: str,
+    tile_sets: list[tuple[int, ...]],
+    use_tiles: Callable[[tuple[int, ...]], None],
+    call: Callable[[], torch.Tensor],
+    baseline_ms: float | None,
+    note: Callable[[torch.Tensor], str] = lambda got: "",
+) -> None:
+    """A row per tile set: `call` timed with the set in place, the baseline's time over it, and whether its output
+    is bit-equal to the first set's (`note` adds a column's text before that)."""
+    first = None
+    for tiles in tile_sets:
+        use_tiles(tiles)
+        ms = triton.testing.do_bench(call, return_mode="median")
+        got = call()
+        first = got if first is None else first
+        ratio = f"{baseline_ms / ms:.2f}" if baseline_ms else "no vLLM"
+        equal = torch.equal(got, first)
+        print(f"| {tokens} | {label} {tiles} | {ms:.3f} | {ratio} | {note(got)}bits = first: {equal} |", flush=True)
 
 
 def shared_expert_rows(tokens: int, tile_sets: list[tuple[int, ...]], generator: torch.Generator) -> None:
@@ -77,18 +101,8 @@ def shared_expert_rows(tokens: int, tile_sets: list[tuple[int, ...]], generator:
 
     plain_ms = triton.testing.do_bench(plain, return_mode="median")
     print(f"| {tokens} | shared expert, cuBLAS bf16 | {plain_ms:.3f} | | |")
-    first = None
-    for tiles in tile_sets:
-        aligned.TILE_SCHEDULE = ((None, aligned.ExpertTiles(*tiles)),)
-
-        def call() -> torch.Tensor:
-            return aligned.aligned_expert_outputs(x, w13, w2, ids, weights)
-
-        ms = triton.testing.do_bench(call, return_mode="median")
-        got = call()
-        first = got if first is None else first
-        equal = torch.equal(got, first)
-        print(f"| {tokens} | shared {tiles} | {ms:.3f} | {plain_ms / ms:.2f} | bits = first: {equal} |", flush=True)
+    call = lambda: aligned.aligned_expert_outputs(x, w13, w2, ids, weights)  # noqa: E731
+    tile_set_rows(tokens, "shared", tile_sets, use_expert_tiles, call, plain_ms)
 
 
 def router_rows(tokens: int, tile_sets: list[tuple[int, ...]], generator: torch.Generator) -> None:
@@ -98,18 +112,16 @@ def router_rows(tokens: int, tile_sets: list[tuple[int, ...]], generator: torch.
     w = (torch.randn(RING_MINI["experts"], RING_MINI["hidden"], generator=generator) * 0.02).cuda()
     plain_ms = triton.testing.do_bench(lambda: torch.nn.functional.linear(x.float(), w), return_mode="median")
     print(f"| {tokens} | router, cuBLAS fp32 | {plain_ms:.3f} | | |")
-    first = None
-    for tiles in tile_sets:
-        router_gemm.SPLIT_WEIGHT_TILES = tiles  # bf16 activations, fp32 weight: the split-weight path
+    call = lambda: router_gemm.invariant_router_logits(x, w)  # noqa: E731
+    tile_set_rows(tokens, "router", tile_sets, use_router_tiles, call, plain_ms)
 
-        def call() -> torch.Tensor:
-            return router_gemm.invariant_router_logits(x, w)
 
-        ms = triton.testing.do_bench(call, return_mode="median")
-        got = call()
-        first = got if first is None else first
-        equal = torch.equal(got, first)
-        print(f"| {tokens} | router {tiles} | {ms:.3f} | {plain_ms / ms:.2f} | bits = first: {equal} |", flush=True)
+def error_from(theirs: Callable[[], torch.Tensor] | None) -> Callable[[torch.Tensor], str]:
+    """The experts' rows' note: the relative RMS difference from vLLM's output, where vLLM is installed."""
+    if theirs is None:
+        return lambda got: "; "
+    reference = theirs().float()
+    return lambda got: f"{rel_rms_error(reference, got):.1e}; "
 
 
 def vllms(t: dict[str, torch.Tensor]):
@@ -148,16 +160,8 @@ def main(argv: list[str] | None = None) -> None:
             their_ms = triton.testing.do_bench(theirs, return_mode="median") if theirs else None
             if theirs:
                 print(f"| {tokens} | vLLM fused_experts | {their_ms:.3f} | | |")
-            first = None
-            for tiles in args.tiles:
-                call = ours(t, tiles)
-                ms = triton.testing.do_bench(call, return_mode="median")
-                got = call()
-                first = got if first is None else first
-                ratio = f"{their_ms / ms:.2f}" if theirs else "no vLLM"
-                err = f"{rel_rms_error(theirs().float(), got):.1e}" if theirs else ""
-                equal = torch.equal(got, first)
-                print(f"| {tokens} | aligned {tiles} | {ms:.3f} | {ratio} | {err}; bits = first: {equal} |", flush=True)
+            call = functools.partial(aligned.aligned_expert_outputs, t["x"], t["w13"], t["w2"], t["ids"], t["weights"])
+            tile_set_rows(tokens, "aligned", args.tiles, use_expert_tiles, call, their_ms, error_from(theirs))
             shared_expert_rows(tokens, args.tiles, torch.Generator().manual_seed(tokens + 2))
             router_rows(tokens, args.router_tiles, torch.Generator().manual_seed(tokens + 1))
     finally:
