@@ -8,10 +8,19 @@ from pathlib import Path
 ROOT = Path(__file__).parents[2]
 
 
-def test_compile_report_compiles_the_prefill_kernels_for_hopper():
-    # a subprocess: this test session runs Triton's interpreter, which replaces the kernels it would compile
+def compile_in_a_subprocess(script: str, timeout_s: int) -> str:
+    """`script`'s output, run where Triton compiles for the GPU: this test session runs Triton's interpreter, which
+    replaces the kernels it would compile."""
     env = os.environ | {"TRITON_INTERPRET": "0"}
-    script = (
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_compile_report_compiles_the_prefill_kernels_for_hopper():
+    stdout = compile_in_a_subprocess(
         "from benchmarks.compile_report import compile_report, kernels\n"
         "for name, fn, consts in kernels(64, 64):\n"
         "    if not name.startswith('prefill'):\n"
@@ -20,27 +29,24 @@ def test_compile_report_compiles_the_prefill_kernels_for_hopper():
         "    print(name, r)\n"
         "    assert 0 < r['registers'] <= 255, r\n"
         "    if 'scan' not in name:\n"
-        "        assert r['shared_bytes'] > 0 and r['async_loads'] > 0, r\n"
+        "        assert r['shared_bytes'] > 0 and r['async_loads'] > 0, r\n",
+        timeout_s=600,
     )
-    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "prefill delta" in out.stdout and "prefill scan" in out.stdout
-    assert "prefill forward" in out.stdout and "prefill forward one-launch" in out.stdout
+    assert "prefill delta" in stdout and "prefill scan" in stdout
+    assert "prefill forward" in stdout and "prefill forward one-launch" in stdout
 
 
 def test_compile_report_compiles_aligned_modes_kernels_for_hopper():
     """Every kernel aligned mode launches (and the window form) compiles for sm_90a; the MoE, router, selection and
     slot-sum kernels without register spills (the window form spills about 2 KB: not yet tuned)."""
-    env = os.environ | {"TRITON_INTERPRET": "0"}
-    script = (
+    stdout = compile_in_a_subprocess(
         "from benchmarks.compile_report import aligned_kernels, compile_report\n"
         "for name, fn, types, consts, warps, stages in aligned_kernels():\n"
         "    r = compile_report(fn, 'bf16', consts, warps, stages, types)\n"
         "    print(name, r)\n"
         "    assert 0 < r['registers'] <= 255, r\n"
-        "    assert r['spill_stores'] == 0 or name.startswith('linear attention'), (name, r)\n"
+        "    assert r['spill_stores'] == 0 or name.startswith('linear attention'), (name, r)\n",
+        timeout_s=900,
     )
-    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
     for name in ("experts 16x128x64 swapped", "router, split weight", "expert selection", "expert blocks, one launch"):
-        assert name in out.stdout
+        assert name in stdout
