@@ -292,10 +292,9 @@ COMBINE_BLOCK_D = 512
 
 
 def combine_slots(per_slot: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-    """`sum_slot topk_weights[t, slot] * per_slot[t, slot]` in fp32 `[T, D]`, summed in slot order: one launch
-    (the per-slot torch loop was two launches a slot). A token's sum involves its own rows only, so it is the same
-    bits in any batch; the engine and the shim both call it, so whether the compiler fuses each step's multiply
-    and add does not part them."""
+    """`sum_slot topk_weights[t, slot] * per_slot[t, slot]` in fp32 `[T, D]`, summed in slot order, in one launch.
+    A token's sum involves its own rows only, so it is the same bits in any batch; the engine and the shim both
+    call it, so whether the compiler fuses each step's multiply and add does not part them."""
     T, k, D = per_slot.shape
     out = torch.empty((T, D), dtype=torch.float32, device=per_slot.device)
     if T and D:

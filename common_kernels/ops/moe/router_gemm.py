@@ -14,8 +14,8 @@ never change a row's sums, so a token's logits are the same bits whatever the ba
 kernel by the number of rows (a GEMV for one decode row, split-K or not for more), and vLLM's batch-invariant mode
 replaces no plain GEMM on Hopper, so the router would otherwise change a request's experts with its batch. With bf16
 activations it splits the fp32 weight as `bf16x3` does, in registers, and runs the three parts on the tensor cores
-(fp32 sums; the FMA chains it used before cost 5.8x cuBLAS at a prefill, RESULTS.md run T); with fp32 activations
-it multiplies on FMA chains.
+(fp32 sums; far faster than FMA chains at a prefill, RESULTS.md run V); with fp32 activations it multiplies on
+FMA chains.
 """
 
 from __future__ import annotations
