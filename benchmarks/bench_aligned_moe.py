@@ -9,7 +9,8 @@ Ring-mini's shapes: what bitwise rollouts cost per MoE layer, and which tiles to
 only where a tile's shape does not change a row's bits, so each row also says whether its output is bit-equal to the
 first set's on the same inputs.
 
-Timing: `triton.testing.do_bench` (median, eager: both sides include their host-side set-up). The ratio is the
+Timing: `triton.testing.do_bench` (median, eager: both sides include their host-side set-up), or with `--cuda-graph`
+`do_bench_cudagraph` (device time of the replayed launches, as a served decode step pays it). The ratio is the
 baseline's time over ours (below 1: ours is slower). The experts are also compared with vLLM's (relative RMS): the
 two round differently, so they agree to bf16 accuracy, not bit for bit.
 """
@@ -56,12 +57,23 @@ def inputs(tokens: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
     }
 
 
+_CUDA_GRAPH = False  # `--cuda-graph`
+
+
+def time_ms(call: Callable[[], torch.Tensor]) -> float:
+    """`call`'s median time: eager, or replayed from a CUDA graph (`--cuda-graph`)."""
+    if _CUDA_GRAPH:
+        return triton.testing.do_bench_cudagraph(call, return_mode="median")
+    return triton.testing.do_bench(call, return_mode="median")
+
+
 def use_expert_tiles(tiles: tuple[int, ...]) -> None:
     aligned.TILE_SCHEDULE = ((None, aligned.ExpertTiles(*tiles)),)
 
 
 def use_router_tiles(tiles: tuple[int, ...]) -> None:
-    router_gemm.SPLIT_WEIGHT_TILES = tiles  # bf16 activations, fp32 weight: the split-weight path
+    # bf16 activations, fp32 weight: the split-weight path, one set for every batch
+    router_gemm.SPLIT_WEIGHT_DECODE_TILES = router_gemm.SPLIT_WEIGHT_TILES = tiles
 
 
 def tile_set_rows(
@@ -78,7 +90,7 @@ def tile_set_rows(
     first = None
     for tiles in tile_sets:
         use_tiles(tiles)
-        ms = triton.testing.do_bench(call, return_mode="median")
+        ms = time_ms(call)
         got = call()
         first = got if first is None else first
         ratio = f"{baseline_ms / ms:.2f}" if baseline_ms else "no vLLM"
@@ -99,7 +111,7 @@ def shared_expert_rows(tokens: int, tile_sets: list[tuple[int, ...]], generator:
         gate, up = torch.nn.functional.linear(x, w13[0]).chunk(2, dim=-1)
         return torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w2[0])
 
-    plain_ms = triton.testing.do_bench(plain, return_mode="median")
+    plain_ms = time_ms(plain)
     print(f"| {tokens} | shared expert, cuBLAS bf16 | {plain_ms:.3f} | | |")
     call = lambda: aligned.aligned_expert_outputs(x, w13, w2, ids, weights)  # noqa: E731
     tile_set_rows(tokens, "shared", tile_sets, use_expert_tiles, call, plain_ms)
@@ -110,7 +122,7 @@ def router_rows(tokens: int, tile_sets: list[tuple[int, ...]], generator: torch.
     tile set against cuBLAS's fp32 GEMM."""
     x = torch.randn(tokens, RING_MINI["hidden"], generator=generator).bfloat16().cuda()
     w = (torch.randn(RING_MINI["experts"], RING_MINI["hidden"], generator=generator) * 0.02).cuda()
-    plain_ms = triton.testing.do_bench(lambda: torch.nn.functional.linear(x.float(), w), return_mode="median")
+    plain_ms = time_ms(lambda: torch.nn.functional.linear(x.float(), w))
     print(f"| {tokens} | router, cuBLAS fp32 | {plain_ms:.3f} | | |")
     call = lambda: router_gemm.invariant_router_logits(x, w)  # noqa: E731
     tile_set_rows(tokens, "router", tile_sets, use_router_tiles, call, plain_ms)
@@ -141,23 +153,34 @@ def main(argv: list[str] | None = None) -> None:
         "--router-tiles",
         type=parse_tiles,
         nargs="+",
-        default=[router_gemm.SPLIT_WEIGHT_TILES],
+        default=[router_gemm.SPLIT_WEIGHT_DECODE_TILES, router_gemm.SPLIT_WEIGHT_TILES],
+    )
+    parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="time each call replayed from a CUDA graph: device time only, as a served decode step runs",
     )
     args = parser.parse_args(argv)
+    global _CUDA_GRAPH
+    _CUDA_GRAPH = args.cuda_graph
     if not torch.cuda.is_available():
         raise SystemExit("bench_aligned_moe: needs a CUDA GPU")
     shipped = aligned.TILE_SCHEDULE
-    shipped_router = router_gemm.SPLIT_WEIGHT_TILES
-    print(f"{torch.cuda.get_device_name()}; Ring-mini experts {RING_MINI}")
+    shipped_router = router_gemm.SPLIT_WEIGHT_DECODE_TILES, router_gemm.SPLIT_WEIGHT_TILES
+    timing = "CUDA graph replays (device time)" if _CUDA_GRAPH else "eager (host set-up included)"
+    print(f"{torch.cuda.get_device_name()}; Ring-mini experts {RING_MINI}; timing: {timing}")
     print("shipped experts: " + ", ".join(f"up to {most or 'any'} tokens {tiles}" for most, tiles in shipped))
-    print(f"shipped router (bf16 activations, fp32 weight): {shipped_router}")
+    print(
+        f"shipped router (bf16 activations, fp32 weight): {shipped_router[0]} up to "
+        f"{router_gemm.SPLIT_WEIGHT_DECODE_MAX_ROWS} rows, else {shipped_router[1]}"
+    )
     print("| tokens | provider | ms | baseline / ours | rel. RMS vs vLLM; bits = first set |")
     print("|---:|---|---:|---:|---|")
     try:
         for tokens in args.tokens:
             t = inputs(tokens, torch.Generator().manual_seed(tokens))
             theirs = vllms(t)
-            their_ms = triton.testing.do_bench(theirs, return_mode="median") if theirs else None
+            their_ms = time_ms(theirs) if theirs else None
             if theirs:
                 print(f"| {tokens} | vLLM fused_experts | {their_ms:.3f} | | |")
             call = functools.partial(aligned.aligned_expert_outputs, t["x"], t["w13"], t["w2"], t["ids"], t["weights"])
@@ -166,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             router_rows(tokens, args.router_tiles, torch.Generator().manual_seed(tokens + 1))
     finally:
         aligned.TILE_SCHEDULE = shipped
-        router_gemm.SPLIT_WEIGHT_TILES = shipped_router
+        router_gemm.SPLIT_WEIGHT_DECODE_TILES, router_gemm.SPLIT_WEIGHT_TILES = shipped_router
 
 
 if __name__ == "__main__":

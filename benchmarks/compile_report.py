@@ -119,7 +119,7 @@ def aligned_kernels() -> list[tuple[str, object, dict, dict, int, int]]:
         name = "experts " + "x".join(map(str, tiles[:3])) + (" swapped" if tiles.swap_ab else "")
         found.append((name, aligned._expert_gemm_kernel, moe, gemm | blocks, tiles.num_warps, tiles.num_stages))
     router = {"x": "*bf16", "w": "*fp32", "y": "*fp32"}
-    split = dict(zip(("BLOCK_T", "BLOCK_E", "BLOCK_D"), router_gemm.SPLIT_WEIGHT_TILES, strict=True))
+    split = dict(zip(("BLOCK_T", "BLOCK_E", "BLOCK_D"), router_gemm.SPLIT_WEIGHT_DECODE_TILES, strict=True))
     flags = {"TENSOR_CORES": False, "SPLIT_WEIGHT": True, "INTERPRET": False}
     window = {
         "q": "*fp32", "k": "*fp32", "v": "*bf16", "o": "*fp32", "pool": "*fp32", "window_k": "*fp32",
@@ -138,8 +138,16 @@ def aligned_kernels() -> list[tuple[str, object, dict, dict, int, int]]:
         ("slot sum", aligned._combine_slots_kernel, {"y": "*fp32", "weights": "*fp32", "out": "*fp32", "k": "i32"},
          {"BLOCK_D": aligned.COMBINE_BLOCK_D}, 4, 1),
         ("linear attention, windows", windowed._windowed_kernel, window,
-         window_shape | {"DOT_PRECISION": windowed.WINDOWED_DOT_PRECISION}, 4, 1),
+         window_shape | {"DOT_PRECISION": windowed.WINDOWED_DOT_PRECISION}, *windowed.WINDOWED_LAUNCH.values()),
     ]  # fmt: skip
+
+
+HOPPER_MAX_SHARED = 232448  # bytes a block may use on sm_90; more compiles but fails to launch
+
+
+def _shared(report: dict) -> str:
+    over = " (over Hopper's 227 KiB: will not launch)" if report["shared_bytes"] > HOPPER_MAX_SHARED else ""
+    return f"{report['shared_bytes']:>7} {report['async_loads']:>11}{over}"
 
 
 def main() -> None:
@@ -157,8 +165,7 @@ def main() -> None:
         for name, fn, types, constexprs, warps, stages in aligned_kernels():
             r = compile_report(fn, "bf16", constexprs, warps, stages, types)
             print(
-                f"{name:<{width}} {'-':<5} {warps:>5} {r['registers']:>5} {r['spill_stores']:>8} "
-                f"{r['shared_bytes']:>7} {r['async_loads']:>11}"
+                f"{name:<{width}} {'-':<5} {warps:>5} {r['registers']:>5} {r['spill_stores']:>8} {_shared(r)}"
             )
         return
     for dtype in args.dtype:
@@ -166,8 +173,7 @@ def main() -> None:
             for name, fn, constexprs in kernels(args.block_v, args.block_k, args.chunk):
                 r = compile_report(fn, dtype, constexprs, warps)
                 print(
-                    f"{name:<18} {dtype:<5} {warps:>5} {r['registers']:>5} {r['spill_stores']:>8} "
-                    f"{r['shared_bytes']:>7} {r['async_loads']:>11}"
+                    f"{name:<18} {dtype:<5} {warps:>5} {r['registers']:>5} {r['spill_stores']:>8} {_shared(r)}"
                 )
 
 

@@ -46,8 +46,10 @@
 #                PROFILE_CASES picks; RING_LINEAR_ROUTER_PRODUCTS=bf16x3 times the tensor-core router GEMM;
 #                RING_LINEAR_ALIGNED=1 VLLM_BATCH_INVARIANT=1 in front profiles aligned mode: where its decode goes)
 #   default-gap  default_gap: default mode's shim-vs-engine logprob gap (mean/p99/max) and the share of tokens
-#                routed to other experts, fp32 and bf16, tiny trained checkpoint (issue 15 item 2)   (untimed)
-#   precision    precision_sweep: tf32 / tf32x3 / ieee / bf16 products vs float64 logprobs, 1K-32K (issue 15) (untimed)
+#                routed to other experts, fp32 and bf16, the tiny trained checkpoint and a random Ring-mini layer group
+#                (issue 15 item 2)                                                                  (untimed)
+#   precision    precision_sweep: tf32 / tf32x3 / ieee / bf16 products vs float64 logprobs, 1K-32K (PRECISION_LENGTHS)
+#                (issue 15)                                                                         (untimed)
 #   second-pass  probe_second_pass: one engine, the same 128 x 4K/256 requests 3 times, ring-linear and the twin:
 #                wall, kernel time and allocator counters per pass (why the served warm pass is slower) (untimed;
 #                SECOND_PASS_VARIANTS picks)
@@ -106,6 +108,12 @@ run() {  # run NAME LIMIT_S COMMAND...: the command's output to OUTDIR/NAME.log,
   return 0
 }
 
+ring_mini_group() {  # a random Ring-mini layer group (bf16), written once per machine; prints its folder
+  local folder=/tmp/ring-mini-group
+  [[ -d $folder ]] || python3 -m benchmarks.random_checkpoint "$folder" >&2
+  echo "$folder"
+}
+
 for step in "$@"; do
   case "$step" in
     kernels) run kernels 300 python3 -m pytest -q -m gpu tests/common_kernels ;;
@@ -150,9 +158,7 @@ for step in "$@"; do
       ${ALIGNED_MOE_ARGS:-} ;;
     vllm-diff)
       checkpoint=${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}
-      if [[ ${DIFF_CHECKPOINT:-} == ring-mini ]]; then
-        checkpoint=/tmp/ring-mini-group; [[ -d $checkpoint ]] || python3 -m benchmarks.random_checkpoint "$checkpoint"
-      fi
+      [[ ${DIFF_CHECKPOINT:-} == ring-mini ]] && checkpoint=$(ring_mini_group)
       run vllm-diff 240 env CUDA_VISIBLE_DEVICES=0 python3 -m benchmarks.vllm_layer_diff "$checkpoint" ${DIFF_ARGS:-} ;;
     sgl-diff) run sgl-diff 300 "${SGLANG_ENV[@]}" CUDA_VISIBLE_DEVICES=0 \
       python3 -m benchmarks.sglang_layer_diff "${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}" --save "$out/sgl-diff.pt" ;;
@@ -168,9 +174,12 @@ for step in "$@"; do
             --length "${length%x*}" --prompts "$([[ $length == *x* ]] && echo "${length#*x}" || echo 1)" --compiled
         fi
       done ;;
-    default-gap) run default-gap 400 env CUDA_VISIBLE_DEVICES=0 python3 -m benchmarks.default_gap \
-      "${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}" ;;
-    precision) run precision 300 python3 -m benchmarks.precision_sweep "${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}" ;;
+    default-gap)
+      run default-gap 400 env CUDA_VISIBLE_DEVICES=0 python3 -m benchmarks.default_gap \
+        "${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}"
+      run default-gap-ring-mini 400 env CUDA_VISIBLE_DEVICES=0 python3 -m benchmarks.default_gap "$(ring_mini_group)" ;;
+    precision) run precision 300 python3 -m benchmarks.precision_sweep "${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}" \
+      --lengths ${PRECISION_LENGTHS:-1024 4096 16384 32768} ;;
     mixed-step)  # decode-only steps against the same decodes beside a short prefill: wall and kernel time per step
       for variant in ${MIXED_STEP_VARIANTS:-ring-linear softmax-twin}; do
         run "mixed-step-$variant" 280 python3 -m benchmarks.probe_mixed_step --variant "$variant" ${MIXED_STEP_ARGS:-}

@@ -35,7 +35,8 @@ LOGITS_DTYPE = torch.float32
 
 
 def compute_dtype(policy_dtype: torch.dtype, activation_dtype: torch.dtype) -> torch.dtype:
-    """The dtype an op runs in: the policy's, unless the activations are wider (float64 reference runs)."""
-    if torch.finfo(activation_dtype).bits > torch.finfo(policy_dtype).bits:
+    """The dtype an op runs in: the policy's, or float64 in a float64 reference run. A narrower policy (a bf16
+    probe of `LINEAR_ATTN_DTYPE`) holds for fp32 activations too."""
+    if activation_dtype == torch.float64:
         return activation_dtype
     return policy_dtype

@@ -1,5 +1,6 @@
 """Settings every Triton kernel family here shares: whether the interpreter runs them, how `tl.dot` multiplies
-fp32 operands, and the device's SM count that launch heuristics size their grids by."""
+fp32 operands, and the device's SM count and shared memory that launch heuristics size their grids and
+pipelines by."""
 
 from __future__ import annotations
 
@@ -33,6 +34,20 @@ def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return CPU_SM_COUNT
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+CPU_MAX_SHARED_MEMORY = 232448  # likewise: an H100/H200's bytes per program
+
+
+@functools.cache
+def max_shared_memory(device: torch.device) -> int:
+    """The bytes of shared memory one program may use on the device (Triton refuses a launch that needs more)."""
+    if device.type != "cuda" or INTERPRET:
+        return CPU_MAX_SHARED_MEMORY
+    import triton
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
 
 
 def dot_precision(x: torch.Tensor) -> str:

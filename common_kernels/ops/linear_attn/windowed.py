@@ -25,6 +25,8 @@ from .triton_utils import check_pool, check_qkv, check_sequences, chunk_decays, 
 
 WINDOW = 64  # the grid: a divisor of every engine block size that can cache a state (vLLM's 512-token blocks)
 WINDOWED_BLOCK_V = 32
+# One stage: the window's tiles pipelined over three stages need 296 KiB of shared memory, past Hopper's 227 KiB.
+WINDOWED_LAUNCH = {"num_warps": 4, "num_stages": 1}
 WINDOWED_DOT_PRECISION = "tf32x3"  # fp32 q/k/v: three TF32 products, fp32-accurate; the tiles make it deterministic
 
 
@@ -141,6 +143,6 @@ def linear_attention_windowed(
         decay_rate.to(device=q.device, dtype=torch.float32).contiguous(), scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
         state_pool.stride(0), state_pool.stride(1), window_k.stride(0), window_k.stride(1), window_v.stride(0),
-        window_v.stride(1), K, V, BV, WINDOW, WINDOWED_DOT_PRECISION,
+        window_v.stride(1), K, V, BV, WINDOW, WINDOWED_DOT_PRECISION, **WINDOWED_LAUNCH,
     )  # fmt: skip
     return o

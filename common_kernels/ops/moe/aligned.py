@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_settings import INTERPRET
+from ..triton_settings import INTERPRET, max_shared_memory
 from .naive import moe_combine, swiglu_mlp
 from .select import aligned_route
 
@@ -65,6 +65,18 @@ def expert_tiles(num_tokens: int) -> ExpertTiles:
     if INTERPRET:
         return TILE_SCHEDULE[-1][1]
     return next(tiles for most, tiles in TILE_SCHEDULE if most is None or num_tokens <= most)
+
+
+def fitting_stages(tiles: ExpertTiles, itemsize: int, swiglu: bool, device: torch.device) -> int:
+    """The tiles' pipeline depth, lowered until a stage's operand tiles (the rows, and the gate and up or the down
+    weight tile) fit the device's shared memory that many times over: fp32 operands take twice bf16's. The depth
+    moves no bits: each product still joins its row's sum in reduction order."""
+    weights = 2 if swiglu else 1
+    per_stage = (tiles.block_m + weights * tiles.block_n) * tiles.block_k * itemsize
+    stages = tiles.num_stages
+    while stages > 1 and stages * per_stage > max_shared_memory(device):
+        stages -= 1
+    return stages
 
 
 @triton.jit
@@ -260,17 +272,19 @@ def aligned_expert_outputs(
     R, I, ieee = pair_of_row.numel(), two_i // 2, x.dtype == torch.float32
     act = torch.empty((R, I), dtype=x.dtype, device=x.device)
     y = torch.empty((T * k, D), dtype=torch.float32, device=x.device)
-    launch = {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
     if R:
+        stages = [fitting_stages(tiles, x.element_size(), swiglu, x.device) for swiglu in (True, False)]
         _expert_gemm_kernel[(R // bm * triton.cdiv(I, bn),)](
             x, w13, act, pair_of_row, expert_of_block, E, D, I, k, I,
             x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
-            True, True, ieee, INTERPRET, bm, bn, bk, D % bk == 0, I % bn == 0, tiles.swap_ab, **launch,
+            True, True, ieee, INTERPRET, bm, bn, bk, D % bk == 0, I % bn == 0, tiles.swap_ab,
+            num_warps=tiles.num_warps, num_stages=stages[0],
         )  # fmt: skip
         _expert_gemm_kernel[(R // bm * triton.cdiv(D, bn),)](
             act, w2, y, pair_of_row, expert_of_block, E, I, D, k, 0,
             act.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
-            False, False, ieee, INTERPRET, bm, bn, bk, I % bk == 0, D % bn == 0, tiles.swap_ab, **launch,
+            False, False, ieee, INTERPRET, bm, bn, bk, I % bk == 0, D % bn == 0, tiles.swap_ab,
+            num_warps=tiles.num_warps, num_stages=stages[1],
         )  # fmt: skip
     return combine_slots(y.view(T, k, D), topk_weights)
 

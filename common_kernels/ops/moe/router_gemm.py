@@ -52,19 +52,23 @@ def split_bf16x3(weight: torch.Tensor) -> torch.Tensor:
 # tiles may follow the batch: narrow for a decode's few rows (more programs), wide for a prefill (each weight tile
 # read by more rows). bf16 activations multiply on the tensor cores: a 16-bit weight (an aligned LM head) as it is,
 # the fp32 router weight as three bf16 parts (three accumulators, so a narrower tile); the products are exact in
-# fp32 either way, and one tile set serves every batch.
+# fp32 either way, and a row's tensor-core chain runs its hidden dim in order whatever the tile's rows and columns,
+# so the split-weight tiles follow the batch too (every set `bench_aligned_moe` timed gave the same bits).
 DECODE_ROUTER_TILES, PREFILL_ROUTER_TILES = (16, 16, 64), (16, 64, 32)
 DECODE_MAX_ROWS = 128
 TENSOR_CORE_TILES = (64, 128, 64)
-SPLIT_WEIGHT_TILES = (64, 64, 64)
+SPLIT_WEIGHT_DECODE_TILES, SPLIT_WEIGHT_TILES = (16, 32, 64), (64, 64, 64)
+SPLIT_WEIGHT_DECODE_MAX_ROWS = 1024
 
 
 def invariant_router_tiles(num_rows: int, tensor_cores: bool = False, split_weight: bool = False) -> tuple[int, ...]:
-    """The tiles for `num_rows` rows: `SPLIT_WEIGHT_TILES` for bf16 activations with an fp32 weight,
-    `TENSOR_CORE_TILES` for 16-bit operands, else `DECODE_ROUTER_TILES` up to `DECODE_MAX_ROWS`. Triton's CPU
-    interpreter multiplies a tile with numpy, in its own order, so there one tile set serves every batch."""
+    """The tiles for `num_rows` rows: for bf16 activations with an fp32 weight `SPLIT_WEIGHT_DECODE_TILES` up to
+    `SPLIT_WEIGHT_DECODE_MAX_ROWS` (narrow tiles, more programs), else `SPLIT_WEIGHT_TILES`; `TENSOR_CORE_TILES` for
+    16-bit operands; else `DECODE_ROUTER_TILES` up to `DECODE_MAX_ROWS`. Triton's CPU interpreter multiplies a tile
+    with numpy, in its own order, so there one tile set serves every batch."""
     if split_weight:
-        return SPLIT_WEIGHT_TILES
+        decode = num_rows <= SPLIT_WEIGHT_DECODE_MAX_ROWS and not INTERPRET
+        return SPLIT_WEIGHT_DECODE_TILES if decode else SPLIT_WEIGHT_TILES
     if tensor_cores:
         return TENSOR_CORE_TILES
     return DECODE_ROUTER_TILES if num_rows <= DECODE_MAX_ROWS and not INTERPRET else PREFILL_ROUTER_TILES

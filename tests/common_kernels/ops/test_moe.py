@@ -212,6 +212,18 @@ def test_invariant_router_logits_take_the_plain_gradient():
     assert_rel_rms("dw", w2.grad, w.grad, 1e-6)
 
 
+def test_the_router_tiles_follow_the_batch_on_a_gpu_and_not_in_the_interpreter(monkeypatch):
+    from common_kernels.ops.moe import router_gemm
+
+    monkeypatch.setattr(router_gemm, "INTERPRET", False)
+    most = router_gemm.SPLIT_WEIGHT_DECODE_MAX_ROWS
+    assert router_gemm.invariant_router_tiles(most, split_weight=True) == router_gemm.SPLIT_WEIGHT_DECODE_TILES
+    assert router_gemm.invariant_router_tiles(most + 1, split_weight=True) == router_gemm.SPLIT_WEIGHT_TILES
+    assert router_gemm.invariant_router_tiles(1, tensor_cores=True) == router_gemm.TENSOR_CORE_TILES
+    monkeypatch.setattr(router_gemm, "INTERPRET", True)
+    assert router_gemm.invariant_router_tiles(1, split_weight=True) == router_gemm.SPLIT_WEIGHT_TILES
+
+
 def test_invariant_router_logits_refuse_mismatched_shapes():
     from common_kernels.ops.moe.router_gemm import router_logits
 
@@ -222,7 +234,8 @@ def test_invariant_router_logits_refuse_mismatched_shapes():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_invariant_router_logits_on_a_gpu_are_batch_invariant_at_ring_mini_size():
-    """Ring-mini's router (2,048 -> 256, bf16 activations: the split-weight tensor-core path) for 1 to 8,192 rows:
+    """Ring-mini's router (2,048 -> 256, bf16 activations: the split-weight tensor-core path) for 1 to 8,192 rows
+    (each side of the decode tiles' boundary):
     row 0's bits never move; cuBLAS's fp32 GEMM is printed beside it for the record (it picks kernels by row
     count)."""
     from common_kernels.ops.moe.router_gemm import router_logits
@@ -234,7 +247,7 @@ def test_invariant_router_logits_on_a_gpu_are_batch_invariant_at_ring_mini_size(
         alone = router_logits(x[:1], w, invariant=True)
         plain_alone = router_logits(x[:1], w)
         plain_moved = []
-        for rows in [2, 5, 16, 17, 300, 2048, 8192]:
+        for rows in [2, 5, 16, 17, 300, 1024, 1025, 2048, 8192]:
             assert torch.equal(router_logits(x[:rows], w, invariant=True)[0], alone[0]), rows
             plain_moved += [rows] if not torch.equal(router_logits(x[:rows], w)[0], plain_alone[0]) else []
         reference = x[:64].double() @ w.double().t()

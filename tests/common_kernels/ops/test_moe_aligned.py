@@ -212,6 +212,41 @@ def test_aligned_experts_on_a_gpu_are_batch_invariant_at_ring_mini_size():
     assert_rel_rms("aligned experts at Ring-mini size", want, got[:16].cpu(), 2e-2)
 
 
+@pytest.mark.parametrize("itemsize", [2, 4], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("swiglu", [True, False], ids=["gate and up", "down"])
+def test_each_tile_sets_pipeline_fits_shared_memory(itemsize, swiglu):
+    """bf16 keeps each set's own depth; fp32 operands lower it until the stages fit (Hopper's 227 KiB here)."""
+    cpu = torch.device("cpu")
+    for _, tiles in aligned.TILE_SCHEDULE:
+        stages = aligned.fitting_stages(tiles, itemsize, swiglu, cpu)
+        per_stage = (tiles.block_m + (2 if swiglu else 1) * tiles.block_n) * tiles.block_k * itemsize
+        assert 1 <= stages <= tiles.num_stages and stages * per_stage <= 232448, tiles
+        if itemsize == 2:
+            assert stages == tiles.num_stages, tiles
+    wide = aligned.ExpertTiles(64, 128, 64, num_stages=4)
+    assert aligned.fitting_stages(wide, 4, True, cpu) == 2  # 80 KiB a stage
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_aligned_experts_in_fp32_launch_at_every_tile_set_on_a_gpu():
+    """fp32 experts (an fp32 engine's, the tiny model's dense layers) at Ring-mini's widths, 8 experts: one batch in
+    each set of `TILE_SCHEDULE` launches (the wide sets' pipelines are cut to fit shared memory) and keeps token 0's
+    bits."""
+    E, D, I, k = 8, 2048, 512, 2
+    g = torch.Generator().manual_seed(12)
+    w13 = (torch.randn(E, 2 * I, D, generator=g) * 0.02).cuda()
+    w2 = (torch.randn(E, D, I, generator=g) * 0.02).cuda()
+    x = torch.randn(8193, D, generator=g).cuda()
+    ids, weights = (t.cuda() for t in random_routing(8193, E, k, seed=13))
+    with torch.no_grad():
+        alone = aligned_expert_outputs(x[:1], w13, w2, ids[:1], weights[:1])
+        for rows in [1025, 8193]:
+            assert torch.equal(aligned_expert_outputs(x[:rows], w13, w2, ids[:rows], weights[:rows])[0], alone[0])
+    want = reference(x[:1].cpu(), ids[:1].cpu(), weights[:1].cpu(), w13[:, :I].cpu(), w13[:, I:].cpu(), w2.cpu())
+    assert_rel_rms("fp32 aligned experts", want, alone.cpu(), 1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("T", [1, 64, 256])
