@@ -23,6 +23,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from common_kernels.ops.attention import aligned as attn
 from common_kernels.ops.linear_attn import backward, prefill, windowed
 from common_kernels.ops.moe import aligned, router_gemm, select
 
@@ -128,6 +129,11 @@ def aligned_kernels() -> list[tuple[str, object, dict, dict, int, int]]:
     }  # fmt: skip
     window_shape = {"K": 128, "V": 128, "BV": windowed.WINDOWED_BLOCK_V, "C": windowed.WINDOW}
     selection = {"logits": "*fp32", "bias": "*fp32", "ids": "*i64", "weights": "*fp32", "scale": "fp32", "k": "i32"}
+    indices = {name: "*i32" for name in ("cu_seqlens_q", "seq_lens", "kv_start", "block_table", "table_rows")}
+    partials = {"part_m": "*fp32", "part_l": "*fp32", "part_acc": "*fp32"}
+    attention = indices | partials | {"q": "*bf16", "k": "*bf16", "v": "*bf16", "o": "*bf16", "scale": "fp32"}
+    ring_mini_heads = {"HEADS": 4, "D": 128, "BLOCK_M": attn.BLOCK_M, "SPLIT": attn.SPLIT}
+    attention_flags = {"GROUP": 4, "PAGED": True, "ROW_INDEX": False, "DOT": "tf32", "INTERPRET": False}
     return found + [
         ("router, split weight", router_gemm._invariant_router_kernel, router, split | flags, 4, 3),
         ("expert selection", select._select_experts_kernel, selection,
@@ -137,6 +143,10 @@ def aligned_kernels() -> list[tuple[str, object, dict, dict, int, int]]:
          {"BLOCK_E": 256, "BLOCK_M": 16, "CHUNK": aligned._LAYOUT_CHUNK}, 4, 1),
         ("slot sum", aligned._combine_slots_kernel, {"y": "*fp32", "weights": "*fp32", "out": "*fp32", "k": "i32"},
          {"BLOCK_D": aligned.COMBINE_BLOCK_D}, 4, 1),
+        ("softmax attention, paged", attn._aligned_attention_kernel, attention,
+         ring_mini_heads | attention_flags | {"BLOCK_N": attn.BLOCK_N}, 4, 3),
+        ("softmax attention, join", attn._join_splits_kernel, partials | indices | {"o": "*bf16"}, ring_mini_heads,
+         4, 3),
         ("linear attention, windows", windowed._windowed_kernel, window,
          window_shape | {"DOT_PRECISION": windowed.WINDOWED_DOT_PRECISION}, *windowed.WINDOWED_LAUNCH.values()),
     ]  # fmt: skip

@@ -4,8 +4,11 @@ prefill, in a decode step and in any batch.
 
 A query row's result depends only on its own position and the keys before it:
 
-- keys are walked in `BLOCK_N` tiles at fixed absolute positions (0, BLOCK_N, ...), the online softmax updated
-  tile by tile in that order;
+- keys are walked in `BLOCK_N` tiles at fixed absolute positions (0, BLOCK_N, ...) within splits of `SPLIT` keys,
+  also at fixed positions: each split's online softmax starts afresh, and the splits' partial softmaxes are joined
+  in split order (`_join`), by the same program in a prefill, by a second kernel after one program per split in a
+  decode step (`_join_splits_kernel`: a decode's one query row then reads its keys in parallel); both kernels are
+  compiled without fused multiply-adds, so the join's arithmetic is the same instructions in either;
 - the rows of a query tile share its `tl.dot` instructions but not their sums (a product's row reads only its
   own query row), and the tiles fixed here fix the instructions;
 - a tile past a row's own position (its query tile reaches further) is all `-inf` for that row: it adds exact
@@ -27,29 +30,52 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_settings import INTERPRET, dot_precision
+from ..triton_settings import INTERPRET, dot_precision, sm_count
 from .naive import causal_gqa_attention
 
 # Fixed, so a row's reduction order never depends on the batch or on how many rows its query tile holds.
 BLOCK_M, BLOCK_N = 16, 64
+SPLIT = 1024  # keys per split (a multiple of BLOCK_N)
+# Both kernels compile every multiply and add as its own rounded instruction, so the join is the same arithmetic in
+# the prefill's kernel and in the decode's join kernel.
+_LAUNCH = {"enable_fp_fusion": False}
+
+
+@triton.jit
+def _join(m, l, acc, m_part, l_part, acc_part):
+    """Two softmaxes over disjoint keys as one: running max `m`, sum `l` and unnormalised output `acc` per row. A
+    part with no keys (`m_part = -inf`, zero sum and output) joins as an exact no-op, and joining the first part
+    into the empty total (`-inf`, 0, 0) gives that part exactly."""
+    m_new = tl.maximum(m, m_part)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    beta = tl.exp(m_part - m_safe)
+    return m_new, l * alpha + l_part * beta, acc * alpha[:, None] + acc_part * beta[:, None]
 
 
 # the batch's and the cache's sizes are plain arguments: one compiled variant per dtype and addressing, which an
 # engine compiles at start-up whatever its block size (`RingAlignedAttentionImpl`'s profiling forward)
-@triton.jit(do_not_specialize=["tiles_per_seq", "scale", "page", "stride_bt"])
+@triton.jit(do_not_specialize=["tiles_per_seq", "scale", "page", "stride_bt", "max_splits"])
 def _aligned_attention_kernel(
     q, k, v, o, cu_seqlens_q, seq_lens, kv_start, block_table, table_rows, tiles_per_seq, scale, page,
     stride_qt, stride_qh, stride_kp, stride_kr, stride_kh, stride_vp, stride_vr, stride_vh, stride_ot, stride_oh,
-    stride_bt,
+    stride_bt, part_m, part_l, part_acc, max_splits,
     GROUP: tl.constexpr, HEADS: tl.constexpr, D: tl.constexpr, PAGED: tl.constexpr, ROW_INDEX: tl.constexpr,
-    DOT: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
     """`BLOCK_M // HEADS` query rows of sequence `s` times `HEADS` query heads of one KV head (row `r`: query row
     `r // HEADS`, head `r % HEADS` of the program's heads). `PAGED`: key `p` of `s` is row `p % page` of page
     `block_table[r, p // page]`, `r = table_rows[s]` (`ROW_INDEX`) or `s`; else row `kv_start[s] + p` (contiguous
-    packed K/V)."""
-    s = tl.program_id(0) // tiles_per_seq
-    first = (tl.program_id(0) % tiles_per_seq) * (BLOCK_M // HEADS)
+    packed K/V).
+    `max_splits` 0: the program walks every split of its rows and writes their output. Else (a decode step: one
+    query row per sequence) program `s * max_splits + j` walks split `j` only and writes its partial softmax to
+    `part_m`/`part_l` `[B, max_splits, Hq]` and `part_acc` `[B, max_splits, Hq, D]`, which `_join_splits_kernel`
+    joins. One compiled kernel either way, so a split's partial is the same bits in both."""
+    programs_per_tile = tl.maximum(max_splits, 1)
+    split = tl.program_id(0).to(tl.int64) % programs_per_tile
+    tile = tl.program_id(0) // programs_per_tile
+    s = tile // tiles_per_seq
+    first = (tile % tiles_per_seq) * (BLOCK_M // HEADS)
     q_start = tl.load(cu_seqlens_q + s).to(tl.int64)
     q_len = tl.load(cu_seqlens_q + s + 1).to(tl.int64) - q_start
     if first >= q_len:  # past this sequence's queries (a shorter one, or graph padding)
@@ -72,34 +98,89 @@ def _aligned_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     last = kv_len - q_len + tl.minimum(first + BLOCK_M // HEADS, q_len) - 1  # the tile's furthest query position
-    for start in range(0, last + 1, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
-        in_seq = keys < kv_len
-        if PAGED:
-            pid = tl.load(table + keys // page, mask=in_seq, other=0).to(tl.int64)
-            k_rows, v_rows = pid * stride_kp + (keys % page) * stride_kr, pid * stride_vp + (keys % page) * stride_vr
+    splits_end = last // SPLIT + 1
+    if max_splits > 0:
+        if split * SPLIT > last:  # a decode's split past its keys (or a padding row's: none), which the join skips
+            return
+        splits_end = split + 1
+    for j in range(split, splits_end):
+        m_j = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_j = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc_j = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+        for start in range(j * SPLIT, tl.minimum(j * SPLIT + SPLIT, last + 1), BLOCK_N):
+            keys = start + tl.arange(0, BLOCK_N)
+            in_seq = keys < kv_len
+            if PAGED:
+                pid = tl.load(table + keys // page, mask=in_seq, other=0).to(tl.int64)
+                k_rows = pid * stride_kp + (keys % page) * stride_kr
+                v_rows = pid * stride_vp + (keys % page) * stride_vr
+            else:
+                k_rows, v_rows = (base + keys) * stride_kr, (base + keys) * stride_vr
+            b_k = tl.load(k + k_rows[:, None] + kv_h * stride_kh + d[None, :], mask=in_seq[:, None], other=0.0)
+            b_v = tl.load(v + v_rows[:, None] + kv_h * stride_vh + d[None, :], mask=in_seq[:, None], other=0.0)
+            b_qk = b_q
+            if INTERPRET:  # the interpreter multiplies 16-bit dot operands as raw bits (`ops.triton_settings`)
+                b_qk, b_k, b_v = b_q.to(tl.float32), b_k.to(tl.float32), b_v.to(tl.float32)
+            scores = tl.dot(b_qk, tl.trans(b_k), input_precision=DOT) * scale
+            seen = (keys[None, :] <= position[:, None]) & in_seq[None, :]
+            scores = tl.where(seen, scores, float("-inf"))
+            m_new = tl.maximum(m_j, tl.max(scores, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no keys yet in this split
+            p = tl.exp(scores - m_safe[:, None])
+            alpha = tl.exp(m_j - m_safe)
+            l_j = l_j * alpha + tl.sum(p, 1)
+            b_p = p.to(v.dtype.element_ty)  # the probabilities in the values' dtype, as a 16-bit MMA takes them
+            if INTERPRET:
+                b_p = b_p.to(tl.float32)
+            acc_j = tl.dot(b_p, b_v, acc_j * alpha[:, None], input_precision=DOT)
+            m_j = m_new
+        if max_splits > 0:  # query row 0's heads (the tile's first HEADS rows) at [s, j, head]
+            at = (s * max_splits + j) * (tl.num_programs(1) * HEADS) + heads
+            row_0 = tile_rows < HEADS
+            tl.store(part_m + at, m_j, mask=row_0)
+            tl.store(part_l + at, l_j, mask=row_0)
+            tl.store(part_acc + at[:, None] * D + d[None, :], acc_j, mask=row_0[:, None])
         else:
-            k_rows, v_rows = (base + keys) * stride_kr, (base + keys) * stride_vr
-        b_k = tl.load(k + k_rows[:, None] + kv_h * stride_kh + d[None, :], mask=in_seq[:, None], other=0.0)
-        b_v = tl.load(v + v_rows[:, None] + kv_h * stride_vh + d[None, :], mask=in_seq[:, None], other=0.0)
-        b_qk = b_q
-        if INTERPRET:  # the interpreter multiplies 16-bit dot operands as raw bits (`ops.triton_settings`)
-            b_qk, b_k, b_v = b_q.to(tl.float32), b_k.to(tl.float32), b_v.to(tl.float32)
-        scores = tl.dot(b_qk, tl.trans(b_k), input_precision=DOT) * scale
-        seen = (keys[None, :] <= position[:, None]) & in_seq[None, :]
-        scores = tl.where(seen, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        p = tl.exp(scores - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        b_p = p.to(v.dtype.element_ty)  # the probabilities in the values' dtype, as a 16-bit MMA takes them
-        if INTERPRET:
-            b_p = b_p.to(tl.float32)
-        acc = tl.dot(b_p, b_v, acc * alpha[:, None], input_precision=DOT)
-        m_i = m_new
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no keys (a CUDA graph's padding rows): 0 / 1, zeros
+            m_i, l_i, acc = _join(m_i, l_i, acc, m_j, l_j, acc_j)
+    if max_splits == 0:
+        _store_output(o, q_start, rows, heads, live, stride_ot, stride_oh, l_i, acc, D)
+
+
+@triton.jit
+def _store_output(o, q_start, rows, heads, live, stride_ot, stride_oh, l_i, acc, D: tl.constexpr):
+    """`acc / l` of the live rows (a row with no keys, a CUDA graph's padding: 0 / 1, zeros)."""
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_rows = (q_start + rows) * stride_ot + heads * stride_oh
+    d = tl.arange(0, D)
     tl.store(o + o_rows[:, None] + d[None, :], out.to(o.dtype.element_ty), mask=live[:, None])
+
+
+@triton.jit(do_not_specialize=["max_splits", "stride_ot", "stride_oh"])
+def _join_splits_kernel(
+    part_m, part_l, part_acc, o, cu_seqlens_q, seq_lens, max_splits, stride_ot, stride_oh,
+    HEADS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT: tl.constexpr,
+):  # fmt: skip
+    """A decode step's output: sequence `s`'s query row, the `HEADS` heads of program 1's KV head, its splits'
+    partial softmaxes joined in split order as the one-program walk joins them (the same `[BLOCK_M]` row layout)."""
+    s = tl.program_id(0)
+    q_start = tl.load(cu_seqlens_q + s).to(tl.int64)
+    if tl.load(cu_seqlens_q + s + 1).to(tl.int64) == q_start:  # no query (graph padding)
+        return
+    kv_len = tl.load(seq_lens + s).to(tl.int64)
+    tile_rows = tl.arange(0, BLOCK_M)
+    heads = tl.program_id(1) * HEADS + tile_rows % HEADS
+    row_0 = tile_rows < HEADS
+    d = tl.arange(0, D)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    for j in range(0, tl.cdiv(kv_len, SPLIT)):
+        at = (s * max_splits + j) * (tl.num_programs(1) * HEADS) + heads
+        m_j = tl.load(part_m + at, mask=row_0, other=float("-inf"))
+        l_j = tl.load(part_l + at, mask=row_0, other=0.0)
+        acc_j = tl.load(part_acc + at[:, None] * D + d[None, :], mask=row_0[:, None], other=0.0)
+        m_i, l_i, acc = _join(m_i, l_i, acc, m_j, l_j, acc_j)
+    _store_output(o, q_start, tile_rows * 0, heads, row_0, stride_ot, stride_oh, l_i, acc, D)
 
 
 def heads_per_tile(group: int) -> int:
@@ -168,6 +249,21 @@ def _packed(q, k, v, cu_seqlens, scale, max_seqlen):
     return _launch(q, k[None], v[None], cu_seqlens, lengths, cu_seqlens[:-1], None, scale, max_seqlen, None)
 
 
+# A decode step splits its keys over programs while the step has fewer than this many (sequence, KV head) programs
+# per SM: with more, one program per tile already fills the GPU, and the partials would only cost memory.
+SPLIT_BELOW_PROGRAMS_PER_SM = 4
+
+
+def decode_splits(block_table: torch.Tensor | None, page_size: int, programs: int, max_query_len: int) -> int:
+    """0 (one program walks each query tile's splits), or the splits a decode step's grid holds per sequence: as many
+    as the longest sequence the cache holds (`block_table`'s width), so a CUDA graph's grid covers any length."""
+    if block_table is None or max_query_len != 1:
+        return 0
+    if programs >= SPLIT_BELOW_PROGRAMS_PER_SM * sm_count(block_table.device):
+        return 0
+    return triton.cdiv(block_table.shape[1] * page_size, SPLIT)
+
+
 def _launch(q, k, v, cu_seqlens_q, seq_lens, kv_start, block_table, scale, max_query_len, out, table_rows=None):
     T, Hq, D = q.shape
     page_size, Hkv = k.shape[1], k.shape[2]
@@ -179,15 +275,24 @@ def _launch(q, k, v, cu_seqlens_q, seq_lens, kv_start, block_table, scale, max_q
         return out
     paged = block_table is not None
     dummy = cu_seqlens_q  # the unused pointer of the other addressing
-    grid = (B * tiles_per_seq, Hq // heads)
+    max_splits = decode_splits(block_table, page_size, B * (Hq // heads), max_query_len)
+    parts = [q.new_empty(1, dtype=torch.float32)] * 3  # fp32 even unused: one compiled variant serves both paths
+    if max_splits:
+        parts = [torch.empty((B, max_splits, Hq, *extra), dtype=torch.float32, device=q.device) for extra in ((), (), (D,))]
+    grid = (B * tiles_per_seq * max(max_splits, 1), Hq // heads)
     _aligned_attention_kernel[grid](
         q, k, v, out, cu_seqlens_q, seq_lens, dummy if paged else kv_start, block_table if paged else dummy,
         dummy if table_rows is None else table_rows, tiles_per_seq, scale, page_size,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), block_table.stride(0) if paged else 0,
+        out.stride(0), out.stride(1), block_table.stride(0) if paged else 0, *parts, max_splits,
         GROUP=Hq // Hkv, HEADS=heads, D=D, PAGED=paged, ROW_INDEX=table_rows is not None, DOT=dot_precision(q),
-        INTERPRET=INTERPRET, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        INTERPRET=INTERPRET, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SPLIT=SPLIT, **_LAUNCH,
     )  # fmt: skip
+    if max_splits:
+        _join_splits_kernel[(B, Hq // heads)](
+            *parts, out, cu_seqlens_q, seq_lens, max_splits, out.stride(0), out.stride(1),
+            HEADS=heads, D=D, BLOCK_M=BLOCK_M, SPLIT=SPLIT, **_LAUNCH,
+        )  # fmt: skip
     return out
 
 

@@ -100,6 +100,30 @@ def test_a_decode_step_and_a_mixed_step_give_each_query_the_bits_of_the_prefill(
     assert torch.equal(padded[0], full[rows[0]]) and torch.equal(padded[1], torch.zeros_like(padded[1]))
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-6), (torch.bfloat16, 2e-2)])
+def test_keys_split_at_fixed_positions_give_a_decode_the_prefills_bits(dtype, tol, monkeypatch):
+    """64-key splits (one tile each), so short sequences cross several: the prefill joins them in one program, a
+    decode step in a second kernel after one program per split (or, above the programs-per-SM bound, in one
+    program); all give each query the same bits, float64-close."""
+    from common_kernels.ops.attention import aligned
+
+    monkeypatch.setattr(aligned, "SPLIT", 64)
+    lengths = [1, 63, 64, 65, 200, 129]
+    q, k, v, cu = packed(lengths, dtype=dtype)
+    full = causal_attention_aligned(q, k, v, cu, 0.25, max(lengths))
+    assert (full.double() - reference(q, k, v, cu, 0.25)).abs().max() <= tol
+    kc, vc, table = paged_cache(k, v, cu)
+    last = cu[1:].long() - 1
+    cu_q = torch.arange(len(lengths) + 1, dtype=torch.int32)
+    seq_lens = (cu[1:] - cu[:-1]).int()
+    assert aligned.decode_splits(table, 16, len(lengths), 1) == -(-table.shape[1] * 16 // 64)
+    split = paged_attention_aligned(q[last], kc, vc, cu_q, seq_lens, table, 0.25, 1)
+    assert torch.equal(split, full[last])
+    monkeypatch.setattr(aligned, "SPLIT_BELOW_PROGRAMS_PER_SM", 0)  # every decode in one program
+    assert aligned.decode_splits(table, 16, len(lengths), 1) == 0
+    assert torch.equal(paged_attention_aligned(q[last], kc, vc, cu_q, seq_lens, table, 0.25, 1), split)
+
+
 def test_a_sequence_alone_equals_the_same_sequence_in_a_batch():
     q, k, v, cu = packed(LENGTHS)
     batch = causal_attention_aligned(q, k, v, cu, 0.25, max(LENGTHS))
@@ -151,11 +175,12 @@ def test_bad_inputs_are_refused_naming_the_problem(change, message):
 )
 def test_ring_mini_shapes_on_the_gpu_decode_equals_prefill_bitwise(dtype, products, tol, monkeypatch):
     """Ring-mini's softmax layers (16 query heads over 4 KV heads of 128) with a 512-token page, on real MMAs:
-    float64-close, and a decode step's rows equal to the prefill's bit for bit."""
+    float64-close, and a decode step's rows (keys split over programs, then joined) equal to the prefill's bit for
+    bit."""
     from common_kernels.ops import triton_settings
 
     monkeypatch.setattr(triton_settings, "FP32_DOT_PRECISION", products)
-    lengths = [1, 300, 777, 64, 1025]
+    lengths = [1, 300, 777, 64, 1025, 5000]  # the last two cross split boundaries
     q, k, v, cu = packed(lengths, Hq=16, Hkv=4, D=128, dtype=dtype, device="cuda")
     full = causal_attention_aligned(q, k, v, cu, 128**-0.5, max(lengths))
     assert (full.double() - reference(q, k, v, cu, 128**-0.5)).abs().max() <= tol
