@@ -129,7 +129,7 @@ def aligned_kernels() -> list[tuple[str, object, dict, dict, int, int]]:
     }  # fmt: skip
     window_shape = {"K": 128, "V": 128, "BV": windowed.WINDOWED_BLOCK_V, "C": windowed.WINDOW}
     selection = {"logits": "*fp32", "bias": "*fp32", "ids": "*i64", "weights": "*fp32", "scale": "fp32", "k": "i32"}
-    indices = {name: "*i32" for name in ("cu_seqlens_q", "seq_lens", "kv_start", "block_table", "table_rows")}
+    indices = dict.fromkeys(("cu_seqlens_q", "seq_lens", "kv_start", "block_table", "table_rows"), "*i32")
     partials = {"part_m": "*fp32", "part_l": "*fp32", "part_acc": "*fp32"}
     attention = indices | partials | {"q": "*bf16", "k": "*bf16", "v": "*bf16", "o": "*bf16", "scale": "fp32"}
     ring_mini_heads = {"HEADS": 4, "D": 128, "BLOCK_M": attn.BLOCK_M, "SPLIT": attn.SPLIT}
@@ -174,17 +174,13 @@ def main() -> None:
     if args.aligned:
         for name, fn, types, constexprs, warps, stages in aligned_kernels():
             r = compile_report(fn, "bf16", constexprs, warps, stages, types)
-            print(
-                f"{name:<{width}} {'-':<5} {warps:>5} {r['registers']:>5} {r['spill_stores']:>8} {_shared(r)}"
-            )
+            print(f"{name:<{width}} {'-':<5} {warps:>5} {r['registers']:>5} {r['spill_stores']:>8} {_shared(r)}")
         return
     for dtype in args.dtype:
         for warps in args.warps:
             for name, fn, constexprs in kernels(args.block_v, args.block_k, args.chunk):
                 r = compile_report(fn, dtype, constexprs, warps)
-                print(
-                    f"{name:<18} {dtype:<5} {warps:>5} {r['registers']:>5} {r['spill_stores']:>8} {_shared(r)}"
-                )
+                print(f"{name:<18} {dtype:<5} {warps:>5} {r['registers']:>5} {r['spill_stores']:>8} {_shared(r)}")
 
 
 if __name__ == "__main__":

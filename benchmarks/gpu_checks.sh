@@ -43,6 +43,7 @@
 #                process's CPU, GC and memory per pass and prints the token-gap distribution: why a pass slows)
 #   soak         bench_serve's soak: concurrency 128 for 5 minutes or more, failed requests and GPU memory    (~7 min)
 #   profile      compiled 4K and 128K prefill and 64 x 4K decode-step profiles, ring-linear and the twin (~9 min;
+#                PROFILE_DECODE_LENGTH=16384 decodes 64 x 16K contexts, as long reasoning does;
 #                PROFILE_CASES picks; RING_LINEAR_ROUTER_PRODUCTS=bf16x3 times the tensor-core router GEMM;
 #                RING_LINEAR_ALIGNED=1 VLLM_BATCH_INVARIANT=1 in front profiles aligned mode: where its decode goes)
 #   default-gap  default_gap: default mode's shim-vs-engine logprob gap (mean/p99/max) and the share of tokens
@@ -67,6 +68,8 @@
 #   aligned-moe  bench_aligned_moe: aligned mode's MoE experts vs vLLM's fused_experts at Ring-mini shapes, 1-16K tokens
 #                (ALIGNED_MOE_TILES, e.g. "64,64,32 16,64,32,4,3,1 64,128,64", tries tile sets, a sixth field 1 for
 #                transposed tiles; ALIGNED_MOE_ARGS, e.g. "--tokens 64 512 --router-tiles 64,64,64 16,32,64"; issue 15's cost) (~2 min)
+#   aligned-attn bench_aligned_attention: aligned mode's softmax attention in a decode step (keys split over programs,
+#                and in one program) against vLLM's FlashAttention, 1-64 sequences of 4K and 16K keys (issue 15's decode cost)
 #   aligned-la   bench_aligned_linear_attn: aligned mode's linear attention, token by token and in windows (not wired),
 #                against the default prefill and decode at Ring-mini's heads (issue 15's prefill cost)          (~1 min)
 #   vllm-diff    vllm_layer_diff: per-module engine outputs against the shim, one prompt, bit for bit (DIFF_ARGS, e.g.
@@ -154,6 +157,7 @@ for step in "$@"; do
     sgl-engine) run sgl-engine 570 "${SGLANG_ENV[@]}" CUDA_VISIBLE_DEVICES=0 \
       python3 -m pytest -q -s -m gpu tests/ring_linear_sglang/test_engine_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} ;;
     aligned-la) run aligned-la 300 python3 -m benchmarks.bench_aligned_linear_attn ;;
+    aligned-attn) run aligned-attn 300 python3 -m benchmarks.bench_aligned_attention ;;
     aligned-moe) run aligned-moe 400 python3 -m benchmarks.bench_aligned_moe ${ALIGNED_MOE_TILES:+--tiles $ALIGNED_MOE_TILES} \
       ${ALIGNED_MOE_ARGS:-} ;;
     vllm-diff)
@@ -168,7 +172,7 @@ for step in "$@"; do
         variant=${case%%:*}; length=${case#*:}
         if [[ $length == decode ]]; then
           run "profile-$variant-decode" 240 python3 -m benchmarks.profile_vllm_prefill --variant "$variant" \
-            --length 4096 --compiled --decode-batch 64 --decode-steps 32
+            --length "${PROFILE_DECODE_LENGTH:-4096}" --compiled --decode-batch 64 --decode-steps 32
         else  # LENGTH or LENGTHxPROMPTS
           run "profile-$variant-$length" 200 python3 -m benchmarks.profile_vllm_prefill --variant "$variant" \
             --length "${length%x*}" --prompts "$([[ $length == *x* ]] && echo "${length#*x}" || echo 1)" --compiled

@@ -278,7 +278,7 @@ def _launch(q, k, v, cu_seqlens_q, seq_lens, kv_start, block_table, scale, max_q
     max_splits = decode_splits(block_table, page_size, B * (Hq // heads), max_query_len)
     parts = [q.new_empty(1, dtype=torch.float32)] * 3  # fp32 even unused: one compiled variant serves both paths
     if max_splits:
-        parts = [torch.empty((B, max_splits, Hq, *extra), dtype=torch.float32, device=q.device) for extra in ((), (), (D,))]
+        parts = [q.new_empty((B, max_splits, Hq, *extra), dtype=torch.float32) for extra in ((), (), (D,))]
     grid = (B * tiles_per_seq * max(max_splits, 1), Hq // heads)
     _aligned_attention_kernel[grid](
         q, k, v, out, cu_seqlens_q, seq_lens, dummy if paged else kv_start, block_table if paged else dummy,

@@ -1,0 +1,110 @@
+"""Aligned mode's softmax attention in a decode step against vLLM's FlashAttention, in one process on one GPU, at
+Ring-mini's softmax layers (16 query heads over 4 KV heads of 128, bf16, 512-token pages): what a long context's
+decode costs aligned, and what splitting its keys over programs buys.
+
+    python -m benchmarks.bench_aligned_attention [--batch 1 8 64] [--context 4096 16384]
+
+Rows: ours with the keys split over programs and joined (`decode_splits`, the shipped decode path), ours with one
+program walking every split (the prefill's path, forced), and vLLM's `flash_attn_varlen_func` (FA3 on Hopper) over
+the same paged cache. Timing: `triton.testing.do_bench_cudagraph` (median device time, as a served decode step under
+CUDA graphs pays it); KV GB/s counts the keys and values read once. Each of our rows also says whether its output is
+bit-equal to the other path's (they must be: that is aligned mode's contract), and FlashAttention's row its largest
+difference from ours (two kernels, two roundings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+import torch
+import triton
+
+from common_kernels.ops.attention import aligned
+
+HEADS, KV_HEADS, HEAD_DIM, PAGE = 16, 4, 128, 512
+DEVICE = "cuda"
+
+
+def decode_inputs(batch: int, context: int, generator: torch.Generator) -> dict:
+    """One query per sequence at position `context - 1`, its keys over shuffled pages of a bf16 paged cache."""
+    pages = triton.cdiv(context, PAGE)
+    total = batch * pages
+    shape = (total, PAGE, KV_HEADS, HEAD_DIM)
+    tensors = {
+        "q": torch.randn(batch, HEADS, HEAD_DIM, generator=generator).bfloat16(),
+        "k": torch.randn(shape, generator=generator).bfloat16(),
+        "v": torch.randn(shape, generator=generator).bfloat16(),
+        "table": torch.randperm(total, generator=generator).view(batch, pages).int(),
+        "cu_q": torch.arange(batch + 1, dtype=torch.int32),
+        "seq_lens": torch.full((batch,), context, dtype=torch.int32),
+    }
+    return {name: t.to(DEVICE) for name, t in tensors.items()}
+
+
+def ours(t: dict) -> Callable[[], torch.Tensor]:
+    scale = HEAD_DIM**-0.5
+    return lambda: aligned.paged_attention_aligned(
+        t["q"], t["k"], t["v"], t["cu_q"], t["seq_lens"], t["table"], scale, 1
+    )
+
+
+def flash_attention(t: dict, context: int) -> Callable[[], torch.Tensor] | None:
+    """vLLM's FlashAttention decode over the same cache, or None where vLLM's build of it is absent."""
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return lambda: flash_attn_varlen_func(
+        t["q"], t["k"], t["v"], max_seqlen_q=1, cu_seqlens_q=t["cu_q"], max_seqlen_k=context,
+        seqused_k=t["seq_lens"], softmax_scale=HEAD_DIM**-0.5, causal=True, block_table=t["table"],
+    )  # fmt: skip
+
+
+def row(batch: int, context: int, label: str, ms: float, note: str) -> None:
+    gb = 2 * batch * context * KV_HEADS * HEAD_DIM * 2 / 1e9  # keys and values, bf16
+    print(f"| {batch} | {context:,} | {label} | {ms:.3f} | {gb / ms * 1e3:,.0f} | {note} |", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--context", type=int, nargs="+", default=[4096, 16384])
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_aligned_attention: needs a CUDA GPU")
+    print(f"{torch.cuda.get_device_name()}; {HEADS} query heads over {KV_HEADS} KV heads of {HEAD_DIM}, bf16, "
+          f"{PAGE}-token pages; {aligned.SPLIT}-key splits")  # fmt: skip
+    print("| batch | context | provider | ms | KV GB/s | note |")
+    print("|---:|---:|---|---:|---:|---|")
+    for context in args.context:
+        for batch in args.batch:
+            decode_rows(batch, context)
+
+
+def decode_rows(batch: int, context: int) -> None:
+    """The rows of one batch and context: ours split, ours in one program, FlashAttention's where vLLM is."""
+    t = decode_inputs(batch, context, torch.Generator().manual_seed(batch * 7 + context))
+    call = ours(t)
+    shipped = aligned.SPLIT_BELOW_PROGRAMS_PER_SM
+    try:
+        split_out, split_ms = call(), triton.testing.do_bench_cudagraph(call, return_mode="median")
+        aligned.SPLIT_BELOW_PROGRAMS_PER_SM = 0
+        whole_out, whole_ms = call(), triton.testing.do_bench_cudagraph(call, return_mode="median")
+    finally:
+        aligned.SPLIT_BELOW_PROGRAMS_PER_SM = shipped
+    splits = aligned.decode_splits(t["table"], PAGE, batch * KV_HEADS, 1)
+    label = f"aligned, keys split ({splits} splits a sequence)"
+    row(batch, context, label, split_ms, f"bits = one program's: {torch.equal(split_out, whole_out)}")
+    row(batch, context, "aligned, one program a sequence", whole_ms, f"{whole_ms / split_ms:.2f}x the split's time")
+    theirs = flash_attention(t, context)
+    if theirs is not None:
+        diff = (theirs().float() - split_out.float()).abs().max().item()
+        fa_ms = triton.testing.do_bench_cudagraph(theirs, return_mode="median")
+        note = f"ours (split) / FA: {split_ms / fa_ms:.2f}x; max diff {diff:.1e}"
+        row(batch, context, "vLLM flash_attn_varlen_func", fa_ms, note)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
