@@ -2,7 +2,7 @@
 Ring-mini's shapes: what bitwise rollouts cost per MoE layer, and which tiles to ship.
 
     python -m benchmarks.bench_aligned_moe [--tokens 1 64 512 4096 16384] [--tiles 64,64,32 16,64,128,4,3,1]
-        [--router-tiles 64,64,64 64,32,64]
+        [--router-tiles 64,64,64 64,32,64] [--projections --projection-tiles 64,128,64 16,64,64] [--cuda-graph]
 
 `--tiles` (BLOCK_M,BLOCK_N,BLOCK_K[,warps,stages[,swap]]; swap 1 multiplies the transposed tiles) and
 `--router-tiles` (BLOCK_T,BLOCK_E,BLOCK_D) force one set for every batch. Aligned mode may pick tiles by batch size
@@ -128,6 +128,39 @@ def router_rows(tokens: int, tile_sets: list[tuple[int, ...]], generator: torch.
     tile_set_rows(tokens, "router", tile_sets, use_router_tiles, call, plain_ms)
 
 
+def use_projection_tiles(tiles: tuple[int, ...]) -> None:
+    router_gemm.TENSOR_CORE_TILES = tiles  # 16-bit activations and weight: the tensor-core path
+
+
+def projection_rows(tokens: int, tile_sets: list[tuple[int, ...]], generator: torch.Generator) -> None:
+    """A linear layer's projections (2,048 -> 6,144 QKV and 2,048 -> 2,048, bf16) through the invariant tensor-core
+    GEMM per tile set (its fp32 output rounded to bf16, as a projection's), against cuBLAS and, where vLLM is
+    installed, the batch-invariant GEMM vLLM's linear layers run under `VLLM_BATCH_INVARIANT=1` (aligned mode's
+    projections today): what owning the projections would buy."""
+    x = torch.randn(tokens, RING_MINI["hidden"], generator=generator).bfloat16().cuda()
+    for width in (6144, 2048):
+        w = (torch.randn(width, RING_MINI["hidden"], generator=generator) * 0.02).bfloat16().cuda()
+        plain_ms = time_ms(lambda: torch.nn.functional.linear(x, w))  # noqa: B023
+        print(f"| {tokens} | projection 2048->{width}, cuBLAS bf16 | {plain_ms:.3f} | | |")
+        theirs = vllm_batch_invariant_linear()
+        if theirs is not None:
+            their_ms = time_ms(lambda: theirs(x, w))  # noqa: B023
+            print(f"| {tokens} | projection 2048->{width}, vLLM batch-invariant | {their_ms:.3f} | "
+                  f"{plain_ms / their_ms:.2f} | |")  # fmt: skip
+        call = lambda: router_gemm.invariant_router_logits(x, w).bfloat16()  # noqa: E731, B023
+        tile_set_rows(tokens, f"projection 2048->{width}", tile_sets, use_projection_tiles, call, plain_ms)
+
+
+def vllm_batch_invariant_linear() -> Callable | None:
+    """vLLM's `linear_batch_invariant` (`model_executor.layers` in 0.26, `model_executor.determinism` by 0.33)."""
+    try:
+        from common_kernels.model.engine_invariance import _vllm_batch_invariance
+
+        return _vllm_batch_invariance().linear_batch_invariant
+    except ImportError:
+        return None
+
+
 def error_from(theirs: Callable[[], torch.Tensor] | None) -> Callable[[torch.Tensor], str]:
     """The experts' rows' note: the relative RMS difference from vLLM's output, where vLLM is installed."""
     if theirs is None:
@@ -156,6 +189,14 @@ def main(argv: list[str] | None = None) -> None:
         default=[router_gemm.SPLIT_WEIGHT_DECODE_TILES, router_gemm.SPLIT_WEIGHT_TILES],
     )
     parser.add_argument(
+        "--projection-tiles",
+        type=parse_tiles,
+        nargs="+",
+        default=[router_gemm.TENSOR_CORE_TILES],
+        help="tile sets of the tensor-core GEMM for the projection rows (BLOCK_T,BLOCK_E,BLOCK_D)",
+    )
+    parser.add_argument("--projections", action="store_true", help="also time a linear layer's projections")
+    parser.add_argument(
         "--cuda-graph",
         action="store_true",
         help="time each call replayed from a CUDA graph: device time only, as a served decode step runs",
@@ -167,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("bench_aligned_moe: needs a CUDA GPU")
     shipped = aligned.TILE_SCHEDULE
     shipped_router = router_gemm.SPLIT_WEIGHT_DECODE_TILES, router_gemm.SPLIT_WEIGHT_TILES
+    shipped_projection = router_gemm.TENSOR_CORE_TILES
     timing = "CUDA graph replays (device time)" if _CUDA_GRAPH else "eager (host set-up included)"
     print(f"{torch.cuda.get_device_name()}; Ring-mini experts {RING_MINI}; timing: {timing}")
     print("shipped experts: " + ", ".join(f"up to {most or 'any'} tokens {tiles}" for most, tiles in shipped))
@@ -187,7 +229,10 @@ def main(argv: list[str] | None = None) -> None:
             tile_set_rows(tokens, "aligned", args.tiles, use_expert_tiles, call, their_ms, error_from(theirs))
             shared_expert_rows(tokens, args.tiles, torch.Generator().manual_seed(tokens + 2))
             router_rows(tokens, args.router_tiles, torch.Generator().manual_seed(tokens + 1))
+            if args.projections:
+                projection_rows(tokens, args.projection_tiles, torch.Generator().manual_seed(tokens + 3))
     finally:
+        router_gemm.TENSOR_CORE_TILES = shipped_projection
         aligned.TILE_SCHEDULE = shipped
         router_gemm.SPLIT_WEIGHT_DECODE_TILES, router_gemm.SPLIT_WEIGHT_TILES = shipped_router
 
