@@ -129,7 +129,8 @@ def router_rows(tokens: int, tile_sets: list[tuple[int, ...]], generator: torch.
 
 
 def use_projection_tiles(tiles: tuple[int, ...]) -> None:
-    router_gemm.TENSOR_CORE_TILES = tiles  # 16-bit activations and weight: the tensor-core path
+    # 16-bit activations and weight: the tensor-core path, one set for every batch
+    router_gemm.TENSOR_CORE_DECODE_TILES = router_gemm.TENSOR_CORE_TILES = tiles
 
 
 def projection_rows(tokens: int, tile_sets: list[tuple[int, ...]], generator: torch.Generator) -> None:
@@ -147,7 +148,7 @@ def projection_rows(tokens: int, tile_sets: list[tuple[int, ...]], generator: to
             their_ms = time_ms(lambda: theirs(x, w))  # noqa: B023
             print(f"| {tokens} | projection 2048->{width}, vLLM batch-invariant | {their_ms:.3f} | "
                   f"{plain_ms / their_ms:.2f} | |")  # fmt: skip
-        call = lambda: router_gemm.invariant_router_logits(x, w).bfloat16()  # noqa: E731, B023
+        call = lambda: router_gemm.aligned_linear(x, w)  # noqa: E731, B023
         tile_set_rows(tokens, f"projection 2048->{width}", tile_sets, use_projection_tiles, call, plain_ms)
 
 
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         "--projection-tiles",
         type=parse_tiles,
         nargs="+",
-        default=[router_gemm.TENSOR_CORE_TILES],
+        default=[router_gemm.TENSOR_CORE_DECODE_TILES, router_gemm.TENSOR_CORE_TILES],
         help="tile sets of the tensor-core GEMM for the projection rows (BLOCK_T,BLOCK_E,BLOCK_D)",
     )
     parser.add_argument("--projections", action="store_true", help="also time a linear layer's projections")
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("bench_aligned_moe: needs a CUDA GPU")
     shipped = aligned.TILE_SCHEDULE
     shipped_router = router_gemm.SPLIT_WEIGHT_DECODE_TILES, router_gemm.SPLIT_WEIGHT_TILES
-    shipped_projection = router_gemm.TENSOR_CORE_TILES
+    shipped_projection = router_gemm.TENSOR_CORE_DECODE_TILES, router_gemm.TENSOR_CORE_TILES
     timing = "CUDA graph replays (device time)" if _CUDA_GRAPH else "eager (host set-up included)"
     print(f"{torch.cuda.get_device_name()}; Ring-mini experts {RING_MINI}; timing: {timing}")
     print("shipped experts: " + ", ".join(f"up to {most or 'any'} tokens {tiles}" for most, tiles in shipped))
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.projections:
                 projection_rows(tokens, args.projection_tiles, torch.Generator().manual_seed(tokens + 3))
     finally:
-        router_gemm.TENSOR_CORE_TILES = shipped_projection
+        router_gemm.TENSOR_CORE_DECODE_TILES, router_gemm.TENSOR_CORE_TILES = shipped_projection
         aligned.TILE_SCHEDULE = shipped
         router_gemm.SPLIT_WEIGHT_DECODE_TILES, router_gemm.SPLIT_WEIGHT_TILES = shipped_router
 

@@ -43,6 +43,7 @@ from common_kernels.serving import (
     check_serving_settings,
     load_checkpoint_tensors,
     place_tensor,
+    use_aligned_projections,
 )
 
 from . import aligned
@@ -169,6 +170,8 @@ class RingSoftmaxAttention(nn.Module):
         )
         self.attn = RadixAttention(self.num_heads, d, d**-0.5, num_kv_heads=self.num_kv_heads, layer_id=layer_id)
         self.aligned = aligned_mode()
+        if self.aligned:
+            use_aligned_projections(self.query_key_value, self.dense)
 
     def forward(self, a, cos, sin, forward_batch) -> torch.Tensor:
         T, d = a.shape[0], self.head_dim
@@ -206,6 +209,8 @@ class RingLinearAttention(nn.Module):
         self.dense = RowParallelLinear(
             H * d, D, bias=False, quant_config=quant_config, reduce_results=True, prefix=f"{prefix}.dense"
         )
+        if aligned_mode():
+            use_aligned_projections(self.query_key_value, self.g_proj, self.dense)
         self.attn = RadixAttention(self.num_heads, d, d**-0.5, num_kv_heads=self.num_heads, layer_id=layer_id)
 
     def forward(self, a, cos, sin, forward_batch) -> torch.Tensor:

@@ -23,7 +23,7 @@ from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
 from common_kernels.config import RingLinearConfig
 from common_kernels.model.linear_math import gate_output, prepare_qkv
-from common_kernels.serving import aligned_mode, rank_decay_rates, warm_up_linear_attention
+from common_kernels.serving import aligned_mode, rank_decay_rates, use_aligned_projections, warm_up_linear_attention
 
 from .backend import RingLinearBackend, RingLinearMetadata
 from .compat import LINEAR_ATTENTION_OP, layer_metadata, register_splitting_op
@@ -69,6 +69,8 @@ class RingLinearAttention(nn.Module, MambaBase):
         self.dense = RowParallelLinear(
             H * d, D, bias=False, quant_config=quant_config, reduce_results=True, prefix=f"{prefix}.dense"
         )
+        if aligned_mode():
+            use_aligned_projections(self.query_key_value, self.g_proj, self.dense)
         # vLLM builds the model under its target device and never moves it: derived tables go there now, so
         # no step copies them from the host (a copy inside CUDA-graph capture would fail)
         device = torch.get_default_device()

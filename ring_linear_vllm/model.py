@@ -42,7 +42,13 @@ from common_kernels.ops.moe.router_gemm import router_logits
 from common_kernels.ops.rope.fused import gqa_qk_norm_rope
 from common_kernels.ops.rope.naive import qk_norm_rope, rotary_inv_freq, rotary_table
 from common_kernels.precision import RESIDUAL_DTYPE, ROPE_DTYPE, ROUTER_DTYPE
-from common_kernels.serving import RouterGate, aligned_mode, load_checkpoint_tensors, place_tensor
+from common_kernels.serving import (
+    RouterGate,
+    aligned_mode,
+    load_checkpoint_tensors,
+    place_tensor,
+    use_aligned_projections,
+)
 
 from .compat import fused_moe, fused_moe_weight_paths
 from .engine_config import state_dtypes, state_shapes
@@ -148,6 +154,8 @@ class RingSoftmaxAttention(nn.Module):
         self.dense = RowParallelLinear(
             H * d, D, bias=False, quant_config=quant_config, reduce_results=True, prefix=f"{prefix}.dense"
         )
+        if self.aligned:
+            use_aligned_projections(self.query_key_value, self.dense)
         self.attn = Attention(
             self.num_heads,
             d,

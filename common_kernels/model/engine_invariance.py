@@ -1,10 +1,10 @@
-"""Aligned scoring in a trainer's process: the GEMM and log-softmax settings an aligned engine runs under.
+"""Aligned scoring in a trainer's process: the log-softmax settings an aligned engine runs under.
 
-Aligned mode runs each engine under its own batch invariance: vLLM's `VLLM_BATCH_INVARIANT=1` (every unquantized
-linear layer through its persistent Triton GEMM, `linear_batch_invariant`, not cuBLAS; no reduced-precision
-reductions; its row kernel for log-softmax) or SGLang's `--enable-deterministic-inference` (its persistent GEMM
-for `mm`/`addmm` and its own log-softmax kernel). The shim's projections (`engine_linear`) and log-softmax give
-that engine's bits only under the same settings, so aligned scoring on a GPU turns them on in this process (once;
+Aligned mode runs each engine under its own batch invariance: vLLM's `VLLM_BATCH_INVARIANT=1` (no reduced-precision
+reductions; its row kernel for log-softmax) or SGLang's `--enable-deterministic-inference` (its own log-softmax
+kernel, its persistent GEMM for any `mm`/`addmm` left). Our layers' GEMMs are our own kernels on both sides (the
+projections through `ops.moe.router_gemm.aligned_linear`). The shim's log-softmax gives that engine's bits only
+under the same settings, so aligned scoring on a GPU turns them on in this process (once;
 they stay on, process-wide) when the engine is installed, and warns once where it is not. The two engines'
 settings replace the same torch operators, so one process aligns with one engine. cuBLAS reads its workspace
 setting when it first runs, so a trainer that multiplied on the GPU before should call this first
@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import os
 import warnings
-
-import torch
-import torch.nn.functional as F
 
 from ..errors import InvalidInputError
 
@@ -52,28 +49,6 @@ def use_engine_invariance(engine: str = "vllm") -> bool:
         return False
     _state["engine"] = engine
     return True
-
-
-def engine_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`x @ weight.T` as the aligned engine's projection layers compute it: on a GPU aligned with vLLM, vLLM's
-    batch-invariant GEMM (which its linear layers call in place of cuBLAS under `VLLM_BATCH_INVARIANT=1`), with the
-    standard gradient; otherwise `F.linear` (SGLang's deterministic mode replaces the GEMM under it, process-wide)."""
-    if _state["engine"] == "vllm" and x.is_cuda:
-        return _VllmLinear.apply(x, weight)
-    return F.linear(x, weight)
-
-
-class _VllmLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight):
-        ctx.save_for_backward(x, weight)
-        return _vllm_batch_invariance().linear_batch_invariant(x, weight)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        grad_2d = grad.reshape(-1, grad.shape[-1])
-        return grad @ weight, grad_2d.t() @ x.reshape(-1, x.shape[-1])
 
 
 def check_engine(engine: str) -> None:

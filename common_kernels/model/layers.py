@@ -20,6 +20,7 @@ from ..ops.linear_attn.backward import linear_attention_varlen_triton
 from ..ops.linear_attn.naive import linear_attention_varlen
 from ..ops.moe.aligned import every_token, expert_outputs
 from ..ops.moe.naive import moe_combine, route, selection_margin, swiglu_mlp
+from ..ops.moe.router_gemm import aligned_linear
 from ..ops.moe.select import aligned_route
 from ..ops.norm.naive import rms_norm
 from ..ops.norm.rms import rms_norm_aligned
@@ -28,7 +29,6 @@ from ..ops.rope.fused import qk_norm_rope_triton
 from ..ops.rope.naive import qk_norm_rope
 from ..slopes import decay_rates
 from .cache import RingLinearCache
-from .engine_invariance import engine_linear
 from .linear_math import gate_output, prepare_qkv
 
 
@@ -155,13 +155,14 @@ def _expert_weights(experts) -> tuple[list[torch.Tensor], list[torch.Tensor], li
 
 
 class Projection(nn.Linear):
-    """A bias-free `nn.Linear` whose aligned forward is the aligned engine's projection GEMM (`engine_linear`)."""
+    """A bias-free `nn.Linear` whose aligned forward is aligned mode's invariant GEMM (`aligned_linear`), which the
+    engines' projection layers run too."""
 
     def __init__(self, in_features: int, out_features: int, **factory) -> None:
         super().__init__(in_features, out_features, bias=False, **factory)
 
     def forward(self, x: torch.Tensor, aligned: bool = False) -> torch.Tensor:
-        return engine_linear(x, self.weight) if aligned else F.linear(x, self.weight)
+        return aligned_linear(x, self.weight) if aligned else F.linear(x, self.weight)
 
 
 class SoftmaxAttention(nn.Module):

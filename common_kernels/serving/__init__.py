@@ -1,8 +1,9 @@
 """Engine-neutral serving pieces both engine adapters share: the per-step linear-attention work, the start-up
-warm-up, the state a rank holds, the settings refused, the environment switches, the checkpoint-loading loop
-and the router gate."""
+warm-up, the state a rank holds, the settings refused, the environment switches, the checkpoint-loading loop,
+the router gate and aligned mode's projections."""
 
 from .checks import check_serving_settings
+from .projections import use_aligned_projections
 from .router import RouterGate
 from .state import linear_state_dtype, linear_state_shape, rank_decay_rates
 from .step import LinearAttentionStep, build_step
@@ -23,5 +24,6 @@ __all__ = [
     "load_checkpoint_tensors",
     "place_tensor",
     "rank_decay_rates",
+    "use_aligned_projections",
     "warm_up_linear_attention",
 ]

@@ -56,21 +56,24 @@ def split_bf16x3(weight: torch.Tensor) -> torch.Tensor:
 # so the split-weight tiles follow the batch too (every set `bench_aligned_moe` timed gave the same bits).
 DECODE_ROUTER_TILES, PREFILL_ROUTER_TILES = (16, 16, 64), (16, 64, 32)
 DECODE_MAX_ROWS = 128
-TENSOR_CORE_TILES = (64, 128, 64)
+TENSOR_CORE_DECODE_TILES, TENSOR_CORE_TILES = (16, 64, 64), (64, 128, 64)
 SPLIT_WEIGHT_DECODE_TILES, SPLIT_WEIGHT_TILES = (16, 32, 64), (64, 64, 64)
-SPLIT_WEIGHT_DECODE_MAX_ROWS = 1024
+# Up to this many rows the tensor-core paths take their narrow decode tiles (more programs for a decode's few rows)
+TENSOR_CORE_DECODE_MAX_ROWS = SPLIT_WEIGHT_DECODE_MAX_ROWS = 1024
 
 
 def invariant_router_tiles(num_rows: int, tensor_cores: bool = False, split_weight: bool = False) -> tuple[int, ...]:
     """The tiles for `num_rows` rows: for bf16 activations with an fp32 weight `SPLIT_WEIGHT_DECODE_TILES` up to
-    `SPLIT_WEIGHT_DECODE_MAX_ROWS` (narrow tiles, more programs), else `SPLIT_WEIGHT_TILES`; `TENSOR_CORE_TILES` for
-    16-bit operands; else `DECODE_ROUTER_TILES` up to `DECODE_MAX_ROWS`. Triton's CPU interpreter multiplies a tile
-    with numpy, in its own order, so there one tile set serves every batch."""
+    `SPLIT_WEIGHT_DECODE_MAX_ROWS`, else `SPLIT_WEIGHT_TILES`; for 16-bit operands `TENSOR_CORE_DECODE_TILES` up to
+    `TENSOR_CORE_DECODE_MAX_ROWS`, else `TENSOR_CORE_TILES`; else `DECODE_ROUTER_TILES` up to `DECODE_MAX_ROWS`.
+    Triton's CPU interpreter multiplies a tile with numpy, in its own order, so there one tile set serves every
+    batch."""
     if split_weight:
         decode = num_rows <= SPLIT_WEIGHT_DECODE_MAX_ROWS and not INTERPRET
         return SPLIT_WEIGHT_DECODE_TILES if decode else SPLIT_WEIGHT_TILES
     if tensor_cores:
-        return TENSOR_CORE_TILES
+        decode = num_rows <= TENSOR_CORE_DECODE_MAX_ROWS and not INTERPRET
+        return TENSOR_CORE_DECODE_TILES if decode else TENSOR_CORE_TILES
     return DECODE_ROUTER_TILES if num_rows <= DECODE_MAX_ROWS and not INTERPRET else PREFILL_ROUTER_TILES
 
 
@@ -186,3 +189,12 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor, invariant: bool = False
         return (y[:, 2 * E :] + y[:, E : 2 * E]) + y[:, :E]  # the small parts first
     dtype = compute_dtype(ROUTER_DTYPE, x.dtype)
     return F.linear(x.to(dtype), weight.to(dtype))
+
+
+def aligned_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A bias-free projection `x @ weight.T` `[..., N]` in `x`'s dtype, as aligned mode computes it: the invariant
+    GEMM's fp32 sums (exact products) rounded once, as a cuBLAS GEMM rounds its fp32 accumulator, so a row's bits do
+    not depend on its batch. The engines' projection layers (`serving.AlignedProjection`) and the shim's
+    `Projection` both call it; differentiable (the plain GEMM's gradients)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return router_logits(rows, weight, invariant=True).to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])

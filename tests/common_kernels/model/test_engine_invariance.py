@@ -60,33 +60,3 @@ def test_aligned_scoring_names_an_unknown_engine_on_the_cpu_too():
     model = RingLinearForCausalLM(tiny_config())
     with pytest.raises(InvalidInputError, match="engine 'sglng'"):
         model.token_logprobs(torch.tensor([1, 2, 3]), aligned=True, engine="sglng")
-
-
-def test_aligned_projections_run_the_engines_gemm_where_it_is_vllm_with_the_standard_gradient(monkeypatch):
-    """vLLM's linear layers call its batch-invariant GEMM under VLLM_BATCH_INVARIANT (not cuBLAS): the shim's aligned
-    projections call it too once scoring is aligned with vLLM (stood in for here: no GPU), and F.linear otherwise."""
-    import torch
-    import torch.nn.functional as F
-
-    from common_kernels.model import engine_invariance
-
-    x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
-    calls = []
-
-    class FakeBatchInvariant:
-        @staticmethod
-        def linear_batch_invariant(a, b):
-            calls.append(a.shape)
-            return F.linear(a, b) + 0.5  # marked, so the test sees which GEMM ran
-
-    monkeypatch.setattr(engine_invariance, "_vllm_batch_invariance", lambda: FakeBatchInvariant)
-    monkeypatch.setitem(engine_invariance._state, "engine", "vllm")
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    y = engine_invariance.engine_linear(x, w)
-    assert calls == [(5, 8)] and torch.equal(y.detach(), F.linear(x, w).detach() + 0.5)
-    g = torch.randn(5, 3, dtype=torch.float64)
-    dx, dw = torch.autograd.grad(y, (x, w), g)
-    assert torch.allclose(dx, g @ w) and torch.allclose(dw, g.t() @ x)
-    monkeypatch.setitem(engine_invariance._state, "engine", "sglang")
-    assert torch.equal(engine_invariance.engine_linear(x, w), F.linear(x, w)) and len(calls) == 1

@@ -335,8 +335,8 @@ def test_aligned_token_logprobs_decode_the_generated_tokens_as_an_engine_does(mo
     """aligned=True runs the linear layers as an aligned engine (prompt prefilled, generated tokens decoded): the
     same function as the default to rounding, other bits (the switch does something), gradients flowing; the
     linear layers get the prompt lengths (a wrong one is named), each MoE layer routes through the engine's
-    batch-invariant router GEMM, which also computes the LM head, every softmax layer attends with aligned mode's
-    kernel and every RMSNorm runs aligned mode's."""
+    batch-invariant router GEMM, which also computes the projections and the LM head, every softmax layer attends
+    with aligned mode's kernel and every RMSNorm runs aligned mode's."""
     from common_kernels.model import layers
     from common_kernels.ops.moe import router_gemm
 
@@ -361,7 +361,8 @@ def test_aligned_token_logprobs_decode_the_generated_tokens_as_an_engine_does(mo
         (model.config.is_softmax_layer(i), model.config.is_moe_layer(i)) for i in range(len(model.model.layers))
     ]
     assert seen == [offsets] * sum(not softmax for softmax, _ in layer_kinds)
-    assert len(routed) == sum(moe for _, moe in layer_kinds) + 1 > 1  # and one LM-head chunk
+    projections = sum(2 if softmax else 3 for softmax, _ in layer_kinds)  # qkv and dense, and a linear layer's gate
+    assert len(routed) == sum(moe for _, moe in layer_kinds) + projections + 1  # and one LM-head chunk
     assert len(attended) == sum(softmax for softmax, _ in layer_kinds) > 0
     assert len(normed) == 2 * len(layer_kinds) + 1  # two per layer and the final norm
     assert_rel_rms("aligned logprobs", default.double(), aligned, 1e-5)
