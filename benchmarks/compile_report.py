@@ -134,7 +134,15 @@ def aligned_kernels() -> list[tuple[str, object, dict, dict, int, int]]:
     attention = indices | partials | {"q": "*bf16", "k": "*bf16", "v": "*bf16", "o": "*bf16", "scale": "fp32"}
     ring_mini_heads = {"HEADS": 4, "D": 128, "BLOCK_M": attn.BLOCK_M, "SPLIT": attn.SPLIT}
     attention_flags = {"GROUP": 4, "PAGED": True, "ROW_INDEX": False, "DOT": "tf32", "INTERPRET": False}
-    return found + [
+    tiles = ("BLOCK_T", "BLOCK_E", "BLOCK_D")
+    tensor_cores = {"TENSOR_CORES": True, "SPLIT_WEIGHT": False, "INTERPRET": False}
+    bf16_gemm = {"x": "*bf16", "w": "*bf16", "y": "*fp32"}
+    projections = [
+        (f"projection {'x'.join(map(str, t))}", router_gemm._invariant_router_kernel, bf16_gemm,
+         dict(zip(tiles, t, strict=True)) | tensor_cores, 4, 3)
+        for t in (router_gemm.TENSOR_CORE_DECODE_TILES, router_gemm.TENSOR_CORE_TILES)
+    ]  # fmt: skip
+    return found + projections + [
         ("router, split weight", router_gemm._invariant_router_kernel, router, split | flags, 4, 3),
         ("expert selection", select._select_experts_kernel, selection,
          {"HAS_BIAS": True, "NORMALISE": True, "BLOCK_E": 256, "BLOCK_G": 8, "BLOCK_K": 8}, 4, 1),

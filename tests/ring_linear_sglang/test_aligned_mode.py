@@ -56,6 +56,25 @@ def test_the_lm_head_is_the_shims_aligned_gemm_through_sglangs_quant_method_hook
         assert torch.equal(head.quant_method.apply(head, h), shim.logits(h, aligned=True))
 
 
+def test_every_projection_is_the_shims_aligned_gemm(aligned_pair):
+    """Each layer's QKV, gate and output projection through SGLang's own layer call: the shim's
+    `Projection(aligned=True)` bit for bit."""
+    from common_kernels.serving.projections import AlignedProjection
+
+    model, shim = aligned_pair
+    pairs = [
+        (getattr(layer.attention, name), getattr(mine.attention, name))
+        for layer, mine in zip(model.model.layers, shim.model.layers, strict=True)
+        for name in ("query_key_value", "g_proj", "dense")
+        if hasattr(layer.attention, name)
+    ]
+    assert pairs and all(isinstance(engine.quant_method, AlignedProjection) for engine, _ in pairs)
+    for engine, mine in pairs:
+        x = torch.randn(6, engine.weight.shape[1], generator=torch.Generator().manual_seed(8))
+        with torch.no_grad():
+            assert torch.equal(engine(x)[0], mine(x, aligned=True))
+
+
 class _TokenPool:
     """SGLang's token-to-KV pool as the attention reads it: per layer `[rows, kv_heads, d]`, written at locations."""
 

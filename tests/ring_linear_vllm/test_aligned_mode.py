@@ -169,6 +169,10 @@ def test_default_mode_keeps_the_plain_router_and_vllms_attention_choice(vllm_too
     from ring_linear_vllm.aligned_attention import RingAlignedAttentionBackend
 
     assert not any(a.attn_backend is RingAlignedAttentionBackend for a in _softmax_attention(model))
+    from common_kernels.serving.projections import AlignedProjection
+
+    methods = [m.quant_method for m in model.modules() if hasattr(m, "quant_method")]
+    assert methods and not any(isinstance(method, AlignedProjection) for method in methods)
 
 
 def test_aligned_mode_norms_and_softmax_qk_run_the_shims_kernels(vllm_tools, tiny_dir, aligned_env, monkeypatch):
@@ -280,6 +284,26 @@ def test_aligned_lm_head_is_the_shims_fixed_tile_gemm(vllm_tools, tiny_dir, alig
         want = router_logits(h, model.lm_head.weight[: model.config.vocab_size], invariant=True)
     assert logits.shape == (9, model.config.vocab_size) and logits.dtype == torch.float32
     assert torch.equal(logits, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_aligned_projections_are_the_shims_gemm(vllm_tools, tiny_dir, aligned_env, dtype):
+    """Every QKV, gate and output projection runs `aligned_linear` (the shim's `Projection(aligned=True)`), bit for
+    bit, through vLLM's own layer call (default mode keeps vLLM's method: the test above)."""
+    from common_kernels.ops.moe.router_gemm import aligned_linear
+    from common_kernels.serving.projections import AlignedProjection
+
+    cfg = vllm_tools.engine_config(tiny_dir, enable_chunked_prefill=False, dtype=str(dtype).removeprefix("torch."))
+    model = vllm_tools.build_model(cfg)
+    names = ("query_key_value", "g_proj", "dense")
+    layers = [getattr(layer.attention, name) for layer in model.model.layers for name in names
+              if hasattr(layer.attention, name)]  # fmt: skip
+    assert len(layers) == sum(3 if hasattr(layer.attention, "g_proj") else 2 for layer in model.model.layers)
+    assert all(isinstance(layer.quant_method, AlignedProjection) for layer in layers)
+    x = torch.randn(7, layers[0].weight.shape[1], generator=torch.Generator().manual_seed(5)).to(dtype)
+    with torch.no_grad():
+        out, _ = layers[0](x.to(layers[0].weight.device))
+    assert torch.equal(out.cpu(), aligned_linear(x, layers[0].weight.cpu()))
 
 
 def test_the_profiling_forward_runs_the_aligned_attention_kernel_once(vllm_tools, tiny_dir, aligned_env, monkeypatch):
