@@ -4,6 +4,11 @@ kernels, in one process on one GPU at Ring-mini's heads (16 of 128; fp32 q/k, bf
 what aligned mode's prefill costs and what the window form would buy.
 
     python -m benchmarks.bench_aligned_linear_attn [--prefill 1x8192 2x4096 64x256] [--decode 64]
+        [--token-tiles 16,2 8,1 32,4]
+
+`--token-tiles BLOCK_V,WARPS` times the token-by-token kernel with each V-tile and warp count (one row each): a
+single long prompt's tokens run one after another, so its prefill is bound by one token's latency, which these set.
+Each set is its own order of sums (its own bits, the same on both sides of aligned mode), so the fastest can ship.
 
 Timing: `triton.testing.do_bench` (median; each call includes its launch). Ratios are the default kernel's time over
 the aligned one's (below 1: aligned is slower).
@@ -17,6 +22,7 @@ import sys
 import torch
 import triton
 
+from common_kernels.ops.linear_attn import aligned
 from common_kernels.ops.linear_attn.aligned import linear_attention_aligned, linear_attention_aligned_decode
 from common_kernels.ops.linear_attn.decode import linear_attention_decode
 from common_kernels.ops.linear_attn.prefill import linear_attention_prefill
@@ -24,6 +30,29 @@ from common_kernels.ops.linear_attn.windowed import WINDOW, linear_attention_win
 
 HEADS, DIM = 16, 128
 DEVICE = "cuda"
+TOKEN_TILES = [(aligned.ALIGNED_BLOCK_V, aligned.ALIGNED_NUM_WARPS)]  # `--token-tiles`
+
+
+def parse_token_tiles(text: str) -> tuple[int, int]:
+    """ "BLOCK_V,WARPS": a power of two of at least 8 and a warp count."""
+    parts = text.split(",")
+    ok = len(parts) == 2 and all(p.isdigit() and int(p) > 0 for p in parts)
+    if not ok or int(parts[0]) < 8 or int(parts[0]) & (int(parts[0]) - 1):
+        raise argparse.ArgumentTypeError(f"--token-tiles {text!r}: give BLOCK_V,WARPS, e.g. 16,2")
+    return int(parts[0]), int(parts[1])
+
+
+def token_by_token(call) -> dict:
+    """The token-by-token call once per `TOKEN_TILES` set, each run with its V-tile and warps."""
+
+    def with_tiles(block_v: int, warps: int):
+        def run():
+            aligned.ALIGNED_BLOCK_V, aligned.ALIGNED_NUM_WARPS = block_v, warps
+            return call()
+
+        return run
+
+    return {f"aligned, token by token, V-tile {bv}, {w} warps": with_tiles(bv, w) for bv, w in TOKEN_TILES}
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -56,7 +85,7 @@ def prefill_row(sequences: int, length: int) -> None:
     qkv = (t["q"], t["k"], t["v"], t["rate"], DIM**-0.5)
     calls = {
         "default prefill": lambda: linear_attention_prefill(*qkv, cu, t["pool"], t["slots"], fresh),
-        "aligned, token by token": lambda: linear_attention_aligned(*qkv, cu, t["pool"], t["slots"], fresh),
+        **token_by_token(lambda: linear_attention_aligned(*qkv, cu, t["pool"], t["slots"], fresh)),
         "aligned, windows": lambda: linear_attention_windowed(
             *qkv, cu, starts, t["pool"], t["window_k"], t["window_v"], t["slots"], fresh
         ),
@@ -73,7 +102,7 @@ def decode_row(sequences: int) -> None:
     qkv = (t["q"], t["k"], t["v"], t["rate"], DIM**-0.5)
     calls = {
         "default decode": lambda: linear_attention_decode(*qkv, t["pool"], t["slots"], fresh=fresh),
-        "aligned, token by token": lambda: linear_attention_aligned_decode(*qkv, t["pool"], t["slots"], fresh),
+        **token_by_token(lambda: linear_attention_aligned_decode(*qkv, t["pool"], t["slots"], fresh)),
         "aligned, windows": lambda: linear_attention_windowed(
             *qkv, cu, starts, t["pool"], t["window_k"], t["window_v"], t["slots"], fresh
         ),
@@ -93,16 +122,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prefill", type=parse_shape, nargs="+", default=[(1, 8192), (2, 4096), (64, 256)])
     parser.add_argument("--decode", type=int, nargs="+", default=[64])
+    parser.add_argument("--token-tiles", type=parse_token_tiles, nargs="+", default=list(TOKEN_TILES))
     args = parser.parse_args(argv)
+    TOKEN_TILES[:] = args.token_tiles
     if not torch.cuda.is_available():
         raise SystemExit("bench_aligned_linear_attn: needs a CUDA GPU")
     print(f"{torch.cuda.get_device_name()}; {HEADS} heads of {DIM}, fp32 q/k, bf16 v")
     print("| case | kernel | ms | default / this |")
     print("|---|---|---:|---:|")
-    for sequences, length in args.prefill:
-        prefill_row(sequences, length)
-    for sequences in args.decode:
-        decode_row(sequences)
+    shipped = aligned.ALIGNED_BLOCK_V, aligned.ALIGNED_NUM_WARPS
+    try:
+        for sequences, length in args.prefill:
+            prefill_row(sequences, length)
+        for sequences in args.decode:
+            decode_row(sequences)
+    finally:
+        aligned.ALIGNED_BLOCK_V, aligned.ALIGNED_NUM_WARPS = shipped
 
 
 if __name__ == "__main__":

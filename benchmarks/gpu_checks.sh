@@ -71,7 +71,8 @@
 #   aligned-attn bench_aligned_attention: aligned mode's softmax attention in a decode step (keys split over programs,
 #                and in one program) against vLLM's FlashAttention, 1-64 sequences of 4K and 16K keys (issue 15's decode cost)
 #   aligned-la   bench_aligned_linear_attn: aligned mode's linear attention, token by token and in windows (not wired),
-#                against the default prefill and decode at Ring-mini's heads (issue 15's prefill cost)          (~1 min)
+#                against the default prefill and decode at Ring-mini's heads (issue 15's prefill cost; ALIGNED_LA_ARGS,
+#                e.g. "--token-tiles 16,2 8,1 16,1 32,4", times the token-by-token kernel's V-tiles and warps)   (~1 min)
 #   vllm-diff    vllm_layer_diff: per-module engine outputs against the shim, one prompt, bit for bit (DIFF_ARGS, e.g.
 #                "--aligned --dtype bfloat16 --internals": where aligned mode's bitwise claim breaks; --internals adds
 #                the first linear layer's steps; DIFF_CHECKPOINT=ring-mini diffs a random Ring-mini layer group)   (~1.5 min)
@@ -156,7 +157,7 @@ for step in "$@"; do
     serve-report) python3 -m benchmarks.bench_serve report "${SERVE_OUT:-$out/serve}" | tee "$out/serve-report.md" ;;
     sgl-engine) run sgl-engine 570 "${SGLANG_ENV[@]}" CUDA_VISIBLE_DEVICES=0 \
       python3 -m pytest -q -s -m gpu tests/ring_linear_sglang/test_engine_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} ;;
-    aligned-la) run aligned-la 300 python3 -m benchmarks.bench_aligned_linear_attn ;;
+    aligned-la) run aligned-la 300 python3 -m benchmarks.bench_aligned_linear_attn ${ALIGNED_LA_ARGS:-} ;;
     aligned-attn) run aligned-attn 300 python3 -m benchmarks.bench_aligned_attention ;;
     aligned-moe) run aligned-moe 400 python3 -m benchmarks.bench_aligned_moe ${ALIGNED_MOE_TILES:+--tiles $ALIGNED_MOE_TILES} \
       ${ALIGNED_MOE_ARGS:-} ;;

@@ -22,6 +22,7 @@ from .triton_utils import check_pool, check_qkv, check_sequences, output_rows
 
 ALIGNED_BLOCK_V = 16  # aligned mode's one V-tile: the tile sets the output sum's order; 16 columns keep 8 programs
 # per head busy on a single long prompt
+ALIGNED_NUM_WARPS = 2  # likewise fixed: the warps share the tile's reduction over K
 
 
 # Every batch-dependent integer is a runtime value and no row pointer is specialised on its alignment, so the
@@ -99,7 +100,7 @@ def _launch(name, q, k, v, decay_rate, scale, state_pool, slots, fresh, out, cu_
         decay_rate.to(device=q.device, dtype=torch.float32).contiguous(), scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
         state_pool.stride(0), state_pool.stride(1), int(varlen),
-        K, V, BV, num_warps=2,
+        K, V, BV, num_warps=ALIGNED_NUM_WARPS,
     )  # fmt: skip
     return o
 
