@@ -128,6 +128,7 @@ def aligned_kernels() -> list[tuple[str, object, dict, dict, int, int]]:
         "rate": "*fp32", "scale": "fp32",
     }  # fmt: skip
     window_shape = {"K": 128, "V": 128, "BV": windowed.WINDOWED_BLOCK_V, "C": windowed.WINDOW}
+    window_shape["ROWS"] = windowed.OUTPUT_ROWS
     selection = {"logits": "*fp32", "bias": "*fp32", "ids": "*i64", "weights": "*fp32", "scale": "fp32", "k": "i32"}
     indices = dict.fromkeys(("cu_seqlens_q", "seq_lens", "kv_start", "block_table", "table_rows"), "*i32")
     partials = {"part_m": "*fp32", "part_l": "*fp32", "part_acc": "*fp32"}

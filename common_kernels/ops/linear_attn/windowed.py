@@ -4,10 +4,10 @@ depend on nothing but its sequence, and a long prompt runs `WINDOW` tokens per s
 
 The state of a sequence is the fp32 state `S` at the last multiple of `WINDOW` it has passed and the keys and values
 of the tokens since (the window buffer). Every token's output is the chunked form of its window, `lam^(i+1) q S +
-sum_{j <= i} lam^(i-j) (q . k_j) v_j` over the window's rows, computed on the same `[WINDOW, ...]` tiles whether
-the window's other tokens arrived in this call (a prefill), in earlier calls (decode steps, a prefill split anywhere)
-or not yet: a row's products never involve another row's query, and a key or value not yet seen is a zero that the
-causal mask multiplies by zero. A window is folded into `S` (`lam^C S + sum_j lam^(C-1-j) k_j^T v_j`) by the call
+sum_{j <= i} lam^(i-j) (q . k_j) v_j` over the window's rows, computed on the same tiles (its `OUTPUT_ROWS`-row
+block of queries against the whole window's keys and values) whether the window's other tokens arrived in this call
+(a prefill), in earlier calls (decode steps, a prefill split anywhere) or not yet: a row's products never involve
+another row's query, and a key or value not yet seen is a zero that the causal mask multiplies by zero. A window is folded into `S` (`lam^C S + sum_j lam^(C-1-j) k_j^T v_j`) by the call
 that holds its last token, from the same tile in every case. So one sequence gives the same bits prefilled in one
 call, split at any token, or decoded one token a step; and an engine's prefix cache, which stores states at block
 boundaries (multiples of `WINDOW`), resumes with an empty buffer.
@@ -21,10 +21,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import check_pool, check_qkv, check_sequences, chunk_decays, chunk_state_update, output_rows
+from .triton_utils import check_pool, check_qkv, check_sequences, chunk_state_update, output_rows
 
 WINDOW = 64  # the grid: a divisor of every engine block size that can cache a state (vLLM's 512-token blocks)
 WINDOWED_BLOCK_V = 32
+# A window's outputs are computed this many rows at a time, in a prefill and a decode alike: a decode's one token
+# then pays for 16 rows of products, not the window's 64.
+OUTPUT_ROWS = 16
 # One stage: the window's tiles pipelined over three stages need 296 KiB of shared memory, past Hopper's 227 KiB.
 WINDOWED_LAUNCH = {"num_warps": 4, "num_stages": 1}
 WINDOWED_DOT_PRECISION = "tf32x3"  # fp32 q/k/v: three TF32 products, fp32-accurate; the tiles make it deterministic
@@ -35,9 +38,11 @@ def _windowed_kernel(
     q, k, v, o, pool, window_k, window_v, slots, fresh, starts, cu_seqlens, rate, scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     stride_pp, stride_ph, stride_wkp, stride_wkh, stride_wvp, stride_wvh,
-    K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, ROWS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One program per (sequence, head, V-tile): the sequence's rows, window by window on the absolute grid."""
+    """One program per (sequence, head, V-tile): the sequence's rows, window by window on the absolute grid, each
+    window's outputs in blocks of `ROWS` rows (the same tiles in a prefill and a decode; a decode computes one)."""
     i_b, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_k = tl.arange(0, K)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -55,7 +60,7 @@ def _windowed_kernel(
     if tl.load(fresh + i_b) != 0:
         b_s = tl.zeros([K, BV], dtype=tl.float32)
     b_rate = tl.load(rate + i_h).to(tl.float32)
-    _, q_decay, intra = chunk_decays(b_rate, C)
+    o_r = tl.arange(0, ROWS)
     p_wk = window_k + slot * stride_wkp + i_h * stride_wkh + o_t[:, None] * K + o_k[None, :]
     p_wv = window_v + slot * stride_wvp + i_h * stride_wvh + o_t[:, None] * V + o_v[None, :]
     end = position + (eos - bos)
@@ -68,13 +73,23 @@ def _windowed_kernel(
         fresh_v = tl.load(v + rows[:, None] * stride_vt + i_h * stride_vh + o_v[None, :], mask=new[:, None], other=0.0)
         b_k = tl.where(buffered[:, None], tl.load(p_wk, mask=buffered[:, None], other=0.0), fresh_k.to(tl.float32))
         b_v = tl.where(buffered[:, None], tl.load(p_wv, mask=buffered[:, None], other=0.0), fresh_v.to(tl.float32))
-        b_q = tl.load(q + rows[:, None] * stride_qt + i_h * stride_qh + o_k[None, :], mask=new[:, None], other=0.0)
-        b_q = b_q.to(tl.float32)
-        b_o = tl.dot(b_q, b_s, input_precision=DOT_PRECISION) * q_decay[:, None]
-        b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * intra
-        b_o = (b_o + tl.dot(b_qk, b_v, input_precision=DOT_PRECISION)) * scale
-        tl.store(o + rows[:, None] * stride_ot + i_h * stride_oh + o_v[None, :], b_o.to(o.dtype.element_ty),
-                 mask=new[:, None])  # fmt: skip
+        # the outputs, ROWS window rows at a time: only the blocks that hold this call's tokens (a decode's one)
+        first_new = tl.maximum(position, base) - base
+        for r0 in range(first_new - first_new % ROWS, tl.minimum(end - base, C), ROWS):
+            row_in_window = r0 + o_r
+            at_r = base + row_in_window
+            new_r = (at_r >= position) & (at_r < end)
+            rows_r = bos + (at_r - position)
+            b_q = tl.load(q + rows_r[:, None] * stride_qt + i_h * stride_qh + o_k[None, :], mask=new_r[:, None],
+                          other=0.0).to(tl.float32)  # fmt: skip
+            q_decay = tl.exp(-b_rate * (row_in_window + 1).to(tl.float32))
+            diff = (row_in_window[:, None] - o_t[None, :]).to(tl.float32)
+            intra = tl.where(diff >= 0, tl.exp(-b_rate * tl.maximum(diff, 0.0)), 0.0)
+            b_o = tl.dot(b_q, b_s, input_precision=DOT_PRECISION) * q_decay[:, None]
+            b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * intra
+            b_o = (b_o + tl.dot(b_qk, b_v, input_precision=DOT_PRECISION)) * scale
+            tl.store(o + rows_r[:, None] * stride_ot + i_h * stride_oh + o_v[None, :], b_o.to(o.dtype.element_ty),
+                     mask=new_r[:, None])  # fmt: skip
         if base + C <= end:  # this call holds the window's last token: fold the window into S
             b_s = chunk_state_update(b_s, b_k, b_v, o_t < C, C, b_rate, o_t, DOT_PRECISION)
         else:  # the window goes on in a later call: keep its new tokens
@@ -143,6 +158,6 @@ def linear_attention_windowed(
         decay_rate.to(device=q.device, dtype=torch.float32).contiguous(), scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
         state_pool.stride(0), state_pool.stride(1), window_k.stride(0), window_k.stride(1), window_v.stride(0),
-        window_v.stride(1), K, V, BV, WINDOW, WINDOWED_DOT_PRECISION, **WINDOWED_LAUNCH,
+        window_v.stride(1), K, V, BV, WINDOW, OUTPUT_ROWS, WINDOWED_DOT_PRECISION, **WINDOWED_LAUNCH,
     )  # fmt: skip
     return o
