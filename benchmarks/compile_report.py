@@ -107,8 +107,16 @@ def kernels(block_v: int, block_k: int, chunk: int = prefill.CHUNK, seg: int = 1
 def aligned_kernels() -> list[tuple[str, object, dict, dict, int, int]]:
     """(name, kernel, parameter types, constexprs, warps, stages) of aligned mode's kernels at Ring-mini's shapes,
     in the launches' tile sets (the experts' decode and prefill sets, and the transposed decode set)."""
-    moe = {"a": "*bf16", "w": "*bf16", "out": "*bf16", "pair_of_row": "*i64", "expert_of_block": "*i64"}
+    moe = {
+        "a": "*bf16",
+        "w": "*bf16",
+        "w_last": "*bf16",
+        "out": "*bf16",
+        "pair_of_row": "*i64",
+        "expert_of_block": "*i64",
+    }
     gemm = {"GATHER": True, "SWIGLU": True, "IEEE": False, "INTERPRET": False, "EVEN_K": True, "EVEN_N": True}
+    gemm["LAST_APART"] = True  # the shared expert in the routed experts' launch, as Ring-mini's layers run it
     found = []
     for tiles in [aligned.ExpertTiles(16, 128, 64, swap_ab=True)] + [t for _, t in aligned.TILE_SCHEDULE]:
         blocks = {
@@ -149,7 +157,7 @@ def aligned_kernels() -> list[tuple[str, object, dict, dict, int, int]]:
          {"HAS_BIAS": True, "NORMALISE": True, "BLOCK_E": 256, "BLOCK_G": 8, "BLOCK_K": 8}, 4, 1),
         ("expert blocks, one launch", aligned._block_layout_kernel,
          {"topk_ids": "*i64", "pair_of_row": "*i64", "expert_of_block": "*i64"},
-         {"BLOCK_E": 256, "BLOCK_M": 16, "CHUNK": aligned._LAYOUT_CHUNK}, 4, 1),
+         {"BLOCK_E": 512, "BLOCK_M": 16, "CHUNK": aligned._LAYOUT_CHUNK}, 4, 1),  # 256 routed + the shared
         ("slot sum", aligned._combine_slots_kernel, {"y": "*fp32", "weights": "*fp32", "out": "*fp32", "k": "i32"},
          {"BLOCK_D": aligned.COMBINE_BLOCK_D}, 4, 1),
         ("softmax attention, paged", attn._aligned_attention_kernel, attention,

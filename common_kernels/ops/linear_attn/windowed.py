@@ -7,8 +7,9 @@ of the tokens since (the window buffer). Every token's output is the chunked for
 sum_{j <= i} lam^(i-j) (q . k_j) v_j` over the window's rows, computed on the same tiles (its `OUTPUT_ROWS`-row
 block of queries against the whole window's keys and values) whether the window's other tokens arrived in this call
 (a prefill), in earlier calls (decode steps, a prefill split anywhere) or not yet: a row's products never involve
-another row's query, and a key or value not yet seen is a zero that the causal mask multiplies by zero. A window is folded into `S` (`lam^C S + sum_j lam^(C-1-j) k_j^T v_j`) by the call
-that holds its last token, from the same tile in every case. So one sequence gives the same bits prefilled in one
+another row's query, and a key or value not yet seen is a zero that the causal mask multiplies by zero. A window is
+folded into `S` (`lam^C S + sum_j lam^(C-1-j) k_j^T v_j`) by the call that holds its last token, from the same tile
+in every case. So one sequence gives the same bits prefilled in one
 call, split at any token, or decoded one token a step; and an engine's prefix cache, which stores states at block
 boundaries (multiples of `WINDOW`), resumes with an empty buffer.
 

@@ -99,11 +99,11 @@ def _accumulate(b_a, b_w, acc, SWAP_AB: tl.constexpr, IEEE: tl.constexpr, INTERP
 
 @triton.jit(do_not_specialize=["num_experts", "K", "N", "top_k"])
 def _expert_gemm_kernel(
-    a, w, out, pair_of_row, expert_of_block, num_experts, K, N, top_k, up_offset,
+    a, w, w_last, out, pair_of_row, expert_of_block, num_experts, K, N, top_k, up_offset,
     stride_a, stride_we, stride_wn, stride_out,
     GATHER: tl.constexpr, SWIGLU: tl.constexpr, IEEE: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-    SWAP_AB: tl.constexpr,
+    SWAP_AB: tl.constexpr, LAST_APART: tl.constexpr,
 ):  # fmt: skip
     """One `[BLOCK_M, BLOCK_N]` tile of one expert's rows, a block's column tiles launched one after another (so a
     block's rows, and across an expert's blocks its weight tiles, are read again while in L2). `GATHER` (the first
@@ -112,7 +112,8 @@ def _expert_gemm_kernel(
     `SWIGLU`: also the up product (weight rows from `up_offset`), and the tile stores `silu(gate) * up`.
     `EVEN_K` / `EVEN_N`: the reduction / the columns are whole tiles, so the loads need no masks (a padding row
     reads row 0, and a row's products never involve another row's, so its result is simply not stored).
-    `SWAP_AB`: the tiles are loaded and multiplied transposed, `[BLOCK_N, BLOCK_M]`, and turned back at the end."""
+    `SWAP_AB`: the tiles are loaded and multiplied transposed, `[BLOCK_N, BLOCK_M]`, and turned back at the end.
+    `LAST_APART`: the last expert's weights are `w_last` (a shared expert riding in the routed experts' launch)."""
     num_col_tiles = tl.cdiv(N, BLOCK_N)
     block, col_tile = tl.program_id(0) // num_col_tiles, tl.program_id(0) % num_col_tiles
     expert = tl.load(expert_of_block + block)
@@ -125,6 +126,9 @@ def _expert_gemm_kernel(
     dst = rows if GATHER else pairs
     cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     w_e = w + expert.to(tl.int64) * stride_we
+    if LAST_APART:  # noqa: SIM102 (a compile-time flag, then a runtime test: Triton takes them nested)
+        if expert == num_experts - 1:
+            w_e = w_last
     if SWAP_AB:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -264,8 +268,17 @@ def aligned_expert_outputs(
     `[E, 2I, D]` (gate rows, then up rows), `w2` `[E, D, I]`, `topk_ids`/`topk_weights` `[T, k]`. A custom op, so a
     compiled engine graph calls it as one opaque computation."""
     _check(x, w13, w2, topk_ids, topk_weights)
+    return _expert_outputs(x, w13, w2, topk_ids, topk_weights)
+
+
+def _expert_outputs(x, w13, w2, topk_ids, topk_weights, last_w13=None, last_w2=None) -> torch.Tensor:
+    """`aligned_expert_outputs`; with `last_w13` `[2I, D]` and `last_w2` `[D, I]`, expert `E` (one past `w13`'s)
+    is that one, in the same launches."""
     (T, D), (E, two_i, _), k = x.shape, w13.shape, topk_ids.shape[1]
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
+    apart = last_w13 is not None
+    if apart:
+        E, last_w13, last_w2 = E + 1, last_w13.contiguous(), last_w2.contiguous()
     tiles = expert_tiles(T)
     bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
     pair_of_row, expert_of_block = expert_blocks(topk_ids, E, bm)
@@ -275,15 +288,15 @@ def aligned_expert_outputs(
     if R:
         stages = [fitting_stages(tiles, x.element_size(), swiglu, x.device) for swiglu in (True, False)]
         _expert_gemm_kernel[(R // bm * triton.cdiv(I, bn),)](
-            x, w13, act, pair_of_row, expert_of_block, E, D, I, k, I,
+            x, w13, last_w13 if apart else w13, act, pair_of_row, expert_of_block, E, D, I, k, I,
             x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
-            True, True, ieee, INTERPRET, bm, bn, bk, D % bk == 0, I % bn == 0, tiles.swap_ab,
+            True, True, ieee, INTERPRET, bm, bn, bk, D % bk == 0, I % bn == 0, tiles.swap_ab, apart,
             num_warps=tiles.num_warps, num_stages=stages[0],
         )  # fmt: skip
         _expert_gemm_kernel[(R // bm * triton.cdiv(D, bn),)](
-            act, w2, y, pair_of_row, expert_of_block, E, I, D, k, 0,
+            act, w2, last_w2 if apart else w2, y, pair_of_row, expert_of_block, E, I, D, k, 0,
             act.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
-            False, False, ieee, INTERPRET, bm, bn, bk, I % bk == 0, D % bn == 0, tiles.swap_ab,
+            False, False, ieee, INTERPRET, bm, bn, bk, I % bk == 0, D % bn == 0, tiles.swap_ab, apart,
             num_warps=tiles.num_warps, num_stages=stages[1],
         )  # fmt: skip
     return combine_slots(y.view(T, k, D), topk_weights)
@@ -427,10 +440,17 @@ def aligned_moe(
     ids, weights = aligned_route(
         x, gate_weight, expert_bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob
     )
+    if shared_w13 is None or shared_w2 is None:
+        return aligned_expert_outputs(x, w13, w2, ids, weights).to(x.dtype)
+    _check(x, w13, w2, ids, weights)
+    if shared_w13.shape[1:] == w13.shape[1:] and shared_w2.shape[1:] == w2.shape[1:]:
+        # the shared expert as expert E in the routed experts' launches, its slot last with weight 1: the slot sum
+        # then adds it to the routed sum exactly as the shim's separate `routed + shared` does
+        shared_ids, ones = every_token(x)
+        ids, weights = torch.cat([ids, shared_ids + w13.shape[0]], dim=1), torch.cat([weights, ones], dim=1)
+        return _expert_outputs(x, w13, w2, ids, weights, shared_w13[0], shared_w2[0]).to(x.dtype)
     out = aligned_expert_outputs(x, w13, w2, ids, weights)
-    if shared_w13 is not None and shared_w2 is not None:
-        out = out + aligned_expert_outputs(x, shared_w13, shared_w2, *every_token(x))
-    return out.to(x.dtype)
+    return (out + aligned_expert_outputs(x, shared_w13, shared_w2, *every_token(x))).to(x.dtype)
 
 
 @aligned_moe.register_fake
