@@ -117,6 +117,31 @@ def shared_expert_rows(tokens: int, tile_sets: list[tuple[int, ...]], generator:
     tile_set_rows(tokens, "shared", tile_sets, use_expert_tiles, call, plain_ms)
 
 
+def merged_shared_rows(tokens: int, t: dict[str, torch.Tensor], generator: torch.Generator) -> None:
+    """The routed experts and the shared expert with the shipped tiles: two launches' worth, then the shared expert
+    riding in the routed experts' launches (as `aligned_moe` runs Ring-mini's layers), and whether the bits agree."""
+    D, I = RING_MINI["hidden"], RING_MINI["intermediate"]
+    shared_w13 = (torch.randn(1, 2 * I, D, generator=generator) * 0.02).bfloat16().cuda()
+    shared_w2 = (torch.randn(1, D, I, generator=generator) * 0.02).bfloat16().cuda()
+    x, w13, w2 = t["x"], t["w13"], t["w2"]
+    every = aligned.every_token(x)
+    ids = torch.cat([t["ids"], every[0] + w13.shape[0]], dim=1)
+    weights = torch.cat([t["weights"], every[1]], dim=1)
+
+    def apart() -> torch.Tensor:
+        routed = aligned.aligned_expert_outputs(x, w13, w2, t["ids"], t["weights"])
+        return routed + aligned.aligned_expert_outputs(x, shared_w13, shared_w2, *every)
+
+    def together() -> torch.Tensor:
+        return aligned._expert_outputs(x, w13, w2, ids, weights, shared_w13[0], shared_w2[0])
+
+    apart_ms, together_ms = time_ms(apart), time_ms(together)
+    equal = torch.equal(apart(), together())
+    print(f"| {tokens} | routed, then shared (shipped tiles) | {apart_ms:.3f} | | |")
+    print(f"| {tokens} | routed and shared in one launch | {together_ms:.3f} | {apart_ms / together_ms:.2f} | "
+          f"bits = apart: {equal} |", flush=True)  # fmt: skip
+
+
 def router_rows(tokens: int, tile_sets: list[tuple[int, ...]], generator: torch.Generator) -> None:
     """The invariant router GEMM (2,048 -> 256, bf16 activations, fp32 weight: the split-weight tensor-core path) per
     tile set against cuBLAS's fp32 GEMM."""
@@ -229,6 +254,8 @@ def main(argv: list[str] | None = None) -> None:
             call = functools.partial(aligned.aligned_expert_outputs, t["x"], t["w13"], t["w2"], t["ids"], t["weights"])
             tile_set_rows(tokens, "aligned", args.tiles, use_expert_tiles, call, their_ms, error_from(theirs))
             shared_expert_rows(tokens, args.tiles, torch.Generator().manual_seed(tokens + 2))
+            aligned.TILE_SCHEDULE = shipped
+            merged_shared_rows(tokens, t, torch.Generator().manual_seed(tokens + 4))
             router_rows(tokens, args.router_tiles, torch.Generator().manual_seed(tokens + 1))
             if args.projections:
                 projection_rows(tokens, args.projection_tiles, torch.Generator().manual_seed(tokens + 3))
