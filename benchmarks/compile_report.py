@@ -129,7 +129,7 @@ def aligned_kernels() -> list[tuple[str, object, dict, dict, int, int]]:
         found.append((name, aligned._expert_gemm_kernel, moe, gemm | blocks, tiles.num_warps, tiles.num_stages))
     router = {"x": "*bf16", "w": "*fp32", "y": "*fp32"}
     split = dict(zip(("BLOCK_T", "BLOCK_E", "BLOCK_D"), router_gemm.SPLIT_WEIGHT_DECODE_TILES, strict=True))
-    flags = {"TENSOR_CORES": False, "SPLIT_WEIGHT": True, "INTERPRET": False}
+    flags = {"TENSOR_CORES": False, "SPLIT_WEIGHT": True, "INTERPRET": False, "EVEN_D": True}
     window = {
         "q": "*fp32", "k": "*fp32", "v": "*bf16", "o": "*fp32", "pool": "*fp32", "window_k": "*fp32",
         "window_v": "*fp32", "slots": "*i64", "fresh": "*i8", "starts": "*i64", "cu_seqlens": "*i32",
@@ -144,7 +144,7 @@ def aligned_kernels() -> list[tuple[str, object, dict, dict, int, int]]:
     ring_mini_heads = {"HEADS": 4, "D": 128, "BLOCK_M": attn.BLOCK_M, "SPLIT": attn.SPLIT}
     attention_flags = {"GROUP": 4, "PAGED": True, "ROW_INDEX": False, "DOT": "tf32", "INTERPRET": False}
     tiles = ("BLOCK_T", "BLOCK_E", "BLOCK_D")
-    tensor_cores = {"TENSOR_CORES": True, "SPLIT_WEIGHT": False, "INTERPRET": False}
+    tensor_cores = {"TENSOR_CORES": True, "SPLIT_WEIGHT": False, "INTERPRET": False, "EVEN_D": True}
     bf16_gemm = {"x": "*bf16", "w": "*bf16", "y": "*fp32"}
     projections = [
         (f"projection {'x'.join(map(str, t))}", router_gemm._invariant_router_kernel, bf16_gemm,

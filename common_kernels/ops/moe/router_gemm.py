@@ -81,9 +81,12 @@ def invariant_router_tiles(num_rows: int, tensor_cores: bool = False, split_weig
 def _invariant_router_kernel(
     x, w, y, T, D, E, stride_x, stride_w, stride_y,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, TENSOR_CORES: tl.constexpr,
-    SPLIT_WEIGHT: tl.constexpr, INTERPRET: tl.constexpr,
+    SPLIT_WEIGHT: tl.constexpr, INTERPRET: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     """A `[BLOCK_T, BLOCK_E]` tile of logits per program, the hidden dim walked in order in `BLOCK_D` steps.
+    Rows and columns past the ends read the last row and column (a logit's products never involve another row's or
+    column's, and those are not stored), so the loads need no mask where the hidden dim is whole tiles (`EVEN_D`):
+    Triton pipelines unmasked loads only.
     `SPLIT_WEIGHT` (bf16 `x`, fp32 `w`): `w = hi + mid + lo` in bf16 parts (`split_bf16x3`'s rounding), one tensor-core
     product chain per part, the parts' logits summed small first."""
     rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
@@ -93,10 +96,13 @@ def _invariant_router_kernel(
     acc_lo = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
     for start in range(0, D, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D)
-        m_x = (rows < T)[:, None] & (cols < D)[None, :]
-        m_w = (cols < D)[:, None] & (experts < E)[None, :]
-        b_x = tl.load(x + rows[:, None] * stride_x + cols[None, :], mask=m_x, other=0.0)
-        b_w = tl.load(w + experts[None, :] * stride_w + cols[:, None], mask=m_w, other=0.0)
+        p_x = x + tl.minimum(rows, T - 1)[:, None] * stride_x + cols[None, :]
+        p_w = w + tl.minimum(experts, E - 1)[None, :] * stride_w + cols[:, None]
+        if EVEN_D:
+            b_x, b_w = tl.load(p_x), tl.load(p_w)
+        else:
+            b_x = tl.load(p_x, mask=(cols < D)[None, :], other=0.0)
+            b_w = tl.load(p_w, mask=(cols < D)[:, None], other=0.0)
         if SPLIT_WEIGHT:
             w_hi = b_w.to(tl.bfloat16)
             rest = b_w - w_hi.to(tl.float32)
@@ -136,7 +142,7 @@ def _launch_invariant(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         block_t, block_e, block_d = invariant_router_tiles(T, tensor_cores, split_weight)
         _invariant_router_kernel[(triton.cdiv(T, block_t), triton.cdiv(E, block_e))](
             x, weight, y, T, D, E, x.stride(0), weight.stride(0), y.stride(0), block_t, block_e, block_d,
-            tensor_cores, split_weight, INTERPRET,
+            tensor_cores, split_weight, INTERPRET, D % block_d == 0,
         )  # fmt: skip
     return y
 

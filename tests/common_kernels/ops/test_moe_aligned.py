@@ -235,6 +235,30 @@ def test_each_tile_sets_pipeline_fits_shared_memory(itemsize, swiglu):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("T", [1, 64, 1500, 9000])  # each tile set
+def test_the_shared_expert_in_the_routed_launch_keeps_the_bits_on_a_gpu(T):
+    """Ring-mini's MoE (256 experts of 2,048 -> 512, 8 a token, one shared expert of the same width) in bf16:
+    `aligned_moe`, which runs the shared expert in the routed experts' launches, equals the routed and the shared
+    experts summed apart (the shim's steps), bit for bit."""
+    E, D, I, k = 256, 2048, 512, 8
+    g = torch.Generator().manual_seed(14)
+    w13 = (torch.randn(E, 2 * I, D, generator=g) * 0.02).bfloat16().cuda()
+    w2 = (torch.randn(E, D, I, generator=g) * 0.02).bfloat16().cuda()
+    shared_w13 = (torch.randn(1, 2 * I, D, generator=g) * 0.02).bfloat16().cuda()
+    shared_w2 = (torch.randn(1, D, I, generator=g) * 0.02).bfloat16().cuda()
+    gate = (torch.randn(E, D, generator=g) * 0.02).cuda()
+    bias = (torch.randn(E, generator=g) * 0.01).cuda()
+    x = torch.randn(T, D, generator=g).bfloat16().cuda()
+    with torch.no_grad():
+        together = aligned_moe(x, gate, bias, w13, w2, shared_w13, shared_w2, k, 8, 4, 2.5, True)
+        ids, weights = aligned_route(x, gate, bias, k, 8, 4, 2.5, True)
+        routed = aligned_expert_outputs(x, w13, w2, ids, weights)
+        apart = (routed + aligned_expert_outputs(x, shared_w13, shared_w2, *every_token(x))).to(x.dtype)
+    assert torch.equal(together, apart)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_aligned_experts_in_fp32_launch_at_every_tile_set_on_a_gpu():
     """fp32 experts (an fp32 engine's, the tiny model's dense layers) at Ring-mini's widths, 8 experts: one batch in
     each set of `TILE_SCHEDULE` launches (the wide sets' pipelines are cut to fit shared memory) and keeps token 0's
