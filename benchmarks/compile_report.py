@@ -154,7 +154,8 @@ def aligned_kernels() -> list[tuple[str, object, dict, dict, int, int]]:
     return found + projections + [
         ("router, split weight", router_gemm._invariant_router_kernel, router, split | flags, 4, 3),
         ("expert selection", select._select_experts_kernel, selection,
-         {"HAS_BIAS": True, "NORMALISE": True, "BLOCK_E": 256, "BLOCK_G": 8, "BLOCK_K": 8}, 4, 1),
+         {"HAS_BIAS": True, "NORMALISE": True, "BLOCK_E": 256, "BLOCK_G": 8, "BLOCK_K": 8, "SHARED_SLOT": True},
+         4, 1),
         ("expert blocks, one launch", aligned._block_layout_kernel,
          {"topk_ids": "*i64", "pair_of_row": "*i64", "expert_of_block": "*i64"},
          {"BLOCK_E": 512, "BLOCK_M": 16, "CHUNK": aligned._LAYOUT_CHUNK}, 4, 1),  # 256 routed + the shared

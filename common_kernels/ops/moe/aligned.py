@@ -437,18 +437,17 @@ def aligned_moe(
     the one-launch selection), the routed experts, plus the shared expert (`shared_w13` `[1, 2I_s, D]`,
     `shared_w2` `[1, D, I_s]`, or None), summed in fp32. The shim's `MoE.forward(aligned=True)` runs these same
     steps with autograd."""
-    ids, weights = aligned_route(
-        x, gate_weight, expert_bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob
-    )
-    if shared_w13 is None or shared_w2 is None:
-        return aligned_expert_outputs(x, w13, w2, ids, weights).to(x.dtype)
-    _check(x, w13, w2, ids, weights)
-    if shared_w13.shape[1:] == w13.shape[1:] and shared_w2.shape[1:] == w2.shape[1:]:
+    route = (x, gate_weight, expert_bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob)
+    shared = shared_w13 is not None and shared_w2 is not None
+    if shared and shared_w13.shape[1:] == w13.shape[1:] and shared_w2.shape[1:] == w2.shape[1:]:
         # the shared expert as expert E in the routed experts' launches, its slot last with weight 1: the slot sum
         # then adds it to the routed sum exactly as the shim's separate `routed + shared` does
-        shared_ids, ones = every_token(x)
-        ids, weights = torch.cat([ids, shared_ids + w13.shape[0]], dim=1), torch.cat([weights, ones], dim=1)
+        ids, weights = aligned_route(*route, shared_slot=True)
+        _check(x, w13, w2, ids, weights)
         return _expert_outputs(x, w13, w2, ids, weights, shared_w13[0], shared_w2[0]).to(x.dtype)
+    ids, weights = aligned_route(*route)
+    if not shared:
+        return aligned_expert_outputs(x, w13, w2, ids, weights).to(x.dtype)
     out = aligned_expert_outputs(x, w13, w2, ids, weights)
     return (out + aligned_expert_outputs(x, shared_w13, shared_w2, *every_token(x))).to(x.dtype)
 

@@ -24,9 +24,10 @@ from .router_gemm import router_logits
 def _select_experts_kernel(
     logits, bias, ids, weights, E, n_group, topk_group, k, scale, stride_logits,
     HAS_BIAS: tl.constexpr, NORMALISE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, SHARED_SLOT: tl.constexpr,
 ):  # fmt: skip
-    """Token `program_id(0)`'s `k` experts (`ids`, in selection order) and weights, from its fp32 logits `[E]`."""
+    """Token `program_id(0)`'s `k` experts (`ids`, in selection order) and weights, from its fp32 logits `[E]`;
+    `SHARED_SLOT`: then one more slot, expert `E` (a shared expert) with weight 1 (rows of `k + 1`)."""
     token = tl.program_id(0).to(tl.int64)
     experts = tl.arange(0, BLOCK_E)
     live = experts < E
@@ -64,8 +65,12 @@ def _select_experts_kernel(
         remaining = tl.where(experts == e, float("-inf"), remaining)
     if NORMALISE:
         chosen_score = chosen_score / (total + 1e-20)
-    tl.store(ids + token * k + slots, chosen, mask=slots < k)
-    tl.store(weights + token * k + slots, chosen_score * scale, mask=slots < k)
+    width = k + 1 if SHARED_SLOT else k
+    tl.store(ids + token * width + slots, chosen, mask=slots < k)
+    tl.store(weights + token * width + slots, chosen_score * scale, mask=slots < k)
+    if SHARED_SLOT:
+        tl.store(ids + token * width + k, E.to(tl.int64))
+        tl.store(weights + token * width + k, 1.0)
 
 
 def _launch(
@@ -76,6 +81,7 @@ def _launch(
     topk_group: int,
     scale: float,
     normalise: bool,
+    shared_slot: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     T, E = logits.shape
     problems = []
@@ -90,14 +96,14 @@ def _launch(
         )
     if problems:
         raise ValueError("expert selection: " + "; ".join(problems))
-    ids = torch.empty((T, k), dtype=torch.int64, device=logits.device)
-    weights = torch.empty((T, k), dtype=torch.float32, device=logits.device)
+    ids = torch.empty((T, k + shared_slot), dtype=torch.int64, device=logits.device)
+    weights = torch.empty((T, k + shared_slot), dtype=torch.float32, device=logits.device)
     if T:
         logits = logits.contiguous()
         _select_experts_kernel[(T,)](
             logits, logits if bias is None else bias.contiguous(), ids, weights, E, n_group, topk_group, k,
             float(scale), logits.stride(0), bias is not None, normalise, triton.next_power_of_2(E),
-            triton.next_power_of_2(n_group), triton.next_power_of_2(k),
+            triton.next_power_of_2(n_group), triton.next_power_of_2(k), shared_slot,
         )  # fmt: skip
     return ids, weights
 
@@ -150,9 +156,18 @@ def aligned_route(
     topk_group: int,
     routed_scaling_factor: float,
     norm_topk_prob: bool,
+    shared_slot: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`naive.route` as aligned mode runs it, on both sides: the batch-invariant router GEMM, then `select_experts`.
-    A float64 model has nothing to align with, and takes `naive.route`."""
+    A float64 model has nothing to align with, and takes `naive.route`. `shared_slot` (an engine's forward, no
+    gradient): each token's row gets one more slot, expert `E` with weight 1, for a shared expert that rides in the
+    routed experts' launch."""
+    if shared_slot:
+        logits = router_logits(hidden, gate_weight, invariant=True)
+        return _launch(
+            logits, expert_bias, num_experts_per_tok, n_group, topk_group, routed_scaling_factor, norm_topk_prob,
+            shared_slot=True,
+        )  # fmt: skip
     if hidden.dtype == torch.float64:
         return route(
             hidden, gate_weight, expert_bias, num_experts_per_tok, n_group, topk_group, routed_scaling_factor,

@@ -32,6 +32,17 @@ def test_the_selection_chooses_as_the_route_does(T, E, n_group, topk_group, k, w
         assert_rel_rms("selected weights", weights.double(), got_weights.cpu(), 1e-6)
 
 
+def test_a_shared_slot_adds_expert_e_with_weight_one_and_changes_nothing_else():
+    g = torch.Generator().manual_seed(11)
+    x, w = torch.randn(19, 16, generator=g).to(DEVICE), torch.randn(256, 16, generator=g).to(DEVICE)
+    bias = (torch.randn(256, generator=g) * 0.1).to(DEVICE)
+    ids, weights = aligned_route(x, w, bias, 8, 8, 4, 2.5, True)
+    with_shared = aligned_route(x, w, bias, 8, 8, 4, 2.5, True, shared_slot=True)
+    assert with_shared[0].shape == (19, 9) and torch.equal(with_shared[0][:, :8], ids)
+    assert torch.equal(with_shared[1][:, :8], weights)
+    assert (with_shared[0][:, 8] == 256).all() and (with_shared[1][:, 8] == 1.0).all()
+
+
 def test_ties_go_to_the_lower_index_in_groups_and_experts():
     logits = torch.zeros(3, 8, device=DEVICE)  # every score ties at 0.5
     ids, weights = select_experts(logits, None, 3, 4, 2, 1.0, True)
