@@ -29,7 +29,7 @@ SHIM_STEPS = {
 }
 ENGINE_STEPS = {
     "prepare_qkv": ("ring_linear_vllm.linear_attention", "prepare_qkv"),
-    "attention": ("common_kernels.serving.step", "linear_attention_aligned"),
+    "attention": ("common_kernels.serving.step", "linear_attention_windowed"),
     "gate_output": ("ring_linear_vllm.linear_attention", "gate_output"),
 }
 ENGINE_OUTPUTS: dict[str, torch.Tensor] = {}  # filled by the hooks, in this process (the engine runs in it)

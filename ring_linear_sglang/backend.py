@@ -15,7 +15,7 @@ from sglang.srt.layers.attention.hybrid_linear_attn_backend import MambaAttnBack
 from sglang.srt.runtime_context import get_parallel
 
 from common_kernels.ops.linear_attn import linear_attention_decode
-from common_kernels.ops.linear_attn.aligned import linear_attention_aligned_decode
+from common_kernels.ops.linear_attn.windowed import WINDOW, linear_attention_windowed
 from common_kernels.serving import (
     LinearAttentionStep,
     aligned_mode,
@@ -38,8 +38,10 @@ class RingLinearAttnBackend(MambaAttnBackendBase):
             layer: rank_decay_rates(config, layer, tp_size, tp_rank, self.device) for layer in config.linear_layer_ids
         }
         self.step: LinearAttentionStep | None = None
-        self.aligned = aligned_mode()  # every token through the state one by one (`ops.linear_attn.aligned`)
-        self._not_fresh = torch.zeros(0, dtype=torch.int8, device=self.device)  # aligned decode's flags, grown once
+        self.aligned = aligned_mode()  # the window form on the absolute grid (`ops.linear_attn.windowed`)
+        # aligned decode's flags and one-row offsets, grown once (SGLang captures its largest decode graph first)
+        self._not_fresh = torch.zeros(0, dtype=torch.int8, device=self.device)
+        self._one_row_offsets = torch.zeros(1, dtype=torch.int32, device=self.device)
         self._warm_up(model_runner)
 
     def _warm_up(self, model_runner) -> None:
@@ -92,6 +94,13 @@ class RingLinearAttnBackend(MambaAttnBackendBase):
     def _state_pool(self, layer_id: int) -> torch.Tensor:
         return self.req_to_token_pool.mamba2_layer_cache(layer_id).temporal
 
+    def _pools(self, layer_id: int) -> tuple[torch.Tensor, ...]:
+        """The layer's state pool, and in aligned mode its window buffers (`window_buffers`)."""
+        cache = self.req_to_token_pool.mamba2_layer_cache(layer_id)
+        if not self.aligned:
+            return (cache.temporal,)
+        return (cache.temporal, *window_buffers(cache.conv[0], self.num_heads, self.head_dim, self.head_dim))
+
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], self.num_heads, self.head_dim)
 
@@ -104,27 +113,52 @@ class RingLinearAttnBackend(MambaAttnBackendBase):
             )
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         out = q.new_empty(q.shape)
-        self.step.run(q, k, v, out, self.decay_rates[layer_id], self.scale, self._state_pool(layer_id))
+        self.step.run(q, k, v, out, self.decay_rates[layer_id], self.scale, *self._pools(layer_id))
         return out.view(q.shape[0], -1)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs) -> torch.Tensor:
         """One token per request in place on its slot; graph padding rows carry slot -1 and get zeros."""
         layer_id = layer.layer_id if layer is not None else kwargs["layer_id"]
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
-        slots = self.forward_metadata.mamba_cache_indices[: q.shape[0]]
-        rows = (q, k, v, self.decay_rates[layer_id], self.scale, self._state_pool(layer_id), slots)
-        if self.aligned:  # no decode starts fresh: SGLang extends a new prompt, however short
-            out = linear_attention_aligned_decode(*rows, self._decode_flags(q.shape[0]))
-        else:
-            out = linear_attention_decode(*rows)
-        return out.view(q.shape[0], -1)
+        rows = q.shape[0]
+        slots = self.forward_metadata.mamba_cache_indices[:rows]
+        if not self.aligned:
+            out = linear_attention_decode(
+                q, k, v, self.decay_rates[layer_id], self.scale, self._state_pool(layer_id), slots
+            )
+            return out.view(rows, -1)
+        # no decode starts fresh (SGLang extends a new prompt, however short); each row is one token at position
+        # seq_len - 1 (read from the batch's own buffer, so a captured graph reads each replay's lengths)
+        self._grow_decode_buffers(rows)
+        starts = (forward_batch.seq_lens[:rows] - 1).to(torch.int64)
+        out = linear_attention_windowed(
+            q, k, v, self.decay_rates[layer_id], self.scale, self._one_row_offsets[: rows + 1], starts,
+            *self._pools(layer_id), slots, self._not_fresh[:rows],
+        )  # fmt: skip
+        return out.view(rows, -1)
 
-    def _decode_flags(self, rows: int) -> torch.Tensor:
-        """`rows` zero "fresh" flags, sliced from one buffer that every layer and step shares (SGLang captures its
-        largest decode graph first, so the buffer is grown there, not per layer and step)."""
+    def _grow_decode_buffers(self, rows: int) -> None:
+        """The decode's zero "fresh" flags and `0..rows` offsets, sliced from buffers every layer and step shares."""
         if self._not_fresh.shape[0] < rows:
             self._not_fresh = torch.zeros(rows, dtype=torch.int8, device=self.device)
-        return self._not_fresh[:rows]
+            self._one_row_offsets = torch.arange(rows + 1, dtype=torch.int32, device=self.device)
+
+
+def window_buffers(conv: torch.Tensor, heads: int, d_k: int, d_v: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Aligned mode's window buffers in SGLang's fp32 conv state of one layer (`[slots, heads * (d_k + d_v),
+    WINDOW]`, `RingLinearSGLangConfig.mamba2_cache_params`): each slot's memory as `[heads, WINDOW * (d_k + d_v)]`,
+    the keys `[slots, heads, WINDOW, d_k]` first, then the values `[slots, heads, WINDOW, d_v]`."""
+    slots = conv.shape[0]
+    if conv.dtype != torch.float32 or conv[0].numel() != heads * WINDOW * (d_k + d_v) or not conv.is_contiguous():
+        raise RuntimeError(
+            f"ring-linear: SGLang's conv state {conv.dtype} {tuple(conv.shape)} is not the fp32 window buffer aligned "
+            f"mode declared ([slots, {heads * (d_k + d_v)}, {WINDOW}]); this SGLang version is not supported in "
+            "aligned mode"
+        )
+    raw = conv.view(slots, heads, WINDOW * (d_k + d_v))
+    return raw[..., : WINDOW * d_k].view(slots, heads, WINDOW, d_k), raw[..., WINDOW * d_k :].view(
+        slots, heads, WINDOW, d_v
+    )
 
 
 def _host_offsets(extend_seq_lens_cpu) -> list[int]:

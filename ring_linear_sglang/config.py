@@ -7,8 +7,11 @@ class must not derive from SGLang's `BailingHybridConfig`, which would route to 
 
 from __future__ import annotations
 
+import torch
+
 from common_kernels.config import RingLinearConfig
-from common_kernels.serving import linear_state_shape
+from common_kernels.ops.linear_attn.windowed import WINDOW
+from common_kernels.serving import aligned_mode, linear_state_shape
 
 FULL_ATTENTION, LINEAR_ATTENTION = "attention", "linear_attention"  # SGLang's HybridLayerType values
 
@@ -35,15 +38,28 @@ class RingLinearSGLangConfig(RingLinearConfig):
 
     @property
     def mamba2_cache_params(self):
-        """One `[H / attn_tp, d_k, d_v]` state per request and linear layer, no conv state. Its dtype is SGLang's
-        `--mamba-ssm-dtype` (fp32 unless set; the launcher check refuses what our kernels do not keep)."""
-        from sglang.srt.configs.mamba_utils import Mamba2CacheParams, Mamba2StateShape
+        """One `[H / attn_tp, d_k, d_v]` state per request and linear layer. Its dtype is SGLang's `--mamba-ssm-dtype`
+        (fp32 unless set; the launcher check refuses what our kernels do not keep). No conv state, except in aligned
+        mode, whose window buffer (the keys and values since the state's last grid point) rides in SGLang's conv
+        state: fp32 `[H / attn_tp * (d_k + d_v), WINDOW]` per slot, which SGLang sizes, clears and copies with the
+        slot (`backend.window_buffers` reads it as `[slots, H, WINDOW, d_k]` keys and `[slots, H, WINDOW, d_v]`
+        values)."""
+        from sglang.srt.configs.mamba_utils import (
+            Mamba2CacheParams,
+            Mamba2StateDType,
+            Mamba2StateShape,
+            mamba2_state_dtype,
+        )
         from sglang.srt.runtime_context import get_parallel
 
         tp_size = get_parallel().attn_tp_size
         heads, d_k, d_v = linear_state_shape(self, 1)
+        window = aligned_mode()
         shape = Mamba2StateShape.create(
-            tp_world_size=tp_size, intermediate_size=0, n_groups=0, num_heads=heads, head_dim=d_k, state_size=d_v,
-            conv_kernel=1,
+            tp_world_size=tp_size, intermediate_size=heads * (d_k + d_v) if window else 0, n_groups=0,
+            num_heads=heads, head_dim=d_k, state_size=d_v, conv_kernel=WINDOW + 1 if window else 1,
         )  # fmt: skip
-        return Mamba2CacheParams(shape=shape, layers=self.linear_layer_ids)
+        if not window:
+            return Mamba2CacheParams(shape=shape, layers=self.linear_layer_ids)
+        dtype = Mamba2StateDType(conv=torch.float32, temporal=mamba2_state_dtype(self).temporal)
+        return Mamba2CacheParams(shape=shape, layers=self.linear_layer_ids, dtype=dtype)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from common_kernels.serving import ALIGNED_MODE_SWITCH, aligned_mode, check_serving_settings, linear_state_dtype
 
 # `no_buffer` restores a cached prefix's state from its slot before the suffix runs; `extra_buffer` needs
@@ -42,11 +44,11 @@ def check_server_args(server_args: Any, hf_config: Any) -> dict:
 
 
 def check_aligned_settings(server_args: Any) -> None:
-    """Aligned mode computes every layer as the trainer does: SGLang's batch-invariant ops for the projections and
-    log-softmax (`--enable-deterministic-inference`), each prompt in one step (vLLM serves aligned mode with
-    chunked prefill and prefix caching; on SGLang neither has run on a GPU yet), no prefill CUDA graph (it would
-    replay the aligned attention with its capture batch's metadata), all experts on one rank in unquantized
-    weights in the Triton runner's layout, a KV cache in the model dtype, and no torch.compile."""
+    """Aligned mode computes every layer as the trainer does: SGLang's batch-invariant log-softmax
+    (`--enable-deterministic-inference`), the state and window buffer in fp32, each prompt in one step (vLLM serves
+    aligned mode with chunked prefill and prefix caching; on SGLang neither has run on a GPU yet), no prefill CUDA
+    graph (it would replay the aligned attention with its capture batch's metadata), all experts on one rank in
+    unquantized weights in the Triton runner's layout, a KV cache in the model dtype, and no torch.compile."""
     chunk = getattr(server_args, "chunked_prefill_size", None)
     tp, ep = getattr(server_args, "tp_size", 1), getattr(server_args, "ep_size", 1)
     quantization = getattr(server_args, "quantization", None)
@@ -59,6 +61,12 @@ def check_aligned_settings(server_args: Any) -> None:
         (ep > 1, f"drop --ep-size {ep}"),
         (quantization is not None, f"drop --quantization {quantization}"),
         (getattr(server_args, "kv_cache_dtype", "auto") not in ("auto", None), "drop --kv-cache-dtype"),
+        # the window form keeps the state and its window buffer (in SGLang's conv state) in fp32
+        (
+            linear_state_dtype(getattr(server_args, "mamba_ssm_dtype", None), "--mamba-ssm-dtype") != torch.float32,
+            "drop --mamba-ssm-dtype (aligned mode keeps the state in float32)",
+        ),
+        (getattr(server_args, "enable_int8_mamba_checkpoint", False), "drop --enable-int8-mamba-checkpoint"),
         # inductor computes the bf16 glue between our kernels in other bits than the shim's eager forward (found on
         # vLLM, which aligned mode therefore traces without inductor; SGLang has no such middle setting)
         (getattr(server_args, "enable_torch_compile", False), "drop --enable-torch-compile"),

@@ -18,6 +18,7 @@ from common_kernels.serving import (
     check_serving_settings,
     linear_state_dtype,
     linear_state_shape,
+    window_buffer_shapes,
 )
 from ring_linear_vllm.compat import check_kv_cache_write_width, splitting_op_name
 
@@ -29,17 +30,30 @@ PREFIX_CACHING_VERIFIED_ON = "0.26."
 BATCH_INVARIANT = "VLLM_BATCH_INVARIANT"  # vLLM's switch (`vllm.envs`)
 
 
-def state_shapes(config: RingLinearConfig, tp_size: int) -> tuple[tuple[int, int, int]]:
-    """vLLM's per-layer state tuple: the one `[H/tp, d, d]` linear state (no conv state)."""
-    return (linear_state_shape(config, tp_size),)
+def state_shapes(config: RingLinearConfig, tp_size: int) -> tuple[tuple[int, int, int], ...]:
+    """vLLM's per-layer state tuple: the `[H/tp, d, d]` linear state (no conv state), and in aligned mode the window
+    buffer's keys and values (`serving.window_buffer_shapes`), each slot's tensors copied together."""
+    state = linear_state_shape(config, tp_size)
+    return (state, *window_buffer_shapes(config, tp_size)) if aligned_mode() else (state,)
 
 
-def state_dtypes(cache_config) -> tuple[torch.dtype]:
+def state_dtypes(cache_config) -> tuple[torch.dtype, ...]:
     """fp32 unless asked otherwise: `--mamba-ssm-cache-dtype` (this state is the "ssm" one), else
-    `--mamba-cache-dtype`; "auto" means fp32 here, not the model dtype. float16 is refused at start-up."""
+    `--mamba-cache-dtype`; "auto" means fp32 here, not the model dtype. float16 is refused at start-up. Aligned
+    mode keeps the state and its window buffer in fp32 and refuses any other state dtype."""
     if cache_config.mamba_ssm_cache_dtype not in (None, "auto"):
-        return (linear_state_dtype(cache_config.mamba_ssm_cache_dtype, "--mamba-ssm-cache-dtype"),)
-    return (linear_state_dtype(cache_config.mamba_cache_dtype, "--mamba-cache-dtype"),)
+        flag, requested = "--mamba-ssm-cache-dtype", cache_config.mamba_ssm_cache_dtype
+    else:
+        flag, requested = "--mamba-cache-dtype", cache_config.mamba_cache_dtype
+    dtype = linear_state_dtype(requested, flag)
+    if not aligned_mode():
+        return (dtype,)
+    if dtype != torch.float32:
+        raise ValueError(
+            f"ring-linear: aligned mode ({ALIGNED_MODE_SWITCH}=1) keeps the linear state in float32; drop {flag} "
+            f"{requested}"
+        )
+    return (torch.float32,) * 3
 
 
 class RingLinearEngineConfig(VerifyAndUpdateConfig):
@@ -89,7 +103,8 @@ def check_prefix_caching(vllm_config) -> None:
     on the GPU: `tests/ring_linear_vllm/test_prefix_caching_gpu.py`, on vLLM 0.26; other versions keep it off with
     a warning until the tests have run on them) wherever it is exact. It needs chunked prefill
     (refused here, naming the flag, instead of vLLM's bare assert) and cannot run 'all' mode. Aligned mode caches
-    too: a hit resumes each token's own arithmetic (`ops.linear_attn.aligned`), so the trainer's bits still hold."""
+    too: a hit resumes the window form on its absolute grid (`ops.linear_attn.windowed`; a block's end is a grid
+    point, and its window buffer is copied with the state), so the trainer's bits still hold."""
     if os.environ.get(RETIRED_PREFIX_CACHING_SWITCH) is not None:
         logger.warning(
             "ring-linear: %s is no longer read: prefix caching follows vLLM's --enable-prefix-caching / "

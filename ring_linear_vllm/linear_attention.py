@@ -31,8 +31,10 @@ from .engine_config import state_dtypes, state_shapes
 
 
 def linear_state_copy_funcs() -> tuple:
-    """How vLLM copies a state between slots (prefix-caching align mode, spec decode): the plain temporal copy."""
-    return MambaStateCopyFuncCalculator.linear_attention_state_copy_func()
+    """How vLLM copies a state between slots (prefix-caching align mode, spec decode): the plain temporal copy, for
+    the state and, in aligned mode, each window buffer (a chunk can stop mid-window at a block boundary)."""
+    (copy,) = MambaStateCopyFuncCalculator.linear_attention_state_copy_func()
+    return (copy,) * (3 if aligned_mode() else 1)
 
 
 class NormWeight(nn.Module):
@@ -92,10 +94,10 @@ class RingLinearAttention(nn.Module, MambaBase):
     def mamba_type(self) -> MambaAttentionBackendEnum:
         return MambaAttentionBackendEnum.LINEAR
 
-    def get_state_shape(self) -> tuple[tuple[int, int, int]]:
+    def get_state_shape(self) -> tuple[tuple[int, int, int], ...]:
         return state_shapes(self.config, self.tp_size)
 
-    def get_state_dtype(self) -> tuple[torch.dtype]:
+    def get_state_dtype(self) -> tuple[torch.dtype, ...]:
         return state_dtypes(self.cache_config)
 
     def get_attn_backend(self) -> type[RingLinearBackend]:
@@ -131,7 +133,7 @@ class RingLinearAttention(nn.Module, MambaBase):
                 aligned=aligned_mode(),
             )  # fmt: skip
             return
-        metadata.step.run(q, k, v, out, self.decay_rate, self.scale, self.kv_cache[0])
+        metadata.step.run(q, k, v, out, self.decay_rate, self.scale, *self.kv_cache)  # the state (and windows)
 
 
 def norm_weight(norm: NormWeight | None) -> torch.Tensor | None:

@@ -15,9 +15,9 @@ from torch import nn
 from ..config import RingLinearConfig
 from ..ops.attention.aligned import causal_attention_aligned
 from ..ops.attention.naive import causal_gqa_attention
-from ..ops.linear_attn.aligned import linear_attention_as_served
 from ..ops.linear_attn.backward import linear_attention_varlen_triton
 from ..ops.linear_attn.naive import linear_attention_varlen
+from ..ops.linear_attn.windowed import linear_attention_as_served
 from ..ops.moe.aligned import every_token, expert_outputs
 from ..ops.moe.naive import moe_combine, route, selection_margin, swiglu_mlp
 from ..ops.moe.router_gemm import aligned_linear

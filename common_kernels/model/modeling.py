@@ -253,11 +253,11 @@ class RingLinearForCausalLM(nn.Module):
 
         aligned: compute each token as an engine in aligned mode (`RING_LINEAR_ALIGNED=1`) does, the same bits
             whatever the batch and however the engine split the sequence into prefill chunks and decodes: the linear
-            layers token by token with the engine's kernel (`common_kernels.ops.linear_attn.aligned`), the RMSNorms,
+            layers in the window form on the absolute grid (`common_kernels.ops.linear_attn.windowed`), the RMSNorms,
             the MoE layers (router, routed and shared experts) and softmax attention through the batch-invariant
             kernels an aligned engine runs (`ops.norm.rms`, `ops.moe.aligned`, `ops.attention.aligned`), the LM
-            head through the aligned fixed-tile GEMM, and, on a GPU with the engine installed, the projections and
-            log-softmax under `engine`'s batch-invariant settings ("vllm" or "sglang"; `engine_invariance`:
+            head and the projections through the aligned fixed-tile GEMM, and, on a GPU with the engine installed,
+            the log-softmax under `engine`'s batch-invariant settings ("vllm" or "sglang"; `engine_invariance`:
             process-wide). Needs the Triton kernels.
         """
         if not (is_integer(chunk_size) and chunk_size > 0):

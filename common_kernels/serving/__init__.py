@@ -5,7 +5,7 @@ the router gate and aligned mode's projections."""
 from .checks import check_serving_settings
 from .projections import use_aligned_projections
 from .router import RouterGate
-from .state import linear_state_dtype, linear_state_shape, rank_decay_rates
+from .state import linear_state_dtype, linear_state_shape, rank_decay_rates, window_buffer_shapes
 from .step import LinearAttentionStep, build_step
 from .switches import ALIGNED_MODE_SWITCH, aligned_mode, env_flag
 from .warmup import warm_up_linear_attention
@@ -26,4 +26,5 @@ __all__ = [
     "rank_decay_rates",
     "use_aligned_projections",
     "warm_up_linear_attention",
+    "window_buffer_shapes",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..config import RingLinearConfig
+from ..ops.linear_attn.windowed import WINDOW
 from ..precision import STATE_DTYPE
 from ..slopes import decay_rates
 
@@ -17,6 +18,14 @@ def linear_state_shape(config: RingLinearConfig, tp_size: int) -> tuple[int, int
     """One request's state in one linear layer on one rank: `[H / tp, d_k, d_v]` (no conv state)."""
     H, d_k, d_v = config.linear_state_shape
     return (H // tp_size, d_k, d_v)
+
+
+def window_buffer_shapes(config: RingLinearConfig, tp_size: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Aligned mode's window buffer of one request in one linear layer on one rank, fp32: the keys `[H / tp, WINDOW,
+    d_k]` and values `[H / tp, WINDOW, d_v]` of the tokens since the state's last grid point (`ops.linear_attn.
+    windowed`)."""
+    H, d_k, d_v = linear_state_shape(config, tp_size)
+    return (H, WINDOW, d_k), (H, WINDOW, d_v)
 
 
 def linear_state_dtype(requested: str | torch.dtype | None, setting: str = "the state dtype") -> torch.dtype:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ops.linear_attn import SegmentPlan, linear_attention_decode, linear_attention_prefill, plan_prefill
-from ..ops.linear_attn.aligned import linear_attention_aligned, linear_attention_aligned_decode
+from ..ops.linear_attn.windowed import linear_attention_windowed
 
 
 @dataclass
@@ -34,7 +34,10 @@ class LinearAttentionStep:
     prefill_slots: torch.Tensor | None = None  # [P] int pool slots
     prefill_fresh: torch.Tensor | None = None  # [P] int8, 1 = the first chunk of a request (zero state)
     prefill_plan: SegmentPlan | None = None  # segment tables (they carry the segment length); None in aligned mode
-    aligned: bool = False  # aligned mode: every token through the state one by one (`ops.linear_attn.aligned`)
+    aligned: bool = False  # aligned mode: the window form on the absolute grid (`ops.linear_attn.windowed`)
+    decode_starts: torch.Tensor | None = None  # aligned: [B] int64, each decode's tokens before this step
+    decode_offsets: torch.Tensor | None = None  # aligned: [B+1] int32, 0..B (one row per decode)
+    prefill_starts: torch.Tensor | None = None  # aligned: [P] int64, each prefill's tokens before this step
 
     @property
     def num_tokens(self) -> int:
@@ -49,25 +52,37 @@ class LinearAttentionStep:
         decay_rate: torch.Tensor,
         scale: float,
         state_pool: torch.Tensor,
+        window_k: torch.Tensor | None = None,
+        window_v: torch.Tensor | None = None,
     ) -> None:
-        """Write the step's attention output into `out` `[>= num_tokens, H, V]`, advancing the pool's states."""
+        """Write the step's attention output into `out` `[>= num_tokens, H, V]`, advancing the pool's states (and,
+        in aligned mode, the window buffers `window_k` `[P, H, WINDOW, K]`, `window_v` `[P, H, WINDOW, V]`)."""
+        if self.aligned and (window_k is None or window_v is None):
+            raise ValueError("ring-linear: an aligned step needs the layer's window buffers (window_k, window_v)")
         nd, nt = self.num_decode_tokens, self.num_tokens
         padded = 0
         if self.decode_slots is not None and self.decode_slots.shape[0] > 0:
             padded = self.decode_slots.shape[0]
-            rows = (q[:padded], k[:padded], v[:padded], decay_rate, scale, state_pool, self.decode_slots)
+            qkv = (q[:padded], k[:padded], v[:padded], decay_rate, scale)
             if self.aligned:
-                linear_attention_aligned_decode(*rows, self.decode_fresh, out=out[:padded])
+                linear_attention_windowed(
+                    *qkv, self.decode_offsets, self.decode_starts, state_pool, window_k, window_v, self.decode_slots,
+                    self.decode_fresh, out=out[:padded],
+                )  # fmt: skip
             else:
-                linear_attention_decode(*rows, fresh=self.decode_fresh, out=out[:padded])
+                linear_attention_decode(*qkv, state_pool, self.decode_slots, fresh=self.decode_fresh, out=out[:padded])
         out[padded:nd].zero_()
         if self.num_prefill_tokens > 0:
-            rows = (q[nd:nt], k[nd:nt], v[nd:nt], decay_rate, scale, self.prefill_cu_seqlens, state_pool,
-                    self.prefill_slots, self.prefill_fresh)  # fmt: skip
+            qkv = (q[nd:nt], k[nd:nt], v[nd:nt], decay_rate, scale, self.prefill_cu_seqlens)
             if self.aligned:
-                linear_attention_aligned(*rows, out=out[nd:nt])
+                linear_attention_windowed(
+                    *qkv, self.prefill_starts, state_pool, window_k, window_v, self.prefill_slots, self.prefill_fresh,
+                    out=out[nd:nt],
+                )  # fmt: skip
             else:
-                linear_attention_prefill(*rows, plan=self.prefill_plan, out=out[nd:nt])
+                linear_attention_prefill(
+                    *qkv, state_pool, self.prefill_slots, self.prefill_fresh, plan=self.prefill_plan, out=out[nd:nt]
+                )
         out[nt:].zero_()
 
 
@@ -86,6 +101,8 @@ def build_step(
     query_start_loc_host: list[int] | None = None,
     decode_fresh_buffer: torch.Tensor | None = None,
     aligned: bool = False,
+    decode_starts_buffer: torch.Tensor | None = None,
+    decode_offsets_buffer: torch.Tensor | None = None,
 ) -> LinearAttentionStep:
     """A step from an engine's batch description (requests ordered decodes first).
 
@@ -102,32 +119,49 @@ def build_step(
             captured decode graph reads them from a fixed address.
         aligned: aligned mode (`RING_LINEAR_ALIGNED`): each request's result independent of the batch and of where
             its prefill was split, equal to `linear_attention_as_served`.
+        decode_starts_buffer, decode_offsets_buffer: aligned mode's persistent `[>= B]` int64 and `[>= B+1]` int32
+            (holding 0, 1, ...) buffers, for a captured decode graph, as `decode_fresh_buffer`.
     """
     R = num_decodes + num_prefills
     query_lens = query_start_loc[1 : R + 1] - query_start_loc[:R]
     is_fresh = (seq_lens[:R] == query_lens).to(torch.int8)
+    positions = (seq_lens[:R] - query_lens).to(torch.int64)  # each request's tokens before this step
     step = LinearAttentionStep(num_decode_tokens, num_prefill_tokens, decode_slots=decode_slots, aligned=aligned)
     if decode_slots is not None:
-        fresh = is_fresh[:num_decodes]
-        if decode_fresh_buffer is not None:
-            B = decode_slots.shape[0]
-            decode_fresh_buffer[:num_decodes].copy_(fresh, non_blocking=True)
-            decode_fresh_buffer[num_decodes:B] = 0
-            fresh = decode_fresh_buffer[:B]
-        elif decode_slots.shape[0] != num_decodes:
-            fresh = torch.cat([fresh, fresh.new_zeros(decode_slots.shape[0] - num_decodes)])
-        step.decode_fresh = fresh
+        B = decode_slots.shape[0]
+        step.decode_fresh = _padded(is_fresh[:num_decodes], B, decode_fresh_buffer)
+        if aligned:
+            step.decode_starts = _padded(positions[:num_decodes], B, decode_starts_buffer)
+            offsets = decode_offsets_buffer
+            if offsets is None:
+                offsets = torch.arange(B + 1, dtype=torch.int32, device=decode_slots.device)
+            step.decode_offsets = offsets[: B + 1]
     if num_prefills > 0:
         starts = query_start_loc[num_decodes : R + 1]
         step.prefill_cu_seqlens = (starts - starts[0]).to(torch.int32)
         step.prefill_slots = prefill_slots
         step.prefill_fresh = is_fresh[num_decodes:R]
-        if not aligned:
+        if aligned:
+            step.prefill_starts = positions[num_decodes:R]
+        else:
             host = None if query_start_loc_host is None else tuple(query_start_loc_host[num_decodes : R + 1])
             step.prefill_plan = _shared_plan(
                 host, step.prefill_cu_seqlens, num_prefill_tokens, num_heads, head_dim_v, max_query_len
             )
     return step
+
+
+def _padded(values: torch.Tensor, rows: int, buffer: torch.Tensor | None) -> torch.Tensor:
+    """`values` followed by zeros up to `rows` (a CUDA graph's padding), written into `buffer` when given (the fixed
+    address a captured graph reads)."""
+    n = values.shape[0]
+    if buffer is not None:
+        buffer[:n].copy_(values, non_blocking=True)
+        buffer[n:rows] = 0
+        return buffer[:rows]
+    if rows != n:
+        return torch.cat([values, values.new_zeros(rows - n)])
+    return values
 
 
 _last_plan: tuple[tuple, SegmentPlan] | None = None

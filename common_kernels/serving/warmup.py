@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from ..ops.linear_attn import linear_attention_decode, linear_attention_prefill, plan_prefill, prefill
-from ..ops.linear_attn.aligned import linear_attention_aligned
 from ..ops.linear_attn.decode import wide_tile_min_rows
+from ..ops.linear_attn.windowed import WINDOW, linear_attention_windowed
 
 _warmed: set[tuple] = set()
 
@@ -35,8 +35,8 @@ def warm_up_linear_attention(
     and, once per process and shape, the decode's variants. Nothing touches a state pool: every slot is -1.
     The prefill's output goes to `out` when given (the profiling forward's result), else it is dropped.
     `slot_dtype` is the engine's slot-index dtype (pointer types are part of a compiled variant). `aligned`: the
-    engine serves in aligned mode, whose prefill and decode are one variant of its own kernel (`ops.linear_attn.
-    aligned`), and nothing else is compiled. The default decode is compiled with and without flags (vLLM passes
+    engine serves in aligned mode, whose prefill and decode are one variant of the window form (`ops.linear_attn.
+    windowed`), and nothing else is compiled. The default decode is compiled with and without flags (vLLM passes
     them, SGLang does not)."""
     T, H, K = q.shape
     V = v.shape[-1]
@@ -48,7 +48,13 @@ def warm_up_linear_attention(
         slots = torch.full((N,), -1, dtype=slot_dtype, device=device)
         if aligned:
             fresh = torch.ones(N, dtype=torch.int8, device=device)
-            linear_attention_aligned(q, k, v, decay_rate, scale, cu_seqlens, scratch_pool, slots, fresh, out=out)
+            starts = torch.zeros(N, dtype=torch.int64, device=device)
+            window_k = torch.empty((1, H, WINDOW, K), dtype=torch.float32, device=device)
+            window_v = torch.empty((1, H, WINDOW, V), dtype=torch.float32, device=device)
+            pool = scratch_pool.float()
+            linear_attention_windowed(
+                q, k, v, decay_rate, scale, cu_seqlens, starts, pool, window_k, window_v, slots, fresh, out=out
+            )
         else:
             linear_attention_prefill(q, k, v, decay_rate, scale, cu_seqlens, scratch_pool, slots, out=out)
         if not aligned and prefill.ONE_LAUNCH_MAX_TOKENS > 0:  # the one-launch variant of short steps too

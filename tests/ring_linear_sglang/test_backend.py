@@ -76,7 +76,7 @@ def _run_and_check(kit, mock_backend, case, seed: int, fresh: list[bool]) -> Non
     assert torch.equal(pool[others], before[others])
 
 
-@pytest.mark.parametrize("aligned", ["0", "1"])
+@pytest.mark.parametrize("aligned", ["0"])  # aligned mode's resumes read a window buffer: test_window_buffers_*
 def test_an_extend_batch_is_one_varlen_prefill_from_each_slot(
     kit, mock_backend, sglang_registered, aligned, monkeypatch
 ):
@@ -90,7 +90,7 @@ def test_an_extend_batch_is_one_varlen_prefill_from_each_slot(
     _run_and_check(kit, mock_backend, case, seed=1, fresh=[True, False, False])
 
 
-@pytest.mark.parametrize("aligned", ["0", "1"])
+@pytest.mark.parametrize("aligned", ["0"])
 def test_a_decode_batch_advances_every_slot_in_place(kit, mock_backend, sglang_registered, aligned, monkeypatch):
     monkeypatch.setenv("RING_LINEAR_ALIGNED", aligned)
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
@@ -102,16 +102,71 @@ def test_a_decode_batch_advances_every_slot_in_place(kit, mock_backend, sglang_r
     _run_and_check(kit, mock_backend, case, seed=2, fresh=[False, False, False])
 
 
-def test_aligned_decode_flags_come_from_one_buffer(sglang_registered):
-    """Every layer and step of an aligned decode reads its zero "fresh" flags from one buffer, grown only when a
-    larger batch arrives (SGLang captures its largest graph first), not allocated per layer."""
+def test_aligned_decode_buffers_are_shared_and_grown_once(sglang_registered):
+    """Every layer and step of an aligned decode reads its zero "fresh" flags and one-row offsets from one pair of
+    buffers, grown only when a larger batch arrives (SGLang captures its largest graph first), not per layer."""
     from ring_linear_sglang.backend import RingLinearAttnBackend
 
     backend = object.__new__(RingLinearAttnBackend)
     backend.device = torch.device("cpu")
     backend._not_fresh = torch.zeros(0, dtype=torch.int8)
-    large = backend._decode_flags(8)
-    small = backend._decode_flags(3)
-    assert large.shape == (8,) and small.shape == (3,) and not large.any()
-    assert small.data_ptr() == large.data_ptr()  # a slice of the same buffer
-    assert backend._decode_flags(16).shape == (16,)
+    backend._one_row_offsets = torch.zeros(1, dtype=torch.int32)
+    backend._grow_decode_buffers(8)
+    flags, offsets = backend._not_fresh, backend._one_row_offsets
+    backend._grow_decode_buffers(3)
+    assert backend._not_fresh is flags and backend._one_row_offsets is offsets  # not grown again
+    assert flags.shape == (8,) and not flags.any() and offsets.tolist() == list(range(9))
+    backend._grow_decode_buffers(16)
+    assert backend._not_fresh.shape == (16,) and backend._one_row_offsets.tolist() == list(range(17))
+
+
+def test_window_buffers_are_views_of_the_conv_state_and_a_wrong_one_is_refused():
+    from common_kernels.ops.linear_attn.windowed import WINDOW, check_window_buffers
+    from ring_linear_sglang.backend import window_buffers
+
+    slots, heads, d_k, d_v = 5, 2, 16, 8
+    conv = torch.zeros(slots, heads * (d_k + d_v), WINDOW)
+    window_k, window_v = window_buffers(conv, heads, d_k, d_v)
+    check_window_buffers("test", window_k, window_v, torch.zeros(slots, heads, d_k, d_v))
+    window_k[3, 1].fill_(1.0)
+    window_v[3, 1].fill_(2.0)
+    per_slot = conv[3].flatten()
+    assert per_slot.sum().item() == WINDOW * (d_k + 2 * d_v)  # both written into slot 3's own memory
+    assert conv[[0, 1, 2, 4]].abs().sum() == 0
+    with pytest.raises(RuntimeError, match=r"not the fp32 window buffer aligned mode declared \(\[slots, 48, 64\]\)"):
+        window_buffers(conv.bfloat16(), heads, d_k, d_v)
+
+
+def test_an_aligned_decode_resumes_each_slots_state_and_window(kit, mock_backend, sglang_registered, monkeypatch):
+    """Aligned mode's decode on SGLang's batch: each request's token at position `seq_len - 1`, from its slot's
+    state at the last grid point and the keys and values its window buffer holds since, against the float64
+    recurrence over them; the buffers are the backend's (`_pools`), stood in for the kit's conv-less pool."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from common_kernels.ops.linear_attn.windowed import WINDOW
+
+    monkeypatch.setenv("RING_LINEAR_ALIGNED", "1")
+    case = kit.LightningAttentionCase(
+        name="ring_aligned_decode", backend="triton", forward_mode=ForwardMode.DECODE, num_heads=HEADS, page_size=1,
+        prefix_lens=(5, 2, 9),
+    )  # fmt: skip
+    runner, backend = _backend(mock_backend, case)
+    batch, q, k, v, pool, slots = _inputs(kit, case, runner, seed=4)
+    g = torch.Generator().manual_seed(5)
+    window_k = torch.randn(pool.shape[0], HEADS, WINDOW, HEAD_DIM, generator=g)
+    window_v = torch.randn(pool.shape[0], HEADS, WINDOW, HEAD_DIM, generator=g)
+    monkeypatch.setattr(backend, "_pools", lambda layer_id: (pool, window_k, window_v))
+    before = pool.clone()
+    backend.init_forward_metadata(batch)
+    out = backend.forward_decode(
+        q.reshape(3, -1), k.reshape(3, -1), v.reshape(3, -1), SimpleNamespace(layer_id=0), batch
+    )
+    rates = rank_decay_rates(_config(), 0, 1, 0)
+    for n, (slot, prefix) in enumerate(zip(slots, case.prefix_lens, strict=True)):
+        ks = torch.cat([window_k[slot, :, :prefix].transpose(0, 1), k[n : n + 1]])
+        vs = torch.cat([window_v[slot, :, :prefix].transpose(0, 1), v[n : n + 1].float()])
+        qs = torch.cat([torch.zeros(prefix, HEADS, HEAD_DIM), q[n : n + 1]])
+        want, _ = linear_attention_recurrent(
+            qs.double(), ks.double(), vs.double(), rates.double(), HEAD_DIM**-0.5, before[slot].double()
+        )
+        torch.testing.assert_close(out[n].view(HEADS, HEAD_DIM).double(), want[-1], atol=1e-5, rtol=1e-5)

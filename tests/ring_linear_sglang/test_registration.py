@@ -115,6 +115,23 @@ def test_the_state_pool_holds_one_fp32_state_per_linear_layer_and_request(
     assert params.mamba_cache_per_req == 16 * 2**20 // tp_size  # 16 MiB per request at TP 1
 
 
+def test_in_aligned_mode_each_slot_also_holds_an_fp32_window_buffer_in_the_conv_state(
+    sglang_registered, released_dir, monkeypatch
+):
+    """The window form's buffer (keys and values of up to 64 tokens a head) rides in SGLang's conv state, fp32, so
+    SGLang sizes, clears and copies it with the slot: 32 MiB a request in all at Ring-mini's size."""
+    import torch
+    from sglang.srt import runtime_context
+    from sglang.srt.utils.hf_transformers.config import get_config
+
+    monkeypatch.setattr(runtime_context, "get_parallel", lambda: SimpleNamespace(attn_tp_size=1))
+    monkeypatch.setenv("RING_LINEAR_ALIGNED", "1")
+    params = get_config(str(released_dir), trust_remote_code=False).mamba2_cache_params
+    assert params.shape.temporal == (16, 128, 128) and params.shape.conv == [(16 * 256, 64)]
+    assert params.dtype.conv == torch.float32 and params.dtype.temporal == torch.float32
+    assert params.mamba_cache_per_req == 32 * 2**20
+
+
 def _args(**overrides) -> SimpleNamespace:
     return SimpleNamespace(
         **{

@@ -161,7 +161,10 @@ def mixed_step_output(model_dir, layer_ids: tuple[int, ...] = (MIXED_LAYER,), **
         model.load_weights(shim.state_dict().items())
         generator = torch.Generator().manual_seed(7 + group.get("rank", 0))  # stale and different per rank
         for layer in layers:
-            layer.kv_cache = (torch.randn(8, *layer.get_state_shape()[0], generator=generator).to(device),)
+            # the state (and, in aligned mode, the window buffers), as vLLM hands them over
+            layer.kv_cache = tuple(
+                torch.randn(8, *shape, generator=generator).to(device) for shape in layer.get_state_shape()
+            )
         builder_cls = layers[0].get_attn_backend().get_builder_cls()
         builder = builder_cls(layers[0].get_kv_cache_spec(cfg), [layer.prefix for layer in layers], cfg, device)
         for step, seq_lens in ((STEP1, [5, 9]), (STEP2, [6, 1, 7, 15])):

@@ -306,6 +306,35 @@ def test_aligned_projections_are_the_shims_gemm(vllm_tools, tiny_dir, aligned_en
     assert torch.equal(out.cpu(), aligned_linear(x, layers[0].weight.cpu()))
 
 
+def test_aligned_mode_declares_the_window_buffers_with_the_state(vllm_tools, tiny_dir, aligned_env):
+    """Three fp32 state tensors a layer (the state, the window's keys and values), each copied with its slot."""
+    from common_kernels.ops.linear_attn.windowed import WINDOW
+    from ring_linear_vllm.linear_attention import linear_state_copy_funcs
+
+    model = vllm_tools.build_model(vllm_tools.engine_config(tiny_dir, enable_chunked_prefill=False))
+    layer = next(layer.attention for layer in model.model.layers if hasattr(layer.attention, "g_proj"))
+    (H, K, V), window_k, window_v = layer.get_state_shape()
+    assert window_k == (H, WINDOW, K) and window_v == (H, WINDOW, V)
+    assert layer.get_state_dtype() == (torch.float32,) * 3 and len(linear_state_copy_funcs()) == 3
+
+
+def test_aligned_mode_refuses_a_bf16_state_naming_the_flag(aligned_env):
+    from types import SimpleNamespace
+
+    from ring_linear_vllm.engine_config import state_dtypes
+
+    with pytest.raises(ValueError, match="keeps the linear state in float32; drop --mamba-ssm-cache-dtype bfloat16"):
+        state_dtypes(SimpleNamespace(mamba_ssm_cache_dtype="bfloat16", mamba_cache_dtype="auto"))
+
+
+def test_an_aligned_mixed_step_matches_the_shim(vllm_tools, tiny_dir, aligned_env):
+    """The mixed step (a chunked prefill, decodes, a one-token prompt, stale slots and windows) through vLLM's
+    builder and the layer's three state tensors, in the window form: the shim's function to rounding."""
+    got, want = vllm_tools.mixed_step_output(tiny_dir), vllm_tools.mixed_step_reference(tiny_dir)
+    err = (got - want).abs().max().item()
+    assert err < 1e-4 * want.abs().max().item(), f"max abs error {err}"
+
+
 def test_the_profiling_forward_runs_the_aligned_attention_kernel_once(vllm_tools, tiny_dir, aligned_env, monkeypatch):
     """vLLM's profiling run has no metadata: the layer launches its kernel on a one-page cache of its own layout,
     so the serving variant is compiled before the first request, and returns zeros."""

@@ -11,13 +11,10 @@ token per sequence by a runtime argument), kept apart from the default decode, w
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import triton
 import triton.language as tl
 
-from .backward import linear_attention_varlen_triton
 from .triton_utils import check_pool, check_qkv, check_sequences, output_rows
 
 ALIGNED_BLOCK_V = 16  # aligned mode's one V-tile: the tile sets the output sum's order; 16 columns keep 8 programs
@@ -149,55 +146,3 @@ def linear_attention_aligned_decode(
     """Aligned mode's decode: one token per sequence (row b is sequence b), `linear_attention_aligned`'s contract
     and compiled kernel otherwise (the engines' CUDA graphs capture it: no allocation depends on the data)."""
     return _launch("linear_attention_aligned_decode", q, k, v, decay_rate, scale, state_pool, slots, fresh, out, None)
-
-
-class _AsServed(torch.autograd.Function):
-    """Forward: as an aligned engine serves it. Backward: the gradient of the standard varlen prefill (the same
-    function of q, k, v up to rounding), recomputed."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, decay_rate, scale, offsets):
-        ctx.save_for_backward(q, k, v, decay_rate)
-        ctx.scale, ctx.offsets = scale, offsets
-        T, H, K = q.shape
-        N = len(offsets) - 1
-        pool = torch.zeros((N, H, K, v.shape[-1]), dtype=torch.float32, device=q.device)
-        cu = torch.tensor(offsets, dtype=torch.int32, device=q.device)
-        slots = torch.arange(N, dtype=torch.int32, device=q.device)
-        fresh = torch.ones(N, dtype=torch.int8, device=q.device)  # the engine's flags, so its compiled variant
-        return linear_attention_aligned(q, k, v, decay_rate, scale, cu, pool, slots, fresh)
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, decay_rate = ctx.saved_tensors
-        leaves = [t.detach().to(q.dtype).requires_grad_() for t in (q, k, v)]  # a 16-bit v widened, exactly
-        cu = torch.tensor(ctx.offsets, dtype=torch.int32, device=q.device)
-        with torch.enable_grad():
-            o, _ = linear_attention_varlen_triton(*leaves, decay_rate, ctx.scale, cu)
-            dq, dk, dv = torch.autograd.grad(o, leaves, do)
-        return dq, dk, dv.to(v.dtype), None, None, None
-
-
-def linear_attention_as_served(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    decay_rate: torch.Tensor,
-    scale: float,
-    offsets: Sequence[int],
-) -> torch.Tensor:
-    """Packed sequences computed as an aligned engine computes them, each from a zero state: the same bits as the
-    engine's, however it split the sequence into prefill chunks and decode steps.
-
-    Args:
-        q, k: `[T, H, K]`; v: `[T, H, V]`, as the engine's layer makes them (same dtypes, same values).
-        decay_rate: `[H]`; scale: multiplies q.
-        offsets: `[N+1]` host offsets of the sequences, from 0 to T.
-
-    Returns:
-        o `[T, H, V]` in the dtype of q; differentiable (the backward is the standard prefill's).
-    """
-    offsets = list(offsets)
-    if not offsets or offsets[0] != 0 or offsets[-1] != q.shape[0] or any(map(int.__gt__, offsets, offsets[1:])):
-        raise ValueError(f"linear_attention_as_served: offsets must rise from 0 to {q.shape[0]} (the rows of q)")
-    return _AsServed.apply(q, k, v, decay_rate, scale, offsets)

@@ -18,10 +18,13 @@ Not yet wired into either engine (aligned mode runs `aligned.py`); the engines' 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
 
+from .backward import linear_attention_varlen_triton
 from .triton_utils import check_pool, check_qkv, check_sequences, chunk_state_update, output_rows
 
 WINDOW = 64  # the grid: a divisor of every engine block size that can cache a state (vLLM's 512-token blocks)
@@ -34,7 +37,8 @@ WINDOWED_LAUNCH = {"num_warps": 4, "num_stages": 1}
 WINDOWED_DOT_PRECISION = "tf32x3"  # fp32 q/k/v: three TF32 products, fp32-accurate; the tiles make it deterministic
 
 
-@triton.jit(do_not_specialize=["position"])
+# No pointer is specialised on its alignment: an engine's step, its warm-up and the shim run one compiled variant.
+@triton.jit(do_not_specialize_on_alignment=["q", "k", "v", "o", "slots", "fresh", "starts", "cu_seqlens"])
 def _windowed_kernel(
     q, k, v, o, pool, window_k, window_v, slots, fresh, starts, cu_seqlens, rate, scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
@@ -162,3 +166,59 @@ def linear_attention_windowed(
         window_v.stride(1), K, V, BV, WINDOW, OUTPUT_ROWS, WINDOWED_DOT_PRECISION, **WINDOWED_LAUNCH,
     )  # fmt: skip
     return o
+
+
+class _AsServed(torch.autograd.Function):
+    """Forward: as an aligned engine serves it (the window form from a zero state and an empty buffer). Backward:
+    the gradient of the standard varlen prefill (the same function of q, k, v up to rounding), recomputed."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, decay_rate, scale, offsets):
+        ctx.save_for_backward(q, k, v, decay_rate)
+        ctx.scale, ctx.offsets = scale, offsets
+        T, H, K = q.shape
+        N = len(offsets) - 1
+        V = v.shape[-1]
+        pool = torch.zeros((N, H, K, V), dtype=torch.float32, device=q.device)
+        window_k = torch.zeros((N, H, WINDOW, K), dtype=torch.float32, device=q.device)
+        window_v = torch.zeros((N, H, WINDOW, V), dtype=torch.float32, device=q.device)
+        cu = torch.tensor(offsets, dtype=torch.int32, device=q.device)
+        starts = torch.zeros(N, dtype=torch.int64, device=q.device)
+        slots = torch.arange(N, dtype=torch.int32, device=q.device)
+        fresh = torch.ones(N, dtype=torch.int8, device=q.device)
+        return linear_attention_windowed(q, k, v, decay_rate, scale, cu, starts, pool, window_k, window_v, slots, fresh)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, decay_rate = ctx.saved_tensors
+        leaves = [t.detach().to(q.dtype).requires_grad_() for t in (q, k, v)]  # a 16-bit v widened, exactly
+        cu = torch.tensor(ctx.offsets, dtype=torch.int32, device=q.device)
+        with torch.enable_grad():
+            o, _ = linear_attention_varlen_triton(*leaves, decay_rate, ctx.scale, cu)
+            dq, dk, dv = torch.autograd.grad(o, leaves, do)
+        return dq, dk, dv.to(v.dtype), None, None, None
+
+
+def linear_attention_as_served(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    decay_rate: torch.Tensor,
+    scale: float,
+    offsets: Sequence[int],
+) -> torch.Tensor:
+    """Packed sequences computed as an aligned engine computes them, each from a zero state: the same bits as the
+    engine's, however it split the sequence into prefill chunks and decode steps.
+
+    Args:
+        q, k: `[T, H, K]`; v: `[T, H, V]`, as the engine's layer makes them (same dtypes, same values).
+        decay_rate: `[H]`; scale: multiplies q.
+        offsets: `[N+1]` host offsets of the sequences, from 0 to T.
+
+    Returns:
+        o `[T, H, V]` in the dtype of q; differentiable (the backward is the standard prefill's).
+    """
+    offsets = list(offsets)
+    if not offsets or offsets[0] != 0 or offsets[-1] != q.shape[0] or any(map(int.__gt__, offsets, offsets[1:])):
+        raise ValueError(f"linear_attention_as_served: offsets must rise from 0 to {q.shape[0]} (the rows of q)")
+    return _AsServed.apply(q, k, v, decay_rate, scale, offsets)

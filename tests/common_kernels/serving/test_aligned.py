@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common_kernels.ops.linear_attn.aligned import linear_attention_as_served
 from common_kernels.ops.linear_attn.naive import linear_attention_recurrent
+from common_kernels.ops.linear_attn.windowed import WINDOW, linear_attention_as_served
 from common_kernels.serving import ALIGNED_MODE_SWITCH, aligned_mode, build_step
 from common_kernels.testing import assert_rel_rms
 
@@ -48,7 +48,9 @@ def serve(aligned: bool, graph_padding: int = 2) -> dict[str, torch.Tensor]:
     """Every request through `STEPS` on one stale pool; each request's output rows."""
     qkv = {name: request_qkv(name) for name in REQUESTS}
     outputs = {name: torch.full((sum(REQUESTS[name][:2]), H, K), float("nan"), device=DEVICE) for name in REQUESTS}
-    pool = torch.randn(6, H, K, K, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    stale = torch.Generator().manual_seed(9)  # a finished request's state and window: a fresh one must not see them
+    pool = torch.randn(6, H, K, K, generator=stale).to(DEVICE)
+    window_k, window_v = (torch.randn(6, H, WINDOW, K, generator=stale).to(DEVICE) for _ in range(2))
     for decodes, prefills in STEPS:
         pieces = [(name, pos, pos + 1) for name, pos in decodes] + list(prefills)
         lengths = [b - a for _, a, b in pieces]
@@ -67,7 +69,7 @@ def serve(aligned: bool, graph_padding: int = 2) -> dict[str, torch.Tensor]:
         rows = [(name, a, b) for name, a, b in pieces[: len(decodes)]] + [("", 0, 1)] * pad + pieces[len(decodes) :]
         q, k, v = (torch.cat([qkv[n][i][a:b] if n else qkv["A"][i][:1] * 0 for n, a, b in rows]) for i in range(3))
         out = torch.full((q.shape[0], H, K), float("nan"), device=DEVICE)
-        step.run(q, k, v, out, RATES, SCALE, pool)
+        step.run(q, k, v, out, RATES, SCALE, pool, window_k, window_v)
         row = 0
         for name, a, b in rows:
             if name:
@@ -100,20 +102,19 @@ def test_served_requests_equal_the_trainers_call_bit_for_bit_alone_and_together(
 
 def test_without_aligned_mode_the_same_steps_give_other_bits():
     """The control of the test above: the default prefill (segments and chunk products) rounds differently from
-    the token-by-token walk, so the equality above is not free."""
+    the window form, so the equality above is not free."""
     served, alone = serve(aligned=False), as_served(list(REQUESTS))
     assert not all(torch.equal(served[name], alone[name]) for name in REQUESTS)
 
 
 @pytest.mark.parametrize("aligned", [True, False])
 def test_the_switch_picks_the_aligned_kernel_for_prefill_and_decode(monkeypatch, aligned):
-    """What aligned mode changes in a step, checked directly: its prefill and its decode are the aligned kernel's,
+    """What aligned mode changes in a step, checked directly: its prefill and its decode are the window form's,
     with no segment plan."""
     from common_kernels.serving import step as step_module
 
     calls = []
-    names = ("linear_attention_aligned", "linear_attention_aligned_decode", "linear_attention_prefill",
-             "linear_attention_decode")  # fmt: skip
+    names = ("linear_attention_windowed", "linear_attention_prefill", "linear_attention_decode")
     for name in names:
         real = getattr(step_module, name)
         monkeypatch.setattr(
@@ -125,7 +126,7 @@ def test_the_switch_picks_the_aligned_kernel_for_prefill_and_decode(monkeypatch,
         1, 150, torch.tensor([0], device=DEVICE), torch.tensor([1], device=DEVICE), H, K, 150, aligned=aligned,
     )  # fmt: skip
     assert (step.prefill_plan is None) is aligned
-    assert set(calls) == set(names[:2] if aligned else names[2:])
+    assert set(calls) == set(names[:1] if aligned else names[1:])
 
 
 @pytest.mark.parametrize("v_dtype", [torch.float32, torch.bfloat16])
@@ -161,10 +162,10 @@ def test_the_aligned_switch_refuses_anything_else_naming_itself(monkeypatch):
         aligned_mode()
 
 
-def test_warm_up_in_aligned_mode_runs_the_aligned_prefill(monkeypatch):
-    """A served request must not wait for a compile: warm-up runs the prefill the mode serves with (aligned: its
-    own kernel, with the engine's flag type, whose decode is the same compiled variant), and the default decode's
-    variants only in default mode (aligned mode never runs them)."""
+def test_warm_up_in_aligned_mode_runs_the_window_form(monkeypatch):
+    """A served request must not wait for a compile: warm-up runs the prefill the mode serves with (aligned: the
+    window form, with the engine's start and flag types, whose decode is the same compiled variant), and the default
+    decode's variants only in default mode (aligned mode never runs them)."""
     from common_kernels.serving import warm_up_linear_attention
     from common_kernels.serving import warmup as warmup_module
 
@@ -175,7 +176,7 @@ def test_warm_up_in_aligned_mode_runs_the_aligned_prefill(monkeypatch):
         warmup_module, "linear_attention_decode", lambda *a, **kw: decodes.append(1) or real_decode(*a, **kw)
     )
     calls = []
-    for name in ("linear_attention_aligned", "linear_attention_prefill"):
+    for name in ("linear_attention_windowed", "linear_attention_prefill"):
         real = getattr(warmup_module, name)
         monkeypatch.setattr(
             warmup_module, name, lambda *a, _real=real, _name=name, **kw: calls.append((_name, a)) or _real(*a, **kw)
@@ -185,5 +186,5 @@ def test_warm_up_in_aligned_mode_runs_the_aligned_prefill(monkeypatch):
     assert decodes == []
     warm_up_linear_attention(q, k, v, RATES, SCALE, torch.float32, max_num_seqs=3, aligned=False)
     assert len(decodes) == 4  # narrow and wide tiles, with and without flags
-    assert [name for name, _ in calls] == ["linear_attention_aligned", "linear_attention_prefill"]
-    assert calls[0][1][8].dtype == torch.int8  # the fresh flags the engines pass
+    assert [name for name, _ in calls] == ["linear_attention_windowed", "linear_attention_prefill"]
+    assert calls[0][1][6].dtype == torch.int64 and calls[0][1][11].dtype == torch.int8  # starts and fresh flags
