@@ -1,7 +1,7 @@
-"""Aligned mode's linear attention, token by token (`ops.linear_attn.aligned`, what aligned mode runs) and in
-windows on the absolute grid (`ops.linear_attn.windowed`, not yet wired), against the default prefill and decode
+"""Aligned mode's linear attention in windows on the absolute grid (`ops.linear_attn.windowed`, what aligned mode
+runs) and token by token (`ops.linear_attn.aligned`, what it ran before), against the default prefill and decode
 kernels, in one process on one GPU at Ring-mini's heads (16 of 128; fp32 q/k, bf16 v, as the engines pass them):
-what aligned mode's prefill costs and what the window form would buy.
+what each aligned form costs, prefill and decode.
 
     python -m benchmarks.bench_aligned_linear_attn [--prefill 1x8192 2x4096 64x256] [--decode 64]
         [--token-tiles 16,2 8,1 32,4]

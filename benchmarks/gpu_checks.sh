@@ -70,7 +70,7 @@
 #                transposed tiles; ALIGNED_MOE_ARGS, e.g. "--tokens 64 512 --router-tiles 64,64,64 16,32,64"; issue 15's cost) (~2 min)
 #   aligned-attn bench_aligned_attention: aligned mode's softmax attention in a decode step (keys split over programs,
 #                and in one program) against vLLM's FlashAttention, 1-64 sequences of 4K and 16K keys (issue 15's decode cost)
-#   aligned-la   bench_aligned_linear_attn: aligned mode's linear attention, token by token and in windows (not wired),
+#   aligned-la   bench_aligned_linear_attn: aligned mode's linear attention in windows (served) and token by token (before),
 #                against the default prefill and decode at Ring-mini's heads (issue 15's prefill cost; ALIGNED_LA_ARGS,
 #                e.g. "--token-tiles 16,2 8,1 16,1 32,4", times the token-by-token kernel's V-tiles and warps)   (~1 min)
 #   vllm-diff    vllm_layer_diff: per-module engine outputs against the shim, one prompt, bit for bit (DIFF_ARGS, e.g.

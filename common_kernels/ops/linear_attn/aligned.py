@@ -1,12 +1,14 @@
-"""Aligned mode's linear attention: every token through its sequence's state one at a time, prompt and generated
-tokens alike, with one fixed V-tile, so a token's bits depend on nothing but its sequence.
+"""The token-by-token form of aligned mode's linear attention, which aligned mode served until the window form
+(`windowed.py`) replaced it; `bench_aligned_linear_attn` still times it against the window form. Every token
+through its sequence's state one at a time, prompt and generated tokens alike, with one fixed V-tile, so a token's
+bits depend on nothing but its sequence.
 
 The engines' default prefill cuts a step's prompts into segments sized by the batch and sums segment states in an
 order set by where a chunk starts: a trainer could not know either. Run token by token instead, a token's result
 is the same whether the engine prefilled it in one step or in chunks stopped anywhere (chunked prefill, a
 prefix-cache hit), decoded it, or served it alone or in any batch; and it is what the shim computes over the whole
-sequence in one launch (`linear_attention_as_served`). Prefill and decode are one compiled kernel (varlen or one
-token per sequence by a runtime argument), kept apart from the default decode, whose launch follows the batch.
+sequence in one launch. Prefill and decode are one compiled kernel (varlen or one token per sequence by a runtime
+argument), kept apart from the default decode, whose launch follows the batch.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ in every case. So one sequence gives the same bits prefilled in one
 call, split at any token, or decoded one token a step; and an engine's prefix cache, which stores states at block
 boundaries (multiples of `WINDOW`), resumes with an empty buffer.
 
-Not yet wired into either engine (aligned mode runs `aligned.py`); the engines' state specs would carry the buffer.
+Aligned mode runs it in both engines (the buffer beside the state: `serving.window_buffer_shapes`) and in the shim
+(`linear_attention_as_served`).
 """
 
 from __future__ import annotations
