@@ -300,8 +300,10 @@ def test_aligned_projections_are_the_shims_gemm(vllm_tools, tiny_dir, aligned_en
               if hasattr(layer.attention, name)]  # fmt: skip
     assert len(layers) == sum(3 if hasattr(layer.attention, "g_proj") else 2 for layer in model.model.layers)
     assert all(isinstance(layer.quant_method, AlignedProjection) for layer in layers)
-    x = torch.randn(7, layers[0].weight.shape[1], generator=torch.Generator().manual_seed(5)).to(dtype)
-    with torch.no_grad():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(7, layers[0].weight.shape[1], generator=g).to(dtype)
+    with torch.no_grad():  # the built model's weights are uninitialised memory (NaN compares unequal)
+        layers[0].weight.copy_(torch.randn(layers[0].weight.shape, generator=g) * 0.1)
         out, _ = layers[0](x.to(layers[0].weight.device))
     assert torch.equal(out.cpu(), aligned_linear(x, layers[0].weight.cpu()))
 
