@@ -105,10 +105,18 @@ def chunk_decays(b_rate, BT: tl.constexpr):
     """Row offsets of a chunk, `lam^(i+1)` per row and the causal `lam^(i-j)` (i >= j, else 0) matrix: the
     decays of the chunked forms (only non-negative powers of lam)."""
     o_t = tl.arange(0, BT)
-    q_decay = tl.exp(-b_rate * (o_t + 1).to(tl.float32))
-    diff = (o_t[:, None] - o_t[None, :]).to(tl.float32)
-    intra = tl.where(diff >= 0, tl.exp(-b_rate * tl.maximum(diff, 0.0)), 0.0)
+    q_decay, intra = block_decays(b_rate, o_t, o_t)
     return o_t, q_decay, intra
+
+
+@triton.jit
+def block_decays(b_rate, rows, cols):
+    """`chunk_decays` for some of a chunk's rows against some of its columns (offsets within the chunk):
+    `lam^(i+1)` per row `i` and the causal `lam^(i-j)` (i >= j, else 0), each entry the same arithmetic."""
+    q_decay = tl.exp(-b_rate * (rows + 1).to(tl.float32))
+    diff = (rows[:, None] - cols[None, :]).to(tl.float32)
+    intra = tl.where(diff >= 0, tl.exp(-b_rate * tl.maximum(diff, 0.0)), 0.0)
+    return q_decay, intra
 
 
 @triton.jit

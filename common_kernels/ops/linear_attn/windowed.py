@@ -9,9 +9,9 @@ block of queries against the whole window's keys and values) whether the window'
 (a prefill), in earlier calls (decode steps, a prefill split anywhere) or not yet: a row's products never involve
 another row's query, and a key or value not yet seen is a zero that the causal mask multiplies by zero. A window is
 folded into `S` (`lam^C S + sum_j lam^(C-1-j) k_j^T v_j`) by the call that holds its last token, from the same tile
-in every case. So one sequence gives the same bits prefilled in one
-call, split at any token, or decoded one token a step; and an engine's prefix cache, which stores states at block
-boundaries (multiples of `WINDOW`), resumes with an empty buffer.
+in every case. So one sequence gives the same bits prefilled in one call, split at any token, or decoded one token
+a step; and an engine's prefix cache, which stores states at block boundaries (multiples of `WINDOW`), resumes with
+an empty buffer.
 
 Aligned mode runs it in both engines (the buffer beside the state: `serving.window_buffer_shapes`) and in the shim
 (`linear_attention_as_served`).
@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .backward import linear_attention_varlen_triton
-from .triton_utils import check_pool, check_qkv, check_sequences, chunk_state_update, output_rows
+from .triton_utils import block_decays, check_pool, check_qkv, check_sequences, chunk_state_update, output_rows
 
 WINDOW = 64  # the grid: a divisor of every engine block size that can cache a state (vLLM's 512-token blocks)
 WINDOWED_BLOCK_V = 32
@@ -88,9 +88,7 @@ def _windowed_kernel(
             rows_r = bos + (at_r - position)
             b_q = tl.load(q + rows_r[:, None] * stride_qt + i_h * stride_qh + o_k[None, :], mask=new_r[:, None],
                           other=0.0).to(tl.float32)  # fmt: skip
-            q_decay = tl.exp(-b_rate * (row_in_window + 1).to(tl.float32))
-            diff = (row_in_window[:, None] - o_t[None, :]).to(tl.float32)
-            intra = tl.where(diff >= 0, tl.exp(-b_rate * tl.maximum(diff, 0.0)), 0.0)
+            q_decay, intra = block_decays(b_rate, row_in_window, o_t)
             b_o = tl.dot(b_q, b_s, input_precision=DOT_PRECISION) * q_decay[:, None]
             b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * intra
             b_o = (b_o + tl.dot(b_qk, b_v, input_precision=DOT_PRECISION)) * scale
