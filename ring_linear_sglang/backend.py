@@ -42,6 +42,7 @@ class RingLinearAttnBackend(MambaAttnBackendBase):
         # aligned decode's flags and one-row offsets, grown once (SGLang captures its largest decode graph first)
         self._not_fresh = torch.zeros(0, dtype=torch.int8, device=self.device)
         self._one_row_offsets = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self._layer_pools: dict[int, tuple[torch.Tensor, ...]] = {}  # `_pools`: the pool's views, made once a layer
         self._warm_up(model_runner)
 
     def _warm_up(self, model_runner) -> None:
@@ -91,15 +92,15 @@ class RingLinearAttnBackend(MambaAttnBackendBase):
             aligned=self.aligned,
         )
 
-    def _state_pool(self, layer_id: int) -> torch.Tensor:
-        return self.req_to_token_pool.mamba2_layer_cache(layer_id).temporal
-
     def _pools(self, layer_id: int) -> tuple[torch.Tensor, ...]:
-        """The layer's state pool, and in aligned mode its window buffers (`window_buffers`)."""
-        cache = self.req_to_token_pool.mamba2_layer_cache(layer_id)
-        if not self.aligned:
-            return (cache.temporal,)
-        return (cache.temporal, *window_buffers(cache.conv[0], self.num_heads, self.head_dim, self.head_dim))
+        """The layer's state pool, and in aligned mode its window buffers (`window_buffers`), checked and viewed on
+        the layer's first step only (SGLang allocates its pool once)."""
+        if layer_id not in self._layer_pools:
+            cache = self.req_to_token_pool.mamba2_layer_cache(layer_id)
+            d = self.head_dim
+            windows = window_buffers(cache.conv[0], self.num_heads, d, d) if self.aligned else ()
+            self._layer_pools[layer_id] = (cache.temporal, *windows)
+        return self._layer_pools[layer_id]
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], self.num_heads, self.head_dim)
@@ -124,7 +125,7 @@ class RingLinearAttnBackend(MambaAttnBackendBase):
         slots = self.forward_metadata.mamba_cache_indices[:rows]
         if not self.aligned:
             out = linear_attention_decode(
-                q, k, v, self.decay_rates[layer_id], self.scale, self._state_pool(layer_id), slots
+                q, k, v, self.decay_rates[layer_id], self.scale, self._pools(layer_id)[0], slots
             )
             return out.view(rows, -1)
         # no decode starts fresh (SGLang extends a new prompt, however short); each row is one token at position

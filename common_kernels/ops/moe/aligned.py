@@ -445,11 +445,10 @@ def aligned_moe(
         ids, weights = aligned_route(*route, shared_slot=True)
         _check(x, w13, w2, ids, weights)
         return _expert_outputs(x, w13, w2, ids, weights, shared_w13[0], shared_w2[0]).to(x.dtype)
-    ids, weights = aligned_route(*route)
-    if not shared:
-        return aligned_expert_outputs(x, w13, w2, ids, weights).to(x.dtype)
-    out = aligned_expert_outputs(x, w13, w2, ids, weights)
-    return (out + aligned_expert_outputs(x, shared_w13, shared_w2, *every_token(x))).to(x.dtype)
+    out = aligned_expert_outputs(x, w13, w2, *aligned_route(*route))
+    if shared:
+        out = out + aligned_expert_outputs(x, shared_w13, shared_w2, *every_token(x))
+    return out.to(x.dtype)
 
 
 @aligned_moe.register_fake
