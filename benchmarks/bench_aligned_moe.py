@@ -161,14 +161,14 @@ def use_projection_tiles(tiles: tuple[int, ...]) -> None:
 def projection_rows(tokens: int, tile_sets: list[tuple[int, ...]], generator: torch.Generator) -> None:
     """A linear layer's projections (2,048 -> 6,144 QKV and 2,048 -> 2,048, bf16) through the invariant tensor-core
     GEMM per tile set (its fp32 output rounded to bf16, as a projection's), against cuBLAS and, where vLLM is
-    installed, the batch-invariant GEMM vLLM's linear layers run under `VLLM_BATCH_INVARIANT=1` (aligned mode's
-    projections today): what owning the projections would buy."""
+    installed, the batch-invariant GEMM vLLM's linear layers run under `VLLM_BATCH_INVARIANT=1` (what aligned mode's
+    projections ran before they were ours)."""
     x = torch.randn(tokens, RING_MINI["hidden"], generator=generator).bfloat16().cuda()
+    theirs = vllm_batch_invariant_linear()
     for width in (6144, 2048):
         w = (torch.randn(width, RING_MINI["hidden"], generator=generator) * 0.02).bfloat16().cuda()
         plain_ms = time_ms(lambda: torch.nn.functional.linear(x, w))  # noqa: B023
         print(f"| {tokens} | projection 2048->{width}, cuBLAS bf16 | {plain_ms:.3f} | | |")
-        theirs = vllm_batch_invariant_linear()
         if theirs is not None:
             their_ms = time_ms(lambda: theirs(x, w))  # noqa: B023
             print(f"| {tokens} | projection 2048->{width}, vLLM batch-invariant | {their_ms:.3f} | "
