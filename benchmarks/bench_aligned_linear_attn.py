@@ -4,11 +4,12 @@ kernels, in one process on one GPU at Ring-mini's heads (16 of 128; fp32 q/k, bf
 what each aligned form costs, prefill and decode.
 
     python -m benchmarks.bench_aligned_linear_attn [--prefill 1x8192 2x4096 64x256] [--decode 64]
-        [--token-tiles 16,2 8,1 32,4]
+        [--token-tiles 16,2 8,1 32,4] [--window-launch 32,4,1 16,2,1]
 
 `--token-tiles BLOCK_V,WARPS` times the token-by-token kernel with each V-tile and warp count (one row each): a
 single long prompt's tokens run one after another, so its prefill is bound by one token's latency, which these set.
 Each set is its own order of sums (its own bits, the same on both sides of aligned mode), so the fastest can ship.
+`--window-launch BLOCK_V,WARPS,STAGES` times the window form likewise (one row each).
 
 Timing: `triton.testing.do_bench` (median; each call includes its launch). Ratios are the default kernel's time over
 the aligned one's (below 1: aligned is slower).
@@ -22,7 +23,7 @@ import sys
 import torch
 import triton
 
-from common_kernels.ops.linear_attn import aligned
+from common_kernels.ops.linear_attn import aligned, windowed
 from common_kernels.ops.linear_attn.aligned import linear_attention_aligned, linear_attention_aligned_decode
 from common_kernels.ops.linear_attn.decode import linear_attention_decode
 from common_kernels.ops.linear_attn.prefill import linear_attention_prefill
@@ -31,6 +32,9 @@ from common_kernels.ops.linear_attn.windowed import WINDOW, linear_attention_win
 HEADS, DIM = 16, 128
 DEVICE = "cuda"
 TOKEN_TILES = [(aligned.ALIGNED_BLOCK_V, aligned.ALIGNED_NUM_WARPS)]  # `--token-tiles`
+WINDOW_LAUNCHES = [
+    (windowed.WINDOWED_BLOCK_V, windowed.WINDOWED_LAUNCH["num_warps"], windowed.WINDOWED_LAUNCH["num_stages"])
+]
 
 
 def parse_token_tiles(text: str) -> tuple[int, int]:
@@ -40,6 +44,31 @@ def parse_token_tiles(text: str) -> tuple[int, int]:
     if not ok or int(parts[0]) < 8 or int(parts[0]) & (int(parts[0]) - 1):
         raise argparse.ArgumentTypeError(f"--token-tiles {text!r}: give BLOCK_V,WARPS, e.g. 16,2")
     return int(parts[0]), int(parts[1])
+
+
+def parse_window_launch(text: str) -> tuple[int, int, int]:
+    """ "BLOCK_V,WARPS,STAGES"."""
+    parts = text.split(",")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"--window-launch {text!r}: give BLOCK_V,WARPS,STAGES, e.g. 32,4,1")
+    return int(parts[0]), int(parts[1]), int(parts[2])
+
+
+def window_form(call) -> dict:
+    """The window-form call once per `WINDOW_LAUNCHES` set."""
+
+    def with_launch(block_v: int, warps: int, stages: int):
+        def run():
+            windowed.WINDOWED_BLOCK_V = block_v
+            windowed.WINDOWED_LAUNCH = {"num_warps": warps, "num_stages": stages}
+            return call()
+
+        return run
+
+    return {
+        f"aligned, windows, V-tile {bv}, {w} warps, {st} stages": with_launch(bv, w, st)
+        for bv, w, st in WINDOW_LAUNCHES
+    }
 
 
 def token_by_token(call) -> dict:
@@ -86,8 +115,10 @@ def prefill_row(sequences: int, length: int) -> None:
     calls = {
         "default prefill": lambda: linear_attention_prefill(*qkv, cu, t["pool"], t["slots"], fresh),
         **token_by_token(lambda: linear_attention_aligned(*qkv, cu, t["pool"], t["slots"], fresh)),
-        "aligned, windows": lambda: linear_attention_windowed(
-            *qkv, cu, starts, t["pool"], t["window_k"], t["window_v"], t["slots"], fresh
+        **window_form(
+            lambda: linear_attention_windowed(
+                *qkv, cu, starts, t["pool"], t["window_k"], t["window_v"], t["slots"], fresh
+            )
         ),
     }
     report(f"prefill {sequences}x{length}", calls)
@@ -103,19 +134,27 @@ def decode_row(sequences: int) -> None:
     calls = {
         "default decode": lambda: linear_attention_decode(*qkv, t["pool"], t["slots"], fresh=fresh),
         **token_by_token(lambda: linear_attention_aligned_decode(*qkv, t["pool"], t["slots"], fresh)),
-        "aligned, windows": lambda: linear_attention_windowed(
-            *qkv, cu, starts, t["pool"], t["window_k"], t["window_v"], t["slots"], fresh
+        **window_form(
+            lambda: linear_attention_windowed(
+                *qkv, cu, starts, t["pool"], t["window_k"], t["window_v"], t["slots"], fresh
+            )
         ),
     }
     report(f"decode {sequences} sequences", calls)
 
 
 def report(case: str, calls: dict) -> None:
-    baseline = None
+    """Each call's time against the first's; a window-form launch's output also against the first window form's."""
+    baseline = first_window = None
     for name, call in calls.items():
         ms = triton.testing.do_bench(call, return_mode="median")
         baseline = baseline or ms
-        print(f"| {case} | {name} | {ms:.3f} | {baseline / ms:.2f} |", flush=True)
+        note = ""
+        if name.startswith("aligned, windows"):
+            out = call().clone()
+            first_window = out if first_window is None else first_window
+            note = f" bits = first window form's: {torch.equal(out, first_window)}"
+        print(f"| {case} | {name} | {ms:.3f} | {baseline / ms:.2f} |{note}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,14 +162,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prefill", type=parse_shape, nargs="+", default=[(1, 8192), (2, 4096), (64, 256)])
     parser.add_argument("--decode", type=int, nargs="+", default=[64])
     parser.add_argument("--token-tiles", type=parse_token_tiles, nargs="+", default=list(TOKEN_TILES))
+    parser.add_argument("--window-launch", type=parse_window_launch, nargs="+", default=list(WINDOW_LAUNCHES))
     args = parser.parse_args(argv)
     TOKEN_TILES[:] = args.token_tiles
+    WINDOW_LAUNCHES[:] = args.window_launch
     if not torch.cuda.is_available():
         raise SystemExit("bench_aligned_linear_attn: needs a CUDA GPU")
     print(f"{torch.cuda.get_device_name()}; {HEADS} heads of {DIM}, fp32 q/k, bf16 v")
     print("| case | kernel | ms | default / this |")
     print("|---|---|---:|---:|")
     shipped = aligned.ALIGNED_BLOCK_V, aligned.ALIGNED_NUM_WARPS
+    shipped_window = windowed.WINDOWED_BLOCK_V, windowed.WINDOWED_LAUNCH
     try:
         for sequences, length in args.prefill:
             prefill_row(sequences, length)
@@ -138,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
             decode_row(sequences)
     finally:
         aligned.ALIGNED_BLOCK_V, aligned.ALIGNED_NUM_WARPS = shipped
+        windowed.WINDOWED_BLOCK_V, windowed.WINDOWED_LAUNCH = shipped_window
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@
 #   prefix       pytest -m gpu: vLLM prefix caching with the linear state, cache on vs off (PYTEST_K picks) (~8 min)
 #   aligned      pytest -m gpu: aligned mode, tiny model fp32 and bf16, chunked prefill and prefix caching on: a
 #                request's bits alone = in a batch of 64 = resent through the cache = the aligned shim's; an eager fp32 case (~5 min)
-#   aligned-mini the same on a random Ring-mini of one layer group (5 layers), bf16                  (untimed)
+#   aligned-mini the same on a random Ring-mini of one layer group (5 layers), bf16 (PYTEST_K picks; ~1.5 min a case)
 #   aligned-probe  probe_aligned: where aligned mode's batch invariance breaks, first prompt / generated position
 #                per request (PROBE_ARGS, e.g. "--eager --dtype bfloat16")                            (~2 min)
 #   tp2          the tensor-parallel-2 engine test (needs 2 GPUs)                         (~4 min)
@@ -76,6 +76,9 @@
 #   vllm-diff    vllm_layer_diff: per-module engine outputs against the shim, one prompt, bit for bit (DIFF_ARGS, e.g.
 #                "--aligned --dtype bfloat16 --internals": where aligned mode's bitwise claim breaks; --internals adds
 #                the first linear layer's steps; DIFF_CHECKPOINT=ring-mini diffs a random Ring-mini layer group)   (~1.5 min)
+#   batch-diff   vllm_batch_diff: one request of the aligned test's 64-prompt batch (a random Ring-mini layer group, bf16,
+#                eager, budget 1024) against the shim, module by module, over its prefill chunks (BATCH_DIFF_ARGS,
+#                e.g. "--request 35 --caching")                                                   (~2 min)
 #   sgl-diff     sglang_layer_diff: per-module engine outputs against the shim, one prompt (SGLang staged) (~2 min)
 set -uo pipefail
 
@@ -134,7 +137,7 @@ for step in "$@"; do
     aligned) run aligned 540 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -m gpu \
       tests/ring_linear_vllm/test_aligned_gpu.py -k "not ring_mini" ;;
     aligned-mini) run aligned-mini 570 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -m gpu \
-      tests/ring_linear_vllm/test_aligned_gpu.py -k ring_mini ;;
+      tests/ring_linear_vllm/test_aligned_gpu.py -k "${PYTEST_K:-ring_mini}" ;;
     aligned-probe) run aligned-probe 240 env CUDA_VISIBLE_DEVICES=0 RING_LINEAR_ALIGNED=1 VLLM_BATCH_INVARIANT=1 \
       python3 -m benchmarks.probe_aligned "${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}" ${PROBE_ARGS:-} ;;
     tp2) run tp2 420 python3 -m pytest -q -s -m gpu tests/ring_linear_vllm/test_engine_gpu.py -k tensor_parallel ;;
@@ -165,6 +168,8 @@ for step in "$@"; do
       checkpoint=${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}
       [[ ${DIFF_CHECKPOINT:-} == ring-mini ]] && checkpoint=$(ring_mini_group)
       run vllm-diff 240 env CUDA_VISIBLE_DEVICES=0 python3 -m benchmarks.vllm_layer_diff "$checkpoint" ${DIFF_ARGS:-} ;;
+    batch-diff) run batch-diff 300 env CUDA_VISIBLE_DEVICES=0 python3 -m benchmarks.vllm_batch_diff "$(ring_mini_group)" \
+      ${BATCH_DIFF_ARGS:---request 10} ;;
     sgl-diff) run sgl-diff 300 "${SGLANG_ENV[@]}" CUDA_VISIBLE_DEVICES=0 \
       python3 -m benchmarks.sglang_layer_diff "${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}" --save "$out/sgl-diff.pt" ;;
     profile)  # PROFILE_CASES picks, e.g. "ring-linear:4096x2 softmax-twin:decode" (default: all six)

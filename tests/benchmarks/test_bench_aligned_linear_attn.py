@@ -15,14 +15,23 @@ def test_every_row_runs_and_shapes_parse(monkeypatch, capsys):
     monkeypatch.setattr(bench, "DIM", 16)
     monkeypatch.setattr(triton.testing, "do_bench", lambda call, **_: (call(), 1.0)[1])
     monkeypatch.setattr(bench, "TOKEN_TILES", [(16, 2), (8, 1)])
+    monkeypatch.setattr(bench, "WINDOW_LAUNCHES", [(32, 4, 1), (16, 2, 1)])
     for name in ("ALIGNED_BLOCK_V", "ALIGNED_NUM_WARPS"):  # each row sets them; put back after the test
         monkeypatch.setattr(bench.aligned, name, getattr(bench.aligned, name))
+    for name in ("WINDOWED_BLOCK_V", "WINDOWED_LAUNCH"):
+        monkeypatch.setattr(bench.windowed, name, getattr(bench.windowed, name))
     bench.prefill_row(2, 70)
     bench.decode_row(3)
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    assert len(rows) == 8 and all(row.endswith("| 1.000 | 1.00 |") for row in rows)
+    assert len(rows) == 10 and all("| 1.000 | 1.00 |" in row for row in rows)
     assert sum("V-tile 8, 1 warps" in row for row in rows) == 2
+    # the window form's second launch against its first: the interpreter's sums follow the tiles too
+    windows = [row for row in rows if "windows" in row]
+    assert len(windows) == 4 and all("bits = first window form's: True" in row for row in windows[::2])
     assert bench.parse_token_tiles("8,1") == (8, 1)
+    assert bench.parse_window_launch("16,2,1") == (16, 2, 1)
+    with pytest.raises(argparse.ArgumentTypeError, match="give BLOCK_V,WARPS,STAGES"):
+        bench.parse_window_launch("16,2")
     with pytest.raises(argparse.ArgumentTypeError, match="give BLOCK_V,WARPS"):
         bench.parse_token_tiles("12,2")
     assert bench.parse_shape("2x4096") == (2, 4096)

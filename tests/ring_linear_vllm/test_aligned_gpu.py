@@ -35,7 +35,15 @@ def test_eager(tiny_trained, monkeypatch, dtype):
 def test_ring_mini_shapes_one_layer_group_bf16(ring_mini_one_group, monkeypatch):
     """Ring-mini's shapes (16 heads of 128, 256 experts, top-8 of 8 groups, a 157K vocabulary) with random weights,
     cut to one layer group: a dense layer, three linear MoE layers and a softmax MoE layer."""
-    check_aligned_serving(ring_mini_one_group, "bfloat16", monkeypatch, budget=512, must_hit=False)
+    check_aligned_serving(ring_mini_one_group, "bfloat16", monkeypatch, budget=1024, must_hit=False)
+
+
+@pytest.mark.parametrize("eager, caching", [(True, True), (False, False)])
+def test_ring_mini_shapes_eager_or_without_the_prefix_cache(ring_mini_one_group, monkeypatch, eager, caching):
+    """The same without CUDA graphs, or without prefix caching (vLLM's mamba cache mode `none`, another slot map)."""
+    check_aligned_serving(
+        ring_mini_one_group, "bfloat16", monkeypatch, budget=1024, must_hit=False, eager=eager, caching=caching
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +55,22 @@ def ring_mini_one_group(tmp_path_factory):
     return write_random_checkpoint(tmp_path_factory.mktemp("ring-mini-one-group"))
 
 
+# the requests sent again alone and through the cache: every 7th, and the 300-token prompt, longer than any block
+PICKED = sorted({*range(0, 64, 7), 5})
+
+
 def check_aligned_serving(
-    checkpoint, dtype: str, monkeypatch, budget: int = 128, must_hit: bool = True, eager: bool = False
+    checkpoint,
+    dtype: str,
+    monkeypatch,
+    budget: int = 288,
+    must_hit: bool = True,
+    eager: bool = False,
+    caching: bool = True,
 ) -> None:
     """64 mixed-length requests in one engine (CUDA graphs, traced without inductor, chunked prefill over `budget`-token
-    steps: vLLM's align mode needs one block at least; prefix caching), every 7th again alone, then again without
+    steps: vLLM's align mode needs one block at least, 144 or 288 tokens for the tiny model; prefix caching), every 7th
+    (and the 300-token prompt) again alone, then again without
     prompt logprobs so that it reads the prefix cache (vLLM recomputes a prompt whose logprobs are asked for): the
     same bits each time, and every prompt and sampled-token logprob equal to the aligned shim's. `must_hit`: the
     prompts span cache blocks (the tiny model's blocks are small; Ring-mini's 512-token blocks are longer than
@@ -60,26 +79,26 @@ def check_aligned_serving(
     monkeypatch.setenv("VLLM_BATCH_INVARIANT", "1")
     prompts = mixed_prompts()
     llm = make_llm(
-        checkpoint, dtype=dtype, enable_chunked_prefill=True, enable_prefix_caching=True,
+        checkpoint, dtype=dtype, enable_chunked_prefill=True, enable_prefix_caching=caching,
         max_num_batched_tokens=budget, enforce_eager=eager,
     )  # fmt: skip
     try:
         batch = served(generate(llm, prompts, 16, logprobs=0, prompt_logprobs=0))
-        alone = [served(generate(llm, [p], 16, logprobs=0, prompt_logprobs=0))[0] for p in prompts[::7]]
-        resent = [generate(llm, [p], 16, logprobs=0)[0] for p in prompts[::7]]
+        alone = [served(generate(llm, [prompts[i]], 16, logprobs=0, prompt_logprobs=0))[0] for i in PICKED]
+        resent = [generate(llm, [prompts[i]], 16, logprobs=0)[0] for i in PICKED]
     finally:
         free(llm)
-    differences = [where_they_differ(a, b) for a, b in zip(alone, batch[::7], strict=True)]
+    differences = [where_they_differ(alone[n], batch[i]) for n, i in enumerate(PICKED)]
     unequal = sum(d is not None for d in differences)
     print(f"\n[{dtype}] aligned mode: {unequal} of {len(alone)} requests differ alone vs in the batch (bitwise)")
-    for index, where in zip(range(0, len(prompts), 7), differences, strict=True):
+    for index, where in zip(PICKED, differences, strict=True):
         if where is not None:
             print(f"  request {index} ({len(prompts[index])} prompt tokens): {where}")
     hits = [o.num_cached_tokens or 0 for o in resent]
     cached = [
         (list(o.outputs[0].token_ids), [next(iter(d.values())).logprob for d in o.outputs[0].logprobs]) for o in resent
     ]
-    cache_unequal = sum(c != b[:2] for c, b in zip(cached, batch[::7], strict=True))
+    cache_unequal = sum(c != batch[i][:2] for c, i in zip(cached, PICKED, strict=True))
     print(f"[{dtype}] resent through the prefix cache: hits (tokens) {hits}; {cache_unequal} differ from the batch")
     shim_unequal = gap_to_the_shim(checkpoint, dtype, prompts, batch)
     assert unequal == 0

@@ -189,3 +189,10 @@ def test_ring_mini_shapes_on_the_gpu_decode_equals_prefill_bitwise(dtype, produc
     cu_q = torch.arange(len(lengths) + 1, dtype=torch.int32, device="cuda")
     step = paged_attention_aligned(q[last], kc, vc, cu_q, (cu[1:] - cu[:-1]).int(), table, 128**-0.5, 1)
     assert torch.equal(step, full[last])
+    # a mixed step: decodes beside prefill chunks that continue after a cached prefix, each row the prefill's bits
+    new = [1, 52, 1, 31, 9, 700]
+    ends = cu[1:].tolist()
+    rows = torch.cat([torch.arange(e - n, e) for e, n in zip(ends, new, strict=True)]).cuda()
+    cu_step = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    mixed = paged_attention_aligned(q[rows], kc, vc, cu_step, (cu[1:] - cu[:-1]).int(), table, 128**-0.5, max(new))
+    assert torch.equal(mixed, full[rows])

@@ -100,6 +100,19 @@ def test_served_requests_equal_the_trainers_call_bit_for_bit_alone_and_together(
     assert_rel_rms("request A", want, served["A"], 1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_served_requests_equal_the_trainers_call_at_ring_mini_heads_on_a_gpu(monkeypatch):
+    """The same steps with Ring-mini's 16 heads of 128, on real MMAs."""
+    monkeypatch.setitem(globals(), "H", 16)
+    monkeypatch.setitem(globals(), "K", 128)
+    monkeypatch.setitem(globals(), "RATES", torch.linspace(0.01, 0.8, 16, device=DEVICE))
+    monkeypatch.setitem(globals(), "SCALE", 128**-0.5)
+    served = serve(aligned=True)
+    for name in REQUESTS:
+        assert torch.equal(served[name], as_served([name])[name]), f"request {name}: the engine's steps differ"
+
+
 def test_without_aligned_mode_the_same_steps_give_other_bits():
     """The control of the test above: the default prefill (segments and chunk products) rounds differently from
     the window form, so the equality above is not free."""
