@@ -51,14 +51,18 @@ def ours(t: dict) -> Callable[[], torch.Tensor]:
 
 
 def flash_attention(t: dict, context: int) -> Callable[[], torch.Tensor] | None:
-    """vLLM's FlashAttention decode over the same cache, or None where vLLM's build of it is absent."""
+    """vLLM's FlashAttention decode over the same cache, in the version vLLM picks for this GPU (FA3 on Hopper, whose
+    build has no FA2 varlen op), or None where vLLM's build of it is absent."""
     try:
+        from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
         from vllm.vllm_flash_attn import flash_attn_varlen_func
     except ImportError:
         return None
+    version = get_flash_attn_version(head_size=HEAD_DIM)
     return lambda: flash_attn_varlen_func(
         t["q"], t["k"], t["v"], max_seqlen_q=1, cu_seqlens_q=t["cu_q"], max_seqlen_k=context,
         seqused_k=t["seq_lens"], softmax_scale=HEAD_DIM**-0.5, causal=True, block_table=t["table"],
+        **({} if version is None else {"fa_version": version}),
     )  # fmt: skip
 
 
