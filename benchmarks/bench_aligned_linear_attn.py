@@ -9,7 +9,8 @@ what each aligned form costs, prefill and decode.
 `--token-tiles BLOCK_V,WARPS` times the token-by-token kernel with each V-tile and warp count (one row each): a
 single long prompt's tokens run one after another, so its prefill is bound by one token's latency, which these set.
 Each set is its own order of sums (its own bits, the same on both sides of aligned mode), so the fastest can ship.
-`--window-launch BLOCK_V,WARPS,STAGES` times the window form likewise (one row each).
+`--window-launch BLOCK_V,WARPS,STAGES` times the window form likewise (one row each; a decode step also through the
+one-token kernel, `linear_attention_windowed_decode`, which aligned mode serves decodes with).
 
 Timing: `triton.testing.do_bench` (median; each call includes its launch). Ratios are the default kernel's time over
 the aligned one's (below 1: aligned is slower).
@@ -27,7 +28,7 @@ from common_kernels.ops.linear_attn import aligned, windowed
 from common_kernels.ops.linear_attn.aligned import linear_attention_aligned, linear_attention_aligned_decode
 from common_kernels.ops.linear_attn.decode import linear_attention_decode
 from common_kernels.ops.linear_attn.prefill import linear_attention_prefill
-from common_kernels.ops.linear_attn.windowed import WINDOW, linear_attention_windowed
+from common_kernels.ops.linear_attn.windowed import WINDOW, linear_attention_windowed, linear_attention_windowed_decode
 
 HEADS, DIM = 16, 128
 DEVICE = "cuda"
@@ -54,21 +55,18 @@ def parse_window_launch(text: str) -> tuple[int, int, int]:
     return int(parts[0]), int(parts[1]), int(parts[2])
 
 
-def window_form(call) -> dict:
-    """The window-form call once per `WINDOW_LAUNCHES` set."""
+def window_form(call, label: str = "aligned, windows") -> dict:
+    """The window-form call once per `WINDOW_LAUNCHES` set (the prefill's and the one-token kernel's launch)."""
 
     def with_launch(block_v: int, warps: int, stages: int):
         def run():
             windowed.WINDOWED_BLOCK_V = block_v
-            windowed.WINDOWED_LAUNCH = {"num_warps": warps, "num_stages": stages}
+            windowed.WINDOWED_LAUNCH = windowed.WINDOWED_DECODE_LAUNCH = {"num_warps": warps, "num_stages": stages}
             return call()
 
         return run
 
-    return {
-        f"aligned, windows, V-tile {bv}, {w} warps, {st} stages": with_launch(bv, w, st)
-        for bv, w, st in WINDOW_LAUNCHES
-    }
+    return {f"{label}, V-tile {bv}, {w} warps, {st} stages": with_launch(bv, w, st) for bv, w, st in WINDOW_LAUNCHES}
 
 
 def token_by_token(call) -> dict:
@@ -139,6 +137,12 @@ def decode_row(sequences: int) -> None:
                 *qkv, cu, starts, t["pool"], t["window_k"], t["window_v"], t["slots"], fresh
             )
         ),
+        **window_form(
+            lambda: linear_attention_windowed_decode(
+                *qkv, starts, t["pool"], t["window_k"], t["window_v"], t["slots"], fresh
+            ),
+            label="aligned, windows, one-token kernel",
+        ),
     }
     report(f"decode {sequences} sequences", calls)
 
@@ -172,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| case | kernel | ms | default / this |")
     print("|---|---|---:|---:|")
     shipped = aligned.ALIGNED_BLOCK_V, aligned.ALIGNED_NUM_WARPS
-    shipped_window = windowed.WINDOWED_BLOCK_V, windowed.WINDOWED_LAUNCH
+    shipped_window = windowed.WINDOWED_BLOCK_V, windowed.WINDOWED_LAUNCH, windowed.WINDOWED_DECODE_LAUNCH
     try:
         for sequences, length in args.prefill:
             prefill_row(sequences, length)
@@ -180,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
             decode_row(sequences)
     finally:
         aligned.ALIGNED_BLOCK_V, aligned.ALIGNED_NUM_WARPS = shipped
-        windowed.WINDOWED_BLOCK_V, windowed.WINDOWED_LAUNCH = shipped_window
+        windowed.WINDOWED_BLOCK_V, windowed.WINDOWED_LAUNCH, windowed.WINDOWED_DECODE_LAUNCH = shipped_window
 
 
 if __name__ == "__main__":

@@ -167,6 +167,9 @@ def aligned_kernels() -> list[tuple[str, object, dict, dict, int, int]]:
          4, 3),
         ("linear attention, windows", windowed._windowed_kernel, window,
          window_shape | {"DOT_PRECISION": windowed.WINDOWED_DOT_PRECISION}, *windowed.WINDOWED_LAUNCH.values()),
+        ("linear attention, window decode", windowed._windowed_decode_kernel,
+         {name: kind for name, kind in window.items() if name != "cu_seqlens"},
+         window_shape | {"DOT_PRECISION": windowed.WINDOWED_DOT_PRECISION}, *windowed.WINDOWED_DECODE_LAUNCH.values()),
     ]  # fmt: skip
 
 

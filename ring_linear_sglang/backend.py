@@ -15,7 +15,7 @@ from sglang.srt.layers.attention.hybrid_linear_attn_backend import MambaAttnBack
 from sglang.srt.runtime_context import get_parallel
 
 from common_kernels.ops.linear_attn import linear_attention_decode
-from common_kernels.ops.linear_attn.windowed import WINDOW, linear_attention_windowed
+from common_kernels.ops.linear_attn.windowed import WINDOW, linear_attention_windowed_decode
 from common_kernels.serving import (
     LinearAttentionStep,
     aligned_mode,
@@ -41,7 +41,6 @@ class RingLinearAttnBackend(MambaAttnBackendBase):
         self.aligned = aligned_mode()  # the window form on the absolute grid (`ops.linear_attn.windowed`)
         # aligned decode's flags and one-row offsets, grown once (SGLang captures its largest decode graph first)
         self._not_fresh = torch.zeros(0, dtype=torch.int8, device=self.device)
-        self._one_row_offsets = torch.zeros(1, dtype=torch.int32, device=self.device)
         self._layer_pools: dict[int, tuple[torch.Tensor, ...]] = {}  # `_pools`: the pool's views, made once a layer
         self._warm_up(model_runner)
 
@@ -132,17 +131,23 @@ class RingLinearAttnBackend(MambaAttnBackendBase):
         # seq_len - 1 (read from the batch's own buffer, so a captured graph reads each replay's lengths)
         self._grow_decode_buffers(rows)
         starts = (forward_batch.seq_lens[:rows] - 1).to(torch.int64)
-        out = linear_attention_windowed(
-            q, k, v, self.decay_rates[layer_id], self.scale, self._one_row_offsets[: rows + 1], starts,
-            *self._pools(layer_id), slots, self._not_fresh[:rows],
-        )  # fmt: skip
+        out = linear_attention_windowed_decode(
+            q,
+            k,
+            v,
+            self.decay_rates[layer_id],
+            self.scale,
+            starts,
+            *self._pools(layer_id),
+            slots,
+            self._not_fresh[:rows],
+        )
         return out.view(rows, -1)
 
     def _grow_decode_buffers(self, rows: int) -> None:
-        """The decode's zero "fresh" flags and `0..rows` offsets, sliced from buffers every layer and step shares."""
+        """The decode's zero "fresh" flags, sliced from a buffer every layer and step shares."""
         if self._not_fresh.shape[0] < rows:
             self._not_fresh = torch.zeros(rows, dtype=torch.int8, device=self.device)
-            self._one_row_offsets = torch.arange(rows + 1, dtype=torch.int32, device=self.device)
 
 
 def window_buffers(conv: torch.Tensor, heads: int, d_k: int, d_v: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,11 +31,8 @@ class RingLinearMetadataBuilder(BailingLinearAttentionMetadataBuilder):
         # persistent, so a captured decode graph reads this step's flags
         self.decode_fresh_buffer = torch.zeros(self.decode_cudagraph_max_bs, dtype=torch.int8, device=device)
         self.aligned = aligned_mode()
-        if self.aligned:  # the window form's start positions and one-row offsets, likewise
+        if self.aligned:  # the window form's start positions, likewise
             self.decode_starts_buffer = torch.zeros(self.decode_cudagraph_max_bs, dtype=torch.int64, device=device)
-            self.decode_offsets_buffer = torch.arange(
-                self.decode_cudagraph_max_bs + 1, dtype=torch.int32, device=device
-            )
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False, **kwargs) -> RingLinearMetadata:
         base = super().build(common_prefix_len, common_attn_metadata, fast_build, **kwargs)
@@ -66,7 +63,6 @@ class RingLinearMetadataBuilder(BailingLinearAttentionMetadataBuilder):
             decode_fresh_buffer=self.decode_fresh_buffer if graph_buffer else None,
             aligned=self.aligned,
             decode_starts_buffer=self.decode_starts_buffer if graph_buffer and self.aligned else None,
-            decode_offsets_buffer=self.decode_offsets_buffer if graph_buffer and self.aligned else None,
         )
         return RingLinearMetadata(**fields, step=step)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ops.linear_attn import SegmentPlan, linear_attention_decode, linear_attention_prefill, plan_prefill
-from ..ops.linear_attn.windowed import linear_attention_windowed
+from ..ops.linear_attn.windowed import linear_attention_windowed, linear_attention_windowed_decode
 
 
 @dataclass
@@ -36,7 +36,6 @@ class LinearAttentionStep:
     prefill_plan: SegmentPlan | None = None  # segment tables (they carry the segment length); None in aligned mode
     aligned: bool = False  # aligned mode: the window form on the absolute grid (`ops.linear_attn.windowed`)
     decode_starts: torch.Tensor | None = None  # aligned: [B] int64, each decode's tokens before this step
-    decode_offsets: torch.Tensor | None = None  # aligned: [B+1] int32, 0..B (one row per decode)
     prefill_starts: torch.Tensor | None = None  # aligned: [P] int64, each prefill's tokens before this step
 
     @property
@@ -65,9 +64,9 @@ class LinearAttentionStep:
             padded = self.decode_slots.shape[0]
             qkv = (q[:padded], k[:padded], v[:padded], decay_rate, scale)
             if self.aligned:
-                linear_attention_windowed(
-                    *qkv, self.decode_offsets, self.decode_starts, state_pool, window_k, window_v, self.decode_slots,
-                    self.decode_fresh, out=out[:padded],
+                linear_attention_windowed_decode(
+                    *qkv, self.decode_starts, state_pool, window_k, window_v, self.decode_slots, self.decode_fresh,
+                    out=out[:padded],
                 )  # fmt: skip
             else:
                 linear_attention_decode(*qkv, state_pool, self.decode_slots, fresh=self.decode_fresh, out=out[:padded])
@@ -102,7 +101,6 @@ def build_step(
     decode_fresh_buffer: torch.Tensor | None = None,
     aligned: bool = False,
     decode_starts_buffer: torch.Tensor | None = None,
-    decode_offsets_buffer: torch.Tensor | None = None,
 ) -> LinearAttentionStep:
     """A step from an engine's batch description (requests ordered decodes first).
 
@@ -119,8 +117,8 @@ def build_step(
             captured decode graph reads them from a fixed address.
         aligned: aligned mode (`RING_LINEAR_ALIGNED`): each request's result independent of the batch and of where
             its prefill was split, equal to `linear_attention_as_served`.
-        decode_starts_buffer, decode_offsets_buffer: aligned mode's persistent `[>= B]` int64 and `[>= B+1]` int32
-            (holding 0, 1, ...) buffers, for a captured decode graph, as `decode_fresh_buffer`.
+        decode_starts_buffer: aligned mode's persistent `[>= B]` int64 buffer of the decodes' start positions, for a
+            captured decode graph, as `decode_fresh_buffer`.
     """
     R = num_decodes + num_prefills
     query_lens = query_start_loc[1 : R + 1] - query_start_loc[:R]
@@ -132,10 +130,6 @@ def build_step(
         step.decode_fresh = _padded(is_fresh[:num_decodes], B, decode_fresh_buffer)
         if aligned:
             step.decode_starts = _padded(positions[:num_decodes], B, decode_starts_buffer)
-            offsets = decode_offsets_buffer
-            if offsets is None:
-                offsets = torch.arange(B + 1, dtype=torch.int32, device=decode_slots.device)
-            step.decode_offsets = offsets[: B + 1]
     if num_prefills > 0:
         starts = query_start_loc[num_decodes : R + 1]
         step.prefill_cu_seqlens = (starts - starts[0]).to(torch.int32)

@@ -13,7 +13,7 @@ import torch
 
 from ..ops.linear_attn import linear_attention_decode, linear_attention_prefill, plan_prefill, prefill
 from ..ops.linear_attn.decode import wide_tile_min_rows
-from ..ops.linear_attn.windowed import WINDOW, linear_attention_windowed
+from ..ops.linear_attn.windowed import WINDOW, linear_attention_windowed, linear_attention_windowed_decode
 
 _warmed: set[tuple] = set()
 
@@ -35,7 +35,7 @@ def warm_up_linear_attention(
     and, once per process and shape, the decode's variants. Nothing touches a state pool: every slot is -1.
     The prefill's output goes to `out` when given (the profiling forward's result), else it is dropped.
     `slot_dtype` is the engine's slot-index dtype (pointer types are part of a compiled variant). `aligned`: the
-    engine serves in aligned mode, whose prefill and decode are one variant of the window form (`ops.linear_attn.
+    engine serves in aligned mode, whose prefill and decode are the window form's two kernels (`ops.linear_attn.
     windowed`), and nothing else is compiled. The default decode is compiled with and without flags (vLLM passes
     them, SGLang does not)."""
     T, H, K = q.shape
@@ -51,9 +51,10 @@ def warm_up_linear_attention(
             starts = torch.zeros(N, dtype=torch.int64, device=device)
             window_k = torch.empty((1, H, WINDOW, K), dtype=torch.float32, device=device)
             window_v = torch.empty((1, H, WINDOW, V), dtype=torch.float32, device=device)
-            pool = scratch_pool.float()
-            linear_attention_windowed(
-                q, k, v, decay_rate, scale, cu_seqlens, starts, pool, window_k, window_v, slots, fresh, out=out
+            windows = (scratch_pool, window_k, window_v)
+            linear_attention_windowed(q, k, v, decay_rate, scale, cu_seqlens, starts, *windows, slots, fresh, out=out)
+            linear_attention_windowed_decode(  # the decode's one-token variant
+                q[:1], k[:1], v[:1], decay_rate, scale, starts[:1], *windows, slots[:1], fresh[:1]
             )
         else:
             linear_attention_prefill(q, k, v, decay_rate, scale, cu_seqlens, scratch_pool, slots, out=out)
@@ -61,7 +62,7 @@ def warm_up_linear_attention(
             one = cu_seqlens[:2].clamp(max=1)
             plan = plan_prefill(one, 1, H, V, max_seqlen=1)
             linear_attention_prefill(q[:1], k[:1], v[:1], decay_rate, scale, one, scratch_pool, slots[:1], plan=plan)
-    if aligned:  # its decode is the prefill's compiled variant; the default decode never runs
+    if aligned:  # its decode was compiled above; the default decode never runs
         return
     key = (q.dtype, v.dtype, state_dtype, slot_dtype, H, K, V, device)
     if key in _warmed:

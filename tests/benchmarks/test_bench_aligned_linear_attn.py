@@ -18,16 +18,17 @@ def test_every_row_runs_and_shapes_parse(monkeypatch, capsys):
     monkeypatch.setattr(bench, "WINDOW_LAUNCHES", [(32, 4, 1), (16, 2, 1)])
     for name in ("ALIGNED_BLOCK_V", "ALIGNED_NUM_WARPS"):  # each row sets them; put back after the test
         monkeypatch.setattr(bench.aligned, name, getattr(bench.aligned, name))
-    for name in ("WINDOWED_BLOCK_V", "WINDOWED_LAUNCH"):
+    for name in ("WINDOWED_BLOCK_V", "WINDOWED_LAUNCH", "WINDOWED_DECODE_LAUNCH"):
         monkeypatch.setattr(bench.windowed, name, getattr(bench.windowed, name))
     bench.prefill_row(2, 70)
     bench.decode_row(3)
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    assert len(rows) == 10 and all("| 1.000 | 1.00 |" in row for row in rows)
+    assert len(rows) == 12 and all("| 1.000 | 1.00 |" in row for row in rows)
     assert sum("V-tile 8, 1 warps" in row for row in rows) == 2
     # the window form's second launch against its first: the interpreter's sums follow the tiles too
     windows = [row for row in rows if "windows" in row]
-    assert len(windows) == 4 and all("bits = first window form's: True" in row for row in windows[::2])
+    assert len(windows) == 6 and all("bits = first window form's: True" in row for row in windows[::2])
+    assert "one-token kernel, V-tile 32, 4 warps" in windows[4]  # the decode step's one-token kernel, same bits
     assert bench.parse_token_tiles("8,1") == (8, 1)
     assert bench.parse_window_launch("16,2,1") == (16, 2, 1)
     with pytest.raises(argparse.ArgumentTypeError, match="give BLOCK_V,WARPS,STAGES"):

@@ -1,5 +1,5 @@
 """The vLLM layer-diff tool's CPU half: the shim's dump in aligned mode, and the engine-side hooks that keep each
-module's first output (a tuple's first tensor)."""
+module's output per forward (a tuple's first tensor)."""
 
 from __future__ import annotations
 
@@ -22,19 +22,20 @@ def test_the_aligned_shim_dump_runs_the_aligned_path():
     assert all(diff < 1e-3 * max(scale, 1.0) for _, diff, scale in rows)  # the same function
 
 
-def test_the_engine_hooks_keep_each_modules_first_output():
+def test_the_engine_hooks_keep_each_modules_output_per_forward():
     class Pair(torch.nn.Module):
         def forward(self, x):
             return x * 2, None
 
     model = torch.nn.Sequential(torch.nn.Identity(), Pair())
     vllm_layer_diff.ENGINE_OUTPUTS.clear()
-    assert vllm_layer_diff.record_first_forward(model) == 3
+    assert vllm_layer_diff.record_forwards(model) == 3
     model(torch.ones(2))
     model(torch.zeros(2))
     outputs = vllm_layer_diff.ENGINE_OUTPUTS
-    assert torch.equal(outputs["1"], torch.full((2,), 2.0)) and torch.equal(outputs["0"], torch.ones(2))
-    assert torch.equal(outputs[""], torch.full((2,), 2.0))  # the model's own output: the tuple's first tensor
+    assert torch.equal(outputs["1"][0], torch.full((2,), 2.0)) and torch.equal(outputs["0"][0], torch.ones(2))
+    assert torch.equal(outputs[""][0], torch.full((2,), 2.0))  # the model's own output: the tuple's first tensor
+    assert all(len(kept) == 2 for kept in outputs.values()) and torch.equal(outputs["1"][1], torch.zeros(2))
 
 
 def test_internals_keep_each_steps_first_call_and_put_the_functions_back():

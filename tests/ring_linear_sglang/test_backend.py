@@ -103,21 +103,20 @@ def test_a_decode_batch_advances_every_slot_in_place(kit, mock_backend, sglang_r
 
 
 def test_aligned_decode_buffers_are_shared_and_grown_once(sglang_registered):
-    """Every layer and step of an aligned decode reads its zero "fresh" flags and one-row offsets from one pair of
-    buffers, grown only when a larger batch arrives (SGLang captures its largest graph first), not per layer."""
+    """Every layer and step of an aligned decode reads its zero "fresh" flags from one buffer, grown only when a
+    larger batch arrives (SGLang captures its largest graph first), not per layer."""
     from ring_linear_sglang.backend import RingLinearAttnBackend
 
     backend = object.__new__(RingLinearAttnBackend)
     backend.device = torch.device("cpu")
     backend._not_fresh = torch.zeros(0, dtype=torch.int8)
-    backend._one_row_offsets = torch.zeros(1, dtype=torch.int32)
     backend._grow_decode_buffers(8)
-    flags, offsets = backend._not_fresh, backend._one_row_offsets
+    flags = backend._not_fresh
     backend._grow_decode_buffers(3)
-    assert backend._not_fresh is flags and backend._one_row_offsets is offsets  # not grown again
-    assert flags.shape == (8,) and not flags.any() and offsets.tolist() == list(range(9))
+    assert backend._not_fresh is flags  # not grown again
+    assert flags.shape == (8,) and not flags.any()
     backend._grow_decode_buffers(16)
-    assert backend._not_fresh.shape == (16,) and backend._one_row_offsets.tolist() == list(range(17))
+    assert backend._not_fresh.shape == (16,) and not backend._not_fresh.any()
 
 
 def test_window_buffers_are_views_of_the_conv_state_and_a_wrong_one_is_refused():

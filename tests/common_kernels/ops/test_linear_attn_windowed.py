@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from common_kernels.ops.linear_attn.naive import linear_attention_recurrent
-from common_kernels.ops.linear_attn.windowed import WINDOW, linear_attention_windowed
+from common_kernels.ops.linear_attn.windowed import (
+    WINDOW,
+    linear_attention_windowed,
+    linear_attention_windowed_decode,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 H, K, V = 2, 16, 32
@@ -99,6 +103,28 @@ def test_a_sequences_bits_do_not_depend_on_the_batch():
     assert torch.equal(together[1], alone)
 
 
+@pytest.mark.parametrize("v_dtype", [torch.float32, torch.bfloat16])
+def test_the_one_token_kernel_gives_the_window_forms_bits(v_dtype):
+    """A decode step through the one-token kernel and through the window form (one-row sequences), from the same
+    stale state and buffers: a fresh one-token prompt, tokens mid-window, a window's last token (folded) and first,
+    and a padding row; the same outputs, states and buffers."""
+    starts = [0, 5, 31, 63, 64, 127, 200, 0]
+    slots = [0, 1, 2, 3, 4, 5, 6, -1]
+    fresh = torch.tensor([1, 0, 0, 0, 0, 0, 0, 0], dtype=torch.int8, device=DEVICE)
+    q, k, v = (t.to(DEVICE) for t in sequence(len(starts), 3, v_dtype))
+    g = torch.Generator().manual_seed(4)
+    stale = [torch.randn(8, H, *shape, generator=g).to(DEVICE) for shape in ((K, V), (WINDOW, K), (WINDOW, V))]
+    by_window, by_token = [t.clone() for t in stale], [t.clone() for t in stale]
+    starts_t, slots_t = (torch.tensor(x, device=DEVICE) for x in (starts, slots))
+    cu = torch.arange(len(starts) + 1, dtype=torch.int32, device=DEVICE)
+    want = linear_attention_windowed(q, k, v, RATE, SCALE, cu, starts_t, *by_window, slots_t, fresh)
+    got = linear_attention_windowed_decode(q, k, v, RATE, SCALE, starts_t, *by_token, slots_t, fresh)
+    assert torch.equal(got, want) and torch.equal(got[-1], torch.zeros_like(got[-1]))
+    for mine, theirs in zip(by_token, by_window, strict=True):
+        assert torch.equal(mine, theirs)
+    assert not torch.equal(by_token[0][3], stale[0][3])  # position 63 folded its window into the state
+
+
 def test_the_window_form_refuses_misshapen_buffers_and_offsets():
     q, k, v = (t.to(DEVICE) for t in sequence(4, 1))
     pool, wk, wv = pools(2)
@@ -119,7 +145,8 @@ def test_the_window_form_refuses_misshapen_buffers_and_offsets():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_window_form_on_a_gpu_at_ring_mini_heads():
     """16 heads of 128, fp32 q/k and bf16 v, 1,000 tokens: within 1e-5 of float64 (three TF32 products), and the
-    same bits in one pass, split at 1, 333 and 999 tokens with the last 8 decoded one a step."""
+    same bits in one pass, split at 1, 333 and 999 tokens with the last 8 decoded one a step, and with the last 100
+    through the one-token kernel."""
     Hm, d, L = 16, 128, 1000
     g = torch.Generator().manual_seed(13)
     q, k = (torch.randn(L, Hm, d, generator=g) * 0.1).cuda(), (torch.randn(L, Hm, d, generator=g) * 0.1).cuda()
@@ -140,7 +167,30 @@ def test_the_window_form_on_a_gpu_at_ring_mini_heads():
             outs.append(linear_attention_windowed(q[a:b], k[a:b], v[a:b], rate, 0.088, cu, start, *state, slot, fresh))
         return torch.cat(outs)
 
+    def decoded(cuts, tokens):
+        """`cuts` through the window form, then `tokens` more one a step through the one-token kernel."""
+        state = (
+            torch.zeros(1, Hm, d, d, device="cuda"),
+            torch.zeros(1, Hm, WINDOW, d, device="cuda"),
+            torch.zeros(1, Hm, WINDOW, d, device="cuda"),
+        )
+        outs = []
+        for a, b in zip(cuts, cuts[1:], strict=False):
+            cu = torch.tensor([0, b - a], dtype=torch.int32, device="cuda")
+            start, slot = (torch.tensor([x], device="cuda") for x in (a, 0))
+            fresh = torch.tensor([int(a == 0)], dtype=torch.int8, device="cuda")
+            outs.append(linear_attention_windowed(q[a:b], k[a:b], v[a:b], rate, 0.088, cu, start, *state, slot, fresh))
+        slot, fresh = torch.zeros(1, dtype=torch.long, device="cuda"), torch.zeros(1, dtype=torch.int8, device="cuda")
+        for t in range(cuts[-1], cuts[-1] + tokens):
+            start = torch.tensor([t], device="cuda")
+            one = slice(t, t + 1)
+            outs.append(
+                linear_attention_windowed_decode(q[one], k[one], v[one], rate, 0.088, start, *state, slot, fresh)
+            )
+        return torch.cat(outs)
+
     whole = through([0, L])
     want, _ = linear_attention_recurrent(q.double(), k.double(), v.double(), rate.double(), 0.088)
     torch.testing.assert_close(whole.double(), want, rtol=1e-5, atol=1e-5)
     assert torch.equal(through([0, 1, 333, 992, *range(993, L + 1)]), whole)
+    assert torch.equal(decoded([0, 1, 333, 900], L - 900), whole)  # 100 one-token steps, crossing 960

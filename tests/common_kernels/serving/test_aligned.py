@@ -176,9 +176,9 @@ def test_the_aligned_switch_refuses_anything_else_naming_itself(monkeypatch):
 
 
 def test_warm_up_in_aligned_mode_runs_the_window_form(monkeypatch):
-    """A served request must not wait for a compile: warm-up runs the prefill the mode serves with (aligned: the
-    window form, with the engine's start and flag types, whose decode is the same compiled variant), and the default
-    decode's variants only in default mode (aligned mode never runs them)."""
+    """A served request must not wait for a compile: warm-up runs the kernels the mode serves with (aligned: the
+    window form's prefill and one-token decode, with the engine's start and flag types), and the default decode's
+    variants only in default mode (aligned mode never runs them)."""
     from common_kernels.serving import warm_up_linear_attention
     from common_kernels.serving import warmup as warmup_module
 
@@ -189,7 +189,7 @@ def test_warm_up_in_aligned_mode_runs_the_window_form(monkeypatch):
         warmup_module, "linear_attention_decode", lambda *a, **kw: decodes.append(1) or real_decode(*a, **kw)
     )
     calls = []
-    for name in ("linear_attention_windowed", "linear_attention_prefill"):
+    for name in ("linear_attention_windowed", "linear_attention_windowed_decode", "linear_attention_prefill"):
         real = getattr(warmup_module, name)
         monkeypatch.setattr(
             warmup_module, name, lambda *a, _real=real, _name=name, **kw: calls.append((_name, a)) or _real(*a, **kw)
@@ -199,5 +199,7 @@ def test_warm_up_in_aligned_mode_runs_the_window_form(monkeypatch):
     assert decodes == []
     warm_up_linear_attention(q, k, v, RATES, SCALE, torch.float32, max_num_seqs=3, aligned=False)
     assert len(decodes) == 4  # narrow and wide tiles, with and without flags
-    assert [name for name, _ in calls] == ["linear_attention_windowed", "linear_attention_prefill"]
+    names = [name for name, _ in calls]
+    assert names == ["linear_attention_windowed", "linear_attention_windowed_decode", "linear_attention_prefill"]
     assert calls[0][1][6].dtype == torch.int64 and calls[0][1][11].dtype == torch.int8  # starts and fresh flags
+    assert calls[1][1][5].dtype == torch.int64 and calls[1][1][10].dtype == torch.int8 and calls[1][1][0].shape[0] == 1
