@@ -240,7 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     print("shipped experts: " + ", ".join(f"up to {most or 'any'} tokens {tiles}" for most, tiles in shipped))
     print(
         f"shipped router (bf16 activations, fp32 weight): {shipped_router[0]} up to "
-        f"{router_gemm.SPLIT_WEIGHT_DECODE_MAX_ROWS} rows, else {shipped_router[1]}"
+        f"{router_gemm.SPLIT_WEIGHT_DECODE_MAX_ROWS} rows, else {shipped_router[1]}; projections (bf16 weight): "
+        f"{shipped_projection[0]} up to {router_gemm.TENSOR_CORE_DECODE_MAX_ROWS} rows, else {shipped_projection[1]}"
     )
     print("| tokens | provider | ms | baseline / ours | rel. RMS vs vLLM; bits = first set |")
     print("|---:|---|---:|---:|---|")

@@ -58,8 +58,11 @@ DECODE_ROUTER_TILES, PREFILL_ROUTER_TILES = (16, 16, 64), (16, 64, 32)
 DECODE_MAX_ROWS = 128
 TENSOR_CORE_DECODE_TILES, TENSOR_CORE_TILES = (16, 64, 64), (64, 128, 64)
 SPLIT_WEIGHT_DECODE_TILES, SPLIT_WEIGHT_TILES = (16, 32, 64), (64, 64, 64)
-# Up to this many rows the tensor-core paths take their narrow decode tiles (more programs for a decode's few rows)
-TENSOR_CORE_DECODE_MAX_ROWS = SPLIT_WEIGHT_DECODE_MAX_ROWS = 1024
+# Up to this many rows the tensor-core paths take their narrow decode tiles (more programs for a decode's few rows):
+# the router's split weight up to 1,024 (its wide tiles win from between 512 and 4,096 rows on), a 16-bit weight up
+# to 64 (at 64 rows the two sets tie, at 512 the wide one is 3x faster: RESULTS.md run X)
+SPLIT_WEIGHT_DECODE_MAX_ROWS = 1024
+TENSOR_CORE_DECODE_MAX_ROWS = 64
 
 
 def invariant_router_tiles(num_rows: int, tensor_cores: bool = False, split_weight: bool = False) -> tuple[int, ...]:

@@ -219,6 +219,7 @@ def test_the_router_tiles_follow_the_batch_on_a_gpu_and_not_in_the_interpreter(m
     most = router_gemm.SPLIT_WEIGHT_DECODE_MAX_ROWS
     assert router_gemm.invariant_router_tiles(most, split_weight=True) == router_gemm.SPLIT_WEIGHT_DECODE_TILES
     assert router_gemm.invariant_router_tiles(most + 1, split_weight=True) == router_gemm.SPLIT_WEIGHT_TILES
+    most = router_gemm.TENSOR_CORE_DECODE_MAX_ROWS
     assert router_gemm.invariant_router_tiles(most, tensor_cores=True) == router_gemm.TENSOR_CORE_DECODE_TILES
     assert router_gemm.invariant_router_tiles(most + 1, tensor_cores=True) == router_gemm.TENSOR_CORE_TILES
     monkeypatch.setattr(router_gemm, "INTERPRET", True)
@@ -269,7 +270,7 @@ def test_an_aligned_lm_head_on_the_tensor_cores_is_batch_invariant():
     w = (torch.randn(32768, 2048, generator=g) * 0.02).bfloat16().cuda()
     with torch.no_grad():
         alone = router_logits(x[:1], w, invariant=True)
-        for rows in [2, 17, 64, 129, 300, 1024, 1025, 8192]:  # each side of the decode tiles' boundary
+        for rows in [2, 17, 64, 65, 129, 300, 1024, 1025, 8192]:  # each side of the decode tiles' boundary
             assert torch.equal(router_logits(x[:rows], w, invariant=True)[0], alone[0]), rows
         reference = x[:64].double() @ w.double().t()
         # exact bf16 products summed by the tensor cores: 2.1e-6 measured (run T), as for the bf16x3 router
