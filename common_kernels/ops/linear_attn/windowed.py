@@ -97,10 +97,35 @@ def _windowed_kernel(
                      mask=new_r[:, None])  # fmt: skip
         if base + C <= end:  # this call holds the window's last token: fold the window into S
             b_s = chunk_state_update(b_s, b_k, b_v, o_t < C, C, b_rate, o_t, DOT_PRECISION)
-        else:  # the window goes on in a later call: keep its new tokens
-            tl.store(p_wk, b_k, mask=new[:, None])
+        else:  # the window goes on in a later call: keep its new values (its keys: `_window_keys_kernel`)
             tl.store(p_wv, b_v, mask=new[:, None])
     tl.store(p_s, b_s.to(pool.dtype.element_ty))
+
+
+@triton.jit(do_not_specialize_on_alignment=["k", "slots", "starts", "cu_seqlens"])
+def _window_keys_kernel(
+    k, window_k, slots, starts, cu_seqlens, stride_kt, stride_kh, stride_wkp, stride_wkh,
+    K: tl.constexpr, C: tl.constexpr,
+):  # fmt: skip
+    """After `_windowed_kernel`: each sequence's keys of its unfinished last window that arrived in the call, into
+    the buffer. Every V-tile program of a head reads the buffer's keys (full width), so none of them may write
+    there: a program that has run on into the next window would overwrite keys that another, not yet started,
+    still has to read. One program per (sequence, head), after all of them (values are per V-tile: no race)."""
+    i_b, i_h = tl.program_id(0), tl.program_id(1)
+    slot = tl.load(slots + i_b).to(tl.int64)
+    if slot < 0:
+        return
+    bos = tl.load(cu_seqlens + i_b).to(tl.int64)
+    position = tl.load(starts + i_b).to(tl.int64)
+    end = position + tl.load(cu_seqlens + i_b + 1).to(tl.int64) - bos
+    base = end - end % C  # the last window's first position (== end: the call ended on the grid, nothing kept)
+    o_t = tl.arange(0, C)
+    at = base + o_t
+    new = (at >= position) & (at < end)
+    o_k = tl.arange(0, K)
+    keys = tl.load(k + (bos + at - position)[:, None] * stride_kt + i_h * stride_kh + o_k[None, :], mask=new[:, None])
+    p_wk = window_k + slot * stride_wkp + i_h * stride_wkh + o_t[:, None] * K + o_k[None, :]
+    tl.store(p_wk, keys.to(tl.float32), mask=new[:, None])
 
 
 # No pointer is specialised on its alignment, as above.
@@ -248,6 +273,10 @@ def _launch(name, q, k, v, decay_rate, scale, cu_seqlens, starts, state_pool, wi
         _windowed_decode_kernel[(B, H, V // BV)](*tensors, rates, scale, *strides, *shape, **WINDOWED_DECODE_LAUNCH)
     else:
         _windowed_kernel[(B, H, V // BV)](*tensors, cu_seqlens, rates, scale, *strides, *shape, **WINDOWED_LAUNCH)
+        _window_keys_kernel[(B, H)](
+            k, window_k, slots, starts, cu_seqlens, k.stride(0), k.stride(1), window_k.stride(0), window_k.stride(1),
+            K, WINDOW,
+        )  # fmt: skip
     return o
 
 

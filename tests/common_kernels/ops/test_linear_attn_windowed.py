@@ -93,6 +93,36 @@ def test_a_sequences_bits_do_not_depend_on_how_its_tokens_were_split(v_dtype):
     assert all(torch.equal(a[:, :, :live], b[:, :, :live]) for a, b in zip(state[1:], one_pass[1:], strict=True))
 
 
+def test_several_v_tiles_continuing_past_their_window_read_the_buffer_before_it_is_rewritten():
+    """A prefill that resumes mid-window and runs into the next window keeps the next window's keys in the same
+    buffer rows the first window's programs read: with two V-tiles (the interpreter runs them one after the other,
+    as a busy GPU may) the first must not overwrite keys the second has yet to read."""
+    g = torch.Generator().manual_seed(21)
+    wide = 64  # two V-tiles of WINDOWED_BLOCK_V = 32
+    q, k = torch.randn(150, H, K, generator=g), torch.randn(150, H, K, generator=g) * 0.3
+    v = torch.randn(150, H, wide, generator=g)
+
+    def through(cuts):
+        state = (
+            torch.zeros(1, H, K, wide, device=DEVICE),
+            torch.zeros(1, H, WINDOW, K, device=DEVICE),
+            torch.zeros(1, H, WINDOW, wide, device=DEVICE),
+        )
+        outs = []
+        for a, b in zip(cuts, cuts[1:], strict=False):
+            cu = torch.tensor([0, b - a], dtype=torch.int32, device=DEVICE)
+            start, slot = (torch.tensor([x], device=DEVICE) for x in (a, 0))
+            fresh = torch.tensor([int(a == 0)], dtype=torch.int8, device=DEVICE)
+            parts = (t[a:b].to(DEVICE) for t in (q, k, v))
+            outs.append(linear_attention_windowed(*parts, RATE, SCALE, cu, start, *state, slot, fresh).cpu())
+        return torch.cat(outs)
+
+    whole = through([0, 150])
+    want, _ = linear_attention_recurrent(q.double(), k.double(), v.double(), RATE.double(), SCALE)
+    torch.testing.assert_close(whole.double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(through([0, 21, 73, 150]), whole)  # 21 -> 73 rewrites rows 0-8 of the buffer it read
+
+
 def test_a_sequences_bits_do_not_depend_on_the_batch():
     q, k, v = sequence(90, 8)
     others = [sequence(n, 9 + n) for n in (3, 200, 64)]
