@@ -39,7 +39,7 @@ class RingLinearAttnBackend(MambaAttnBackendBase):
         }
         self.step: LinearAttentionStep | None = None
         self.aligned = aligned_mode()  # the window form on the absolute grid (`ops.linear_attn.windowed`)
-        # aligned decode's flags and one-row offsets, grown once (SGLang captures its largest decode graph first)
+        # aligned decode's zero "fresh" flags, grown once (SGLang captures its largest decode graph first)
         self._not_fresh = torch.zeros(0, dtype=torch.int8, device=self.device)
         self._layer_pools: dict[int, tuple[torch.Tensor, ...]] = {}  # `_pools`: the pool's views, made once a layer
         self._warm_up(model_runner)
