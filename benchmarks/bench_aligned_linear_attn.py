@@ -4,13 +4,14 @@ kernels, in one process on one GPU at Ring-mini's heads (16 of 128; fp32 q/k, bf
 what each aligned form costs, prefill and decode.
 
     python -m benchmarks.bench_aligned_linear_attn [--prefill 1x8192 2x4096 64x256] [--decode 64]
-        [--token-tiles 16,2 8,1 32,4] [--window-launch 32,4,1 16,2,1]
+        [--token-tiles 16,2 8,1 32,4] [--window-launch 32,4,1 32,8,1,4]
 
 `--token-tiles BLOCK_V,WARPS` times the token-by-token kernel with each V-tile and warp count (one row each): a
 single long prompt's tokens run one after another, so its prefill is bound by one token's latency, which these set.
 Each set is its own order of sums (its own bits, the same on both sides of aligned mode), so the fastest can ship.
-`--window-launch BLOCK_V,WARPS,STAGES` times the window form likewise (one row each; a decode step also through the
-one-token kernel, `linear_attention_windowed_decode`, which aligned mode serves decodes with).
+`--window-launch BLOCK_V,WARPS,STAGES[,TILES]` times the window form likewise (one row each; a decode step also
+through the one-token kernel, `linear_attention_windowed_decode`, which aligned mode serves decodes with, TILES
+V-tiles a program).
 
 Timing: `triton.testing.do_bench` (median; each call includes its launch). Ratios are the default kernel's time over
 the aligned one's (below 1: aligned is slower).
@@ -47,26 +48,29 @@ def parse_token_tiles(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
-def parse_window_launch(text: str) -> tuple[int, int, int]:
-    """ "BLOCK_V,WARPS,STAGES"."""
+def parse_window_launch(text: str) -> tuple[int, ...]:
+    """ "BLOCK_V,WARPS,STAGES[,TILES]": TILES, V-tiles a decode program takes one after another (default 1)."""
     parts = text.split(",")
-    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise argparse.ArgumentTypeError(f"--window-launch {text!r}: give BLOCK_V,WARPS,STAGES, e.g. 32,4,1")
-    return int(parts[0]), int(parts[1]), int(parts[2])
+    if len(parts) not in (3, 4) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"--window-launch {text!r}: give BLOCK_V,WARPS,STAGES[,TILES], e.g. 32,4,1")
+    return tuple(int(p) for p in parts) + ((1,) if len(parts) == 3 else ())
 
 
 def window_form(call, label: str = "aligned, windows") -> dict:
     """The window-form call once per `WINDOW_LAUNCHES` set (the prefill's and the one-token kernel's launch)."""
 
-    def with_launch(block_v: int, warps: int, stages: int):
+    def with_launch(block_v: int, warps: int, stages: int, tiles: int):
         def run():
-            windowed.WINDOWED_BLOCK_V = block_v
+            windowed.WINDOWED_BLOCK_V, windowed.WINDOWED_DECODE_TILES = block_v, tiles
             windowed.WINDOWED_LAUNCH = windowed.WINDOWED_DECODE_LAUNCH = {"num_warps": warps, "num_stages": stages}
             return call()
 
         return run
 
-    return {f"{label}, V-tile {bv}, {w} warps, {st} stages": with_launch(bv, w, st) for bv, w, st in WINDOW_LAUNCHES}
+    def name(bv: int, w: int, st: int, tiles: int) -> str:
+        return f"{label}, V-tile {bv}, {w} warps, {st} stages" + (f", {tiles} tiles a program" if tiles > 1 else "")
+
+    return {name(*launch): with_launch(*launch) for launch in WINDOW_LAUNCHES}
 
 
 def token_by_token(call) -> dict:
@@ -176,7 +180,10 @@ def main(argv: list[str] | None = None) -> None:
     print("| case | kernel | ms | default / this |")
     print("|---|---|---:|---:|")
     shipped = aligned.ALIGNED_BLOCK_V, aligned.ALIGNED_NUM_WARPS
-    shipped_window = windowed.WINDOWED_BLOCK_V, windowed.WINDOWED_LAUNCH, windowed.WINDOWED_DECODE_LAUNCH
+    shipped_window = (
+        windowed.WINDOWED_BLOCK_V, windowed.WINDOWED_LAUNCH, windowed.WINDOWED_DECODE_LAUNCH,
+        windowed.WINDOWED_DECODE_TILES,
+    )  # fmt: skip
     try:
         for sequences, length in args.prefill:
             prefill_row(sequences, length)
@@ -184,7 +191,10 @@ def main(argv: list[str] | None = None) -> None:
             decode_row(sequences)
     finally:
         aligned.ALIGNED_BLOCK_V, aligned.ALIGNED_NUM_WARPS = shipped
-        windowed.WINDOWED_BLOCK_V, windowed.WINDOWED_LAUNCH, windowed.WINDOWED_DECODE_LAUNCH = shipped_window
+        (
+            windowed.WINDOWED_BLOCK_V, windowed.WINDOWED_LAUNCH, windowed.WINDOWED_DECODE_LAUNCH,
+            windowed.WINDOWED_DECODE_TILES,
+        ) = shipped_window  # fmt: skip
 
 
 if __name__ == "__main__":

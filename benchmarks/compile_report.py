@@ -172,7 +172,8 @@ def aligned_kernels() -> list[tuple[str, object, dict, dict, int, int]]:
          {"K": 128, "C": windowed.WINDOW}, 4, 1),
         ("linear attention, window decode", windowed._windowed_decode_kernel,
          {name: kind for name, kind in window.items() if name != "cu_seqlens"},
-         window_shape | {"DOT_PRECISION": windowed.WINDOWED_DOT_PRECISION}, *windowed.WINDOWED_DECODE_LAUNCH.values()),
+         window_shape | {"DOT_PRECISION": windowed.WINDOWED_DOT_PRECISION, "TILES": windowed.WINDOWED_DECODE_TILES},
+         *windowed.WINDOWED_DECODE_LAUNCH.values()),
     ]  # fmt: skip
 
 

@@ -36,6 +36,9 @@ OUTPUT_ROWS = 16
 # One stage: the window's tiles pipelined over three stages need 296 KiB of shared memory, past Hopper's 227 KiB.
 WINDOWED_LAUNCH = {"num_warps": 4, "num_stages": 1}
 WINDOWED_DECODE_LAUNCH = {"num_warps": 4, "num_stages": 1}  # 4 warps, as the prefill: the same MMA layout and bits
+# V-tiles a decode program takes one after another (sharing the keys' products): 1 runs one program per tile, as
+# the prefill does; any count gives the same bits (each tile's products are the prefill's)
+WINDOWED_DECODE_TILES = 1
 WINDOWED_DOT_PRECISION = "tf32x3"  # fp32 q/k/v: three TF32 products, fp32-accurate; the tiles make it deterministic
 
 
@@ -135,50 +138,56 @@ def _windowed_decode_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     stride_pp, stride_ph, stride_wkp, stride_wkh, stride_wvp, stride_wvh,
     K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, ROWS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, TILES: tl.constexpr,
 ):  # fmt: skip
     """`_windowed_kernel` for one token per sequence (a decode step): the same tiles and products for its row (its
     `ROWS`-row block of the window, the window's keys and values with its own in place), without the prefill's
-    loops; the window is folded into `S` when the token is its last, else the token joins the buffer."""
-    i_b, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    loops; the window is folded into `S` when the token is its last, else the token joins the buffer. A program
+    takes `TILES` V-tiles one after another: the keys' products, which every V-tile needs, are made once."""
+    i_b, i_h, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_k = tl.arange(0, K)
-    o_v = i_v * BV + tl.arange(0, BV)
     o_t = tl.arange(0, C)
     slot = tl.load(slots + i_b).to(tl.int64)
     if slot < 0:  # padding: zero output, pool and buffer untouched
-        tl.store(o + i_b * stride_ot + i_h * stride_oh + o_v, tl.zeros([BV], dtype=o.dtype.element_ty))
+        for tile in tl.static_range(TILES):
+            o_v = (i_g * TILES + tile) * BV + tl.arange(0, BV)
+            tl.store(o + i_b * stride_ot + i_h * stride_oh + o_v, tl.zeros([BV], dtype=o.dtype.element_ty))
         return
-    p_s = pool + slot * stride_pp + i_h * stride_ph + o_k[:, None] * V + o_v[None, :]
-    b_s = tl.load(p_s).to(tl.float32)
-    if tl.load(fresh + i_b) != 0:
-        b_s = tl.zeros([K, BV], dtype=tl.float32)
+    is_fresh = tl.load(fresh + i_b) != 0
     at = (tl.load(starts + i_b) % C).to(tl.int32)  # the token's row in its window
     b_rate = tl.load(rate + i_h).to(tl.float32)
     p_wk = window_k + slot * stride_wkp + i_h * stride_wkh + o_t[:, None] * K + o_k[None, :]
-    p_wv = window_v + slot * stride_wvp + i_h * stride_wvh + o_t[:, None] * V + o_v[None, :]
     new_k = tl.load(k + i_b * stride_kt + i_h * stride_kh + o_k).to(tl.float32)
-    new_v = tl.load(v + i_b * stride_vt + i_h * stride_vh + o_v).to(tl.float32)
     mine = (o_t == at)[:, None]
     b_k = tl.where(mine, new_k[None, :], tl.load(p_wk, mask=(o_t < at)[:, None], other=0.0))
-    b_v = tl.where(mine, new_v[None, :], tl.load(p_wv, mask=(o_t < at)[:, None], other=0.0))
     row_in_window = at - at % ROWS + tl.arange(0, ROWS)
     live = row_in_window == at
     b_q = tl.where(live[:, None], tl.load(q + i_b * stride_qt + i_h * stride_qh + o_k)[None, :].to(tl.float32), 0.0)
     q_decay, intra = block_decays(b_rate, row_in_window, o_t)
-    b_o = tl.dot(b_q, b_s, input_precision=DOT_PRECISION) * q_decay[:, None]
     b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * intra
-    b_o = (b_o + tl.dot(b_qk, b_v, input_precision=DOT_PRECISION)) * scale
     o_rows = i_b + 0 * row_in_window
-    tl.store(o + o_rows[:, None] * stride_ot + i_h * stride_oh + o_v[None, :], b_o.to(o.dtype.element_ty),
-             mask=live[:, None])  # fmt: skip
-    if at == C - 1:  # the window's last token: fold it into S
-        b_s = chunk_state_update(b_s, b_k, b_v, o_t < C, C, b_rate, o_t, DOT_PRECISION)
-        tl.store(p_s, b_s.to(pool.dtype.element_ty))
-    else:
-        tl.store(p_wk, b_k, mask=mine)
-        tl.store(p_wv, b_v, mask=mine)
-        if tl.load(fresh + i_b) != 0:  # a one-token prompt: its zero state, for the next token to read
+    for tile in tl.static_range(TILES):
+        o_v = (i_g * TILES + tile) * BV + tl.arange(0, BV)
+        p_s = pool + slot * stride_pp + i_h * stride_ph + o_k[:, None] * V + o_v[None, :]
+        b_s = tl.load(p_s).to(tl.float32)
+        if is_fresh:
+            b_s = tl.zeros([K, BV], dtype=tl.float32)
+        p_wv = window_v + slot * stride_wvp + i_h * stride_wvh + o_t[:, None] * V + o_v[None, :]
+        new_v = tl.load(v + i_b * stride_vt + i_h * stride_vh + o_v).to(tl.float32)
+        b_v = tl.where(mine, new_v[None, :], tl.load(p_wv, mask=(o_t < at)[:, None], other=0.0))
+        b_o = tl.dot(b_q, b_s, input_precision=DOT_PRECISION) * q_decay[:, None]
+        b_o = (b_o + tl.dot(b_qk, b_v, input_precision=DOT_PRECISION)) * scale
+        tl.store(o + o_rows[:, None] * stride_ot + i_h * stride_oh + o_v[None, :], b_o.to(o.dtype.element_ty),
+                 mask=live[:, None])  # fmt: skip
+        if at == C - 1:  # the window's last token: fold it into S
+            b_s = chunk_state_update(b_s, b_k, b_v, o_t < C, C, b_rate, o_t, DOT_PRECISION)
             tl.store(p_s, b_s.to(pool.dtype.element_ty))
+        else:
+            tl.store(p_wv, b_v, mask=mine)
+            if is_fresh:  # a one-token prompt: its zero state, for the next token to read
+                tl.store(p_s, b_s.to(pool.dtype.element_ty))
+    if at != C - 1:  # the token's key joins the buffer (each V-tile group writes the same row: no reader races it)
+        tl.store(p_wk, b_k, mask=mine)
 
 
 def check_window_buffers(name: str, window_k: torch.Tensor, window_v: torch.Tensor, pool: torch.Tensor) -> None:
@@ -270,7 +279,10 @@ def _launch(name, q, k, v, decay_rate, scale, cu_seqlens, starts, state_pool, wi
     )  # fmt: skip
     shape = (K, V, BV, WINDOW, OUTPUT_ROWS, WINDOWED_DOT_PRECISION)
     if cu_seqlens is None:
-        _windowed_decode_kernel[(B, H, V // BV)](*tensors, rates, scale, *strides, *shape, **WINDOWED_DECODE_LAUNCH)
+        tiles = max(1, min(WINDOWED_DECODE_TILES, V // BV))
+        _windowed_decode_kernel[(B, H, V // (BV * tiles))](
+            *tensors, rates, scale, *strides, *shape, tiles, **WINDOWED_DECODE_LAUNCH
+        )
     else:
         _windowed_kernel[(B, H, V // BV)](*tensors, cu_seqlens, rates, scale, *strides, *shape, **WINDOWED_LAUNCH)
         _window_keys_kernel[(B, H)](

@@ -134,16 +134,23 @@ def test_a_sequences_bits_do_not_depend_on_the_batch():
 
 
 @pytest.mark.parametrize("v_dtype", [torch.float32, torch.bfloat16])
-def test_the_one_token_kernel_gives_the_window_forms_bits(v_dtype):
+@pytest.mark.parametrize("width, tiles", [(V, 1), (64, 1), (64, 2)])  # one V-tile; two, a program each or one
+def test_the_one_token_kernel_gives_the_window_forms_bits(v_dtype, width, tiles, monkeypatch):
     """A decode step through the one-token kernel and through the window form (one-row sequences), from the same
     stale state and buffers: a fresh one-token prompt, tokens mid-window, a window's last token (folded) and first,
-    and a padding row; the same outputs, states and buffers."""
+    and a padding row; the same outputs, states and buffers, however many V-tiles a decode program takes."""
+    from common_kernels.ops.linear_attn import windowed
+
+    monkeypatch.setattr(windowed, "WINDOWED_DECODE_TILES", tiles)
     starts = [0, 5, 31, 63, 64, 127, 200, 0]
     slots = [0, 1, 2, 3, 4, 5, 6, -1]
     fresh = torch.tensor([1, 0, 0, 0, 0, 0, 0, 0], dtype=torch.int8, device=DEVICE)
-    q, k, v = (t.to(DEVICE) for t in sequence(len(starts), 3, v_dtype))
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(len(starts), H, K, generator=g), torch.randn(len(starts), H, K, generator=g) * 0.3
+    q, k, v = q.to(DEVICE), k.to(DEVICE), torch.randn(len(starts), H, width, generator=g).to(DEVICE, v_dtype)
     g = torch.Generator().manual_seed(4)
-    stale = [torch.randn(8, H, *shape, generator=g).to(DEVICE) for shape in ((K, V), (WINDOW, K), (WINDOW, V))]
+    shapes = ((K, width), (WINDOW, K), (WINDOW, width))
+    stale = [torch.randn(8, H, *shape, generator=g).to(DEVICE) for shape in shapes]
     by_window, by_token = [t.clone() for t in stale], [t.clone() for t in stale]
     starts_t, slots_t = (torch.tensor(x, device=DEVICE) for x in (starts, slots))
     cu = torch.arange(len(starts) + 1, dtype=torch.int32, device=DEVICE)
