@@ -23,6 +23,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from common_kernels.ops import triton_settings
 from common_kernels.ops.attention import aligned as attn
 from common_kernels.ops.linear_attn import backward, prefill, windowed
 from common_kernels.ops.moe import aligned, router_gemm, select
@@ -166,13 +167,13 @@ def aligned_kernels() -> list[tuple[str, object, dict, dict, int, int]]:
         ("softmax attention, join", attn._join_splits_kernel, partials | indices | {"o": "*bf16"}, ring_mini_heads,
          4, 3),
         ("linear attention, windows", windowed._windowed_kernel, window,
-         window_shape | {"DOT_PRECISION": windowed.WINDOWED_DOT_PRECISION}, *windowed.WINDOWED_LAUNCH.values()),
+         window_shape | {"DOT_PRECISION": triton_settings.FP32_DOT_PRECISION}, *windowed.WINDOWED_LAUNCH.values()),
         ("linear attention, window keys", windowed._window_keys_kernel,
          {"k": "*fp32", "window_k": "*fp32", "slots": "*i64", "starts": "*i64", "cu_seqlens": "*i32"},
          {"K": 128, "C": windowed.WINDOW}, 4, 1),
         ("linear attention, window decode", windowed._windowed_decode_kernel,
          {name: kind for name, kind in window.items() if name != "cu_seqlens"},
-         window_shape | {"DOT_PRECISION": windowed.WINDOWED_DOT_PRECISION, "TILES": windowed.WINDOWED_DECODE_TILES},
+         window_shape | {"DOT_PRECISION": triton_settings.FP32_DOT_PRECISION, "TILES": windowed.WINDOWED_DECODE_TILES},
          *windowed.WINDOWED_DECODE_LAUNCH.values()),
     ]  # fmt: skip
 

@@ -14,7 +14,8 @@ a step; and an engine's prefix cache, which stores states at block boundaries (m
 an empty buffer.
 
 Aligned mode runs it in both engines (the buffer beside the state: `serving.window_buffer_shapes`) and in the shim
-(`linear_attention_as_served`).
+(`linear_attention_as_served`). Its fp32 products follow `RING_LINEAR_FP32_DOT` (`ops.triton_settings`), as every
+kernel's do: TF32 by default, `tf32x3` for fp32 accuracy; engine and shim read the same setting.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..triton_settings import dot_precision
 from .backward import linear_attention_varlen_triton
 from .triton_utils import block_decays, check_pool, check_qkv, check_sequences, chunk_state_update, output_rows
 
@@ -39,7 +41,6 @@ WINDOWED_DECODE_LAUNCH = {"num_warps": 4, "num_stages": 1}  # 4 warps, as the pr
 # V-tiles a decode program takes one after another (sharing the keys' products): 1 runs one program per tile, as
 # the prefill does; any count gives the same bits (each tile's products are the prefill's)
 WINDOWED_DECODE_TILES = 1
-WINDOWED_DOT_PRECISION = "tf32x3"  # fp32 q/k/v: three TF32 products, fp32-accurate; the tiles make it deterministic
 
 
 # No pointer is specialised on its alignment: an engine's step, its warm-up and the shim run one compiled variant.
@@ -277,7 +278,7 @@ def _launch(name, q, k, v, decay_rate, scale, cu_seqlens, starts, state_pool, wi
         state_pool.stride(0), state_pool.stride(1), window_k.stride(0), window_k.stride(1), window_v.stride(0),
         window_v.stride(1),
     )  # fmt: skip
-    shape = (K, V, BV, WINDOW, OUTPUT_ROWS, WINDOWED_DOT_PRECISION)
+    shape = (K, V, BV, WINDOW, OUTPUT_ROWS, dot_precision(q))  # RING_LINEAR_FP32_DOT, as every fp32 product here
     if cu_seqlens is None:
         tiles = max(1, min(WINDOWED_DECODE_TILES, V // BV))
         _windowed_decode_kernel[(B, H, V // (BV * tiles))](
