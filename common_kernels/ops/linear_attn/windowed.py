@@ -281,6 +281,8 @@ def _launch(name, q, k, v, decay_rate, scale, cu_seqlens, starts, state_pool, wi
     shape = (K, V, BV, WINDOW, OUTPUT_ROWS, dot_precision(q))  # RING_LINEAR_FP32_DOT, as every fp32 product here
     if cu_seqlens is None:
         tiles = max(1, min(WINDOWED_DECODE_TILES, V // BV))
+        while (V // BV) % tiles:  # every program the same number of tiles
+            tiles -= 1
         _windowed_decode_kernel[(B, H, V // (BV * tiles))](
             *tensors, rates, scale, *strides, *shape, tiles, **WINDOWED_DECODE_LAUNCH
         )

@@ -134,7 +134,8 @@ def test_a_sequences_bits_do_not_depend_on_the_batch():
 
 
 @pytest.mark.parametrize("v_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("width, tiles", [(V, 1), (64, 1), (64, 2)])  # one V-tile; two, a program each or one
+# one V-tile; two, a program each or one; four V-tiles asked three a program (two each: 3 does not divide 4)
+@pytest.mark.parametrize("width, tiles", [(V, 1), (64, 1), (64, 2), (128, 3)])
 def test_the_one_token_kernel_gives_the_window_forms_bits(v_dtype, width, tiles, monkeypatch):
     """A decode step through the one-token kernel and through the window form (one-row sequences), from the same
     stale state and buffers: a fresh one-token prompt, tokens mid-window, a window's last token (folded) and first,
