@@ -24,11 +24,11 @@ def sequence(length, seed, v_dtype=torch.float32):
     return q, k, torch.randn(length, H, V, generator=g).to(v_dtype)
 
 
-def pools(slots):
+def pools(slots, width=V):
     return (
-        torch.zeros(slots, H, K, V, device=DEVICE),
+        torch.zeros(slots, H, K, width, device=DEVICE),
         torch.zeros(slots, H, WINDOW, K, device=DEVICE),
-        torch.zeros(slots, H, WINDOW, V, device=DEVICE),
+        torch.zeros(slots, H, WINDOW, width, device=DEVICE),
     )
 
 
@@ -101,26 +101,11 @@ def test_several_v_tiles_continuing_past_their_window_read_the_buffer_before_it_
     wide = 64  # two V-tiles of WINDOWED_BLOCK_V = 32
     q, k = torch.randn(150, H, K, generator=g), torch.randn(150, H, K, generator=g) * 0.3
     v = torch.randn(150, H, wide, generator=g)
-
-    def through(cuts):
-        state = (
-            torch.zeros(1, H, K, wide, device=DEVICE),
-            torch.zeros(1, H, WINDOW, K, device=DEVICE),
-            torch.zeros(1, H, WINDOW, wide, device=DEVICE),
-        )
-        outs = []
-        for a, b in zip(cuts, cuts[1:], strict=False):
-            cu = torch.tensor([0, b - a], dtype=torch.int32, device=DEVICE)
-            start, slot = (torch.tensor([x], device=DEVICE) for x in (a, 0))
-            fresh = torch.tensor([int(a == 0)], dtype=torch.int8, device=DEVICE)
-            parts = (t[a:b].to(DEVICE) for t in (q, k, v))
-            outs.append(linear_attention_windowed(*parts, RATE, SCALE, cu, start, *state, slot, fresh).cpu())
-        return torch.cat(outs)
-
-    whole = through([0, 150])
+    whole = run_split(q, k, v, [0, 150], pools(1, wide))
     want, _ = linear_attention_recurrent(q.double(), k.double(), v.double(), RATE.double(), SCALE)
     torch.testing.assert_close(whole.double(), want, rtol=1e-5, atol=1e-5)
-    assert torch.equal(through([0, 21, 73, 150]), whole)  # 21 -> 73 rewrites rows 0-8 of the buffer it read
+    # 21 -> 73 rewrites rows 0-8 of the buffer it read
+    assert torch.equal(run_split(q, k, v, [0, 21, 73, 150], pools(1, wide)), whole)
 
 
 def test_a_sequences_bits_do_not_depend_on_the_batch():
@@ -194,21 +179,7 @@ def test_the_window_form_on_a_gpu_at_ring_mini_heads(products, tol, monkeypatch)
     v = torch.randn(L, Hm, d, generator=g).bfloat16().cuda()
     rate = torch.linspace(0.01, 0.8, Hm).cuda()
 
-    def through(cuts):
-        state = (
-            torch.zeros(1, Hm, d, d, device="cuda"),
-            torch.zeros(1, Hm, WINDOW, d, device="cuda"),
-            torch.zeros(1, Hm, WINDOW, d, device="cuda"),
-        )
-        outs = []
-        for a, b in zip(cuts, cuts[1:], strict=False):
-            cu = torch.tensor([0, b - a], dtype=torch.int32, device="cuda")
-            start, slot = (torch.tensor([x], device="cuda") for x in (a, 0))
-            fresh = torch.tensor([int(a == 0)], dtype=torch.int8, device="cuda")
-            outs.append(linear_attention_windowed(q[a:b], k[a:b], v[a:b], rate, 0.088, cu, start, *state, slot, fresh))
-        return torch.cat(outs)
-
-    def decoded(cuts, tokens):
+    def through(cuts, tokens=0):
         """`cuts` through the window form, then `tokens` more one a step through the one-token kernel."""
         state = (
             torch.zeros(1, Hm, d, d, device="cuda"),
@@ -234,4 +205,4 @@ def test_the_window_form_on_a_gpu_at_ring_mini_heads(products, tol, monkeypatch)
     want, _ = linear_attention_recurrent(q.double(), k.double(), v.double(), rate.double(), 0.088)
     torch.testing.assert_close(whole.double(), want, rtol=tol, atol=tol)
     assert torch.equal(through([0, 1, 333, 992, *range(993, L + 1)]), whole)
-    assert torch.equal(decoded([0, 1, 333, 900], L - 900), whole)  # 100 one-token steps, crossing 960
+    assert torch.equal(through([0, 1, 333, 900], L - 900), whole)  # 100 one-token steps, crossing 960
