@@ -62,7 +62,8 @@ def window_form(call, label: str = "aligned, windows") -> dict:
     def with_launch(block_v: int, warps: int, stages: int, tiles: int):
         def run():
             windowed.WINDOWED_BLOCK_V, windowed.WINDOWED_DECODE_TILES = block_v, tiles
-            windowed.WINDOWED_LAUNCH = windowed.WINDOWED_DECODE_LAUNCH = {"num_warps": warps, "num_stages": stages}
+            launch = {**windowed.WINDOWED_LAUNCH, "num_warps": warps, "num_stages": stages}  # its other options kept
+            windowed.WINDOWED_LAUNCH = windowed.WINDOWED_DECODE_LAUNCH = launch
             return call()
 
         return run

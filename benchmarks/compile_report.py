@@ -62,27 +62,33 @@ def _signature(fn, dtype: str, constexprs: dict, given: dict) -> tuple[dict, dic
 
 
 def compile_report(
-    fn, dtype: str, constexprs: dict, num_warps: int, num_stages: int = 2, types: dict | None = None
+    fn, dtype: str, constexprs: dict, num_warps: int, num_stages: int = 2, types: dict | None = None, **options
 ) -> dict:
-    """Registers, spills and shared memory of `fn` compiled for sm_90a, and its pipelined-load count. `types`: the
-    parameters' types where the guess by name (the linear-attention kernels' names) does not fit."""
+    """Registers, spills and shared memory of `fn` compiled for sm_90a, its pipelined-load count, and its fp32
+    multiply, add and fused multiply-add instructions in the machine code (SASS). `types`: the parameters' types where
+    the guess by name (the linear-attention kernels' names) does not fit; `options`: other compile options (a
+    launch's, e.g. `enable_fp_fusion`)."""
     types, consts, hints = _signature(fn, dtype, constexprs, types or {})
     kernel = triton.compile(
         ASTSource(fn=fn, signature=types, constexprs=consts, attrs=hints),
         target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": num_warps, "num_stages": num_stages},
+        options={"num_warps": num_warps, "num_stages": num_stages, **options},
     )
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
-        ptx.write(kernel.asm["ptx"])
-        ptx.flush()
-        info = subprocess.run([ptxas, "-v", "-arch=sm_90a", ptx.name, "-o", os.devnull], capture_output=True, text=True)
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as folder:
+        ptx, cubin = os.path.join(folder, "kernel.ptx"), os.path.join(folder, "kernel.cubin")
+        with open(ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
+        ptxas = [f"{tools}/ptxas", "-v", "-arch=sm_90a", ptx, "-o", cubin]
+        info = subprocess.run(ptxas, capture_output=True, text=True)
+        sass = subprocess.run([f"{tools}/cuobjdump", "-sass", cubin], capture_output=True, text=True).stdout
     numbers = lambda pattern: [int(x) for x in re.findall(pattern, info.stderr)]  # noqa: E731
     return {
         "registers": max(numbers(r"Used (\d+) registers"), default=-1),
         "spill_stores": sum(numbers(r"(\d+) bytes spill stores")),
         "shared_bytes": kernel.metadata.shared,
         "async_loads": kernel.asm["ttgir"].count("async_copy_global_to_local"),
+        "float_ops": {op: len(re.findall(rf"\b{op}\b", sass)) for op in ("FMUL", "FADD", "FFMA")},
     }
 
 
@@ -167,15 +173,37 @@ def aligned_kernels() -> list[tuple[str, object, dict, dict, int, int]]:
         ("softmax attention, join", attn._join_splits_kernel, partials | indices | {"o": "*bf16"}, ring_mini_heads,
          4, 3),
         ("linear attention, windows", windowed._windowed_kernel, window,
-         window_shape | {"DOT_PRECISION": triton_settings.FP32_DOT_PRECISION}, *windowed.WINDOWED_LAUNCH.values()),
+         window_shape | {"DOT_PRECISION": triton_settings.FP32_DOT_PRECISION},
+         *_warps_stages(windowed.WINDOWED_LAUNCH)),
         ("linear attention, window keys", windowed._window_keys_kernel,
          {"k": "*fp32", "window_k": "*fp32", "slots": "*i64", "starts": "*i64", "cu_seqlens": "*i32"},
          {"K": 128, "C": windowed.WINDOW}, 4, 1),
         ("linear attention, window decode", windowed._windowed_decode_kernel,
          {name: kind for name, kind in window.items() if name != "cu_seqlens"},
          window_shape | {"DOT_PRECISION": triton_settings.FP32_DOT_PRECISION, "TILES": windowed.WINDOWED_DECODE_TILES},
-         *windowed.WINDOWED_DECODE_LAUNCH.values()),
+         *_warps_stages(windowed.WINDOWED_DECODE_LAUNCH)),
     ]  # fmt: skip
+
+
+def window_float_ops(precision: str) -> dict[str, dict]:
+    """The window form's prefill and one-token kernels' fp32 instructions at `precision` (`tl.dot`'s), compiled with
+    their launches' options. The two must give the same bits; a multiply-add the compiler fuses in one and not the
+    other breaks that, so equal counts without fused ones are the offline part of the check (the GPU test the rest)."""
+    launches = {windowed._windowed_kernel: windowed.WINDOWED_LAUNCH}
+    launches[windowed._windowed_decode_kernel] = windowed.WINDOWED_DECODE_LAUNCH
+    return {
+        name: compile_report(fn, "fp32", consts | {"DOT_PRECISION": precision}, types=types, **launches[fn])[
+            "float_ops"
+        ]
+        for name, fn, types, consts, _, _ in aligned_kernels()
+        if fn in launches
+    }
+
+
+def _warps_stages(launch: dict) -> tuple[int, int]:
+    """A launch's warps and stages (the window kernels' other option, no multiply-add contraction, leaves their
+    TF32 SASS as it is)."""
+    return launch["num_warps"], launch["num_stages"]
 
 
 HOPPER_MAX_SHARED = 232448  # bytes a block may use on sm_90; more compiles but fails to launch

@@ -283,13 +283,16 @@ class RingLinearForCausalLM(nn.Module):
         check_serving_settings(config, get_parallel().attn_tp_size, pipeline_parallel_supported=False)
         self.config, self.quant_config = config, quant_config
         self.model = RingLinearModel(config, quant_config, prefix="model")
+        self.aligned = aligned_mode()
+        # aligned: the model dtype, as the shim's and vLLM's heads (the aligned GEMM takes another kernel for fp32
+        # weights, so an fp32 head gives other bits); default: fp32, for the fp32 GEMM below
+        head_dtype = None if self.aligned else LOGITS_DTYPE
         self.lm_head = (
             self.model.word_embeddings
             if config.tie_word_embeddings
-            else ParallelLMHead(config.vocab_size, config.hidden_size, params_dtype=LOGITS_DTYPE, prefix="lm_head")
+            else ParallelLMHead(config.vocab_size, config.hidden_size, params_dtype=head_dtype, prefix="lm_head")
         )
         self.logits_processor = LogitsProcessor(config)
-        self.aligned = aligned_mode()
         self.aligned_lm_head = aligned.AlignedLMHead(self.lm_head) if self.aligned else None
         # inference only: SGLang captures its decode graphs outside no_grad, and its fused-MoE reduction
         # (`torch.sum(..., out=)`) refuses inputs that require grad; our own norm/router weights default to it

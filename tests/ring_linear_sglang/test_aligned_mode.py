@@ -8,26 +8,37 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
 pytest.importorskip("sglang")
 
 from safetensors.torch import load_file  # noqa: E402
 
 
-@pytest.fixture
-def aligned_pair(sglang_world, tiny_dir, monkeypatch):
-    """The SGLang model built in aligned mode with the tiny checkpoint loaded, and the shim on the same checkpoint."""
+@pytest.fixture(params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def aligned_pair(request, sglang_world, tiny_dir, monkeypatch):
+    """The SGLang model built in aligned mode with the tiny checkpoint loaded, and the shim on the same checkpoint, in
+    one dtype (SGLang builds under `--dtype` as torch's default)."""
     from common_kernels import RingLinearForCausalLM as Shim
     from ring_linear_sglang.config import RingLinearSGLangConfig
     from ring_linear_sglang.model import RingLinearForCausalLM
 
     monkeypatch.setenv("RING_LINEAR_ALIGNED", "1")
-    model = RingLinearForCausalLM(config=RingLinearSGLangConfig.from_pretrained(tiny_dir))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(request.param)
+    try:
+        model = RingLinearForCausalLM(config=RingLinearSGLangConfig.from_pretrained(tiny_dir))
+    finally:
+        torch.set_default_dtype(default)
     weights = {}
     for path in sorted(tiny_dir.glob("*.safetensors")):
         weights |= load_file(path)
     model.load_weights(weights.items())
-    return model, Shim.from_pretrained(tiny_dir)
+    return model, Shim.from_pretrained(tiny_dir, dtype=request.param)
+
+
+def _randn(*shape: int, seed: int, like: nn.Module) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(like.dtype)
 
 
 @pytest.mark.parametrize("kind", ["moe", "dense"])
@@ -36,7 +47,7 @@ def test_the_mlp_layers_equal_the_shims_bit_for_bit(aligned_pair, kind):
     index = next(i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "gate") == (kind == "moe"))
     engine_mlp = model.model.layers[index].mlp
     assert engine_mlp.aligned
-    x = torch.randn(37, model.config.hidden_size, generator=torch.Generator().manual_seed(13))
+    x = _randn(37, model.config.hidden_size, seed=13, like=shim)
     with torch.no_grad():
         engine, alone = engine_mlp(x), engine_mlp(x[20:21])
         want = shim.model.layers[index].mlp(x, aligned=True)
@@ -51,7 +62,10 @@ def test_the_lm_head_is_the_shims_aligned_gemm_through_sglangs_quant_method_hook
     if hasattr(logits_processor, "should_apply_lm_head_quant_method"):  # 0.5.17's hook; later releases inline it
         assert logits_processor.should_apply_lm_head_quant_method(head, head.quant_method)
     assert head.weight is model.lm_head.weight  # the loaded parameter itself, not a copy
-    h = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    # the shim's dtype: the aligned GEMM takes another kernel for an fp32 weight (a bf16 model's fp32 head, default
+    # mode's, gave every logprob other bits on the GPU)
+    assert head.weight.dtype == shim.lm_head.weight.dtype
+    h = _randn(5, model.config.hidden_size, seed=4, like=shim)
     with torch.no_grad():
         assert torch.equal(head.quant_method.apply(head, h), shim.logits(h, aligned=True))
 
@@ -70,7 +84,7 @@ def test_every_projection_is_the_shims_aligned_gemm(aligned_pair):
     ]
     assert pairs and all(isinstance(engine.quant_method, AlignedProjection) for engine, _ in pairs)
     for engine, mine in pairs:
-        x = torch.randn(6, engine.weight.shape[1], generator=torch.Generator().manual_seed(8))
+        x = _randn(6, engine.weight.shape[1], seed=8, like=shim)
         with torch.no_grad():
             assert torch.equal(engine(x)[0], mine(x, aligned=True))
 
@@ -78,8 +92,8 @@ def test_every_projection_is_the_shims_aligned_gemm(aligned_pair):
 class _TokenPool:
     """SGLang's token-to-KV pool as the attention reads it: per layer `[rows, kv_heads, d]`, written at locations."""
 
-    def __init__(self, rows: int, kv_heads: int, d: int) -> None:
-        self.k, self.v = torch.full((rows, kv_heads, d), float("nan")), torch.full((rows, kv_heads, d), float("nan"))
+    def __init__(self, rows: int, kv_heads: int, d: int, dtype: torch.dtype) -> None:
+        self.k, self.v = (torch.full((rows, kv_heads, d), float("nan"), dtype=dtype) for _ in range(2))
 
     def set_kv_buffer(self, layer, loc, k, v) -> None:
         self.k[loc], self.v[loc] = k, v
@@ -99,15 +113,15 @@ def test_softmax_attention_over_sglangs_token_pool_is_the_shims_kernel(aligned_p
     from common_kernels.ops.attention.aligned import causal_attention_aligned
     from ring_linear_sglang import aligned
 
-    model, _ = aligned_pair
+    model, shim = aligned_pair
     attn = next(layer.attention.attn for layer in model.model.layers if hasattr(layer.attention, "aligned"))
     Hq, Hkv, d = attn.tp_q_head_num, attn.tp_k_head_num, attn.head_dim
     lengths = [9, 21]
     g = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(sum(lengths), h, d, generator=g) for h in (Hq, Hkv, Hkv))
+    q, k, v = (torch.randn(sum(lengths), h, d, generator=g).to(shim.dtype) for h in (Hq, Hkv, Hkv))
     starts = [0, lengths[0]]
     want = causal_attention_aligned(q, k, v, torch.tensor([0, 9, 30]), attn.scaling, max(lengths))
-    pool, req_to_token = _TokenPool(64, Hkv, d), torch.zeros((4, 40), dtype=torch.int32)
+    pool, req_to_token = _TokenPool(64, Hkv, d, shim.dtype), torch.zeros((4, 40), dtype=torch.int32)
     rows = torch.randperm(63, generator=g)[: sum(lengths)] + 1  # row 0 is SGLang's padding sink
     req_to_token[2, : lengths[0]], req_to_token[1, : lengths[1]] = rows[: lengths[0]], rows[lengths[0] :]
     monkeypatch.setattr(forward_context, "get_token_to_kv_pool", lambda: pool)

@@ -36,8 +36,12 @@ WINDOWED_BLOCK_V = 32
 # then pays for 16 rows of products, not the window's 64.
 OUTPUT_ROWS = 16
 # One stage: the window's tiles pipelined over three stages need 296 KiB of shared memory, past Hopper's 227 KiB.
-WINDOWED_LAUNCH = {"num_warps": 4, "num_stages": 1}
-WINDOWED_DECODE_LAUNCH = {"num_warps": 4, "num_stages": 1}  # 4 warps, as the prefill: the same MMA layout and bits
+# No multiply-add contraction: the prefill and decode kernels make the same products, and whether the compiler fuses
+# a product into the next add (or into tf32x3's remainder `x - tf32(x)`) depends on the kernel around it, so
+# contraction would give the two kernels different bits. At TF32 nothing is contracted either way (the same SASS).
+WINDOWED_LAUNCH = {"num_warps": 4, "num_stages": 1, "enable_fp_fusion": False}
+# 4 warps, as the prefill: the same MMA layout and bits
+WINDOWED_DECODE_LAUNCH = {"num_warps": 4, "num_stages": 1, "enable_fp_fusion": False}
 # V-tiles a decode program takes one after another (sharing the keys' products): 1 runs one program per tile, as
 # the prefill does; any count gives the same bits (each tile's products are the prefill's)
 WINDOWED_DECODE_TILES = 1
