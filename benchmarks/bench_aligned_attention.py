@@ -3,6 +3,7 @@ Ring-mini's softmax layers (16 query heads over 4 KV heads of 128, bf16, 512-tok
 decode costs aligned, and what splitting its keys over programs buys.
 
     python -m benchmarks.bench_aligned_attention [--batch 1 8 64] [--context 4096 16384]
+        [--variants BLOCK_N,SPLIT,WARPS,STAGES ...] [--prefill 8192]
 
 Rows: ours with the keys split over programs and joined (`decode_splits`, the shipped decode path), ours with one
 program walking every split (the prefill's path, forced), and vLLM's `flash_attn_varlen_func` (FA3 on Hopper) over
@@ -10,13 +11,19 @@ the same paged cache. Timing: `triton.testing.do_bench_cudagraph` (median device
 CUDA graphs pays it); KV GB/s counts the keys and values read once. Each of our rows also says whether its output is
 bit-equal to the other path's (they must be: that is aligned mode's contract), and FlashAttention's row its largest
 difference from ours (two kernels, two roundings).
+
+`--variants` times other tiles and launches of the same kernel beside the shipped ones. Warps and stages leave a
+row's bits alone; another key tile (`BLOCK_N`) or split (`SPLIT`) is another order of sums, so other bits: a change
+aligned mode may make, engine and shim together (each row says whether its bits are the shipped settings'). `--prefill
+N` adds one N-token prompt through the shim's packed call (one program walking every split), per setting.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import triton
@@ -43,6 +50,35 @@ def decode_inputs(batch: int, context: int, generator: torch.Generator) -> dict:
     return {name: t.to(DEVICE) for name, t in tensors.items()}
 
 
+VARIANTS: list[tuple[int, int, int, int]] = []  # `--variants`
+
+
+def parse_variant(text: str) -> tuple[int, int, int, int]:
+    """ "BLOCK_N,SPLIT,WARPS,STAGES": a power-of-two key tile of at least 16, a split that is a multiple of it."""
+    parts = text.split(",")
+    ok = len(parts) == 4 and all(p.isdigit() and int(p) > 0 for p in parts)
+    block_n, split = (int(parts[0]), int(parts[1])) if ok else (0, 0)
+    if not ok or block_n < 16 or block_n & (block_n - 1) or split % block_n:
+        raise argparse.ArgumentTypeError(f"--variants {text!r}: give BLOCK_N,SPLIT,WARPS,STAGES, e.g. 128,1024,4,3")
+    return block_n, split, int(parts[2]), int(parts[3])
+
+
+@contextlib.contextmanager
+def settings(block_n: int, split: int, warps: int, stages: int) -> Iterator[None]:
+    """The kernel's key tile, split and launch set to these for the block, then put back."""
+    saved = aligned.BLOCK_N, aligned.SPLIT, aligned._LAUNCH
+    aligned.BLOCK_N, aligned.SPLIT = block_n, split
+    aligned._LAUNCH = {**saved[2], "num_warps": warps, "num_stages": stages}
+    try:
+        yield
+    finally:
+        aligned.BLOCK_N, aligned.SPLIT, aligned._LAUNCH = saved
+
+
+def variant_label(block_n: int, split: int, warps: int, stages: int) -> str:
+    return f"{block_n}-key tiles, {split}-key splits, {warps} warps, {stages} stages"
+
+
 def ours(t: dict) -> Callable[[], torch.Tensor]:
     scale = HEAD_DIM**-0.5
     return lambda: aligned.paged_attention_aligned(
@@ -66,16 +102,22 @@ def flash_attention(t: dict, context: int) -> Callable[[], torch.Tensor] | None:
     )  # fmt: skip
 
 
-def row(batch: int, context: int, label: str, ms: float, note: str) -> None:
+def row(batch: int, context: int, label: str, ms: float, note: str, bandwidth: bool = True) -> None:
+    """A table row; KV GB/s counts the keys and values read once (a decode's; a prefill's query tiles read them
+    again and again: no figure)."""
     gb = 2 * batch * context * KV_HEADS * HEAD_DIM * 2 / 1e9  # keys and values, bf16
-    print(f"| {batch} | {context:,} | {label} | {ms:.3f} | {gb / ms * 1e3:,.0f} | {note} |", flush=True)
+    rate = f"{gb / ms * 1e3:,.0f}" if bandwidth else "-"
+    print(f"| {batch} | {context:,} | {label} | {ms:.3f} | {rate} | {note} |", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--context", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--variants", type=parse_variant, nargs="+", default=[])
+    parser.add_argument("--prefill", type=int, nargs="+", default=[])
     args = parser.parse_args(argv)
+    VARIANTS[:] = args.variants
     if not torch.cuda.is_available():
         raise SystemExit("bench_aligned_attention: needs a CUDA GPU")
     print(f"{torch.cuda.get_device_name()}; {HEADS} query heads over {KV_HEADS} KV heads of {HEAD_DIM}, bf16, "
@@ -85,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     for context in args.context:
         for batch in args.batch:
             decode_rows(batch, context)
+    for length in args.prefill:
+        prefill_rows(length)
 
 
 def decode_rows(batch: int, context: int) -> None:
@@ -102,12 +146,37 @@ def decode_rows(batch: int, context: int) -> None:
     label = f"aligned, keys split ({splits} splits a sequence)"
     row(batch, context, label, split_ms, f"bits = one program's: {torch.equal(split_out, whole_out)}")
     row(batch, context, "aligned, one program a sequence", whole_ms, f"{whole_ms / split_ms:.2f}x the split's time")
+    for variant in VARIANTS:
+        with settings(*variant):
+            out, ms = call(), triton.testing.do_bench_cudagraph(call, return_mode="median")
+        note = f"{split_ms / ms:.2f}x the shipped split's speed; bits = shipped's: {torch.equal(out, split_out)}"
+        row(batch, context, f"aligned, keys split, {variant_label(*variant)}", ms, note)
     theirs = flash_attention(t, context)
     if theirs is not None:
         diff = (theirs().float() - split_out.float()).abs().max().item()
         fa_ms = triton.testing.do_bench_cudagraph(theirs, return_mode="median")
         note = f"ours (split) / FA: {split_ms / fa_ms:.2f}x; max diff {diff:.1e}"
         row(batch, context, "vLLM flash_attn_varlen_func", fa_ms, note)
+
+
+def prefill_rows(length: int) -> None:
+    """One `length`-token prompt through the shim's packed call (what an engine's prefill chunk runs too, over
+    pages), with the shipped settings and each variant."""
+    g = torch.Generator().manual_seed(length)
+    q = torch.randn(length, HEADS, HEAD_DIM, generator=g).bfloat16().to(DEVICE)
+    k, v = (torch.randn(length, KV_HEADS, HEAD_DIM, generator=g).bfloat16().to(DEVICE) for _ in range(2))
+    cu = torch.tensor([0, length], dtype=torch.int32, device=DEVICE)
+
+    def call():
+        return aligned.causal_attention_aligned(q, k, v, cu, HEAD_DIM**-0.5, length)
+
+    shipped_out, shipped_ms = call(), triton.testing.do_bench_cudagraph(call, return_mode="median")
+    row(1, length, "aligned prefill (one prompt)", shipped_ms, "shipped settings", bandwidth=False)
+    for variant in VARIANTS:
+        with settings(*variant):
+            out, ms = call(), triton.testing.do_bench_cudagraph(call, return_mode="median")
+        note = f"{shipped_ms / ms:.2f}x the shipped speed; bits = shipped's: {torch.equal(out, shipped_out)}"
+        row(1, length, f"aligned prefill, {variant_label(*variant)}", ms, note, bandwidth=False)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,9 @@
 #                (ALIGNED_MOE_TILES, e.g. "64,64,32 16,64,32,4,3,1 64,128,64", tries tile sets, a sixth field 1 for
 #                transposed tiles; ALIGNED_MOE_ARGS, e.g. "--tokens 64 512 --router-tiles 64,64,64 16,32,64"; issue 15's cost) (~2 min)
 #   aligned-attn bench_aligned_attention: aligned mode's softmax attention in a decode step (keys split over programs,
-#                and in one program) against vLLM's FlashAttention, 1-64 sequences of 4K and 16K keys (issue 15's decode cost)
+#                and in one program) against vLLM's FlashAttention, 1-64 sequences of 4K and 16K keys (issue 15's decode cost;
+#                ALIGNED_ATTN_ARGS, e.g. "--batch 64 --context 16384 --variants 128,1024,4,3 64,1024,4,4 --prefill 8192",
+#                times other key tiles, splits, warps and stages, and says whether each keeps the shipped bits)
 #   aligned-la   bench_aligned_linear_attn: aligned mode's linear attention in windows (served) and token by token (before),
 #                against the default prefill and decode at Ring-mini's heads (issue 15's prefill cost; ALIGNED_LA_ARGS,
 #                e.g. "--token-tiles 16,2 8,1 16,1 32,4", times the token-by-token kernel's V-tiles and warps)   (~1 min)
@@ -161,7 +163,7 @@ for step in "$@"; do
     sgl-engine) run sgl-engine 570 "${SGLANG_ENV[@]}" CUDA_VISIBLE_DEVICES=0 \
       python3 -m pytest -q -s -m gpu tests/ring_linear_sglang/test_engine_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} ;;
     aligned-la) run aligned-la 300 python3 -m benchmarks.bench_aligned_linear_attn ${ALIGNED_LA_ARGS:-} ;;
-    aligned-attn) run aligned-attn 300 python3 -m benchmarks.bench_aligned_attention ;;
+    aligned-attn) run aligned-attn 300 python3 -m benchmarks.bench_aligned_attention ${ALIGNED_ATTN_ARGS:-} ;;
     aligned-moe) run aligned-moe 400 python3 -m benchmarks.bench_aligned_moe ${ALIGNED_MOE_TILES:+--tiles $ALIGNED_MOE_TILES} \
       ${ALIGNED_MOE_ARGS:-} ;;
     vllm-diff)

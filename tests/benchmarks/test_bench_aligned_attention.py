@@ -18,3 +18,34 @@ def test_both_decode_paths_run_and_give_the_same_bits(monkeypatch, capsys):
     assert len(rows) == 2
     assert "keys split (3 splits a sequence)" in rows[0] and rows[0].endswith("bits = one program's: True |")
     assert rows[1].endswith("1.00x the split's time |")
+
+
+def test_variants_time_other_tiles_and_launches_and_say_whether_their_bits_are_the_shipped_ones(monkeypatch, capsys):
+    for name, value in {"DEVICE": "cpu", "HEADS": 4, "KV_HEADS": 2, "HEAD_DIM": 16, "PAGE": 16}.items():
+        monkeypatch.setattr(bench, name, value)
+    monkeypatch.setattr(aligned, "SPLIT", 64)
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda call, **_: (call(), 1.0)[1])
+    monkeypatch.setattr(bench, "flash_attention", lambda t, context: None)
+    # the shipped tile and split with another launch (the same sums), then a 16-key split (other sums)
+    monkeypatch.setattr(bench, "VARIANTS", [(aligned.BLOCK_N, 64, 2, 2), (16, 16, 4, 3)])
+    shipped = aligned.BLOCK_N, aligned.SPLIT, aligned._LAUNCH
+    bench.decode_rows(2, 150)
+    bench.prefill_rows(70)
+    assert shipped == (aligned.BLOCK_N, aligned.SPLIT, aligned._LAUNCH)  # put back after each row
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(rows) == 4 + 3
+    assert "64-key tiles, 64-key splits, 2 warps" in rows[2] and rows[2].endswith("bits = shipped's: True |")
+    assert "16-key tiles, 16-key splits" in rows[3] and rows[3].endswith("bits = shipped's: False |")
+    assert "aligned prefill (one prompt)" in rows[4] and "| - |" in rows[4]
+    assert rows[5].endswith("bits = shipped's: True |") and rows[6].endswith("bits = shipped's: False |")
+
+
+def test_a_variant_must_split_on_its_tiles():
+    import argparse
+
+    import pytest
+
+    assert bench.parse_variant("128,1024,8,3") == (128, 1024, 8, 3)
+    for bad in ("128,1000,4,3", "24,96,4,3", "64,1024,4", "64,1024,x,3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="BLOCK_N,SPLIT,WARPS,STAGES"):
+            bench.parse_variant(bad)
