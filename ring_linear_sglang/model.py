@@ -44,6 +44,7 @@ from common_kernels.serving import (
     load_checkpoint_tensors,
     place_tensor,
     use_aligned_projections,
+    warm_up_expert_tiers,
 )
 
 from . import aligned
@@ -284,6 +285,8 @@ class RingLinearForCausalLM(nn.Module):
         self.config, self.quant_config = config, quant_config
         self.model = RingLinearModel(config, quant_config, prefix="model")
         self.aligned = aligned_mode()
+        if self.aligned:  # the first forward (a CUDA graph's warm-up run) compiles every expert tier a prompt can
+            warm_up_expert_tiers(config.max_position_embeddings)  # take (aligned mode prefills a prompt in one step)
         # aligned: the model dtype, as the shim's and vLLM's heads (the aligned GEMM takes another kernel for fp32
         # weights, so an fp32 head gives other bits); default: fp32, for the fp32 GEMM below
         head_dtype = None if self.aligned else LOGITS_DTYPE

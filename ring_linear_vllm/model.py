@@ -48,6 +48,7 @@ from common_kernels.serving import (
     load_checkpoint_tensors,
     place_tensor,
     use_aligned_projections,
+    warm_up_expert_tiers,
 )
 
 from .compat import fused_moe, fused_moe_weight_paths
@@ -277,6 +278,8 @@ class RingLinearForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsPP):
             raise TypeError(f"ring-linear: expected a RingLinearConfig, got {type(config).__name__}")
         config.check_tensor_parallel(vllm_config.parallel_config.tensor_parallel_size)
         self.config, self.quant_config, self.aligned = config, vllm_config.quant_config, aligned_mode()
+        if self.aligned:  # the profiling forward (the first) compiles every expert tier a step can take
+            warm_up_expert_tiers(vllm_config.scheduler_config.max_num_batched_tokens)
         self.model = RingLinearModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         if get_pp_group().is_last_rank:
             self.lm_head = (

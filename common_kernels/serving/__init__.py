@@ -8,7 +8,7 @@ from .router import RouterGate
 from .state import linear_state_dtype, linear_state_shape, rank_decay_rates, window_buffer_shapes
 from .step import LinearAttentionStep, build_step
 from .switches import ALIGNED_MODE_SWITCH, aligned_mode, env_flag
-from .warmup import warm_up_linear_attention
+from .warmup import warm_up_expert_tiers, warm_up_linear_attention
 from .weights import load_checkpoint_tensors, place_tensor
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "place_tensor",
     "rank_decay_rates",
     "use_aligned_projections",
+    "warm_up_expert_tiers",
     "warm_up_linear_attention",
     "window_buffer_shapes",
 ]

@@ -1,5 +1,6 @@
 """Start-up work for an engine's linear layers: compile every kernel variant a step can launch, and take the
-prefill's largest scratch once, so the engine's memory profile counts it.
+prefill's largest scratch once, so the engine's memory profile counts it. Likewise aligned mode's expert tiers
+(`warm_up_expert_tiers`).
 
 The kernels take every batch-dependent integer as an unspecialised argument, so the variants are few: the
 prefill (one per q/k/v dtype pair, and its one-launch form where that is on), and the decode with narrow and
@@ -14,6 +15,7 @@ import torch
 from ..ops.linear_attn import linear_attention_decode, linear_attention_prefill, plan_prefill, prefill
 from ..ops.linear_attn.decode import wide_tile_min_rows
 from ..ops.linear_attn.windowed import WINDOW, linear_attention_windowed, linear_attention_windowed_decode
+from ..ops.moe import aligned as moe_aligned
 
 _warmed: set[tuple] = set()
 
@@ -76,3 +78,12 @@ def warm_up_linear_attention(
                 rows[:, 0, :, :K], rows[:, 1, :, :K], decode_v, decay_rate, scale, scratch_pool, slots, fresh=fresh
             )
     _warmed.add(key)
+
+
+def warm_up_expert_tiers(max_tokens: int) -> None:
+    """Aligned mode's expert GEMMs take their tiles by the step's size (`ops.moe.aligned.TILE_SCHEDULE`): from now
+    on, each MoE or dense layer shape's first launch also compiles every tier a step of up to `max_tokens` tokens
+    can take (engines call this at start-up with their largest step; their first forward is the profiling one)."""
+    if not (isinstance(max_tokens, int) and max_tokens > 0):
+        raise ValueError(f"warm_up_expert_tiers: max_tokens must be a positive int, got {max_tokens!r}")
+    moe_aligned._warm_up_max_tokens = max_tokens

@@ -67,6 +67,45 @@ def expert_tiles(num_tokens: int) -> ExpertTiles:
     return next(tiles for most, tiles in TILE_SCHEDULE if most is None or num_tokens <= most)
 
 
+def tier_first_sizes() -> list[int]:
+    """The smallest batch (tokens) each `TILE_SCHEDULE` tier serves: 1, then one past each tier's bound."""
+    sizes, low = [], 1
+    for most, _ in TILE_SCHEDULE:
+        sizes.append(low)
+        low = (most or low) + 1
+    return sizes
+
+
+# An engine's largest step in tokens, set at start-up (`serving.warm_up_expert_tiers`). The first launch for a layer
+# shape then also runs, on zero rows, every tier a step of up to that many tokens can take: a profiling forward and
+# the CUDA graphs compile only their own sizes' tiers, and a tier in between would compile at a user's request.
+# None (the shim's default): each tier compiles when first used.
+_warm_up_max_tokens: int | None = None
+_warmed_shapes: set[tuple] = set()
+WARM_UP_DEVICES = ("cuda",)  # where compiling ahead pays (the interpreter compiles nothing)
+
+
+def _warm_up_tiers(x, w13, w2, k, last_w13, last_w2) -> None:
+    if _warm_up_max_tokens is None or x.device.type not in WARM_UP_DEVICES:
+        return
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():  # a graph being captured: not the place
+        return
+    apart = last_w13 is not None
+    key = (x.dtype, x.device, x.shape[1], tuple(w13.shape), tuple(w2.shape), w13.dtype, k, apart)
+    if key in _warmed_shapes:
+        return
+    _warmed_shapes.add(key)  # before the runs below, which come back through `_expert_outputs`
+    E = w13.shape[0] + apart
+    for n in tier_first_sizes():
+        if n > _warm_up_max_tokens:
+            break
+        ids = torch.arange(k, device=x.device).remainder(E).expand(n, k).contiguous()
+        if apart:
+            ids[:, -1] = E - 1  # the shared expert's slot, as `aligned_route(shared_slot=True)` gives it
+        weights = torch.ones((n, k), dtype=torch.float32, device=x.device)
+        _expert_outputs(x.new_zeros(n, x.shape[1]), w13, w2, ids, weights, last_w13, last_w2)
+
+
 def fitting_stages(tiles: ExpertTiles, itemsize: int, swiglu: bool, device: torch.device) -> int:
     """The tiles' pipeline depth, lowered until a stage's operand tiles (the rows, and the gate and up or the down
     weight tile) fit the device's shared memory that many times over: fp32 operands take twice bf16's. The depth
@@ -275,6 +314,7 @@ def _expert_outputs(x, w13, w2, topk_ids, topk_weights, last_w13=None, last_w2=N
     """`aligned_expert_outputs`; with `last_w13` `[2I, D]` and `last_w2` `[D, I]`, expert `E` (one past `w13`'s)
     is that one, in the same launches."""
     (T, D), (E, two_i, _), k = x.shape, w13.shape, topk_ids.shape[1]
+    _warm_up_tiers(x, w13, w2, k, last_w13, last_w2)
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
     apart = last_w13 is not None
     if apart:

@@ -287,3 +287,35 @@ def test_a_decode_steps_blocks_in_one_launch_on_a_gpu_equal_the_sorted_layout(T)
     ids = random_routing(T, 256, 8, seed=T)[0].cuda()
     for one_launch, sorted_ in zip(expert_blocks(ids, 256, 16), _sorted_blocks(ids, 256, 16), strict=True):
         assert torch.equal(one_launch, sorted_)
+
+
+def test_an_engines_first_launch_compiles_every_expert_tier_its_steps_can_take(monkeypatch):
+    """After `warm_up_expert_tiers(max_tokens)`, a layer shape's first launch also runs (on zero rows) the first size
+    of each tier up to `max_tokens`, once; the shim's default runs nothing extra. Outputs are the plain call's."""
+    from common_kernels.serving import warm_up_expert_tiers
+
+    tiles = aligned.TILE_SCHEDULE[-1][1]
+    monkeypatch.setattr(aligned, "TILE_SCHEDULE", ((2, tiles), (5, tiles), (None, tiles)))
+    monkeypatch.setattr(aligned, "WARM_UP_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(aligned, "_warmed_shapes", set())
+    monkeypatch.setattr(aligned, "_warm_up_max_tokens", None)
+    assert aligned.tier_first_sizes() == [1, 3, 6]
+    sizes, plain = [], aligned._expert_outputs
+
+    def spy(x, *args):
+        sizes.append(x.shape[0])
+        return plain(x, *args)
+
+    monkeypatch.setattr(aligned, "_expert_outputs", spy)
+    E, k, D, I = 4, 2, 32, 16
+    w13, w2 = (t.to(DEVICE) for t in stack_experts(*make_experts(E, D, I, torch.float32, seed=3)))
+    x = torch.randn(7, D, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    ids, weights = (t.to(DEVICE) for t in random_routing(7, E, k, seed=6))
+    want = aligned_expert_outputs(x, w13, w2, ids, weights)
+    assert sizes == [7]  # no engine set a step size: nothing ahead
+    warm_up_expert_tiers(4)  # steps of up to 4 tokens: the tiers starting at 1 and 3
+    got = aligned_expert_outputs(x, w13, w2, ids, weights)
+    again = aligned_expert_outputs(x[:1], w13, w2, ids[:1], weights[:1])
+    assert sizes == [7, 7, 1, 3, 1] and torch.equal(got, want) and torch.equal(again[0], want[0])
+    with pytest.raises(ValueError, match="max_tokens must be a positive int"):
+        warm_up_expert_tiers(0)
