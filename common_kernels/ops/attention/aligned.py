@@ -53,6 +53,14 @@ def _join(m, l, acc, m_part, l_part, acc_part):
     return m_new, l * alpha + l_part * beta, acc * alpha[:, None] + acc_part * beta[:, None]
 
 
+@triton.jit
+def _page_ids(table, keys, kv_len, page, PAGED: tl.constexpr):
+    """The page of each of `keys` (0 past the sequence, or without pages)."""
+    if PAGED:
+        return tl.load(table + keys // page, mask=keys < kv_len, other=0).to(tl.int64)
+    return tl.zeros_like(keys).to(tl.int64)
+
+
 # the batch's and the cache's sizes are plain arguments: one compiled variant per dtype and addressing, which an
 # engine compiles at start-up whatever its block size (`RingAlignedAttentionImpl`'s profiling forward)
 @triton.jit(do_not_specialize=["tiles_per_seq", "scale", "page", "stride_bt", "max_splits"])
@@ -94,6 +102,7 @@ def _aligned_attention_kernel(
         table = block_table + (tl.load(table_rows + s) if ROW_INDEX else s).to(tl.int64) * stride_bt
     else:
         base = tl.load(kv_start + s).to(tl.int64)
+        table = block_table  # unread (`_page_ids` loads nothing without pages)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
@@ -107,11 +116,15 @@ def _aligned_attention_kernel(
         m_j = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_j = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc_j = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+        # each tile's page ids are loaded one tile ahead: K/V addresses that hang on a load of the same iteration
+        # leave Triton's pipeliner one K/V buffer (a load waited for each tile); a loop-carried id gets it two
+        pages_next = _page_ids(table, j * SPLIT + tl.arange(0, BLOCK_N), kv_len, page, PAGED)
         for start in range(j * SPLIT, tl.minimum(j * SPLIT + SPLIT, last + 1), BLOCK_N):
             keys = start + tl.arange(0, BLOCK_N)
             in_seq = keys < kv_len
             if PAGED:
-                pid = tl.load(table + keys // page, mask=in_seq, other=0).to(tl.int64)
+                pid = pages_next
+                pages_next = _page_ids(table, keys + BLOCK_N, kv_len, page, PAGED)
                 k_rows = pid * stride_kp + (keys % page) * stride_kr
                 v_rows = pid * stride_vp + (keys % page) * stride_vr
             else:
