@@ -225,26 +225,29 @@ _LAYOUT_CHUNK = 64
 @triton.jit
 def _block_layout_kernel(
     topk_ids, pair_of_row, expert_of_block, P, num_experts, capacity,
-    BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
 ):  # fmt: skip
     """`_sorted_blocks` in one program: count each expert's pairs, pad each count to `BLOCK_M`, place the pairs in
     order (a pair's row: its expert's first row + the pairs of that expert before it), then name each block's
-    expert. The pass over the pairs runs `CHUNK` at a time, so the order is the stable sort's."""
+    expert. The pass over the pairs runs `CHUNK` at a time, so the order is the stable sort's. Every pair's expert is
+    loaded once, up front (`CHUNKS` x `CHUNK` lanes hold a step's pairs): a load in each chunk's iteration kept the
+    one program waiting on memory chunk after chunk."""
     lanes = tl.arange(0, CHUNK)
-    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
-    for start in range(0, P, CHUNK):
-        live = start + lanes < P
-        ids = tl.load(topk_ids + start + lanes, mask=live, other=0).to(tl.int32)
-        counts += tl.histogram(ids, BLOCK_E, mask=live)
+    every = tl.arange(0, CHUNKS * CHUNK)
+    counts = tl.histogram(tl.load(topk_ids + every, mask=every < P, other=0).to(tl.int32), BLOCK_E, mask=every < P)
+    chunk_of = tl.arange(0, CHUNKS)[:, None]
+    by_chunk = chunk_of * CHUNK + lanes[None, :]
+    ids_by_chunk = tl.load(topk_ids + by_chunk, mask=by_chunk < P, other=0).to(tl.int32)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     ends = tl.cumsum(padded, axis=0)
-    for start in range(0, capacity, CHUNK):  # every row padding until a pair lands in it
-        tl.store(pair_of_row + start + lanes, tl.full([CHUNK], -1, tl.int64), mask=start + lanes < capacity)
+    for start in range(0, capacity, CHUNKS * CHUNK):  # every row padding until a pair lands in it
+        tl.store(pair_of_row + start + every, tl.full([CHUNKS * CHUNK], -1, tl.int64), mask=start + every < capacity)
     tl.debug_barrier()
     placed = ends - padded  # each expert's next free row
-    for start in range(0, P, CHUNK):
+    for chunk in range(0, tl.cdiv(P, CHUNK)):
+        start = chunk * CHUNK
         live = start + lanes < P
-        ids = tl.load(topk_ids + start + lanes, mask=live, other=0).to(tl.int32)
+        ids = tl.sum(tl.where(chunk_of == chunk, ids_by_chunk, 0), axis=0)  # the chunk's row, from registers
         earlier_same = (ids[:, None] == ids[None, :]) & (lanes[None, :] < lanes[:, None]) & live[None, :]
         row = tl.gather(placed, ids, 0) + tl.sum(earlier_same.to(tl.int32), axis=1)
         tl.store(pair_of_row + row, (start + lanes).to(tl.int64), mask=live)
@@ -262,9 +265,11 @@ def _one_launch_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int) -
     capacity = _padded_rows(P, num_experts, block_m)
     pair_of_row = torch.empty(capacity, dtype=torch.int64, device=topk_ids.device)
     expert_of_block = torch.empty(capacity // block_m, dtype=torch.int64, device=topk_ids.device)
+    chunks = triton.next_power_of_2(triton.cdiv(ONE_LAUNCH_MAX_PAIRS, _LAYOUT_CHUNK))  # one variant for any step
+    assert chunks * _LAYOUT_CHUNK >= P, "expert_blocks sends larger steps to the sorted layout"
     _block_layout_kernel[(1,)](
         topk_ids.reshape(-1).contiguous(), pair_of_row, expert_of_block, P, num_experts, capacity,
-        triton.next_power_of_2(num_experts), block_m, _LAYOUT_CHUNK,
+        triton.next_power_of_2(num_experts), block_m, _LAYOUT_CHUNK, chunks,
     )  # fmt: skip
     return pair_of_row, expert_of_block
 
