@@ -3,7 +3,7 @@ Ring-mini's softmax layers (16 query heads over 4 KV heads of 128, bf16, 512-tok
 decode costs aligned, and what splitting its keys over programs buys.
 
     python -m benchmarks.bench_aligned_attention [--batch 1 8 64] [--context 4096 16384]
-        [--variants BLOCK_N,SPLIT,WARPS,STAGES ...] [--prefill 8192]
+        [--variants BLOCK_N,SPLIT,WARPS,STAGES[,BLOCK_M] ...] [--prefill 8192]
 
 Rows: ours with the keys split over programs and joined (`decode_splits`, the shipped decode path), ours with one
 program walking every split (the prefill's path, forced), and vLLM's `flash_attn_varlen_func` (FA3 on Hopper) over
@@ -14,8 +14,10 @@ difference from ours (two kernels, two roundings).
 
 `--variants` times other tiles and launches of the same kernel beside the shipped ones. Warps and stages leave a
 row's bits alone; another key tile (`BLOCK_N`) or split (`SPLIT`) is another order of sums, so other bits: a change
-aligned mode may make, engine and shim together (each row says whether its bits are the shipped settings'). `--prefill
-N` adds one N-token prompt through the shim's packed call (one program walking every split), per setting.
+aligned mode may make, engine and shim together (each row says whether its bits are the shipped settings'). A query
+tile of more rows (`BLOCK_M`, e.g. 64: 16 queries x 4 heads) should keep them (a row's sums read only its own query
+row), which is what would let a prefill read its keys once per 16 queries instead of once per 4: the rows say.
+`--prefill N` adds one N-token prompt through the shim's packed call (one program walking every split), per setting.
 """
 
 from __future__ import annotations
@@ -50,33 +52,38 @@ def decode_inputs(batch: int, context: int, generator: torch.Generator) -> dict:
     return {name: t.to(DEVICE) for name, t in tensors.items()}
 
 
-VARIANTS: list[tuple[int, int, int, int]] = []  # `--variants`
+VARIANTS: list[tuple[int, ...]] = []  # `--variants`
 
 
-def parse_variant(text: str) -> tuple[int, int, int, int]:
-    """ "BLOCK_N,SPLIT,WARPS,STAGES": a power-of-two key tile of at least 16, a split that is a multiple of it."""
+def parse_variant(text: str) -> tuple[int, ...]:
+    """ "BLOCK_N,SPLIT,WARPS,STAGES[,BLOCK_M]": power-of-two tiles of at least 16, a split that is a multiple of the
+    key tile; BLOCK_M defaults to the shipped one."""
     parts = text.split(",")
-    ok = len(parts) == 4 and all(p.isdigit() and int(p) > 0 for p in parts)
-    block_n, split = (int(parts[0]), int(parts[1])) if ok else (0, 0)
-    if not ok or block_n < 16 or block_n & (block_n - 1) or split % block_n:
-        raise argparse.ArgumentTypeError(f"--variants {text!r}: give BLOCK_N,SPLIT,WARPS,STAGES, e.g. 128,1024,4,3")
-    return block_n, split, int(parts[2]), int(parts[3])
+    ok = len(parts) in (4, 5) and all(p.isdigit() and int(p) > 0 for p in parts)
+    numbers = [int(p) for p in parts] if ok else [0, 0]
+    block_n, split = numbers[:2]
+    tiles = [block_n] + numbers[4:]
+    if not ok or any(t < 16 or t & (t - 1) for t in tiles) or split % block_n:
+        raise argparse.ArgumentTypeError(
+            f"--variants {text!r}: give BLOCK_N,SPLIT,WARPS,STAGES[,BLOCK_M], e.g. 128,1024,4,3 or 64,1024,4,3,64"
+        )
+    return tuple(numbers) if len(numbers) == 5 else (*numbers, aligned.BLOCK_M)
 
 
 @contextlib.contextmanager
-def settings(block_n: int, split: int, warps: int, stages: int) -> Iterator[None]:
-    """The kernel's key tile, split and launch set to these for the block, then put back."""
-    saved = aligned.BLOCK_N, aligned.SPLIT, aligned._LAUNCH
-    aligned.BLOCK_N, aligned.SPLIT = block_n, split
+def settings(block_n: int, split: int, warps: int, stages: int, block_m: int) -> Iterator[None]:
+    """The kernel's tiles, split and launch set to these for the block, then put back."""
+    saved = aligned.BLOCK_N, aligned.SPLIT, aligned._LAUNCH, aligned.BLOCK_M
+    aligned.BLOCK_N, aligned.SPLIT, aligned.BLOCK_M = block_n, split, block_m
     aligned._LAUNCH = {**saved[2], "num_warps": warps, "num_stages": stages}
     try:
         yield
     finally:
-        aligned.BLOCK_N, aligned.SPLIT, aligned._LAUNCH = saved
+        aligned.BLOCK_N, aligned.SPLIT, aligned._LAUNCH, aligned.BLOCK_M = saved
 
 
-def variant_label(block_n: int, split: int, warps: int, stages: int) -> str:
-    return f"{block_n}-key tiles, {split}-key splits, {warps} warps, {stages} stages"
+def variant_label(block_n: int, split: int, warps: int, stages: int, block_m: int) -> str:
+    return f"{block_m}-row query tiles, {block_n}-key tiles, {split}-key splits, {warps} warps, {stages} stages"
 
 
 def ours(t: dict) -> Callable[[], torch.Tensor]:

@@ -27,14 +27,15 @@ def test_variants_time_other_tiles_and_launches_and_say_whether_their_bits_are_t
     monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda call, **_: (call(), 1.0)[1])
     monkeypatch.setattr(bench, "flash_attention", lambda t, context: None)
     # the shipped tile and split with another launch (the same sums), then a 16-key split (other sums)
-    monkeypatch.setattr(bench, "VARIANTS", [(aligned.BLOCK_N, 64, 2, 2), (16, 16, 4, 3)])
-    shipped = aligned.BLOCK_N, aligned.SPLIT, aligned._LAUNCH
+    monkeypatch.setattr(bench, "VARIANTS", [(aligned.BLOCK_N, 64, 2, 2, 16), (16, 16, 4, 3, 16)])
+    shipped = aligned.BLOCK_N, aligned.SPLIT, aligned._LAUNCH, aligned.BLOCK_M
     bench.decode_rows(2, 150)
     bench.prefill_rows(70)
-    assert shipped == (aligned.BLOCK_N, aligned.SPLIT, aligned._LAUNCH)  # put back after each row
+    assert shipped == (aligned.BLOCK_N, aligned.SPLIT, aligned._LAUNCH, aligned.BLOCK_M)  # put back after each row
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert len(rows) == 4 + 3
-    assert "64-key tiles, 64-key splits, 2 warps" in rows[2] and rows[2].endswith("bits = shipped's: True |")
+    assert "16-row query tiles, 64-key tiles, 64-key splits, 2 warps" in rows[2]
+    assert rows[2].endswith("bits = shipped's: True |")
     assert "16-key tiles, 16-key splits" in rows[3] and rows[3].endswith("bits = shipped's: False |")
     assert "aligned prefill (one prompt)" in rows[4] and "| - |" in rows[4]
     assert rows[5].endswith("bits = shipped's: True |") and rows[6].endswith("bits = shipped's: False |")
@@ -45,7 +46,8 @@ def test_a_variant_must_split_on_its_tiles():
 
     import pytest
 
-    assert bench.parse_variant("128,1024,8,3") == (128, 1024, 8, 3)
-    for bad in ("128,1000,4,3", "24,96,4,3", "64,1024,4", "64,1024,x,3"):
+    assert bench.parse_variant("128,1024,8,3") == (128, 1024, 8, 3, aligned.BLOCK_M)
+    assert bench.parse_variant("64,1024,4,3,64") == (64, 1024, 4, 3, 64)
+    for bad in ("128,1000,4,3", "24,96,4,3", "64,1024,4", "64,1024,x,3", "64,1024,4,3,48"):
         with pytest.raises(argparse.ArgumentTypeError, match="BLOCK_N,SPLIT,WARPS,STAGES"):
             bench.parse_variant(bad)
