@@ -34,7 +34,15 @@ def state_shapes(config: RingLinearConfig, tp_size: int) -> tuple[tuple[int, int
     """vLLM's per-layer state tuple: the `[H/tp, d, d]` linear state (no conv state), and in aligned mode the window
     buffer's keys and values (`serving.window_buffer_shapes`), each slot's tensors copied together."""
     state = linear_state_shape(config, tp_size)
-    return (state, *window_buffer_shapes(config, tp_size)) if aligned_mode() else (state,)
+    shapes = (state, *window_buffer_shapes(config, tp_size)) if aligned_mode() else (state,)
+    assert len(shapes) == state_tensor_count()
+    return shapes
+
+
+def state_tensor_count() -> int:
+    """A layer's state tensors in vLLM's tuple (`state_shapes`): the linear state, and in aligned mode the window
+    buffer's keys and values."""
+    return 3 if aligned_mode() else 1
 
 
 def state_dtypes(cache_config) -> tuple[torch.dtype, ...]:
@@ -53,7 +61,7 @@ def state_dtypes(cache_config) -> tuple[torch.dtype, ...]:
             f"ring-linear: aligned mode ({ALIGNED_MODE_SWITCH}=1) keeps the linear state in float32; drop {flag} "
             f"{requested}"
         )
-    return (torch.float32,) * 3
+    return (torch.float32,) * state_tensor_count()
 
 
 class RingLinearEngineConfig(VerifyAndUpdateConfig):

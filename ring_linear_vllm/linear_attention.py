@@ -27,14 +27,14 @@ from common_kernels.serving import aligned_mode, rank_decay_rates, use_aligned_p
 
 from .backend import RingLinearBackend, RingLinearMetadata
 from .compat import LINEAR_ATTENTION_OP, layer_metadata, register_splitting_op
-from .engine_config import state_dtypes, state_shapes
+from .engine_config import state_dtypes, state_shapes, state_tensor_count
 
 
 def linear_state_copy_funcs() -> tuple:
     """How vLLM copies a state between slots (prefix-caching align mode, spec decode): the plain temporal copy, for
     the state and, in aligned mode, each window buffer (a chunk can stop mid-window at a block boundary)."""
     (copy,) = MambaStateCopyFuncCalculator.linear_attention_state_copy_func()
-    return (copy,) * (3 if aligned_mode() else 1)
+    return (copy,) * state_tensor_count()
 
 
 class NormWeight(nn.Module):
