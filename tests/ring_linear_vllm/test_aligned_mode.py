@@ -105,12 +105,17 @@ def _softmax_attention(model) -> list:
 
 
 def test_aligned_mode_routes_with_the_invariant_gemm_and_attends_with_the_shims_kernel(
-    vllm_tools, tiny_dir, aligned_env
+    vllm_tools, tiny_dir, aligned_env, monkeypatch
 ):
     """cuBLAS's router GEMM and FlashAttention 3 choose kernels by the batch; aligned mode takes neither."""
+    from common_kernels.ops.moe import aligned as moe_aligned
     from ring_linear_vllm.aligned_attention import RingAlignedAttentionBackend, RingAlignedAttentionImpl
 
-    model = vllm_tools.build_model(vllm_tools.engine_config(tiny_dir, enable_chunked_prefill=False))
+    monkeypatch.setattr(moe_aligned, "_warm_up_max_tokens", None)
+    vllm_config = vllm_tools.engine_config(tiny_dir, enable_chunked_prefill=False)
+    model = vllm_tools.build_model(vllm_config)
+    # the profiling forward then compiles every expert tier a step of vLLM's budget can take
+    assert moe_aligned._warm_up_max_tokens == vllm_config.scheduler_config.max_num_batched_tokens
     gates, attention = _gates(model), _softmax_attention(model)
     assert gates and all(gate.invariant for gate in gates)
     assert attention and all(a.attn_backend is RingAlignedAttentionBackend for a in attention)
