@@ -20,10 +20,12 @@ def aligned_pair(request, sglang_world, tiny_dir, monkeypatch):
     """The SGLang model built in aligned mode with the tiny checkpoint loaded, and the shim on the same checkpoint, in
     one dtype (SGLang builds under `--dtype` as torch's default)."""
     from common_kernels import RingLinearForCausalLM as Shim
+    from common_kernels.ops.moe import aligned as moe_aligned
     from ring_linear_sglang.config import RingLinearSGLangConfig
     from ring_linear_sglang.model import RingLinearForCausalLM
 
     monkeypatch.setenv("RING_LINEAR_ALIGNED", "1")
+    monkeypatch.setattr(moe_aligned, "_warm_up_max_tokens", None)  # the model sets it: put back after the test
     default = torch.get_default_dtype()
     torch.set_default_dtype(request.param)
     try:
@@ -39,6 +41,14 @@ def aligned_pair(request, sglang_world, tiny_dir, monkeypatch):
 
 def _randn(*shape: int, seed: int, like: nn.Module) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(like.dtype)
+
+
+def test_the_first_forward_compiles_every_expert_tier_a_prompt_can_take(aligned_pair):
+    """Aligned mode prefills a prompt in one step on SGLang, so any tier up to the context length may run."""
+    from common_kernels.ops.moe import aligned as moe_aligned
+
+    model, _ = aligned_pair
+    assert moe_aligned._warm_up_max_tokens == model.config.max_position_embeddings
 
 
 @pytest.mark.parametrize("kind", ["moe", "dense"])
