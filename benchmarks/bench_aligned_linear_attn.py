@@ -4,14 +4,15 @@ kernels, in one process on one GPU at Ring-mini's heads (16 of 128; fp32 q/k, bf
 what each aligned form costs, prefill and decode.
 
     python -m benchmarks.bench_aligned_linear_attn [--prefill 1x8192 2x4096 64x256] [--decode 64]
-        [--token-tiles 16,2 8,1 32,4] [--window-launch 32,4,1 32,8,1,4]
+        [--token-tiles 16,2 8,1 32,4] [--window-launch 32,4,1 32,8,1,4 32,8,1,1,64]
 
 `--token-tiles BLOCK_V,WARPS` times the token-by-token kernel with each V-tile and warp count (one row each): a
 single long prompt's tokens run one after another, so its prefill is bound by one token's latency, which these set.
 Each set is its own order of sums (its own bits, the same on both sides of aligned mode), so the fastest can ship.
-`--window-launch BLOCK_V,WARPS,STAGES[,TILES]` times the window form likewise (one row each; a decode step also
-through the one-token kernel, `linear_attention_windowed_decode`, which aligned mode serves decodes with, TILES
-V-tiles a program).
+`--window-launch BLOCK_V,WARPS,STAGES[,TILES[,ROWS]]` times the window form likewise (one row each; a decode step
+also through the one-token kernel, `linear_attention_windowed_decode`, which aligned mode serves decodes with, TILES
+V-tiles a program; ROWS output rows a block, 16 shipped: if 64-row blocks keep the bits, a prefill could take them
+while a decode keeps its 16).
 
 Timing: `triton.testing.do_bench` (median; each call includes its launch). Ratios are the default kernel's time over
 the aligned one's (below 1: aligned is slower).
@@ -35,7 +36,13 @@ HEADS, DIM = 16, 128
 DEVICE = "cuda"
 TOKEN_TILES = [(aligned.ALIGNED_BLOCK_V, aligned.ALIGNED_NUM_WARPS)]  # `--token-tiles`
 WINDOW_LAUNCHES = [
-    (windowed.WINDOWED_BLOCK_V, windowed.WINDOWED_LAUNCH["num_warps"], windowed.WINDOWED_LAUNCH["num_stages"])
+    (
+        windowed.WINDOWED_BLOCK_V,
+        windowed.WINDOWED_LAUNCH["num_warps"],
+        windowed.WINDOWED_LAUNCH["num_stages"],
+        windowed.WINDOWED_DECODE_TILES,
+        windowed.OUTPUT_ROWS,
+    )
 ]
 
 
@@ -49,27 +56,34 @@ def parse_token_tiles(text: str) -> tuple[int, int]:
 
 
 def parse_window_launch(text: str) -> tuple[int, ...]:
-    """ "BLOCK_V,WARPS,STAGES[,TILES]": TILES, V-tiles a decode program takes one after another (default 1)."""
+    """ "BLOCK_V,WARPS,STAGES[,TILES[,ROWS]]": TILES, V-tiles a decode program takes one after another (default 1);
+    ROWS, a window's output rows per block (default the shipped `OUTPUT_ROWS`; 16 to 64, a power of two)."""
     parts = text.split(",")
-    if len(parts) not in (3, 4) or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise argparse.ArgumentTypeError(f"--window-launch {text!r}: give BLOCK_V,WARPS,STAGES[,TILES], e.g. 32,4,1")
-    return tuple(int(p) for p in parts) + ((1,) if len(parts) == 3 else ())
+    ok = len(parts) in (3, 4, 5) and all(p.isdigit() and int(p) > 0 for p in parts)
+    rows = int(parts[4]) if ok and len(parts) == 5 else windowed.OUTPUT_ROWS
+    if not ok or rows not in (16, 32, 64):
+        raise argparse.ArgumentTypeError(
+            f"--window-launch {text!r}: give BLOCK_V,WARPS,STAGES[,TILES[,ROWS]], e.g. 32,4,1 or 32,8,1,1,64"
+        )
+    numbers = [int(p) for p in parts[:4]]
+    return (*numbers, *([1] if len(numbers) == 3 else []), rows)
 
 
 def window_form(call, label: str = "aligned, windows") -> dict:
     """The window-form call once per `WINDOW_LAUNCHES` set (the prefill's and the one-token kernel's launch)."""
 
-    def with_launch(block_v: int, warps: int, stages: int, tiles: int):
+    def with_launch(block_v: int, warps: int, stages: int, tiles: int, rows: int):
         def run():
-            windowed.WINDOWED_BLOCK_V, windowed.WINDOWED_DECODE_TILES = block_v, tiles
+            windowed.WINDOWED_BLOCK_V, windowed.WINDOWED_DECODE_TILES, windowed.OUTPUT_ROWS = block_v, tiles, rows
             launch = {**windowed.WINDOWED_LAUNCH, "num_warps": warps, "num_stages": stages}  # its other options kept
             windowed.WINDOWED_LAUNCH = windowed.WINDOWED_DECODE_LAUNCH = launch
             return call()
 
         return run
 
-    def name(bv: int, w: int, st: int, tiles: int) -> str:
-        return f"{label}, V-tile {bv}, {w} warps, {st} stages" + (f", {tiles} tiles a program" if tiles > 1 else "")
+    def name(bv: int, w: int, st: int, tiles: int, rows: int) -> str:
+        extra = (f", {tiles} tiles a program" if tiles > 1 else "") + (f", {rows}-row blocks" if rows != 16 else "")
+        return f"{label}, V-tile {bv}, {w} warps, {st} stages" + extra
 
     return {name(*launch): with_launch(*launch) for launch in WINDOW_LAUNCHES}
 

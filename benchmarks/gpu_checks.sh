@@ -74,7 +74,8 @@
 #                times other key tiles, splits, warps, stages and query tiles, and says whether each keeps the shipped bits)
 #   aligned-la   bench_aligned_linear_attn: aligned mode's linear attention in windows (served) and token by token (before),
 #                against the default prefill and decode at Ring-mini's heads (issue 15's prefill cost; ALIGNED_LA_ARGS,
-#                e.g. "--token-tiles 16,2 8,1 16,1 32,4", times the token-by-token kernel's V-tiles and warps)   (~1 min)
+#                e.g. "--token-tiles 16,2 8,1 16,1 32,4", times the token-by-token kernel's V-tiles and warps;
+#                "--window-launch 32,4,1 32,8,1,1,64" the window form's launches and output blocks, with their bits) (~1 min)
 #   vllm-diff    vllm_layer_diff: per-module engine outputs against the shim, one prompt, bit for bit (DIFF_ARGS, e.g.
 #                "--aligned --dtype bfloat16 --internals": where aligned mode's bitwise claim breaks; --internals adds
 #                the first linear layer's steps; DIFF_CHECKPOINT=ring-mini diffs a random Ring-mini layer group)   (~1.5 min)

@@ -15,10 +15,11 @@ def test_every_row_runs_and_shapes_parse(monkeypatch, capsys):
     monkeypatch.setattr(bench, "DIM", 16)
     monkeypatch.setattr(triton.testing, "do_bench", lambda call, **_: (call(), 1.0)[1])
     monkeypatch.setattr(bench, "TOKEN_TILES", [(16, 2), (8, 1)])
-    monkeypatch.setattr(bench, "WINDOW_LAUNCHES", [(32, 4, 1, 1), (16, 2, 1, 2)])
+    monkeypatch.setattr(bench, "WINDOW_LAUNCHES", [(32, 4, 1, 1, 16), (16, 2, 1, 2, 16)])
     for name in ("ALIGNED_BLOCK_V", "ALIGNED_NUM_WARPS"):  # each row sets them; put back after the test
         monkeypatch.setattr(bench.aligned, name, getattr(bench.aligned, name))
-    for name in ("WINDOWED_BLOCK_V", "WINDOWED_LAUNCH", "WINDOWED_DECODE_LAUNCH", "WINDOWED_DECODE_TILES"):
+    shipped = ("WINDOWED_BLOCK_V", "WINDOWED_LAUNCH", "WINDOWED_DECODE_LAUNCH", "WINDOWED_DECODE_TILES", "OUTPUT_ROWS")
+    for name in shipped:
         monkeypatch.setattr(bench.windowed, name, getattr(bench.windowed, name))
     bench.prefill_row(2, 70)
     bench.decode_row(3)
@@ -30,11 +31,13 @@ def test_every_row_runs_and_shapes_parse(monkeypatch, capsys):
     assert len(windows) == 6 and all("bits = first window form's: True" in row for row in windows[::2])
     assert "one-token kernel, V-tile 32, 4 warps" in windows[4]  # the decode step's one-token kernel, same bits
     assert bench.parse_token_tiles("8,1") == (8, 1)
-    assert bench.parse_window_launch("16,2,1") == (16, 2, 1, 1)
-    assert bench.parse_window_launch("32,8,1,4") == (32, 8, 1, 4)
+    assert bench.parse_window_launch("16,2,1") == (16, 2, 1, 1, 16)
+    assert bench.parse_window_launch("32,8,1,4") == (32, 8, 1, 4, 16)
+    assert bench.parse_window_launch("32,8,1,1,64") == (32, 8, 1, 1, 64)
     assert sum("2 tiles a program" in row for row in windows) == 3
-    with pytest.raises(argparse.ArgumentTypeError, match=r"give BLOCK_V,WARPS,STAGES\[,TILES\]"):
-        bench.parse_window_launch("16,2")
+    for bad in ("16,2", "32,8,1,1,48"):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"give BLOCK_V,WARPS,STAGES\[,TILES\[,ROWS\]\]"):
+            bench.parse_window_launch(bad)
     with pytest.raises(argparse.ArgumentTypeError, match="give BLOCK_V,WARPS"):
         bench.parse_token_tiles("12,2")
     assert bench.parse_shape("2x4096") == (2, 4096)
