@@ -15,10 +15,10 @@ Models (`--model`, one server each, prefix caching off unless the name says cach
 The `prefix-*` workloads (vLLM's `prefix_repetition` dataset: prompts that share a few long prefixes) are for
 the cached pair.
 
-Routing (`--routing`): vLLM's dummy weights give every MoE layer the same expert bias, which sends every token to
-the same 8 or 9 experts; `spread` (the default on vLLM) zeroes that bias after the fill, so the MoE layers read as
-many experts as a trained model's do (`server_hooks/spread_routing.py`). Runs with `--routing dummy` carry
-`-dummy-routing` in their names and pair only with each other.
+Routing (`--routing`): the engines' dummy weights give every MoE layer the same expert bias, which sends every token
+to the same 8 or 9 experts; `spread` (the default) zeroes that bias after the fill, so the MoE layers read as many
+experts as a trained model's do (`server_hooks/spread_routing.py`, on vLLM's and SGLang's dummy loaders). Runs with
+`--routing dummy` carry `-dummy-routing` in their names and pair only with each other.
 
 Each workload runs twice: a cold pass (every workload in turn, right after the server starts: the first time
 the server sees that shape) and then a warm pass over the same prompts. Server and client share a word-level
@@ -213,16 +213,13 @@ def probe_env(env: dict[str, str], folder: Path) -> dict[str, str]:
 ROUTINGS = ("spread", "dummy")
 
 
-def routing_env(env: dict[str, str], routing: str, engine: str) -> dict[str, str]:
-    """`spread`: vLLM's dummy fill with the routers' selection bias zeroed (`server_hooks/spread_routing.py`), so
-    tokens spread over the experts as a trained model's do; `dummy`: the fill as vLLM makes it, which routes every
-    token to the same 8 or 9 experts (every run before 2026-11-30's run V)."""
+def routing_env(env: dict[str, str], routing: str) -> dict[str, str]:
+    """`spread`: the engine's dummy fill with the routers' selection bias zeroed (`server_hooks/spread_routing.py`),
+    so tokens spread over the experts as a trained model's do; `dummy`: the fill as the engine makes it, which routes
+    every token to the same 8 or 9 experts (every vLLM run before 2026-11-30's run V, every SGLang run before
+    2026-12-01)."""
     if routing == "dummy":
         return env
-    if engine != "vllm":
-        raise SystemExit(
-            f"bench_serve: --routing spread patches vLLM's dummy loader only; pass --routing dummy on {engine}"
-        )
     return hooks_env(env, {"RING_LINEAR_SPREAD_ROUTING": "1"})
 
 
@@ -476,7 +473,7 @@ def run(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    routing = args.routing or ("spread" if args.engine == "vllm" else "dummy")
+    routing = args.routing
     name_of_run = label(args.model, args.engine, variant(args.size, args.layers, args.quantization, routing))
     config = model_config(args.size, args.layers)
     directory = write_model_dir(args.model, out / f"model-{name_of_run}", args.engine, config)
@@ -489,7 +486,7 @@ def run(args: argparse.Namespace) -> None:
     env = os.environ | long_context | {"PYTHONUNBUFFERED": "1"}
     log_path = out / f"server-{name_of_run}.log"
     probe = out / f"probe-{name_of_run}"
-    server_environment = routing_env(server_env(args.model, env), routing, args.engine)
+    server_environment = routing_env(server_env(args.model, env), routing)
     if args.probe:
         server_environment = probe_env(server_environment, probe)
     with open(log_path, "w") as log:
@@ -632,7 +629,8 @@ def report(args: argparse.Namespace) -> None:
             print(f"  {line}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line: `run` (one model's server and workloads) and `report`."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run_parser = sub.add_parser("run", help="start one model's server and run the workloads against it")
@@ -656,15 +654,20 @@ def main(argv: list[str] | None = None) -> None:
     run_parser.add_argument(
         "--routing",
         choices=ROUTINGS,
-        help="spread (vLLM's default here): zero the dummy routers' bias so tokens spread over the experts; dummy: "
-        "vLLM's fill as is (every token on the same experts; SGLang's default here)",
+        default="spread",
+        help="spread (default): zero the dummy routers' bias so tokens spread over the experts; dummy: the engine's "
+        "fill as is (every token on the same experts)",
     )
     run_parser.add_argument("--out", default="serve-results")
     run_parser.add_argument("--port", type=int, default=8765)
     run_parser.add_argument("--startup-timeout", type=float, default=900)
     report_parser = sub.add_parser("report", help="the ratio table of the results in a folder")
     report_parser.add_argument("out")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     (run if args.command == "run" else report)(args)
 
 

@@ -96,9 +96,9 @@ printf '[vllm.general_plugins]\nring_linear = ring_linear_vllm:register\n[sglang
   >"$site/entry_points.txt"
 export PYTHONPATH="$PWD:${site%/*}${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER="${VLLM_USE_FLASHINFER_SAMPLER:-0}"
-# vLLM's dummy weights send every token to the same 8 or 9 experts; every vLLM process here zeroes the routers' bias
-# after the dummy fill so tokens spread over the experts (benchmarks/server_hooks/spread_routing.py), unless
-# ROUTING=dummy (the routing of every run before run V)
+# The engines' dummy weights send every token to the same 8 or 9 experts; every vLLM and SGLang process here zeroes
+# the routers' bias after the dummy fill so tokens spread over the experts (benchmarks/server_hooks/spread_routing.py),
+# unless ROUTING=dummy (the routing of every vLLM run before run V and every SGLang run before run Y)
 ROUTING=${ROUTING:-spread}
 if [[ $ROUTING == spread ]]; then
   export PYTHONPATH="$PWD/benchmarks/server_hooks:$PYTHONPATH" RING_LINEAR_SPREAD_ROUTING=1
@@ -152,7 +152,7 @@ for step in "$@"; do
       "${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}" ;;
     serve-ring | serve-twin | serve-ring-cached | serve-twin-cached | serve-ring-aligned | serve-ring-sgl | serve-twin-sgl)
       model=${step#serve-}; engine=(--engine vllm --routing "$ROUTING"); prefix=()
-      if [[ $model == *-sgl ]]; then model=${model%-sgl}; engine=(--engine sglang --routing dummy); prefix=("${SGLANG_ENV[@]}"); fi
+      if [[ $model == *-sgl ]]; then model=${model%-sgl}; engine=(--engine sglang --routing "$ROUTING"); prefix=("${SGLANG_ENV[@]}"); fi
       model=${model/ring/ring-linear}; model=${model/twin/softmax-twin}
       run "$step" 580 "${prefix[@]}" python3 -m benchmarks.bench_serve run --model "$model" "${engine[@]}" \
         --out "${SERVE_OUT:-$out/serve}" ${SERVE_WORKLOADS:+--workloads $SERVE_WORKLOADS} \

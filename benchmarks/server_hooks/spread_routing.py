@@ -7,9 +7,11 @@ and that bias outweighs the router's scores: the same 8 or 9 of 256 experts serv
 read 9 experts, where a trained model's tokens spread over most of them. With the bias zeroed after the dummy
 fill, each token's own scores choose, and a batch of 64 tokens reaches about 220 experts, as uniform routing does.
 
-`install()` patches vLLM's dummy loader (its fill functions of 0.26 and of 0.33) when it is imported (a meta-path
-hook, so importing this costs nothing and vLLM is not imported early); `bench_serve --routing spread` turns it on in
-every server process.
+SGLang's dummy loader fills alike (`initialize_dummy_weights`, the same range and seed) and so routes alike.
+
+`install()` patches the engines' dummy loaders (vLLM's fill functions of 0.26 and of 0.33, SGLang's) when they are
+imported (a meta-path hook, so importing this costs nothing and no engine is imported early); `bench_serve --routing
+spread` turns it on in every server process.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import importlib.util
 import sys
 
 DUMMY_LOADER = "vllm.model_executor.model_loader.dummy_loader"
+SGLANG_LOADER = "sglang.srt.model_loader.loader"  # its `DummyModelLoader` calls the `initialize_dummy_weights` here
+LOADERS = (DUMMY_LOADER, SGLANG_LOADER)
 BIAS_NAME = "expert_bias"  # the router's selection bias: ours (`gate.expert_bias`) and vLLM's Bailing twin's
 
 
@@ -32,8 +36,9 @@ def zero_expert_bias(model) -> int:
 
 
 def patch(dummy_loader) -> None:
-    """Make vLLM's dummy fill leave the selection biases at zero: vLLM 0.26 fills a module's state dict at a time
-    (`initialize_dummy_weights`), 0.33 one named tensor at a time (`initialize_single_dummy_weight(..., name=)`)."""
+    """Make an engine's dummy fill leave the selection biases at zero: vLLM 0.26 and SGLang fill a module's state dict
+    at a time (`initialize_dummy_weights`), vLLM 0.33 one named tensor at a time (`initialize_single_dummy_weight(...,
+    name=)`)."""
     whole = getattr(dummy_loader, "initialize_dummy_weights", None)
     single = getattr(dummy_loader, "initialize_single_dummy_weight", None)
     if whole is not None:
@@ -52,13 +57,16 @@ def patch(dummy_loader) -> None:
 
         dummy_loader.initialize_single_dummy_weight = initialize_one_then_spread
     if whole is None and single is None:
-        print("spread_routing: vLLM's dummy loader has neither fill function this hook knows; routing is left as "
-              "the dummy fill makes it (every token on the same experts)", file=sys.stderr)  # fmt: skip
+        print(f"spread_routing: {dummy_loader.__name__} has neither fill function this hook knows; routing is left "
+              "as the dummy fill makes it (every token on the same experts)", file=sys.stderr)  # fmt: skip
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
+    def __init__(self, name: str) -> None:
+        self.name = name
+
     def find_spec(self, name, path=None, target=None):
-        if name != DUMMY_LOADER:
+        if name != self.name:
             return None
         sys.meta_path.remove(self)  # find the real module, then patch it once it has run
         spec = importlib.util.find_spec(name)
@@ -74,8 +82,9 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    """Patch vLLM's dummy loader now if it is imported, else when it is."""
-    if DUMMY_LOADER in sys.modules:
-        patch(sys.modules[DUMMY_LOADER])
-    elif not any(isinstance(finder, _PatchOnImport) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _PatchOnImport())
+    """Patch each engine's dummy loader now if it is imported, else when it is."""
+    for name in LOADERS:
+        if name in sys.modules:
+            patch(sys.modules[name])
+        elif not any(isinstance(finder, _PatchOnImport) and finder.name == name for finder in sys.meta_path):
+            sys.meta_path.insert(0, _PatchOnImport(name))

@@ -4,7 +4,6 @@ on (the hook itself, on vLLM's own dummy loader: `tests/ring_linear_vllm/test_sp
 import os
 from pathlib import Path
 
-import pytest
 import torch
 
 from benchmarks import bench_serve
@@ -32,13 +31,14 @@ def test_the_dummy_bias_sends_every_token_to_the_same_experts_and_zero_spreads_t
     assert experts_reached(torch.zeros(256)) >= 240
 
 
-def test_spread_routing_names_its_runs_and_refuses_sglang():
+def test_spread_routing_names_its_runs_and_is_the_default_on_both_engines():
     assert bench_serve.variant(routing="spread") == "" and bench_serve.variant(routing="dummy") == "-dummy-routing"
-    env = bench_serve.routing_env({"PYTHONPATH": "/x"}, "spread", "vllm")
+    env = bench_serve.routing_env({"PYTHONPATH": "/x"}, "spread")
     assert env["RING_LINEAR_SPREAD_ROUTING"] == "1" and env["PYTHONPATH"] == f"{HOOKS}{os.pathsep}/x"
-    assert bench_serve.routing_env({}, "dummy", "sglang") == {}
-    with pytest.raises(SystemExit, match="--routing dummy"):
-        bench_serve.routing_env({}, "spread", "sglang")
+    assert bench_serve.routing_env({}, "dummy") == {}
+    for engine in ("vllm", "sglang"):
+        args = bench_serve.parser().parse_args(["run", "--model", "ring-linear", "--engine", engine])
+        assert args.routing == "spread"
 
 
 def test_the_hook_patches_both_fill_functions_vllm_has_had():

@@ -32,7 +32,7 @@ print("biases", float(model.gate.expert_bias.abs().max()), float(model.twin_gate
 
 
 def biases_after_the_dummy_fill(switch: str) -> str:
-    env = bench_serve.routing_env(dict(os.environ), "spread", "vllm") | {"RING_LINEAR_SPREAD_ROUTING": switch}
+    env = bench_serve.routing_env(dict(os.environ), "spread") | {"RING_LINEAR_SPREAD_ROUTING": switch}
     done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout.strip().splitlines()[-1]
