@@ -86,4 +86,4 @@ def warm_up_expert_tiers(max_tokens: int) -> None:
     can take (engines call this at start-up with their largest step; their first forward is the profiling one)."""
     if not (isinstance(max_tokens, int) and max_tokens > 0):
         raise ValueError(f"warm_up_expert_tiers: max_tokens must be a positive int, got {max_tokens!r}")
-    moe_aligned._warm_up_max_tokens = max_tokens
+    moe_aligned.compile_tiers_ahead(max_tokens)

@@ -76,13 +76,19 @@ def tier_first_sizes() -> list[int]:
     return sizes
 
 
-# An engine's largest step in tokens, set at start-up (`serving.warm_up_expert_tiers`). The first launch for a layer
-# shape then also runs, on zero rows, every tier a step of up to that many tokens can take: a profiling forward and
-# the CUDA graphs compile only their own sizes' tiers, and a tier in between would compile at a user's request.
-# None (the shim's default): each tier compiles when first used.
+# An engine's largest step in tokens (`compile_tiers_ahead`). None (the shim's default): each tier compiles when
+# first used.
 _warm_up_max_tokens: int | None = None
 _warmed_shapes: set[tuple] = set()
 WARM_UP_DEVICES = ("cuda",)  # where compiling ahead pays (the interpreter compiles nothing)
+
+
+def compile_tiers_ahead(max_tokens: int) -> None:
+    """From now on, a layer shape's first launch also runs, on zero rows, every tier a step of up to `max_tokens`
+    tokens can take: an engine's profiling forward and CUDA graphs compile only their own sizes' tiers, and a tier
+    in between would compile at a user's request (`serving.warm_up_expert_tiers` calls this at start-up)."""
+    global _warm_up_max_tokens
+    _warm_up_max_tokens = max_tokens
 
 
 def _warm_up_tiers(x, w13, w2, k, last_w13, last_w2) -> None:
