@@ -12,6 +12,7 @@ from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from common_kernels.config import RingLinearConfig
+from common_kernels.ops import triton_settings
 from common_kernels.serving import (
     ALIGNED_MODE_SWITCH,
     aligned_mode,
@@ -104,6 +105,7 @@ class RingLinearEngineConfig(VerifyAndUpdateConfig):
             check_aligned_layout(vllm_config)
             note_attention_backend(vllm_config)
             compile_without_inductor(vllm_config)
+            note_product_precision()
 
 
 def check_prefix_caching(vllm_config) -> None:
@@ -174,6 +176,17 @@ def compile_without_inductor(vllm_config) -> None:
             compilation.backend,
         )
         compilation.backend = "eager"
+
+
+def note_product_precision() -> None:
+    """Aligned mode's bits follow `RING_LINEAR_FP32_DOT` (the fp32 products of the window form and the softmax
+    attention): a trainer scoring under another setting gets close logprobs, not these bits, and nothing else says
+    so. The server names its setting once at start-up."""
+    logger.info(
+        "ring-linear: aligned mode multiplies fp32 operands as %s (RING_LINEAR_FP32_DOT); a trainer's "
+        "token_logprobs(aligned=True) gives these logprobs bit for bit only under the same setting",
+        triton_settings.FP32_DOT_PRECISION,
+    )
 
 
 def note_attention_backend(vllm_config) -> None:

@@ -66,6 +66,19 @@ def test_aligned_mode_keeps_chunked_prefill_and_prefix_caching(vllm_tools, tiny_
     assert "turned off" not in caplog.text
 
 
+def test_aligned_mode_names_its_product_setting_for_the_trainer(vllm_tools, tiny_dir, aligned_env, caplog, monkeypatch):
+    """A trainer scoring under another `RING_LINEAR_FP32_DOT` would get close logprobs, not the engine's bits: the
+    server says which setting it serves under."""
+    import logging
+
+    from common_kernels.ops import triton_settings
+
+    monkeypatch.setattr(triton_settings, "FP32_DOT_PRECISION", "tf32x3")
+    caplog.set_level(logging.INFO, logger="ring_linear_vllm.engine_config")
+    vllm_tools.engine_config(tiny_dir)
+    assert "multiplies fp32 operands as tf32x3 (RING_LINEAR_FP32_DOT)" in caplog.text
+
+
 def test_aligned_mode_traces_without_inductor(vllm_tools, tiny_dir, aligned_env):
     """The graph is traced and split for CUDA graphs as before, its ops run as the shim runs them (no inductor
     kernels), and vLLM's own custom ops then take their CUDA forms, as in eager mode."""
