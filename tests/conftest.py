@@ -131,3 +131,41 @@ def greedy_partings():
         return found
 
     return partings
+
+
+_STAND_IN_ROUTERS = """
+import torch
+
+class Gate(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(8, 4))
+        self.register_buffer("expert_bias", torch.zeros(8))
+
+model = torch.nn.ModuleDict({"gate": Gate(), "twin_gate": torch.nn.Linear(4, 8)})
+model.twin_gate.expert_bias = torch.nn.Parameter(torch.zeros(8))
+"""
+_FILLED = """
+assert model.gate.weight.abs().max() > 0 and model.twin_gate.weight.abs().max() > 0
+print("biases", float(model.gate.expert_bias.abs().max()), float(model.twin_gate.expert_bias.abs().max()))
+"""
+
+
+@pytest.fixture(scope="session")
+def biases_after_dummy_fill():
+    """`biases_after_dummy_fill(fill, switch)`: in a fresh process with `bench_serve`'s server hooks on its path and
+    the spread-routing switch set to `switch`, two stand-in routers (ours keeps `expert_bias` as a buffer, the
+    Bailing twin's as a parameter) filled by `fill`, Python code that fills `model` as an engine's dummy loader does;
+    the line naming both biases' largest magnitude (the other weights must come out filled)."""
+    import sys
+
+    from benchmarks import bench_serve
+
+    def run(fill: str, switch: str) -> str:
+        env = bench_serve.routing_env(dict(os.environ), "spread") | {"RING_LINEAR_SPREAD_ROUTING": switch}
+        script = _STAND_IN_ROUTERS + fill + _FILLED
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.strip().splitlines()[-1]
+
+    return run
