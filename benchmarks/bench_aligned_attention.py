@@ -86,6 +86,13 @@ def variant_label(block_n: int, split: int, warps: int, stages: int, block_m: in
     return f"{block_m}-row query tiles, {block_n}-key tiles, {split}-key splits, {warps} warps, {stages} stages"
 
 
+def each_variant(call: Callable[[], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor, float]]:
+    """Each `--variants` setting's label, `call`'s output and its time under that setting."""
+    for variant in VARIANTS:
+        with settings(*variant):
+            yield variant_label(*variant), call(), triton.testing.do_bench_cudagraph(call, return_mode="median")
+
+
 def ours(t: dict) -> Callable[[], torch.Tensor]:
     scale = HEAD_DIM**-0.5
     return lambda: aligned.paged_attention_aligned(
@@ -153,11 +160,9 @@ def decode_rows(batch: int, context: int) -> None:
     label = f"aligned, keys split ({splits} splits a sequence)"
     row(batch, context, label, split_ms, f"bits = one program's: {torch.equal(split_out, whole_out)}")
     row(batch, context, "aligned, one program a sequence", whole_ms, f"{whole_ms / split_ms:.2f}x the split's time")
-    for variant in VARIANTS:
-        with settings(*variant):
-            out, ms = call(), triton.testing.do_bench_cudagraph(call, return_mode="median")
+    for label, out, ms in each_variant(call):
         note = f"{split_ms / ms:.2f}x the shipped split's speed; bits = shipped's: {torch.equal(out, split_out)}"
-        row(batch, context, f"aligned, keys split, {variant_label(*variant)}", ms, note)
+        row(batch, context, f"aligned, keys split, {label}", ms, note)
     theirs = flash_attention(t, context)
     if theirs is not None:
         diff = (theirs().float() - split_out.float()).abs().max().item()
@@ -179,11 +184,9 @@ def prefill_rows(length: int) -> None:
 
     shipped_out, shipped_ms = call(), triton.testing.do_bench_cudagraph(call, return_mode="median")
     row(1, length, "aligned prefill (one prompt)", shipped_ms, "shipped settings", bandwidth=False)
-    for variant in VARIANTS:
-        with settings(*variant):
-            out, ms = call(), triton.testing.do_bench_cudagraph(call, return_mode="median")
+    for label, out, ms in each_variant(call):
         note = f"{shipped_ms / ms:.2f}x the shipped speed; bits = shipped's: {torch.equal(out, shipped_out)}"
-        row(1, length, f"aligned prefill, {variant_label(*variant)}", ms, note, bandwidth=False)
+        row(1, length, f"aligned prefill, {label}", ms, note, bandwidth=False)
 
 
 if __name__ == "__main__":
