@@ -19,6 +19,8 @@ from safetensors.torch import load_file  # noqa: E402
 def aligned_pair(request, sglang_world, tiny_dir, monkeypatch):
     """The SGLang model built in aligned mode with the tiny checkpoint loaded, and the shim on the same checkpoint, in
     one dtype (SGLang builds under `--dtype` as torch's default)."""
+    from sglang.srt.model_loader.utils import set_default_torch_dtype
+
     from common_kernels import RingLinearForCausalLM as Shim
     from common_kernels.ops.moe import aligned as moe_aligned
     from ring_linear_sglang.config import RingLinearSGLangConfig
@@ -26,12 +28,8 @@ def aligned_pair(request, sglang_world, tiny_dir, monkeypatch):
 
     monkeypatch.setenv("RING_LINEAR_ALIGNED", "1")
     monkeypatch.setattr(moe_aligned, "_warm_up_max_tokens", None)  # the model sets it: put back after the test
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(request.param)
-    try:
+    with set_default_torch_dtype(request.param):
         model = RingLinearForCausalLM(config=RingLinearSGLangConfig.from_pretrained(tiny_dir))
-    finally:
-        torch.set_default_dtype(default)
     weights = {}
     for path in sorted(tiny_dir.glob("*.safetensors")):
         weights |= load_file(path)

@@ -64,17 +64,15 @@ def test_a_misshapen_or_unknown_tensor_is_named(built):
 def test_inference_parameters_and_the_served_dtype(sglang_world, tiny_dir):
     """SGLang captures decode graphs outside no_grad (its fused-MoE reduction refuses inputs that require grad), and
     it builds the model under the served dtype (`--dtype`), which may differ from the checkpoint's."""
+    from sglang.srt.model_loader.utils import set_default_torch_dtype
+
     from ring_linear_sglang.config import RingLinearSGLangConfig
     from ring_linear_sglang.model import RingLinearForCausalLM
 
     config = RingLinearSGLangConfig.from_pretrained(tiny_dir)
     assert config.checkpoint_dtype() == torch.float32
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
+    with set_default_torch_dtype(torch.bfloat16):
         model = RingLinearForCausalLM(config=config)
-    finally:
-        torch.set_default_dtype(default)
     assert not any(p.requires_grad for p in model.parameters())
     assert model.model.dtype == torch.bfloat16 and all(layer.dtype == torch.bfloat16 for layer in model.model.layers)
 
