@@ -240,10 +240,10 @@ def _block_layout_kernel(
     one program waiting on memory chunk after chunk."""
     lanes = tl.arange(0, CHUNK)
     every = tl.arange(0, CHUNKS * CHUNK)
+    counts = tl.histogram(tl.load(topk_ids + every, mask=every < P, other=0).to(tl.int32), BLOCK_E, mask=every < P)
     chunk_of = tl.arange(0, CHUNKS)[:, None]
     by_chunk = chunk_of * CHUNK + lanes[None, :]
     ids_by_chunk = tl.load(topk_ids + by_chunk, mask=by_chunk < P, other=0).to(tl.int32)
-    counts = tl.histogram(tl.reshape(ids_by_chunk, [CHUNKS * CHUNK]), BLOCK_E, mask=every < P)  # row-major: pair order
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     ends = tl.cumsum(padded, axis=0)
     for start in range(0, capacity, CHUNKS * CHUNK):  # every row padding until a pair lands in it
