@@ -2,7 +2,7 @@
 Ring-mini's softmax layers (16 query heads over 4 KV heads of 128, bf16, 512-token pages): what a long context's
 decode costs aligned, and what splitting its keys over programs buys.
 
-    python -m benchmarks.bench_aligned_attention [--batch 1 8 64] [--context 4096 16384]
+    python -m benchmarks.bench_aligned_attention [--batch 1 8 64] [--context 4096 16384] [--page 512]
         [--variants BLOCK_N,SPLIT,WARPS,STAGES[,BLOCK_M] ...] [--prefill 8192]
 
 Rows: ours with the keys split over programs and joined (`decode_splits`, the shipped decode path), ours with one
@@ -18,6 +18,8 @@ aligned mode may make, engine and shim together (each row says whether its bits 
 tile of more rows (`BLOCK_M`, e.g. 64: 16 queries x 4 heads) should keep them (a row's sums read only its own query
 row), which is what would let a prefill read its keys once per 16 queries instead of once per 4: the rows say.
 `--prefill N` adds one N-token prompt through the shim's packed call (one program walking every split), per setting.
+`--page` sets the cache's page size: vLLM serves Ring-mini in 1,024-token blocks, SGLang in one-token pages; a page
+that is not a multiple of the 64-key tile takes the kernel's other variant (a page id per key, not per tile).
 """
 
 from __future__ import annotations
@@ -125,13 +127,16 @@ def row(batch: int, context: int, label: str, ms: float, note: str, bandwidth: b
 
 
 def main(argv: list[str] | None = None) -> None:
+    global PAGE
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--context", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--variants", type=parse_variant, nargs="+", default=[])
     parser.add_argument("--prefill", type=int, nargs="+", default=[])
+    parser.add_argument("--page", type=int, default=PAGE, help="tokens a page of the cache")
     args = parser.parse_args(argv)
     VARIANTS[:] = args.variants
+    PAGE = args.page
     if not torch.cuda.is_available():
         raise SystemExit("bench_aligned_attention: needs a CUDA GPU")
     print(f"{torch.cuda.get_device_name()}; {HEADS} query heads over {KV_HEADS} KV heads of {HEAD_DIM}, bf16, "

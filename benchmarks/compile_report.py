@@ -64,10 +64,10 @@ def _signature(fn, dtype: str, constexprs: dict, given: dict) -> tuple[dict, dic
 def compile_report(
     fn, dtype: str, constexprs: dict, num_warps: int, num_stages: int = 2, types: dict | None = None, **options
 ) -> dict:
-    """Registers, spills and shared memory of `fn` compiled for sm_90a, its pipelined-load count, and its fp32
-    multiply, add and fused multiply-add instructions in the machine code (SASS). `types`: the parameters' types where
-    the guess by name (the linear-attention kernels' names) does not fit; `options`: other compile options (a
-    launch's, e.g. `enable_fp_fusion`)."""
+    """Registers, spills and shared memory of `fn` compiled for sm_90a, its pipelined-load count, its fp32
+    multiply, add and fused multiply-add instructions in the machine code (SASS), and its calls to routines.
+    `types`: the parameters' types where the guess by name (the linear-attention kernels' names) does not fit;
+    `options`: other compile options (a launch's, e.g. `enable_fp_fusion`)."""
     types, consts, hints = _signature(fn, dtype, constexprs, types or {})
     kernel = triton.compile(
         ASTSource(fn=fn, signature=types, constexprs=consts, attrs=hints),
@@ -89,6 +89,7 @@ def compile_report(
         "shared_bytes": kernel.metadata.shared,
         "async_loads": kernel.asm["ttgir"].count("async_copy_global_to_local"),
         "float_ops": {op: len(re.findall(rf"\b{op}\b", sass)) for op in ("FMUL", "FADD", "FFMA")},
+        "calls": len(re.findall(r"\bCALL\b", sass)),  # called routines, e.g. an int64 division's
     }
 
 
@@ -150,6 +151,7 @@ def aligned_kernels() -> list[tuple[str, object, dict, dict, int, int]]:
     attention = indices | partials | {"q": "*bf16", "k": "*bf16", "v": "*bf16", "o": "*bf16", "scale": "fp32"}
     ring_mini_heads = {"HEADS": 4, "D": 128, "BLOCK_M": attn.BLOCK_M, "SPLIT": attn.SPLIT}
     attention_flags = {"GROUP": 4, "PAGED": True, "ROW_INDEX": False, "DOT": "tf32", "INTERPRET": False}
+    attention_flags["TILE_IN_PAGE"] = True  # vLLM's pages (multiples of 16 tokens; 1,024 for Ring-mini)
     tiles = ("BLOCK_T", "BLOCK_E", "BLOCK_D")
     tensor_cores = {"TENSOR_CORES": True, "SPLIT_WEIGHT": False, "INTERPRET": False, "EVEN_D": True}
     bf16_gemm = {"x": "*bf16", "w": "*bf16", "y": "*fp32"}

@@ -70,7 +70,7 @@
 #                transposed tiles; ALIGNED_MOE_ARGS, e.g. "--tokens 64 512 --router-tiles 64,64,64 16,32,64"; issue 15's cost) (~2 min)
 #   aligned-attn bench_aligned_attention: aligned mode's softmax attention in a decode step (keys split over programs,
 #                and in one program) against vLLM's FlashAttention, 1-64 sequences of 4K and 16K keys (issue 15's decode cost;
-#                ALIGNED_ATTN_ARGS, e.g. "--batch 64 --context 16384 --variants 128,1024,4,3 64,1024,4,3,64 --prefill 8192",
+#                ALIGNED_ATTN_ARGS, e.g. "--batch 64 --context 16384 --page 1024 --variants 128,1024,4,3 64,1024,4,3,64 --prefill 8192",
 #                times other key tiles, splits, warps, stages and query tiles, and says whether each keeps the shipped bits)
 #   aligned-la   bench_aligned_linear_attn: aligned mode's linear attention in windows (served) and token by token (before),
 #                against the default prefill and decode at Ring-mini's heads (issue 15's prefill cost; ALIGNED_LA_ARGS,

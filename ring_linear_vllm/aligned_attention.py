@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend, TritonAttentionImpl
 
+from common_kernels.ops.attention.aligned import BLOCK_N as KEY_TILE
 from common_kernels.ops.attention.aligned import paged_attention_aligned
 
 
@@ -55,17 +56,18 @@ class RingAlignedAttentionImpl(TritonAttentionImpl):
         return key_cache, value_cache
 
     def _warm_up(self, query: torch.Tensor) -> None:
-        """One query over a one-page cache of this layer's layout and dtype (the kernel's only serving variant).
-        Each index tensor is its own allocation, aligned as vLLM's buffers are (Triton compiles a variant per
-        pointer alignment: a view one element in would compile another)."""
+        """One query over a one-page cache of this layer's layout and dtype, for each of the kernel's two serving
+        variants: pages that hold whole key tiles (a hybrid model's large blocks) and pages that do not. Each index
+        tensor is its own allocation, aligned as vLLM's buffers are (Triton compiles a variant per pointer
+        alignment: a view one element in would compile another)."""
         device, ints = query.device, {"dtype": torch.int32, "device": query.device}
-        shape = (1, self.num_kv_heads, 16, 2 * self.head_size)  # the backend's logical layout (0.26 and 0.33)
-        key_cache, value_cache = self._key_value_caches(torch.zeros(shape, dtype=query.dtype, device=device))
         q = torch.zeros((1, self.num_heads, self.head_size), dtype=query.dtype, device=device)
         query_start, seq_lens = torch.tensor([0, 1], **ints), torch.ones(1, **ints)
-        paged_attention_aligned(
-            q, key_cache, value_cache, query_start, seq_lens, torch.zeros((1, 1), **ints), self.scale, 1, out=q.clone()
-        )
+        for page in (16, KEY_TILE):
+            shape = (1, self.num_kv_heads, page, 2 * self.head_size)  # the backend's logical layout (0.26 and 0.33)
+            key_cache, value_cache = self._key_value_caches(torch.zeros(shape, dtype=query.dtype, device=device))
+            table, out = torch.zeros((1, 1), **ints), q.clone()
+            paged_attention_aligned(q, key_cache, value_cache, query_start, seq_lens, table, self.scale, 1, out=out)
 
 
 class RingAlignedAttentionBackend(TritonAttentionBackend):

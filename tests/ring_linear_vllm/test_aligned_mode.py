@@ -355,15 +355,19 @@ def test_an_aligned_mixed_step_matches_the_shim(vllm_tools, tiny_dir, aligned_en
     assert err < 1e-4 * want.abs().max().item(), f"max abs error {err}"
 
 
-def test_the_profiling_forward_runs_the_aligned_attention_kernel_once(vllm_tools, tiny_dir, aligned_env, monkeypatch):
+def test_the_profiling_forward_compiles_both_page_variants_of_the_aligned_attention(
+    vllm_tools, tiny_dir, aligned_env, monkeypatch
+):
     """vLLM's profiling run has no metadata: the layer launches its kernel on a one-page cache of its own layout,
-    so the serving variant is compiled before the first request, and returns zeros."""
+    once with pages that hold whole key tiles (the kernel's variant for a hybrid model's large blocks) and once with
+    pages that do not, so either serving variant is compiled before the first request; it returns zeros."""
+    from common_kernels.ops.attention.aligned import BLOCK_N
     from ring_linear_vllm import aligned_attention
 
-    launches = []
+    launches = []  # each launch's page size
     real = aligned_attention.paged_attention_aligned
     monkeypatch.setattr(
-        aligned_attention, "paged_attention_aligned", lambda *a, **k: launches.append(1) or real(*a, **k)
+        aligned_attention, "paged_attention_aligned", lambda *a, **k: launches.append(a[1].shape[1]) or real(*a, **k)
     )
     attn = _softmax_attention(vllm_tools.build_model(vllm_tools.engine_config(tiny_dir, enable_chunked_prefill=False)))[
         0
@@ -371,4 +375,4 @@ def test_the_profiling_forward_runs_the_aligned_attention_kernel_once(vllm_tools
     output = torch.ones(3, attn.num_heads * attn.head_size)
     query = torch.randn(3, attn.num_heads * attn.head_size)
     assert attn.impl.forward(attn, query, None, None, torch.tensor([]), None, output) is output
-    assert launches == [1] and (output == 0).all()
+    assert sorted(page % BLOCK_N == 0 for page in launches) == [False, True] and (output == 0).all()

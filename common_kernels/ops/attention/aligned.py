@@ -54,11 +54,19 @@ def _join(m, l, acc, m_part, l_part, acc_part):
 
 
 @triton.jit
-def _page_ids(table, keys, kv_len, page, PAGED: tl.constexpr):
-    """The page of each of `keys` (0 past the sequence, or without pages)."""
-    if PAGED:
-        return tl.load(table + keys // page, mask=keys < kv_len, other=0).to(tl.int64)
-    return tl.zeros_like(keys).to(tl.int64)
+def _tile_pages(table, start, kv_len, page, PAGED: tl.constexpr, TILE_IN_PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The pages of the key tile at `start` (0 past the sequence, or without pages): one id where pages hold whole
+    tiles (`TILE_IN_PAGE`), else each key's. Positions are int32: an int64 division compiles to a called routine,
+    which the key loop would run for every key of every tile."""
+    if TILE_IN_PAGE:
+        pages = tl.load(table + start // page, mask=start < kv_len, other=0).to(tl.int64)
+    else:
+        keys = start + tl.arange(0, BLOCK_N)
+        if PAGED:
+            pages = tl.load(table + keys // page, mask=keys < kv_len, other=0).to(tl.int64)
+        else:
+            pages = tl.zeros_like(keys).to(tl.int64)
+    return pages
 
 
 # the batch's and the cache's sizes are plain arguments: one compiled variant per dtype and addressing, which an
@@ -69,26 +77,28 @@ def _aligned_attention_kernel(
     stride_qt, stride_qh, stride_kp, stride_kr, stride_kh, stride_vp, stride_vr, stride_vh, stride_ot, stride_oh,
     stride_bt, part_m, part_l, part_acc, max_splits,
     GROUP: tl.constexpr, HEADS: tl.constexpr, D: tl.constexpr, PAGED: tl.constexpr, ROW_INDEX: tl.constexpr,
-    DOT: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+    TILE_IN_PAGE: tl.constexpr, DOT: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
     """`BLOCK_M // HEADS` query rows of sequence `s` times `HEADS` query heads of one KV head (row `r`: query row
     `r // HEADS`, head `r % HEADS` of the program's heads). `PAGED`: key `p` of `s` is row `p % page` of page
     `block_table[r, p // page]`, `r = table_rows[s]` (`ROW_INDEX`) or `s`; else row `kv_start[s] + p` (contiguous
-    packed K/V).
+    packed K/V). `TILE_IN_PAGE`: `page` is a multiple of `BLOCK_N`, so a key tile lies in one page.
+    Positions within a sequence are int32, addresses int64.
     `max_splits` 0: the program walks every split of its rows and writes their output. Else (a decode step: one
     query row per sequence) program `s * max_splits + j` walks split `j` only and writes its partial softmax to
     `part_m`/`part_l` `[B, max_splits, Hq]` and `part_acc` `[B, max_splits, Hq, D]`, which `_join_splits_kernel`
     joins. One compiled kernel either way, so a split's partial is the same bits in both."""
     programs_per_tile = tl.maximum(max_splits, 1)
-    split = tl.program_id(0).to(tl.int64) % programs_per_tile
+    split = tl.program_id(0) % programs_per_tile
     tile = tl.program_id(0) // programs_per_tile
     s = tile // tiles_per_seq
     first = (tile % tiles_per_seq) * (BLOCK_M // HEADS)
     q_start = tl.load(cu_seqlens_q + s).to(tl.int64)
-    q_len = tl.load(cu_seqlens_q + s + 1).to(tl.int64) - q_start
+    q_len = (tl.load(cu_seqlens_q + s + 1).to(tl.int64) - q_start).to(tl.int32)
     if first >= q_len:  # past this sequence's queries (a shorter one, or graph padding)
         return
-    kv_len = tl.load(seq_lens + s).to(tl.int64)
+    kv_len = tl.load(seq_lens + s).to(tl.int32)
     tile_rows = tl.arange(0, BLOCK_M)
     rows = first + tile_rows // HEADS
     heads = tl.program_id(1) * HEADS + tile_rows % HEADS
@@ -118,15 +128,19 @@ def _aligned_attention_kernel(
         acc_j = tl.zeros([BLOCK_M, D], dtype=tl.float32)
         # each tile's page ids are loaded one tile ahead: K/V addresses that hang on a load of the same iteration
         # leave Triton's pipeliner one K/V buffer (a load waited for each tile); a loop-carried id gets it two
-        pages_next = _page_ids(table, j * SPLIT + tl.arange(0, BLOCK_N), kv_len, page, PAGED)
+        pages_next = _tile_pages(table, j * SPLIT, kv_len, page, PAGED, TILE_IN_PAGE, BLOCK_N)
         for start in range(j * SPLIT, tl.minimum(j * SPLIT + SPLIT, last + 1), BLOCK_N):
             keys = start + tl.arange(0, BLOCK_N)
             in_seq = keys < kv_len
             if PAGED:
                 pid = pages_next
-                pages_next = _page_ids(table, keys + BLOCK_N, kv_len, page, PAGED)
-                k_rows = pid * stride_kp + (keys % page) * stride_kr
-                v_rows = pid * stride_vp + (keys % page) * stride_vr
+                pages_next = _tile_pages(table, start + BLOCK_N, kv_len, page, PAGED, TILE_IN_PAGE, BLOCK_N)
+                if TILE_IN_PAGE:
+                    in_page = (start % page + tl.arange(0, BLOCK_N)).to(tl.int64)
+                else:
+                    in_page = (keys % page).to(tl.int64)
+                k_rows = pid * stride_kp + in_page * stride_kr
+                v_rows = pid * stride_vp + in_page * stride_vr
             else:
                 k_rows, v_rows = (base + keys) * stride_kr, (base + keys) * stride_vr
             b_k = tl.load(k + k_rows[:, None] + kv_h * stride_kh + d[None, :], mask=in_seq[:, None], other=0.0)
@@ -148,7 +162,7 @@ def _aligned_attention_kernel(
             acc_j = tl.dot(b_p, b_v, acc_j * alpha[:, None], input_precision=DOT)
             m_j = m_new
         if max_splits > 0:  # query row 0's heads (the tile's first HEADS rows) at [s, j, head]
-            at = (s * max_splits + j) * (tl.num_programs(1) * HEADS) + heads
+            at = (s.to(tl.int64) * max_splits + j) * (tl.num_programs(1) * HEADS) + heads
             row_0 = tile_rows < HEADS
             tl.store(part_m + at, m_j, mask=row_0)
             tl.store(part_l + at, l_j, mask=row_0)
@@ -298,7 +312,8 @@ def _launch(q, k, v, cu_seqlens_q, seq_lens, kv_start, block_table, scale, max_q
         dummy if table_rows is None else table_rows, tiles_per_seq, scale, page_size,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), block_table.stride(0) if paged else 0, *parts, max_splits,
-        GROUP=Hq // Hkv, HEADS=heads, D=D, PAGED=paged, ROW_INDEX=table_rows is not None, DOT=dot_precision(q),
+        GROUP=Hq // Hkv, HEADS=heads, D=D, PAGED=paged, ROW_INDEX=table_rows is not None,
+        TILE_IN_PAGE=paged and page_size % BLOCK_N == 0, DOT=dot_precision(q),
         INTERPRET=INTERPRET, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SPLIT=SPLIT, **_LAUNCH,
     )  # fmt: skip
     if max_splits:

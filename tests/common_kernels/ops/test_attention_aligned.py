@@ -12,6 +12,9 @@ from common_kernels.ops.attention.aligned import causal_attention_aligned, paged
 from common_kernels.ops.attention.naive import causal_gqa_attention
 
 LENGTHS = [0, 1, 17, 40, 5, 16]  # a zero-length and a one-token sequence, ragged, one exactly a page
+# pages of one token (SGLang's), pages that split the kernel's 64-key tiles, and pages that hold whole tiles (vLLM's
+# blocks for a hybrid model: the kernel's other compiled variant, one page id a tile)
+PAGES = [1, 16, 64]
 
 
 def packed(lengths, Hq=4, Hkv=2, D=16, dtype=torch.float32, device="cpu", seed=0):
@@ -59,9 +62,10 @@ def test_packed_sequences_match_float64(dtype, tol, Hq, Hkv):
     assert (got.double() - reference(q, k, v, cu, 0.25)).abs().max() <= tol
 
 
-def test_paged_prefill_equals_packed_bit_for_bit():
+@pytest.mark.parametrize("page", PAGES)
+def test_paged_prefill_equals_packed_bit_for_bit(page):
     q, k, v, cu = packed(LENGTHS)
-    kc, vc, table = paged_cache(k, v, cu)
+    kc, vc, table = paged_cache(k, v, cu, page=page)
     seq_lens = (cu[1:] - cu[:-1]).to(torch.int32)
     paged = paged_attention_aligned(q, kc, vc, cu, seq_lens, table, 0.25, max(LENGTHS))
     assert torch.equal(paged, causal_attention_aligned(q, k, v, cu, 0.25, max(LENGTHS)))
@@ -73,13 +77,14 @@ def test_paged_prefill_equals_packed_bit_for_bit():
     assert torch.equal(picked, paged)
 
 
-def test_a_decode_step_and_a_mixed_step_give_each_query_the_bits_of_the_prefill():
+@pytest.mark.parametrize("page", PAGES[1:])
+def test_a_decode_step_and_a_mixed_step_give_each_query_the_bits_of_the_prefill(page):
     """The engine's view: sequences 0-2 decode their last token (one query each), sequence 3 prefills its last 9
     tokens after a cached prefix; each row must equal that position's row of the whole-sequence forward."""
-    lengths = [1, 17, 40, 33]
+    lengths = [1, 17, 40, 133]
     q, k, v, cu = packed(lengths)
     full = causal_attention_aligned(q, k, v, cu, 0.25, max(lengths))
-    kc, vc, table = paged_cache(k, v, cu)
+    kc, vc, table = paged_cache(k, v, cu, page=page)
     ends = cu[1:].tolist()
     new = [1, 1, 1, 9]
     rows = torch.cat([torch.arange(e - n, e) for e, n in zip(ends, new, strict=True)])
@@ -100,8 +105,9 @@ def test_a_decode_step_and_a_mixed_step_give_each_query_the_bits_of_the_prefill(
     assert torch.equal(padded[0], full[rows[0]]) and torch.equal(padded[1], torch.zeros_like(padded[1]))
 
 
+@pytest.mark.parametrize("page", PAGES[1:])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-6), (torch.bfloat16, 2e-2)])
-def test_keys_split_at_fixed_positions_give_a_decode_the_prefills_bits(dtype, tol, monkeypatch):
+def test_keys_split_at_fixed_positions_give_a_decode_the_prefills_bits(dtype, tol, page, monkeypatch):
     """64-key splits (one tile each), so short sequences cross several: the prefill joins them in one program, a
     decode step in a second kernel after one program per split (or, above the programs-per-SM bound, in one
     program); all give each query the same bits, float64-close."""
@@ -112,15 +118,15 @@ def test_keys_split_at_fixed_positions_give_a_decode_the_prefills_bits(dtype, to
     q, k, v, cu = packed(lengths, dtype=dtype)
     full = causal_attention_aligned(q, k, v, cu, 0.25, max(lengths))
     assert (full.double() - reference(q, k, v, cu, 0.25)).abs().max() <= tol
-    kc, vc, table = paged_cache(k, v, cu)
+    kc, vc, table = paged_cache(k, v, cu, page=page)
     last = cu[1:].long() - 1
     cu_q = torch.arange(len(lengths) + 1, dtype=torch.int32)
     seq_lens = (cu[1:] - cu[:-1]).int()
-    assert aligned.decode_splits(table, 16, len(lengths), 1) == -(-table.shape[1] * 16 // 64)
+    assert aligned.decode_splits(table, page, len(lengths), 1) == -(-table.shape[1] * page // 64)
     split = paged_attention_aligned(q[last], kc, vc, cu_q, seq_lens, table, 0.25, 1)
     assert torch.equal(split, full[last])
     monkeypatch.setattr(aligned, "SPLIT_BELOW_PROGRAMS_PER_SM", 0)  # every decode in one program
-    assert aligned.decode_splits(table, 16, len(lengths), 1) == 0
+    assert aligned.decode_splits(table, page, len(lengths), 1) == 0
     assert torch.equal(paged_attention_aligned(q[last], kc, vc, cu_q, seq_lens, table, 0.25, 1), split)
 
 
@@ -173,8 +179,9 @@ def test_bad_inputs_are_refused_naming_the_problem(change, message):
     "dtype, products, tol",
     [(torch.float32, "ieee", 1e-5), (torch.float32, "tf32", 1e-2), (torch.bfloat16, "tf32", 2e-2)],
 )
-def test_ring_mini_shapes_on_the_gpu_decode_equals_prefill_bitwise(dtype, products, tol, monkeypatch):
-    """Ring-mini's softmax layers (16 query heads over 4 KV heads of 128) with a 512-token page, on real MMAs:
+@pytest.mark.parametrize("page", [16, 512])  # pages that split a key tile, and pages of whole tiles (vLLM's kind)
+def test_ring_mini_shapes_on_the_gpu_decode_equals_prefill_bitwise(dtype, products, tol, page, monkeypatch):
+    """Ring-mini's softmax layers (16 query heads over 4 KV heads of 128) over 16- or 512-token pages, on real MMAs:
     float64-close, and a decode step's rows (keys split over programs, then joined) equal to the prefill's bit for
     bit."""
     from common_kernels.ops import triton_settings
@@ -184,7 +191,7 @@ def test_ring_mini_shapes_on_the_gpu_decode_equals_prefill_bitwise(dtype, produc
     q, k, v, cu = packed(lengths, Hq=16, Hkv=4, D=128, dtype=dtype, device="cuda")
     full = causal_attention_aligned(q, k, v, cu, 128**-0.5, max(lengths))
     assert (full.double() - reference(q, k, v, cu, 128**-0.5)).abs().max() <= tol
-    kc, vc, table = paged_cache(k, v, cu, page=512)
+    kc, vc, table = paged_cache(k, v, cu, page=page)
     last = cu[1:].long() - 1
     cu_q = torch.arange(len(lengths) + 1, dtype=torch.int32, device="cuda")
     step = paged_attention_aligned(q[last], kc, vc, cu_q, (cu[1:] - cu[:-1]).int(), table, 128**-0.5, 1)
