@@ -168,7 +168,7 @@ def aligned_kernels() -> list[tuple[str, object, dict, dict, int, int]]:
         ("expert blocks, one launch", aligned._block_layout_kernel,
          {"topk_ids": "*i64", "pair_of_row": "*i64", "expert_of_block": "*i64"},
          {"BLOCK_E": 512, "BLOCK_M": 16, "CHUNK": aligned._LAYOUT_CHUNK,  # 256 routed + the shared
-          "CHUNKS": triton.next_power_of_2(triton.cdiv(aligned.ONE_LAUNCH_MAX_PAIRS, aligned._LAYOUT_CHUNK))}, 4, 1),
+          "MAX_PAIRS": aligned.ONE_LAUNCH_MAX_PAIRS}, 4, 1),
         ("slot sum", aligned._combine_slots_kernel, {"y": "*fp32", "weights": "*fp32", "out": "*fp32", "k": "i32"},
          {"BLOCK_D": aligned.COMBINE_BLOCK_D}, 4, 1),
         ("softmax attention, paged", attn._aligned_attention_kernel, attention,

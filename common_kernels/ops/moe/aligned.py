@@ -222,8 +222,9 @@ def _padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
     return triton.cdiv(num_pairs + min(num_pairs, num_experts) * (block_m - 1), block_m) * block_m
 
 
-# Up to this many (token, slot) pairs (a decode step's), one program lays the blocks out in one launch; above it the
-# torch ops below (about 20 launches, little beside a prefill's GEMMs) do. Both give the same layout.
+# Up to this many (token, slot) pairs (a decode step's), one launch lays the blocks out (each of its programs counts
+# every pair); above it the torch ops below (about 20 launches, little beside a prefill's GEMMs) do. Both give the
+# same layout. A power of two (a `tl.arange`).
 ONE_LAUNCH_MAX_PAIRS = 2048
 _LAYOUT_CHUNK = 64
 
@@ -231,51 +232,55 @@ _LAYOUT_CHUNK = 64
 @triton.jit
 def _block_layout_kernel(
     topk_ids, pair_of_row, expert_of_block, P, num_experts, capacity,
-    BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, MAX_PAIRS: tl.constexpr,
 ):  # fmt: skip
-    """`_sorted_blocks` in one program: count each expert's pairs, pad each count to `BLOCK_M`, place the pairs in
-    order (a pair's row: its expert's first row + the pairs of that expert before it), then name each block's
-    expert. The pass over the pairs runs `CHUNK` at a time, so the order is the stable sort's. Every pair's expert is
-    loaded once, up front (`CHUNKS` x `CHUNK` lanes hold a step's pairs): a load in each chunk's iteration kept the
-    one program waiting on memory chunk after chunk."""
-    lanes = tl.arange(0, CHUNK)
-    every = tl.arange(0, CHUNKS * CHUNK)
-    counts = tl.histogram(tl.load(topk_ids + every, mask=every < P, other=0).to(tl.int32), BLOCK_E, mask=every < P)
-    chunk_of = tl.arange(0, CHUNKS)[:, None]
-    by_chunk = chunk_of * CHUNK + lanes[None, :]
-    ids_by_chunk = tl.load(topk_ids + by_chunk, mask=by_chunk < P, other=0).to(tl.int32)
+    """`_sorted_blocks` in one launch: program `p` places pairs `p * CHUNK` on (a pair's row: its expert's first row
+    + the pairs of that expert before it, so the order is the stable sort's), writes -1 into its share of the
+    padding rows and names its share of the blocks' experts. Every program counts all the step's pairs itself (at
+    most `MAX_PAIRS`), so the programs agree on where each expert starts without a second launch; one program
+    doing all of it waited on one chunk after another."""
+    pid, programs = tl.program_id(0), tl.num_programs(0)
+    every = tl.arange(0, MAX_PAIRS)
+    all_ids = tl.load(topk_ids + every, mask=every < P, other=0).to(tl.int32)
+    counts = tl.histogram(all_ids, BLOCK_E, mask=every < P)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     ends = tl.cumsum(padded, axis=0)
-    for start in range(0, capacity, CHUNKS * CHUNK):  # every row padding until a pair lands in it
-        tl.store(pair_of_row + start + every, tl.full([CHUNKS * CHUNK], -1, tl.int64), mask=start + every < capacity)
-    tl.debug_barrier()
-    placed = ends - padded  # each expert's next free row
-    for chunk in range(0, tl.cdiv(P, CHUNK)):
-        start = chunk * CHUNK
-        live = start + lanes < P
-        ids = tl.sum(tl.where(chunk_of == chunk, ids_by_chunk, 0), axis=0)  # the chunk's row, from registers
-        earlier_same = (ids[:, None] == ids[None, :]) & (lanes[None, :] < lanes[:, None]) & live[None, :]
-        row = tl.gather(placed, ids, 0) + tl.sum(earlier_same.to(tl.int32), axis=1)
-        tl.store(pair_of_row + row, (start + lanes).to(tl.int64), mask=live)
-        placed += tl.histogram(ids, BLOCK_E, mask=live)
+    firsts = ends - padded
+    # this program's pairs
+    start = pid * CHUNK
+    lanes = tl.arange(0, CHUNK)
+    live = start + lanes < P
+    ids = tl.load(topk_ids + start + lanes, mask=live, other=0).to(tl.int32)
+    earlier_chunks = tl.histogram(all_ids, BLOCK_E, mask=every < start)  # each expert's pairs before this chunk
+    earlier_here = (ids[:, None] == ids[None, :]) & (lanes[None, :] < lanes[:, None])
+    row = tl.gather(firsts + earlier_chunks, ids, 0) + tl.sum(earlier_here.to(tl.int32), axis=1)
+    tl.store(pair_of_row + row, (start + lanes).to(tl.int64), mask=live)
+    # padding: the rows past each expert's pairs (experts `e % programs == p`), then the rows past the last expert's
     experts = tl.arange(0, BLOCK_E)
-    for start in range(0, capacity // BLOCK_M, CHUNK):  # a block's expert: how many experts end at or before it
-        first_rows = (start + lanes) * BLOCK_M
+    slack = tl.arange(0, BLOCK_M)
+    pad_rows = (firsts + counts)[:, None] + slack[None, :]
+    mine = (experts % programs == pid) & (experts < num_experts)
+    pads = mine[:, None] & (slack[None, :] < (padded - counts)[:, None])
+    tl.store(pair_of_row + pad_rows, tl.full([BLOCK_E, BLOCK_M], -1, tl.int64), mask=pads)
+    for first in range(tl.sum(padded, axis=0) + pid * MAX_PAIRS, capacity, programs * MAX_PAIRS):
+        tl.store(pair_of_row + first + every, tl.full([MAX_PAIRS], -1, tl.int64), mask=first + every < capacity)
+    # a block's expert: how many experts end at or before its first row (`num_experts` past the last one's rows)
+    blocks = capacity // BLOCK_M
+    for first in range(pid * CHUNK, blocks, programs * CHUNK):
+        first_rows = (first + lanes) * BLOCK_M
         ended = (ends[None, :] <= first_rows[:, None]) & (experts[None, :] < num_experts)
-        expert = tl.sum(ended.to(tl.int64), axis=1)
-        tl.store(expert_of_block + start + lanes, expert, mask=start + lanes < capacity // BLOCK_M)
+        tl.store(expert_of_block + first + lanes, tl.sum(ended.to(tl.int64), axis=1), mask=first + lanes < blocks)
 
 
 def _one_launch_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     P = topk_ids.numel()
+    assert P <= ONE_LAUNCH_MAX_PAIRS, "expert_blocks sends larger steps to the sorted layout"
     capacity = _padded_rows(P, num_experts, block_m)
     pair_of_row = torch.empty(capacity, dtype=torch.int64, device=topk_ids.device)
     expert_of_block = torch.empty(capacity // block_m, dtype=torch.int64, device=topk_ids.device)
-    chunks = triton.next_power_of_2(triton.cdiv(ONE_LAUNCH_MAX_PAIRS, _LAYOUT_CHUNK))  # one variant for any step
-    assert chunks * _LAYOUT_CHUNK >= P, "expert_blocks sends larger steps to the sorted layout"
-    _block_layout_kernel[(1,)](
+    _block_layout_kernel[(max(triton.cdiv(P, _LAYOUT_CHUNK), 1),)](
         topk_ids.reshape(-1).contiguous(), pair_of_row, expert_of_block, P, num_experts, capacity,
-        triton.next_power_of_2(num_experts), block_m, _LAYOUT_CHUNK, chunks,
+        triton.next_power_of_2(num_experts), block_m, _LAYOUT_CHUNK, ONE_LAUNCH_MAX_PAIRS,
     )  # fmt: skip
     return pair_of_row, expert_of_block
 
