@@ -259,8 +259,7 @@ def _block_layout_kernel(
     experts = tl.arange(0, BLOCK_E)
     slack = tl.arange(0, BLOCK_M)
     pad_rows = (firsts + counts)[:, None] + slack[None, :]
-    mine = (experts % programs == pid) & (experts < num_experts)
-    pads = mine[:, None] & (slack[None, :] < (padded - counts)[:, None])
+    pads = (experts % programs == pid)[:, None] & (slack[None, :] < (padded - counts)[:, None])
     tl.store(pair_of_row + pad_rows, tl.full([BLOCK_E, BLOCK_M], -1, tl.int64), mask=pads)
     for first in range(tl.sum(padded, axis=0) + pid * MAX_PAIRS, capacity, programs * MAX_PAIRS):
         tl.store(pair_of_row + first + every, tl.full([MAX_PAIRS], -1, tl.int64), mask=first + every < capacity)
