@@ -56,9 +56,11 @@ def _windowed_kernel(
     K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, ROWS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One program per (sequence, head, V-tile): the sequence's rows, window by window on the absolute grid, each
-    window's outputs in blocks of `ROWS` rows (the same tiles in a prefill and a decode; a decode computes one)."""
-    i_b, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """One program per (V-tile, sequence, head): the sequence's rows, window by window on the absolute grid, each
+    window's outputs in blocks of `ROWS` rows (the same tiles in a prefill and a decode; a decode computes one).
+    V-tiles are the grid's fastest axis: a head's tile programs, which read the same queries and keys, run side by
+    side, so all but the first read them from L2."""
+    i_v, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_k = tl.arange(0, K)
     o_v = i_v * BV + tl.arange(0, BV)
     o_t = tl.arange(0, C)
@@ -149,7 +151,7 @@ def _windowed_decode_kernel(
     `ROWS`-row block of the window, the window's keys and values with its own in place), without the prefill's
     loops; the window is folded into `S` when the token is its last, else the token joins the buffer. A program
     takes `TILES` V-tiles one after another: the keys' products, which every V-tile needs, are made once."""
-    i_b, i_h, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_g, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # V-tile groups fastest, as the prefill's
     o_k = tl.arange(0, K)
     o_t = tl.arange(0, C)
     slot = tl.load(slots + i_b).to(tl.int64)
@@ -287,11 +289,11 @@ def _launch(name, q, k, v, decay_rate, scale, cu_seqlens, starts, state_pool, wi
         tiles = max(1, min(WINDOWED_DECODE_TILES, V // BV))
         while (V // BV) % tiles:  # every program the same number of tiles
             tiles -= 1
-        _windowed_decode_kernel[(B, H, V // (BV * tiles))](
+        _windowed_decode_kernel[(V // (BV * tiles), B, H)](
             *tensors, rates, scale, *strides, *shape, tiles, **WINDOWED_DECODE_LAUNCH
         )
     else:
-        _windowed_kernel[(B, H, V // BV)](*tensors, cu_seqlens, rates, scale, *strides, *shape, **WINDOWED_LAUNCH)
+        _windowed_kernel[(V // BV, B, H)](*tensors, cu_seqlens, rates, scale, *strides, *shape, **WINDOWED_LAUNCH)
         _window_keys_kernel[(B, H)](
             k, window_k, slots, starts, cu_seqlens, k.stride(0), k.stride(1), window_k.stride(0), window_k.stride(1),
             K, WINDOW,
