@@ -37,6 +37,7 @@ attention backend, radix cache off unless the name says cached) the twin is SGLa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -415,6 +416,19 @@ MEMORY_LINE = re.compile(
 )
 
 
+def stop_server(server: subprocess.Popen) -> None:
+    """SIGINT to the server's process group, SIGKILL after 60 s; a server that already died (it failed to start, and
+    `wait_ready` says why) is left alone rather than hiding that error behind a `ProcessLookupError`."""
+    try:
+        os.killpg(server.pid, signal.SIGINT)
+        server.wait(60)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+
+
 def memory_lines(log_text: str) -> list[str]:
     """The server log's lines on weight memory, pool size and the concurrency that fits (vLLM and SGLang)."""
     return [match.strip() for match in MEMORY_LINE.findall(log_text)]
@@ -539,11 +553,7 @@ def run(args: argparse.Namespace) -> None:
                     if result.get("failed"):
                         print(f"  why requests failed: {rejection(args.port, str(directory), w)}", flush=True)
         finally:
-            os.killpg(server.pid, signal.SIGINT)
-            try:
-                server.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
+            stop_server(server)
     summary["memory_lines"] = memory_lines(log_path.read_text(errors="replace"))
     if args.engine == "vllm":  # SGLang has no JIT monitor: there, compare the cold pass with the warm one
         summary["live_compiles"] = live_compiles(log_path.read_text(errors="replace"))

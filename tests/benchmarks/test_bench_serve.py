@@ -7,6 +7,8 @@ import importlib.util
 import json
 import os
 import random
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -343,3 +345,14 @@ def test_token_gaps_separate_an_even_slowdown_from_stalls():
     assert "median 10.00" in even and "0.0% of the decode time" in even
     assert "median 10.00" in stalled and "max 1000.0" in stalled and "33.4% of the decode time" in stalled
     assert bench_serve.token_gaps({"mean_tpot_ms": 1.0}) is None
+
+
+def test_stopping_a_server_that_already_died_leaves_its_error_alone():
+    """A server that failed to start has no process group left: stopping it must not raise (run AA: a
+    `ProcessLookupError` from the clean-up hid why the server had died)."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    dead.wait()
+    bench_serve.stop_server(dead)  # raises ProcessLookupError without the guard
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    bench_serve.stop_server(alive)
+    assert alive.poll() is not None

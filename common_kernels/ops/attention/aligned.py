@@ -276,9 +276,10 @@ def _packed(q, k, v, cu_seqlens, scale, max_seqlen):
     return _launch(q, k[None], v[None], cu_seqlens, lengths, cu_seqlens[:-1], None, scale, max_seqlen, None)
 
 
-# A decode step splits its keys over programs while the step has fewer than this many (sequence, KV head) programs
-# per SM: with more, one program per tile already fills the GPU, and the partials would only cost memory.
-SPLIT_BELOW_PROGRAMS_PER_SM = 4
+# A decode step splits its keys over programs while the step has fewer (sequence, KV head) programs than SMs: with
+# as many, one program per tile already fills the GPU, and the partials would only cost memory (64 sequences of 16K
+# keys at Ring-mini's heads, 1.9 programs an SM: unsplit is the faster, RESULTS.md run AA).
+SPLIT_BELOW_PROGRAMS_PER_SM = 1
 
 
 def decode_splits(block_table: torch.Tensor | None, page_size: int, programs: int, max_query_len: int) -> int:
