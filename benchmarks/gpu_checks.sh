@@ -26,6 +26,7 @@
 #   tp2          the tensor-parallel-2 engine test (needs 2 GPUs)                         (~4 min)
 #   bench        bench_linear_attn: prefill (bf16 and fp32), decode, backward, H16 and H8 (~5 min)
 #   sweep        sweep_linear_attn: launch settings, bf16 and fp32 prefill                 (~8 min)
+#   sweep-fp32   the same for the fp32 prefill alone, 4K, 16K and 32K (issue 11 item 4)   (untimed)
 #   e2e-prefill  bench_vllm_e2e: 4K and 16K prefill, ring-linear vs the softmax twin       (~6 min)
 #   example      examples/vllm_rollout_logprobs.py on the tiny trained checkpoint            (~1 min)
 #   serve-ring   bench_serve: `vllm serve` + `vllm bench serve`, ring-linear, every workload (~7 min)
@@ -146,6 +147,7 @@ for step in "$@"; do
     tp2) run tp2 420 python3 -m pytest -q -s -m gpu tests/ring_linear_vllm/test_engine_gpu.py -k tensor_parallel ;;
     bench) run bench 540 python3 -m benchmarks.bench_linear_attn --dtype bf16 fp32 --json "$out/bench.json" ;;
     sweep) run sweep 540 python3 -m benchmarks.sweep_linear_attn ;;
+    sweep-fp32) run sweep-fp32 540 python3 -m benchmarks.sweep_linear_attn --fp32 ;;
     e2e-prefill) run e2e-prefill 540 python3 -m benchmarks.bench_vllm_e2e --variants ring-linear softmax-twin \
       --prefill 4096 16384 --decode --json "$out/e2e-prefill.json" ;;
     example) run example 240 env CUDA_VISIBLE_DEVICES=0 python3 examples/vllm_rollout_logprobs.py \
