@@ -143,6 +143,10 @@ def aligned_kernels() -> list[tuple[str, object, dict, dict, int, int]]:
         "window_v": "*fp32", "slots": "*i64", "fresh": "*i8", "starts": "*i64", "cu_seqlens": "*i32",
         "rate": "*fp32", "scale": "fp32",
     }  # fmt: skip
+    scratch = {"window_states": "*fp32", "first_window": "*i32"}
+    states = {name: kind for name, kind in window.items() if name not in ("q", "o", "scale")} | scratch
+    outputs = {name: kind for name, kind in window.items() if name not in ("pool", "fresh")} | scratch
+    outputs["num_sequences"] = "i32"
     window_shape = {"K": 128, "V": 128, "BV": windowed.WINDOWED_BLOCK_V, "C": windowed.WINDOW}
     window_shape["ROWS"] = windowed.OUTPUT_ROWS
     selection = {"logits": "*fp32", "bias": "*fp32", "ids": "*i64", "weights": "*fp32", "scale": "fp32", "k": "i32"}
@@ -175,12 +179,17 @@ def aligned_kernels() -> list[tuple[str, object, dict, dict, int, int]]:
          ring_mini_heads | attention_flags | {"BLOCK_N": attn.BLOCK_N}, 4, 3),
         ("softmax attention, join", attn._join_splits_kernel, partials | indices | {"o": "*bf16"}, ring_mini_heads,
          4, 3),
-        ("linear attention, windows", windowed._windowed_kernel, window,
+        ("linear attention, window states", windowed._window_states_kernel, states,
+         {name: window_shape[name] for name in ("K", "V", "BV", "C")}
+         | {"DOT_PRECISION": triton_settings.FP32_DOT_PRECISION},
+         *_warps_stages(windowed.WINDOWED_LAUNCH)),
+        ("linear attention, window outputs", windowed._window_outputs_kernel, outputs,
          window_shape | {"DOT_PRECISION": triton_settings.FP32_DOT_PRECISION},
          *_warps_stages(windowed.WINDOWED_LAUNCH)),
-        ("linear attention, window keys", windowed._window_keys_kernel,
-         {"k": "*fp32", "window_k": "*fp32", "slots": "*i64", "starts": "*i64", "cu_seqlens": "*i32"},
-         {"K": 128, "C": windowed.WINDOW}, 4, 1),
+        ("linear attention, window buffer", windowed._window_buffer_kernel,
+         {"k": "*fp32", "v": "*bf16", "window_k": "*fp32", "window_v": "*fp32", "slots": "*i64", "starts": "*i64",
+          "cu_seqlens": "*i32"},
+         {"K": 128, "V": 128, "C": windowed.WINDOW}, 4, 1),
         ("linear attention, window decode", windowed._windowed_decode_kernel,
          {name: kind for name, kind in window.items() if name != "cu_seqlens"},
          window_shape | {"DOT_PRECISION": triton_settings.FP32_DOT_PRECISION, "TILES": windowed.WINDOWED_DECODE_TILES},
@@ -189,10 +198,12 @@ def aligned_kernels() -> list[tuple[str, object, dict, dict, int, int]]:
 
 
 def window_float_ops(precision: str) -> dict[str, dict]:
-    """The window form's prefill and one-token kernels' fp32 instructions at `precision` (`tl.dot`'s), compiled with
-    their launches' options. The two must give the same bits; a multiply-add the compiler fuses in one and not the
-    other breaks that, so equal counts without fused ones are the offline part of the check (the GPU test the rest)."""
-    launches = {windowed._windowed_kernel: windowed.WINDOWED_LAUNCH}
+    """The window form's prefill (state and output passes) and one-token kernels' fp32 instructions at `precision`
+    (`tl.dot`'s), compiled with their launches' options. Prefill and decode must give the same bits; a multiply-add
+    the compiler fuses in one and not the other breaks that, so no fused ones and the same multiplies are the offline
+    part of the check (the GPU test the rest)."""
+    prefill = (windowed._window_states_kernel, windowed._window_outputs_kernel)
+    launches = dict.fromkeys(prefill, windowed.WINDOWED_LAUNCH)
     launches[windowed._windowed_decode_kernel] = windowed.WINDOWED_DECODE_LAUNCH
     return {
         name: compile_report(fn, "fp32", consts | {"DOT_PRECISION": precision}, types=types, **launches[fn])[

@@ -37,8 +37,8 @@ def warm_up_linear_attention(
     and, once per process and shape, the decode's variants. Nothing touches a state pool: every slot is -1.
     The prefill's output goes to `out` when given (the profiling forward's result), else it is dropped.
     `slot_dtype` is the engine's slot-index dtype (pointer types are part of a compiled variant). `aligned`: the
-    engine serves in aligned mode, whose prefill and decode are the window form's two kernels (`ops.linear_attn.
-    windowed`), and nothing else is compiled. The default decode is compiled with and without flags (vLLM passes
+    engine serves in aligned mode, whose prefill (three passes, with their scratch) and decode are the window
+    form's kernels (`ops.linear_attn.windowed`), and nothing else is compiled. The default decode is compiled with and without flags (vLLM passes
     them, SGLang does not)."""
     T, H, K = q.shape
     V = v.shape[-1]

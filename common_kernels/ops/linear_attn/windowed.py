@@ -9,7 +9,9 @@ block of queries against the whole window's keys and values) whether the window'
 (a prefill), in earlier calls (decode steps, a prefill split anywhere) or not yet: a row's products never involve
 another row's query, and a key or value not yet seen is a zero that the causal mask multiplies by zero. A window is
 folded into `S` (`lam^C S + sum_j lam^(C-1-j) k_j^T v_j`) by the call that holds its last token, from the same tile
-in every case. So one sequence gives the same bits prefilled in one call, split at any token, or decoded one token
+in every case. A prefill runs in passes: the state chain window after window (the state entering each window kept),
+then every window's outputs at once from its kept state, then the buffer; a decode step does all three for its token
+in one kernel. So one sequence gives the same bits prefilled in one call, split at any token, or decoded one token
 a step; and an engine's prefix cache, which stores states at block boundaries (multiples of `WINDOW`), resumes with
 an empty buffer.
 
@@ -47,80 +49,141 @@ WINDOWED_DECODE_LAUNCH = {"num_warps": 4, "num_stages": 1, "enable_fp_fusion": F
 WINDOWED_DECODE_TILES = 1
 
 
+@triton.jit
+def _window_rows(k, v, window_k, window_v, slot, i_h, bos, position, end, base, o_k, o_v, o_t,
+                 stride_kt, stride_kh, stride_vt, stride_vh, stride_wkp, stride_wkh, stride_wvp, stride_wvh,
+                 K: tl.constexpr, V: tl.constexpr):  # fmt: skip
+    """The keys `[C, K]` and values `[C, BV]` of the window at `base` as fp32: rows before `position` from the
+    buffer, this call's rows (`position` to `end`) from k/v, zeros after. Also returns the mask of this call's rows."""
+    at = base + o_t  # the window's absolute positions
+    buffered = at < position
+    new = (at >= position) & (at < end)
+    rows = bos + (at - position)
+    p_wk = window_k + slot * stride_wkp + i_h * stride_wkh + o_t[:, None] * K + o_k[None, :]
+    p_wv = window_v + slot * stride_wvp + i_h * stride_wvh + o_t[:, None] * V + o_v[None, :]
+    fresh_k = tl.load(k + rows[:, None] * stride_kt + i_h * stride_kh + o_k[None, :], mask=new[:, None], other=0.0)
+    fresh_v = tl.load(v + rows[:, None] * stride_vt + i_h * stride_vh + o_v[None, :], mask=new[:, None], other=0.0)
+    b_k = tl.where(buffered[:, None], tl.load(p_wk, mask=buffered[:, None], other=0.0), fresh_k.to(tl.float32))
+    b_v = tl.where(buffered[:, None], tl.load(p_wv, mask=buffered[:, None], other=0.0), fresh_v.to(tl.float32))
+    return b_k, b_v, new
+
+
 # No pointer is specialised on its alignment: an engine's step, its warm-up and the shim run one compiled variant.
-@triton.jit(do_not_specialize_on_alignment=["q", "k", "v", "o", "slots", "fresh", "starts", "cu_seqlens"])
-def _windowed_kernel(
-    q, k, v, o, pool, window_k, window_v, slots, fresh, starts, cu_seqlens, rate, scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    stride_pp, stride_ph, stride_wkp, stride_wkh, stride_wvp, stride_wvh,
-    K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, ROWS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+@triton.jit(do_not_specialize_on_alignment=["k", "v", "slots", "fresh", "starts", "cu_seqlens", "first_window"])
+def _window_states_kernel(
+    k, v, pool, window_k, window_v, window_states, slots, fresh, starts, cu_seqlens, first_window, rate,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_pp, stride_ph, stride_wkp, stride_wkh, stride_wvp, stride_wvh,
+    K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One program per (V-tile, sequence, head): the sequence's rows, window by window on the absolute grid, each
-    window's outputs in blocks of `ROWS` rows (the same tiles in a prefill and a decode; a decode computes one).
-    V-tiles are the grid's fastest axis: a head's tile programs, which read the same queries and keys, run side by
-    side, so all but the first read them from L2."""
+    """Pass 1 of a prefill, one program per (V-tile, sequence, head), V-tiles fastest: the state chain alone. The
+    state entering each of the sequence's windows goes to `window_states[first_window[b] + i]` for pass 2; a window
+    this call completes is folded into `S`; `S` goes back to the pool. Without the outputs' products, a window is one
+    product here, and pass 2 runs all windows at once. The buffer is left as it was: pass 2 still reads its rows."""
     i_v, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    slot = tl.load(slots + i_b).to(tl.int64)
+    if slot < 0:  # padding: pool and buffer untouched (pass 2 writes its zero output)
+        return
     o_k = tl.arange(0, K)
     o_v = i_v * BV + tl.arange(0, BV)
     o_t = tl.arange(0, C)
     bos = tl.load(cu_seqlens + i_b).to(tl.int64)
     eos = tl.load(cu_seqlens + i_b + 1).to(tl.int64)
-    slot = tl.load(slots + i_b).to(tl.int64)
-    if slot < 0:  # padding: zero output, pool and buffer untouched
-        for row in range(bos, eos):
-            tl.store(o + row * stride_ot + i_h * stride_oh + o_v, tl.zeros([BV], dtype=o.dtype.element_ty))
-        return
     p_s = pool + slot * stride_pp + i_h * stride_ph + o_k[:, None] * V + o_v[None, :]
     b_s = tl.load(p_s).to(tl.float32)
-    position = tl.load(starts + i_b).to(tl.int64)  # the absolute position of row `bos`
     if tl.load(fresh + i_b) != 0:
         b_s = tl.zeros([K, BV], dtype=tl.float32)
     b_rate = tl.load(rate + i_h).to(tl.float32)
-    o_r = tl.arange(0, ROWS)
-    p_wk = window_k + slot * stride_wkp + i_h * stride_wkh + o_t[:, None] * K + o_k[None, :]
-    p_wv = window_v + slot * stride_wvp + i_h * stride_wvh + o_t[:, None] * V + o_v[None, :]
+    position = tl.load(starts + i_b).to(tl.int64)  # the absolute position of row `bos`
     end = position + (eos - bos)
+    window = tl.load(first_window + i_b).to(tl.int64)
+    H = tl.num_programs(2)
     for base in range(position - position % C, end, C):
-        at = base + o_t  # the window's absolute positions
-        buffered = at < position
-        new = (at >= position) & (at < end)
-        rows = bos + (at - position)
-        fresh_k = tl.load(k + rows[:, None] * stride_kt + i_h * stride_kh + o_k[None, :], mask=new[:, None], other=0.0)
-        fresh_v = tl.load(v + rows[:, None] * stride_vt + i_h * stride_vh + o_v[None, :], mask=new[:, None], other=0.0)
-        b_k = tl.where(buffered[:, None], tl.load(p_wk, mask=buffered[:, None], other=0.0), fresh_k.to(tl.float32))
-        b_v = tl.where(buffered[:, None], tl.load(p_wv, mask=buffered[:, None], other=0.0), fresh_v.to(tl.float32))
-        # the outputs, ROWS window rows at a time: only the blocks that hold this call's tokens (a decode's one)
-        first_new = tl.maximum(position, base) - base
-        for r0 in range(first_new - first_new % ROWS, tl.minimum(end - base, C), ROWS):
-            row_in_window = r0 + o_r
-            at_r = base + row_in_window
-            new_r = (at_r >= position) & (at_r < end)
-            rows_r = bos + (at_r - position)
-            b_q = tl.load(q + rows_r[:, None] * stride_qt + i_h * stride_qh + o_k[None, :], mask=new_r[:, None],
-                          other=0.0).to(tl.float32)  # fmt: skip
-            q_decay, intra = block_decays(b_rate, row_in_window, o_t)
-            b_o = tl.dot(b_q, b_s, input_precision=DOT_PRECISION) * q_decay[:, None]
-            b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * intra
-            b_o = (b_o + tl.dot(b_qk, b_v, input_precision=DOT_PRECISION)) * scale
-            tl.store(o + rows_r[:, None] * stride_ot + i_h * stride_oh + o_v[None, :], b_o.to(o.dtype.element_ty),
-                     mask=new_r[:, None])  # fmt: skip
+        p_entry = window_states + ((window * H + i_h) * K + o_k[:, None]) * V + o_v[None, :]
+        tl.store(p_entry, b_s)
+        b_k, b_v, new = _window_rows(k, v, window_k, window_v, slot, i_h, bos, position, end, base, o_k, o_v, o_t,
+                                     stride_kt, stride_kh, stride_vt, stride_vh, stride_wkp, stride_wkh, stride_wvp,
+                                     stride_wvh, K, V)  # fmt: skip
         if base + C <= end:  # this call holds the window's last token: fold the window into S
             b_s = chunk_state_update(b_s, b_k, b_v, o_t < C, C, b_rate, o_t, DOT_PRECISION)
-        else:  # the window goes on in a later call: keep its new values (its keys: `_window_keys_kernel`)
-            tl.store(p_wv, b_v, mask=new[:, None])
+        window += 1
     tl.store(p_s, b_s.to(pool.dtype.element_ty))
 
 
-@triton.jit(do_not_specialize_on_alignment=["k", "slots", "starts", "cu_seqlens"])
-def _window_keys_kernel(
-    k, window_k, slots, starts, cu_seqlens, stride_kt, stride_kh, stride_wkp, stride_wkh,
-    K: tl.constexpr, C: tl.constexpr,
+@triton.jit(
+    do_not_specialize=["num_sequences"],  # one variant for any batch (a batch of 1 would get its own)
+    do_not_specialize_on_alignment=["q", "k", "v", "o", "slots", "starts", "cu_seqlens", "first_window"],
+)
+def _window_outputs_kernel(
+    q, k, v, o, window_k, window_v, window_states, slots, starts, cu_seqlens, first_window, num_sequences, rate,
+    scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_wkp, stride_wkh, stride_wvp, stride_wvh,
+    K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, ROWS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """After `_windowed_kernel`: each sequence's keys of its unfinished last window that arrived in the call, into
-    the buffer. Every V-tile program of a head reads the buffer's keys (full width), so none of them may write
-    there: a program that has run on into the next window would overwrite keys that another, not yet started,
-    still has to read. One program per (sequence, head), after all of them (values are per V-tile: no race)."""
+    """Pass 2, one program per (window, V-tile) and head, V-tiles fastest: a window's outputs from the state pass 1
+    stored for it, in blocks of `ROWS` rows (the same tiles in a prefill and a decode; a decode computes one):
+    `lam^(i+1) q S + sum_{j <= i} lam^(i-j) (q . k_j) v_j`. Windows are numbered across the call's sequences
+    (`first_window` `[B+1]`, cumulative); programs past the last exit."""
+    NV: tl.constexpr = V // BV
+    i_v, i_w, i_h = tl.program_id(0) % NV, tl.program_id(0) // NV, tl.program_id(1)
+    if i_w >= tl.load(first_window + num_sequences):
+        return
+    lo, hi = num_sequences * 0, num_sequences  # the sequence holding window i_w: the last b with first_window[b] <= i_w
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if tl.load(first_window + mid) <= i_w:
+            lo = mid
+        else:
+            hi = mid
+    i_b = lo
+    o_k = tl.arange(0, K)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_t = tl.arange(0, C)
+    bos = tl.load(cu_seqlens + i_b).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_b + 1).to(tl.int64)
+    position = tl.load(starts + i_b).to(tl.int64)
+    end = position + (eos - bos)
+    base = position - position % C + (i_w - tl.load(first_window + i_b)).to(tl.int64) * C
+    slot = tl.load(slots + i_b).to(tl.int64)
+    if slot < 0:  # padding: zero output
+        at = base + o_t
+        rows = bos + (at - position)
+        pad = (at >= position) & (at < end)
+        p_o = o + rows[:, None] * stride_ot + i_h * stride_oh + o_v[None, :]
+        tl.store(p_o, tl.zeros([C, BV], dtype=o.dtype.element_ty), mask=pad[:, None])
+        return
+    H = tl.num_programs(1)
+    b_s = tl.load(window_states + ((i_w.to(tl.int64) * H + i_h) * K + o_k[:, None]) * V + o_v[None, :])
+    b_rate = tl.load(rate + i_h).to(tl.float32)
+    o_r = tl.arange(0, ROWS)
+    b_k, b_v, _ = _window_rows(k, v, window_k, window_v, slot, i_h, bos, position, end, base, o_k, o_v, o_t,
+                               stride_kt, stride_kh, stride_vt, stride_vh, stride_wkp, stride_wkh, stride_wvp,
+                               stride_wvh, K, V)  # fmt: skip
+    # only the blocks that hold this call's tokens
+    first_new = tl.maximum(position, base) - base
+    for r0 in range(first_new - first_new % ROWS, tl.minimum(end - base, C), ROWS):
+        row_in_window = r0 + o_r
+        at_r = base + row_in_window
+        new_r = (at_r >= position) & (at_r < end)
+        rows_r = bos + (at_r - position)
+        b_q = tl.load(q + rows_r[:, None] * stride_qt + i_h * stride_qh + o_k[None, :], mask=new_r[:, None],
+                      other=0.0).to(tl.float32)  # fmt: skip
+        q_decay, intra = block_decays(b_rate, row_in_window, o_t)
+        b_o = tl.dot(b_q, b_s, input_precision=DOT_PRECISION) * q_decay[:, None]
+        b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * intra
+        b_o = (b_o + tl.dot(b_qk, b_v, input_precision=DOT_PRECISION)) * scale
+        tl.store(o + rows_r[:, None] * stride_ot + i_h * stride_oh + o_v[None, :], b_o.to(o.dtype.element_ty),
+                 mask=new_r[:, None])  # fmt: skip
+
+
+@triton.jit(do_not_specialize_on_alignment=["k", "v", "slots", "starts", "cu_seqlens"])
+def _window_buffer_kernel(
+    k, v, window_k, window_v, slots, starts, cu_seqlens, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_wkp, stride_wkh, stride_wvp, stride_wvh, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+):  # fmt: skip
+    """Pass 3: each sequence's keys and values of its unfinished last window that arrived in the call, into the
+    buffer, as fp32. Both passes before read the buffer's rows of the sequence's first window, which share their
+    places with the last window's, so the buffer is written only after them. One program per (sequence, head)."""
     i_b, i_h = tl.program_id(0), tl.program_id(1)
     slot = tl.load(slots + i_b).to(tl.int64)
     if slot < 0:
@@ -132,10 +195,15 @@ def _window_keys_kernel(
     o_t = tl.arange(0, C)
     at = base + o_t
     new = (at >= position) & (at < end)
+    rows = (bos + at - position)[:, None]
     o_k = tl.arange(0, K)
-    keys = tl.load(k + (bos + at - position)[:, None] * stride_kt + i_h * stride_kh + o_k[None, :], mask=new[:, None])
+    keys = tl.load(k + rows * stride_kt + i_h * stride_kh + o_k[None, :], mask=new[:, None])
     p_wk = window_k + slot * stride_wkp + i_h * stride_wkh + o_t[:, None] * K + o_k[None, :]
     tl.store(p_wk, keys.to(tl.float32), mask=new[:, None])
+    o_v = tl.arange(0, V)
+    values = tl.load(v + rows * stride_vt + i_h * stride_vh + o_v[None, :], mask=new[:, None])
+    p_wv = window_v + slot * stride_wvp + i_h * stride_wvh + o_t[:, None] * V + o_v[None, :]
+    tl.store(p_wv, values.to(tl.float32), mask=new[:, None])
 
 
 # No pointer is specialised on its alignment, as above.
@@ -147,10 +215,10 @@ def _windowed_decode_kernel(
     K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, ROWS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, TILES: tl.constexpr,
 ):  # fmt: skip
-    """`_windowed_kernel` for one token per sequence (a decode step): the same tiles and products for its row (its
-    `ROWS`-row block of the window, the window's keys and values with its own in place), without the prefill's
-    loops; the window is folded into `S` when the token is its last, else the token joins the buffer. A program
-    takes `TILES` V-tiles one after another: the keys' products, which every V-tile needs, are made once."""
+    """The prefill's passes for one token per sequence (a decode step), in one kernel: the outputs kernel's tiles and
+    products for its row (its `ROWS`-row block of the window, the window's keys and values with its own in place),
+    the state kernel's fold (when the token is its window's last; else the token joins the buffer). A program takes
+    `TILES` V-tiles one after another: the keys' products, which every V-tile needs, are made once."""
     i_g, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # V-tile groups fastest, as the prefill's
     o_k = tl.arange(0, K)
     o_t = tl.arange(0, C)
@@ -293,12 +361,44 @@ def _launch(name, q, k, v, decay_rate, scale, cu_seqlens, starts, state_pool, wi
             *tensors, rates, scale, *strides, *shape, tiles, **WINDOWED_DECODE_LAUNCH
         )
     else:
-        _windowed_kernel[(V // BV, B, H)](*tensors, cu_seqlens, rates, scale, *strides, *shape, **WINDOWED_LAUNCH)
-        _window_keys_kernel[(B, H)](
-            k, window_k, slots, starts, cu_seqlens, k.stride(0), k.stride(1), window_k.stride(0), window_k.stride(1),
-            K, WINDOW,
-        )  # fmt: skip
+        _launch_prefill(q, k, v, o, state_pool, window_k, window_v, slots, fresh, starts, cu_seqlens, rates, scale, BV)
     return o
+
+
+def window_counts(cu_seqlens: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """`[B+1]` int32: where each sequence's windows start in a call's numbering of windows (the last entry is their
+    total). A sequence of `L` tokens from position `p` spans `ceil((p % WINDOW + L) / WINDOW)` windows. On the device,
+    without a host sync."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+    counts = torch.div(starts.to(torch.int64) % WINDOW + lengths + WINDOW - 1, WINDOW, rounding_mode="floor")
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+
+
+def _launch_prefill(q, k, v, o, state_pool, window_k, window_v, slots, fresh, starts, cu_seqlens, rates, scale, BV):
+    """Pass 1 (the state chain, a program per sequence, head and V-tile), pass 2 (every window's outputs at once,
+    from the states pass 1 kept), then the unfinished windows' keys and values into the buffer (after every reader).
+    Pass 2's states take `(T / WINDOW + 2B) x H x K x V` fp32 of scratch (an engine's profiling step allocates its
+    largest, so its memory profile counts it)."""
+    T, H, K = q.shape
+    B, V = slots.shape[0], v.shape[-1]
+    first_window = window_counts(cu_seqlens, starts)
+    max_windows = T // WINDOW + 2 * B  # each sequence: at most its tokens' whole windows and two partial ones
+    window_states = torch.empty((max_windows, H, K, V), dtype=torch.float32, device=q.device)
+    k_strides = (k.stride(0), k.stride(1), v.stride(0), v.stride(1))
+    buffer_strides = (window_k.stride(0), window_k.stride(1), window_v.stride(0), window_v.stride(1))
+    _window_states_kernel[(V // BV, B, H)](
+        k, v, state_pool, window_k, window_v, window_states, slots, fresh, starts, cu_seqlens, first_window, rates,
+        *k_strides, state_pool.stride(0), state_pool.stride(1), *buffer_strides,
+        K, V, BV, WINDOW, dot_precision(q), **WINDOWED_LAUNCH,
+    )  # fmt: skip
+    _window_outputs_kernel[((V // BV) * max_windows, H)](
+        q, k, v, o, window_k, window_v, window_states, slots, starts, cu_seqlens, first_window, B, rates, scale,
+        q.stride(0), q.stride(1), *k_strides, o.stride(0), o.stride(1), *buffer_strides,
+        K, V, BV, WINDOW, OUTPUT_ROWS, dot_precision(q), **WINDOWED_LAUNCH,
+    )  # fmt: skip
+    _window_buffer_kernel[(B, H)](
+        k, v, window_k, window_v, slots, starts, cu_seqlens, *k_strides, *buffer_strides, K, V, WINDOW
+    )
 
 
 class _AsServed(torch.autograd.Function):
