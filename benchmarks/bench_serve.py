@@ -130,10 +130,17 @@ def variant(
     return "".join(f"-{part}" for part in parts)
 
 
-def write_model_dir(model: str, directory: Path, engine: str = "vllm", config: dict | None = None) -> Path:
+def write_model_dir(
+    model: str, directory: Path, engine: str = "vllm", config: dict | None = None, max_len: int = 0
+) -> Path:
     """config.json: `config` (default: the released Ring-mini-linear config), or the twin's architecture (on
-    SGLang also its model type, with the config class SGLang loads as remote code beside it)."""
+    SGLang also its model type, with the config class SGLang loads as remote code beside it).
+
+    `max_position_embeddings` is raised to `max_len` where that is longer: the 128K workload (131,072 + 256
+    tokens) passes the released 131,072 by its output, and vLLM's own twin sizes its RoPE table by it (a
+    position past it is a device-side assert, not a refusal), while ours sizes it by `max_model_len`."""
     config = dict(config or model_config())
+    config["max_position_embeddings"] = max(config.get("max_position_embeddings", 0), max_len)
     directory.mkdir(parents=True, exist_ok=True)
     if model.startswith("softmax-twin"):
         config["architectures"] = ["BailingMoeV2ForCausalLM"]
@@ -490,14 +497,11 @@ def run(args: argparse.Namespace) -> None:
     routing = args.routing
     name_of_run = label(args.model, args.engine, variant(args.size, args.layers, args.quantization, routing))
     config = model_config(args.size, args.layers)
-    directory = write_model_dir(args.model, out / f"model-{name_of_run}", args.engine, config)
-    tokenizer = write_word_tokenizer(json.loads(RELEASED_CONFIG.read_text())["vocab_size"], out / "tokenizer")
     workloads = [WORKLOADS[name] for name in args.workloads]
     max_len = max(w.input_len + w.output_len for w in workloads)
-    # the longest workload (128K + 256) passes max_position_embeddings (128K) by its output: both engines refuse
-    # that unless told
-    long_context = {"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1", "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"}
-    env = os.environ | long_context | {"PYTHONUNBUFFERED": "1"}
+    directory = write_model_dir(args.model, out / f"model-{name_of_run}", args.engine, config, max_len)
+    tokenizer = write_word_tokenizer(json.loads(RELEASED_CONFIG.read_text())["vocab_size"], out / "tokenizer")
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
     log_path = out / f"server-{name_of_run}.log"
     probe = out / f"probe-{name_of_run}"
     server_environment = routing_env(server_env(args.model, env), routing)

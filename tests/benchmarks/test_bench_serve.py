@@ -52,6 +52,16 @@ def test_the_twin_is_the_same_config_on_vllms_native_architecture(tmp_path):
     }
 
 
+def test_the_configs_cover_the_longest_workload(tmp_path):
+    def positions(model: str, max_len: int) -> int:
+        directory = bench_serve.write_model_dir(model, tmp_path / f"{model}-{max_len}", max_len=max_len)
+        return json.loads((directory / "config.json").read_text())["max_position_embeddings"]
+
+    longest = max(w.input_len + w.output_len for w in bench_serve.WORKLOADS.values())
+    assert positions("ring-linear", longest) == positions("softmax-twin", longest) == longest > 131072
+    assert positions("softmax-twin", 4352) == 131072
+
+
 def test_prefix_caching_is_off_except_for_the_cached_twin():
     def command(model: str) -> list[str]:
         return bench_serve.serve_command(model, Path("m"), Path("t"), 8000, 4352)
