@@ -38,8 +38,8 @@ def warm_up_linear_attention(
     The prefill's output goes to `out` when given (the profiling forward's result), else it is dropped.
     `slot_dtype` is the engine's slot-index dtype (pointer types are part of a compiled variant). `aligned`: the
     engine serves in aligned mode, whose prefill (three passes, with their scratch) and decode are the window
-    form's kernels (`ops.linear_attn.windowed`), and nothing else is compiled. The default decode is compiled with and without flags (vLLM passes
-    them, SGLang does not)."""
+    form's kernels (`ops.linear_attn.windowed`), and nothing else is compiled. The default decode is compiled
+    with and without flags (vLLM passes them, SGLang does not)."""
     T, H, K = q.shape
     V = v.shape[-1]
     device = q.device
