@@ -12,7 +12,7 @@
 #
 # Steps:
 #   kernels      pytest -m gpu: the Triton kernels and the shim at real shapes            (~2 min)
-#   engine       pytest -m gpu: the vLLM engine tests on GPU 0 (tiny + Ring-mini dummy)   (~6 min)
+#   engine       pytest -m gpu: the vLLM engine tests on GPU 0 (tiny + Ring-mini dummy), vLLM's step kernels warmed (~6 min)
 #   flash        pytest -m gpu: Ring-flash FP8 dummy weights, a 32K prompt with CUDA graphs (RING_LINEAR_FLASH_LAYERS
 #                serves fewer layers) (not yet run; issue 17)
 #   faults       the vLLM engine under faults: preemption, aborts, chunk boundaries                (~6 min)
@@ -129,7 +129,7 @@ for step in "$@"; do
   case "$step" in
     kernels) run kernels 300 python3 -m pytest -q -m gpu tests/common_kernels ;;
     engine) run engine 540 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -m gpu tests/ring_linear_vllm/test_engine_gpu.py \
-      -k "not tensor_parallel and not ring_flash and not ($FAULTS)" ;;
+      tests/ring_linear_vllm/test_engine_warmup.py -k "not tensor_parallel and not ring_flash and not ($FAULTS)" ;;
     flash) run flash 570 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -m gpu tests/ring_linear_vllm/test_engine_gpu.py \
       -k ring_flash ;;
     faults) run faults 540 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -m gpu tests/ring_linear_vllm/test_engine_gpu.py \

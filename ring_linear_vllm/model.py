@@ -51,6 +51,7 @@ from common_kernels.serving import (
     warm_up_expert_tiers,
 )
 
+from . import engine_warmup
 from .compat import fused_moe, fused_moe_weight_paths
 from .engine_config import state_dtypes, state_shapes
 from .linear_attention import (
@@ -278,6 +279,7 @@ class RingLinearForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsPP):
             raise TypeError(f"ring-linear: expected a RingLinearConfig, got {type(config).__name__}")
         config.check_tensor_parallel(vllm_config.parallel_config.tensor_parallel_size)
         self.config, self.quant_config, self.aligned = config, vllm_config.quant_config, aligned_mode()
+        engine_warmup.install()  # vLLM's step kernels compiled for our cache layout at start-up, not on a request
         if self.aligned:  # the profiling forward (the first) compiles every expert tier a step can take
             warm_up_expert_tiers(vllm_config.scheduler_config.max_num_batched_tokens)
         self.model = RingLinearModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))

@@ -1,0 +1,58 @@
+"""vLLM's own step kernels, compiled at start-up for our cache layout instead of on the first request.
+
+vLLM 0.26 warms its KV-block zeroing kernel (`_zero_kv_blocks_kernel`) and its slot-mapping kernel
+(`_compute_slot_mapping_kernel`) for Qwen's hybrid models only (`qwen_triton_warmup`, gated by model type), and
+the latter at a fixed 16-token block. Ring-mini's softmax layers get 512-token blocks split into kernel blocks,
+which are compile-time constants of the slot-mapping kernel, so both kernels compiled while the first requests
+waited (vLLM's JIT monitor named them in every served run). `install()` wraps that hook so that, for our model
+type, it also launches both kernels on the runner's own block tables and zeroer: the same compile keys as
+serving, before any request. 0.33 warms the zeroer itself; the extra launches then hit its cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from common_kernels.config import RingLinearConfig
+
+# `_zero_kv_blocks_kernel` specialises its block count on == 1 and on divisibility by 16
+ZEROED_BLOCK_COUNTS = (1, 2, 16)
+
+
+def install() -> None:
+    """Wrap vLLM's model-type warm-up hook (idempotent; a release without it is left alone)."""
+    try:
+        from vllm.model_executor.warmup import kernel_warmup
+    except ImportError:
+        return
+    original = getattr(kernel_warmup, "qwen_triton_warmup", None)
+    if original is None or getattr(original, "ring_linear", False):
+        return
+
+    def qwen_triton_warmup(runner: Any, model_config: Any) -> None:
+        original(runner, model_config)
+        if getattr(getattr(model_config, "hf_config", None), "model_type", None) == RingLinearConfig.model_type:
+            warm_step_kernels(runner)
+
+    qwen_triton_warmup.ring_linear = True
+    kernel_warmup.qwen_triton_warmup = qwen_triton_warmup
+
+
+@torch.inference_mode()
+def warm_step_kernels(runner: Any) -> None:
+    """Launch the slot-mapping kernel once per KV-cache group and the zeroing kernel at each specialised block
+    count. Safe before serving: with no request scheduled the slot mapping only pads its own buffer, and the
+    zeroed blocks hold nothing yet (vLLM's Qwen warm-up zeroes the same way)."""
+    device = runner.device
+    block_tables = runner.input_batch.block_table
+    query_start_loc = torch.zeros(1, dtype=torch.int32, device=device)
+    positions = torch.zeros(0, dtype=torch.int64, device=device)
+    block_tables.compute_slot_mapping(0, query_start_loc, positions)
+    zeroer = getattr(runner, "kv_block_zeroer", None) or getattr(runner, "_kv_block_zeroer", None)
+    if zeroer is not None:
+        for count in ZEROED_BLOCK_COUNTS:
+            zeroer.zero_block_ids(list(range(min(count, runner.kv_cache_config.num_blocks))))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

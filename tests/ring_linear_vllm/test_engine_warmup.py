@@ -1,0 +1,100 @@
+"""vLLM's step kernels warmed at start-up for our model: the hook is wrapped once, reaches only our model type,
+and launches the real slot-mapping kernel on a block table laid out as Ring-mini's softmax layers are."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from common_kernels import RingLinearConfig  # noqa: E402
+from ring_linear_vllm import engine_warmup  # noqa: E402
+
+
+class RecordingZeroer:
+    def __init__(self) -> None:
+        self.calls: list[list[int]] = []
+
+    def zero_block_ids(self, block_ids: list[int]) -> None:
+        self.calls.append(block_ids)
+
+
+class RecordingBlockTables:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, list[int], int]] = []
+
+    def compute_slot_mapping(self, num_reqs: int, query_start_loc: torch.Tensor, positions: torch.Tensor) -> None:
+        self.calls.append((num_reqs, query_start_loc.tolist(), positions.numel()))
+
+
+def fake_runner(num_blocks: int = 1000) -> SimpleNamespace:
+    return SimpleNamespace(
+        device=torch.device("cpu"),
+        input_batch=SimpleNamespace(block_table=RecordingBlockTables()),
+        _kv_block_zeroer=RecordingZeroer(),
+        kv_cache_config=SimpleNamespace(num_blocks=num_blocks),
+    )
+
+
+def model_config(model_type: str) -> SimpleNamespace:
+    return SimpleNamespace(hf_config=SimpleNamespace(model_type=model_type))
+
+
+@pytest.fixture
+def hook(vllm_env, monkeypatch):
+    """vLLM's warm-up module with a recording stand-in for its Qwen hook, then ours installed over it."""
+    from vllm.model_executor.warmup import kernel_warmup
+
+    seen = []
+    monkeypatch.setattr(kernel_warmup, "qwen_triton_warmup", lambda runner, config: seen.append(config))
+    engine_warmup.install()
+    engine_warmup.install()  # idempotent: wrapped once
+    return kernel_warmup, seen
+
+
+def test_the_hook_is_wrapped_once_and_still_calls_vllms(hook):
+    kernel_warmup, seen = hook
+    wrapped = kernel_warmup.qwen_triton_warmup
+    assert wrapped.ring_linear
+    other = model_config("qwen3_next")
+    runner = fake_runner()
+    wrapped(runner, other)
+    assert seen == [other]
+    assert runner.input_batch.block_table.calls == [] and runner._kv_block_zeroer.calls == []
+
+
+def test_our_model_type_warms_the_slot_mapping_and_every_zeroing_specialisation(hook):
+    kernel_warmup, seen = hook
+    runner = fake_runner()
+    kernel_warmup.qwen_triton_warmup(runner, model_config(RingLinearConfig.model_type))
+    assert len(seen) == 1
+    assert runner.input_batch.block_table.calls == [(0, [0], 0)]
+    assert [len(ids) for ids in runner._kv_block_zeroer.calls] == [1, 2, 16]
+    small = fake_runner(num_blocks=4)
+    engine_warmup.warm_step_kernels(small)
+    assert all(max(ids) < 4 for ids in small._kv_block_zeroer.calls)
+
+
+@pytest.mark.gpu  # without a GPU vLLM swaps Triton for a placeholder, so its kernel cannot run here
+def test_the_slot_mapping_launch_pads_a_real_block_table(vllm_env):
+    """vLLM's own BlockTable at Ring-mini's softmax layout (512-token blocks, in 16-token kernel blocks where the
+    release splits them): the warm launch with no request runs the kernel and leaves only padding."""
+    import inspect
+
+    from vllm.v1.attention.backends.utils import PAD_SLOT_ID
+    from vllm.v1.worker.block_table import BlockTable
+
+    layout = {"block_size": 512, "max_num_reqs": 4, "max_num_blocks_per_req": 8, "max_num_batched_tokens": 64}
+    layout |= {"pin_memory": False, "device": torch.device("cuda"), "cp_kv_cache_interleave_size": 1}
+    if "kernel_block_size" in inspect.signature(BlockTable).parameters:  # 0.26; 0.33 sizes kernel blocks elsewhere
+        layout["kernel_block_size"] = 16
+    table = BlockTable(**layout)
+    table.slot_mapping.gpu.fill_(7)
+    tables = SimpleNamespace(compute_slot_mapping=table.compute_slot_mapping)
+    engine_warmup.warm_step_kernels(
+        SimpleNamespace(device=torch.device("cuda"), input_batch=SimpleNamespace(block_table=tables))
+    )
+    assert bool((table.slot_mapping.gpu == PAD_SLOT_ID).all())
