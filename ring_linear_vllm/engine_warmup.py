@@ -7,6 +7,11 @@ which are compile-time constants of the slot-mapping kernel, so both kernels com
 waited (vLLM's JIT monitor named them in every served run). `install()` wraps that hook so that, for our model
 type, it also launches both kernels on the runner's own block tables and zeroer: the same compile keys as
 serving, before any request. 0.33 warms the zeroer itself; the extra launches then hit its cache.
+
+It also runs one eager dummy step of the largest odd token count a step can take. vLLM's `fused_moe_kernel`
+specialises its token counts on divisibility by 16, which for top-8 routing is the count's parity; the profiling
+step (the token budget) and every CUDA-graph size are even, so the first odd mixed step above the largest graph
+compiled it live (vLLM's JIT monitor named it on default mode's first chat pass, run AA).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ def install() -> None:
         original(runner, model_config)
         if getattr(getattr(model_config, "hf_config", None), "model_type", None) == RingLinearConfig.model_type:
             warm_step_kernels(runner)
+            warm_odd_step(runner)
 
     qwen_triton_warmup.ring_linear = True
     kernel_warmup.qwen_triton_warmup = qwen_triton_warmup
@@ -56,3 +62,16 @@ def warm_step_kernels(runner: Any) -> None:
             zeroer.zero_block_ids(list(range(min(count, runner.kv_cache_config.num_blocks))))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def odd_step_size(max_num_tokens: int, graph_sizes: list[int]) -> int | None:
+    """The largest odd token count a step can take, where it runs outside the CUDA graphs (else None)."""
+    odd = max_num_tokens if max_num_tokens % 2 else max_num_tokens - 1
+    return odd if odd > max(graph_sizes, default=0) else None
+
+
+def warm_odd_step(runner: Any) -> None:
+    """One dummy step, as vLLM's own warm-up sizes run (`compile_or_warm_up_model`), before graph capture."""
+    size = odd_step_size(runner.max_num_tokens, runner.cudagraph_batch_sizes)
+    if size is not None:
+        runner._dummy_run(size, skip_eplb=True, remove_lora=False)

@@ -22,6 +22,14 @@ class RecordingZeroer:
         self.calls.append(block_ids)
 
 
+class RecordingSteps:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, dict]] = []
+
+    def __call__(self, num_tokens: int, **kwargs) -> None:
+        self.calls.append((num_tokens, kwargs))
+
+
 class RecordingBlockTables:
     def __init__(self) -> None:
         self.calls: list[tuple[int, list[int], int]] = []
@@ -33,6 +41,9 @@ class RecordingBlockTables:
 def fake_runner(num_blocks: int = 1000) -> SimpleNamespace:
     return SimpleNamespace(
         device=torch.device("cpu"),
+        max_num_tokens=8192,
+        cudagraph_batch_sizes=[1, 2, 4, 8, 16, 512],
+        _dummy_run=RecordingSteps(),
         input_batch=SimpleNamespace(block_table=RecordingBlockTables()),
         _kv_block_zeroer=RecordingZeroer(),
         kv_cache_config=SimpleNamespace(num_blocks=num_blocks),
@@ -64,6 +75,7 @@ def test_the_hook_is_wrapped_once_and_still_calls_vllms(hook):
     wrapped(runner, other)
     assert seen == [other]
     assert runner.input_batch.block_table.calls == [] and runner._kv_block_zeroer.calls == []
+    assert runner._dummy_run.calls == []
 
 
 def test_our_model_type_warms_the_slot_mapping_and_every_zeroing_specialisation(hook):
@@ -73,9 +85,17 @@ def test_our_model_type_warms_the_slot_mapping_and_every_zeroing_specialisation(
     assert len(seen) == 1
     assert runner.input_batch.block_table.calls == [(0, [0], 0)]
     assert [len(ids) for ids in runner._kv_block_zeroer.calls] == [1, 2, 16]
+    assert runner._dummy_run.calls == [(8191, {"skip_eplb": True, "remove_lora": False})]
     small = fake_runner(num_blocks=4)
     engine_warmup.warm_step_kernels(small)
     assert all(max(ids) < 4 for ids in small._kv_block_zeroer.calls)
+
+
+def test_the_odd_step_is_the_largest_odd_count_outside_the_graphs():
+    assert engine_warmup.odd_step_size(8192, [1, 2, 512]) == 8191
+    assert engine_warmup.odd_step_size(8191, [1, 2, 512]) == 8191
+    assert engine_warmup.odd_step_size(2048, []) == 2047  # eager: no graphs
+    assert engine_warmup.odd_step_size(512, [1, 2, 512]) is None  # every step fits a graph, padded to an even size
 
 
 @pytest.mark.gpu  # without a GPU vLLM swaps Triton for a placeholder, so its kernel cannot run here
