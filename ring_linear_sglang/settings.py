@@ -3,11 +3,20 @@ any worker starts, naming the valid choices (an SGLang per-architecture override
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 
-from common_kernels.serving import ALIGNED_MODE_SWITCH, aligned_mode, check_serving_settings, linear_state_dtype
+from common_kernels.serving import (
+    ALIGNED_MODE_SWITCH,
+    aligned_mode,
+    aligned_products_note,
+    check_serving_settings,
+    linear_state_dtype,
+)
+
+logger = logging.getLogger(__name__)
 
 # `no_buffer` restores a cached prefix's state from its slot before the suffix runs; `extra_buffer` needs
 # chunk-aligned state snapshots from the prefill kernel, which ours does not write yet
@@ -81,3 +90,4 @@ def check_aligned_settings(server_args: Any) -> None:
             f"ring-linear: {ALIGNED_MODE_SWITCH}=1 (aligned mode) on SGLang needs: {'; '.join(fixes)} (or unset "
             f"{ALIGNED_MODE_SWITCH})"
         )
+    logger.info(aligned_products_note())

@@ -12,10 +12,10 @@ from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from common_kernels.config import RingLinearConfig
-from common_kernels.ops import triton_settings
 from common_kernels.serving import (
     ALIGNED_MODE_SWITCH,
     aligned_mode,
+    aligned_products_note,
     check_serving_settings,
     linear_state_dtype,
     linear_state_shape,
@@ -179,14 +179,8 @@ def compile_without_inductor(vllm_config) -> None:
 
 
 def note_product_precision() -> None:
-    """Aligned mode's bits follow `RING_LINEAR_FP32_DOT` (the fp32 products of the window form and the softmax
-    attention): a trainer scoring under another setting gets close logprobs, not these bits, and nothing else says
-    so. The server names its setting once at start-up."""
-    logger.info(
-        "ring-linear: aligned mode multiplies fp32 operands as %s (RING_LINEAR_FP32_DOT); a trainer's "
-        "token_logprobs(aligned=True) gives these logprobs bit for bit only under the same setting",
-        triton_settings.FP32_DOT_PRECISION,
-    )
+    """Name aligned mode's fp32 product setting once at start-up (`aligned_products_note`)."""
+    logger.info(aligned_products_note())
 
 
 def note_attention_backend(vllm_config) -> None:

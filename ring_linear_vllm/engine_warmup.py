@@ -11,7 +11,8 @@ serving, before any request. 0.33 warms the zeroer itself; the extra launches th
 It also runs one eager dummy step of the largest odd token count a step can take. vLLM's `fused_moe_kernel`
 specialises its token counts on divisibility by 16, which for top-8 routing is the count's parity; the profiling
 step (the token budget) and every CUDA-graph size are even, so the first odd mixed step above the largest graph
-compiled it live (vLLM's JIT monitor named it on default mode's first chat pass, run AA).
+compiles it: the likely source of the live `fused_moe_kernel` compile vLLM's JIT monitor named on default mode's
+first chat pass (run AA).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from .projections import use_aligned_projections
 from .router import RouterGate
 from .state import linear_state_dtype, linear_state_shape, rank_decay_rates, window_buffer_shapes
 from .step import LinearAttentionStep, build_step
-from .switches import ALIGNED_MODE_SWITCH, aligned_mode, env_flag
+from .switches import ALIGNED_MODE_SWITCH, aligned_mode, aligned_products_note, env_flag
 from .warmup import warm_up_expert_tiers, warm_up_linear_attention
 from .weights import load_checkpoint_tensors, place_tensor
 
@@ -16,6 +16,7 @@ __all__ = [
     "LinearAttentionStep",
     "RouterGate",
     "aligned_mode",
+    "aligned_products_note",
     "build_step",
     "check_serving_settings",
     "env_flag",

@@ -23,3 +23,16 @@ def env_flag(name: str) -> bool:
 def aligned_mode() -> bool:
     """`RING_LINEAR_ALIGNED`: the engine's linear attention runs aligned (batch- and split-invariant)."""
     return env_flag(ALIGNED_MODE_SWITCH)
+
+
+def aligned_products_note() -> str:
+    """What an aligned server says once at start-up: its bits follow `RING_LINEAR_FP32_DOT` (the fp32 products of
+    the window form and the softmax attention), and a trainer scoring under another setting gets close logprobs,
+    not these bits, with nothing else to tell it so."""
+    from common_kernels.ops import triton_settings
+
+    return (
+        f"ring-linear: aligned mode multiplies fp32 operands as {triton_settings.FP32_DOT_PRECISION} "
+        "(RING_LINEAR_FP32_DOT); a trainer's token_logprobs(aligned=True) gives these logprobs bit for bit only "
+        "under the same setting"
+    )

@@ -183,10 +183,13 @@ def test_the_launcher_refuses_tp_3_before_any_worker_starts(sglang_registered, r
 
 
 def test_aligned_mode_needs_deterministic_inference_whole_prompts_and_one_rank(
-    sglang_registered, released_dir, monkeypatch
+    sglang_registered, released_dir, monkeypatch, caplog
 ):
+    import logging
+
     from sglang.srt.utils.hf_transformers.config import get_config
 
+    from common_kernels.ops import triton_settings
     from ring_linear_sglang.settings import check_server_args
 
     config = get_config(str(released_dir), trust_remote_code=False)
@@ -195,7 +198,11 @@ def test_aligned_mode_needs_deterministic_inference_whole_prompts_and_one_rank(
         "disable_prefill_cuda_graph": True, "moe_runner_backend": "auto",
     }  # fmt: skip
     monkeypatch.setenv("RING_LINEAR_ALIGNED", "1")
+    monkeypatch.setattr(triton_settings, "FP32_DOT_PRECISION", "tf32x3")
+    caplog.set_level(logging.INFO, logger="ring_linear_sglang.settings")
     assert check_server_args(_args(**aligned), config) == {}
+    # the launcher names the product setting its bits follow, as vLLM's server does
+    assert "multiplies fp32 operands as tf32x3 (RING_LINEAR_FP32_DOT)" in caplog.text
     with pytest.raises(ValueError, match="needs: add --enable-deterministic-inference; pass --chunked-prefill-size -1"):
         check_server_args(_args(chunked_prefill_size=8192), config)
     refusals = {
