@@ -363,6 +363,13 @@ def test_stopping_a_server_that_already_died_leaves_its_error_alone():
     dead = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
     dead.wait()
     bench_serve.stop_server(dead)  # raises ProcessLookupError without the guard
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    # it says when it runs, so its session (and process group) exists before the stop; a stop that raced the
+    # child's setsid() would find no group and leave it running
+    alive = subprocess.Popen(
+        [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, start_new_session=True, text=True,
+    )  # fmt: skip
+    assert alive.stdout.readline() == "up\n"
     bench_serve.stop_server(alive)
     assert alive.poll() is not None
+    alive.stdout.close()
