@@ -434,6 +434,7 @@ def stop_server(server: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGKILL)
+        server.wait()  # reaped: the caller sees it gone, not a zombie that still polls as running
 
 
 def memory_lines(log_text: str) -> list[str]:

@@ -363,12 +363,14 @@ def test_stopping_a_server_that_already_died_leaves_its_error_alone():
     dead = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
     dead.wait()
     bench_serve.stop_server(dead)  # raises ProcessLookupError without the guard
-    # it says when it runs, so its session (and process group) exists before the stop; a stop that raced the
-    # child's setsid() would find no group and leave it running
-    alive = subprocess.Popen(
-        [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, start_new_session=True, text=True,
-    )  # fmt: skip
+    # it says when it runs, so its session (and process group) exists before the stop (a stop that raced the
+    # child's setsid() would find no group); it takes SIGINT as a server does, even where this test runs with SIGINT
+    # ignored (a background job of a non-interactive shell), which a child would inherit
+    child = (
+        "import signal, time; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "print('up', flush=True); time.sleep(60)"
+    )
+    alive = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, start_new_session=True, text=True)
     assert alive.stdout.readline() == "up\n"
     bench_serve.stop_server(alive)
     assert alive.poll() is not None
