@@ -24,9 +24,10 @@
 #   aligned-probe  probe_aligned: where aligned mode's batch invariance breaks, first prompt / generated position
 #                per request (PROBE_ARGS, e.g. "--eager --dtype bfloat16")                            (~2 min)
 #   tp2          the tensor-parallel-2 engine test (needs 2 GPUs)                         (~4 min)
-#   bench        bench_linear_attn: prefill (bf16 and fp32), decode, backward, H16 and H8 (~5 min)
+#   bench        bench_linear_attn: prefill (bf16 and fp32), decode, backward, H16 and H8 (over 9 min: the H16 prefill
+#                and decode rows alone took 7; BENCH_ARGS, e.g. "--heads 8 --prefill 32K 128K", picks)
 #   sweep        sweep_linear_attn: launch settings, bf16 and fp32 prefill                 (~8 min)
-#   sweep-fp32   the same for the fp32 prefill alone, 4K, 16K and 32K (issue 11 item 4)   (untimed)
+#   sweep-fp32   the same for the fp32 prefill alone, 4K, 2 x 4K, 32K and 128K (issue 11 item 4)   (~4.5 min)
 #   e2e-prefill  bench_vllm_e2e: 4K and 16K prefill, ring-linear vs the softmax twin       (~6 min)
 #   example      examples/vllm_rollout_logprobs.py on the tiny trained checkpoint            (~1 min)
 #   serve-ring   bench_serve: `vllm serve` + `vllm bench serve`, ring-linear, every workload (~7 min)
@@ -145,7 +146,7 @@ for step in "$@"; do
     aligned-probe) run aligned-probe 240 env CUDA_VISIBLE_DEVICES=0 RING_LINEAR_ALIGNED=1 VLLM_BATCH_INVARIANT=1 \
       python3 -m benchmarks.probe_aligned "${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}" ${PROBE_ARGS:-} ;;
     tp2) run tp2 420 python3 -m pytest -q -s -m gpu tests/ring_linear_vllm/test_engine_gpu.py -k tensor_parallel ;;
-    bench) run bench 540 python3 -m benchmarks.bench_linear_attn --dtype bf16 fp32 --json "$out/bench.json" ;;
+    bench) run bench 580 python3 -m benchmarks.bench_linear_attn --dtype bf16 fp32 --json "$out/bench.json" ${BENCH_ARGS:-} ;;
     sweep) run sweep 540 python3 -m benchmarks.sweep_linear_attn ;;
     sweep-fp32) run sweep-fp32 540 python3 -m benchmarks.sweep_linear_attn --fp32 ;;
     e2e-prefill) run e2e-prefill 540 python3 -m benchmarks.bench_vllm_e2e --variants ring-linear softmax-twin \

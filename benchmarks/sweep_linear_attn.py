@@ -6,6 +6,7 @@ python -m benchmarks.sweep_linear_attn
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 
 import torch
@@ -13,21 +14,28 @@ import triton
 
 from common_kernels import decay_rates, preset_config
 from common_kernels.ops.linear_attn.decode import linear_attention_decode
-from common_kernels.ops.linear_attn.prefill import _segment_size, linear_attention_prefill
+from common_kernels.ops.linear_attn.prefill import CHUNK, _segment_size, linear_attention_prefill, target_programs
 from common_kernels.ops.triton_settings import sm_count
 
 from .bench_linear_attn import D, bench, fused_qkv, prefill_inputs
 
 
 def sweep_prefill(lengths: list[int], H: int, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Every launch setting on one prefill shape; prints the four fastest and where the shipped default stands.
+
+    fp32 runs the engines' layout (fp32 q/k, the GEMM's bf16 v) and keeps the plan's value tile (64), which the
+    engines build once per step for every layer: only the chunk, warps, stages and program count vary."""
     x, T = prefill_inputs(lengths, H, dtype=dtype), sum(lengths)
-    results = []
+    v = x.v.to(torch.bfloat16) if dtype == torch.float32 else x.v
+    results, launch = [], inspect.signature(linear_attention_prefill).parameters
+    default = (CHUNK, 64, launch["num_warps"].default, launch["num_stages"].default, target_programs(x.q.device))
     sms = sm_count(x.q.device)  # 2 (the default), 4 and 8 programs per SM
-    configs = itertools.product([32, 64], [32, 64, 128], [4, 8], [1, 2, 3], [n * sms for n in (2, 4, 8)])
+    tiles = [64] if dtype == torch.float32 else [32, 64, 128]
+    configs = itertools.product([32, 64], tiles, [4, 8], [1, 2, 3], [n * sms for n in (2, 4, 8)])
     for bt, bv, warps, stages, target in configs:
         seg = _segment_size(T, H, D // bv, bt, target)
         run = functools.partial(
-            linear_attention_prefill, x.q, x.k, x.v, x.rate, D**-0.5, x.cu, x.pool, x.slots, x.fresh, chunk_size=bt,
+            linear_attention_prefill, x.q, x.k, v, x.rate, D**-0.5, x.cu, x.pool, x.slots, x.fresh, chunk_size=bt,
             segment_size=seg, block_v=bv, num_warps=warps, num_stages=stages,
         )  # fmt: skip
         try:
@@ -35,11 +43,15 @@ def sweep_prefill(lengths: list[int], H: int, dtype: torch.dtype = torch.bfloat1
         except Exception as e:  # noqa: BLE001 - out of resources for this config
             print(f"  BT{bt} BV{bv} w{warps} s{stages} t{target}: {type(e).__name__}")
             continue
-        results.append((us, f"BT{bt} BV{bv} w{warps} s{stages} target{target} (SEG {seg})"))
+        shipped = (bt, bv, warps, stages, target) == default
+        results.append((us, f"BT{bt} BV{bv} w{warps} s{stages} target{target} (SEG {seg})" + " [default]" * shipped))
     results.sort()
+    rank = next((i for i, (_, cfg) in enumerate(results) if cfg.endswith("[default]")), None)
     print(
         f"prefill {len(lengths)}x{lengths[0]} (T={T}) H{H} {dtype}: "
         + " | ".join(f"{us:.1f}us {cfg}" for us, cfg in results[:4])
+        + ("" if rank is None else f" || default {results[rank][0]:.1f}us, rank {rank + 1} of {len(results)}"),
+        flush=True,
     )
 
 
@@ -67,7 +79,8 @@ def main(fp32_only: bool = False) -> None:
             sweep_decode(B, 16)
         for lengths, H in (([4096], 16), ([32768], 16), ([1024] * 32, 16), ([131072], 16), ([4096], 8)):
             sweep_prefill(lengths, H)
-    for lengths in ([4096], [16384]) + (([32768],) if fp32_only else ()):  # the engines' fp32 q/k (TF32 products)
+    fp32_shapes = ([4096], [4096] * 2, [32768], [131072]) if fp32_only else ([4096], [16384])
+    for lengths in fp32_shapes:  # the engines' fp32 q/k (TF32 products): a chat step's 4K and 2 x 4K, long input
         sweep_prefill(lengths, 16, torch.float32)
 
 
