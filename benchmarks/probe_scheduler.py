@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from benchmarks.scheduler_stand_in import build_scheduler, stand_in_output
+from common_kernels.presets import preset_json
 
 # Ring-mini's per-rank shapes: 16 query heads, 4 KV heads of 128 in the softmax layers; a 16 x 128 x 128 fp32 state
 # per linear layer. Which layers are which does not matter to the scheduler, only how many of each.
@@ -31,6 +32,9 @@ SOFTMAX_LAYERS = {"ring-linear": 4, "softmax-twin": 20}
 LINEAR_LAYERS = {"ring-linear": 16, "softmax-twin": 0}
 KV_HEADS, HEAD_DIM, LINEAR_HEADS = 4, 128, 16
 GIB = 1 << 30
+# the ring-linear layout runs on Ring-mini's own config (the plugin registered), so the plugin's scheduler changes
+# act as they do when served (`ring_linear_vllm.prefix_replay`)
+RING_MINI = "ring-mini-linear-2.0"
 
 
 def scheduler_for(layout: str, prefix_caching: bool, max_model_len: int, max_num_seqs: int, kv_memory_gib: float):
@@ -44,7 +48,8 @@ def scheduler_for(layout: str, prefix_caching: bool, max_model_len: int, max_num
     # vLLM's choice for Ring-mini: softmax blocks of 512 tokens, one page = one layer's 1 MiB state; the twin: 16
     block_size = 512 if hybrid else 16
     model_dir = Path(tempfile.mkdtemp(prefix="probe-scheduler-"))
-    (model_dir / "config.json").write_text(json.dumps(_stand_in_config(max_model_len)))
+    config = preset_json(RING_MINI, max_position_embeddings=max_model_len) if hybrid else twin_stand_in(max_model_len)
+    (model_dir / "config.json").write_text(json.dumps(config))
     model_config = ModelConfig(model=str(model_dir), max_model_len=max_model_len, skip_tokenizer_init=True)
     cache_config = CacheConfig(block_size=block_size, enable_prefix_caching=prefix_caching)
     if hybrid:
@@ -70,8 +75,8 @@ def scheduler_for(layout: str, prefix_caching: bool, max_model_len: int, max_num
     return build_scheduler(vllm_config, specs, int(kv_memory_gib * GIB))
 
 
-def _stand_in_config(max_model_len: int) -> dict:
-    """A tiny Llama's config: the scheduler reads only the model's length limits from it."""
+def twin_stand_in(max_model_len: int) -> dict:
+    """A tiny Llama's config for the twin's layout: the scheduler reads only the model's length limits from it."""
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
         "num_attention_heads": 4, "num_key_value_heads": 4, "num_hidden_layers": 2, "vocab_size": 157184,
@@ -155,6 +160,9 @@ def main() -> None:
         from ring_linear_vllm.testing import install_cpu_platform
 
         install_cpu_platform()
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()  # as every vLLM process does: our model type, and our scheduler changes
     max_model_len = args.input_len + args.output_len + 64
     scheduler, kv_cache_config, hash_block_size = scheduler_for(
         args.layout, args.prefix_caching, max_model_len, args.concurrency, args.kv_memory_gib

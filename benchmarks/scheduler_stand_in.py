@@ -36,7 +36,7 @@ def stand_in_output(scheduler, step, token: int):
     sampled = []
     for request_id in ids:
         request = scheduler.requests[request_id]
-        caught_up = request.num_computed_tokens + step.num_scheduled_tokens[request_id] >= request.num_tokens
+        caught_up = request.num_computed_tokens >= request.num_tokens  # schedule() already counted this step's tokens
         sampled.append([token] if caught_up else [])
     return ModelRunnerOutput(
         req_ids=ids, req_id_to_index={request_id: k for k, request_id in enumerate(ids)}, sampled_token_ids=sampled

@@ -17,8 +17,9 @@ __all__ = ["ARCHITECTURES", "MODEL_CLASS", "register"]
 
 
 def register() -> None:
-    """Register the config class, the architectures, the engine-config hook and our attention op as a graph
-    splitting point (before any config copies the list); safe to call repeatedly.
+    """Register the config class, the architectures, the engine-config hook, our attention op as a graph
+    splitting point (before any config copies the list) and the scheduler's replay-boundary stop; safe to call
+    repeatedly.
 
     Architectures vLLM already knows are left alone (vLLM's own plugin convention: never override).
     """
@@ -30,6 +31,7 @@ def register() -> None:
 
     from .compat import declare_splitting_op, models_config_map
     from .engine_config import RingLinearEngineConfig
+    from .prefix_replay import install as stop_prefills_at_replay_boundary
 
     if aligned_mode():  # one switch: vLLM's batch invariance comes with ours (`engine_config.check_batch_invariance`)
         os.environ.setdefault("VLLM_BATCH_INVARIANT", "1")
@@ -43,3 +45,4 @@ def register() -> None:
             ModelRegistry.register_model(arch, MODEL_CLASS)
         if getattr(ModelRegistry.models.get(arch), "module_name", None) == module:  # ours, not someone else's
             hooks.setdefault(arch, RingLinearEngineConfig)
+    stop_prefills_at_replay_boundary()  # the engine core's scheduler: a resent prompt of whole blocks hits

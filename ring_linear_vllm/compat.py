@@ -110,3 +110,14 @@ def check_kv_cache_write_width(config, tp_size: int) -> None:
         f"(reshape_and_cache_flash) never finishes below {MIN_KV_VALUES_PER_RANK}, so the engine would hang. "
         f"{fix} (only toy configs meet this; the released models have head_dim 128)"
     )
+
+
+def wrap_once(owner: Any, name: str, make_wrapper: Any) -> None:
+    """Replace `owner.name` by `make_wrapper(original)`, once: registration runs in every vLLM process, maybe more
+    than once, and a release without the attribute is left alone."""
+    original = getattr(owner, name, None)
+    if original is None or getattr(original, "ring_linear", False):
+        return
+    wrapper = make_wrapper(original)
+    wrapper.ring_linear = True
+    setattr(owner, name, wrapper)

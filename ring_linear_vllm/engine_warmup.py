@@ -23,6 +23,8 @@ import torch
 
 from common_kernels.config import RingLinearConfig
 
+from .compat import wrap_once
+
 # `_zero_kv_blocks_kernel` specialises its block count on == 1 and on divisibility by 16
 ZEROED_BLOCK_COUNTS = (1, 2, 16)
 
@@ -33,18 +35,17 @@ def install() -> None:
         from vllm.model_executor.warmup import kernel_warmup
     except ImportError:
         return
-    original = getattr(kernel_warmup, "qwen_triton_warmup", None)
-    if original is None or getattr(original, "ring_linear", False):
-        return
 
-    def qwen_triton_warmup(runner: Any, model_config: Any) -> None:
-        original(runner, model_config)
-        if getattr(getattr(model_config, "hf_config", None), "model_type", None) == RingLinearConfig.model_type:
-            warm_step_kernels(runner)
-            warm_odd_step(runner)
+    def make_wrapper(original: Any) -> Any:
+        def qwen_triton_warmup(runner: Any, model_config: Any) -> None:
+            original(runner, model_config)
+            if getattr(getattr(model_config, "hf_config", None), "model_type", None) == RingLinearConfig.model_type:
+                warm_step_kernels(runner)
+                warm_odd_step(runner)
 
-    qwen_triton_warmup.ring_linear = True
-    kernel_warmup.qwen_triton_warmup = qwen_triton_warmup
+        return qwen_triton_warmup
+
+    wrap_once(kernel_warmup, "qwen_triton_warmup", make_wrapper)
 
 
 @torch.inference_mode()
