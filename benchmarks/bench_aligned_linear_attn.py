@@ -14,8 +14,9 @@ also through the one-token kernel, `linear_attention_windowed_decode`, which ali
 V-tiles a program; ROWS output rows a block, 16 shipped: if 64-row blocks keep the bits, a prefill could take them
 while a decode keeps its 16).
 
-Timing: `triton.testing.do_bench` (median; each call includes its launch). Ratios are the default kernel's time over
-the aligned one's (below 1: aligned is slower).
+Timing: the median of CUDA-graph replays (`bench_linear_attn.bench`), so a call's host-side launches and allocations
+are not counted (before 2026-12-02 they were: `do_bench`); `eager` marks a call that cannot be captured. Ratios are
+the default kernel's time over the aligned one's (below 1: aligned is slower).
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ import argparse
 import sys
 
 import torch
-import triton
 
 from common_kernels.ops.linear_attn import aligned, windowed
 from common_kernels.ops.linear_attn.aligned import linear_attention_aligned, linear_attention_aligned_decode
 from common_kernels.ops.linear_attn.decode import linear_attention_decode
 from common_kernels.ops.linear_attn.prefill import linear_attention_prefill
 from common_kernels.ops.linear_attn.windowed import WINDOW, linear_attention_windowed, linear_attention_windowed_decode
+
+from .bench_linear_attn import bench as median_us
 
 HEADS, DIM = 16, 128
 DEVICE = "cuda"
@@ -170,14 +172,15 @@ def report(case: str, calls: dict) -> None:
     """Each call's time against the first's; a window-form launch's output also against the first window form's."""
     baseline = first_window = None
     for name, call in calls.items():
-        ms = triton.testing.do_bench(call, return_mode="median")
+        us, timing = median_us(call, graph=True)
+        ms = us / 1e3
         baseline = baseline or ms
         note = ""
         if name.startswith("aligned, windows"):
             out = call().clone()
             first_window = out if first_window is None else first_window
             note = f" bits = first window form's: {torch.equal(out, first_window)}"
-        print(f"| {case} | {name} | {ms:.3f} | {baseline / ms:.2f} |{note}", flush=True)
+        print(f"| {case} | {name} | {ms:.3f} | {baseline / ms:.2f} | {timing} |{note}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -192,8 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_aligned_linear_attn: needs a CUDA GPU")
     print(f"{torch.cuda.get_device_name()}; {HEADS} heads of {DIM}, fp32 q/k, bf16 v")
-    print("| case | kernel | ms | default / this |")
-    print("|---|---|---:|---:|")
+    print("| case | kernel | ms | default / this | timing |")
+    print("|---|---|---:|---:|---|")
     shipped = aligned.ALIGNED_BLOCK_V, aligned.ALIGNED_NUM_WARPS
     shipped_window = (
         windowed.WINDOWED_BLOCK_V, windowed.WINDOWED_LAUNCH, windowed.WINDOWED_DECODE_LAUNCH,
