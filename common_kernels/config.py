@@ -1,8 +1,9 @@
 """`RingLinearConfig`: the Hugging Face config of Ring-linear-2.0 (`model_type = "bailing_moe_linear"`).
 
 Every field of the released `config.json` is a keyword argument with the Ring-mini-linear-2.0 value as
-default. `validate()` is the only place fields are checked; it runs at construction and again whenever
-an engine has edited the config. Errors name the field, its value and the fix.
+default. `validate()` checks the fields; it runs at construction and again whenever an engine has edited the
+config. `check_field_kinds` checks their JSON types before transformers reads them (at construction and on
+`from_dict`). Errors name the field, its value and the fix.
 
 Written in the classic `__init__` style so the same class works on transformers 4.56 (which the model
 card pins) and on transformers 5.x (which vLLM >= 0.26 and SGLang >= 0.5.17 need). Transformers 5
@@ -11,14 +12,17 @@ folds `rope_theta` / `rope_scaling` into `rope_parameters`; `rope_settings()` re
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from transformers import PretrainedConfig
+from transformers.utils import logging
 
 from .errors import RingLinearError
 
+logger = logging.get_logger(__name__)
 DECAY_CONVENTIONS = ("engine", "hf")
 SUPPORTED_ROPE_KINDS = ("default", "yarn")
 SUPPORTED_SCORE_FUNCTIONS = ("sigmoid",)
@@ -45,17 +49,71 @@ _INTEGER_FIELDS = (
     "n_group", "topk_group", "first_k_dense_replace", "num_nextn_predict_layers", "max_position_embeddings",
 )  # fmt: skip
 _REAL_FIELDS = ("routed_scaling_factor", "partial_rotary_factor", "rope_theta", "rms_norm_eps", "initializer_range")
+# a quoted "false" is a non-empty string, which Python reads as true
+_BOOLEAN_FIELDS = (
+    "linear_silu", "moe_router_enable_expert_bias", "norm_topk_prob", "use_qk_norm", "use_bias", "use_qkv_bias",
+    "use_rmsnorm", "tie_word_embeddings", "use_cache",
+)  # fmt: skip
 FIELD_KINDS = (
     dict.fromkeys(_INTEGER_FIELDS, "an integer")
     | dict.fromkeys(_REAL_FIELDS, "a number")
+    | dict.fromkeys(_BOOLEAN_FIELDS, "true or false")
     | dict.fromkeys(("rope_scaling", "rope_parameters"), "an object")
 )
+# fields that change the model's arithmetic without changing a tensor shape: a config.json that leaves one out
+# gets Ring-mini's value, said in a warning (the released configs state them all)
+_MATH_FIELDS = (
+    "head_dim", "group_norm_size", "linear_silu", "n_group", "topk_group", "routed_scaling_factor", "norm_topk_prob",
+    "score_function", "moe_router_enable_expert_bias", "first_k_dense_replace", "use_qk_norm", "partial_rotary_factor",
+    "rms_norm_eps", "num_shared_experts",
+)  # fmt: skip
 
 
 def _has_kind(value: Any, kind: str) -> bool:
     if kind == "an object":
         return isinstance(value, dict)
+    if kind == "true or false":
+        return isinstance(value, bool)
     return is_integer(value) if kind == "an integer" else is_real(value)
+
+
+def check_field_kinds(fields: dict[str, Any]) -> None:
+    """Each field's JSON type, the rotary settings' keys and the weights' dtype, before transformers reads them
+    (where a quoted number or a malformed `rope_scaling` fails deep inside, or a quoted boolean passes as true)."""
+    for name, value in fields.items():
+        kind = FIELD_KINDS.get(name)
+        if kind is not None and value is not None and not _has_kind(value, kind):
+            raise RingLinearConfigError(f"RingLinearConfig.{name}={value!r}: must be {kind} (JSON, without quotes).")
+        if name in ("rope_scaling", "rope_parameters") and value:
+            _check_rope_fields(name, value)
+        if name in ("dtype", "torch_dtype") and value not in (None, "auto"):
+            dtype = getattr(torch, value, None) if isinstance(value, str) else value
+            if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+                raise RingLinearConfigError(
+                    f"RingLinearConfig.{name}={value!r}: must name a floating-point torch dtype, the checkpoint "
+                    'weights\' (e.g. "bfloat16").'
+                )
+
+
+def _check_rope_fields(name: str, rope: dict[str, Any]) -> None:
+    kind = rope.get("rope_type", rope.get("type", "default")) or "default"
+    _require(kind in SUPPORTED_ROPE_KINDS, name, rope, f"its type must be one of {SUPPORTED_ROPE_KINDS}")
+    for key, check, rule in (
+        ("factor", is_real, "a number >= 1"),
+        ("original_max_position_embeddings", is_integer, "a positive integer"),
+        ("rope_theta", is_real, "a positive number"),
+    ):
+        value = rope.get(key)
+        _require(value is None or (check(value) and value > 0), name, rope, f"'{key}' must be {rule}")
+    if kind == "yarn":
+        _require(
+            is_real(rope.get("factor")) and rope["factor"] >= 1 and rope.get("original_max_position_embeddings"),
+            name,
+            rope,
+            "YaRN needs 'factor' (>= 1) and 'original_max_position_embeddings' (131072 for the released models)",
+        )
+    else:
+        _require(rope.get("factor", 1.0) == 1.0, name, rope, '\'factor\' scales YaRN only: add "rope_type": "yarn"')
 
 
 ARCHITECTURES = (
@@ -146,6 +204,7 @@ class RingLinearConfig(PretrainedConfig):
         bos_token_id: int | None = None,
         **kwargs: Any,
     ) -> None:
+        check_field_kinds({name: value for name, value in locals().items() if name != "self"} | kwargs)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -280,22 +339,45 @@ class RingLinearConfig(PretrainedConfig):
                 f"model_type {model_type!r} is not a Ring-linear config (expected {cls.model_type!r}): "
                 "load this checkpoint with the class for its own model type"
             )
-        for name, value in config_dict.items():
-            kind = FIELD_KINDS.get(name)
-            if kind is not None and value is not None and not _has_kind(value, kind):
-                raise RingLinearConfigError(f"{name}={value!r}: must be {kind} (JSON, without quotes)")
+        check_field_kinds(config_dict)
         missing = [name for name in REQUIRED_FIELDS if name not in config_dict]
         if missing:
             raise RingLinearConfigError(
                 f"the config does not state {', '.join(missing)}: these fix the tensor shapes, so no default is "
                 "taken; add them to config.json (the released Ring-linear configs have them)"
             )
+        unread = sorted(name for name in set(config_dict) - cls._read_fields() if not name.startswith("_"))
+        if unread:
+            logger.warning(
+                "ring-linear: the config states fields Ring-linear-2.0 does not read: %s (a misspelt field leaves the "
+                "intended one at its default)",
+                ", ".join(unread),
+            )
+        defaulted = [name for name in _MATH_FIELDS if name not in config_dict]
+        if "rope_theta" not in config_dict and "rope_theta" not in (config_dict.get("rope_parameters") or {}):
+            defaulted.append("rope_theta")
+        if defaulted:
+            defaults = cls()
+            logger.warning(
+                "ring-linear: the config does not state %s; Ring-mini-linear-2.0's value is taken (%s): state them "
+                "in config.json if the checkpoint was trained otherwise",
+                ", ".join(defaulted),
+                ", ".join(f"{name}={getattr(defaults, name, None)!r}" for name in defaulted),
+            )
         return super().from_dict(config_dict, **kwargs)
+
+    @classmethod
+    def _read_fields(cls) -> set[str]:
+        """Fields a config.json may state: ours, transformers' own, and the metadata released configs carry."""
+        ours = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+        metadata = {"auto_map", "torch_dtype", "rope_parameters", "quantization_config"}
+        return ours | set(PretrainedConfig().to_dict()) | metadata
 
     # ----- validation -----------------------------------------------------------------------------
 
     def validate(self) -> None:
         """Raise `RingLinearConfigError` naming the first field this model cannot run with, and the fix."""
+        check_field_kinds({name: getattr(self, name, None) for name in FIELD_KINDS if name != "rope_parameters"})
         for name in (
             "vocab_size",
             "hidden_size",
@@ -379,6 +461,19 @@ class RingLinearConfig(PretrainedConfig):
             "must be >= 0",
         )
         self._validate_rope()
+        self._validate_token_ids()
+
+    def _validate_token_ids(self) -> None:
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name, None)
+            ids = value if isinstance(value, list) and name == "eos_token_id" else [value]
+            _require(
+                all(i is None or (is_integer(i) and 0 <= i < self.vocab_size) for i in ids),
+                name,
+                value,
+                f"must be null or a token id in [0, vocab_size={self.vocab_size})"
+                + (" (or a list of them)" if name == "eos_token_id" else ""),
+            )
 
     def _validate_moe(self) -> None:
         E, k = self.num_experts, self.num_experts_per_tok
@@ -390,6 +485,12 @@ class RingLinearConfig(PretrainedConfig):
                 "must be a positive integer",
             )
         _require(self.num_shared_experts >= 0, "num_shared_experts", self.num_shared_experts, "must be >= 0")
+        _require(
+            self.routed_scaling_factor > 0,
+            "routed_scaling_factor",
+            self.routed_scaling_factor,
+            "must be positive (it scales the routed experts' sum; 2.5 in the released models)",
+        )
         if self.num_shared_experts > 0:
             _require(
                 is_integer(self.moe_shared_expert_intermediate_size) and self.moe_shared_expert_intermediate_size > 0,

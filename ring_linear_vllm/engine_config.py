@@ -3,7 +3,9 @@ the linear state vLLM sizes its pool from (light: loaded in every process, befor
 
 from __future__ import annotations
 
+import math
 import os
+from typing import Any
 
 import torch
 import vllm
@@ -89,10 +91,12 @@ class RingLinearEngineConfig(VerifyAndUpdateConfig):
         if platforms.current_platform.is_cuda():  # read now: the platform is resolved lazily
             check_kv_cache_write_width(config, tp_size)
         state_dtypes(vllm_config.cache_config)  # an unsupported state dtype is refused now, not at the first step
+        check_context_parallel(vllm_config)
         if getattr(config, "head_dtype", None) is None:
             # an fp32 LM head, as trained (paper) and as the shim computes logprobs;
             # `--hf-overrides '{"head_dtype": "model"}'` restores vLLM's default
             config.head_dtype = "float32"
+        check_head_dtype(config.head_dtype)
         splitting_ops = vllm_config.compilation_config.splitting_ops
         if splitting_ops and splitting_op_name() not in splitting_ops:
             # the default list has it (register()); a user's own list must split there too, or a CUDA graph
@@ -106,6 +110,44 @@ class RingLinearEngineConfig(VerifyAndUpdateConfig):
             note_attention_backend(vllm_config)
             compile_without_inductor(vllm_config)
             note_product_precision()
+
+
+def check_context_parallel(vllm_config) -> None:
+    """vLLM's prefill context parallelism splits a prompt's tokens over ranks, which a recurrent state cannot
+    follow (vLLM refuses it for hybrid models only after loading the weights, with a bare assert)."""
+    size = getattr(vllm_config.parallel_config, "prefill_context_parallel_size", 1)
+    if size > 1:
+        raise ValueError(
+            f"ring-linear: prefill context parallelism cannot split the linear-attention state over ranks; drop "
+            f"--prefill-context-parallel-size {size}"
+        )
+
+
+def check_head_dtype(head_dtype: Any) -> None:
+    """The LM head's dtype (`--hf-overrides '{"head_dtype": ...}'`): "model" or a floating-point dtype name."""
+    dtype = getattr(torch, head_dtype, None) if isinstance(head_dtype, str) else None
+    if head_dtype != "model" and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(
+            f'ring-linear: head_dtype {head_dtype!r} (--hf-overrides) is not a dtype: use "model" (the model\'s '
+            'dtype) or "float32" (the default here, as the shim computes logprobs)'
+        )
+
+
+def min_block_tokens(vllm_config) -> int:
+    """A lower bound on the block vLLM picks in align mode: one block's KV must be as large as a layer's state page
+    (`Platform._align_hybrid_block_size` rounds it up further), so a prefill chunk ends on one only if the step's
+    token budget reaches it."""
+    config, cache_config = vllm_config.model_config.hf_config, vllm_config.cache_config
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    state_bytes = sum(
+        math.prod(shape) * dtype.itemsize
+        for shape, dtype in zip(state_shapes(config, tp), state_dtypes(cache_config), strict=True)
+    )
+    kv_itemsize = 1 if cache_config.cache_dtype.startswith("fp8") else vllm_config.model_config.dtype.itemsize
+    if cache_config.cache_dtype in ("bfloat16", "float16", "float32"):
+        kv_itemsize = getattr(torch, cache_config.cache_dtype).itemsize
+    kv_bytes_per_token = 2 * max(1, config.num_key_value_heads // tp) * config.head_dim * kv_itemsize
+    return -(-state_bytes // kv_bytes_per_token)
 
 
 def check_prefix_caching(vllm_config) -> None:
@@ -143,6 +185,16 @@ def check_prefix_caching(vllm_config) -> None:
             "ring-linear: --mamba-cache-mode all is not supported (it needs the state at every block, which the "
             "prefill does not write): use --mamba-cache-mode align"
         )
+    block, scheduler_config = min_block_tokens(vllm_config), vllm_config.scheduler_config
+    budgets = [("--max-num-batched-tokens", scheduler_config.max_num_batched_tokens)]
+    budgets.append(("--long-prefill-token-threshold", getattr(scheduler_config, "long_prefill_token_threshold", 0)))
+    for flag, tokens in budgets:
+        if 0 < tokens < block:
+            raise ValueError(
+                f"ring-linear: prefix caching caches the linear state at block ends, and this model's blocks hold at "
+                f"least {block} tokens (one layer's state page), more than {flag} {tokens}: raise it to {block} or "
+                "more, or pass --no-enable-prefix-caching"
+            )
 
 
 def check_aligned_layout(vllm_config) -> None:
@@ -155,12 +207,14 @@ def check_aligned_layout(vllm_config) -> None:
         (getattr(parallel, "enable_expert_parallel", False), "--enable-expert-parallel"),
         (vllm_config.model_config.quantization is not None, f"--quantization {vllm_config.model_config.quantization}"),
         (vllm_config.cache_config.cache_dtype != "auto", f"--kv-cache-dtype {vllm_config.cache_config.cache_dtype}"),
+        # vLLM's fused MoE shards the experts over data-parallel ranks too when expert parallelism is off
+        (parallel.data_parallel_size > 1, f"--data-parallel-size {parallel.data_parallel_size}"),
     ]
     for is_set, flag in refused:
         if is_set:
             raise ValueError(
                 f"ring-linear: {ALIGNED_MODE_SWITCH}=1 serves each layer unsharded and unquantized, as the trainer "
-                f"computes it: drop {flag}, or {ALIGNED_MODE_SWITCH}"
+                f"computes it: drop {flag}, or unset {ALIGNED_MODE_SWITCH}"
             )
 
 

@@ -20,17 +20,19 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from transformers.utils import CONFIG_NAME
+from transformers.utils import CONFIG_NAME, logging
 
 from ..config import RingLinearConfig, RingLinearConfigError
 from ..errors import RingLinearError
 
+logger = logging.get_logger(__name__)
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 TRAINING_STATE = "training_state.pt"  # a trainer's optimizer, schedule and step, saved with the weights
@@ -134,6 +136,12 @@ def checkpoint_files(path: str | os.PathLike) -> list[Path]:
                 f"{index}: not a safetensors index ({type(error).__name__}: {error}); it needs a "
                 '"weight_map" of tensor name -> file name: copy or save the checkpoint again'
             ) from None
+        outside = [name for name in names if Path(name).name != name or name in ("", ".", "..")]
+        if outside:
+            raise CheckpointError(
+                f"{index}: names {outside[0]!r} as a shard, which is not a file of this folder; a checkpoint's "
+                "shards sit beside its index: copy or save the checkpoint again"
+            )
         return [path / name for name in names]
     single = path / SAFE_WEIGHTS_NAME
     if single.is_file():
@@ -157,14 +165,39 @@ def _open_shard(file: Path) -> Iterator:
         ) from None
 
 
-def read_tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor in a checkpoint, read from the file headers only (no data)."""
-    shapes: dict[str, tuple[int, ...]] = {}
+@dataclass(frozen=True)
+class TensorHeader:
+    shape: tuple[int, ...]
+    dtype: str  # safetensors' name: F32, BF16, I32, BOOL, ...
+    file: Path
+
+
+def read_tensor_headers(path: str | os.PathLike) -> dict[str, TensorHeader]:
+    """Name -> shape, dtype and file of every tensor in a checkpoint, from the file headers only (no data); a
+    tensor stored in two shards is refused (which copy would load depends on the order they are read in)."""
+    headers: dict[str, TensorHeader] = {}
     for file in checkpoint_files(path):
         with _open_shard(file) as fh:
             for name in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
-                shapes[name] = tuple(fh.get_slice(name).get_shape())
-    return shapes
+                if name in headers:
+                    raise CheckpointError(
+                        f"{path}: tensor {name} is stored in both {headers[name].file.name} and {file.name}; keep "
+                        "one copy (save the checkpoint again)"
+                    )
+                piece = fh.get_slice(name)
+                headers[name] = TensorHeader(tuple(piece.get_shape()), piece.get_dtype(), file)
+    return headers
+
+
+def read_tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a checkpoint, read from the file headers only (no data)."""
+    return {name: header.shape for name, header in read_tensor_headers(path).items()}
+
+
+def _indexed_names(path: str | os.PathLike) -> list[str]:
+    """The tensor names a checkpoint's index lists (none without an index; `checkpoint_files` checked it)."""
+    index = Path(path) / SAFE_WEIGHTS_INDEX_NAME
+    return list(json.loads(index.read_text())["weight_map"]) if index.is_file() else []
 
 
 def check_checkpoint(config: RingLinearConfig, path: str | os.PathLike, report_all_errors: bool = True) -> None:
@@ -173,7 +206,8 @@ def check_checkpoint(config: RingLinearConfig, path: str | os.PathLike, report_a
     With `report_all_errors` every problem is listed (missing, unexpected, misshapen); otherwise the first.
     """
     expected = expected_tensor_shapes(config)
-    found = read_tensor_shapes(path)
+    headers = read_tensor_headers(path)
+    found = {name: header.shape for name, header in headers.items()}
     problems = [
         f"missing tensor {name} (expected shape {list(shape)})" for name, shape in expected.items() if name not in found
     ]
@@ -186,6 +220,16 @@ def check_checkpoint(config: RingLinearConfig, path: str | os.PathLike, report_a
         f"tensor {name} has shape {list(found[name])}, expected {list(shape)}"
         for name, shape in expected.items()
         if name in found and found[name] != shape
+    ]
+    problems += [  # an integer or boolean tensor would be cast into a weight (an int32 one as zeros, say)
+        f"tensor {name} has dtype {headers[name].dtype}, expected a floating-point one"
+        for name in expected
+        if name in headers and not headers[name].dtype.startswith(("F", "BF"))
+    ]
+    problems += [
+        f"tensor {name} is listed in {SAFE_WEIGHTS_INDEX_NAME} but stored in no shard"
+        for name in _indexed_names(path)
+        if name not in found
     ]
     if problems:
         shown = problems if report_all_errors else problems[:1]
@@ -206,7 +250,8 @@ def _named_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def load_weights(module: torch.nn.Module, path: str | os.PathLike) -> None:
     """Copy a checked checkpoint into `module`'s tensors, one shard and one tensor at a time.
 
-    Each tensor is converted to the dtype of its destination (the fp32 router bias stays fp32).
+    Each tensor is converted to the dtype of its destination (the fp32 router bias stays fp32). A tensor holding
+    NaN or infinity is refused by name: every logit would be NaN, and generation would silently emit token 0.
     """
     targets = _named_tensors(module)
     for file in checkpoint_files(path):
@@ -214,6 +259,11 @@ def load_weights(module: torch.nn.Module, path: str | os.PathLike) -> None:
             for name in fh.keys():  # noqa: SIM118
                 if name in targets:
                     targets[name].copy_(fh.get_tensor(name))
+                    if not torch.isfinite(targets[name]).all():
+                        raise CheckpointError(
+                            f"{file}: tensor {name} holds NaN or infinite values (a diverged training step?); "
+                            "load an earlier checkpoint"
+                        )
 
 
 def save_weights(
@@ -257,11 +307,13 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         path = path.resolve()
     keep = _files_to_keep(path)
     staging = _make_staging(path)
+    _name_leftovers(path, staging)
     try:
         yield staging
         for old in keep:
             if not (staging / old.name).exists():
                 _link_or_copy(old, staging / old.name)
+        _set_modes(staging, path)
         _fsync_tree(staging)
         _swap_into_place(staging, path)
         _fsync(path.parent)
@@ -285,6 +337,19 @@ def _files_to_keep(path: Path) -> list[Path]:
     return [entry for entry in entries if not _WRITTEN.match(entry.name)]
 
 
+def _name_leftovers(path: Path, staging: Path) -> None:
+    """Say where an earlier save was killed mid-write (its temporary folder stays: a process on another machine
+    may still be writing one, so none is removed here)."""
+    leftovers = sorted(p.name for p in path.parent.glob(f".{path.name}.saving-*") if p != staging)
+    if leftovers:
+        logger.warning(
+            "ring-linear: %s holds %s, left by an interrupted save of %s; delete them once no other save is running",
+            path.parent,
+            ", ".join(leftovers),
+            path.name,
+        )
+
+
 def check_writable(path: str | os.PathLike) -> None:
     """Raise `CheckpointError` now if a checkpoint could not be saved at `path` (before hours of work)."""
     path = Path(path)
@@ -301,6 +366,17 @@ def _make_staging(path: Path) -> Path:
         raise CheckpointError(f"{path}: a file stands where a folder of this path should be") from None
     except OSError as error:
         raise CheckpointError(f"{path}: cannot write beside it ({error.strerror})") from None
+
+
+def _set_modes(staging: Path, path: Path) -> None:
+    """The modes a plain write would give (the temporary folder is private, 0700): the folder keeps the previous
+    checkpoint's mode, else the umask's; the files the save wrote get the umask's (carried-over files keep theirs)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, path.stat().st_mode & 0o7777 if path.is_dir() else 0o777 & ~umask)
+    for file in staging.iterdir():
+        if _WRITTEN.match(file.name):
+            os.chmod(file, 0o666 & ~umask)
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -334,7 +410,12 @@ def _swap_into_place(staging: Path, path: Path) -> None:
         return
     backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.previous-", dir=path.parent))
     os.rename(path, backup / path.name)  # no atomic exchange here: the previous folder waits in `backup`
-    os.rename(staging, path)
+    try:
+        os.rename(staging, path)
+    except BaseException:
+        os.rename(backup / path.name, path)  # the previous checkpoint back in its place
+        backup.rmdir()
+        raise
     os.rename(backup / path.name, staging)
     backup.rmdir()
 

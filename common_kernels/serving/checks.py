@@ -16,7 +16,9 @@ def check_serving_settings(
     """Raise with the fix in the message: a TP size the heads or norm groups cannot split, speculative decoding
     (`speculative_flag`: the engine's option that turned it on), pipeline parallelism where the engine's
     adapter does not support it, disaggregated prefill (`kv_transfer_flag`: the engine's connector option),
-    whose KV transfer does not carry the linear-attention state."""
+    whose KV transfer does not carry the linear-attention state. The config is validated again first: an engine
+    applies its overrides (`--hf-overrides`, `--json-model-override-args`) after the config was built."""
+    config.validate()
     config.check_tensor_parallel(tp_size)
     if speculative_flag is not None:
         raise ValueError(

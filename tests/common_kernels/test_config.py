@@ -93,6 +93,24 @@ BAD_CONFIGS = [
     ({"linear_decay_convention": "mlx"}, "linear_decay_convention"),
     ({"num_attention_heads": 0}, "num_attention_heads"),
     ({"hidden_size": 2048.0}, "hidden_size"),
+    # a quoted boolean is a non-empty string: Python would read "false" as true
+    ({"linear_silu": "false"}, "linear_silu"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings"),
+    ({"partial_rotary_factor": "0.5"}, "partial_rotary_factor"),
+    ({"first_k_dense_replace": 1.5}, "first_k_dense_replace"),
+    ({"rope_scaling": "yarn"}, "rope_scaling"),
+    ({"rope_scaling": {"type": "yarn", "original_max_position_embeddings": 4096}}, "rope_scaling"),
+    ({"rope_scaling": {"type": "yarn", "factor": 2.0}}, "rope_scaling"),
+    ({"rope_scaling": {"type": "yarn", "factor": "abc", "original_max_position_embeddings": 4096}}, "rope_scaling"),
+    ({"rope_scaling": {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": "x"}}, "rope_scaling"),
+    ({"rope_scaling": {"factor": 4.0}}, "rope_scaling"),
+    ({"routed_scaling_factor": -1.0}, "routed_scaling_factor"),
+    ({"routed_scaling_factor": 0}, "routed_scaling_factor"),
+    ({"eos_token_id": "x"}, "eos_token_id"),
+    ({"eos_token_id": 157184}, "eos_token_id"),
+    ({"pad_token_id": -5}, "pad_token_id"),
+    ({"dtype": "int8"}, "dtype"),
+    ({"dtype": "float17"}, "dtype"),
 ]
 
 
@@ -115,6 +133,36 @@ def test_bad_released_config_fails_at_parse_time(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(RingLinearConfigError, match="topk_group"):
         AutoConfig.from_pretrained(tmp_path)
+
+
+def test_a_quoted_boolean_in_config_json_is_refused_by_name(tmp_path):
+    raw = json.loads(RELEASED.read_text()) | {"linear_silu": "false"}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(RingLinearConfigError, match=r"linear_silu='false': must be true or false"):
+        AutoConfig.from_pretrained(tmp_path)
+
+
+def test_a_config_json_without_a_math_field_says_which_value_it_takes(tmp_path, caplog):
+    raw = json.loads(RELEASED.read_text())
+    del raw["group_norm_size"], raw["rope_theta"]
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with caplog.at_level("WARNING"):
+        config = AutoConfig.from_pretrained(tmp_path)
+    assert config.group_norm_size == 4
+    assert "does not state group_norm_size, rope_theta" in caplog.text and "group_norm_size=4" in caplog.text
+    caplog.clear()
+    shutil.copy(RELEASED, tmp_path / "config.json")
+    with caplog.at_level("WARNING"):
+        AutoConfig.from_pretrained(tmp_path)
+    assert "does not state" not in caplog.text and "does not read" not in caplog.text  # the released config: none
+
+
+def test_a_misspelt_field_in_config_json_is_named(tmp_path, caplog):
+    raw = json.loads(RELEASED.read_text()) | {"partial_rotary_factr": 0.25}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with caplog.at_level("WARNING"):
+        AutoConfig.from_pretrained(tmp_path)
+    assert "fields Ring-linear-2.0 does not read: partial_rotary_factr" in caplog.text
 
 
 def test_tensor_parallel_sizes_must_split_heads_and_norm_groups():

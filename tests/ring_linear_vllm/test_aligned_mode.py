@@ -263,7 +263,13 @@ def test_aligned_mlp_layers_equal_the_shims_bit_for_bit(vllm_tools, tiny_dir, al
 
 
 @pytest.mark.parametrize(
-    "flag", [{"tensor_parallel_size": 2}, {"enable_expert_parallel": True}, {"kv_cache_dtype": "fp8"}]
+    "flag",
+    [
+        {"tensor_parallel_size": 2},
+        {"enable_expert_parallel": True},
+        {"kv_cache_dtype": "fp8"},
+        {"data_parallel_size": 2},
+    ],
 )
 def test_aligned_mode_refuses_sharded_experts_and_a_quantized_kv_cache(vllm_tools, tiny_dir, aligned_env, flag):
     with pytest.raises(ValueError, match="RING_LINEAR_ALIGNED=1 serves each layer unsharded and unquantized"):

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -126,13 +127,71 @@ def test_prefix_caching_runs_in_align_mode_with_the_state_cached_per_block(vllm_
     if not vllm.__version__.startswith("0.26."):
         pytest.skip("verified on vLLM 0.26 only: other versions keep it off (the next test)")
     monkeypatch.delenv("RING_LINEAR_ALIGNED", raising=False)
-    cfg = vllm_tools.engine_config(released_dir, dtype="bfloat16", enable_prefix_caching=True)
+    cfg = vllm_tools.engine_config(
+        released_dir, dtype="bfloat16", enable_prefix_caching=True, max_num_batched_tokens=512
+    )
     assert cfg.cache_config.enable_prefix_caching
     assert cfg.cache_config.mamba_cache_mode == "align"
     assert cfg.cache_config.mamba_block_size == cfg.cache_config.block_size
     assert not vllm_tools.engine_config(
         released_dir, dtype="bfloat16", enable_prefix_caching=False
     ).cache_config.enable_prefix_caching
+
+
+@pytest.mark.parametrize(
+    "settings, flag",
+    [
+        ({"max_num_batched_tokens": 256}, "--max-num-batched-tokens 256"),
+        ({"max_num_batched_tokens": 2048, "long_prefill_token_threshold": 256}, "--long-prefill-token-threshold 256"),
+    ],
+)
+def test_prefix_caching_refuses_a_token_budget_below_one_block(vllm_tools, released_dir, monkeypatch, settings, flag):
+    """vLLM picks 512-token blocks for Ring-mini only later, after the weights load, and then fails a bare assert."""
+    import vllm
+
+    if not vllm.__version__.startswith("0.26."):
+        pytest.skip("prefix caching is served on vLLM 0.26 only")
+    monkeypatch.delenv("RING_LINEAR_ALIGNED", raising=False)
+    with pytest.raises(ValueError, match=f"at least 512 tokens .*more than {flag}: raise it to 512"):
+        vllm_tools.engine_config(
+            released_dir, dtype="bfloat16", enable_prefix_caching=True, max_model_len=4096, **settings
+        )
+    # a bf16 state halves the page, and the bound with it
+    cfg = vllm_tools.engine_config(
+        released_dir, dtype="bfloat16", enable_prefix_caching=True, max_num_batched_tokens=256,
+        mamba_cache_dtype="bfloat16",
+    )  # fmt: skip
+    assert cfg.cache_config.enable_prefix_caching
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"layer_group_size": 0}, "layer_group_size"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
+    ],
+)
+def test_hf_overrides_are_validated_like_the_config_file(vllm_tools, released_dir, overrides, field):
+    """vLLM applies `--hf-overrides` after the config is built: a broken override is refused by name, not at model
+    build (or never: gelu and linear RoPE would have served other numerics)."""
+    with pytest.raises(ValueError, match=f"RingLinearConfig.{field}"):
+        vllm_tools.engine_config(released_dir, dtype="bfloat16", hf_overrides=overrides)
+
+
+def test_a_head_dtype_that_is_not_a_dtype_is_refused_by_name(vllm_tools, released_dir):
+    with pytest.raises(ValueError, match=r"head_dtype 'banana' \(--hf-overrides\) is not a dtype"):
+        vllm_tools.engine_config(released_dir, dtype="bfloat16", hf_overrides={"head_dtype": "banana"})
+    assert vllm_tools.engine_config(released_dir, dtype="bfloat16", hf_overrides={"head_dtype": "model"})
+
+
+def test_prefill_context_parallelism_is_refused_before_the_build(vllm_tools, released_dir):
+    from ring_linear_vllm.engine_config import check_context_parallel
+
+    with pytest.raises(ValueError, match="drop --prefill-context-parallel-size 2"):
+        check_context_parallel(SimpleNamespace(parallel_config=SimpleNamespace(prefill_context_parallel_size=2)))
+    check_context_parallel(SimpleNamespace(parallel_config=SimpleNamespace(prefill_context_parallel_size=1)))
 
 
 def test_prefix_caching_stays_off_with_a_warning_on_a_vllm_it_is_not_verified_on(
@@ -153,7 +212,9 @@ def test_the_retired_prefix_caching_switch_is_named_in_a_warning_and_changes_not
 
     monkeypatch.setattr(engine_config.vllm, "__version__", "0.26.0")  # where caching is served
     monkeypatch.setenv("RING_LINEAR_PREFIX_CACHING", "0")
-    cfg = vllm_tools.engine_config(released_dir, dtype="bfloat16", enable_prefix_caching=True)
+    cfg = vllm_tools.engine_config(
+        released_dir, dtype="bfloat16", enable_prefix_caching=True, max_num_batched_tokens=512
+    )
     assert cfg.cache_config.enable_prefix_caching
     assert "RING_LINEAR_PREFIX_CACHING is no longer read" in caplog.text
 

@@ -4,6 +4,7 @@ swap, an interrupted save, a user's own files kept, and the config and shard err
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -179,3 +180,112 @@ def test_a_link_to_a_checkpoint_folder_saves_into_the_folder(tmp_path):
     new.save_pretrained(tmp_path / "link")
     assert (tmp_path / "link").is_symlink() and _same_weights(RingLinearForCausalLM.from_pretrained(real), new)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "link"]
+
+
+def _rewrite_shard(shard, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(shard)
+    edit(tensors)
+    save_file(tensors, shard, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.complex64])
+def test_a_tensor_that_is_not_floating_point_is_named(tmp_path, dtype):
+    """An int32 weight would be cast into the model's dtype (integers in the checkpoint: zeros, or worse)."""
+    path = _saved(tmp_path)
+    shard = sorted(path.glob("model-*.safetensors"))[0]
+    name = {}
+
+    def to_dtype(tensors):
+        name["tensor"] = next(iter(tensors))
+        tensors[name["tensor"]] = tensors[name["tensor"]].to(dtype)
+
+    _rewrite_shard(shard, to_dtype)
+    with pytest.raises(CheckpointError, match=rf"tensor {name['tensor']} has dtype \w+, expected a floating-point"):
+        RingLinearForCausalLM.from_pretrained(path)
+
+
+def test_a_tensor_stored_in_two_shards_is_named(tmp_path):
+    path = _saved(tmp_path)
+    first, second = sorted(path.glob("model-*.safetensors"))[:2]
+    from safetensors.torch import load_file
+
+    name, tensor = next(iter(load_file(first).items()))
+    _rewrite_shard(second, lambda tensors: tensors.update({name: tensor + 1}))
+    with pytest.raises(CheckpointError, match=rf"tensor {name} is stored in both {first.name} and {second.name}"):
+        RingLinearForCausalLM.from_pretrained(path)
+
+
+def test_an_index_naming_a_tensor_no_shard_holds_or_a_shard_outside_the_folder_is_named(tmp_path):
+    path = _saved(tmp_path)
+    index_file = path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    shard = next(iter(index["weight_map"].values()))
+    index_file.write_text(json.dumps(index | {"weight_map": index["weight_map"] | {"model.ghost.weight": shard}}))
+    with pytest.raises(CheckpointError, match="tensor model.ghost.weight is listed in model.safetensors.index.json"):
+        RingLinearForCausalLM.from_pretrained(path)
+    (tmp_path / "outside.safetensors").write_bytes((path / shard).read_bytes())
+    moved = {name: "../outside.safetensors" if file == shard else file for name, file in index["weight_map"].items()}
+    index_file.write_text(json.dumps(index | {"weight_map": moved}))
+    with pytest.raises(CheckpointError, match=r"names '\.\./outside\.safetensors' as a shard, which is not a file"):
+        RingLinearForCausalLM.from_pretrained(path)
+
+
+def test_a_failed_swap_without_an_atomic_exchange_puts_the_previous_checkpoint_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint_module, "_exchange", lambda a, b: False)
+    path = tmp_path / "ckpt"
+    old = _model(0)
+    old.save_pretrained(path)
+    real_rename, calls = checkpoint_module.os.rename, []
+
+    def rename(source, target):
+        calls.append(target)
+        if len(calls) == 2:  # the new folder into place: the disk fails
+            raise OSError("I/O error")
+        real_rename(source, target)
+
+    monkeypatch.setattr(checkpoint_module.os, "rename", rename)
+    with pytest.raises(OSError, match="I/O error"):
+        _model(1).save_pretrained(path)
+    monkeypatch.undo()
+    assert _same_weights(RingLinearForCausalLM.from_pretrained(path), old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_saved_checkpoint_has_the_modes_a_plain_write_gives(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = tmp_path / "ckpt"
+        _model(0).save_pretrained(path)
+        assert path.stat().st_mode & 0o777 == 0o755
+        assert all(f.stat().st_mode & 0o777 == 0o644 for f in path.iterdir())
+        path.chmod(0o750)
+        _model(1).save_pretrained(path)  # a replaced checkpoint keeps its folder's mode
+        assert path.stat().st_mode & 0o777 == 0o750
+    finally:
+        os.umask(umask)
+
+
+def test_a_save_names_the_folders_an_interrupted_save_left(tmp_path, caplog):
+    path = tmp_path / "ckpt"
+    (tmp_path / ".ckpt.saving-abc123").mkdir()  # what a save killed mid-write leaves (SIGKILL runs no clean-up)
+    with caplog.at_level("WARNING"):
+        _model(0).save_pretrained(path)
+    assert "holds .ckpt.saving-abc123, left by an interrupted save of ckpt" in caplog.text
+    assert (tmp_path / ".ckpt.saving-abc123").is_dir()  # another machine may still be writing it: not removed
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_weight_holding_nan_or_infinity_is_named(tmp_path, value):
+    path = _saved(tmp_path)
+    shard = sorted(path.glob("model-*.safetensors"))[1]
+    name = {}
+
+    def poison(tensors):
+        name["tensor"] = next(n for n, t in tensors.items() if t.is_floating_point())
+        tensors[name["tensor"]].view(-1)[3] = value
+
+    _rewrite_shard(shard, poison)
+    with pytest.raises(CheckpointError, match=rf"tensor {name['tensor']} holds NaN or infinite values"):
+        RingLinearForCausalLM.from_pretrained(path)
