@@ -146,8 +146,8 @@ def prefill_rows(name, lengths, H, mods, copy_gbps, check, dtype=torch.bfloat16)
 
     runs["ours"] = (ours, True)
     if dtype == torch.float32:  # what the engines pass: fp32 q/k from the norm+RoPE launch, v the GEMM's bf16 view
-        v.copy_(v.to(torch.bfloat16))  # bf16 values in both rows: one reference for both
         v_engine = v.to(torch.bfloat16)
+        v.copy_(v_engine)  # bf16 values in both rows: one reference for both
 
         def ours_engine():
             return linear_attention_prefill(

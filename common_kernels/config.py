@@ -2,8 +2,8 @@
 
 Every field of the released `config.json` is a keyword argument with the Ring-mini-linear-2.0 value as
 default. `validate()` checks the fields; it runs at construction and again whenever an engine has edited the
-config. `check_field_kinds` checks their JSON types before transformers reads them (at construction and on
-`from_dict`). Errors name the field, its value and the fix.
+config. `check_field_kinds` checks their JSON types before transformers reads them (first thing at
+construction, which `from_dict` goes through too). Errors name the field, its value and the fix.
 
 Written in the classic `__init__` style so the same class works on transformers 4.56 (which the model
 card pins) and on transformers 5.x (which vLLM >= 0.26 and SGLang >= 0.5.17 need). Transformers 5
@@ -339,7 +339,6 @@ class RingLinearConfig(PretrainedConfig):
                 f"model_type {model_type!r} is not a Ring-linear config (expected {cls.model_type!r}): "
                 "load this checkpoint with the class for its own model type"
             )
-        check_field_kinds(config_dict)
         missing = [name for name in REQUIRED_FIELDS if name not in config_dict]
         if missing:
             raise RingLinearConfigError(
@@ -357,12 +356,12 @@ class RingLinearConfig(PretrainedConfig):
         if "rope_theta" not in config_dict and "rope_theta" not in (config_dict.get("rope_parameters") or {}):
             defaulted.append("rope_theta")
         if defaulted:
-            defaults = cls()
+            defaults = {name: param.default for name, param in inspect.signature(cls.__init__).parameters.items()}
             logger.warning(
                 "ring-linear: the config does not state %s; Ring-mini-linear-2.0's value is taken (%s): state them "
                 "in config.json if the checkpoint was trained otherwise",
                 ", ".join(defaulted),
-                ", ".join(f"{name}={getattr(defaults, name, None)!r}" for name in defaulted),
+                ", ".join(f"{name}={defaults[name]!r}" for name in defaulted),
             )
         return super().from_dict(config_dict, **kwargs)
 

@@ -12,6 +12,7 @@ import vllm
 from vllm import platforms
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
+from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
 
 from common_kernels.config import RingLinearConfig
 from common_kernels.serving import (
@@ -143,9 +144,7 @@ def min_block_tokens(vllm_config) -> int:
         math.prod(shape) * dtype.itemsize
         for shape, dtype in zip(state_shapes(config, tp), state_dtypes(cache_config), strict=True)
     )
-    kv_itemsize = 1 if cache_config.cache_dtype.startswith("fp8") else vllm_config.model_config.dtype.itemsize
-    if cache_config.cache_dtype in ("bfloat16", "float16", "float32"):
-        kv_itemsize = getattr(torch, cache_config.cache_dtype).itemsize
+    kv_itemsize = kv_cache_dtype_str_to_dtype(cache_config.cache_dtype, vllm_config.model_config).itemsize
     kv_bytes_per_token = 2 * max(1, config.num_key_value_heads // tp) * config.head_dim * kv_itemsize
     return -(-state_bytes // kv_bytes_per_token)
 

@@ -122,20 +122,30 @@ def is_ignored_tensor(name: str, config: RingLinearConfig) -> bool:
     return bool(match) and int(match.group(1)) in mtp_layers
 
 
+def _weight_map(path: Path) -> dict[str, str] | None:
+    """A checkpoint index's tensor name -> shard file name (None without an index)."""
+    index = path / SAFE_WEIGHTS_INDEX_NAME
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not all(isinstance(name, str) for name in weight_map.values()):
+            raise TypeError("a file name that is not a string")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(
+            f"{index}: not a safetensors index ({type(error).__name__}: {error}); it needs a "
+            '"weight_map" of tensor name -> file name: copy or save the checkpoint again'
+        ) from None
+    return weight_map
+
+
 def checkpoint_files(path: str | os.PathLike) -> list[Path]:
     """The safetensors files of a checkpoint directory, from its index when there is one."""
     path = Path(path)
-    index = path / SAFE_WEIGHTS_INDEX_NAME
-    if index.is_file():
-        try:
-            names = list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))
-            if not all(isinstance(name, str) for name in names):
-                raise TypeError("a file name that is not a string")
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
-            raise CheckpointError(
-                f"{index}: not a safetensors index ({type(error).__name__}: {error}); it needs a "
-                '"weight_map" of tensor name -> file name: copy or save the checkpoint again'
-            ) from None
+    weight_map = _weight_map(path)
+    if weight_map is not None:
+        index = path / SAFE_WEIGHTS_INDEX_NAME
+        names = list(dict.fromkeys(weight_map.values()))
         outside = [name for name in names if Path(name).name != name or name in ("", ".", "..")]
         if outside:
             raise CheckpointError(
@@ -194,12 +204,6 @@ def read_tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     return {name: header.shape for name, header in read_tensor_headers(path).items()}
 
 
-def _indexed_names(path: str | os.PathLike) -> list[str]:
-    """The tensor names a checkpoint's index lists (none without an index; `checkpoint_files` checked it)."""
-    index = Path(path) / SAFE_WEIGHTS_INDEX_NAME
-    return list(json.loads(index.read_text())["weight_map"]) if index.is_file() else []
-
-
 def check_checkpoint(config: RingLinearConfig, path: str | os.PathLike, report_all_errors: bool = True) -> None:
     """Raise `CheckpointError` unless the checkpoint holds exactly the tensors `config` needs.
 
@@ -228,7 +232,7 @@ def check_checkpoint(config: RingLinearConfig, path: str | os.PathLike, report_a
     ]
     problems += [
         f"tensor {name} is listed in {SAFE_WEIGHTS_INDEX_NAME} but stored in no shard"
-        for name in _indexed_names(path)
+        for name in _weight_map(Path(path)) or {}
         if name not in found
     ]
     if problems:
