@@ -17,7 +17,9 @@
 #                serves fewer layers) (not yet run; issue 17)
 #   faults       the vLLM engine under faults: preemption, aborts, chunk boundaries                (~6 min)
 #   decode-2000  the 2,000-step fp32 greedy decode against the shim (a fault test of its own call)      (~2 min)
-#   prefix       pytest -m gpu: vLLM prefix caching with the linear state, cache on vs off (PYTEST_K picks) (~8 min)
+#   prefix       pytest -m gpu: vLLM prefix caching with the linear state, cache on vs off (PYTEST_K picks): the tiny
+#                model's four tests take ~8.5 min and the Ring-mini one ~2 min, more than one device call allows:
+#                PYTEST_K="not ring_mini", then PYTEST_K=ring_mini in the next call
 #   aligned      pytest -m gpu: aligned mode, tiny model fp32 and bf16, chunked prefill and prefix caching on: a
 #                request's bits alone = in a batch of 64 = resent through the cache = the aligned shim's; an eager fp32 case (~5 min)
 #   aligned-mini the same on a random Ring-mini of one layer group (5 layers), bf16 (PYTEST_K picks; ~1.5 min a case)
@@ -178,9 +180,10 @@ for step in "$@"; do
       ${BATCH_DIFF_ARGS:---request 10} ;;
     sgl-diff) run sgl-diff 300 "${SGLANG_ENV[@]}" CUDA_VISIBLE_DEVICES=0 \
       python3 -m benchmarks.sglang_layer_diff "${RING_LINEAR_TINY_CHECKPOINT:-runs/tiny/trained}" --save "$out/sgl-diff.pt" ;;
-    profile)  # PROFILE_CASES picks, e.g. "ring-linear:4096x2 softmax-twin:decode" (default: all six)
-      for case in ${PROFILE_CASES:-ring-linear:4096 ring-linear:131072 ring-linear:decode softmax-twin:4096 \
-        softmax-twin:131072 softmax-twin:decode}; do
+    profile)  # PROFILE_CASES picks, e.g. "ring-linear:4096x2 softmax-twin:decode" (default: all six; "128K" is
+      # 131,000 tokens: the prompt and its sampled tokens must fit the released 131,072 positions)
+      for case in ${PROFILE_CASES:-ring-linear:4096 ring-linear:131000 ring-linear:decode softmax-twin:4096 \
+        softmax-twin:131000 softmax-twin:decode}; do
         variant=${case%%:*}; length=${case#*:}
         if [[ $length == decode ]]; then
           run "profile-$variant-decode" 240 python3 -m benchmarks.profile_vllm_prefill --variant "$variant" \

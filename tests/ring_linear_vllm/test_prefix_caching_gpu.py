@@ -68,6 +68,7 @@ def workloads(bs: int) -> dict[str, tuple[list[Wave], bool]]:
     """name -> (waves, whether caching must hit), sized from the block size `bs`."""
     rng = random.Random(21)
     same = prompts_of(22, [5 * bs + 7])[0]
+    whole = prompts_of(36, [6 * bs])[0]  # ends on a boundary: the replay stop keeps a state one block short
     turns = {"prompts": prompts_of(23, [3 * bs + 5, 2 * bs, 4 * bs + 1])}
 
     def next_turn(seed: int) -> Wave:  # each conversation so far + its last answer + a new user message
@@ -86,6 +87,7 @@ def workloads(bs: int) -> dict[str, tuple[list[Wave], bool]]:
 
     return {
         "the same prompt 9 times": ([fixed([same]), fixed([same] * 8)], True),
+        "a prompt of whole blocks, resent": ([fixed([whole]), fixed([whole] * 3)], True),
         "multi-turn, each turn extending the last": ([fixed(turns["prompts"]), next_turn(24), next_turn(25)], True),
         "a shared prefix ending mid-block": (shared_prefix(4 * bs + bs // 2, 30), False),
         "a shared prefix ending on a block boundary": (shared_prefix(4 * bs, 32), False),
@@ -166,20 +168,27 @@ def test_eviction_and_preemption_under_64_concurrent_requests(tiny_trained):
 
 def test_ring_mini_caches_the_state_per_512_token_block_with_cuda_graphs(tmp_path):
     """The released Ring-mini shapes (dummy weights, bf16, CUDA graphs): vLLM unifies the 1 MiB fp32 state page
-    with the GQA layers' KV pages into 512-token blocks, so a resent 2,000-token prompt resumes at 1,536."""
+    with the GQA layers' KV pages into 512-token blocks, so a resent 2,000-token prompt resumes at 1,536, and so
+    does a resent 2,048-token one (4 whole blocks: the replay stop kept its state at 1,536 on the first send)."""
     shutil.copy(RELEASED_CONFIG, tmp_path / "config.json")
     llm = make_llm(
         tmp_path, dtype="bfloat16", load_format="dummy", enable_prefix_caching=True, enforce_eager=False,
         max_model_len=4096, max_num_seqs=8, gpu_memory_utilization=0.6,
     )  # fmt: skip
     try:
-        prompt = [random.Random(29).randrange(1000, 150000) for _ in range(2000)]
-        first = generate(llm, [prompt], 16, logprobs=0)[0]
-        second = generate(llm, [prompt], 16, logprobs=0)[0]
+        rng = random.Random(29)
+        sends = {}
+        for length in (2000, 2048):
+            prompt = [rng.randrange(1000, 150000) for _ in range(length)]
+            sends[length] = [generate(llm, [prompt], 16, logprobs=0)[0] for _ in range(2)]
         bs = block_size(llm)
     finally:
         free(llm)
-    print(f"\nRing-mini block size {bs}; hits: first send {first.num_cached_tokens}, second {second.num_cached_tokens}")
+    print(f"\nRing-mini block size {bs}")
     assert bs == 512
-    assert (first.num_cached_tokens or 0) == 0 and second.num_cached_tokens == 1536
-    assert_finite_logprobs(second, 16)
+    for length, (first, second) in sends.items():
+        hits = (first.num_cached_tokens, second.num_cached_tokens)
+        print(f"  {length}-token prompt: hits on the first send {hits[0]}, second {hits[1]}")
+        assert (first.num_cached_tokens or 0) == 0, length
+        assert second.num_cached_tokens == 1536, length
+        assert_finite_logprobs(second, 16)
