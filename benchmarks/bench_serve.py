@@ -50,9 +50,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks import host_profile
 from common_kernels.serving import ALIGNED_MODE_SWITCH
 
 RELEASED_CONFIG = Path(__file__).parents[1] / "tests" / "data" / "ring-mini-linear-2.0.config.json"
@@ -530,7 +532,7 @@ def run(args: argparse.Namespace) -> None:
                         client.append("--output-details" if args.engine == "sglang" else "--save-detailed")
                     wall_start = time.time()
                     before = server_counters(args.port)
-                    with GpuMemorySampler() as memory:
+                    with GpuMemorySampler() as memory, host_recordings(args, out, name) as recordings:
                         subprocess.run(client, check=True, env=client_env(args.engine, env))
                     result = read_result(out / name, w)
                     done = pass_counters(before, server_counters(args.port))
@@ -550,6 +552,9 @@ def run(args: argparse.Namespace) -> None:
                     gaps = token_gaps(result)
                     if gaps:
                         print(f"  {gaps}", flush=True)
+                    for recording in recordings:
+                        for line in recording.describe(time.time() - wall_start):
+                            print(f"  py-spy: {line}", flush=True)
                     if args.probe:
                         wall_end = time.time()
                         time.sleep(2 * 2.0)  # the probe's samples past the pass's end are written
@@ -564,6 +569,21 @@ def run(args: argparse.Namespace) -> None:
         summary["live_compiles"] = live_compiles(log_path.read_text(errors="replace"))
         print(f"{name_of_run}: kernels compiled during inference: {summary['live_compiles'] or 'none'}")
     (out / f"summary-{name_of_run}.json").write_text(json.dumps(summary, indent=1))
+
+
+@contextlib.contextmanager
+def host_recordings(args: argparse.Namespace, out: Path, name: str) -> Iterator[list[host_profile.PySpyRecording]]:
+    """py-spy recordings of the engine's scheduler processes over one pass (`--py-spy`), else none."""
+    if not args.py_spy:
+        yield []
+        return
+    pids = host_profile.find_processes(host_profile.ENGINE_CORE_TITLES[args.engine])
+    if not pids:
+        print(f"  py-spy: no {host_profile.ENGINE_CORE_TITLES[args.engine]} process found: not recorded", flush=True)
+    stem = name.removesuffix(".json")
+    recordings = [host_profile.PySpyRecording(args.py_spy, pid, out / f"py-spy-{stem}-{pid}.txt") for pid in pids]
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(recording) for recording in recordings]
 
 
 def load_results(out: Path) -> dict[tuple[str, str, str], dict]:
@@ -661,6 +681,11 @@ def parser() -> argparse.ArgumentParser:
     )
     run_parser.add_argument(
         "--detailed", action="store_true", help="the client saves every token's time: print their distribution"
+    )
+    run_parser.add_argument(
+        "--py-spy",
+        metavar="PATH",
+        help="record the engine core with this py-spy binary during each pass and print where its host time goes",
     )
     run_parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(SPEED_WORKLOADS))
     run_parser.add_argument("--size", choices=SIZES, default="mini", help="Ring-mini or Ring-flash shapes")

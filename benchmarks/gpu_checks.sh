@@ -44,7 +44,10 @@
 #                device call; SERVE_PASSES=cold runs the cold pass alone; SERVE_SIZE=flash, SERVE_LAYERS=N and
 #                SERVE_QUANT=fp8 pick Ring-flash, its depth and FP8, for ring-linear and twin alike; issue 17;
 #                SERVE_PASSES="cold warm warm2" runs a third pass; SERVE_FLAGS="--probe --detailed" samples each server
-#                process's CPU, GC and memory per pass and prints the token-gap distribution: why a pass slows)
+#                process's CPU, GC and memory per pass and prints the token-gap distribution: why a pass slows;
+#                SERVE_FLAGS="--py-spy /tmp/site/bin/py-spy" records the engine core with py-spy per pass and prints
+#                where its host time goes: carry .whl with py-spy's wheel and `pip install --no-deps --target /tmp/site
+#                .whl/py_spy-*.whl` first)
 #   soak         bench_serve's soak: concurrency 128 for 5 minutes or more, failed requests and GPU memory    (~7 min)
 #   profile      compiled 4K and 128K prefill and 64 x 4K decode-step profiles, ring-linear and the twin (~9 min;
 #                PROFILE_DECODE_LENGTH=16384 decodes 64 x 16K contexts, as long reasoning does;
