@@ -314,6 +314,7 @@ class RingLinearForCausalLM(nn.Module):
             _check_token_ids(ids, self.config.vocab_size)
         if positions is None:
             positions = _default_positions(offsets, cache, source.device)
+        _check_context(positions, self.config.max_position_embeddings)
         if offsets[-1] == 0:  # nothing to run (empty input, or every row masked out)
             hidden = torch.zeros(0, self.config.hidden_size, dtype=self.dtype, device=source.device)
             return hidden, ids, offsets, restore
@@ -346,6 +347,12 @@ class RingLinearForCausalLM(nn.Module):
         _check_prompts(prompts, self.config.vocab_size)
         if not prompts:
             return []
+        longest, limit = max(len(p) for p in prompts), self.config.max_position_embeddings
+        if longest + max_new_tokens > limit:  # vLLM's rule for a prompt and its max_tokens
+            raise InvalidInputError(
+                f"max_new_tokens {max_new_tokens} with a {longest}-token prompt runs past the model's context "
+                f"(max_position_embeddings {limit} in config.json): ask for at most {max(limit - longest, 0)} tokens"
+            )
         stop = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
         cache = self.new_cache(len(prompts))
         ids = torch.tensor([t for p in prompts for t in p], device=self.device)
@@ -461,6 +468,17 @@ def _one_device(device_map) -> torch.device | str:
     if isinstance(device_map, dict):
         raise InvalidInputError("device_map: the shim runs on one device; pass a device such as 'cuda:0'")
     return device_map
+
+
+def _check_context(positions: torch.Tensor, limit: int) -> None:
+    """Positions the model was not built for are refused, as vLLM refuses a prompt longer than its context: RoPE would
+    rotate them anyway and the logprobs would be silently out of distribution."""
+    last = int(positions.max()) if positions.numel() else -1
+    if last >= limit:
+        raise InvalidInputError(
+            f"position {last} is past the model's context (max_position_embeddings {limit} in config.json): shorten "
+            "the sequence, or give a model extended for longer contexts (rope_scaling) a larger max_position_embeddings"
+        )
 
 
 def _check_offsets(offsets: list[int], total: int) -> None:

@@ -380,3 +380,27 @@ def test_aligned_token_logprobs_refuse_the_reference_kernels_naming_the_fix():
     model = tiny_model(dtype=torch.float32, use_triton=False)
     with pytest.raises(InvalidInputError, match=r"aligned=True runs the engine's Triton kernels: leave use_triton"):
         model.token_logprobs(torch.randint(3, 64, (10,)), cu_seqlens=[0, 4, 10], aligned=True)
+
+
+def test_positions_past_the_context_are_refused_as_vllm_refuses_them():
+    """A model built for 16 positions: 16 tokens run, a 17th position is refused by name, from every way in."""
+    from common_kernels import InvalidInputError
+
+    model = tiny_model(max_position_embeddings=16)
+    ids = torch.randint(3, 64, (17,))
+    model(ids[:16])
+    model(ids, cu_seqlens=[0, 9, 17])  # positions restart with each packed sequence
+    past = "position 16 is past the model's context \\(max_position_embeddings 16 in config.json\\)"
+    with pytest.raises(InvalidInputError, match=past):
+        model(ids)
+    with pytest.raises(InvalidInputError, match="position 20 is past"):
+        model(ids[:3], position_ids=torch.tensor([0, 1, 20]))
+    with pytest.raises(InvalidInputError, match=past):
+        model.token_logprobs(ids[None])
+    cache = model.new_cache(1)
+    model(ids[:16], cache=cache)
+    with pytest.raises(InvalidInputError, match=past):  # a cached sequence continuing past its context
+        model(ids[16:], cache=cache)
+    assert len(model.generate([ids[:10].tolist()], 6)[0]) == 6
+    with pytest.raises(InvalidInputError, match="max_new_tokens 7 with a 10-token prompt .* ask for at most 6"):
+        model.generate([ids[:10].tolist()], 7)
