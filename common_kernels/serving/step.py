@@ -123,7 +123,8 @@ def build_step(
     R = num_decodes + num_prefills
     query_lens = query_start_loc[1 : R + 1] - query_start_loc[:R]
     is_fresh = (seq_lens[:R] == query_lens).to(torch.int8)
-    positions = (seq_lens[:R] - query_lens).to(torch.int64)  # each request's tokens before this step
+    # each request's tokens before this step: aligned mode's only (every op here runs once per KV-cache group a step)
+    positions = (seq_lens[:R] - query_lens).to(torch.int64) if aligned else None
     step = LinearAttentionStep(num_decode_tokens, num_prefill_tokens, decode_slots=decode_slots, aligned=aligned)
     if decode_slots is not None:
         B = decode_slots.shape[0]
