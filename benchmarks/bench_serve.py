@@ -493,6 +493,8 @@ def label(model: str, engine: str, suffix: str = "") -> str:
 def run(args: argparse.Namespace) -> None:
     if answers(args.port):
         raise SystemExit(f"bench_serve: a server already answers on port {args.port}; stop it or pass --port")
+    if args.py_spy and not (os.path.isfile(args.py_spy) and os.access(args.py_spy, os.X_OK)):
+        raise SystemExit(f"bench_serve: --py-spy {args.py_spy} is not an executable file: give py-spy's path")
     # a time limit's SIGTERM must still stop the server (it runs in its own session, so it would outlive us)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     out = Path(args.out)
@@ -553,7 +555,7 @@ def run(args: argparse.Namespace) -> None:
                     if gaps:
                         print(f"  {gaps}", flush=True)
                     for recording in recordings:
-                        for line in recording.describe(time.time() - wall_start):
+                        for line in recording.describe():
                             print(f"  py-spy: {line}", flush=True)
                     if args.probe:
                         wall_end = time.time()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,23 +51,26 @@ class PySpyRecording:
     def __enter__(self) -> PySpyRecording:
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
+        self.seconds = 0.0
+        self._started = time.monotonic()
         return self
 
     def __exit__(self, *exc) -> None:
+        self.seconds = time.monotonic() - self._started
         self.process.send_signal(signal.SIGINT)
         try:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.process.kill()
 
-    def describe(self, seconds: float) -> list[str]:
+    def describe(self) -> list[str]:
         """`describe` of what was recorded, or why nothing was (py-spy's own words are in its log)."""
         if not self.output.exists():
             last = self.log.read_text(errors="replace").strip().splitlines()[-1:] if self.log.exists() else []
             return [
                 f"py-spy wrote nothing (exit {self.process.returncode}): {' '.join(last) or 'no output'}; {self.log}"
             ]
-        return describe(parse_raw(self.output.read_text(errors="replace")), seconds, self.rate_hz)
+        return describe(parse_raw(self.output.read_text(errors="replace")), self.seconds, self.rate_hz)
 
 
 @dataclass

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from benchmarks import host_profile
 
 LOOP = "MainThread;run_engine_core (core.py:10);run_busy_loop (core.py:20)"
@@ -65,7 +67,7 @@ def test_a_recording_is_stopped_with_sigint_so_it_writes(tmp_path):
         "try:\n"
         "    time.sleep(60)\n"
         "except KeyboardInterrupt:\n"
-        "    open(out, 'w').write('thread (1): MainThread;f (a.py:1) 3\\n')\n"
+        "    open(out, 'w').write('thread (1): MainThread;f (a.py:1) 1000\\n')\n"
     )
     stand_in.chmod(0o755)
     output = tmp_path / "stacks.txt"
@@ -73,8 +75,9 @@ def test_a_recording_is_stopped_with_sigint_so_it_writes(tmp_path):
     with host_profile.PySpyRecording(str(stand_in), os.getpid(), output) as recording:
         time.sleep(0.5)  # the stand-in's interpreter starts
     assert time.monotonic() - started < 30
-    assert recording.process.returncode == 0
-    assert host_profile.parse_raw(output.read_text())["MainThread"].samples == 3
+    assert recording.process.returncode == 0 and 0.5 <= recording.seconds < 30
+    assert recording.describe()[0].endswith(f"of {recording.seconds:.1f} s (1000 samples)")
+    assert host_profile.parse_raw(output.read_text())["MainThread"].samples == 1000
     assert Path(recording.log).exists()
 
 
@@ -84,7 +87,7 @@ def test_a_recording_that_wrote_nothing_says_so(tmp_path):
     stand_in.chmod(0o755)
     with host_profile.PySpyRecording(str(stand_in), os.getpid(), tmp_path / "stacks.txt") as recording:
         recording.process.wait(timeout=30)
-    (line,) = recording.describe(1.0)
+    (line,) = recording.describe()
     assert line.startswith("py-spy wrote nothing (exit 1): Error: Permission denied;")
 
 
@@ -98,3 +101,12 @@ def test_the_serving_benchmark_records_only_when_asked(tmp_path, capsys):
     with bench_serve.host_recordings(args, tmp_path, "x.json") as recordings:  # no engine runs here
         assert recordings == []
     assert "no EngineCore process found: not recorded" in capsys.readouterr().out
+
+
+def test_a_py_spy_path_that_is_not_a_program_is_refused_before_a_server_starts(tmp_path):
+    from benchmarks import bench_serve
+
+    argv = ["run", "--model", "ring-linear", "--out", str(tmp_path / "out"), "--py-spy", str(tmp_path / "missing")]
+    with pytest.raises(SystemExit, match="--py-spy .*missing is not an executable file"):
+        bench_serve.run(bench_serve.parser().parse_args(argv))
+    assert not (tmp_path / "out").exists()  # refused before anything was written or started
