@@ -18,8 +18,9 @@
 #   faults       the vLLM engine under faults: preemption, aborts, chunk boundaries                (~6 min)
 #   decode-2000  the 2,000-step fp32 greedy decode against the shim (a fault test of its own call)      (~2 min)
 #   prefix       pytest -m gpu: vLLM prefix caching with the linear state, cache on vs off (PYTEST_K picks): the tiny
-#                model's four tests take ~8.5 min and the Ring-mini one ~2 min, more than one device call allows:
-#                PYTEST_K="not ring_mini", then PYTEST_K=ring_mini in the next call
+#                model's block-grained tests take ~8.5 min, more than one device call allows with the rest:
+#                PYTEST_K="not ring_mini and not fine_grained", then PYTEST_K="ring_mini or fine_grained" (the
+#                --prefix-match-unit tests, ~1.5 min each, and Ring-mini's block test, ~2 min) in the next call
 #   aligned      pytest -m gpu: aligned mode, tiny model fp32 and bf16, chunked prefill and prefix caching on: a
 #                request's bits alone = in a batch of 64 = resent through the cache = the aligned shim's; an eager fp32 case (~5 min)
 #   aligned-mini the same on a random Ring-mini of one layer group (5 layers), bf16 (PYTEST_K picks; ~1.5 min a case)

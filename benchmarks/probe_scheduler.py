@@ -37,8 +37,16 @@ GIB = 1 << 30
 RING_MINI = "ring-mini-linear-2.0"
 
 
-def scheduler_for(layout: str, prefix_caching: bool, max_model_len: int, max_num_seqs: int, kv_memory_gib: float):
-    """vLLM's scheduler with the layout's KV-cache groups, built as the engine core builds it."""
+def scheduler_for(
+    layout: str,
+    prefix_caching: bool,
+    max_model_len: int,
+    max_num_seqs: int,
+    kv_memory_gib: float,
+    prefix_match_unit: int | None = None,
+):
+    """vLLM's scheduler with the layout's KV-cache groups, built as the engine core builds it (`prefix_match_unit`:
+    vLLM's `--prefix-match-unit`, hits finer than a block)."""
     import torch
     from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
     from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
@@ -52,6 +60,7 @@ def scheduler_for(layout: str, prefix_caching: bool, max_model_len: int, max_num
     (model_dir / "config.json").write_text(json.dumps(config))
     model_config = ModelConfig(model=str(model_dir), max_model_len=max_model_len, skip_tokenizer_init=True)
     cache_config = CacheConfig(block_size=block_size, enable_prefix_caching=prefix_caching)
+    cache_config.prefix_match_unit = prefix_match_unit
     if hybrid:
         cache_config.mamba_cache_mode = "align" if prefix_caching else "none"
         cache_config.mamba_block_size = block_size if prefix_caching else max_model_len
@@ -144,6 +153,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layout", choices=sorted(SOFTMAX_LAYERS), default="ring-linear")
     parser.add_argument("--prefix-caching", action="store_true")
+    parser.add_argument("--prefix-match-unit", type=int, help="vLLM's --prefix-match-unit: hits finer than a block")
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--input-len", type=int, default=4096)
@@ -165,7 +175,7 @@ def main() -> None:
     load_general_plugins()  # as every vLLM process does: our model type, and our scheduler changes
     max_model_len = args.input_len + args.output_len + 64
     scheduler, kv_cache_config, hash_block_size = scheduler_for(
-        args.layout, args.prefix_caching, max_model_len, args.concurrency, args.kv_memory_gib
+        args.layout, args.prefix_caching, max_model_len, args.concurrency, args.kv_memory_gib, args.prefix_match_unit
     )
     hasher = block_hasher(hash_block_size if args.prefix_caching else None)
     rng = random.Random(0)
@@ -173,7 +183,8 @@ def main() -> None:
     groups = [type(g.kv_cache_spec).__name__ for g in kv_cache_config.kv_cache_groups]
     print(
         f"{args.layout}: {len(groups)} KV-cache groups ({', '.join(groups)}), {kv_cache_config.num_blocks} blocks, "
-        f"prefix caching {'on' if args.prefix_caching else 'off'}; {args.prompts} prompts of {args.input_len} + "
+        f"prefix caching {'on' if args.prefix_caching else 'off'} (hits every {hash_block_size} tokens); "
+        f"{args.prompts} prompts of {args.input_len} + "
         f"{args.output_len} out, {args.concurrency} in flight\n"
     )
     print(

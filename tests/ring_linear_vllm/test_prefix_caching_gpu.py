@@ -138,6 +138,12 @@ def test_cache_hits_across_chunked_prefill_boundaries(tiny_trained, extra):
     assert total > 0
 
 
+def test_fine_grained_hits_give_the_tokens_and_logprobs_of_caching_off(tiny_trained):
+    """`--prefix-match-unit 4` inside the tiny model's 16-token blocks: hits resume from the state kept at the last
+    4-token boundary before a prompt's last token (`ring_linear_vllm.prefix_replay`), mid-block."""
+    assert compare_cached_with_uncached(tiny_trained, 24, prefix_match_unit=4) > 0
+
+
 def test_eviction_and_preemption_under_64_concurrent_requests(tiny_trained):
     """A pool too small for 64 requests: cached blocks are evicted and running requests preempted, and every
     request still gets the tokens of an unconstrained cache-off run."""
@@ -192,3 +198,26 @@ def test_ring_mini_caches_the_state_per_512_token_block_with_cuda_graphs(tmp_pat
         assert (first.num_cached_tokens or 0) == 0, length
         assert second.num_cached_tokens == 1536, length
         assert_finite_logprobs(second, 16)
+
+
+def test_ring_mini_fine_grained_hits_resume_inside_a_block_with_cuda_graphs(tmp_path):
+    """Ring-mini with `--prefix-match-unit 16`: a resent 2,048-token prompt resumes at 2,032 (not 1,536), and a turn
+    that extends a 2,000-token prompt resumes at 1,984."""
+    shutil.copy(RELEASED_CONFIG, tmp_path / "config.json")
+    llm = make_llm(
+        tmp_path, dtype="bfloat16", load_format="dummy", enable_prefix_caching=True, enforce_eager=False,
+        max_model_len=4096, max_num_seqs=8, gpu_memory_utilization=0.6, prefix_match_unit=16,
+    )  # fmt: skip
+    try:
+        rng = random.Random(30)
+        whole = [rng.randrange(1000, 150000) for _ in range(2048)]
+        resent = [generate(llm, [whole], 16, logprobs=0)[0] for _ in range(2)]
+        turn = [rng.randrange(1000, 150000) for _ in range(2000)]
+        first = generate(llm, [turn], 16, logprobs=0)[0]
+        extended = generate(llm, [turn + list(first.outputs[0].token_ids) + [1234] * 40], 16, logprobs=0)[0]
+    finally:
+        free(llm)
+    hits = [o.num_cached_tokens or 0 for o in (*resent, first, extended)]
+    print(f"\nRing-mini, 16-token hits: resend {hits[:2]}, turn and its extension {hits[2:]}")
+    assert hits == [0, 2032, 0, 1984]
+    assert_finite_logprobs(resent[1], 16)

@@ -33,6 +33,24 @@ def test_the_stop_is_the_last_block_boundary_before_the_last_token(start, n, num
     assert prefix_replay.replay_stop(start, n, num_tokens, BLOCK) == expected
 
 
+@pytest.mark.parametrize(
+    "start, n, num_tokens, expected",
+    [
+        (0, 4096, 4096, 3584),  # the block boundary comes first
+        (3584, 512, 4096, 496),  # then the last 16-token boundary before the last token: 4,080
+        (4080, 16, 4096, 16),
+        (3584, 416, 4000, 400),  # 3,984
+        (3584, 417, 4001, 416),  # 4,000, where vLLM's own tail stop cuts too
+        (0, 100, 4096, 100),  # no boundary inside the chunk
+    ],
+)
+def test_with_finer_hits_the_stop_is_also_the_last_hash_boundary_before_the_last_token(start, n, num_tokens, expected):
+    assert prefix_replay.replay_stop(start, n, num_tokens, BLOCK, hash_block_size=16) == expected
+    assert prefix_replay.replay_stop(start, n, num_tokens, BLOCK, hash_block_size=BLOCK) == min(
+        n, prefix_replay.replay_stop(start, n, num_tokens, BLOCK)
+    )
+
+
 @pytest.fixture
 def vllm_026(vllm_env):
     import vllm
@@ -80,6 +98,37 @@ def test_other_releases_are_left_alone(vllm_env):
     prefix_replay.install()
     wrapped = getattr(getattr(Scheduler, "_mamba_block_aligned_split", None), "ring_linear", False)
     assert wrapped == vllm.__version__.startswith(PREFIX_CACHING_VERIFIED_ON)
+
+
+def resend_hits(length: int, prefix_match_unit: int | None, ours: bool = True) -> list[int]:
+    """Prompt tokens each of 4 prompts of `length` hit on its first and on its second send, through vLLM's scheduler
+    and KV-cache manager on Ring-mini's cache layout (`ours=False`: the same scheduler with our marks taken off)."""
+    from benchmarks.probe_scheduler import block_hasher, run_pass, scheduler_for
+
+    scheduler, _, hash_block_size = scheduler_for("ring-linear", True, 4096 + 64, 4, 4, prefix_match_unit)
+    if not ours:
+        scheduler.vllm_config.model_config.hf_config.model_type = "qwen3_next"
+        for manager in scheduler.kv_cache_manager.coordinator.single_type_managers:
+            manager.ring_linear_replay_tail = False
+    hasher = block_hasher(hash_block_size)
+    prompts = [[3000 + i] * length for i in range(4)]
+    return [run_pass(scheduler, prompts, 4, 4, hasher, f"pass{p}")["hit_tokens"] // 4 for p in range(2)]
+
+
+@pytest.mark.parametrize(
+    "length, unit, expected",
+    [(4096, 16, 4080), (4000, 16, 3984), (4001, 16, 4000), (4096, 64, 4032), (4096, None, 3584)],
+)
+def test_with_finer_hits_a_resent_prompt_resumes_at_its_last_hash_boundary(vllm_026, length, unit, expected):
+    """`--prefix-match-unit`: vLLM keeps one state inside the prompt's last block, at `num_prompt_tokens // unit *
+    unit` (4,096 and 4,000 for themselves: their ends, which no resend can use); ours keeps it one token earlier."""
+    assert resend_hits(length, unit) == [0, expected]
+
+
+def test_other_models_keep_vllms_own_partial_tail(vllm_026):
+    # vLLM's tail at a prompt's end is no use to its resend: the hit falls back to the blocks a chunk ended on
+    assert resend_hits(4001, 16, ours=False) == [0, 4000]  # 4,000 is inside the prompt: vLLM's own tail serves
+    assert resend_hits(4096, 16, ours=False)[1] < 4080
 
 
 def test_a_resent_prompt_of_whole_blocks_hits_all_but_its_last_block(vllm_026):

@@ -219,6 +219,24 @@ def test_the_retired_prefix_caching_switch_is_named_in_a_warning_and_changes_not
     assert "RING_LINEAR_PREFIX_CACHING is no longer read" in caplog.text
 
 
+def test_hits_finer_than_a_block_are_served_with_a_warning_until_verified_on_a_gpu(
+    vllm_tools, released_dir, monkeypatch, caplog
+):
+    from vllm.config import CacheConfig
+
+    from ring_linear_vllm import engine_config
+
+    if "prefix_match_unit" not in CacheConfig.__dataclass_fields__:
+        pytest.skip("this vLLM has no --prefix-match-unit")
+    monkeypatch.setattr(engine_config.vllm, "__version__", "0.26.0")  # where caching is served
+    cfg = vllm_tools.engine_config(
+        released_dir, dtype="bfloat16", enable_prefix_caching=True, max_num_batched_tokens=512, prefix_match_unit=16
+    )
+    assert cfg.cache_config.enable_prefix_caching and cfg.cache_config.prefix_match_unit == 16
+    assert "--prefix-match-unit 16: hits inside a block resume" in caplog.text
+    assert "not yet verified exact on a GPU" in caplog.text
+
+
 def test_prefix_caching_refuses_the_all_mode_it_cannot_serve(vllm_tools, released_dir):
     import vllm
 
