@@ -60,7 +60,8 @@ def scheduler_for(
     (model_dir / "config.json").write_text(json.dumps(config))
     model_config = ModelConfig(model=str(model_dir), max_model_len=max_model_len, skip_tokenizer_init=True)
     cache_config = CacheConfig(block_size=block_size, enable_prefix_caching=prefix_caching)
-    cache_config.prefix_match_unit = prefix_match_unit
+    if prefix_match_unit is not None:  # a field vLLM 0.26 has; left alone otherwise
+        cache_config.prefix_match_unit = prefix_match_unit
     if hybrid:
         cache_config.mamba_cache_mode = "align" if prefix_caching else "none"
         cache_config.mamba_block_size = block_size if prefix_caching else max_model_len

@@ -87,8 +87,8 @@ def install() -> None:
                 return n
             start = request.num_computed_tokens + num_new_local_computed_tokens + num_external_computed_tokens
             n = replay_stop(start, n, request.num_tokens, self.cache_config.block_size)
-            if getattr(self, "mamba_partial_cache_hit", False):  # the partial tail's stop (see _ReplayTail)
-                n = replay_stop(start, n, request.num_prompt_tokens, self.cache_config.block_size, self.hash_block_size)
+            if getattr(self, "mamba_partial_cache_hit", False):  # the partial tail's stop alone (see _ReplayTail)
+                n = replay_stop(start, n, request.num_prompt_tokens, self.hash_block_size)
             return n
 
         return _mamba_block_aligned_split

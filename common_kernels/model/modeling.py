@@ -313,7 +313,7 @@ class RingLinearForCausalLM(nn.Module):
         if ids is not None:
             _check_token_ids(ids, self.config.vocab_size)
         if positions is None:
-            positions = _default_positions(offsets, cache, source.device)
+            positions = _default_positions(offsets, cache)  # on the host: checked below without a device sync
         _check_context(positions, self.config.max_position_embeddings)
         if offsets[-1] == 0:  # nothing to run (empty input, or every row masked out)
             hidden = torch.zeros(0, self.config.hidden_size, dtype=self.dtype, device=source.device)
@@ -486,12 +486,13 @@ def _check_offsets(offsets: list[int], total: int) -> None:
         raise ValueError(f"cu_seqlens {offsets} must start at 0, not decrease, and end at the token count {total}")
 
 
-def _default_positions(offsets: list[int], cache: RingLinearCache | None, device) -> torch.Tensor:
+def _default_positions(offsets: list[int], cache: RingLinearCache | None) -> torch.Tensor:
+    """Each sequence counting on from its cached length, on the host (the decoder takes them to the device)."""
     pieces = []
     for n, (a, b) in enumerate(zip(offsets[:-1], offsets[1:], strict=False)):
         start = 0 if cache is None else int(cache.seq_lens[n])
         pieces.append(torch.arange(start, start + b - a))
-    return torch.cat(pieces).to(device) if pieces else torch.zeros(0, dtype=torch.long, device=device)
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
 
 
 def _unpad(input_ids, inputs_embeds, position_ids, attention_mask):
