@@ -54,7 +54,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks import host_profile
+from benchmarks import host_profile, served_timeline
+from benchmarks.server_hooks import sync_watch
 from common_kernels.serving import ALIGNED_MODE_SWITCH
 
 RELEASED_CONFIG = Path(__file__).parents[1] / "tests" / "data" / "ring-mini-linear-2.0.config.json"
@@ -121,13 +122,18 @@ def model_config(size: str = "mini", layers: int | None = None) -> dict:
 
 
 def variant(
-    size: str = "mini", layers: int | None = None, quantization: str | None = None, routing: str = "spread"
+    size: str = "mini",
+    layers: int | None = None,
+    quantization: str | None = None,
+    routing: str = "spread",
+    prefix_match_unit: int | None = None,
 ) -> str:
     """The suffix that names a model variant in files and tables: '' for Ring-mini at full depth unquantized with
-    spread routing."""
+    spread routing and block-grained cache hits."""
     parts = [] if size == "mini" else [size]
     parts += [f"{layers}l"] if layers is not None else []
     parts += [quantization] if quantization else []
+    parts += [f"unit{prefix_match_unit}"] if prefix_match_unit is not None else []
     parts += ["dummy-routing"] if routing == "dummy" else []
     return "".join(f"-{part}" for part in parts)
 
@@ -180,8 +186,11 @@ def serve_command(
     max_model_len: int,
     engine: str = "vllm",
     quantization: str | None = None,
+    prefix_match_unit: int | None = None,
+    profile_dir: Path | None = None,
 ) -> list[str]:
-    """The engine's OpenAI server on dummy weights; prefix caching off unless the model name says cached."""
+    """The engine's OpenAI server on dummy weights; prefix caching off unless the model name says cached
+    (`prefix_match_unit`: vLLM's `--prefix-match-unit`, cache hits finer than a block, for cached vLLM servers)."""
     cached = model.endswith("-cached")
     quantize = ["--quantization", quantization] if quantization else []
     if engine == "sglang":
@@ -195,8 +204,24 @@ def serve_command(
     command = [*VLLM_CLI, "serve", str(directory), "--tokenizer", str(tokenizer), "--load-format", "dummy"]
     command += ["--port", str(port)]
     command += ["--max-model-len", str(max_model_len), "--gpu-memory-utilization", "0.9", *quantize]
+    if prefix_match_unit is not None:
+        command += ["--prefix-match-unit", str(prefix_match_unit)]
+    if profile_dir is not None:
+        command += ["--profiler-config", json.dumps(profiler_config(profile_dir))]
     # hybrid models get no prefix caching unless asked for (vLLM 0.26)
     return [*command, "--enable-prefix-caching"] if cached else [*command, "--no-enable-prefix-caching"]
+
+
+PROFILE_DELAY_STEPS, PROFILE_STEPS = 300, 50  # past a pass's admissions, into its steady decode
+
+
+def profiler_config(directory: Path) -> dict:
+    """vLLM's torch profiler on the engine's worker alone, `PROFILE_STEPS` steps from the `PROFILE_DELAY_STEPS`-th
+    after the client's start, without Python stacks (their cost would land on the host side being measured)."""
+    return {
+        "profiler": "torch", "torch_profiler_dir": str(directory.resolve()), "torch_profiler_with_stack": False,
+        "ignore_frontend": True, "delay_iterations": PROFILE_DELAY_STEPS, "max_iterations": PROFILE_STEPS,
+    }  # fmt: skip
 
 
 def server_env(model: str, env: dict[str, str]) -> dict[str, str]:
@@ -213,6 +238,11 @@ def hooks_env(env: dict[str, str], switches: dict[str, str]) -> dict[str, str]:
     if str(SERVER_HOOKS) not in path.split(os.pathsep):
         path = os.pathsep.join(filter(None, (str(SERVER_HOOKS), path)))
     return env | {"PYTHONPATH": path} | switches
+
+
+def sync_watch_env(env: dict[str, str], folder: Path) -> dict[str, str]:
+    """The server's environment with the sync watch on (`server_hooks/sync_watch.py`) writing into `folder`."""
+    return hooks_env(env, {"RING_LINEAR_SYNC_WATCH": str(folder)})
 
 
 def probe_env(env: dict[str, str], folder: Path) -> dict[str, str]:
@@ -495,12 +525,21 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit(f"bench_serve: a server already answers on port {args.port}; stop it or pass --port")
     if args.py_spy and not (os.path.isfile(args.py_spy) and os.access(args.py_spy, os.X_OK)):
         raise SystemExit(f"bench_serve: --py-spy {args.py_spy} is not an executable file: give py-spy's path")
+    if args.torch_profile and args.engine != "vllm":
+        raise SystemExit("bench_serve: --torch-profile reads vLLM's profiler traces: serve with --engine vllm")
+    if args.prefix_match_unit is not None and (args.engine != "vllm" or not args.model.endswith("-cached")):
+        raise SystemExit(
+            f"bench_serve: --prefix-match-unit is vLLM's prefix-caching flag; --model {args.model} --engine "
+            f"{args.engine} serves without it: pick a -cached model on vLLM"
+        )
     # a time limit's SIGTERM must still stop the server (it runs in its own session, so it would outlive us)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     routing = args.routing
-    name_of_run = label(args.model, args.engine, variant(args.size, args.layers, args.quantization, routing))
+    name_of_run = label(
+        args.model, args.engine, variant(args.size, args.layers, args.quantization, routing, args.prefix_match_unit)
+    )
     config = model_config(args.size, args.layers)
     workloads = [WORKLOADS[name] for name in args.workloads]
     max_len = max(w.input_len + w.output_len for w in workloads)
@@ -512,9 +551,15 @@ def run(args: argparse.Namespace) -> None:
     server_environment = routing_env(server_env(args.model, env), routing)
     if args.probe:
         server_environment = probe_env(server_environment, probe)
+    watch, profile_dir = out / f"sync-{name_of_run}", out / f"profile-{name_of_run}"
+    if args.sync_watch:
+        server_environment = sync_watch_env(server_environment, watch)
     with open(log_path, "w") as log:
         server = subprocess.Popen(
-            serve_command(args.model, directory, tokenizer, args.port, max_len, args.engine, args.quantization),
+            serve_command(
+                args.model, directory, tokenizer, args.port, max_len, args.engine, args.quantization,
+                args.prefix_match_unit, profile_dir if args.torch_profile else None,
+            ),
             stdout=log,
             stderr=subprocess.STDOUT,
             env=server_environment, start_new_session=True,
@@ -523,6 +568,9 @@ def run(args: argparse.Namespace) -> None:
         try:
             summary["startup_s"] = round(wait_ready(args.port, server, args.startup_timeout), 1)
             print(f"{name_of_run}: ready in {summary['startup_s']} s", flush=True)
+            if args.sync_watch:  # start-up's own waits are not counted
+                watch.mkdir(parents=True, exist_ok=True)
+                (watch / "on").touch()
             for pass_name in args.passes:
                 for w in workloads:
                     if pass_name != "cold" and not w.warm_pass:
@@ -532,6 +580,9 @@ def run(args: argparse.Namespace) -> None:
                     client = client_command(w, directory, tokenizer, args.port, out, name, args.engine)
                     if args.detailed:
                         client.append("--output-details" if args.engine == "sglang" else "--save-detailed")
+                    profiled = args.torch_profile and pass_name == args.passes[-1]
+                    if profiled:
+                        client.append("--profile")
                     wall_start = time.time()
                     before = server_counters(args.port)
                     with GpuMemorySampler() as memory, host_recordings(args, out, name) as recordings:
@@ -557,6 +608,14 @@ def run(args: argparse.Namespace) -> None:
                     for recording in recordings:
                         for line in recording.describe():
                             print(f"  py-spy: {line}", flush=True)
+                    if profiled:
+                        for trace in sorted(profile_dir.glob("*.pt.trace.json*")):
+                            for line in served_timeline.describe(trace):
+                                print(f"  timeline: {line}", flush=True)
+                    if args.sync_watch:
+                        time.sleep(2 * sync_watch.PERIOD_S)  # the counts past the pass's end are written
+                        for line in sync_watch.describe(str(watch)) or ["no call waited for the GPU"]:
+                            print(f"  host waits on the GPU, so far: {line}", flush=True)
                     if args.probe:
                         wall_end = time.time()
                         time.sleep(2 * 2.0)  # the probe's samples past the pass's end are written
@@ -685,6 +744,16 @@ def parser() -> argparse.ArgumentParser:
         "--detailed", action="store_true", help="the client saves every token's time: print their distribution"
     )
     run_parser.add_argument(
+        "--torch-profile",
+        action="store_true",
+        help=f"vLLM's torch profiler over {PROFILE_STEPS} steps of the last pass: GPU busy against host time per step",
+    )
+    run_parser.add_argument(
+        "--sync-watch",
+        action="store_true",
+        help="count the server's calls that wait for the GPU (torch's sync debug mode) from ready on, by stack",
+    )
+    run_parser.add_argument(
         "--py-spy",
         metavar="PATH",
         help="record the engine core with this py-spy binary during each pass and print where its host time goes",
@@ -693,6 +762,12 @@ def parser() -> argparse.ArgumentParser:
     run_parser.add_argument("--size", choices=SIZES, default="mini", help="Ring-mini or Ring-flash shapes")
     run_parser.add_argument("--layers", type=int, help="serve this many layers (a multiple of the layer group)")
     run_parser.add_argument("--quantization", choices=["fp8"], help="the engine's online quantization")
+    run_parser.add_argument(
+        "--prefix-match-unit",
+        type=int,
+        metavar="TOKENS",
+        help="vLLM's --prefix-match-unit for a -cached model: cache hits at this granularity inside a block",
+    )
     run_parser.add_argument(
         "--routing",
         choices=ROUTINGS,

@@ -48,7 +48,8 @@
 #                process's CPU, GC and memory per pass and prints the token-gap distribution: why a pass slows;
 #                SERVE_FLAGS="--py-spy /tmp/site/bin/py-spy" records the engine core with py-spy per pass and prints
 #                where its host time goes: carry .whl with py-spy's wheel and `pip install --no-deps --target /tmp/site
-#                .whl/py_spy-*.whl` first)
+#                .whl/py_spy-*.whl` first; SERVE_FLAGS=--sync-watch counts the server's calls that wait for the GPU, by
+#                stack, from ready on; SERVE_FLAGS="--prefix-match-unit 16" gives a cached server hits inside a block)
 #   soak         bench_serve's soak: concurrency 128 for 5 minutes or more, failed requests and GPU memory    (~7 min)
 #   profile      compiled 4K and 128K prefill and 64 x 4K decode-step profiles, ring-linear and the twin (~9 min;
 #                PROFILE_DECODE_LENGTH=16384 decodes 64 x 16K contexts, as long reasoning does;

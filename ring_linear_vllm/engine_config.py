@@ -184,16 +184,16 @@ def check_prefix_caching(vllm_config) -> None:
             "ring-linear: --mamba-cache-mode all is not supported (it needs the state at every block, which the "
             "prefill does not write): use --mamba-cache-mode align"
         )
+    block, scheduler_config = min_block_tokens(vllm_config), vllm_config.scheduler_config
     unit = getattr(cache_config, "prefix_match_unit", None)
-    if unit:  # ring_linear_vllm.prefix_replay moves vLLM's partial tail for our model
-        logger.warning(
-            "ring-linear: --prefix-match-unit %d: hits inside a block resume from the linear state kept at the last "
-            "%d-token boundary before each prompt's last token; this path is not yet verified exact on a GPU (block "
-            "hits are: drop the flag for them alone)",
+    if unit and unit < block:  # ring_linear_vllm.prefix_replay moves vLLM's partial tail for our model
+        logger.info(
+            "ring-linear: --prefix-match-unit %d: a hit inside a %d-token block resumes from the linear state kept at "
+            "the last %d-token boundary before the prompt's last token",
             unit,
+            block,
             unit,
         )
-    block, scheduler_config = min_block_tokens(vllm_config), vllm_config.scheduler_config
     budgets = [("--max-num-batched-tokens", scheduler_config.max_num_batched_tokens)]
     budgets.append(("--long-prefill-token-threshold", getattr(scheduler_config, "long_prefill_token_threshold", 0)))
     for flag, tokens in budgets:

@@ -10,3 +10,6 @@ if os.environ.get("RING_LINEAR_SPREAD_ROUTING") == "1":
     import spread_routing
 
     spread_routing.install()
+
+if os.environ.get("RING_LINEAR_SYNC_WATCH"):
+    import sync_watch  # noqa: F401  (counts the calls that wait for the GPU once bench_serve says the server is ready)

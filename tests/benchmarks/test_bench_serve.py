@@ -375,3 +375,22 @@ def test_stopping_a_server_that_already_died_leaves_its_error_alone():
     bench_serve.stop_server(alive)
     assert alive.poll() is not None
     alive.stdout.close()
+
+
+def test_a_prefix_match_unit_reaches_the_cached_vllm_server_and_names_its_runs():
+    command = bench_serve.serve_command("ring-linear-cached", Path("m"), Path("t"), 8000, 4352, prefix_match_unit=16)
+    assert command[command.index("--prefix-match-unit") + 1] == "16" and "--enable-prefix-caching" in command
+    assert "--prefix-match-unit" not in bench_serve.serve_command("ring-linear-cached", Path("m"), Path("t"), 1, 2)
+    suffix = bench_serve.variant(prefix_match_unit=16)
+    assert suffix == "-unit16"
+    assert ("ring-linear-cached-unit16", "softmax-twin-cached-unit16") in bench_serve.pairs(
+        {"ring-linear-cached" + suffix, "softmax-twin-cached" + suffix}
+    )
+
+
+@pytest.mark.parametrize("model, engine", [("ring-linear", "vllm"), ("ring-linear-cached", "sglang")])
+def test_a_prefix_match_unit_without_vllm_prefix_caching_is_refused_before_a_server_starts(tmp_path, model, engine):
+    argv = ["run", "--model", model, "--engine", engine, "--out", str(tmp_path / "out"), "--prefix-match-unit", "16"]
+    with pytest.raises(SystemExit, match=f"--prefix-match-unit is vLLM's prefix-caching flag; --model {model}"):
+        bench_serve.run(bench_serve.parser().parse_args(argv))
+    assert not (tmp_path / "out").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ RELEASED_CONFIG = Path(__file__).parents[1] / "data" / "ring-mini-linear-2.0.con
 
 FRESH_PROCESS_CHECK = """
 import json
+import logging
 from importlib.metadata import entry_points
 plugins = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
 from vllm.plugins import load_general_plugins
@@ -219,9 +221,9 @@ def test_the_retired_prefix_caching_switch_is_named_in_a_warning_and_changes_not
     assert "RING_LINEAR_PREFIX_CACHING is no longer read" in caplog.text
 
 
-def test_hits_finer_than_a_block_are_served_with_a_warning_until_verified_on_a_gpu(
-    vllm_tools, released_dir, monkeypatch, caplog
-):
+def test_hits_finer_than_a_block_are_served_and_say_where_they_resume(vllm_tools, released_dir, monkeypatch, caplog):
+    """Verified exact on the GPU (`test_prefix_caching_gpu.py`'s fine-grained tests): served with one info line, no
+    warning; a unit that is not finer than the block says nothing."""
     from vllm.config import CacheConfig
 
     from ring_linear_vllm import engine_config
@@ -229,12 +231,19 @@ def test_hits_finer_than_a_block_are_served_with_a_warning_until_verified_on_a_g
     if "prefix_match_unit" not in CacheConfig.__dataclass_fields__:
         pytest.skip("this vLLM has no --prefix-match-unit")
     monkeypatch.setattr(engine_config.vllm, "__version__", "0.26.0")  # where caching is served
+    caplog.set_level(logging.INFO, logger="ring_linear_vllm.engine_config")
     cfg = vllm_tools.engine_config(
         released_dir, dtype="bfloat16", enable_prefix_caching=True, max_num_batched_tokens=512, prefix_match_unit=16
     )
     assert cfg.cache_config.enable_prefix_caching and cfg.cache_config.prefix_match_unit == 16
-    assert "--prefix-match-unit 16: hits inside a block resume" in caplog.text
-    assert "not yet verified exact on a GPU" in caplog.text
+    said = [r for r in caplog.records if "--prefix-match-unit" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.INFO]
+    assert "--prefix-match-unit 16: a hit inside a 512-token block resumes" in said[0].getMessage()
+    caplog.clear()
+    vllm_tools.engine_config(
+        released_dir, dtype="bfloat16", enable_prefix_caching=True, max_num_batched_tokens=512, prefix_match_unit=512
+    )
+    assert "--prefix-match-unit" not in caplog.text
 
 
 def test_prefix_caching_refuses_the_all_mode_it_cannot_serve(vllm_tools, released_dir):
