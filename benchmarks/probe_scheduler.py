@@ -44,17 +44,22 @@ def scheduler_for(
     max_num_seqs: int,
     kv_memory_gib: float,
     prefix_match_unit: int | None = None,
+    stack: int = 1,
 ):
     """vLLM's scheduler with the layout's KV-cache groups, built as the engine core builds it (`prefix_match_unit`:
-    vLLM's `--prefix-match-unit`, hits finer than a block)."""
+    vLLM's `--prefix-match-unit`, hits finer than a block; `stack`: the linear layers' states stacked `stack` to a
+    cache entry, a layout the plugin does not serve: 16 linear layers as 16 / stack entries of `stack` states, so vLLM
+    makes fewer KV-cache groups of larger blocks; what that would save the host)."""
     import torch
     from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
     from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
     from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec
 
     hybrid = LINEAR_LAYERS[layout] > 0
+    if stack != 1 and (not hybrid or LINEAR_LAYERS[layout] % stack):
+        raise ValueError(f"--stack {stack} must divide {layout}'s {LINEAR_LAYERS[layout]} linear layers")
     # vLLM's choice for Ring-mini: softmax blocks of 512 tokens, one page = one layer's 1 MiB state; the twin: 16
-    block_size = 512 if hybrid else 16
+    block_size = 512 * stack if hybrid else 16
     model_dir = Path(tempfile.mkdtemp(prefix="probe-scheduler-"))
     config = preset_json(RING_MINI, max_position_embeddings=max_model_len) if hybrid else twin_stand_in(max_model_len)
     (model_dir / "config.json").write_text(json.dumps(config))
@@ -76,9 +81,10 @@ def scheduler_for(
         )
         for i in range(SOFTMAX_LAYERS[layout])
     }
-    for i in range(LINEAR_LAYERS[layout]):
+    for i in range(LINEAR_LAYERS[layout] // stack):
+        state = (LINEAR_HEADS, HEAD_DIM, HEAD_DIM) if stack == 1 else (stack, LINEAR_HEADS, HEAD_DIM, HEAD_DIM)
         specs[f"model.layers.{SOFTMAX_LAYERS[layout] + i}.linear_attention"] = MambaSpec(
-            block_size=cache_config.mamba_block_size, shapes=((LINEAR_HEADS, HEAD_DIM, HEAD_DIM),),
+            block_size=cache_config.mamba_block_size, shapes=(state,),
             dtypes=(torch.float32,), mamba_type=MambaAttentionBackendEnum.LINEAR,
             mamba_cache_mode=cache_config.mamba_cache_mode,
         )  # fmt: skip
@@ -155,6 +161,9 @@ def main() -> None:
     parser.add_argument("--layout", choices=sorted(SOFTMAX_LAYERS), default="ring-linear")
     parser.add_argument("--prefix-caching", action="store_true")
     parser.add_argument("--prefix-match-unit", type=int, help="vLLM's --prefix-match-unit: hits finer than a block")
+    parser.add_argument(
+        "--stack", type=int, default=1, help="stack the linear layers' states this many to a cache entry (not served)"
+    )
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--input-len", type=int, default=4096)
@@ -176,14 +185,21 @@ def main() -> None:
     load_general_plugins()  # as every vLLM process does: our model type, and our scheduler changes
     max_model_len = args.input_len + args.output_len + 64
     scheduler, kv_cache_config, hash_block_size = scheduler_for(
-        args.layout, args.prefix_caching, max_model_len, args.concurrency, args.kv_memory_gib, args.prefix_match_unit
+        args.layout,
+        args.prefix_caching,
+        max_model_len,
+        args.concurrency,
+        args.kv_memory_gib,
+        args.prefix_match_unit,
+        args.stack,
     )
     hasher = block_hasher(hash_block_size if args.prefix_caching else None)
     rng = random.Random(0)
     prompts = [[rng.randrange(1000, 150000) for _ in range(args.input_len)] for _ in range(args.prompts)]
     groups = [type(g.kv_cache_spec).__name__ for g in kv_cache_config.kv_cache_groups]
     print(
-        f"{args.layout}: {len(groups)} KV-cache groups ({', '.join(groups)}), {kv_cache_config.num_blocks} blocks, "
+        f"{args.layout}{f', linear states stacked {args.stack} to an entry' if args.stack > 1 else ''}: "
+        f"{len(groups)} KV-cache groups ({', '.join(groups)}), {kv_cache_config.num_blocks} blocks, "
         f"prefix caching {'on' if args.prefix_caching else 'off'} (hits every {hash_block_size} tokens); "
         f"{args.prompts} prompts of {args.input_len} + "
         f"{args.output_len} out, {args.concurrency} in flight\n"

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STEP = re.compile(r"^execute_context_(\d+)\((\d+)\)_generation_(\d+)\((\d+)\)")
+HOST_RANGE = "user_annotation"  # the profiler also spans each range on the GPU (`gpu_user_annotation`): not a step
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
@@ -48,7 +49,7 @@ def steps_of(events: list[dict]) -> list[Step]:
     steps = []
     for e in events:
         match = STEP.match(str(e.get("name", "")))
-        if match and e.get("ph") == "X":
+        if match and e.get("ph") == "X" and e.get("cat") == HOST_RANGE:
             _, prefill, decodes, _ = (int(g) for g in match.groups())
             steps.append(Step(float(e["ts"]), float(e.get("dur", 0.0)), prefill, decodes))
     steps.sort(key=lambda s: s.start_us)

@@ -23,6 +23,7 @@ def trace_events() -> list[dict]:
         step(10000, "execute_context_0(0)_generation_64(64)", 2000),
         step(20000, "execute_context_1(512)_generation_63(63)", 5000),
         step(30000, "execute_context_0(0)_generation_64(64)", 2000),
+        {**step(1000, "execute_context_0(0)_generation_64(64)", 4000), "cat": "gpu_user_annotation"},  # not a step
         gpu(1000, 2000, "moe"),
         gpu(2000, 2000, "moe"),
         gpu(4000, 1000, "copy", "gpu_memcpy"),  # union 4 ms

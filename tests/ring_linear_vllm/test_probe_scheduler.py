@@ -27,6 +27,17 @@ def test_each_layout_groups_its_caches_as_vllm_does_and_serves_every_request(vll
     assert not scheduler.requests  # every request finished and was freed
 
 
+def test_stacking_the_linear_states_four_to_an_entry_leaves_two_groups_of_larger_blocks(vllm_026):
+    """The layout `--stack 4` measures: 4 entries of 4 states beside the 4 softmax layers, one group of each."""
+    scheduler, kv_cache_config, _ = scheduler_for("ring-linear", False, 4096 + 64, 4, kv_memory_gib=4, stack=4)
+    groups = kv_cache_config.kv_cache_groups
+    assert [type(g.kv_cache_spec).__name__ for g in groups] == ["FullAttentionSpec", "MambaSpec"]
+    assert groups[0].kv_cache_spec.block_size == 2048 and len(groups[1].layer_names) == 4
+    assert run_pass(scheduler, [[7] * 3000] * 4, output_len=3, concurrency=4, hasher=None, tag="s")["steps"] >= 3
+    with pytest.raises(ValueError, match="--stack 3 must divide ring-linear's 16 linear layers"):
+        scheduler_for("ring-linear", False, 4096 + 64, 4, kv_memory_gib=4, stack=3)
+
+
 def test_with_prefix_caching_a_resent_prompt_hits_the_cache(vllm_026):
     scheduler, _, hash_block_size = scheduler_for("ring-linear", True, 2048 + 64, 4, kv_memory_gib=4)
     hasher = block_hasher(hash_block_size)
