@@ -46,7 +46,7 @@ class RingLinearMetadataBuilder(BailingLinearAttentionMetadataBuilder):
                 "persistent slot buffer (or hands it to other batches); a captured graph would read another step's "
                 "slots and flags. This vLLM version is not supported: report it with `vllm --version`"
             )
-        heads, _, head_dim_v = self.kv_cache_spec.shapes[0]
+        heads, _, head_dim_v = self.kv_cache_spec.shapes[0][-3:]  # an entry of stacked states leads with its rows
         step = build_step(
             common_attn_metadata.query_start_loc,
             common_attn_metadata.seq_lens,

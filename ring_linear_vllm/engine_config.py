@@ -32,15 +32,62 @@ RETIRED_PREFIX_CACHING_SWITCH = "RING_LINEAR_PREFIX_CACHING"
 # the vLLM minor version whose hybrid prefix caching passed our GPU tests (test_prefix_caching_gpu.py)
 PREFIX_CACHING_VERIFIED_ON = "0.26."
 BATCH_INVARIANT = "VLLM_BATCH_INVARIANT"  # vLLM's switch (`vllm.envs`)
+# opt-in (not yet verified on a GPU): the linear layers' states stacked several to a cache entry (`states_per_entry`)
+STACKED_STATES_SWITCH = "RING_LINEAR_STACKED_STATES"
 
 
-def state_shapes(config: RingLinearConfig, tp_size: int) -> tuple[tuple[int, int, int], ...]:
-    """vLLM's per-layer state tuple: the `[H/tp, d, d]` linear state (no conv state), and in aligned mode the window
-    buffer's keys and values (`serving.window_buffer_shapes`), each slot's tensors copied together."""
+def state_shapes(config: RingLinearConfig, tp_size: int, stack: int = 1) -> tuple[tuple[int, ...], ...]:
+    """vLLM's state tuple for one cache entry: the `[H/tp, d, d]` linear state (no conv state), and in aligned mode
+    the window buffer's keys and values (`serving.window_buffer_shapes`), each slot's tensors copied together; with
+    `states_per_entry` > 1 each shape gains a leading axis, one row per layer of the entry."""
     state = linear_state_shape(config, tp_size)
     shapes = (state, *window_buffer_shapes(config, tp_size)) if aligned_mode() else (state,)
     assert len(shapes) == state_tensor_count()
-    return shapes
+    return shapes if stack == 1 else tuple((stack, *shape) for shape in shapes)
+
+
+def states_per_entry(vllm_config) -> int:
+    """How many linear layers keep their states in one vLLM cache entry. vLLM makes one KV-cache group per
+    softmax-layer count of each layer kind and runs its scheduler bookkeeping and metadata building once per group
+    and step: Ring-mini's 16 linear layers, one entry each, make 4 groups beside the softmax layers' one, and a 4K
+    decode step waits on that host work (RESULTS.md runs AE, AF). Stacked as many to an entry as there are linear
+    layers per softmax layer (`STACKED_STATES_SWITCH`), they make one group, of blocks that many times larger. One
+    entry's layers must live on one pipeline rank, so pipeline parallelism keeps one state an entry; so does aligned
+    mode, whose window buffers have not been tested stacked."""
+    if os.environ.get(STACKED_STATES_SWITCH) != "1" or aligned_mode():
+        return 1
+    config = vllm_config.model_config.hf_config
+    linear, softmax = len(config.linear_layer_ids), len(config.softmax_layer_ids)
+    if vllm_config.parallel_config.pipeline_parallel_size > 1 or not softmax or linear % softmax:
+        return 1
+    return linear // softmax
+
+
+def note_stacked_states(vllm_config) -> None:
+    """One line on what `STACKED_STATES_SWITCH` did: it is opt-in until its GPU tests have run."""
+    if os.environ.get(STACKED_STATES_SWITCH) != "1":
+        return
+    stack = states_per_entry(vllm_config)
+    if stack == 1:
+        logger.warning(
+            "ring-linear: %s=1 is ignored: it needs pipeline parallelism 1, a whole number of linear layers per "
+            "softmax layer, and aligned mode off",
+            STACKED_STATES_SWITCH,
+        )
+        return
+    logger.warning(
+        "ring-linear: %s=1: the linear layers' states are stacked %d to a cache entry (fewer KV-cache groups, blocks "
+        "%d times larger); this layout is not yet verified on a GPU",
+        STACKED_STATES_SWITCH,
+        stack,
+        stack,
+    )
+
+
+def entry_state_shapes(vllm_config) -> tuple[tuple[int, ...], ...]:
+    """`state_shapes` of one cache entry for this engine (its TP size and `states_per_entry`)."""
+    config, tp = vllm_config.model_config.hf_config, vllm_config.parallel_config.tensor_parallel_size
+    return state_shapes(config, tp, states_per_entry(vllm_config))
 
 
 def state_tensor_count() -> int:
@@ -105,6 +152,7 @@ class RingLinearEngineConfig(VerifyAndUpdateConfig):
             splitting_ops.append(splitting_op_name())
             logger.warning("ring-linear: added %s to the given splitting_ops", splitting_op_name())
         check_prefix_caching(vllm_config)
+        note_stacked_states(vllm_config)
         check_batch_invariance()
         if aligned_mode():
             check_aligned_layout(vllm_config)
@@ -142,7 +190,7 @@ def min_block_tokens(vllm_config) -> int:
     tp = vllm_config.parallel_config.tensor_parallel_size
     state_bytes = sum(
         math.prod(shape) * dtype.itemsize
-        for shape, dtype in zip(state_shapes(config, tp), state_dtypes(cache_config), strict=True)
+        for shape, dtype in zip(entry_state_shapes(vllm_config), state_dtypes(cache_config), strict=True)
     )
     kv_itemsize = kv_cache_dtype_str_to_dtype(cache_config.cache_dtype, vllm_config.model_config).itemsize
     kv_bytes_per_token = 2 * max(1, config.num_key_value_heads // tp) * config.head_dim * kv_itemsize

@@ -27,7 +27,7 @@ from common_kernels.serving import aligned_mode, rank_decay_rates, use_aligned_p
 
 from .backend import RingLinearBackend, RingLinearMetadata
 from .compat import LINEAR_ATTENTION_OP, layer_metadata, register_splitting_op
-from .engine_config import state_dtypes, state_shapes, state_tensor_count
+from .engine_config import state_dtypes, state_shapes, state_tensor_count, states_per_entry
 
 
 def linear_state_copy_funcs() -> tuple:
@@ -82,6 +82,7 @@ class RingLinearAttention(nn.Module, MambaBase):
         self.scale = d**-0.5
         self.max_num_seqs = vllm_config.scheduler_config.max_num_seqs
         self.kv_cache: tuple[torch.Tensor, ...] = (torch.tensor([]),)
+        self.stack, self.entry_row, self.entry_owner = _cache_entry(config, vllm_config, layer_idx, prefix)
 
         static_forward_context = get_current_vllm_config().compilation_config.static_forward_context
         if prefix in static_forward_context:
@@ -94,8 +95,23 @@ class RingLinearAttention(nn.Module, MambaBase):
     def mamba_type(self) -> MambaAttentionBackendEnum:
         return MambaAttentionBackendEnum.LINEAR
 
-    def get_state_shape(self) -> tuple[tuple[int, int, int], ...]:
-        return state_shapes(self.config, self.tp_size)
+    def get_state_shape(self) -> tuple[tuple[int, ...], ...]:
+        return state_shapes(self.config, self.tp_size, self.stack)
+
+    def get_kv_cache_spec(self, vllm_config: VllmConfig):
+        """The entry's spec from its first layer; the entry's other layers keep no cache of their own (vLLM skips a
+        layer without a spec) and read their row of the first one's."""
+        return None if self.entry_row else super().get_kv_cache_spec(vllm_config)
+
+    def state_tensors(self) -> tuple[torch.Tensor, ...]:
+        """This layer's slot pool (and window buffers): its own cache, or its row of its entry's, a strided view the
+        kernels index by slot stride."""
+        if self.stack == 1:
+            return tuple(self.kv_cache)
+        from vllm.forward_context import get_forward_context
+
+        owner = get_forward_context().no_compile_layers[self.entry_owner]
+        return tuple(tensor[:, self.entry_row] for tensor in owner.kv_cache)
 
     def get_state_dtype(self) -> tuple[torch.dtype, ...]:
         return state_dtypes(self.cache_config)
@@ -126,14 +142,32 @@ class RingLinearAttention(nn.Module, MambaBase):
         """The state update, behind the splitting op: this step's rows of `out` from the slot pool. In a
         profiling run (no metadata, no pool yet) the kernels run on scratch state instead: that compiles them
         and puts the prefill's largest scratch in vLLM's memory profile."""
-        metadata: RingLinearMetadata | None = layer_metadata(self.prefix)
+        metadata: RingLinearMetadata | None = layer_metadata(self.entry_owner)  # the entry's group has it
         if metadata is None:
             warm_up_linear_attention(
                 q, k, v, self.decay_rate, self.scale, self.get_state_dtype()[0], self.max_num_seqs, out=out,
                 aligned=aligned_mode(),
             )  # fmt: skip
             return
-        metadata.step.run(q, k, v, out, self.decay_rate, self.scale, *self.kv_cache)  # the state (and windows)
+        metadata.step.run(q, k, v, out, self.decay_rate, self.scale, *self.state_tensors())  # state (and windows)
+
+
+def _cache_entry(
+    config: RingLinearConfig, vllm_config: VllmConfig, layer_idx: int, prefix: str
+) -> tuple[int, int, str]:
+    """(layers per entry, this layer's row in its entry, the prefix of the entry's first layer): consecutive linear
+    layers share an entry (`states_per_entry`)."""
+    stack = states_per_entry(vllm_config)
+    linear = config.linear_layer_ids
+    ordinal = linear.index(layer_idx)
+    row = ordinal % stack
+    owner = prefix
+    if row:
+        marker, owner_marker = f"layers.{layer_idx}.", f"layers.{linear[ordinal - row]}."
+        if marker not in prefix:
+            raise ValueError(f"ring-linear: cannot name the cache entry of layer {prefix!r} (no {marker!r} in it)")
+        owner = prefix.replace(marker, owner_marker, 1)
+    return stack, row, owner
 
 
 def norm_weight(norm: NormWeight | None) -> torch.Tensor | None:

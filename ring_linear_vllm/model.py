@@ -53,7 +53,7 @@ from common_kernels.serving import (
 
 from . import engine_warmup
 from .compat import fused_moe, fused_moe_weight_paths
-from .engine_config import state_dtypes, state_shapes
+from .engine_config import entry_state_shapes, state_dtypes
 from .linear_attention import (
     NormWeight,
     RingLinearAttention,
@@ -324,8 +324,8 @@ class RingLinearForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsPP):
     # ----- hybrid state, declared before the model exists -------------------------------------------------
 
     @classmethod
-    def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig) -> tuple[tuple[int, int, int]]:
-        return state_shapes(vllm_config.model_config.hf_config, vllm_config.parallel_config.tensor_parallel_size)
+    def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig) -> tuple[tuple[int, ...], ...]:
+        return entry_state_shapes(vllm_config)
 
     @classmethod
     def get_mamba_state_dtype_from_config(cls, vllm_config: VllmConfig) -> tuple[torch.dtype]:

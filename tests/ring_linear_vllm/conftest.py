@@ -160,13 +160,14 @@ def mixed_step_output(model_dir, layer_ids: tuple[int, ...] = (MIXED_LAYER,), **
     with single_rank(cfg, **group):
         model.load_weights(shim.state_dict().items())
         generator = torch.Generator().manual_seed(7 + group.get("rank", 0))  # stale and different per rank
-        for layer in layers:
-            # the state (and, in aligned mode, the window buffers), as vLLM hands them over
+        owners = [layer for layer in linear_layers(model) if layer.get_kv_cache_spec(cfg) is not None]
+        for layer in owners:
+            # each cache entry's state (and, in aligned mode, window buffers), as vLLM hands them over
             layer.kv_cache = tuple(
                 torch.randn(8, *shape, generator=generator).to(device) for shape in layer.get_state_shape()
             )
         builder_cls = layers[0].get_attn_backend().get_builder_cls()
-        builder = builder_cls(layers[0].get_kv_cache_spec(cfg), [layer.prefix for layer in layers], cfg, device)
+        builder = builder_cls(owners[0].get_kv_cache_spec(cfg), [layer.prefix for layer in owners], cfg, device)
         for step, seq_lens in ((STEP1, [5, 9]), (STEP2, [6, 1, 7, 15])):
             rows = torch.cat([hidden[n][a:b] for n, a, b in step])
             positions = torch.cat([torch.arange(a, b, device=device) for _, a, b in step])
@@ -174,9 +175,14 @@ def mixed_step_output(model_dir, layer_ids: tuple[int, ...] = (MIXED_LAYER,), **
             slots = [SLOTS[n] for n, _, _ in step]
             metadata = builder.build(0, common_metadata(query_lens, seq_lens, slots, device))
             cos, sin = model.model.rope_cos[positions], model.model.rope_sin[positions]
-            with set_forward_context({layer.prefix: metadata for layer in layers}, cfg):
+            # vLLM builds metadata for the layers with a cache spec: each layer finds it under its entry's name
+            with set_forward_context({layer.prefix: metadata for layer in owners}, cfg):
                 outputs = [(layer_forward or type(layer).forward)(layer, rows, cos, sin) for layer in layers]
     return torch.stack(outputs).cpu()
+
+
+def linear_layers(model) -> list:
+    return [layer.attention for layer in model.model.layers if getattr(layer, "is_linear", False)]
 
 
 def mixed_step_reference(model_dir, layer_ids: tuple[int, ...] = (MIXED_LAYER,)) -> torch.Tensor:
