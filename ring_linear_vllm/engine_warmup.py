@@ -8,7 +8,8 @@ waited (vLLM's JIT monitor named them in every served run). `install()` wraps th
 type, it also launches both kernels on the runner's own block tables and zeroer: the same compile keys as
 serving, before any request. 0.33 warms the zeroer itself; the extra launches then hit its cache.
 
-It also runs one eager dummy step of the largest odd token count a step can take. vLLM's `fused_moe_kernel`
+With prefix caching it compiles vLLM's state-copy kernel too (`warm_state_copy`). It also runs one eager dummy step
+of the largest odd token count a step can take. vLLM's `fused_moe_kernel`
 specialises its token counts on divisibility by 16, which for top-8 routing is the count's parity; the profiling
 step (the token budget) and every CUDA-graph size are even, so the first odd mixed step above the largest graph
 compiles it: the likely source of the live `fused_moe_kernel` compile vLLM's JIT monitor named on default mode's
@@ -41,6 +42,7 @@ def install() -> None:
             original(runner, model_config)
             if getattr(getattr(model_config, "hf_config", None), "model_type", None) == RingLinearConfig.model_type:
                 warm_step_kernels(runner)
+                warm_state_copy(runner)
                 warm_odd_step(runner)
 
         return qwen_triton_warmup
@@ -64,6 +66,23 @@ def warm_step_kernels(runner: Any) -> None:
             zeroer.zero_block_ids(list(range(min(count, runner.kv_cache_config.num_blocks))))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def warm_state_copy(runner: Any) -> None:
+    """With prefix caching (align mode), vLLM copies linear states between blocks with its `batch_memcpy_kernel`
+    (a block's end state, `--prefix-match-unit`'s partial tail), which no start-up step runs: its first copy compiled
+    it during a served request (run AE's JIT monitor). One copy of zero bytes compiles the same variant (uint64
+    pointers, int32 sizes, as `MambaCopyBuffers` holds them)."""
+    cache_config = getattr(runner, "cache_config", None)
+    if cache_config is None or not cache_config.enable_prefix_caching or cache_config.mamba_cache_mode != "align":
+        return
+    try:
+        from vllm.v1.worker.mamba_utils import batch_memcpy
+    except ImportError:  # a release without it copies otherwise
+        return
+    pointers = torch.zeros(1, dtype=torch.uint64, device=runner.device)
+    batch_memcpy(pointers, pointers.clone(), torch.zeros(1, dtype=torch.int32, device=runner.device))
 
 
 def odd_step_size(max_num_tokens: int, graph_sizes: list[int]) -> int | None:

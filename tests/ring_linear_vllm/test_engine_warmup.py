@@ -91,6 +91,24 @@ def test_our_model_type_warms_the_slot_mapping_and_every_zeroing_specialisation(
     assert all(max(ids) < 4 for ids in small._kv_block_zeroer.calls)
 
 
+@pytest.mark.parametrize("caching, mode, copies", [(True, "align", 1), (False, "none", 0), (True, "all", 0)])
+def test_align_mode_prefix_caching_warms_vllms_state_copy_with_a_copy_of_nothing(
+    vllm_env, monkeypatch, caching, mode, copies
+):
+    from vllm.v1.worker import mamba_utils
+
+    calls = []
+    monkeypatch.setattr(mamba_utils, "batch_memcpy", lambda *tensors: calls.append(tensors))
+    runner = fake_runner()
+    runner.cache_config = SimpleNamespace(enable_prefix_caching=caching, mamba_cache_mode=mode)
+    engine_warmup.warm_state_copy(runner)
+    assert len(calls) == copies
+    for src, dst, sizes in calls:  # the dtypes of vLLM's MambaCopyBuffers; nothing to copy
+        assert (src.dtype, dst.dtype, sizes.dtype) == (torch.uint64, torch.uint64, torch.int32)
+        assert sizes.tolist() == [0] and src.data_ptr() != dst.data_ptr()
+    engine_warmup.warm_state_copy(fake_runner())  # a runner without a cache config (vLLM's Qwen path) is left alone
+
+
 def test_the_odd_step_is_the_largest_odd_count_outside_the_graphs():
     assert engine_warmup.odd_step_size(8192, [1, 2, 512]) == 8191
     assert engine_warmup.odd_step_size(8191, [1, 2, 512]) == 8191
