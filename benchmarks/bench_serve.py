@@ -56,7 +56,7 @@ from pathlib import Path
 
 from benchmarks import host_profile, served_timeline
 from benchmarks.server_hooks import sync_watch
-from common_kernels.serving import ALIGNED_MODE_SWITCH
+from common_kernels.serving import ALIGNED_MODE_SWITCH, STACKED_STATES_SWITCH
 
 RELEASED_CONFIG = Path(__file__).parents[1] / "tests" / "data" / "ring-mini-linear-2.0.config.json"
 MODELS = ("ring-linear", "softmax-twin", "ring-linear-cached", "softmax-twin-cached", "ring-linear-aligned")
@@ -127,14 +127,16 @@ def variant(
     quantization: str | None = None,
     routing: str = "spread",
     prefix_match_unit: int | None = None,
+    stacked: bool = False,
 ) -> str:
     """The suffix that names a model variant in files and tables: '' for Ring-mini at full depth unquantized with
-    spread routing and block-grained cache hits."""
+    spread routing, block-grained cache hits and a cache entry per linear layer."""
     parts = [] if size == "mini" else [size]
     parts += [f"{layers}l"] if layers is not None else []
     parts += [quantization] if quantization else []
     parts += [f"unit{prefix_match_unit}"] if prefix_match_unit is not None else []
     parts += ["dummy-routing"] if routing == "dummy" else []
+    parts += ["stacked"] if stacked else []
     return "".join(f"-{part}" for part in parts)
 
 
@@ -224,9 +226,10 @@ def profiler_config(directory: Path) -> dict:
     }  # fmt: skip
 
 
-def server_env(model: str, env: dict[str, str]) -> dict[str, str]:
-    """The server's environment: the aligned server runs aligned mode."""
-    return env | {ALIGNED_MODE_SWITCH: "1"} if model == "ring-linear-aligned" else env
+def server_env(model: str, env: dict[str, str], stacked: bool = False) -> dict[str, str]:
+    """The server's environment: the aligned server runs aligned mode; `stacked`, the stacked-state layout."""
+    env = env | {ALIGNED_MODE_SWITCH: "1"} if model == "ring-linear-aligned" else env
+    return env | {STACKED_STATES_SWITCH: "1"} if stacked else env
 
 
 SERVER_HOOKS = Path(__file__).parent / "server_hooks"  # its sitecustomize runs in every server process
@@ -525,6 +528,11 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit(f"bench_serve: a server already answers on port {args.port}; stop it or pass --port")
     if args.py_spy and not (os.path.isfile(args.py_spy) and os.access(args.py_spy, os.X_OK)):
         raise SystemExit(f"bench_serve: --py-spy {args.py_spy} is not an executable file: give py-spy's path")
+    if args.stacked_states and (args.engine != "vllm" or not args.model.startswith("ring-linear")):
+        raise SystemExit(
+            f"bench_serve: --stacked-states is ring-linear's vLLM cache layout; --model {args.model} --engine "
+            f"{args.engine} has none: pick a ring-linear model on vLLM"
+        )
     if args.torch_profile and args.engine != "vllm":
         raise SystemExit("bench_serve: --torch-profile reads vLLM's profiler traces: serve with --engine vllm")
     if args.prefix_match_unit is not None and (args.engine != "vllm" or not args.model.endswith("-cached")):
@@ -538,7 +546,9 @@ def run(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     routing = args.routing
     name_of_run = label(
-        args.model, args.engine, variant(args.size, args.layers, args.quantization, routing, args.prefix_match_unit)
+        args.model,
+        args.engine,
+        variant(args.size, args.layers, args.quantization, routing, args.prefix_match_unit, args.stacked_states),
     )
     config = model_config(args.size, args.layers)
     workloads = [WORKLOADS[name] for name in args.workloads]
@@ -548,7 +558,7 @@ def run(args: argparse.Namespace) -> None:
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     log_path = out / f"server-{name_of_run}.log"
     probe = out / f"probe-{name_of_run}"
-    server_environment = routing_env(server_env(args.model, env), routing)
+    server_environment = routing_env(server_env(args.model, env, args.stacked_states), routing)
     if args.probe:
         server_environment = probe_env(server_environment, probe)
     watch, profile_dir = out / f"sync-{name_of_run}", out / f"profile-{name_of_run}"
@@ -696,12 +706,18 @@ def report_table(results: dict, baseline: str = "softmax-twin", model: str = "ri
 
 def pairs(labels: set[str]) -> list[tuple[str, str]]:
     """(model, baseline) pairs among the runs: every ring-linear run against the twin of the same variant and
-    engine, each SGLang run against the same run on vLLM, and each aligned run against the default one."""
+    engine, each SGLang run against the same run on vLLM, each aligned run against the default one, and each stacked
+    run against the same run unstacked and against the twin."""
     found = []
     for model, baseline in (("ring-linear-aligned", "ring-linear"), ("ring-linear", "softmax-twin")):
         for name in sorted(labels):
             if name.startswith(model) and baseline + name[len(model) :] in labels:
                 found.append((name, baseline + name[len(model) :]))
+    for name in sorted(labels):  # the stacked layout against the same run unstacked and against the twin
+        plain = name.replace("-stacked", "")
+        if name.startswith("ring-linear") and plain != name:
+            twin = "softmax-twin" + plain[len("ring-linear") :]
+            found += [(name, other) for other in (plain, twin) if other in labels]
     for name in sorted(labels):
         if name.startswith("ring-linear") and name.endswith(".sglang") and name.removesuffix(".sglang") in labels:
             found.append((name, name.removesuffix(".sglang")))
@@ -742,6 +758,11 @@ def parser() -> argparse.ArgumentParser:
     )
     run_parser.add_argument(
         "--detailed", action="store_true", help="the client saves every token's time: print their distribution"
+    )
+    run_parser.add_argument(
+        "--stacked-states",
+        action="store_true",
+        help=f"serve ring-linear with {STACKED_STATES_SWITCH}=1 (its linear states several to a cache entry)",
     )
     run_parser.add_argument(
         "--torch-profile",

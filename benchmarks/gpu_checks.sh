@@ -13,7 +13,8 @@
 # Steps:
 #   kernels      pytest -m gpu: the Triton kernels and the shim at real shapes            (~2 min)
 #   engine       pytest -m gpu: the vLLM engine tests on GPU 0 (tiny + Ring-mini dummy), vLLM's step kernels warmed (~6 min;
-#                RING_LINEAR_STACKED_STATES=1 in front runs them, or a serve step, on the stacked-state layout, not yet run)
+#                RING_LINEAR_STACKED_STATES=1 in front runs them on the stacked-state layout, not yet run; for the serve
+#                steps SERVE_FLAGS=--stacked-states, which names the runs and pairs them with the unstacked run and the twin)
 #   flash        pytest -m gpu: Ring-flash FP8 dummy weights, a 32K prompt with CUDA graphs (RING_LINEAR_FLASH_LAYERS
 #                serves fewer layers) (not yet run; issue 17)
 #   faults       the vLLM engine under faults: preemption, aborts, chunk boundaries                (~6 min)

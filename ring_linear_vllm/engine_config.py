@@ -17,11 +17,13 @@ from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
 from common_kernels.config import RingLinearConfig
 from common_kernels.serving import (
     ALIGNED_MODE_SWITCH,
+    STACKED_STATES_SWITCH,
     aligned_mode,
     aligned_products_note,
     check_serving_settings,
     linear_state_dtype,
     linear_state_shape,
+    stacked_states,
     window_buffer_shapes,
 )
 from ring_linear_vllm.compat import check_kv_cache_write_width, splitting_op_name
@@ -32,8 +34,6 @@ RETIRED_PREFIX_CACHING_SWITCH = "RING_LINEAR_PREFIX_CACHING"
 # the vLLM minor version whose hybrid prefix caching passed our GPU tests (test_prefix_caching_gpu.py)
 PREFIX_CACHING_VERIFIED_ON = "0.26."
 BATCH_INVARIANT = "VLLM_BATCH_INVARIANT"  # vLLM's switch (`vllm.envs`)
-# opt-in (not yet verified on a GPU): the linear layers' states stacked several to a cache entry (`states_per_entry`)
-STACKED_STATES_SWITCH = "RING_LINEAR_STACKED_STATES"
 
 
 def state_shapes(config: RingLinearConfig, tp_size: int, stack: int = 1) -> tuple[tuple[int, ...], ...]:
@@ -54,7 +54,7 @@ def states_per_entry(vllm_config) -> int:
     layers per softmax layer (`STACKED_STATES_SWITCH`), they make one group, of blocks that many times larger. One
     entry's layers must live on one pipeline rank, so pipeline parallelism keeps one state an entry; so does aligned
     mode, whose window buffers have not been tested stacked."""
-    if os.environ.get(STACKED_STATES_SWITCH) != "1" or aligned_mode():
+    if not stacked_states() or aligned_mode():
         return 1
     config = vllm_config.model_config.hf_config
     linear, softmax = len(config.linear_layer_ids), len(config.softmax_layer_ids)
@@ -65,7 +65,7 @@ def states_per_entry(vllm_config) -> int:
 
 def note_stacked_states(vllm_config) -> None:
     """One line on what `STACKED_STATES_SWITCH` did: it is opt-in until its GPU tests have run."""
-    if os.environ.get(STACKED_STATES_SWITCH) != "1":
+    if not stacked_states():
         return
     stack = states_per_entry(vllm_config)
     if stack == 1:

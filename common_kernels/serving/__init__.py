@@ -7,7 +7,14 @@ from .projections import use_aligned_projections
 from .router import RouterGate
 from .state import linear_state_dtype, linear_state_shape, rank_decay_rates, window_buffer_shapes
 from .step import LinearAttentionStep, build_step
-from .switches import ALIGNED_MODE_SWITCH, aligned_mode, aligned_products_note, env_flag
+from .switches import (
+    ALIGNED_MODE_SWITCH,
+    STACKED_STATES_SWITCH,
+    aligned_mode,
+    aligned_products_note,
+    env_flag,
+    stacked_states,
+)
 from .warmup import warm_up_expert_tiers, warm_up_linear_attention
 from .weights import load_checkpoint_tensors, place_tensor
 
@@ -15,6 +22,7 @@ __all__ = [
     "ALIGNED_MODE_SWITCH",
     "LinearAttentionStep",
     "RouterGate",
+    "STACKED_STATES_SWITCH",
     "aligned_mode",
     "aligned_products_note",
     "build_step",
@@ -25,6 +33,7 @@ __all__ = [
     "load_checkpoint_tensors",
     "place_tensor",
     "rank_decay_rates",
+    "stacked_states",
     "use_aligned_projections",
     "warm_up_expert_tiers",
     "warm_up_linear_attention",

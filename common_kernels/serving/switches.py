@@ -8,6 +8,9 @@ import os
 # Aligned mode (`common_kernels.ops.linear_attn.aligned`): the engine computes each request the way the shim's
 # `token_logprobs(..., aligned=True)` does, whatever the batch and however its prefill was split.
 ALIGNED_MODE_SWITCH = "RING_LINEAR_ALIGNED"
+# vLLM only, opt-in until its GPU tests have run: consecutive linear layers keep their states in one KV-cache entry
+# (`ring_linear_vllm.engine_config.states_per_entry`), so vLLM runs its per-group host work for fewer groups.
+STACKED_STATES_SWITCH = "RING_LINEAR_STACKED_STATES"
 
 
 def env_flag(name: str) -> bool:
@@ -23,6 +26,11 @@ def env_flag(name: str) -> bool:
 def aligned_mode() -> bool:
     """`RING_LINEAR_ALIGNED`: the engine's linear attention runs aligned (batch- and split-invariant)."""
     return env_flag(ALIGNED_MODE_SWITCH)
+
+
+def stacked_states() -> bool:
+    """`RING_LINEAR_STACKED_STATES`: vLLM keeps several linear layers' states in one cache entry."""
+    return env_flag(STACKED_STATES_SWITCH)
 
 
 def aligned_products_note() -> str:

@@ -394,3 +394,19 @@ def test_a_prefix_match_unit_without_vllm_prefix_caching_is_refused_before_a_ser
     with pytest.raises(SystemExit, match=f"--prefix-match-unit is vLLM's prefix-caching flag; --model {model}"):
         bench_serve.run(bench_serve.parser().parse_args(argv))
     assert not (tmp_path / "out").exists()
+
+
+def test_the_stacked_layout_is_served_by_its_switch_and_paired_with_the_unstacked_run_and_the_twin(tmp_path):
+    env = bench_serve.server_env("ring-linear-cached", {}, stacked=True)
+    assert env == {"RING_LINEAR_STACKED_STATES": "1"} and bench_serve.server_env("ring-linear", {}) == {}
+    assert bench_serve.variant(prefix_match_unit=16, stacked=True) == "-unit16-stacked"
+    labels = {"ring-linear-cached-unit16-stacked", "ring-linear-cached-unit16", "softmax-twin-cached-unit16"}
+    assert set(bench_serve.pairs(labels)) == {
+        ("ring-linear-cached-unit16", "softmax-twin-cached-unit16"),
+        ("ring-linear-cached-unit16-stacked", "ring-linear-cached-unit16"),
+        ("ring-linear-cached-unit16-stacked", "softmax-twin-cached-unit16"),
+    }
+    argv = ["run", "--model", "softmax-twin", "--out", str(tmp_path / "o"), "--stacked-states"]
+    with pytest.raises(SystemExit, match="--stacked-states is ring-linear's vLLM cache layout; --model softmax-twin"):
+        bench_serve.run(bench_serve.parser().parse_args(argv))
+    assert not (tmp_path / "o").exists()

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from ring_linear_vllm.engine_config import STACKED_STATES_SWITCH  # noqa: E402
+from common_kernels.serving import STACKED_STATES_SWITCH  # noqa: E402
 
 RELEASED_CONFIG = Path(__file__).parents[1] / "data" / "ring-mini-linear-2.0.config.json"
 
@@ -44,7 +44,7 @@ def test_ring_mini_stacks_four_states_to_an_entry_of_a_2048_token_block(vllm_too
     assert "states are stacked 4 to a cache entry" in caplog.text and "not yet verified on a GPU" in caplog.text
 
 
-def test_without_the_switch_or_with_pipeline_stages_each_layer_keeps_its_own_entry(
+def test_without_the_switch_or_with_pipeline_stages_or_aligned_mode_each_layer_keeps_its_own_entry(
     vllm_tools, released_dir, monkeypatch, caplog
 ):
     from ring_linear_vllm.engine_config import states_per_entry
@@ -59,6 +59,9 @@ def test_without_the_switch_or_with_pipeline_stages_each_layer_keeps_its_own_ent
     assert states_per_entry(cfg) == 1
     monkeypatch.delenv("RING_LINEAR_ALIGNED")
     assert states_per_entry(cfg) == 4
+    monkeypatch.setenv(STACKED_STATES_SWITCH, "stacked")  # a typo is refused, not read as off
+    with pytest.raises(ValueError, match="RING_LINEAR_STACKED_STATES='stacked' is not understood"):
+        states_per_entry(cfg)
 
 
 def test_each_entry_has_one_spec_and_its_other_layers_none(vllm_tools, tiny_dir, stacked):
