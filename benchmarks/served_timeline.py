@@ -58,13 +58,13 @@ def steps_of(events: list[dict]) -> list[Step]:
     return steps[:-1]
 
 
+def gpu_work(events: list[dict]) -> list[dict]:
+    """The kernels, copies and memsets the GPU ran."""
+    return [e for e in events if e.get("ph") == "X" and e.get("cat") in GPU_CATEGORIES]
+
+
 def gpu_intervals(events: list[dict]) -> list[tuple[float, float]]:
-    intervals = [
-        (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)))
-        for e in events
-        if e.get("ph") == "X" and e.get("cat") in GPU_CATEGORIES
-    ]
-    return sorted(intervals)
+    return sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in gpu_work(events))
 
 
 def busy_within(intervals: list[tuple[float, float]], start: float, end: float) -> float:
@@ -82,9 +82,8 @@ def busy_within(intervals: list[tuple[float, float]], start: float, end: float) 
 
 def kernel_totals(events: list[dict]) -> dict[str, float]:
     totals: dict[str, float] = defaultdict(float)
-    for e in events:
-        if e.get("ph") == "X" and e.get("cat") in GPU_CATEGORIES:
-            totals[e["name"]] += float(e.get("dur", 0.0))
+    for e in gpu_work(events):
+        totals[e["name"]] += float(e.get("dur", 0.0))
     return totals
 
 

@@ -39,7 +39,7 @@ BATCH_INVARIANT = "VLLM_BATCH_INVARIANT"  # vLLM's switch (`vllm.envs`)
 def state_shapes(config: RingLinearConfig, tp_size: int, stack: int = 1) -> tuple[tuple[int, ...], ...]:
     """vLLM's state tuple for one cache entry: the `[H/tp, d, d]` linear state (no conv state), and in aligned mode
     the window buffer's keys and values (`serving.window_buffer_shapes`), each slot's tensors copied together; with
-    `states_per_entry` > 1 each shape gains a leading axis, one row per layer of the entry."""
+    `stack` layers to an entry (`states_per_entry`) each shape gains a leading axis, one row per layer."""
     state = linear_state_shape(config, tp_size)
     shapes = (state, *window_buffer_shapes(config, tp_size)) if aligned_mode() else (state,)
     assert len(shapes) == state_tensor_count()
