@@ -54,11 +54,15 @@ def states_per_entry(vllm_config) -> int:
     layers per softmax layer (`STACKED_STATES_SWITCH`), they make one group, of blocks that many times larger. One
     entry's layers must live on one pipeline rank, so pipeline parallelism keeps one state an entry; so does aligned
     mode, whose window buffers have not been tested stacked."""
+    return stack_for(vllm_config.model_config.hf_config, vllm_config.parallel_config.pipeline_parallel_size)
+
+
+def stack_for(config: RingLinearConfig, pipeline_parallel_size: int = 1) -> int:
+    """`states_per_entry` from the model config and the pipeline size alone (what a test knows before vLLM starts)."""
     if not stacked_states() or aligned_mode():
         return 1
-    config = vllm_config.model_config.hf_config
     linear, softmax = len(config.linear_layer_ids), len(config.softmax_layer_ids)
-    if vllm_config.parallel_config.pipeline_parallel_size > 1 or not softmax or linear % softmax:
+    if pipeline_parallel_size > 1 or not softmax or linear % softmax:
         return 1
     return linear // softmax
 

@@ -18,7 +18,11 @@ from collections.abc import Callable
 
 import pytest
 
+from common_kernels.model.checkpoint import read_config
+
 pytest.importorskip("vllm")
+
+from ring_linear_vllm.engine_config import stack_for  # noqa: E402
 
 from vllm_runs import (  # noqa: E402
     RELEASED_CONFIG,
@@ -96,8 +100,16 @@ def workloads(bs: int) -> dict[str, tuple[list[Wave], bool]]:
 
 
 # The tiny model's block in fp32 (`_align_hybrid_block_size`: 16 x ceil(state page / (16 x KV bytes per token))
-# = 16 x ceil(4 x 16 x 16 x 4 B / (16 x 2 x 2 x 16 x 4 B)) = 16 tokens): the workloads are sized from it.
+# = 16 x ceil(4 x 16 x 16 x 4 B / (16 x 2 x 2 x 16 x 4 B)) = 16 tokens), times the states stacked in one cache
+# entry (`RING_LINEAR_STACKED_STATES`): the workloads are sized from it.
 TINY_FP32_BLOCK = 16
+# Ring-mini's block in bf16: its 1 MiB fp32 state page over the GQA layers' 2 KiB of KV per token.
+RING_MINI_BLOCK = 512
+
+
+def expected_block(model, one_state_block: int) -> int:
+    """The block vLLM must pick for the checkpoint folder `model`: `one_state_block` times the states per entry."""
+    return one_state_block * stack_for(read_config(model))
 
 
 def compare_cached_with_uncached(model, max_tokens: int, **settings) -> int:
@@ -108,7 +120,8 @@ def compare_cached_with_uncached(model, max_tokens: int, **settings) -> int:
         cached = {name: run_waves(llm, waves, max_tokens) for name, (waves, _) in workloads(bs).items()}
     finally:
         free(llm)
-    assert bs == TINY_FP32_BLOCK, f"vLLM chose {bs}-token blocks: the workloads' sizes assume {TINY_FP32_BLOCK}"
+    want = expected_block(model, TINY_FP32_BLOCK)
+    assert bs == want, f"vLLM chose {bs}-token blocks: the workloads' sizes assume {want}"
     llm = make_llm(model, enable_prefix_caching=False, **settings)
     try:
         uncached = {name: run_waves(llm, waves, max_tokens)[0] for name, (waves, _) in workloads(bs).items()}
@@ -132,8 +145,9 @@ def test_cache_hits_give_the_tokens_and_logprobs_of_caching_off(tiny_trained):
 def test_cache_hits_across_chunked_prefill_boundaries(tiny_trained, extra):
     """Steps of one block (align mode's smallest budget) and one block plus a token, so chunks end on every
     block boundary and a cached prefix resumes mid-budget."""
+    budget = expected_block(tiny_trained, TINY_FP32_BLOCK) + extra
     total = compare_cached_with_uncached(
-        tiny_trained, 8, max_num_batched_tokens=TINY_FP32_BLOCK + extra, enable_chunked_prefill=True, max_num_seqs=16
+        tiny_trained, 8, max_num_batched_tokens=budget, enable_chunked_prefill=True, max_num_seqs=16
     )
     assert total > 0
 
@@ -172,31 +186,33 @@ def test_eviction_and_preemption_under_64_concurrent_requests(tiny_trained):
     assert_same(tokens_and_logprobs(outputs), want, "eviction and preemption with caching")
 
 
-def test_ring_mini_caches_the_state_per_512_token_block_with_cuda_graphs(tmp_path):
+def test_ring_mini_caches_the_state_per_block_with_cuda_graphs(tmp_path):
     """The released Ring-mini shapes (dummy weights, bf16, CUDA graphs): vLLM unifies the 1 MiB fp32 state page
-    with the GQA layers' KV pages into 512-token blocks, so a resent 2,000-token prompt resumes at 1,536, and so
-    does a resent 2,048-token one (4 whole blocks: the replay stop kept its state at 1,536 on the first send)."""
+    with the GQA layers' KV pages into 512-token blocks (2,048 with 4 states stacked to an entry), so a resent
+    prompt of 4 blocks less 48 tokens resumes after 3 blocks, and so does a resent prompt of exactly 4 blocks (the
+    replay stop kept its state one block short on the first send)."""
     shutil.copy(RELEASED_CONFIG, tmp_path / "config.json")
+    want = expected_block(tmp_path, RING_MINI_BLOCK)
     llm = make_llm(
         tmp_path, dtype="bfloat16", load_format="dummy", enable_prefix_caching=True, enforce_eager=False,
-        max_model_len=4096, max_num_seqs=8, gpu_memory_utilization=0.6,
+        max_model_len=4 * want + 64, max_num_seqs=8, gpu_memory_utilization=0.6,
     )  # fmt: skip
     try:
         rng = random.Random(29)
         sends = {}
-        for length in (2000, 2048):
+        for length in (4 * want - 48, 4 * want):
             prompt = [rng.randrange(1000, 150000) for _ in range(length)]
             sends[length] = [generate(llm, [prompt], 16, logprobs=0)[0] for _ in range(2)]
         bs = block_size(llm)
     finally:
         free(llm)
     print(f"\nRing-mini block size {bs}")
-    assert bs == 512
+    assert bs == want
     for length, (first, second) in sends.items():
         hits = (first.num_cached_tokens, second.num_cached_tokens)
         print(f"  {length}-token prompt: hits on the first send {hits[0]}, second {hits[1]}")
         assert (first.num_cached_tokens or 0) == 0, length
-        assert second.num_cached_tokens == 1536, length
+        assert second.num_cached_tokens == 3 * want, length
         assert_finite_logprobs(second, 16)
 
 
