@@ -22,8 +22,6 @@ from common_kernels.model.checkpoint import read_config
 
 pytest.importorskip("vllm")
 
-from ring_linear_vllm.engine_config import stack_for  # noqa: E402
-
 from vllm_runs import (  # noqa: E402
     RELEASED_CONFIG,
     assert_finite_logprobs,
@@ -34,6 +32,8 @@ from vllm_runs import (  # noqa: E402
     prompts_of,
     tokens_and_logprobs,
 )
+
+from ring_linear_vllm.engine_config import stack_for  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
