@@ -13,8 +13,12 @@
 # Steps:
 #   kernels      pytest -m gpu: the Triton kernels and the shim at real shapes            (~2 min)
 #   engine       pytest -m gpu: the vLLM engine tests on GPU 0 (tiny + Ring-mini dummy), vLLM's step kernels warmed (~6 min;
-#                RING_LINEAR_STACKED_STATES=1 in front runs them on the stacked-state layout, not yet run; for the serve
-#                steps SERVE_FLAGS=--stacked-states, which names the runs and pairs them with the unstacked run and the twin)
+#                with RING_LINEAR_STACKED_STATES=1 in front it ran out of its 540 s: run AG; use the stacked step)
+#   stacked      the stacked-state layout (RING_LINEAR_STACKED_STATES=1), where run AG's engine step left it: the
+#                concurrency test with caching on (it failed there) and off, no live compile, the warm-up (PYTEST_K
+#                picks; ~5 min). RING_LINEAR_STACKED_STATES=1 in front of the prefix step sizes its blocks for the
+#                stacked layout; SERVE_FLAGS=--stacked-states on a serve step names its runs and pairs them with the
+#                unstacked run and the twin
 #   flash        pytest -m gpu: Ring-flash FP8 dummy weights, a 32K prompt with CUDA graphs (RING_LINEAR_FLASH_LAYERS
 #                serves fewer layers) (not yet run; issue 17)
 #   faults       the vLLM engine under faults: preemption, aborts, chunk boundaries                (~6 min)
@@ -139,7 +143,10 @@ for step in "$@"; do
   case "$step" in
     kernels) run kernels 300 python3 -m pytest -q -m gpu tests/common_kernels ;;
     engine) run engine 540 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -m gpu tests/ring_linear_vllm/test_engine_gpu.py \
-      tests/ring_linear_vllm/test_engine_warmup.py -k "not tensor_parallel and not ring_flash and not ($FAULTS)" ;;
+      tests/ring_linear_vllm/test_engine_warmup.py -k "not tensor_parallel and not ring_flash and not cache_off and not ($FAULTS)" ;;
+    stacked) run stacked 540 env CUDA_VISIBLE_DEVICES=0 RING_LINEAR_STACKED_STATES=1 python3 -m pytest -q -s -rf -m gpu \
+      tests/ring_linear_vllm/test_engine_gpu.py tests/ring_linear_vllm/test_engine_warmup.py \
+      -k "${PYTEST_K:-concurrent or no_kernel or warm}" ;;
     flash) run flash 570 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -m gpu tests/ring_linear_vllm/test_engine_gpu.py \
       -k ring_flash ;;
     faults) run faults 540 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -m gpu tests/ring_linear_vllm/test_engine_gpu.py \

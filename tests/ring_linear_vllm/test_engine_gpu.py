@@ -71,20 +71,31 @@ def test_greedy_tokens_and_prompt_logprobs_match_the_shim(tiny_trained, recall_p
     assert near_ties(partings, dtype)
 
 
-def test_concurrent_mixed_lengths_equal_one_at_a_time(tiny_trained):
-    """64 requests of 1-400 tokens, chunked prefill of 64-token chunks, mixed prefill/decode steps."""
+@pytest.mark.parametrize("caching", [True, False], ids=["cache_on", "cache_off"])
+def test_concurrent_mixed_lengths_equal_one_at_a_time(tiny_trained, caching):
+    """64 requests of 1-400 tokens, chunked prefill of 64-token chunks, mixed prefill/decode steps; with caching on,
+    the third pass resumes from states cached by the first two (the engine step runs cache_on: vLLM's default)."""
     rng = random.Random(1)
     lengths = [1, 2, 63, 64, 65, 400] + [rng.randint(1, 300) for _ in range(58)]
     prompts = [[rng.randrange(3, 64) for _ in range(n)] for n in lengths]
-    llm = make_llm(tiny_trained, max_num_batched_tokens=64, enable_chunked_prefill=True, enforce_eager=False)
-    together = [list(o.outputs[0].token_ids) for o in generate(llm, prompts, 16)]
-    alone = [list(generate(llm, [p], 16)[0].outputs[0].token_ids) for p in prompts]
-    again = [list(o.outputs[0].token_ids) for o in generate(llm, prompts, 16)]  # reused slots start clean
+    llm = make_llm(
+        tiny_trained, max_num_batched_tokens=64, enable_chunked_prefill=True, enforce_eager=False,
+        enable_prefix_caching=caching,
+    )  # fmt: skip
+    runs = {"together": generate(llm, prompts, 16)}
+    runs["alone"] = [generate(llm, [p], 16)[0] for p in prompts]
+    runs["again"] = generate(llm, prompts, 16)  # reused slots start clean (with caching on: resumed from cached states)
     free(llm)
-    differ = [i for i in range(len(prompts)) if together[i] != alone[i]]
-    print(f"\n64 concurrent vs one at a time: {len(prompts) - len(differ)}/64 equal; differing lengths {differ}")
-    assert not differ
-    assert again == together
+    tokens = {name: [list(o.outputs[0].token_ids) for o in outputs] for name, outputs in runs.items()}
+    for name in ("alone", "again"):
+        differ = {
+            i: (lengths[i], runs[name][i].num_cached_tokens or 0)
+            for i in range(len(prompts))
+            if tokens[name][i] != tokens["together"][i]
+        }
+        print(f"\n64 concurrent vs {name}: {64 - len(differ)}/64 equal; differing (request: length, hit) {differ}")
+    assert tokens["alone"] == tokens["together"]
+    assert tokens["again"] == tokens["together"]
 
 
 def test_openai_server_smoke(tiny_trained, openai_completion):
