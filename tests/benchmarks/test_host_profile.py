@@ -65,6 +65,7 @@ def test_a_recording_is_stopped_with_sigint_so_it_writes(tmp_path):
         "import sys, time\n"
         "out = sys.argv[sys.argv.index('--output') + 1]\n"
         "try:\n"
+        "    open(out + '.ready', 'w').close()\n"
         "    time.sleep(60)\n"
         "except KeyboardInterrupt:\n"
         "    open(out, 'w').write('thread (1): MainThread;f (a.py:1) 1000\\n')\n"
@@ -73,7 +74,10 @@ def test_a_recording_is_stopped_with_sigint_so_it_writes(tmp_path):
     output = tmp_path / "stacks.txt"
     started = time.monotonic()
     with host_profile.PySpyRecording(str(stand_in), os.getpid(), output) as recording:
-        time.sleep(0.5)  # the stand-in's interpreter starts
+        ready = Path(f"{output}.ready")  # the stand-in handles SIGINT from here on (its start is slow on a busy CPU)
+        while not ready.exists() and time.monotonic() - started < 20:
+            time.sleep(0.05)
+        time.sleep(0.5)
     assert time.monotonic() - started < 30
     assert recording.process.returncode == 0 and 0.5 <= recording.seconds < 30
     assert recording.describe()[0].endswith(f"of {recording.seconds:.1f} s (1000 samples)")
