@@ -13,7 +13,7 @@
 # Steps:
 #   kernels      pytest -m gpu: the Triton kernels and the shim at real shapes            (~2 min)
 #   engine       pytest -m gpu: the vLLM engine tests on GPU 0 (tiny + Ring-mini dummy), vLLM's step kernels warmed (~6 min;
-#                with RING_LINEAR_STACKED_STATES=1 in front it ran out of its 540 s: run AG; use the stacked step)
+#                with RING_LINEAR_STACKED_STATES=1 in front it ran out of its 540 s: run AG; use the stacked step; PYTEST_K picks)
 #   stacked      the stacked-state layout (RING_LINEAR_STACKED_STATES=1), where run AG's engine step left it: the
 #                concurrency test with caching on (it failed there) and off, no live compile, the warm-up (PYTEST_K
 #                picks; ~5 min). RING_LINEAR_STACKED_STATES=1 in front of the prefix step sizes its blocks for the
@@ -143,7 +143,7 @@ for step in "$@"; do
   case "$step" in
     kernels) run kernels 300 python3 -m pytest -q -m gpu tests/common_kernels ;;
     engine) run engine 540 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -m gpu tests/ring_linear_vllm/test_engine_gpu.py \
-      tests/ring_linear_vllm/test_engine_warmup.py -k "not tensor_parallel and not ring_flash and not cache_off and not ($FAULTS)" ;;
+      tests/ring_linear_vllm/test_engine_warmup.py -k "${PYTEST_K:-not tensor_parallel and not ring_flash and not cache_off and not ($FAULTS)}" ;;
     stacked) run stacked 540 env CUDA_VISIBLE_DEVICES=0 RING_LINEAR_STACKED_STATES=1 python3 -m pytest -q -s -rf -m gpu \
       tests/ring_linear_vllm/test_engine_gpu.py tests/ring_linear_vllm/test_engine_warmup.py \
       -k "${PYTEST_K:-concurrent or no_kernel or warm}" ;;
