@@ -127,16 +127,17 @@ def variant(
     quantization: str | None = None,
     routing: str = "spread",
     prefix_match_unit: int | None = None,
-    stacked: bool = False,
+    unstacked: bool = False,
 ) -> str:
     """The suffix that names a model variant in files and tables: '' for Ring-mini at full depth unquantized with
-    spread routing, block-grained cache hits and a cache entry per linear layer."""
+    spread routing, block-grained cache hits and the plugin's choice of cache layout (before run AH: one state an
+    entry, now '-unstacked'; run AG's '-stacked' is what the plugin now picks with caching off)."""
     parts = [] if size == "mini" else [size]
     parts += [f"{layers}l"] if layers is not None else []
     parts += [quantization] if quantization else []
     parts += [f"unit{prefix_match_unit}"] if prefix_match_unit is not None else []
     parts += ["dummy-routing"] if routing == "dummy" else []
-    parts += ["stacked"] if stacked else []
+    parts += ["unstacked"] if unstacked else []
     return "".join(f"-{part}" for part in parts)
 
 
@@ -226,10 +227,12 @@ def profiler_config(directory: Path) -> dict:
     }  # fmt: skip
 
 
-def server_env(model: str, env: dict[str, str], stacked: bool = False) -> dict[str, str]:
-    """The server's environment: the aligned server runs aligned mode; `stacked`, the stacked-state layout."""
+def server_env(model: str, env: dict[str, str], unstacked: bool = False) -> dict[str, str]:
+    """The server's environment: the aligned server runs aligned mode; ring-linear's cache layout is the plugin's
+    choice (`engine_config.stack_for`), or one state an entry when `unstacked`, whatever the caller's shell says."""
     env = env | {ALIGNED_MODE_SWITCH: "1"} if model == "ring-linear-aligned" else env
-    return env | {STACKED_STATES_SWITCH: "1"} if stacked else env
+    env = {name: value for name, value in env.items() if name != STACKED_STATES_SWITCH}
+    return env | {STACKED_STATES_SWITCH: "0"} if unstacked else env
 
 
 SERVER_HOOKS = Path(__file__).parent / "server_hooks"  # its sitecustomize runs in every server process
@@ -528,9 +531,9 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit(f"bench_serve: a server already answers on port {args.port}; stop it or pass --port")
     if args.py_spy and not (os.path.isfile(args.py_spy) and os.access(args.py_spy, os.X_OK)):
         raise SystemExit(f"bench_serve: --py-spy {args.py_spy} is not an executable file: give py-spy's path")
-    if args.stacked_states and (args.engine != "vllm" or not args.model.startswith("ring-linear")):
+    if args.unstacked_states and (args.engine != "vllm" or not args.model.startswith("ring-linear")):
         raise SystemExit(
-            f"bench_serve: --stacked-states is ring-linear's vLLM cache layout; --model {args.model} --engine "
+            f"bench_serve: --unstacked-states is ring-linear's vLLM cache layout; --model {args.model} --engine "
             f"{args.engine} has none: pick a ring-linear model on vLLM"
         )
     if args.torch_profile and args.engine != "vllm":
@@ -548,7 +551,7 @@ def run(args: argparse.Namespace) -> None:
     name_of_run = label(
         args.model,
         args.engine,
-        variant(args.size, args.layers, args.quantization, routing, args.prefix_match_unit, args.stacked_states),
+        variant(args.size, args.layers, args.quantization, routing, args.prefix_match_unit, args.unstacked_states),
     )
     config = model_config(args.size, args.layers)
     workloads = [WORKLOADS[name] for name in args.workloads]
@@ -558,7 +561,7 @@ def run(args: argparse.Namespace) -> None:
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     log_path = out / f"server-{name_of_run}.log"
     probe = out / f"probe-{name_of_run}"
-    server_environment = routing_env(server_env(args.model, env, args.stacked_states), routing)
+    server_environment = routing_env(server_env(args.model, env, args.unstacked_states), routing)
     if args.probe:
         server_environment = probe_env(server_environment, probe)
     watch, profile_dir = out / f"sync-{name_of_run}", out / f"profile-{name_of_run}"
@@ -706,18 +709,18 @@ def report_table(results: dict, baseline: str = "softmax-twin", model: str = "ri
 
 def pairs(labels: set[str]) -> list[tuple[str, str]]:
     """(model, baseline) pairs among the runs: every ring-linear run against the twin of the same variant and
-    engine, each SGLang run against the same run on vLLM, each aligned run against the default one, and each stacked
-    run against the same run unstacked and against the twin."""
+    engine, each SGLang run against the same run on vLLM, each aligned run against the default one, and the
+    default layout against the same run unstacked, which also meets the twin."""
     found = []
     for model, baseline in (("ring-linear-aligned", "ring-linear"), ("ring-linear", "softmax-twin")):
         for name in sorted(labels):
             if name.startswith(model) and baseline + name[len(model) :] in labels:
                 found.append((name, baseline + name[len(model) :]))
-    for name in sorted(labels):  # the stacked layout against the same run unstacked and against the twin
-        plain = name.replace("-stacked", "")
+    for name in sorted(labels):  # the unstacked layout: the default run against it, it against the twin
+        plain = name.replace("-unstacked", "")
         if name.startswith("ring-linear") and plain != name:
             twin = "softmax-twin" + plain[len("ring-linear") :]
-            found += [(name, other) for other in (plain, twin) if other in labels]
+            found += [pair for pair in ((plain, name), (name, twin)) if pair[0] in labels and pair[1] in labels]
     for name in sorted(labels):
         if name.startswith("ring-linear") and name.endswith(".sglang") and name.removesuffix(".sglang") in labels:
             found.append((name, name.removesuffix(".sglang")))
@@ -760,9 +763,9 @@ def parser() -> argparse.ArgumentParser:
         "--detailed", action="store_true", help="the client saves every token's time: print their distribution"
     )
     run_parser.add_argument(
-        "--stacked-states",
+        "--unstacked-states",
         action="store_true",
-        help=f"serve ring-linear with {STACKED_STATES_SWITCH}=1 (its linear states several to a cache entry)",
+        help=f"serve ring-linear with {STACKED_STATES_SWITCH}=0 (one linear state a cache entry, as before run AH)",
     )
     run_parser.add_argument(
         "--torch-profile",

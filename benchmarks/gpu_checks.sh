@@ -12,13 +12,16 @@
 #
 # Steps:
 #   kernels      pytest -m gpu: the Triton kernels and the shim at real shapes            (~2 min)
-#   engine       pytest -m gpu: the vLLM engine tests on GPU 0 (tiny + Ring-mini dummy), vLLM's step kernels warmed (~6 min;
-#                with RING_LINEAR_STACKED_STATES=1 in front it ran out of its 540 s: run AG; use the stacked step; PYTEST_K picks)
-#   stacked      the stacked-state layout (RING_LINEAR_STACKED_STATES=1), where run AG's engine step left it: the
-#                concurrency test with caching on (it failed there) and off, no live compile, the warm-up (PYTEST_K
-#                picks; ~5 min). RING_LINEAR_STACKED_STATES=1 in front of the prefix step sizes its blocks for the
-#                stacked layout; SERVE_FLAGS=--stacked-states on a serve step names its runs and pairs them with the
-#                unstacked run and the twin
+#   engine       pytest -m gpu: the vLLM engine tests on GPU 0 on the tiny model (vs the shim, concurrency, the server),
+#                vLLM's step kernels warmed, in the cache layout the plugin picks for each (PYTEST_K picks; the whole
+#                file in one step ran past 540 s: run AG)                                          (~5 min)
+#   engine-mini  the same on Ring-mini dummy weights: a 32K prompt with CUDA graphs, FP8, no kernel compiled on live
+#                traffic                                                                           (~4 min)
+#   stacked      the engine tests that differ by cache layout (concurrency with caching on and off, no live compile,
+#                the warm-up) with RING_LINEAR_STACKED_STATES=1: the stacked layout also where the plugin would not
+#                choose it (whole-block prefix caching; PYTEST_K picks; ~6 min: run AH). RING_LINEAR_STACKED_STATES=1
+#                in front of the prefix step sizes its blocks for that layout; SERVE_FLAGS=--unstacked-states on a
+#                serve step serves one state an entry, named and paired with the default run and the twin
 #   flash        pytest -m gpu: Ring-flash FP8 dummy weights, a 32K prompt with CUDA graphs (RING_LINEAR_FLASH_LAYERS
 #                serves fewer layers) (not yet run; issue 17)
 #   faults       the vLLM engine under faults: preemption, aborts, chunk boundaries                (~6 min)
@@ -120,6 +123,7 @@ if [[ $ROUTING == spread ]]; then
 fi
 
 FAULTS="preemption or aborts or chunked_prefill_boundaries or 2000_step"  # test_engine_gpu.py's fault tests
+MINI="(ring_mini or fp8 or no_kernel)"  # its tests on Ring-mini dummy weights (engine-mini)
 # the SGLang steps: SGLang's site (staged by .gpu-sgl_*) in place of vLLM's, and no flashinfer (not in the bundle)
 SGLANG_ENV=(env PYTHONPATH="$PWD:${site%/*}:/tmp/gpu-site-sgl" SGLANG_IS_FLASHINFER_AVAILABLE=false)
 
@@ -142,8 +146,11 @@ ring_mini_group() {  # a random Ring-mini layer group (bf16), written once per m
 for step in "$@"; do
   case "$step" in
     kernels) run kernels 300 python3 -m pytest -q -m gpu tests/common_kernels ;;
-    engine) run engine 540 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -m gpu tests/ring_linear_vllm/test_engine_gpu.py \
-      tests/ring_linear_vllm/test_engine_warmup.py -k "${PYTEST_K:-not tensor_parallel and not ring_flash and not cache_off and not ($FAULTS)}" ;;
+    engine) run engine 540 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -rf -m gpu tests/ring_linear_vllm/test_engine_gpu.py \
+      tests/ring_linear_vllm/test_engine_warmup.py \
+      -k "${PYTEST_K:-not tensor_parallel and not ring_flash and not $MINI and not cache_off and not ($FAULTS)}" ;;
+    engine-mini) run engine-mini 540 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -rf -m gpu \
+      tests/ring_linear_vllm/test_engine_gpu.py -k "($MINI) and not ring_flash" ;;
     stacked) run stacked 540 env CUDA_VISIBLE_DEVICES=0 RING_LINEAR_STACKED_STATES=1 python3 -m pytest -q -s -rf -m gpu \
       tests/ring_linear_vllm/test_engine_gpu.py tests/ring_linear_vllm/test_engine_warmup.py \
       -k "${PYTEST_K:-concurrent or no_kernel or warm}" ;;

@@ -50,16 +50,34 @@ def states_per_entry(vllm_config) -> int:
     """How many linear layers keep their states in one vLLM cache entry. vLLM makes one KV-cache group per
     softmax-layer count of each layer kind and runs its scheduler bookkeeping and metadata building once per group
     and step: Ring-mini's 16 linear layers, one entry each, make 4 groups beside the softmax layers' one, and a 4K
-    decode step waits on that host work (RESULTS.md runs AE, AF). Stacked as many to an entry as there are linear
-    layers per softmax layer (`STACKED_STATES_SWITCH`), they make one group, of blocks that many times larger. One
-    entry's layers must live on one pipeline rank, so pipeline parallelism keeps one state an entry; so does aligned
-    mode, whose window buffers have not been tested stacked."""
-    return stack_for(vllm_config.model_config.hf_config, vllm_config.parallel_config.pipeline_parallel_size)
+    decode step waits on that host work (RESULTS.md runs AE to AH). Stacked as many to an entry as there are linear
+    layers per softmax layer, they make one group, of blocks that many times larger (`stack_for` says when). With
+    `STACKED_STATES_SWITCH` unset, a caching engine stacks only if its token budgets reach the larger block (align
+    mode ends a prefill chunk on a block, and `check_prefix_caching` refuses a budget below it)."""
+    config, cache = vllm_config.model_config.hf_config, vllm_config.cache_config
+    stack = stack_for(config, vllm_config.parallel_config.pipeline_parallel_size, caching_grain(cache))
+    if stack > 1 and cache.enable_prefix_caching and stacked_states() is None:
+        block = block_tokens(vllm_config, stack)
+        if any(0 < tokens < block for _, tokens in token_budgets(vllm_config)):
+            return 1
+    return stack
 
 
-def stack_for(config: RingLinearConfig, pipeline_parallel_size: int = 1) -> int:
-    """`states_per_entry` from the model config and the pipeline size alone (what a test knows before vLLM starts)."""
-    if not stacked_states() or aligned_mode():
+def caching_grain(cache_config) -> str:
+    """'off', 'block' (prefix-cache hits of whole blocks) or 'fine' (`--prefix-match-unit`: hits inside a block)."""
+    if not cache_config.enable_prefix_caching:
+        return "off"
+    return "fine" if getattr(cache_config, "prefix_match_unit", None) else "block"
+
+
+def stack_for(config: RingLinearConfig, pipeline_parallel_size: int = 1, caching: str = "off") -> int:
+    """`states_per_entry` from the model config, the pipeline size and the `caching_grain` (what a test knows before
+    vLLM starts). `STACKED_STATES_SWITCH` unset stacks unless prefix caching hits whole blocks only: stacked blocks
+    would make those hits that many times coarser (a resent 4K Ring-mini prompt would hit 2,048 tokens, not 3,584);
+    1 stacks there too, 0 never. One entry's layers must live on one pipeline rank, so pipeline parallelism keeps one
+    state an entry; so does aligned mode, whose window buffers have not been tested stacked."""
+    wanted = stacked_states()
+    if wanted is False or (wanted is None and caching == "block") or aligned_mode():
         return 1
     linear, softmax = len(config.linear_layer_ids), len(config.softmax_layer_ids)
     if pipeline_parallel_size > 1 or not softmax or linear % softmax:
@@ -68,24 +86,43 @@ def stack_for(config: RingLinearConfig, pipeline_parallel_size: int = 1) -> int:
 
 
 def note_stacked_states(vllm_config) -> None:
-    """One line on what `STACKED_STATES_SWITCH` did: it is opt-in until its GPU tests have run."""
-    if not stacked_states():
-        return
-    stack = states_per_entry(vllm_config)
-    if stack == 1:
-        logger.warning(
-            "ring-linear: %s=1 is ignored: it needs pipeline parallelism 1, a whole number of linear layers per "
-            "softmax layer, and aligned mode off",
+    """One line on the cache layout `states_per_entry` chose: a warning when the user asked for stacking
+    (`STACKED_STATES_SWITCH=1`) and this engine cannot have it, an info line otherwise."""
+    stack, wanted = states_per_entry(vllm_config), stacked_states()
+    config, pipeline = vllm_config.model_config.hf_config, vllm_config.parallel_config.pipeline_parallel_size
+    could = stack_for(config, pipeline, "fine")  # the stack this engine's shape allows
+    if stack > 1:
+        logger.info(
+            "ring-linear: the linear layers' states are stacked %d to a cache entry (one KV-cache group for them, "
+            "blocks %d times larger); %s=0 keeps one an entry",
+            stack,
+            stack,
             STACKED_STATES_SWITCH,
         )
-        return
-    logger.warning(
-        "ring-linear: %s=1: the linear layers' states are stacked %d to a cache entry (fewer KV-cache groups, blocks "
-        "%d times larger); this layout is not yet verified on a GPU",
-        STACKED_STATES_SWITCH,
-        stack,
-        stack,
-    )
+    elif wanted is False:
+        logger.info(
+            "ring-linear: %s=0: each linear layer keeps its state in its own cache entry", STACKED_STATES_SWITCH
+        )
+    elif wanted is None and could > 1:
+        block_grained = caching_grain(vllm_config.cache_config) == "block"
+        logger.info(
+            "ring-linear: each linear layer keeps its state in its own cache entry: stacked %d to an entry (fewer "
+            "KV-cache groups to schedule) they make %d-token blocks, %s; %s=1 stacks them anyway",
+            could,
+            block_tokens(vllm_config, could),
+            "too coarse for prefix-cache hits of whole blocks (--prefix-match-unit 16 hits every 16 tokens and stacks)"
+            if block_grained
+            else "more than this token budget ("
+            + ", ".join(f"{flag} {tokens}" for flag, tokens in token_budgets(vllm_config) if tokens)
+            + "): raise it to stack them",
+            STACKED_STATES_SWITCH,
+        )
+    else:  # pipeline stages, aligned mode or an odd layer pattern: said, and warned when asked for
+        (logger.warning if wanted else logger.info)(
+            "ring-linear: the linear layers' states are not stacked: stacking (%s) needs pipeline parallelism 1, a "
+            "whole number of linear layers per softmax layer, and aligned mode off",
+            STACKED_STATES_SWITCH,
+        )
 
 
 def entry_state_shapes(vllm_config) -> tuple[tuple[int, ...], ...]:
@@ -187,18 +224,32 @@ def check_head_dtype(head_dtype: Any) -> None:
 
 
 def min_block_tokens(vllm_config) -> int:
-    """A lower bound on the block vLLM picks in align mode: one block's KV must be as large as a layer's state page
-    (`Platform._align_hybrid_block_size` rounds it up further), so a prefill chunk ends on one only if the step's
-    token budget reaches it."""
+    """A lower bound on the block vLLM picks in align mode: one block's KV must be as large as a cache entry's state
+    page (`Platform._align_hybrid_block_size` rounds it up further), so a prefill chunk ends on one only if the
+    step's token budget reaches it."""
+    return block_tokens(vllm_config, states_per_entry(vllm_config))
+
+
+def block_tokens(vllm_config, stack: int) -> int:
+    """`min_block_tokens` with `stack` states to a cache entry."""
     config, cache_config = vllm_config.model_config.hf_config, vllm_config.cache_config
     tp = vllm_config.parallel_config.tensor_parallel_size
     state_bytes = sum(
         math.prod(shape) * dtype.itemsize
-        for shape, dtype in zip(entry_state_shapes(vllm_config), state_dtypes(cache_config), strict=True)
+        for shape, dtype in zip(state_shapes(config, tp, stack), state_dtypes(cache_config), strict=True)
     )
     kv_itemsize = kv_cache_dtype_str_to_dtype(cache_config.cache_dtype, vllm_config.model_config).itemsize
     kv_bytes_per_token = 2 * max(1, config.num_key_value_heads // tp) * config.head_dim * kv_itemsize
     return -(-state_bytes // kv_bytes_per_token)
+
+
+def token_budgets(vllm_config) -> list[tuple[str, int]]:
+    """The scheduler's per-step token budgets, by flag (0: not set)."""
+    scheduler_config = vllm_config.scheduler_config
+    return [
+        ("--max-num-batched-tokens", scheduler_config.max_num_batched_tokens),
+        ("--long-prefill-token-threshold", getattr(scheduler_config, "long_prefill_token_threshold", 0)),
+    ]
 
 
 def check_prefix_caching(vllm_config) -> None:
@@ -236,7 +287,7 @@ def check_prefix_caching(vllm_config) -> None:
             "ring-linear: --mamba-cache-mode all is not supported (it needs the state at every block, which the "
             "prefill does not write): use --mamba-cache-mode align"
         )
-    block, scheduler_config = min_block_tokens(vllm_config), vllm_config.scheduler_config
+    block = min_block_tokens(vllm_config)
     unit = getattr(cache_config, "prefix_match_unit", None)
     if unit and unit < block:  # ring_linear_vllm.prefix_replay moves vLLM's partial tail for our model
         logger.info(
@@ -246,14 +297,15 @@ def check_prefix_caching(vllm_config) -> None:
             block,
             unit,
         )
-    budgets = [("--max-num-batched-tokens", scheduler_config.max_num_batched_tokens)]
-    budgets.append(("--long-prefill-token-threshold", getattr(scheduler_config, "long_prefill_token_threshold", 0)))
-    for flag, tokens in budgets:
+    stack = states_per_entry(vllm_config)
+    page = f"{stack} layers' state page, {STACKED_STATES_SWITCH}=1" if stack > 1 else "one layer's state page"
+    unstack = f", or unset {STACKED_STATES_SWITCH}" if stack > 1 else ""
+    for flag, tokens in token_budgets(vllm_config):
         if 0 < tokens < block:
             raise ValueError(
                 f"ring-linear: prefix caching caches the linear state at block ends, and this model's blocks hold at "
-                f"least {block} tokens (one layer's state page), more than {flag} {tokens}: raise it to {block} or "
-                "more, or pass --no-enable-prefix-caching"
+                f"least {block} tokens ({page}), more than {flag} {tokens}: raise it to {block} or more{unstack}, "
+                "or pass --no-enable-prefix-caching"
             )
 
 

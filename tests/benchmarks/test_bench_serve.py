@@ -325,7 +325,7 @@ def test_the_servers_memory_lines_are_kept():
 def test_the_aligned_server_differs_from_the_default_one_by_aligned_mode_alone():
     command = bench_serve.serve_command("ring-linear-aligned", Path("m"), Path("t"), 8000, 4352)
     assert command == bench_serve.serve_command("ring-linear", Path("m"), Path("t"), 8000, 4352)
-    assert bench_serve.server_env("ring-linear-aligned", {})["RING_LINEAR_ALIGNED"] == "1"
+    assert bench_serve.server_env("ring-linear-aligned", {}) == {"RING_LINEAR_ALIGNED": "1"}
     assert bench_serve.server_env("ring-linear", {}) == {}
 
 
@@ -396,17 +396,20 @@ def test_a_prefix_match_unit_without_vllm_prefix_caching_is_refused_before_a_ser
     assert not (tmp_path / "out").exists()
 
 
-def test_the_stacked_layout_is_served_by_its_switch_and_paired_with_the_unstacked_run_and_the_twin(tmp_path):
-    env = bench_serve.server_env("ring-linear-cached", {}, stacked=True)
-    assert env == {"RING_LINEAR_STACKED_STATES": "1"} and bench_serve.server_env("ring-linear", {}) == {}
-    assert bench_serve.variant(prefix_match_unit=16, stacked=True) == "-unit16-stacked"
-    labels = {"ring-linear-cached-unit16-stacked", "ring-linear-cached-unit16", "softmax-twin-cached-unit16"}
+def test_the_layout_is_named_to_the_server_and_the_unstacked_run_paired_with_the_default_and_the_twin(tmp_path):
+    switch = "RING_LINEAR_STACKED_STATES"
+    assert bench_serve.server_env("ring-linear-cached", {switch: "1"}) == {}  # the plugin's choice, not the shell's
+    assert bench_serve.server_env("ring-linear", {}, unstacked=True) == {switch: "0"}
+    assert bench_serve.server_env("ring-linear-aligned", {}) == {"RING_LINEAR_ALIGNED": "1"}
+    assert bench_serve.server_env("softmax-twin", {}) == {}
+    assert bench_serve.variant(prefix_match_unit=16, unstacked=True) == "-unit16-unstacked"
+    labels = {"ring-linear-cached-unit16-unstacked", "ring-linear-cached-unit16", "softmax-twin-cached-unit16"}
     assert set(bench_serve.pairs(labels)) == {
         ("ring-linear-cached-unit16", "softmax-twin-cached-unit16"),
-        ("ring-linear-cached-unit16-stacked", "ring-linear-cached-unit16"),
-        ("ring-linear-cached-unit16-stacked", "softmax-twin-cached-unit16"),
+        ("ring-linear-cached-unit16", "ring-linear-cached-unit16-unstacked"),
+        ("ring-linear-cached-unit16-unstacked", "softmax-twin-cached-unit16"),
     }
-    argv = ["run", "--model", "softmax-twin", "--out", str(tmp_path / "o"), "--stacked-states"]
-    with pytest.raises(SystemExit, match="--stacked-states is ring-linear's vLLM cache layout; --model softmax-twin"):
+    argv = ["run", "--model", "softmax-twin", "--out", str(tmp_path / "o"), "--unstacked-states"]
+    with pytest.raises(SystemExit, match="--unstacked-states is ring-linear's vLLM cache layout; --model softmax-twin"):
         bench_serve.run(bench_serve.parser().parse_args(argv))
     assert not (tmp_path / "o").exists()

@@ -61,15 +61,21 @@ def test_declared_state_matches_each_linear_layer(built):
     cfg, model = built
     from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec
 
+    from ring_linear_vllm.engine_config import states_per_entry
+
     config = tiny_config()
+    stack = states_per_entry(cfg)  # 2 with caching off (`test_stacked_states.py`): a spec for the entry's first layer
     shape = model.get_mamba_state_shape_from_config(cfg)
     dtype = model.get_mamba_state_dtype_from_config(cfg)
-    assert shape == ((4, 16, 16),) and dtype == (torch.float32,)
+    assert shape == ((stack, 4, 16, 16),) and stack == 2 and dtype == (torch.float32,)
     for layer_idx, layer in enumerate(model.model.layers):
         if config.is_softmax_layer(layer_idx):
             assert isinstance(layer.attention.attn.get_kv_cache_spec(cfg), FullAttentionSpec)
             continue
         spec = layer.attention.get_kv_cache_spec(cfg)
+        if layer.attention.entry_row:
+            assert spec is None, layer_idx
+            continue
         assert isinstance(spec, MambaSpec), layer_idx
         assert spec.shapes == shape and spec.dtypes == dtype
         assert layer.attention.get_attn_backend().get_name() == "RING_LINEAR_ATTN"

@@ -101,15 +101,17 @@ def workloads(bs: int) -> dict[str, tuple[list[Wave], bool]]:
 
 # The tiny model's block in fp32 (`_align_hybrid_block_size`: 16 x ceil(state page / (16 x KV bytes per token))
 # = 16 x ceil(4 x 16 x 16 x 4 B / (16 x 2 x 2 x 16 x 4 B)) = 16 tokens), times the states stacked in one cache
-# entry (`RING_LINEAR_STACKED_STATES`): the workloads are sized from it.
+# entry (`stack_for`: hits inside a block stack 2, whole-block hits 1 unless RING_LINEAR_STACKED_STATES=1): the
+# workloads are sized from it.
 TINY_FP32_BLOCK = 16
 # Ring-mini's block in bf16: its 1 MiB fp32 state page over the GQA layers' 2 KiB of KV per token.
 RING_MINI_BLOCK = 512
 
 
-def expected_block(model, one_state_block: int) -> int:
-    """The block vLLM must pick for the checkpoint folder `model`: `one_state_block` times the states per entry."""
-    return one_state_block * stack_for(read_config(model))
+def expected_block(model, one_state_block: int, fine_grained: bool = False) -> int:
+    """The block vLLM must pick for the checkpoint folder `model`: `one_state_block` times the states per entry (the
+    engines here keep the default budget, which reaches a stacked block)."""
+    return one_state_block * stack_for(read_config(model), caching="fine" if fine_grained else "block")
 
 
 def compare_cached_with_uncached(model, max_tokens: int, **settings) -> int:
@@ -120,7 +122,7 @@ def compare_cached_with_uncached(model, max_tokens: int, **settings) -> int:
         cached = {name: run_waves(llm, waves, max_tokens) for name, (waves, _) in workloads(bs).items()}
     finally:
         free(llm)
-    want = expected_block(model, TINY_FP32_BLOCK)
+    want = expected_block(model, TINY_FP32_BLOCK, fine_grained="prefix_match_unit" in settings)
     assert bs == want, f"vLLM chose {bs}-token blocks: the workloads' sizes assume {want}"
     llm = make_llm(model, enable_prefix_caching=False, **settings)
     try:
@@ -153,8 +155,9 @@ def test_cache_hits_across_chunked_prefill_boundaries(tiny_trained, extra):
 
 
 def test_fine_grained_hits_give_the_tokens_and_logprobs_of_caching_off(tiny_trained):
-    """`--prefix-match-unit 4` inside the tiny model's 16-token blocks: hits resume from the state kept at the last
-    4-token boundary before a prompt's last token (`ring_linear_vllm.prefix_replay`), mid-block."""
+    """`--prefix-match-unit 4` inside the tiny model's blocks (32 tokens, its states stacked 2 to an entry): hits
+    resume from the state kept at the last 4-token boundary before a prompt's last token
+    (`ring_linear_vllm.prefix_replay`), mid-block."""
     assert compare_cached_with_uncached(tiny_trained, 24, prefix_match_unit=4) > 0
 
 
@@ -169,10 +172,12 @@ def test_eviction_and_preemption_under_64_concurrent_requests(tiny_trained):
         want = tokens_and_logprobs(generate(llm, prompts, 32, logprobs=0))
     finally:
         free(llm)
-    # 200 blocks of 16 tokens (the 3 KV-cache groups share them): too few for 64 requests, enough that some
-    # cached prefixes survive (vLLM 0.26's scheduler and cache manager, run on a CPU with fake outputs: at 48
-    # blocks every hit was evicted, at 200 a share of the requests hit)
-    llm = make_llm(tiny_trained, enable_prefix_caching=True, num_gpu_blocks_override=200, max_num_batched_tokens=256)
+    # 200 blocks of 16 tokens, one state an entry (the 3 KV-cache groups share them): too few for 64 requests, enough
+    # that some cached prefixes survive (vLLM 0.26's scheduler and cache manager, run on a CPU with fake outputs: at
+    # 48 blocks every hit was evicted, at 200 a share of the requests hit); stacked, blocks hold `stack` times the
+    # tokens for fewer groups, so the pool shrinks by that factor to keep the pressure
+    blocks = 200 // stack_for(read_config(tiny_trained), caching="block")
+    llm = make_llm(tiny_trained, enable_prefix_caching=True, num_gpu_blocks_override=blocks, max_num_batched_tokens=256)
     try:
         generate(llm, prompts[:8], 32, logprobs=0)  # cache the prefixes, then crowd them out
         outputs = generate(llm, prompts, 32, logprobs=0)
