@@ -148,7 +148,7 @@ for step in "$@"; do
     kernels) run kernels 300 python3 -m pytest -q -m gpu tests/common_kernels ;;
     engine) run engine 540 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -rf -m gpu tests/ring_linear_vllm/test_engine_gpu.py \
       tests/ring_linear_vllm/test_engine_warmup.py \
-      -k "${PYTEST_K:-not tensor_parallel and not ring_flash and not $MINI and not cache_off and not ($FAULTS)}" ;;
+      -k "${PYTEST_K:-not tensor_parallel and not ring_flash and not $MINI and not ($FAULTS)}" ;;
     engine-mini) run engine-mini 540 env CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -rf -m gpu \
       tests/ring_linear_vllm/test_engine_gpu.py -k "($MINI) and not ring_flash" ;;
     stacked) run stacked 540 env CUDA_VISIBLE_DEVICES=0 RING_LINEAR_STACKED_STATES=1 python3 -m pytest -q -s -rf -m gpu \
