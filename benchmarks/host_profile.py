@@ -37,6 +37,10 @@ def find_processes(title: str, proc: Path = Path("/proc")) -> list[int]:
     return sorted(pids)
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class PySpyRecording:
     """`py-spy record` of one process while the `with` block runs (stopped with SIGINT, which makes it write)."""
 
@@ -50,7 +54,11 @@ class PySpyRecording:
 
     def __enter__(self) -> PySpyRecording:
         with open(self.log, "w") as log:
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
+            # SIGINT at its default in py-spy: a benchmark started in the background (`cmd &`, nohup) ignores SIGINT,
+            # and an ignored signal stays ignored across exec, so the stop signal would not reach a handler
+            self.process = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_default_sigint
+            )
         self.seconds = 0.0
         self._started = time.monotonic()
         return self

@@ -4,6 +4,7 @@ py-spy's raw stacks into per-thread shares, and stopping a recording so it write
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -58,7 +59,21 @@ def test_the_engine_core_is_found_by_its_process_title(tmp_path):
     assert host_profile.find_processes("EngineCore") == []  # this machine runs no engine
 
 
-def test_a_recording_is_stopped_with_sigint_so_it_writes(tmp_path):
+@pytest.mark.parametrize("ours", ["default", "ignored"], ids=["sigint_default", "sigint_ignored"])
+def test_a_recording_is_stopped_with_sigint_so_it_writes(tmp_path, ours):
+    """Also from a process that ignores SIGINT, as one started in the background (`cmd &`, nohup) does: py-spy
+    would inherit that and never stop (CI run from a background shell hit it)."""
+    if ours == "ignored":
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            record_and_stop(tmp_path)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    else:
+        record_and_stop(tmp_path)
+
+
+def record_and_stop(tmp_path):
     stand_in = tmp_path / "py-spy"  # writes its output only when interrupted, as py-spy record does
     stand_in.write_text(
         f"#!{sys.executable}\n"
