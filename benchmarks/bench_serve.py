@@ -575,7 +575,7 @@ def run(args: argparse.Namespace) -> None:
             ),
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=server_environment, start_new_session=True,
+            env=server_environment, start_new_session=True, preexec_fn=host_profile.default_sigint,  # stop_server
         )  # fmt: skip
         summary = {"model": name_of_run, "workloads": [w.name for w in workloads], "routing": routing}
         try:

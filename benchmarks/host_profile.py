@@ -37,7 +37,9 @@ def find_processes(title: str, proc: Path = Path("/proc")) -> list[int]:
     return sorted(pids)
 
 
-def _default_sigint() -> None:
+def default_sigint() -> None:
+    """`preexec_fn` for a child that is stopped with SIGINT: a process started in the background (`cmd &`, nohup)
+    ignores SIGINT, and an ignored signal stays ignored across exec, so the child would never see the stop."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
@@ -54,10 +56,8 @@ class PySpyRecording:
 
     def __enter__(self) -> PySpyRecording:
         with open(self.log, "w") as log:
-            # SIGINT at its default in py-spy: a benchmark started in the background (`cmd &`, nohup) ignores SIGINT,
-            # and an ignored signal stays ignored across exec, so the stop signal would not reach a handler
             self.process = subprocess.Popen(
-                self.command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_default_sigint
+                self.command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=default_sigint
             )
         self.seconds = 0.0
         self._started = time.monotonic()
