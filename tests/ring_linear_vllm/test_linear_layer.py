@@ -18,10 +18,19 @@ def _assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
     assert err < 1e-4 * want.abs().max().item(), f"max abs error {err} (output scale {want.abs().max().item()})"
 
 
+@pytest.fixture(params=["1", "0"], ids=["stacked", "one_state_an_entry"])
+def cache_layout(request, monkeypatch):
+    """Both cache layouts (`ring_linear_vllm.engine_config.states_per_entry`; these engines cache nothing, so the
+    plugin alone would stack)."""
+    monkeypatch.setenv("RING_LINEAR_STACKED_STATES", request.param)
+
+
+@pytest.mark.usefixtures("cache_layout")
 def test_mixed_prefill_decode_step_matches_the_shim(vllm_tools, tiny_dir):
     _assert_close(vllm_tools.mixed_step_output(tiny_dir), vllm_tools.mixed_step_reference(tiny_dir))
 
 
+@pytest.mark.usefixtures("cache_layout")
 def test_the_linear_layers_of_a_step_share_its_metadata(vllm_tools, tiny_dir):
     """Layers 0 and 1 (decays of their own) run on one metadata object and one RoPE table."""
     layers = (0, 1)
