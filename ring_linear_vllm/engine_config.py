@@ -73,7 +73,8 @@ def caching_grain(cache_config) -> str:
 def stack_for(config: RingLinearConfig, pipeline_parallel_size: int = 1, caching: str = "off") -> int:
     """`states_per_entry` from the model config, the pipeline size and the `caching_grain` (what a test knows before
     vLLM starts). `STACKED_STATES_SWITCH` unset stacks unless prefix caching hits whole blocks only: stacked blocks
-    would make those hits that many times coarser (a resent 4K Ring-mini prompt would hit 2,048 tokens, not 3,584);
+    would make those hits that many times coarser (a resent 4K Ring-mini prompt would hit 2,048 tokens, not 3,584;
+    with `--prefix-match-unit` only prefixes shared by different suffixes are cached at block ends alone);
     1 stacks there too, 0 never. One entry's layers must live on one pipeline rank, so pipeline parallelism keeps one
     state an entry; so does aligned mode, whose window buffers have not been tested stacked."""
     wanted = stacked_states()

@@ -1,6 +1,6 @@
 """The stacked layout: consecutive linear layers keep their states in one vLLM cache entry, so vLLM makes one KV-cache
 group of them instead of one per softmax-layer count (Ring-mini: 2 groups instead of 5), and each layer reads its row of
-the entry's pool. `RING_LINEAR_STACKED_STATES` unset stacks where prefix caching loses nothing by it; 1 and 0 decide."""
+the entry's pool. `RING_LINEAR_STACKED_STATES` unset stacks where prefix caching loses least by it; 1 and 0 decide."""
 
 from __future__ import annotations
 
