@@ -48,8 +48,8 @@ def scheduler_for(
 ):
     """vLLM's scheduler with the layout's KV-cache groups, built as the engine core builds it (`prefix_match_unit`:
     vLLM's `--prefix-match-unit`, hits finer than a block; `stack`: the linear layers' states stacked `stack` to a
-    cache entry, a layout the plugin does not serve: 16 linear layers as 16 / stack entries of `stack` states, so vLLM
-    makes fewer KV-cache groups of larger blocks; what that would save the host)."""
+    cache entry, as the plugin serves them where prefix caching loses least (`engine_config.stack_for`): 16 linear
+    layers as 16 / stack entries of `stack` states, so vLLM makes fewer KV-cache groups of larger blocks)."""
     import torch
     from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
     from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
@@ -162,7 +162,10 @@ def main() -> None:
     parser.add_argument("--prefix-caching", action="store_true")
     parser.add_argument("--prefix-match-unit", type=int, help="vLLM's --prefix-match-unit: hits finer than a block")
     parser.add_argument(
-        "--stack", type=int, default=1, help="stack the linear layers' states this many to a cache entry (not served)"
+        "--stack",
+        type=int,
+        default=1,
+        help="stack the linear layers' states this many to a cache entry (engine_config.stack_for)",
     )
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=64)

@@ -100,12 +100,12 @@ def test_other_releases_are_left_alone(vllm_env):
     assert wrapped == vllm.__version__.startswith(PREFIX_CACHING_VERIFIED_ON)
 
 
-def resend_hits(length: int, prefix_match_unit: int | None, ours: bool = True) -> list[int]:
+def resend_hits(length: int, prefix_match_unit: int | None, ours: bool = True, stack: int = 1) -> list[int]:
     """Prompt tokens each of 4 prompts of `length` hit on its first and on its second send, through vLLM's scheduler
     and KV-cache manager on Ring-mini's cache layout (`ours=False`: the same scheduler with our marks taken off)."""
     from benchmarks.probe_scheduler import block_hasher, run_pass, scheduler_for
 
-    scheduler, _, hash_block_size = scheduler_for("ring-linear", True, 4096 + 64, 4, 4, prefix_match_unit)
+    scheduler, _, hash_block_size = scheduler_for("ring-linear", True, 4096 + 64, 4, 4, prefix_match_unit, stack)
     if not ours:
         scheduler.vllm_config.model_config.hf_config.model_type = "qwen3_next"
         for manager in scheduler.kv_cache_manager.coordinator.single_type_managers:
@@ -125,18 +125,28 @@ def test_with_finer_hits_a_resent_prompt_resumes_at_its_last_hash_boundary(vllm_
     assert resend_hits(length, unit) == [0, expected]
 
 
+def test_finer_hits_are_as_fine_with_the_states_stacked(vllm_026):
+    """Why the plugin stacks under `--prefix-match-unit` (`engine_config.stack_for`): a resend resumes at the same
+    token in 2,048-token blocks as in 512-token ones."""
+    assert resend_hits(4096, 16, stack=4) == [0, 4080]
+    assert resend_hits(4000, 16, stack=4) == [0, 3984]
+
+
 def test_other_models_keep_vllms_own_partial_tail(vllm_026):
     # vLLM's tail at a prompt's end is no use to its resend: the hit falls back to the blocks a chunk ended on
     assert resend_hits(4001, 16, ours=False) == [0, 4000]  # 4,000 is inside the prompt: vLLM's own tail serves
     assert resend_hits(4096, 16, ours=False)[1] < 4080
 
 
-def test_a_resent_prompt_of_whole_blocks_hits_all_but_its_last_block(vllm_026):
+@pytest.mark.parametrize("stack, hit", [(1, 3584), (4, 2048)], ids=["one_state_an_entry", "stacked"])
+def test_a_resent_prompt_of_whole_blocks_hits_all_but_its_last_block(vllm_026, stack, hit):
+    """8 blocks of 512 tokens each (or 2 of 2,048 with Ring-mini's states stacked 4 to an entry: why the plugin keeps
+    one state an entry under whole-block caching, `engine_config.stack_for`)."""
     from benchmarks.probe_scheduler import block_hasher, run_pass, scheduler_for
 
-    scheduler, _, hash_block_size = scheduler_for("ring-linear", True, 4096 + 64, 4, kv_memory_gib=4)
+    scheduler, _, hash_block_size = scheduler_for("ring-linear", True, 4096 + 64, 4, kv_memory_gib=4, stack=stack)
     hasher = block_hasher(hash_block_size)
-    prompts = [[3000 + i] * 4096 for i in range(4)]  # 8 blocks each
+    prompts = [[3000 + i] * 4096 for i in range(4)]
     first, second = (run_pass(scheduler, prompts, 4, 4, hasher, f"pass{p}") for p in range(2))
     assert first["hit_tokens"] == 0
-    assert second["hit_tokens"] == 4 * 3584, second  # without the stop: only where the first send's budget cut it
+    assert second["hit_tokens"] == 4 * hit, second  # without the stop: only where the first send's budget cut it
