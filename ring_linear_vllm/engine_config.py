@@ -105,17 +105,17 @@ def note_stacked_states(vllm_config) -> None:
             "ring-linear: %s=0: each linear layer keeps its state in its own cache entry", STACKED_STATES_SWITCH
         )
     elif wanted is None and could > 1:
-        block_grained = caching_grain(vllm_config.cache_config) == "block"
+        if caching_grain(vllm_config.cache_config) == "block":
+            why = "too coarse for prefix-cache hits of whole blocks (--prefix-match-unit 16 hits every 16 tokens)"
+        else:
+            budgets = ", ".join(f"{flag} {tokens}" for flag, tokens in token_budgets(vllm_config) if tokens)
+            why = f"more than this token budget ({budgets}): raise it to stack them"
         logger.info(
             "ring-linear: each linear layer keeps its state in its own cache entry: stacked %d to an entry (fewer "
             "KV-cache groups to schedule) they make %d-token blocks, %s; %s=1 stacks them anyway",
             could,
             block_tokens(vllm_config, could),
-            "too coarse for prefix-cache hits of whole blocks (--prefix-match-unit 16 hits every 16 tokens and stacks)"
-            if block_grained
-            else "more than this token budget ("
-            + ", ".join(f"{flag} {tokens}" for flag, tokens in token_budgets(vllm_config) if tokens)
-            + "): raise it to stack them",
+            why,
             STACKED_STATES_SWITCH,
         )
     else:  # pipeline stages, aligned mode or an odd layer pattern: said, and warned when asked for
