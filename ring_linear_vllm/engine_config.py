@@ -288,7 +288,8 @@ def check_prefix_caching(vllm_config) -> None:
             "ring-linear: --mamba-cache-mode all is not supported (it needs the state at every block, which the "
             "prefill does not write): use --mamba-cache-mode align"
         )
-    block = min_block_tokens(vllm_config)
+    stack = states_per_entry(vllm_config)
+    block = block_tokens(vllm_config, stack)
     unit = getattr(cache_config, "prefix_match_unit", None)
     if unit and unit < block:  # ring_linear_vllm.prefix_replay moves vLLM's partial tail for our model
         logger.info(
@@ -298,7 +299,6 @@ def check_prefix_caching(vllm_config) -> None:
             block,
             unit,
         )
-    stack = states_per_entry(vllm_config)
     page = f"{stack} layers' state page, {STACKED_STATES_SWITCH}=1" if stack > 1 else "one layer's state page"
     unstack = f", or unset {STACKED_STATES_SWITCH}" if stack > 1 else ""
     for flag, tokens in token_budgets(vllm_config):

@@ -59,18 +59,15 @@ def test_the_engine_core_is_found_by_its_process_title(tmp_path):
     assert host_profile.find_processes("EngineCore") == []  # this machine runs no engine
 
 
-@pytest.mark.parametrize("ours", ["default", "ignored"], ids=["sigint_default", "sigint_ignored"])
-def test_a_recording_is_stopped_with_sigint_so_it_writes(tmp_path, ours):
+@pytest.mark.parametrize("ignored", [False, True], ids=["sigint_default", "sigint_ignored"])
+def test_a_recording_is_stopped_with_sigint_so_it_writes(tmp_path, ignored):
     """Also from a process that ignores SIGINT, as one started in the background (`cmd &`, nohup) does: py-spy
     would inherit that and never stop (CI run from a background shell hit it)."""
-    if ours == "ignored":
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            record_and_stop(tmp_path)
-        finally:
-            signal.signal(signal.SIGINT, previous)
-    else:
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN if ignored else signal.getsignal(signal.SIGINT))
+    try:
         record_and_stop(tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def record_and_stop(tmp_path):

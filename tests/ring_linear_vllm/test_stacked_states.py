@@ -63,7 +63,7 @@ def test_ring_mini_stacks_four_states_to_an_entry_of_a_2048_token_block(
         )
 
 
-def test_unset_the_layout_is_stacked_where_prefix_caching_loses_nothing_by_it(
+def test_unset_the_layout_is_stacked_where_prefix_caching_loses_least_by_it(
     vllm_tools, released_dir, caching_served, monkeypatch, caplog
 ):
     """Caching off: stacked. Hits of whole blocks: one state an entry (stacked blocks would make them 4 times
