@@ -62,7 +62,7 @@
 #   soak         bench_serve's soak: concurrency 128 for 5 minutes or more, failed requests and GPU memory    (~7 min)
 #   profile      compiled 4K and 128K prefill and 64 x 4K decode-step profiles, ring-linear and the twin (~9 min;
 #                PROFILE_DECODE_LENGTH=16384 decodes 64 x 16K contexts, as long reasoning does;
-#                PROFILE_CASES picks; RING_LINEAR_ROUTER_PRODUCTS=bf16x3 times the tensor-core router GEMM;
+#                PROFILE_CASES picks; RING_LINEAR_ROUTER_PRODUCTS=fp32 times the SIMT router GEMM;
 #                RING_LINEAR_ALIGNED=1 VLLM_BATCH_INVARIANT=1 in front profiles aligned mode: where its decode goes)
 #   default-gap  default_gap: default mode's shim-vs-engine logprob gap (mean/p99/max) and the share of tokens
 #                routed to other experts, fp32 and bf16, the tiny trained checkpoint and a random Ring-mini layer group

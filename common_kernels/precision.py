@@ -14,8 +14,9 @@ runs everything in float64 (these dtypes are then raised to float64 by `compute_
 - RoPE: cos/sin and the rotation in fp32, the result cast back.
 - softmax attention: scores and softmax in fp32.
 - residual stream: fp32, add and norm unfused (paper: FP32 residual, unfused add + norm).
-- MoE router: fp32 GEMM, sigmoid and top-k, logits never rounded to bf16 (near-ties choose experts). The GEMM
-  may run as three exact bf16 products (`RING_LINEAR_ROUTER_PRODUCTS=bf16x3`, `ops/moe/router_gemm.py`).
+- MoE router: fp32 GEMM, sigmoid and top-k, logits never rounded to bf16 (near-ties choose experts). With bf16
+  activations and no autograd the GEMM runs as three exact bf16 products on the tensor cores (`ops/moe/router_gemm.py`;
+  `RING_LINEAR_ROUTER_PRODUCTS=fp32` keeps the fp32 GEMM).
 - MoE combine: fp32 weighted sum in a fixed (token, slot) order (deterministic).
 - LM head: fp32 accumulation, fp32 logits (paper: FP32 LM head).
 """

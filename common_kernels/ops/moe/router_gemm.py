@@ -1,13 +1,12 @@
 """The router GEMM: fp32 logits from the activations and the fp32 gate weight, never rounded to bf16.
 
 `RING_LINEAR_ROUTER_PRODUCTS` picks how (the shim and the engines read the same setting):
-- `fp32` (default): one fp32 GEMM. On a GPU that is cuBLAS's SIMT kernel, the third-largest GEMM time of a
-  served prefill step for both Ring-mini and its twin (RESULTS.md run M).
-- `bf16x3`: the weight split into three bf16 parts whose sum is the weight to fp32 rounding. A bf16 activation
-  times a bf16 part is exact in fp32, so one bf16 tensor-core GEMM with fp32 output over the stacked parts, and
-  the parts' sum, give the fp32 GEMM's logits up to the order of fp32 additions. Used for bf16 activations
-  without autograd (serving, no-grad scoring); fp32 activations and training take the fp32 GEMM. Opt-in until
-  its GPU timing and logprob check have run.
+- `bf16x3` (default): the weight split into three bf16 parts whose sum is the weight to fp32 rounding. A bf16
+  activation times a bf16 part is exact in fp32, so one bf16 tensor-core GEMM with fp32 output over the stacked
+  parts, and the parts' sum, give the fp32 GEMM's logits up to the order of fp32 additions. Used for bf16
+  activations without autograd (serving, no-grad scoring); fp32 activations and training take the fp32 GEMM.
+- `fp32`: one fp32 GEMM for every input. On a GPU that is cuBLAS's SIMT kernel, the third-largest GEMM time of a
+  served prefill step for both Ring-mini and its twin (vLLM's Bailing MoE runs it too; RESULTS.md run M).
 
 Aligned mode (`router_logits(..., invariant=True)`) takes neither: a Triton GEMM with exact products whose tiles
 never change a row's sums, so a token's logits are the same bits whatever the batch around it. cuBLAS picks its
@@ -31,7 +30,7 @@ from ...precision import ROUTER_DTYPE, compute_dtype
 from ..triton_settings import INTERPRET
 
 ROUTER_PRODUCT_CHOICES = ("fp32", "bf16x3")
-ROUTER_PRODUCTS = os.environ.get("RING_LINEAR_ROUTER_PRODUCTS", "fp32")
+ROUTER_PRODUCTS = os.environ.get("RING_LINEAR_ROUTER_PRODUCTS", "bf16x3")
 if ROUTER_PRODUCTS not in ROUTER_PRODUCT_CHOICES:
     raise ValueError(
         f"RING_LINEAR_ROUTER_PRODUCTS={ROUTER_PRODUCTS!r}: choose one of {', '.join(ROUTER_PRODUCT_CHOICES)}"
