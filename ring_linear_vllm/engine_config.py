@@ -28,7 +28,9 @@ from common_kernels.serving import (
 )
 from ring_linear_vllm.compat import check_kv_cache_write_width, splitting_op_name
 
-logger = init_logger(__name__)
+# under `vllm.`: vLLM gives its handler, format and VLLM_LOGGING_LEVEL to the `vllm` logger alone (propagation off),
+# so a logger of another name has no handler in a served engine and its info lines are dropped
+logger = init_logger(f"vllm.{__name__}")
 # the opt-in that kept prefix caching off until its GPU tests passed (run P); a user who still sets it is told
 RETIRED_PREFIX_CACHING_SWITCH = "RING_LINEAR_PREFIX_CACHING"
 # the vLLM minor version whose hybrid prefix caching passed our GPU tests (test_prefix_caching_gpu.py)

@@ -24,6 +24,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.fixture(autouse=True)
+def vllm_logs_reach_caplog(monkeypatch):
+    """vLLM's logging config stops records at the `vllm` logger (propagation off), and ours live under it
+    (`vllm.ring_linear_vllm.engine_config`): let them reach pytest's root handler, so `caplog` reads them."""
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("vllm"), "propagate", True)
+
+
 @pytest.fixture(scope="session")
 def vllm_env():
     """vLLM imported, a platform in place, and the plugins loaded as every vLLM process loads them."""

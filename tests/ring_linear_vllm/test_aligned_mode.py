@@ -74,7 +74,7 @@ def test_aligned_mode_names_its_product_setting_for_the_trainer(vllm_tools, tiny
     from common_kernels.ops import triton_settings
 
     monkeypatch.setattr(triton_settings, "FP32_DOT_PRECISION", "tf32x3")
-    caplog.set_level(logging.INFO, logger="ring_linear_vllm.engine_config")
+    caplog.set_level(logging.INFO, logger="vllm.ring_linear_vllm.engine_config")
     vllm_tools.engine_config(tiny_dir)
     assert "multiplies fp32 operands as tf32x3 (RING_LINEAR_FP32_DOT)" in caplog.text
 

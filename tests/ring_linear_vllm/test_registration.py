@@ -197,6 +197,27 @@ def test_prefill_context_parallelism_is_refused_before_the_build(vllm_tools, rel
     check_context_parallel(SimpleNamespace(parallel_config=SimpleNamespace(prefill_context_parallel_size=1)))
 
 
+def test_our_info_lines_reach_vllms_own_handler(vllm_tools, released_dir, monkeypatch):
+    """vLLM hands its handler to the `vllm` logger alone: the start-up line naming the cache layout must arrive there
+    (a logger outside `vllm.` had no handler, and every served log lacked that line: RESULTS.md run AI)."""
+    import logging
+
+    vllm_root = logging.getLogger("vllm")
+    monkeypatch.setattr(vllm_root, "propagate", False)  # as a served engine has it
+    arrived = []
+    catcher = logging.Handler(logging.INFO)
+    catcher.emit = arrived.append
+    level = vllm_root.level
+    vllm_root.setLevel(logging.INFO)  # vLLM's default (the tests' conftest quiets it); setLevel clears the caches
+    vllm_root.addHandler(catcher)
+    try:
+        vllm_tools.engine_config(released_dir, dtype="bfloat16")
+    finally:
+        vllm_root.removeHandler(catcher)
+        vllm_root.setLevel(level)
+    assert any("states are stacked 4 to a cache entry" in r.getMessage() for r in arrived)
+
+
 def test_prefix_caching_stays_off_with_a_warning_on_a_vllm_it_is_not_verified_on(
     vllm_tools, released_dir, monkeypatch, caplog
 ):
@@ -232,7 +253,7 @@ def test_hits_finer_than_a_block_are_served_and_say_where_they_resume(vllm_tools
     if "prefix_match_unit" not in CacheConfig.__dataclass_fields__:
         pytest.skip("this vLLM has no --prefix-match-unit")
     monkeypatch.setattr(engine_config.vllm, "__version__", "0.26.0")  # where caching is served
-    caplog.set_level(logging.INFO, logger="ring_linear_vllm.engine_config")
+    caplog.set_level(logging.INFO, logger="vllm.ring_linear_vllm.engine_config")
     cfg = vllm_tools.engine_config(
         released_dir, dtype="bfloat16", enable_prefix_caching=True, max_num_batched_tokens=512, prefix_match_unit=16
     )

@@ -15,7 +15,7 @@ pytest.importorskip("vllm")
 from common_kernels.serving import STACKED_STATES_SWITCH  # noqa: E402
 
 RELEASED_CONFIG = Path(__file__).parents[1] / "data" / "ring-mini-linear-2.0.config.json"
-OURS = "ring_linear_vllm.engine_config"  # the logger that says which layout was chosen
+OURS = "vllm.ring_linear_vllm.engine_config"  # the logger that says which layout was chosen
 
 
 @pytest.fixture
