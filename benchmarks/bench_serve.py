@@ -56,6 +56,7 @@ from pathlib import Path
 
 from benchmarks import host_profile, served_timeline
 from benchmarks.server_hooks import sync_watch
+from common_kernels.ops.moe.router_gemm import ROUTER_PRODUCTS_SWITCH
 from common_kernels.serving import ALIGNED_MODE_SWITCH, STACKED_STATES_SWITCH
 
 RELEASED_CONFIG = Path(__file__).parents[1] / "tests" / "data" / "ring-mini-linear-2.0.config.json"
@@ -128,16 +129,19 @@ def variant(
     routing: str = "spread",
     prefix_match_unit: int | None = None,
     unstacked: bool = False,
+    fp32_router: bool = False,
 ) -> str:
     """The suffix that names a model variant in files and tables: '' for Ring-mini at full depth unquantized with
-    spread routing, block-grained cache hits and the plugin's choice of cache layout (before run AH: one state an
-    entry, now '-unstacked'; run AG's '-stacked' is what the plugin now picks with caching off)."""
+    spread routing, block-grained cache hits and the plugin's defaults: its choice of cache layout (before run AH: one
+    state an entry, now '-unstacked'; run AG's '-stacked' is what the plugin now picks with caching off) and the
+    router on the tensor cores (before run AI: the fp32 GEMM, now '-fp32-router')."""
     parts = [] if size == "mini" else [size]
     parts += [f"{layers}l"] if layers is not None else []
     parts += [quantization] if quantization else []
     parts += [f"unit{prefix_match_unit}"] if prefix_match_unit is not None else []
     parts += ["dummy-routing"] if routing == "dummy" else []
     parts += ["unstacked"] if unstacked else []
+    parts += ["fp32-router"] if fp32_router else []
     return "".join(f"-{part}" for part in parts)
 
 
@@ -227,12 +231,14 @@ def profiler_config(directory: Path) -> dict:
     }  # fmt: skip
 
 
-def server_env(model: str, env: dict[str, str], unstacked: bool = False) -> dict[str, str]:
-    """The server's environment: the aligned server runs aligned mode; ring-linear's cache layout is the plugin's
-    choice (`engine_config.stack_for`), or one state an entry when `unstacked`, whatever the caller's shell says."""
+def server_env(model: str, env: dict[str, str], unstacked: bool = False, fp32_router: bool = False) -> dict[str, str]:
+    """The server's environment: the aligned server runs aligned mode; ring-linear's cache layout and router GEMM are
+    the plugin's defaults (`engine_config.stack_for`, `router_gemm`), or one state an entry when `unstacked` and the
+    fp32 router GEMM when `fp32_router`, whatever the caller's shell says."""
     env = env | {ALIGNED_MODE_SWITCH: "1"} if model == "ring-linear-aligned" else env
-    env = {name: value for name, value in env.items() if name != STACKED_STATES_SWITCH}
-    return env | {STACKED_STATES_SWITCH: "0"} if unstacked else env
+    env = {name: value for name, value in env.items() if name not in (STACKED_STATES_SWITCH, ROUTER_PRODUCTS_SWITCH)}
+    env = env | {STACKED_STATES_SWITCH: "0"} if unstacked else env
+    return env | {ROUTER_PRODUCTS_SWITCH: "fp32"} if fp32_router else env
 
 
 SERVER_HOOKS = Path(__file__).parent / "server_hooks"  # its sitecustomize runs in every server process
@@ -536,6 +542,8 @@ def run(args: argparse.Namespace) -> None:
             f"bench_serve: --unstacked-states is ring-linear's vLLM cache layout; --model {args.model} --engine "
             f"{args.engine} has none: pick a ring-linear model on vLLM"
         )
+    if args.fp32_router and not args.model.startswith("ring-linear"):
+        raise SystemExit(f"bench_serve: --fp32-router is ring-linear's router GEMM; --model {args.model} has none")
     if args.torch_profile and args.engine != "vllm":
         raise SystemExit("bench_serve: --torch-profile reads vLLM's profiler traces: serve with --engine vllm")
     if args.prefix_match_unit is not None and (args.engine != "vllm" or not args.model.endswith("-cached")):
@@ -551,7 +559,15 @@ def run(args: argparse.Namespace) -> None:
     name_of_run = label(
         args.model,
         args.engine,
-        variant(args.size, args.layers, args.quantization, routing, args.prefix_match_unit, args.unstacked_states),
+        variant(
+            args.size,
+            args.layers,
+            args.quantization,
+            routing,
+            args.prefix_match_unit,
+            args.unstacked_states,
+            args.fp32_router,
+        ),
     )
     config = model_config(args.size, args.layers)
     workloads = [WORKLOADS[name] for name in args.workloads]
@@ -561,7 +577,7 @@ def run(args: argparse.Namespace) -> None:
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     log_path = out / f"server-{name_of_run}.log"
     probe = out / f"probe-{name_of_run}"
-    server_environment = routing_env(server_env(args.model, env, args.unstacked_states), routing)
+    server_environment = routing_env(server_env(args.model, env, args.unstacked_states, args.fp32_router), routing)
     if args.probe:
         server_environment = probe_env(server_environment, probe)
     watch, profile_dir = out / f"sync-{name_of_run}", out / f"profile-{name_of_run}"
@@ -707,20 +723,25 @@ def report_table(results: dict, baseline: str = "softmax-twin", model: str = "ri
     return "\n".join(lines)
 
 
+PREVIOUS_DEFAULTS = ("-unstacked", "-fp32-router")  # the label suffixes of a plugin default turned back
+
+
 def pairs(labels: set[str]) -> list[tuple[str, str]]:
     """(model, baseline) pairs among the runs: every ring-linear run against the twin of the same variant and
     engine, each SGLang run against the same run on vLLM, each aligned run against the default one, and the
-    default layout against the same run unstacked, which also meets the twin."""
+    plugin's defaults against the same run with one of them turned back (unstacked, fp32 router), which also meets
+    the twin."""
     found = []
     for model, baseline in (("ring-linear-aligned", "ring-linear"), ("ring-linear", "softmax-twin")):
         for name in sorted(labels):
             if name.startswith(model) and baseline + name[len(model) :] in labels:
                 found.append((name, baseline + name[len(model) :]))
-    for name in sorted(labels):  # the unstacked layout: the default run against it, it against the twin
-        plain = name.replace("-unstacked", "")
-        if name.startswith("ring-linear") and plain != name:
-            twin = "softmax-twin" + plain[len("ring-linear") :]
-            found += [pair for pair in ((plain, name), (name, twin)) if pair[0] in labels and pair[1] in labels]
+    for previous in PREVIOUS_DEFAULTS:  # a default turned back: the default run against it, it against the twin
+        for name in sorted(labels):
+            plain = name.replace(previous, "")
+            if name.startswith("ring-linear") and plain != name:
+                twin = "softmax-twin" + plain[len("ring-linear") :]
+                found += [pair for pair in ((plain, name), (name, twin)) if pair[0] in labels and pair[1] in labels]
     for name in sorted(labels):
         if name.startswith("ring-linear") and name.endswith(".sglang") and name.removesuffix(".sglang") in labels:
             found.append((name, name.removesuffix(".sglang")))
@@ -766,6 +787,11 @@ def parser() -> argparse.ArgumentParser:
         "--unstacked-states",
         action="store_true",
         help=f"serve ring-linear with {STACKED_STATES_SWITCH}=0 (one linear state a cache entry, as before run AH)",
+    )
+    run_parser.add_argument(
+        "--fp32-router",
+        action="store_true",
+        help=f"serve ring-linear with {ROUTER_PRODUCTS_SWITCH}=fp32 (the router's fp32 GEMM, as before run AI)",
     )
     run_parser.add_argument(
         "--torch-profile",

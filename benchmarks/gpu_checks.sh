@@ -22,6 +22,7 @@
 #                choose it (whole-block prefix caching; PYTEST_K picks; ~6 min: run AH). RING_LINEAR_STACKED_STATES=1
 #                in front of the prefix step sizes its blocks for that layout; SERVE_FLAGS=--unstacked-states on a
 #                serve step serves one state an entry, named and paired with the default run and the twin
+#                (SERVE_FLAGS=--fp32-router likewise serves the router's fp32 GEMM, the default before run AI)
 #   flash        pytest -m gpu: Ring-flash FP8 dummy weights, a 32K prompt with CUDA graphs (RING_LINEAR_FLASH_LAYERS
 #                serves fewer layers) (not yet run; issue 17)
 #   faults       the vLLM engine under faults: preemption, aborts, chunk boundaries                (~6 min)

@@ -413,3 +413,20 @@ def test_the_layout_is_named_to_the_server_and_the_unstacked_run_paired_with_the
     with pytest.raises(SystemExit, match="--unstacked-states is ring-linear's vLLM cache layout; --model softmax-twin"):
         bench_serve.run(bench_serve.parser().parse_args(argv))
     assert not (tmp_path / "o").exists()
+
+
+def test_the_router_is_named_to_the_server_and_the_fp32_router_run_paired_with_the_default_and_the_twin(tmp_path):
+    switch = "RING_LINEAR_ROUTER_PRODUCTS"
+    assert bench_serve.server_env("ring-linear", {switch: "fp32"}) == {}  # the plugin's default, not the shell's
+    assert bench_serve.server_env("ring-linear", {}, fp32_router=True) == {switch: "fp32"}
+    assert bench_serve.variant(unstacked=True, fp32_router=True) == "-unstacked-fp32-router"
+    labels = {"ring-linear", "ring-linear-fp32-router", "softmax-twin"}
+    assert set(bench_serve.pairs(labels)) == {
+        ("ring-linear", "softmax-twin"),
+        ("ring-linear", "ring-linear-fp32-router"),
+        ("ring-linear-fp32-router", "softmax-twin"),
+    }
+    argv = ["run", "--model", "softmax-twin-cached", "--out", str(tmp_path / "o"), "--fp32-router"]
+    with pytest.raises(SystemExit, match="--fp32-router is ring-linear's router GEMM; --model softmax-twin-cached"):
+        bench_serve.run(bench_serve.parser().parse_args(argv))
+    assert not (tmp_path / "o").exists()

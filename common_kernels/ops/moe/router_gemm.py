@@ -30,11 +30,10 @@ from ...precision import ROUTER_DTYPE, compute_dtype
 from ..triton_settings import INTERPRET
 
 ROUTER_PRODUCT_CHOICES = ("fp32", "bf16x3")
-ROUTER_PRODUCTS = os.environ.get("RING_LINEAR_ROUTER_PRODUCTS", "bf16x3")
+ROUTER_PRODUCTS_SWITCH = "RING_LINEAR_ROUTER_PRODUCTS"
+ROUTER_PRODUCTS = os.environ.get(ROUTER_PRODUCTS_SWITCH, "bf16x3")
 if ROUTER_PRODUCTS not in ROUTER_PRODUCT_CHOICES:
-    raise ValueError(
-        f"RING_LINEAR_ROUTER_PRODUCTS={ROUTER_PRODUCTS!r}: choose one of {', '.join(ROUTER_PRODUCT_CHOICES)}"
-    )
+    raise ValueError(f"{ROUTER_PRODUCTS_SWITCH}={ROUTER_PRODUCTS!r}: choose one of {', '.join(ROUTER_PRODUCT_CHOICES)}")
 
 
 def split_bf16x3(weight: torch.Tensor) -> torch.Tensor:
