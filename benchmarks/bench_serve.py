@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks import host_profile, served_timeline
-from benchmarks.server_hooks import sync_watch
+from benchmarks.server_hooks import process_probe, sync_watch
 from common_kernels.ops.moe.router_gemm import ROUTER_PRODUCTS_SWITCH
 from common_kernels.serving import ALIGNED_MODE_SWITCH, STACKED_STATES_SWITCH
 
@@ -616,6 +616,7 @@ def run(args: argparse.Namespace) -> None:
                     before = server_counters(args.port)
                     with GpuMemorySampler() as memory, host_recordings(args, out, name) as recordings:
                         subprocess.run(client, check=True, env=client_env(args.engine, env))
+                    wall_end = time.time()
                     result = read_result(out / name, w)
                     done = pass_counters(before, server_counters(args.port))
                     summary.setdefault("server_counters", {})[f"{w.name}/{pass_name}"] = done
@@ -641,13 +642,12 @@ def run(args: argparse.Namespace) -> None:
                         for trace in sorted(profile_dir.glob("*.pt.trace.json*")):
                             for line in served_timeline.describe(trace):
                                 print(f"  timeline: {line}", flush=True)
+                    if args.sync_watch or args.probe:  # the hooks' samples past the pass's end are written
+                        time.sleep(2 * max(sync_watch.PERIOD_S, process_probe.PERIOD_S))
                     if args.sync_watch:
-                        time.sleep(2 * sync_watch.PERIOD_S)  # the counts past the pass's end are written
                         for line in sync_watch.describe(str(watch)) or ["no call waited for the GPU"]:
                             print(f"  host waits on the GPU, so far: {line}", flush=True)
                     if args.probe:
-                        wall_end = time.time()
-                        time.sleep(2 * 2.0)  # the probe's samples past the pass's end are written
                         for line in process_lines(probe, wall_start, wall_end):
                             print(f"  host: {line}", flush=True)
                     if result.get("failed"):
