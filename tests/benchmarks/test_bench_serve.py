@@ -396,37 +396,32 @@ def test_a_prefix_match_unit_without_vllm_prefix_caching_is_refused_before_a_ser
     assert not (tmp_path / "out").exists()
 
 
-def test_the_layout_is_named_to_the_server_and_the_unstacked_run_paired_with_the_default_and_the_twin(tmp_path):
-    switch = "RING_LINEAR_STACKED_STATES"
-    assert bench_serve.server_env("ring-linear-cached", {switch: "1"}) == {}  # the plugin's choice, not the shell's
-    assert bench_serve.server_env("ring-linear", {}, unstacked=True) == {switch: "0"}
-    assert bench_serve.server_env("ring-linear-aligned", {}) == {"RING_LINEAR_ALIGNED": "1"}
+@pytest.mark.parametrize(
+    "flag, switch, value, suffix, what",
+    [
+        ("unstacked_states", "RING_LINEAR_STACKED_STATES", "0", "-unstacked", "vLLM cache layout"),
+        ("fp32_router", "RING_LINEAR_ROUTER_PRODUCTS", "fp32", "-fp32-router", "router GEMM"),
+    ],
+)
+def test_a_default_turned_back_is_named_to_the_server_and_paired_with_the_default_run_and_the_twin(
+    tmp_path, flag, switch, value, suffix, what
+):
+    """`--unstacked-states` and `--fp32-router` serve a plugin default as it was before (`PREVIOUS_DEFAULTS`)."""
+    for shell in ("1", value):  # the plugin's default, not the shell's
+        assert bench_serve.server_env("ring-linear-cached", {switch: shell}) == {}
+    keyword = flag.removesuffix("_states")  # server_env's and variant's name for it
+    assert bench_serve.server_env("ring-linear", {}, **{keyword: True}) == {switch: value}
     assert bench_serve.server_env("softmax-twin", {}) == {}
-    assert bench_serve.variant(prefix_match_unit=16, unstacked=True) == "-unit16-unstacked"
-    labels = {"ring-linear-cached-unit16-unstacked", "ring-linear-cached-unit16", "softmax-twin-cached-unit16"}
+    assert bench_serve.variant(prefix_match_unit=16, **{keyword: True}) == f"-unit16{suffix}"
+    assert bench_serve.variant(unstacked=True, fp32_router=True) == "-unstacked-fp32-router"
+    labels = {f"ring-linear-cached-unit16{suffix}", "ring-linear-cached-unit16", "softmax-twin-cached-unit16"}
     assert set(bench_serve.pairs(labels)) == {
         ("ring-linear-cached-unit16", "softmax-twin-cached-unit16"),
-        ("ring-linear-cached-unit16", "ring-linear-cached-unit16-unstacked"),
-        ("ring-linear-cached-unit16-unstacked", "softmax-twin-cached-unit16"),
+        ("ring-linear-cached-unit16", f"ring-linear-cached-unit16{suffix}"),
+        (f"ring-linear-cached-unit16{suffix}", "softmax-twin-cached-unit16"),
     }
-    argv = ["run", "--model", "softmax-twin", "--out", str(tmp_path / "o"), "--unstacked-states"]
-    with pytest.raises(SystemExit, match="--unstacked-states is ring-linear's vLLM cache layout; --model softmax-twin"):
-        bench_serve.run(bench_serve.parser().parse_args(argv))
-    assert not (tmp_path / "o").exists()
-
-
-def test_the_router_is_named_to_the_server_and_the_fp32_router_run_paired_with_the_default_and_the_twin(tmp_path):
-    switch = "RING_LINEAR_ROUTER_PRODUCTS"
-    assert bench_serve.server_env("ring-linear", {switch: "fp32"}) == {}  # the plugin's default, not the shell's
-    assert bench_serve.server_env("ring-linear", {}, fp32_router=True) == {switch: "fp32"}
-    assert bench_serve.variant(unstacked=True, fp32_router=True) == "-unstacked-fp32-router"
-    labels = {"ring-linear", "ring-linear-fp32-router", "softmax-twin"}
-    assert set(bench_serve.pairs(labels)) == {
-        ("ring-linear", "softmax-twin"),
-        ("ring-linear", "ring-linear-fp32-router"),
-        ("ring-linear-fp32-router", "softmax-twin"),
-    }
-    argv = ["run", "--model", "softmax-twin-cached", "--out", str(tmp_path / "o"), "--fp32-router"]
-    with pytest.raises(SystemExit, match="--fp32-router is ring-linear's router GEMM; --model softmax-twin-cached"):
+    option = "--" + flag.replace("_", "-")
+    argv = ["run", "--model", "softmax-twin", "--out", str(tmp_path / "o"), option]
+    with pytest.raises(SystemExit, match=f"{option} is ring-linear's {what}; --model softmax-twin"):
         bench_serve.run(bench_serve.parser().parse_args(argv))
     assert not (tmp_path / "o").exists()
