@@ -41,6 +41,9 @@
 #                and decode rows alone took 7; BENCH_ARGS, e.g. "--heads 8 --prefill 32K 128K", picks)
 #   sweep        sweep_linear_attn: launch settings, bf16 and fp32 prefill                 (~8 min)
 #   sweep-fp32   the same for the fp32 prefill alone, 4K, 2 x 4K, 32K and 128K (issue 11 item 4)   (~4.5 min)
+#   tune-moe     tune_moe: vLLM's fused MoE tiles for Ring-mini's experts (bf16) on this GPU against vLLM's own choice,
+#                written as vLLM's JSON to MOE_OUT (default OUTDIR/moe-configs); VLLM_TUNED_CONFIG_FOLDER=MOE_OUT in front
+#                of a serve step serves it (not shipped: run AJ)                                     (~5 min)
 #   e2e-prefill  bench_vllm_e2e: 4K and 16K prefill, ring-linear vs the softmax twin       (~6 min)
 #   example      examples/vllm_rollout_logprobs.py on the tiny trained checkpoint            (~1 min)
 #   serve-ring   bench_serve: `vllm serve` + `vllm bench serve`, ring-linear, every workload (~7 min)
@@ -173,6 +176,7 @@ for step in "$@"; do
     bench) run bench 580 python3 -m benchmarks.bench_linear_attn --dtype bf16 fp32 --json "$out/bench.json" ${BENCH_ARGS:-} ;;
     sweep) run sweep 540 python3 -m benchmarks.sweep_linear_attn ;;
     sweep-fp32) run sweep-fp32 540 python3 -m benchmarks.sweep_linear_attn --fp32 ;;
+    tune-moe) run tune-moe 560 python3 -m benchmarks.tune_moe --out "${MOE_OUT:-$out/moe-configs}" ;;
     e2e-prefill) run e2e-prefill 540 python3 -m benchmarks.bench_vllm_e2e --variants ring-linear softmax-twin \
       --prefill 4096 16384 --decode --json "$out/e2e-prefill.json" ;;
     example) run example 240 env CUDA_VISIBLE_DEVICES=0 python3 examples/vllm_rollout_logprobs.py \
