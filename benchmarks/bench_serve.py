@@ -491,6 +491,19 @@ def live_compiles(log_text: str) -> list[str]:
     return JIT_LINE.findall(log_text)
 
 
+def log_size(path: Path) -> int:
+    """Where the server's log ends now: a pass's own lines are those written between two of these."""
+    return path.stat().st_size if path.exists() else 0
+
+
+def compiles_between(path: Path, start: int, end: int) -> list[str]:
+    """The live compiles the server logged between two `log_size` marks (one pass: a compile stalls every request
+    in flight for its duration, so a pass that holds one is not a like-for-like figure)."""
+    with open(path, "rb") as log:
+        log.seek(start)
+        return live_compiles(log.read(max(end - start, 0)).decode(errors="replace"))
+
+
 class GpuMemorySampler:
     """GPU memory in use (nvidia-smi, every `period_s`) while a client runs: a leak shows as growth after the
     server's pools are allocated. Samples nothing where nvidia-smi is absent."""
@@ -612,7 +625,7 @@ def run(args: argparse.Namespace) -> None:
                     profiled = args.torch_profile and pass_name == args.passes[-1]
                     if profiled:
                         client.append("--profile")
-                    wall_start = time.time()
+                    wall_start, log_start = time.time(), log_size(log_path)
                     before = server_counters(args.port)
                     with GpuMemorySampler() as memory, host_recordings(args, out, name) as recordings:
                         subprocess.run(client, check=True, env=client_env(args.engine, env))
@@ -635,6 +648,13 @@ def run(args: argparse.Namespace) -> None:
                     gaps = token_gaps(result)
                     if gaps:
                         print(f"  {gaps}", flush=True)
+                    if args.engine == "vllm":  # SGLang has no JIT monitor
+                        compiled = compiles_between(log_path, log_start, log_size(log_path))
+                        summary.setdefault("live_compiles_by_pass", {})[f"{w.name}/{pass_name}"] = compiled
+                        if compiled:
+                            print(
+                                f"  compiled during this pass (its figures include the stall): {compiled}", flush=True
+                            )
                     for recording in recordings:
                         for line in recording.describe():
                             print(f"  py-spy: {line}", flush=True)
@@ -692,8 +712,27 @@ def ratio(metric: str, ours: float, theirs: float) -> float:
     return theirs / ours
 
 
-def report_table(results: dict, baseline: str = "softmax-twin", model: str = "ring-linear") -> str:
-    """Markdown: each (workload, pass) with both runs' metrics and `model`'s advantage (x, >1 = better)."""
+def load_live_compiles(out: Path) -> dict[tuple[str, str, str], list[str]]:
+    """(model, workload, pass) -> the kernels its server compiled during that pass (runs that recorded it)."""
+    found = {}
+    for path in sorted(out.glob("summary-*.json")):
+        summary = json.loads(path.read_text())
+        for key, kernels in summary.get("live_compiles_by_pass", {}).items():
+            workload, pass_name = key.split("/")
+            found[(summary["model"], workload, pass_name)] = kernels
+    return found
+
+
+def report_table(
+    results: dict,
+    baseline: str = "softmax-twin",
+    model: str = "ring-linear",
+    compiles: dict[tuple[str, str, str], list[str]] | None = None,
+) -> str:
+    """Markdown: each (workload, pass) with both runs' metrics and `model`'s advantage (x, >1 = better). A pass in
+    which either server compiled a kernel (`compiles`, from `load_live_compiles`) has its ratios marked with who
+    stalled: they compare a compile as much as the models (run AJ)."""
+    compiles = compiles or {}
     header = f"| workload | pass | metric | {model} | {baseline} | {model} advantage |"
     lines = [header, "|---|---|---|---:|---:|---:|"]
     for workload in WORKLOADS:
@@ -703,9 +742,12 @@ def report_table(results: dict, baseline: str = "softmax-twin", model: str = "ri
                 continue
             runs = ((model, ours), (baseline, theirs))
             failed = [f"{name}: {run['failed']} failed" for name, run in runs if run.get("failed")]
+            stalled = [name for name, _ in runs if compiles.get((name, workload, pass_name))]
             for metric in METRICS:
                 # a run that lost requests did less work: its figures are shown, but no ratio
                 advantage = f"{ratio(metric, ours[metric], theirs[metric]):.2f}x"
+                if stalled:
+                    advantage += " (compiled live: " + ", ".join(stalled) + ")"
                 advantage = "none (" + ", ".join(failed) + ")" if failed else advantage
                 lines.append(
                     f"| {workload} | {pass_name} | {metric} | {ours[metric]:,.1f} | {theirs[metric]:,.1f} "
@@ -750,16 +792,16 @@ def pairs(labels: set[str]) -> list[tuple[str, str]]:
 
 def report(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    results = load_results(out)
+    results, compiles = load_results(out), load_live_compiles(out)
     for model, baseline in pairs({key[0] for key in results}):
         print(f"\n### {model} vs {baseline}\n")
-        print(report_table(results, baseline, model))
+        print(report_table(results, baseline, model, compiles))
     for path in sorted(out.glob("summary-*.json")):
         summary = json.loads(path.read_text())
-        compiles = summary.get("live_compiles", "not monitored")
+        whole_run = summary.get("live_compiles", "not monitored")
         print(
             f"\n{summary['model']}: ready in {summary.get('startup_s')} s; routing {summary.get('routing', 'dummy')}; "
-            f"kernels compiled during inference: {compiles or 'none'}"
+            f"kernels compiled during inference: {whole_run or 'none'}"
         )
         for line in summary.get("memory_lines", []):
             print(f"  {line}")

@@ -117,6 +117,42 @@ def test_live_compiles_are_read_from_vllms_jit_monitor_lines():
     assert bench_serve.live_compiles(log) == ["_segment_scan_kernel.", "fused_moe_kernel."]
 
 
+def test_a_compile_is_counted_in_the_pass_whose_log_lines_hold_it(tmp_path):
+    log = tmp_path / "server.log"
+    line = "WARNING [jit_monitor.py:135] Triton kernel JIT compilation during inference: fused_moe_kernel. Spike\n"
+    log.write_text("INFO start-up\n")
+    cold = bench_serve.log_size(log)
+    with open(log, "a") as f:
+        f.write("INFO serving\n" + line)
+    warm = bench_serve.log_size(log)
+    with open(log, "a") as f:
+        f.write("INFO serving\n")
+    assert bench_serve.compiles_between(log, cold, warm) == ["fused_moe_kernel."]
+    assert bench_serve.compiles_between(log, warm, bench_serve.log_size(log)) == []
+    assert bench_serve.log_size(tmp_path / "absent.log") == 0
+
+
+def test_a_pass_in_which_either_server_compiled_has_its_ratios_marked(tmp_path):
+    results = {
+        ("ring-linear", "chat", "warm"): _result(4410.0, 1079.0, 10.3),
+        ("softmax-twin", "chat", "warm"): _result(4015.0, 1275.0, 10.9),
+        ("ring-linear", "chat", "cold"): _result(4206.0, 1153.0, 10.7),
+        ("softmax-twin", "chat", "cold"): _result(3521.0, 1365.0, 12.7),
+    }
+    summaries = {
+        "ring-linear": {"chat/cold": [], "chat/warm": []},
+        "softmax-twin": {"chat/cold": [], "chat/warm": ["fused_moe_kernel."]},
+    }
+    for model, by_pass in summaries.items():
+        (tmp_path / f"summary-{model}.json").write_text(json.dumps({"model": model, "live_compiles_by_pass": by_pass}))
+    (tmp_path / "summary-old-run.json").write_text(json.dumps({"model": "old-run"}))  # recorded before the split
+    compiles = bench_serve.load_live_compiles(tmp_path)
+    assert compiles[("softmax-twin", "chat", "warm")] == ["fused_moe_kernel."]
+    table = bench_serve.report_table(results, compiles=compiles)
+    assert "| chat | warm | output_throughput | 4,410.0 | 4,015.0 | 1.10x (compiled live: softmax-twin) |" in table
+    assert "| chat | cold | output_throughput | 4,206.0 | 3,521.0 | 1.19x |" in table
+
+
 class _Healthy(BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802 - http.server's name
         self.send_response(200)
