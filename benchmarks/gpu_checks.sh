@@ -80,6 +80,9 @@
 #                ring-linear and the twin (why the served warm pass decodes slower; MIXED_STEP_ARGS, e.g.
 #                "--joins 2 --suffix 256"; RING_LINEAR_ONE_LAUNCH_MAX_TOKENS=1024 in front times the one-launch
 #                prefill)                                                                       (untimed, ~2 x 3 min)
+#   routing      probe_routing: distinct experts per MoE call, decode and prefill, on the served dummy weights against
+#                uniform routing, ring-linear and the twin (whether the served decode steps read a trained model's
+#                expert weights; ROUTING_ARGS, e.g. "--requests 64 --context 16384")              (untimed, ~2 x 2 min)
 #   scheduler    probe_scheduler: vLLM's scheduler alone (no GPU needed), host ms per step, ring-linear and the twin,
 #                caching off and on, three passes of the same prompts (this machine's CPU is the served one)     (~3 min)
 #   serve-ring-sgl  bench_serve on SGLang: ring-linear through launch_server (SGLang staged, own call)    (~7 min, 3 workloads)
@@ -228,6 +231,10 @@ for step in "$@"; do
     mixed-step)  # decode-only steps against the same decodes beside a short prefill: wall and kernel time per step
       for variant in ${MIXED_STEP_VARIANTS:-ring-linear softmax-twin}; do
         run "mixed-step-$variant" 280 python3 -m benchmarks.probe_mixed_step --variant "$variant" ${MIXED_STEP_ARGS:-}
+      done ;;
+    routing)  # how many experts the served steps' MoE layers read, against uniform routing
+      for variant in ring-linear softmax-twin; do
+        run "routing-$variant" 280 python3 -m benchmarks.probe_routing --variant "$variant" ${ROUTING_ARGS:-}
       done ;;
     scheduler)  # the host side of a served step: vLLM's scheduler on the real layer specs, a stand-in runner
       for layout in ring-linear softmax-twin; do
