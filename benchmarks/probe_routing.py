@@ -1,13 +1,15 @@
 """How many experts a served step's MoE layers read, against what a trained model's routing would read (issue 11's
 benchmark validity).
 
-A 64-token decode step with the top 8 of 256 experts spread uniformly reads about 221 experts a layer: 19 layers x
-221 x 6.3 MB of Ring-mini weights, about 6.6 ms at `tune_moe`'s batch-64 time (run AJ). The served decode steps of
-runs AH and AI were 3.4-5.1 ms apart for both models, so their routing cannot have been that spread, and a decode
-step's MoE share (the same for ring-linear and its twin) was smaller than in service, which flatters every ratio
-whose attention differs. This probe counts, in one in-process engine on the benchmark's dummy weights (spread routing
-when `gpu_checks.sh` runs it), the distinct experts of every MoE call by its token count, and prints the mean beside
-uniform routing's expectation.
+A 64-token decode step whose top-8 choices spread uniformly over 256 experts reads about 221 a layer; at `tune_moe`'s
+batch-64 time (0.35 ms a call, run AJ) Ring-mini's 19 MoE layers take 6.6 ms, yet runs AH and AI measured served
+decode steps 3.4-5.1 ms apart, for ring-linear and its twin alike. If the served decodes route to fewer experts than
+a trained model's balanced routing would, a decode step's MoE share (the same for both models) is smaller than in
+service, and every ratio whose attention differs is flattered. The training shim with the same dummy fill and the
+bias zeroed routes as uniformly as chance (CPU, one Ring-mini layer group: 64 tokens after 64 reach 220-227 experts,
+16 tokens after 1,024 reach 102-108 of an expected 101), so the question is what the served engine does differently.
+This probe counts, in one in-process engine on the benchmark's dummy weights (spread routing when `gpu_checks.sh`
+runs it), the distinct experts of every MoE call by its token count, and prints the mean beside uniform routing's.
 
     python -m benchmarks.probe_routing --variant ring-linear [--requests 64 --context 4096 --tokens 32]
 
