@@ -13,7 +13,9 @@ runs it), the distinct experts of every MoE call by its token count, and prints 
 
     python -m benchmarks.probe_routing --variant ring-linear [--requests 64 --context 4096 --tokens 32]
 
-Eager (`enforce_eager`): routing does not depend on CUDA graphs, and a graph replay would not call the census.
+Eager (`enforce_eager`): routing does not depend on CUDA graphs, and a graph replay would not call the census. Calls
+of 8 tokens or fewer skip vLLM's expert alignment (its naive block assignment, tokens x top-k x 4 <= experts) and go
+uncounted; every larger one is counted.
 Sampling at temperature 1, as `vllm bench serve` requests it (the server's default).
 """
 
@@ -51,7 +53,8 @@ class RoutingCensus:
 
 
 def install(census: RoutingCensus) -> None:
-    """Count the experts of every call of vLLM's expert alignment (every Triton fused-MoE path goes through it)."""
+    """Count the experts of every call of vLLM's expert alignment (every Triton fused-MoE path of more than 8 tokens
+    goes through it)."""
     from vllm import _custom_ops as ops
 
     align = ops.moe_align_block_size
