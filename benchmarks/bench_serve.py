@@ -731,7 +731,7 @@ def report_table(
 ) -> str:
     """Markdown: each (workload, pass) with both runs' metrics and `model`'s advantage (x, >1 = better). A pass in
     which either server compiled a kernel (`compiles`, from `load_live_compiles`) has its ratios marked with who
-    stalled: they compare a compile as much as the models (run AJ)."""
+    stalled: they compare a compile as much as the models."""
     compiles = compiles or {}
     header = f"| workload | pass | metric | {model} | {baseline} | {model} advantage |"
     lines = [header, "|---|---|---|---:|---:|---:|"]

@@ -1,15 +1,12 @@
 """How many experts a served step's MoE layers read, against what a trained model's routing would read (issue 11's
 benchmark validity).
 
-A 64-token decode step whose top-8 choices spread uniformly over 256 experts reads about 221 a layer; at `tune_moe`'s
-batch-64 time (0.35 ms a call, run AJ) Ring-mini's 19 MoE layers take 6.6 ms, yet runs AH and AI measured served
-decode steps 3.4-5.1 ms apart, for ring-linear and its twin alike. If the served decodes route to fewer experts than
-a trained model's balanced routing would, a decode step's MoE share (the same for both models) is smaller than in
-service, and every ratio whose attention differs is flattered. The training shim with the same dummy fill and the
-bias zeroed routes as uniformly as chance (CPU, one Ring-mini layer group: 64 tokens after 64 reach 220-227 experts,
-16 tokens after 1,024 reach 102-108 of an expected 101), so the question is what the served engine does differently.
-This probe counts, in one in-process engine on the benchmark's dummy weights (spread routing when `gpu_checks.sh`
-runs it), the distinct experts of every MoE call by its token count, and prints the mean beside uniform routing's.
+A decode step whose top-8 choices spread over Ring-mini's 256 experts as a trained model's do reads most of every MoE
+layer's experts, the same for ring-linear and its twin; served decode steps on the benchmark's dummy weights have
+run faster than those reads allow (RESULTS.md, after run AJ). If the dummy weights route to fewer experts, a decode
+step's MoE share is understated and every ratio whose attention differs is flattered. This probe counts, in one
+in-process engine on the benchmark's dummy weights (spread routing when `gpu_checks.sh` runs it), the distinct
+experts of every MoE call by its token count, beside uniform routing's expectation.
 
     python -m benchmarks.probe_routing --variant ring-linear [--requests 64 --context 4096 --tokens 32]
 

@@ -5,12 +5,11 @@ vLLM reads from `VLLM_TUNED_CONFIG_FOLDER`.
 
 vLLM ships no bf16 file for 256 experts of width 512 on an H200, so both Ring-mini-linear and its softmax twin run
 `get_default_config`'s heuristic. For each batch size (vLLM picks the file's nearest one at run time) every candidate
-below is timed on the same inputs (`do_bench_cudagraph`: device time, as a graph-replayed decode or a compiled prefill
-pays it; routing uniform over the experts), its output checked against the default configuration's, and the fastest
-kept. The table prints the default's time beside the best found: what each batch size gains in isolation, which a
-served run has to confirm (run AJ in RESULTS.md: it did not, and the file is not shipped). Every distinct config
-compiles on first use: vLLM's start-up runs its CUDA-graph sizes (up to 512 tokens by default) and one profile batch,
-so a file with several configs above 512 tokens compiles the others on live traffic, which the tool warns about.
+below is timed on the same inputs (`do_bench_cudagraph`: device time; routing uniform over the experts), its output
+checked against the default configuration's, and the fastest kept. The table shows what each batch size gains in
+isolation; only a served run can show what a file buys (RESULTS.md records the one made). Every distinct config
+compiles on first use, and vLLM's start-up runs only its CUDA-graph sizes (up to 512 tokens by default) and one
+profile batch, so a file with several configs above 512 tokens compiles the others on live traffic: the tool warns.
 """
 
 from __future__ import annotations
