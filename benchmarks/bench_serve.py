@@ -18,7 +18,8 @@ the cached pair.
 Routing (`--routing`): the engines' dummy weights give every MoE layer the same expert bias, which sends every token
 to the same 8 or 9 experts; `spread` (the default) zeroes that bias after the fill, so the MoE layers read as many
 experts as a trained model's do (`server_hooks/spread_routing.py`, on vLLM's and SGLang's dummy loaders). Runs with
-`--routing dummy` carry `-dummy-routing` in their names and pair only with each other.
+`--routing dummy` carry `-dummy-routing` in their names and pair only with each other; `--routing scaled` also scales
+the routers to unit-deviation logits (`-scaled-routing`).
 
 Each workload runs twice: a cold pass (every workload in turn, right after the server starts: the first time
 the server sees that shape) and then a warm pass over the same prompts. Server and client share a word-level
@@ -139,7 +140,7 @@ def variant(
     parts += [f"{layers}l"] if layers is not None else []
     parts += [quantization] if quantization else []
     parts += [f"unit{prefix_match_unit}"] if prefix_match_unit is not None else []
-    parts += ["dummy-routing"] if routing == "dummy" else []
+    parts += [f"{routing}-routing"] if routing != "spread" else []
     parts += ["unstacked"] if unstacked else []
     parts += ["fp32-router"] if fp32_router else []
     return "".join(f"-{part}" for part in parts)
@@ -262,17 +263,18 @@ def probe_env(env: dict[str, str], folder: Path) -> dict[str, str]:
     return hooks_env(env, {"RING_LINEAR_PROCESS_PROBE": str(folder)})
 
 
-ROUTINGS = ("spread", "dummy")
+ROUTINGS = ("spread", "dummy", "scaled")
 
 
 def routing_env(env: dict[str, str], routing: str) -> dict[str, str]:
     """`spread`: the engine's dummy fill with the routers' selection bias zeroed (`server_hooks/spread_routing.py`),
-    so tokens spread over the experts as a trained model's do; `dummy`: the fill as the engine makes it, which routes
-    every token to the same 8 or 9 experts (every vLLM run before 2026-11-30's run V, every SGLang run before
-    2026-12-01)."""
+    so tokens spread over the experts as a trained model's do; `scaled`: also the routers' weights scaled to
+    unit-deviation logits, so no 16-bit rounding of a score can tie them; `dummy`: the fill as the engine makes it,
+    which routes every token to the same 8 or 9 experts (every vLLM run before 2026-11-30's run V, every SGLang run
+    before 2026-12-01)."""
     if routing == "dummy":
         return env
-    return hooks_env(env, {"RING_LINEAR_SPREAD_ROUTING": "1"})
+    return hooks_env(env, {"RING_LINEAR_SPREAD_ROUTING": "scaled" if routing == "scaled" else "1"})
 
 
 def process_lines(folder: Path, start: float, end: float, min_cpu_s: float = 1.0) -> list[str]:

@@ -82,7 +82,8 @@
 #                prefill)                                                                       (untimed, ~2 x 3 min)
 #   routing      probe_routing: distinct experts per MoE call, decode and prefill, on the served dummy weights against
 #                uniform routing, ring-linear and the twin (whether the served decode steps read a trained model's
-#                expert weights; ROUTING_ARGS, e.g. "--requests 64 --context 16384")              (untimed, ~2 x 2 min)
+#                expert weights; ROUTING_ARGS, e.g. "--requests 64 --context 16384"; ROUTING=scaled in front counts
+#                with the routers scaled to unit-deviation logits)                                 (untimed, ~2 x 2 min)
 #   scheduler    probe_scheduler: vLLM's scheduler alone (no GPU needed), host ms per step, ring-linear and the twin,
 #                caching off and on, three passes of the same prompts (this machine's CPU is the served one)     (~3 min)
 #   serve-ring-sgl  bench_serve on SGLang: ring-linear through launch_server (SGLang staged, own call)    (~7 min, 3 workloads)
@@ -125,8 +126,8 @@ export PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER="${VLLM_USE_FLASHINFER_SAM
 # the routers' bias after the dummy fill so tokens spread over the experts (benchmarks/server_hooks/spread_routing.py),
 # unless ROUTING=dummy (the routing of every vLLM run before run V and every SGLang run before run Y)
 ROUTING=${ROUTING:-spread}
-if [[ $ROUTING == spread ]]; then
-  export PYTHONPATH="$PWD/benchmarks/server_hooks:$PYTHONPATH" RING_LINEAR_SPREAD_ROUTING=1
+if [[ $ROUTING == spread || $ROUTING == scaled ]]; then  # scaled: also unit-deviation router logits (spread_routing.py)
+  export PYTHONPATH="$PWD/benchmarks/server_hooks:$PYTHONPATH" RING_LINEAR_SPREAD_ROUTING=$([[ $ROUTING == scaled ]] && echo scaled || echo 1)
 fi
 
 FAULTS="preemption or aborts or chunked_prefill_boundaries or 2000_step"  # test_engine_gpu.py's fault tests

@@ -155,7 +155,9 @@ model.twin_gate.expert_bias = torch.nn.Parameter(torch.zeros(8))
 """
 _FILLED = """
 assert model.gate.weight.abs().max() > 0 and model.twin_gate.weight.abs().max() > 0
-print("biases", float(model.gate.expert_bias.abs().max()), float(model.twin_gate.expert_bias.abs().max()))
+scaled = all(float(gate.weight.abs().max()) > 1e-2 for gate in (model.gate, model.twin_gate))  # the fill: 1e-3 at most
+print("biases", float(model.gate.expert_bias.abs().max()), float(model.twin_gate.expert_bias.abs().max()), end="; ")
+print("routers scaled" if scaled else "routers as filled")
 """
 
 
@@ -164,7 +166,8 @@ def biases_after_dummy_fill():
     """`biases_after_dummy_fill(fill, switch)`: in a fresh process with `bench_serve`'s server hooks on its path and
     the spread-routing switch set to `switch`, two stand-in routers (ours keeps `expert_bias` as a buffer, the
     Bailing twin's as a parameter) filled by `fill`, Python code that fills `model` as an engine's dummy loader does;
-    the line naming both biases' largest magnitude (the other weights must come out filled)."""
+    the line naming both biases' largest magnitude and whether both routers' weights were scaled (the other weights
+    must come out filled)."""
     import sys
 
     from benchmarks import bench_serve

@@ -9,6 +9,12 @@ fill, each token's own scores choose, and a batch of 64 tokens reaches about 220
 
 SGLang's dummy loader fills alike (`initialize_dummy_weights`, the same range and seed) and so routes alike.
 
+`install(scaled=True)` (`RING_LINEAR_SPREAD_ROUTING=scaled`) also scales each router's weight so that a token's
+logits spread with a standard deviation near 1 instead of about 1.5e-5: with the dummy fill the router's sigmoid
+scores all lie within 1e-5 of 0.5, where any kernel that rounds a score to 16 bits ties them all and its tie-breaking,
+not the token, chooses the experts. The shim routes such scores in fp32 and spreads them (CPU); whether an engine's
+fused top-k does is what `benchmarks/probe_routing.py` counts, with and without the scaling.
+
 `install()` patches the engines' dummy loaders (vLLM's fill functions of 0.26 and of 0.33, SGLang's) when they are
 imported (a meta-path hook, so importing this costs nothing and no engine is imported early); `bench_serve --routing
 spread` turns it on in every server process.
@@ -35,10 +41,29 @@ def zero_expert_bias(model) -> int:
     return len(found)
 
 
-def patch(dummy_loader) -> None:
-    """Make an engine's dummy fill leave the selection biases at zero: vLLM 0.26 and SGLang fill a module's state dict
-    at a time (`initialize_dummy_weights`), vLLM 0.33 one named tensor at a time (`initialize_single_dummy_weight(...,
-    name=)`)."""
+def unit_logit_scale(weight) -> float:
+    """The factor that gives a dummy-filled router unit-deviation logits: a token's logit is a sum of D products of
+    its normed activation (the dummy norm weight's RMS, the same fill as this weight's) with a weight row, so its
+    deviation is about sqrt(D) * rms(weight)^2."""
+    rms = float(weight.detach().float().pow(2).mean().sqrt())
+    return 1.0 / (weight.shape[-1] ** 0.5 * rms * rms) if rms > 0 else 1.0
+
+
+def scale_routers(model) -> int:
+    """Scale every router weight in `model` (a module's `weight` beside an `expert_bias`) to unit-deviation logits;
+    how many there were."""
+    found = [m for m in model.modules() if hasattr(m, BIAS_NAME) and getattr(m, "weight", None) is not None]
+    for module in found:
+        module.weight.data.mul_(unit_logit_scale(module.weight))
+    return len(found)
+
+
+def patch(dummy_loader, scaled: bool = False) -> None:
+    """Make an engine's dummy fill leave the selection biases at zero (and, `scaled`, the routers' logits at unit
+    deviation, once per router): vLLM 0.26 and SGLang fill a module's state dict at a time (`initialize_dummy_weights`,
+    which vLLM 0.26 calls for every module, each call refilling its descendants before this scales them), vLLM 0.33 one
+    tensor of one module at a time by its local name (`initialize_single_dummy_weight(..., name=)`), so there the whole
+    model's routers are scaled after `DummyModelLoader.load_weights`."""
     whole = getattr(dummy_loader, "initialize_dummy_weights", None)
     single = getattr(dummy_loader, "initialize_single_dummy_weight", None)
     if whole is not None:
@@ -46,6 +71,8 @@ def patch(dummy_loader) -> None:
         def initialize_then_spread(model, *args, **kwargs):
             whole(model, *args, **kwargs)
             zero_expert_bias(model)
+            if scaled:
+                scale_routers(model)
 
         dummy_loader.initialize_dummy_weights = initialize_then_spread
     if single is not None:
@@ -56,14 +83,23 @@ def patch(dummy_loader) -> None:
                 tensor.data.zero_()
 
         dummy_loader.initialize_single_dummy_weight = initialize_one_then_spread
+    loader_class = getattr(dummy_loader, "DummyModelLoader", None)
+    if scaled and whole is None and loader_class is not None:
+        load_weights = loader_class.load_weights
+
+        def load_then_scale(self, model, *args, **kwargs):
+            load_weights(self, model, *args, **kwargs)
+            scale_routers(model)
+
+        loader_class.load_weights = load_then_scale
     if whole is None and single is None:
         print(f"spread_routing: {dummy_loader.__name__} has neither fill function this hook knows; routing is left "
               "as the dummy fill makes it (every token on the same experts)", file=sys.stderr)  # fmt: skip
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
-    def __init__(self, name: str) -> None:
-        self.name = name
+    def __init__(self, name: str, scaled: bool = False) -> None:
+        self.name, self.scaled = name, scaled
 
     def find_spec(self, name, path=None, target=None):
         if name != self.name:
@@ -75,16 +111,16 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
             def exec_and_patch(module):
                 exec_module(module)
-                patch(module)
+                patch(module, self.scaled)
 
             spec.loader.exec_module = exec_and_patch
         return spec
 
 
-def install() -> None:
+def install(scaled: bool = False) -> None:
     """Patch each engine's dummy loader now if it is imported, else when it is."""
     for name in LOADERS:
         if name in sys.modules:
-            patch(sys.modules[name])
+            patch(sys.modules[name], scaled)
         elif not any(isinstance(finder, _PatchOnImport) and finder.name == name for finder in sys.meta_path):
-            sys.meta_path.insert(0, _PatchOnImport(name))
+            sys.meta_path.insert(0, _PatchOnImport(name, scaled))
