@@ -45,8 +45,10 @@ def parse_tiles(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in parts[:5]) + tuple(p == "1" for p in parts[5:])
 
 
-def inputs(tokens: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    E, k, D, I = (RING_MINI[key] for key in ("experts", "top_k", "hidden", "intermediate"))
+def inputs(tokens: int, generator: torch.Generator, shape: dict[str, int] = RING_MINI) -> dict[str, torch.Tensor]:
+    """bf16 activations and expert weights of `shape`, each token's top-k ids distinct and uniform over the experts
+    (trained routing, spread), fp32 routing weights."""
+    E, k, D, I = (shape[key] for key in ("experts", "top_k", "hidden", "intermediate"))
     ids = torch.stack([torch.randperm(E, generator=generator)[:k] for _ in range(tokens)])
     return {
         "x": torch.randn(tokens, D, generator=generator).bfloat16().cuda(),

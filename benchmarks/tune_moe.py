@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 import triton
 
+from benchmarks.bench_aligned_moe import RING_MINI, inputs
 from common_kernels.testing import rel_rms_error
 
 SHAPES = {  # per rank at TP 1: experts, top-k, hidden, expert width
-    "mini": {"experts": 256, "top_k": 8, "hidden": 2048, "intermediate": 512},
+    "mini": RING_MINI,
     "flash": {"experts": 256, "top_k": 8, "hidden": 4096, "intermediate": 1024},
 }
 # vLLM's own tuning grid (benchmarks/kernels/benchmark_moe.py): the file's keys
@@ -84,20 +85,6 @@ def compiled_on_live_traffic(best: dict[int, dict], largest_graph: int = 512) ->
     profile run compiles at start-up): their kernels compile while serving."""
     above = [m for m in sorted(best) if m > largest_graph]
     return [m for m in above if tiles_of(best[m]) != tiles_of(best[above[-1]])] if above else []
-
-
-def moe_inputs(batch: int, shape: dict[str, int], generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """bf16 activations and expert weights, top-k ids spread uniformly over the experts (the served benchmarks'
-    spread routing), fp32 routing weights."""
-    E, k, D, width = (shape[key] for key in ("experts", "top_k", "hidden", "intermediate"))
-    ids = torch.rand(batch, E, generator=generator).topk(k, dim=1).indices
-    return {
-        "x": torch.randn(batch, D, generator=generator).bfloat16().cuda(),
-        "w13": (torch.randn(E, 2 * width, D, generator=generator) * 0.02).bfloat16().cuda(),
-        "w2": (torch.randn(E, D, width, generator=generator) * 0.02).bfloat16().cuda(),
-        "ids": ids.to(torch.int32).cuda(),
-        "weights": (torch.rand(batch, k, generator=generator) + 0.1).cuda(),
-    }
 
 
 def plausible(config: dict, batch: int, shape: dict[str, int]) -> bool:
@@ -162,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     generator = torch.Generator().manual_seed(0)
     best: dict[int, dict[str, int]] = {}
     for batch in args.batch_sizes:
-        t = moe_inputs(batch, shape, generator)
+        t = inputs(batch, generator, shape)
+        t["ids"] = t["ids"].to(torch.int32)  # what vLLM's router hands its experts
         own = (
             shipped[nearest_key(shipped, batch)]
             if shipped
